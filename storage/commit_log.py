@@ -1,0 +1,362 @@
+"""The CommitLog: every topic's records, appended to one sequence of segments.
+
+One writer (the trio task that calls :meth:`append` or :meth:`append_batch`)
+packs records straight into the active segment's map. The write part of an
+append is synchronous (no checkpoint inside), so a cancelled append either wrote
+whole records or nothing; the only await is taking the next segment, which
+happens *before* any byte of the batch is written. Durability is separate:
+:meth:`flush` fdatasyncs in a worker thread, and the flush services decide when.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+import attrs
+import trio
+from crc32c import crc32c
+
+from storage.allocator import SegmentAllocator
+from storage.config import StoreConfig
+from storage.errors import (
+    InvalidMessageError,
+    MessageTooLargeError,
+    OffsetOutOfRangeError,
+    StorageFailedError,
+)
+from storage.mapped_file import MappedFile
+from storage.mapped_file_queue import MappedFileQueue
+from storage.record import (
+    BLANK,
+    BLANK_MIN,
+    CRC_FIELD,
+    CRC_OFFSET,
+    CRC_START,
+    HEADER,
+    HEADER_SIZE,
+    MAX_QUEUE_ID,
+    RECORD_MAGIC,
+    Message,
+    StoredRecord,
+    decode_record,
+    tags_hash,
+    validate_topic,
+    write_blank,
+)
+
+log = logging.getLogger(__name__)
+
+_pack_header = HEADER.pack_into
+_unpack_header = HEADER.unpack_from
+_pack_crc = CRC_FIELD.pack_into
+_unpack_blank = BLANK.unpack_from
+
+
+@attrs.frozen(slots=True)
+class AppendResult:
+    """Where a record landed. ``end_offset`` is what a durable or replicated ack waits for."""
+
+    offset: int
+    size: int
+    queue_id: int
+    queue_offset: int
+    store_us: int
+
+    @property
+    def end_offset(self) -> int:
+        return self.offset + self.size
+
+
+@attrs.frozen(slots=True)
+class BatchAppendResult:
+    """Where each record of a batch landed, in input order (parallel lists: no object per record)."""
+
+    offsets: list[int]
+    queue_offsets: list[int]
+    end_offset: int
+    store_us: int
+
+
+def _pack_record(
+    view: memoryview,
+    pos: int,
+    size: int,
+    offset: int,
+    message: Message,
+    topic: bytes,
+    queue_offset: int,
+    now_us: int,
+) -> None:
+    """Write one record at ``pos``: header, topic, properties, body, then its CRC."""
+    body = message.body
+    props = message.properties
+    topic_size = len(topic)
+    props_size = len(props)
+    _pack_header(
+        view,
+        pos,
+        size,
+        RECORD_MAGIC,
+        0,
+        message.flags,
+        message.queue_id,
+        len(body),
+        queue_offset,
+        offset,
+        message.born_us or now_us,
+        now_us,
+        tags_hash(message.tags) if message.tags else 0,
+        props_size,
+        topic_size,
+        0,
+    )
+    p = pos + HEADER_SIZE
+    view[p : p + topic_size] = topic
+    p += topic_size
+    if props_size:
+        view[p : p + props_size] = props
+        p += props_size
+    view[p : pos + size] = body
+    _pack_crc(view, pos + CRC_OFFSET, crc32c(view[pos + CRC_START : pos + size]))
+
+
+class CommitLog:
+    """The log of one node. Build it with :func:`storage.recovery.open_commit_log`."""
+
+    def __init__(self, config: StoreConfig, allocator: SegmentAllocator) -> None:
+        self.config = config
+        self.files = MappedFileQueue(config.commit_log_dir, config.segment_size)
+        self.allocator = allocator
+        self.next_queue_offsets: dict[tuple[str, int], int] = {}
+        """(topic, queue id) -> queue offset the next record of that queue gets."""
+        self.flushed_offset = 0
+        self.failure: StorageFailedError | None = None
+        self._topics: dict[str, bytes] = {}
+        self._spares: collections.deque[MappedFile] = collections.deque()
+        self._flush_lock = trio.Lock()
+        self.flush_count = 0
+
+    # ---- positions ---------------------------------------------------------------------
+
+    @property
+    def min_offset(self) -> int:
+        return self.files.min_offset
+
+    @property
+    def max_offset(self) -> int:
+        """Offset just past the last record: where the next one goes."""
+        return self.files.max_offset
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.max_offset - self.flushed_offset
+
+    # ---- appending ---------------------------------------------------------------------
+
+    def _topic_bytes(self, topic: str) -> bytes:
+        encoded = self._topics.get(topic)
+        if encoded is None:
+            encoded = self._topics[topic] = validate_topic(topic)
+        return encoded
+
+    def _measure(self, message: Message) -> tuple[bytes, int]:
+        """Validate ``message``; return its topic bytes and record size. Writes nothing."""
+        topic = self._topic_bytes(message.topic)
+        size = HEADER_SIZE + len(topic) + len(message.properties) + len(message.body)
+        if size > self.config.max_message_size:
+            raise MessageTooLargeError(
+                f"record of {size} bytes exceeds max_message_size "
+                f"{self.config.max_message_size}: send a smaller body or raise the limit"
+            )
+        if not 0 <= message.queue_id <= MAX_QUEUE_ID:
+            raise InvalidMessageError(f"queue id {message.queue_id} is outside 0..{MAX_QUEUE_ID}")
+        return topic, size
+
+    async def append(self, message: Message) -> AppendResult:
+        """Append one record; raises before writing anything if it is invalid."""
+        if self.failure is not None:
+            raise self.failure
+        topic, size = self._measure(message)
+        last = self.files.last
+        if last is None or last.wrote + size + BLANK_MIN > last.size:
+            await self._reserve(1)
+            last = self._roll()
+        pos = last.wrote
+        offset = last.base + pos
+        key = (message.topic, message.queue_id)
+        table = self.next_queue_offsets
+        queue_offset = table.get(key, 0)
+        now_us = time.time_ns() // 1000
+        _pack_record(last.view, pos, size, offset, message, topic, queue_offset, now_us)
+        table[key] = queue_offset + 1
+        last.wrote = pos + size
+        return AppendResult(offset, size, message.queue_id, queue_offset, now_us)
+
+    async def append_batch(self, messages: Sequence[Message]) -> BatchAppendResult:
+        """Append many records in one pass with consecutive offsets; all or nothing.
+
+        Every message is validated and every segment the batch needs is taken
+        before the first byte is written.
+        """
+        if self.failure is not None:
+            raise self.failure
+        measure = self._measure
+        measured = [measure(m) for m in messages]
+        await self._reserve(self._segments_needed(measured))
+        if self.failure is not None:
+            raise self.failure
+        segment = self.files.last
+        if segment is None:
+            segment = self._roll()
+        view, base, pos, limit = segment.view, segment.base, segment.wrote, segment.size - BLANK_MIN
+        table = self.next_queue_offsets
+        now_us = time.time_ns() // 1000
+        offsets: list[int] = []
+        queue_offsets: list[int] = []
+        for message, (topic, size) in zip(messages, measured, strict=True):
+            if pos + size > limit:
+                segment.wrote = pos
+                segment = self._roll()
+                view, base, pos = segment.view, segment.base, 0
+            key = (message.topic, message.queue_id)
+            queue_offset = table.get(key, 0)
+            _pack_record(view, pos, size, base + pos, message, topic, queue_offset, now_us)
+            table[key] = queue_offset + 1
+            offsets.append(base + pos)
+            queue_offsets.append(queue_offset)
+            pos += size
+        segment.wrote = pos
+        return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
+
+    def _segments_needed(self, measured: list[tuple[bytes, int]]) -> int:
+        last = self.files.last
+        needed = 0 if last is not None else 1
+        pos = last.wrote if last is not None else 0
+        limit = self.config.segment_size - BLANK_MIN
+        for _topic, size in measured:
+            if pos + size > limit:
+                needed += 1
+                pos = 0
+            pos += size
+        return needed
+
+    async def _reserve(self, count: int) -> None:
+        """Make sure ``count`` empty segments are at hand for the coming roll-overs."""
+        while len(self._spares) < count:
+            if self._spares:
+                base = self._spares[-1].end
+            elif self.files.last is not None:
+                base = self.files.last.end
+            else:
+                base = self.files.min_offset
+            self._spares.append(await self.allocator.take(base))
+
+    def _roll(self) -> MappedFile:
+        """End the active segment with a filler and activate the next (already taken) one."""
+        last = self.files.last
+        if last is not None and last.wrote < last.size:
+            write_blank(last.view, last.wrote, last.size - last.wrote)
+            last.wrote = last.size
+        segment = self._spares.popleft()
+        self.files.append(segment)
+        log.debug("segment_rolled base=%d", segment.base)
+        return segment
+
+    # ---- reading -----------------------------------------------------------------------
+
+    def read(self, offset: int) -> StoredRecord:
+        """The record starting at ``offset``, verified against its CRC, body as a view."""
+        if not self.files.min_offset <= offset < self.max_offset:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside the log [{self.min_offset}, {self.max_offset})"
+            )
+        segment = self.files.find(offset)
+        return decode_record(segment.view, offset - segment.base, segment.base)
+
+    def scan(self, start: int, end: int | None = None) -> Iterator[StoredRecord]:
+        """Records from ``start`` (a record boundary) up to ``end`` (default: the end)."""
+        for offset, _size, _segment in self._walk(start, end):
+            yield self.read(offset)
+
+    def iter_headers(self, start: int, end: int | None = None) -> Iterator[tuple]:
+        """(offset, size, topic, queue_id, queue_offset, tags_hash) of each record: what
+        the dispatcher needs, without building record objects."""
+        for offset, size, segment in self._walk(start, end):
+            pos = offset - segment.base
+            fields = _unpack_header(segment.view, pos)
+            topic_start = pos + HEADER_SIZE
+            topic = str(segment.view[topic_start : topic_start + fields[12]], "ascii")
+            yield offset, size, topic, fields[4], fields[6], fields[10]
+
+    def _walk(self, start: int, end: int | None) -> Iterator[tuple[int, int, MappedFile]]:
+        """Offsets and sizes of the records in [start, end), skipping segment fillers."""
+        end = self.max_offset if end is None else min(end, self.max_offset)
+        offset = start
+        while offset < end:
+            segment = self.files.find(offset)
+            view, pos = segment.view, offset - segment.base
+            size, magic = _unpack_blank(view, pos)
+            if magic != RECORD_MAGIC:  # the filler: continue in the next segment
+                offset = segment.end
+                continue
+            yield offset, size, segment
+            offset += size
+
+    # ---- durability --------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """fdatasync everything written so far; return the new flushed offset.
+
+        Concurrent callers share the lock: whoever gets it next flushes whatever
+        has been written by then, so nobody fsyncs twice for the same bytes.
+        """
+        if self.failure is not None:
+            raise self.failure
+        async with self._flush_lock:
+            target = self.max_offset
+            if target <= self.flushed_offset:
+                return self.flushed_offset
+            segments = list(self.files.between(self.flushed_offset, target))
+            try:
+                await trio.to_thread.run_sync(_sync_all, segments)
+            except OSError as exc:
+                self.failure = StorageFailedError(
+                    f"fdatasync of the commit log failed ({exc.strerror}); nothing past offset "
+                    f"{self.flushed_offset} is acknowledged and this node takes no writes until "
+                    "it is restarted: check the disk (dmesg) before restarting"
+                )
+                log.critical(
+                    "commit_log_fsync_failed error=%s flushed=%d", exc, self.flushed_offset
+                )
+                raise self.failure from exc
+            for segment in segments:
+                segment.flushed = min(segment.size, target - segment.base)
+            self.flushed_offset = target
+            self.flush_count += 1
+            return target
+
+    async def truncate(self, offset: int) -> None:
+        """Cut the log at ``offset`` (a record boundary); replication uses it for divergent tails."""
+        async with self._flush_lock:
+            await trio.to_thread.run_sync(self.files.truncate, offset)
+            self.flushed_offset = min(self.flushed_offset, self.max_offset)
+
+    async def delete_oldest(self, count: int) -> int:
+        """Retention: delete the ``count`` oldest segments (never the active one)."""
+        async with self._flush_lock:
+            doomed = await trio.to_thread.run_sync(self.files.delete_first, count)
+        return len(doomed)
+
+    def close(self) -> None:
+        for spare in self._spares:
+            spare.delete()
+        self._spares.clear()
+        self.files.close()
+
+
+def _sync_all(segments: list[MappedFile]) -> None:
+    for segment in segments:
+        segment.sync()

@@ -1,0 +1,250 @@
+"""ConsumeQueue: the per (topic, queue id) index of the commit log.
+
+Entry ``n`` of a queue describes the record with queue offset ``n``, in 20 bytes
+(little endian): ``u64 log offset, u32 record size, u64 tags hash``. Entry n sits
+at byte ``n * 20`` of the queue's address space, split into files of
+``entries_per_file`` entries named like segments. An all-zero entry is empty.
+Queues are rebuilt from the commit log whenever they are missing or behind, so
+they are flushed lazily and never need their own recovery format.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from storage.errors import CorruptSegmentError, OffsetOutOfRangeError
+from storage.mapped_file import MappedFile
+from storage.mapped_file_queue import MappedFileQueue
+
+log = logging.getLogger(__name__)
+
+ENTRY = struct.Struct("<QIQ")
+ENTRY_SIZE = ENTRY.size
+_pack_entry = ENTRY.pack_into
+_unpack_entry = ENTRY.unpack_from
+
+
+class QueueConflictError(CorruptSegmentError):
+    """An entry disagrees with the commit log (a gap or a different record): rebuild."""
+
+
+class ConsumeQueue:
+    """Entries ``[min_offset, max_offset)`` of one queue."""
+
+    def __init__(self, root: Path, topic: str, queue_id: int, entries_per_file: int) -> None:
+        self.topic = topic
+        self.queue_id = queue_id
+        self.files = MappedFileQueue(root / topic / str(queue_id), entries_per_file * ENTRY_SIZE)
+        self.min_offset = 0
+        self.max_offset = 0
+        """Queue offset the next entry gets (one past the last)."""
+
+    @property
+    def empty(self) -> bool:
+        return self.min_offset == self.max_offset
+
+    # ---- loading (blocking) --------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open the files and find the first and last entries."""
+        self.files.load()
+        first, last = self.files.first, self.files.last
+        if first is None or last is None:
+            return
+        lo = _first_entry(first)
+        hi = _end_entry(last)
+        if lo is None or hi is None:
+            self.min_offset = self.max_offset = last.base // ENTRY_SIZE
+            return
+        self.min_offset = (first.base + lo) // ENTRY_SIZE
+        self.max_offset = (last.base + hi) // ENTRY_SIZE
+        last.wrote = last.flushed = hi
+        for segment in self.files.segments[:-1]:
+            segment.wrote = segment.flushed = segment.size
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def needs_file(self, queue_offset: int) -> bool:
+        last = self.files.last
+        return last is None or queue_offset * ENTRY_SIZE >= last.end
+
+    async def add_file(self, queue_offset: int) -> None:
+        """Create the file that will hold ``queue_offset`` (in a worker thread)."""
+        size = self.files.segment_size
+        last = self.files.last
+        base = last.end if last is not None else (queue_offset * ENTRY_SIZE) // size * size
+        self.files.directory.mkdir(parents=True, exist_ok=True)
+        segment = await trio.to_thread.run_sync(
+            lambda: MappedFile.create(self.files.directory, base, size, warm=False)
+        )
+        self.files.append(segment)
+
+    def put(self, queue_offset: int, log_offset: int, size: int, tags_hash: int) -> bool:
+        """Record entry ``queue_offset``; False when it is already there (re-dispatch).
+
+        Raises :class:`QueueConflictError` on a gap or a different record: the
+        queue no longer matches the log and must be rebuilt.
+        """
+        if queue_offset != self.max_offset:
+            if self.empty and not self.files.segments[:-1]:
+                self.min_offset = self.max_offset = queue_offset
+            elif queue_offset < self.max_offset and queue_offset >= self.min_offset:
+                if self.get(queue_offset)[0] != log_offset:
+                    raise QueueConflictError(
+                        f"{self.topic}/{self.queue_id}: entry {queue_offset} points elsewhere "
+                        f"than the log's record at {log_offset}"
+                    )
+                return False
+            else:
+                raise QueueConflictError(
+                    f"{self.topic}/{self.queue_id}: record with queue offset {queue_offset} at "
+                    f"log offset {log_offset}, but the queue holds [{self.min_offset}, "
+                    f"{self.max_offset})"
+                )
+        segment = self.files.last
+        assert segment is not None
+        pos = queue_offset * ENTRY_SIZE - segment.base
+        assert 0 <= pos <= segment.size - ENTRY_SIZE, (queue_offset, segment.base)
+        _pack_entry(segment.view, pos, log_offset, size, tags_hash)
+        segment.wrote = pos + ENTRY_SIZE
+        self.max_offset = queue_offset + 1
+        return True
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def get(self, queue_offset: int) -> tuple[int, int, int]:
+        """(log offset, size, tags hash) of entry ``queue_offset``."""
+        if not self.min_offset <= queue_offset < self.max_offset:
+            raise OffsetOutOfRangeError(
+                f"{self.topic}/{self.queue_id}: queue offset {queue_offset} outside "
+                f"[{self.min_offset}, {self.max_offset})"
+            )
+        byte = queue_offset * ENTRY_SIZE
+        segment = self.files.find(byte)
+        return _unpack_entry(segment.view, byte - segment.base)
+
+    def entries(self, start: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """(queue offset, log offset, size, tags hash) from ``start``, at most ``count``."""
+        stop = min(self.max_offset, start + count)
+        for queue_offset in range(max(start, self.min_offset), stop):
+            yield (queue_offset, *self.get(queue_offset))
+
+    # ---- cutting (blocking) --------------------------------------------------------------
+
+    def truncate_from_log_offset(self, log_offset: int) -> int:
+        """Drop the entries of records at or past ``log_offset``; return how many."""
+        keep = self.max_offset
+        while keep > self.min_offset and self.get(keep - 1)[0] >= log_offset:
+            keep -= 1
+        dropped = self.max_offset - keep
+        if dropped:
+            self.files.truncate(keep * ENTRY_SIZE)
+            self.max_offset = keep
+            if keep == self.min_offset:
+                self.min_offset = self.max_offset = keep
+        return dropped
+
+    def advance_min(self, log_min_offset: int) -> None:
+        """Retention: forget entries of records below ``log_min_offset``, drop whole files."""
+        while self.min_offset < self.max_offset and self.get(self.min_offset)[0] < log_min_offset:
+            self.min_offset += 1
+        whole_files = 0
+        for segment in self.files.segments[:-1]:
+            if segment.end <= self.min_offset * ENTRY_SIZE:
+                whole_files += 1
+        if whole_files:
+            self.files.delete_first(whole_files)
+
+
+def _entry_sizes(segment: MappedFile) -> Iterator[int]:
+    for _log_offset, size, _tags in ENTRY.iter_unpack(segment.view):
+        yield size
+
+
+def _first_entry(segment: MappedFile) -> int | None:
+    """Byte position of the first non-empty entry of a file."""
+    for index, size in enumerate(_entry_sizes(segment)):
+        if size:
+            return index * ENTRY_SIZE
+    return None
+
+
+def _end_entry(segment: MappedFile) -> int | None:
+    """Byte position just past the last non-empty entry of a file."""
+    end = None
+    for index, size in enumerate(_entry_sizes(segment)):
+        if size:
+            end = (index + 1) * ENTRY_SIZE
+    return end
+
+
+class ConsumeQueueStore:
+    """All consume queues of a node, under ``root/<topic>/<queue id>/``."""
+
+    def __init__(self, root: Path, entries_per_file: int) -> None:
+        self.root = root
+        self.entries_per_file = entries_per_file
+        self.queues: dict[tuple[str, int], ConsumeQueue] = {}
+
+    def load(self) -> None:
+        """Blocking: open every queue on disk."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for topic_dir in sorted(self.root.iterdir()):
+            for queue_dir in sorted(topic_dir.iterdir()):
+                if not queue_dir.name.isdigit():
+                    raise CorruptSegmentError(f"{queue_dir}: not a queue directory")
+                queue = self._new(topic_dir.name, int(queue_dir.name))
+                queue.load()
+
+    def _new(self, topic: str, queue_id: int) -> ConsumeQueue:
+        queue = ConsumeQueue(self.root, topic, queue_id, self.entries_per_file)
+        self.queues[(topic, queue_id)] = queue
+        return queue
+
+    def get(self, topic: str, queue_id: int) -> ConsumeQueue | None:
+        return self.queues.get((topic, queue_id))
+
+    def get_or_create(self, topic: str, queue_id: int) -> ConsumeQueue:
+        queue = self.queues.get((topic, queue_id))
+        return queue if queue is not None else self._new(topic, queue_id)
+
+    def dirty_segments(self) -> list[MappedFile]:
+        return [
+            segment
+            for queue in self.queues.values()
+            for segment in queue.files.segments
+            if segment.wrote > segment.flushed
+        ]
+
+    def truncate_from_log_offset(self, log_offset: int) -> int:
+        """Blocking: drop every entry of a record at or past ``log_offset``."""
+        return sum(q.truncate_from_log_offset(log_offset) for q in self.queues.values())
+
+    def advance_min(self, log_min_offset: int) -> None:
+        for queue in self.queues.values():
+            queue.advance_min(log_min_offset)
+
+    def delete_all(self) -> None:
+        """Blocking: forget every queue (they are rebuilt from the log)."""
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        for queue in self.queues.values():
+            queue.files.close()
+        self.queues.clear()
+
+
+def sync_segments(segments: list[MappedFile]) -> None:
+    """Blocking: fdatasync each segment and mark what it held as flushed."""
+    for segment in segments:
+        wrote = segment.wrote
+        segment.sync()
+        segment.flushed = wrote

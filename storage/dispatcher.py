@@ -1,0 +1,80 @@
+"""The dispatcher: follows the commit log and writes each record's consume-queue entry.
+
+One code path serves the master (after its own appends), a slave (after raw
+appends of replicated bytes) and recovery (re-dispatching the tail the queues
+may have lost), so the three can never disagree on what an entry is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from storage.commit_log import CommitLog
+from storage.consume_queue import ConsumeQueueStore, QueueConflictError
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Everything below :attr:`offset` has its consume-queue entry."""
+
+    def __init__(self, commit_log: CommitLog, queues: ConsumeQueueStore, offset: int) -> None:
+        self.commit_log = commit_log
+        self.queues = queues
+        self.offset = offset
+        self._arrival = trio.Event()
+        self._busy = False
+
+    async def catch_up(self) -> int:
+        """Dispatch every record written so far; return how many this call dispatched.
+
+        Calls coalesce: while one is running (it may await a new queue file), others
+        return at once and the running one continues to the log's new end, so
+        entries are always written in log order by one task.
+        """
+        if self._busy:
+            return 0
+        self._busy = True
+        count = 0
+        try:
+            while self.offset < self.commit_log.max_offset:
+                count += await self._dispatch(self.commit_log.max_offset)
+        finally:
+            self._busy = False
+            if count:
+                self._arrival.set()
+                self._arrival = trio.Event()
+        return count
+
+    async def catch_up_strict(self) -> int:
+        """Recovery's dispatch, in one go. When it starts past the log's first record, a
+        queue that first shows up with a queue offset above 0 lost its files: that raises
+        :class:`QueueConflictError` so the caller rebuilds every queue."""
+        strict = self.offset > self.commit_log.min_offset
+        return await self._dispatch(self.commit_log.max_offset, strict=strict)
+
+    async def _dispatch(self, end: int, *, strict: bool = False) -> int:
+        queues = self.queues
+        count = 0
+        for offset, size, topic, queue_id, queue_offset, tags in self.commit_log.iter_headers(
+            self.offset, end
+        ):
+            queue = queues.get_or_create(topic, queue_id)
+            if queue.needs_file(queue_offset):
+                if strict and queue_offset and not queue.files.segments:
+                    raise QueueConflictError(
+                        f"{topic}/{queue_id}: record with queue offset {queue_offset} at log "
+                        f"offset {offset} but the queue has no files"
+                    )
+                await queue.add_file(queue_offset)
+            queue.put(queue_offset, offset, size, tags)
+            self.offset = offset + size
+            count += 1
+        self.offset = end
+        return count
+
+    async def wait_for_arrival(self) -> None:
+        """Return after the next dispatch that added entries (for long polls)."""
+        await self._arrival.wait()

@@ -1,0 +1,99 @@
+"""The two flush services: periodic (async) and group commit (synchronous acks).
+
+Both call :meth:`CommitLog.flush`, which serialises fsyncs; whoever flushes
+next covers every byte written by then, so the two never fsync the same bytes twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from storage.commit_log import CommitLog
+from storage.config import StoreConfig
+from storage.errors import StorageFailedError
+from storage.mapped_file import PAGE_SIZE
+from storage.waiters import OffsetWaiters
+
+log = logging.getLogger(__name__)
+
+
+class MessageStoreLike(Protocol):
+    """What the async flusher needs of the store (kept small on purpose)."""
+
+    config: StoreConfig
+    commit_log: CommitLog
+
+    async def flush_all(self) -> None: ...
+
+
+class GroupCommitFlusher:
+    """``await wait_durable(offset, deadline)``: True once ``offset`` is on disk.
+
+    Waiters that arrive while an fsync runs are all covered by the next single
+    fsync. A deadline that passes gives False (the caller answers
+    ``FLUSH_DISK_TIMEOUT``); a failed fsync raises :class:`StorageFailedError` in
+    every waiter, now and later: nothing after it is ever acknowledged.
+    """
+
+    def __init__(self, commit_log: CommitLog) -> None:
+        self.commit_log = commit_log
+        self._waiters = OffsetWaiters()
+        self._wake = trio.Event()
+        self.fsyncs = 0
+
+    async def wait_durable(self, offset: int, deadline: float) -> bool:
+        if self.commit_log.failure is not None:
+            raise self.commit_log.failure
+        if offset <= self.commit_log.flushed_offset:
+            return True
+        self._wake.set()
+        with trio.move_on_at(deadline):
+            await self._waiters.wait(offset)
+            return True
+        return False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._waiters.pending_min is not None:
+                try:
+                    flushed = await self.commit_log.flush()
+                except StorageFailedError as failure:
+                    self._waiters.fail(failure)
+                    return
+                self.fsyncs += 1
+                self._waiters.advance(flushed)
+
+
+class AsyncFlusher:
+    """RocketMQ's FlushRealTimeService: every ``flush_interval_ms``, flush when at least
+    ``flush_least_pages`` pages are dirty, and flush everything (queues and checkpoint
+    too) every ``flush_thorough_interval_ms``."""
+
+    def __init__(self, store: MessageStoreLike) -> None:
+        self.store = store
+        config = store.config
+        self.interval = config.flush_interval_ms / 1000
+        self.thorough_interval = config.flush_thorough_interval_ms / 1000
+        self.least_bytes = config.flush_least_pages * PAGE_SIZE
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        last_thorough = trio.current_time()
+        commit_log = self.store.commit_log
+        while True:
+            await trio.sleep(self.interval)
+            now = trio.current_time()
+            try:
+                if now - last_thorough >= self.thorough_interval:
+                    await self.store.flush_all()
+                    last_thorough = now
+                elif commit_log.dirty_bytes and commit_log.dirty_bytes >= self.least_bytes:
+                    await commit_log.flush()
+            except StorageFailedError:
+                return  # logged by the log; writes are refused from now on

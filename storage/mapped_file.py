@@ -1,0 +1,190 @@
+"""One fixed-size, pre-allocated, memory-mapped segment file.
+
+Everything here that touches the disk is *blocking* and is meant to be called
+through ``trio.to_thread.run_sync`` by the owner (the event loop must never wait
+for the disk). The hot path (writing into :attr:`view`) never calls into this
+module at all: the CommitLog packs straight into the map.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from pathlib import Path
+
+from storage.errors import CorruptSegmentError, DiskFullError
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = mmap.PAGESIZE
+NAME_DIGITS = 20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux >= 5.14: map every page of a range now, so later first touches do not fault."""
+WARM_CHUNK = 1 << 20
+"""madvise and zero-fill work in 1 MiB steps: CPython holds the GIL during madvise, so big
+calls would freeze the event loop; small ones let it run between steps."""
+_ZEROS = bytes(WARM_CHUNK)
+
+
+def segment_name(base_offset: int) -> str:
+    """A segment is named by its first offset, zero-padded so names sort like offsets."""
+    return f"{base_offset:0{NAME_DIGITS}d}"
+
+
+def parse_segment_name(path: Path) -> int | None:
+    name = path.name
+    if len(name) == NAME_DIGITS and name.isdigit():
+        return int(name)
+    return None
+
+
+class MappedFile:
+    """A segment: ``size`` bytes of file, mapped shared, starting at log offset ``base``.
+
+    Positions are relative to the segment. ``wrote`` is how far bytes have been
+    written into the map (and so are visible in the file: there is no separate
+    write buffer); ``flushed`` is how far they are known to be on disk.
+    """
+
+    __slots__ = ("_fd", "_map", "base", "flushed", "path", "size", "view", "wrote")
+
+    def __init__(self, path: Path, base: int, size: int, fd: int) -> None:
+        self.path = path
+        self.base = base
+        self.size = size
+        self._fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view: memoryview = memoryview(self._map)
+        self.wrote = 0
+        self.flushed = 0
+
+    @property
+    def end(self) -> int:
+        """Log offset just past the segment."""
+        return self.base + self.size
+
+    @property
+    def free(self) -> int:
+        return self.size - self.wrote
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    # ---- creation and opening (blocking) -------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, base: int, size: int, *, warm: bool) -> MappedFile:
+        """Create a segment at full size, under a temporary name renamed when complete.
+
+        ``posix_fallocate`` reserves every block up front: a full disk fails here,
+        loudly, instead of as a SIGBUS when a page of a sparse map is first written.
+        With ``warm`` the file is also filled with real zeros and synced, so the
+        blocks are *written* extents (later fdatasyncs need no metadata update)
+        and the pages are in the page cache, then the map is populated.
+        """
+        path = directory / segment_name(base)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise DiskFullError(
+                    f"cannot allocate segment {path.name} ({size} bytes): {exc.strerror}; "
+                    "free disk space or lower retention"
+                ) from exc
+            if warm:
+                for pos in range(0, size, WARM_CHUNK):
+                    os.pwrite(fd, _ZEROS[: min(WARM_CHUNK, size - pos)], pos)
+                os.fdatasync(fd)
+            os.rename(tmp, path)
+            fsync_directory(directory)
+            segment = cls(path, base, size, fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        if warm:
+            segment.populate()
+        return segment
+
+    @classmethod
+    def open(cls, path: Path, size: int) -> MappedFile:
+        """Open an existing segment; its size must be exactly ``size``."""
+        base = parse_segment_name(path)
+        if base is None:
+            raise CorruptSegmentError(f"{path}: not a segment name (want {NAME_DIGITS} digits)")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CorruptSegmentError(
+                f"{path}: segment is {actual} bytes, expected {size}; the configured segment "
+                "size must match the one the log was written with (or the file was damaged)"
+            )
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return cls(path, base, size, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def populate(self) -> None:
+        """Pre-fault the map in small steps so the loop never takes the faults later."""
+        try:
+            for pos in range(0, self.size, WARM_CHUNK):
+                self._map.madvise(MADV_POPULATE_READ, pos, min(WARM_CHUNK, self.size - pos))
+        except OSError as exc:  # old kernels: first touches will fault instead
+            log.info("segment_populate_unsupported path=%s error=%s", self.path, exc.strerror)
+
+    # ---- durability (blocking) ------------------------------------------------------------
+
+    def sync(self) -> None:
+        """fdatasync the file. Linux writes back pages dirtied through the shared map too.
+
+        ``mmap.flush()`` (msync) would hold the GIL for the whole call; fdatasync does not.
+        """
+        os.fdatasync(self._fd)
+
+    def zero_from(self, pos: int) -> None:
+        """Zero [pos, size): stale bytes past a cut could otherwise pass for records later.
+
+        Chunks that already hold zeros are compared, not written, so a mostly empty
+        tail costs no disk writes.
+        """
+        view = self.view
+        while pos < self.size:
+            end = min(pos + WARM_CHUNK, self.size)
+            if view[pos:end] != _ZEROS[: end - pos]:
+                view[pos:end] = _ZEROS[: end - pos]
+            pos = end
+
+    # ---- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and close. Safe while callers still hold views from :attr:`view`:
+        the map then stays alive until the last view is released."""
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            log.debug("segment_close_deferred path=%s reason=views_alive", self.path)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def delete(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"<MappedFile {self.path.name} wrote={self.wrote} flushed={self.flushed}>"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a create/rename/unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

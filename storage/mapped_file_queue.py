@@ -1,0 +1,143 @@
+"""The ordered segments of one log: lookup by offset, roll-over, truncation, retention.
+
+Segments are contiguous: segment ``i`` starts at ``first.base + i * segment_size``.
+So a lookup is arithmetic, not a search. Blocking methods (``load``, ``truncate``,
+``delete_*``) are called by the owner through ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.errors import CorruptSegmentError, OffsetOutOfRangeError
+from storage.mapped_file import MappedFile, fsync_directory, parse_segment_name
+
+log = logging.getLogger(__name__)
+
+
+class MappedFileQueue:
+    """Segments of ``segment_size`` bytes in ``directory``, in offset order."""
+
+    def __init__(self, directory: Path, segment_size: int) -> None:
+        self.directory = directory
+        self.segment_size = segment_size
+        self.segments: list[MappedFile] = []
+
+    # ---- loading -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open every segment on disk; check names, sizes and that they are contiguous.
+
+        Leftover ``*.tmp`` files are segments whose creation never finished: removed.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for tmp in self.directory.glob("*.tmp"):
+            log.warning("removing_unfinished_segment path=%s", tmp)
+            tmp.unlink()
+        paths = []
+        for path in self.directory.iterdir():
+            base = parse_segment_name(path)
+            if base is None:
+                raise CorruptSegmentError(
+                    f"{path}: unexpected file in a segment directory; move it away"
+                )
+            paths.append((base, path))
+        paths.sort()
+        expected = None
+        for base, path in paths:
+            if base % self.segment_size:
+                raise CorruptSegmentError(
+                    f"{path}: offset {base} is not a multiple of the segment size "
+                    f"{self.segment_size}; was the log written with another segment size?"
+                )
+            if expected is not None and base != expected:
+                raise CorruptSegmentError(
+                    f"{path}: segment missing before it (expected offset {expected})"
+                )
+            self.segments.append(MappedFile.open(path, self.segment_size))
+            expected = base + self.segment_size
+
+    # ---- positions ---------------------------------------------------------------------
+
+    @property
+    def first(self) -> MappedFile | None:
+        return self.segments[0] if self.segments else None
+
+    @property
+    def last(self) -> MappedFile | None:
+        return self.segments[-1] if self.segments else None
+
+    @property
+    def min_offset(self) -> int:
+        return self.segments[0].base if self.segments else 0
+
+    @property
+    def max_offset(self) -> int:
+        """Offset just past the last written byte."""
+        last = self.last
+        return last.base + last.wrote if last else 0
+
+    def find(self, offset: int) -> MappedFile:
+        """The segment holding ``offset``."""
+        if not self.segments:
+            raise OffsetOutOfRangeError(f"offset {offset}: the log is empty")
+        index = (offset - self.segments[0].base) // self.segment_size
+        if index < 0 or index >= len(self.segments):
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside the log [{self.min_offset}, {self.max_offset})"
+            )
+        return self.segments[index]
+
+    def between(self, start: int, end: int) -> Iterator[MappedFile]:
+        """Segments overlapping [start, end)."""
+        if not self.segments or start >= end:
+            return
+        first = self.segments[0].base
+        lo = max(0, (start - first) // self.segment_size)
+        hi = min(len(self.segments), (end - 1 - first) // self.segment_size + 1)
+        yield from self.segments[lo:hi]
+
+    def append(self, segment: MappedFile) -> None:
+        last = self.last
+        expected = last.end if last else segment.base
+        assert segment.base == expected, (segment.base, expected)
+        assert segment.size == self.segment_size
+        self.segments.append(segment)
+
+    # ---- cutting (blocking) ------------------------------------------------------------
+
+    def truncate(self, offset: int) -> None:
+        """Cut the data at ``offset``: zero the rest of its segment, delete later ones."""
+        keep = [segment for segment in self.segments if segment.base < offset]
+        if not keep and self.segments:
+            keep = self.segments[:1]  # cut at the log's very start: keep one empty segment
+        doomed = self.segments[len(keep) :]
+        for segment in doomed:
+            log.info("deleting_segment path=%s reason=truncate offset=%d", segment.path, offset)
+            segment.delete()
+        self.segments = keep
+        if keep:
+            last = keep[-1]
+            pos = min(max(offset - last.base, 0), last.size)
+            last.zero_from(pos)
+            last.wrote = pos
+            last.flushed = min(last.flushed, pos)
+            last.sync()
+        fsync_directory(self.directory)
+
+    def delete_first(self, count: int) -> list[MappedFile]:
+        """Delete the ``count`` oldest segments (never the last one)."""
+        count = min(count, len(self.segments) - 1)
+        doomed, self.segments = self.segments[:count], self.segments[count:]
+        for segment in doomed:
+            segment.delete()
+        if doomed:
+            fsync_directory(self.directory)
+        return doomed
+
+    def close(self) -> None:
+        for segment in self.segments:
+            segment.close()
+        self.segments = []
