@@ -68,7 +68,8 @@ class SegmentAllocator:
             self.prepare(base)
         pending = self._pending[base]
         await pending.done.wait()
-        del self._pending[base]
+        if self._pending.pop(base, None) is not pending:
+            raise RuntimeError(f"segment at {base} was taken twice; takers must be serialised")
         if pending.error is not None:
             raise pending.error
         assert pending.segment is not None

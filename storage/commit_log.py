@@ -14,6 +14,7 @@ import collections
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import attrs
 import trio
@@ -46,6 +47,7 @@ from storage.record import (
     validate_topic,
     write_blank,
 )
+from storage.sync_thread import SyncThread
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,12 @@ _pack_crc = CRC_FIELD.pack_into
 _unpack_blank = BLANK.unpack_from
 
 
-@attrs.frozen(slots=True)
-class AppendResult:
-    """Where a record landed. ``end_offset`` is what a durable or replicated ack waits for."""
+class AppendResult(NamedTuple):
+    """Where a record landed. ``end_offset`` is what a durable or replicated ack waits for.
+
+    A NamedTuple, not attrs: one is built per append on the hot path, and a frozen
+    attrs instance costs several times as much to create.
+    """
 
     offset: int
     size: int
@@ -137,6 +142,8 @@ class CommitLog:
         self._topics: dict[str, bytes] = {}
         self._spares: collections.deque[MappedFile] = collections.deque()
         self._flush_lock = trio.Lock()
+        self._take_lock = trio.Lock()
+        self._sync_thread = SyncThread("commitlog-fsync")
         self.flush_count = 0
 
     # ---- positions ---------------------------------------------------------------------
@@ -182,8 +189,11 @@ class CommitLog:
         topic, size = self._measure(message)
         last = self.files.last
         if last is None or last.wrote + size + BLANK_MIN > last.size:
-            await self._reserve(1)
-            last = self._roll()
+            await self._make_room((size,))
+            if self._needs_roll(size):
+                self._roll()
+            last = self.files.last
+            assert last is not None
         pos = last.wrote
         offset = last.base + pos
         key = (message.topic, message.queue_id)
@@ -205,7 +215,7 @@ class CommitLog:
             raise self.failure
         measure = self._measure
         measured = [measure(m) for m in messages]
-        await self._reserve(self._segments_needed(measured))
+        await self._make_room([size for _topic, size in measured])
         if self.failure is not None:
             raise self.failure
         segment = self.files.last
@@ -231,28 +241,40 @@ class CommitLog:
         segment.wrote = pos
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
 
-    def _segments_needed(self, measured: list[tuple[bytes, int]]) -> int:
+    def _needs_roll(self, size: int) -> bool:
+        last = self.files.last
+        return last is None or last.wrote + size + BLANK_MIN > last.size
+
+    def _segments_needed(self, sizes: Sequence[int]) -> int:
+        """How many new segments appending records of ``sizes`` now would roll into."""
         last = self.files.last
         needed = 0 if last is not None else 1
         pos = last.wrote if last is not None else 0
         limit = self.config.segment_size - BLANK_MIN
-        for _topic, size in measured:
+        for size in sizes:
             if pos + size > limit:
                 needed += 1
                 pos = 0
             pos += size
         return needed
 
-    async def _reserve(self, count: int) -> None:
-        """Make sure ``count`` empty segments are at hand for the coming roll-overs."""
-        while len(self._spares) < count:
-            if self._spares:
-                base = self._spares[-1].end
-            elif self.files.last is not None:
-                base = self.files.last.end
-            else:
-                base = self.files.min_offset
-            self._spares.append(await self.allocator.take(base))
+    async def _make_room(self, sizes: Sequence[int]) -> None:
+        """Take every segment that appending ``sizes`` will roll into, before writing.
+
+        Other writers may roll while this one awaits the allocator, so the need is
+        computed again after every await; one writer at a time takes segments.
+        """
+        while self._segments_needed(sizes) > len(self._spares):
+            async with self._take_lock:
+                if self._segments_needed(sizes) <= len(self._spares):
+                    break
+                if self._spares:
+                    base = self._spares[-1].end
+                elif self.files.last is not None:
+                    base = self.files.last.end
+                else:
+                    base = self.files.min_offset
+                self._spares.append(await self.allocator.take(base))
 
     def _roll(self) -> MappedFile:
         """End the active segment with a filler and activate the next (already taken) one."""
@@ -321,7 +343,7 @@ class CommitLog:
                 return self.flushed_offset
             segments = list(self.files.between(self.flushed_offset, target))
             try:
-                await trio.to_thread.run_sync(_sync_all, segments)
+                await self._sync_thread.run(lambda: _sync_all(segments))
             except OSError as exc:
                 self.failure = StorageFailedError(
                     f"fdatasync of the commit log failed ({exc.strerror}); nothing past offset "
@@ -351,6 +373,7 @@ class CommitLog:
         return len(doomed)
 
     def close(self) -> None:
+        self._sync_thread.stop()
         for spare in self._spares:
             spare.delete()
         self._spares.clear()

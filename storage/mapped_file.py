@@ -22,7 +22,7 @@ NAME_DIGITS = 20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 """Linux >= 5.14: map every page of a range now, so later first touches do not fault."""
 WARM_CHUNK = 1 << 20
-"""madvise and zero-fill work in 1 MiB steps: CPython holds the GIL during madvise, so big
+"""madvise and zeroing work in 1 MiB steps: CPython holds the GIL during madvise, so big
 calls would freeze the event loop; small ones let it run between steps."""
 _ZEROS = bytes(WARM_CHUNK)
 
@@ -80,9 +80,12 @@ class MappedFile:
 
         ``posix_fallocate`` reserves every block up front: a full disk fails here,
         loudly, instead of as a SIGBUS when a page of a sparse map is first written.
-        With ``warm`` the file is also filled with real zeros and synced, so the
-        blocks are *written* extents (later fdatasyncs need no metadata update)
-        and the pages are in the page cache, then the map is populated.
+        With ``warm`` the map is then populated (``MADV_POPULATE_READ``), so the
+        appends never take the page faults. Measured on the dev VM: zero-filling
+        the file instead (RocketMQ's warm-up) doubles the disk writes and made
+        map write + fdatasync slower (p50 295 us against 103 us);
+        ``MADV_POPULATE_WRITE`` dirties every page, so the first fsync of the
+        segment writes all of it (24 ms).
         """
         path = directory / segment_name(base)
         tmp = path.with_suffix(".tmp")
@@ -95,10 +98,6 @@ class MappedFile:
                     f"cannot allocate segment {path.name} ({size} bytes): {exc.strerror}; "
                     "free disk space or lower retention"
                 ) from exc
-            if warm:
-                for pos in range(0, size, WARM_CHUNK):
-                    os.pwrite(fd, _ZEROS[: min(WARM_CHUNK, size - pos)], pos)
-                os.fdatasync(fd)
             os.rename(tmp, path)
             fsync_directory(directory)
             segment = cls(path, base, size, fd)

@@ -59,6 +59,7 @@ class MessageStore:
         self.retention = RetentionService(self)
         self.dispatcher: Dispatcher
         self.recovery: RecoveryReport
+        self._abandoned = False
 
     @classmethod
     @asynccontextmanager
@@ -183,7 +184,16 @@ class MessageStore:
         )
         await trio.to_thread.run_sync(save_checkpoint, self.config.checkpoint_path, checkpoint)
 
+    def abandon(self) -> None:
+        """Simulate a crash (for tests and the crash harness): leaving :meth:`open` after
+        this skips the clean shutdown, so nothing more is flushed and the checkpoint stays
+        "not clean". The services still stop and the files are still closed."""
+        self._abandoned = True
+
     async def _shutdown(self) -> None:
+        if self._abandoned:
+            log.warning("store_abandoned clean=False log_end=%d", self.commit_log.max_offset)
+            return
         try:
             await self.dispatcher.catch_up()
             await self.flush_all(clean=True)
