@@ -24,6 +24,7 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     segment: MappedFile | None = None
     error: BaseException | None = None
+    dropped: bool = False
 
 
 class SegmentAllocator:
@@ -68,6 +69,8 @@ class SegmentAllocator:
             self.prepare(base)
         pending = self._pending[base]
         await pending.done.wait()
+        if pending.dropped:  # a truncate dropped it meanwhile: make a fresh one
+            return await self.take(base)
         if self._pending.pop(base, None) is not pending:
             raise RuntimeError(f"segment at {base} was taken twice; takers must be serialised")
         if pending.error is not None:
@@ -77,9 +80,22 @@ class SegmentAllocator:
             self.prepare(base + self.segment_size)
         return pending.segment
 
+    def drop_prepared(self) -> None:
+        """Delete every prepared segment: after a truncate they would lie past the log's end,
+        and a crash would leave a gap that stops the next start."""
+        for pending in self._pending.values():
+            pending.dropped = True
+            if pending.segment is not None:
+                pending.segment.delete()
+                pending.segment = None
+        self._pending.clear()
+
     async def _create(self, base: int, pending: _Pending) -> None:
         try:
             pending.segment = await self._create_now(base)
+            if pending.dropped:
+                pending.segment.delete()
+                pending.segment = None
         except Exception as exc:  # handed to the taker, who reports it (e.g. DiskFullError)
             pending.error = exc
         finally:

@@ -129,7 +129,7 @@ def _pack_record(
 
 
 class CommitLog:
-    """The log of one node. Build it with :func:`storage.recovery.open_commit_log`."""
+    """The log of one node; :class:`storage.store.MessageStore` recovers and owns it."""
 
     def __init__(self, config: StoreConfig, allocator: SegmentAllocator) -> None:
         self.config = config
@@ -180,6 +180,13 @@ class CommitLog:
             )
         if not 0 <= message.queue_id <= MAX_QUEUE_ID:
             raise InvalidMessageError(f"queue id {message.queue_id} is outside 0..{MAX_QUEUE_ID}")
+        if message.tags:  # hashed while packing: must not fail half-way through a batch
+            try:
+                message.tags.encode()
+            except (AttributeError, UnicodeEncodeError) as exc:
+                raise InvalidMessageError(
+                    f"tags {message.tags!r} must be a string encodable as UTF-8"
+                ) from exc
         return topic, size
 
     async def append(self, message: Message) -> AppendResult:
@@ -338,6 +345,8 @@ class CommitLog:
         if self.failure is not None:
             raise self.failure
         async with self._flush_lock:
+            if self.failure is not None:  # failed while we waited: never fsync again
+                raise self.failure
             target = self.max_offset
             if target <= self.flushed_offset:
                 return self.flushed_offset
@@ -361,8 +370,16 @@ class CommitLog:
             return target
 
     async def truncate(self, offset: int) -> None:
-        """Cut the log at ``offset`` (a record boundary); replication uses it for divergent tails."""
-        async with self._flush_lock:
+        """Cut the log at ``offset`` (a record boundary); replication uses it for divergent tails.
+
+        Segments taken or prepared for roll-overs go too: left on disk past the new end,
+        a crash would leave a gap between segments that stops the next start.
+        """
+        async with self._take_lock, self._flush_lock:
+            for spare in self._spares:
+                spare.delete()
+            self._spares.clear()
+            self.allocator.drop_prepared()
             await trio.to_thread.run_sync(self.files.truncate, offset)
             self.flushed_offset = min(self.flushed_offset, self.max_offset)
 

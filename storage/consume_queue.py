@@ -138,15 +138,28 @@ class ConsumeQueue:
     # ---- cutting (blocking) --------------------------------------------------------------
 
     def truncate_from_log_offset(self, log_offset: int) -> int:
-        """Drop the entries of records at or past ``log_offset``; return how many."""
+        """Drop the entries of records at or past ``log_offset``; return how many.
+
+        Empty entries among them are writes lost in a crash (only entries below the
+        checkpoint are known to be on disk): dropped too, or the walk would stop there
+        and keep the entries above them, pointing past the end of the log.
+        """
         keep = self.max_offset
-        while keep > self.min_offset and self.get(keep - 1)[0] >= log_offset:
+        while keep > self.min_offset:
+            entry_offset, size, _tags = self.get(keep - 1)
+            if size and entry_offset < log_offset:
+                break
             keep -= 1
         dropped = self.max_offset - keep
         if dropped:
             self.files.truncate(keep * ENTRY_SIZE)
             self.max_offset = keep
             if keep == self.min_offset:
+                last = self.files.last
+                if last is not None and all(_first_entry(s) is None for s in self.files.segments):
+                    # No entry at all is left: start where load() starts an empty queue,
+                    # not past a lost first entry that load() skipped.
+                    keep = last.base // ENTRY_SIZE
                 self.min_offset = self.max_offset = keep
         return dropped
 
@@ -196,8 +209,12 @@ class ConsumeQueueStore:
         """Blocking: open every queue on disk."""
         self.root.mkdir(parents=True, exist_ok=True)
         for topic_dir in sorted(self.root.iterdir()):
+            if not topic_dir.is_dir():
+                raise CorruptSegmentError(
+                    f"{topic_dir}: unexpected file among the consume queues; move it away"
+                )
             for queue_dir in sorted(topic_dir.iterdir()):
-                if not queue_dir.name.isdigit():
+                if not queue_dir.is_dir() or not queue_dir.name.isdigit():
                     raise CorruptSegmentError(f"{queue_dir}: not a queue directory")
                 queue = self._new(topic_dir.name, int(queue_dir.name))
                 queue.load()

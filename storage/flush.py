@@ -50,17 +50,19 @@ class GroupCommitFlusher:
         if offset <= self.commit_log.flushed_offset:
             return True
         self._wake.set()
-        with trio.move_on_at(deadline):
-            await self._waiters.wait(offset)
-            return True
-        return False
+        return await self._waiters.wait(offset, deadline)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._waiters.expire_deadlines)
+            task_status.started()
+            await self._flush_for_waiters()
+
+    async def _flush_for_waiters(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            while self._waiters.pending_min is not None:
+            while (lowest := self._waiters.pending_min) is not None:
                 try:
                     flushed = await self.commit_log.flush()
                 except StorageFailedError as failure:
@@ -68,6 +70,8 @@ class GroupCommitFlusher:
                     return
                 self.fsyncs += 1
                 self._waiters.advance(flushed)
+                if flushed < lowest:  # not written yet: flushing again now would only spin
+                    break
 
 
 class AsyncFlusher:

@@ -97,7 +97,7 @@ class MappedFileQueue:
         first = self.segments[0].base
         lo = max(0, (start - first) // self.segment_size)
         hi = min(len(self.segments), (end - 1 - first) // self.segment_size + 1)
-        yield from self.segments[lo:hi]
+        yield from self.segments[lo : max(hi, 0)]  # a negative hi would slice from the end
 
     def append(self, segment: MappedFile) -> None:
         last = self.last

@@ -68,6 +68,11 @@ def validate_topic(topic: str) -> bytes:
             f"invalid topic name {topic!r}: use 1 to {MAX_TOPIC_LENGTH} characters "
             "from A-Z a-z 0-9 . _ -"
         )
+    if topic in (".", ".."):
+        raise InvalidTopicError(
+            f"invalid topic name {topic!r}: '.' and '..' are reserved "
+            "(a topic names its consume-queue directory)"
+        )
     return topic.encode("ascii")
 
 
@@ -277,6 +282,8 @@ def read_header(view: memoryview, pos: int) -> RecordHeader:
 
 def decode_record(view: memoryview, pos: int, base: int) -> StoredRecord:
     """Decode the record at ``pos``; raise :class:`CorruptSegmentError` if it is not valid."""
+    if pos < 0 or pos + HEADER_SIZE > len(view):  # e.g. an offset inside a segment's filler
+        raise CorruptSegmentError(f"no record starts at offset {base + pos}")
     (
         size,
         magic,

@@ -61,6 +61,8 @@ def find_log_end(files: MappedFileQueue, start: int) -> LogEnd:
     if not segments:
         return LogEnd(files.min_offset, "empty log", 0)
     first_index = max(0, min(len(segments) - 1, (start - segments[0].base) // files.segment_size))
+    for segment in segments[:first_index]:  # before the checkpoint: whole, and on disk
+        segment.wrote = segment.flushed = segment.size
     checked = 0
     for segment in segments[first_index:]:
         pos = 0
@@ -112,6 +114,9 @@ async def recover_queues(
         await trio.to_thread.run_sync(queues.delete_all)
         dispatcher = Dispatcher(commit_log, queues, commit_log.min_offset)
         count = await dispatcher.catch_up_strict()
+    # Retention may have deleted log segments whose entries are still in the queues' first
+    # files: without this, a reopened queue's min offset points below the log's start.
+    await trio.to_thread.run_sync(queues.advance_min, commit_log.min_offset)
     await trio.to_thread.run_sync(sync_segments, queues.dirty_segments())
     commit_log.next_queue_offsets = {key: q.max_offset for key, q in queues.queues.items()}
     return dispatcher, rebuild, count

@@ -60,6 +60,9 @@ class MessageStore:
         self.dispatcher: Dispatcher
         self.recovery: RecoveryReport
         self._abandoned = False
+        self._flush_all_lock = trio.Lock()
+        """One flush_all at a time: they share checkpoint.tmp (the async flusher's and the
+        shutdown's used to race: FileNotFoundError on the rename)."""
 
     @classmethod
     @asynccontextmanager
@@ -120,6 +123,24 @@ class MessageStore:
         """True once every byte below ``offset`` is fsynced; False after ``timeout`` seconds."""
         return await self.group_commit.wait_durable(offset, trio.current_time() + timeout)
 
+    async def truncate(self, offset: int) -> None:
+        """Cut the log at ``offset`` (a record boundary) and bring the queues along.
+
+        Replication uses it to drop a divergent tail. Queue entries of cut records
+        go, and the next record of each queue gets the queue offset after the last
+        one kept, so the queues stay dense.
+        """
+        await self.dispatcher.catch_up()
+        await self.commit_log.truncate(offset)
+        end = self.commit_log.max_offset
+        await trio.to_thread.run_sync(self.queues.truncate_from_log_offset, end)
+        self.dispatcher.offset = min(self.dispatcher.offset, end)
+        self.commit_log.next_queue_offsets = {
+            key: queue.max_offset for key, queue in self.queues.queues.items()
+        }
+        await self.flush_all()
+        log.warning("store_truncated offset=%d", end)
+
     # ---- reading -----------------------------------------------------------------------
 
     def queue_offsets(self, topic: str, queue_id: int) -> tuple[int, int]:
@@ -170,10 +191,11 @@ class MessageStore:
 
     async def flush_all(self, *, clean: bool = False) -> None:
         """Flush the log and the queues, then record both in the checkpoint."""
-        dispatched = self.dispatcher.offset
-        log_flushed = await self.commit_log.flush()
-        await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
-        await self._save_checkpoint(clean=clean, queues_flushed=min(dispatched, log_flushed))
+        async with self._flush_all_lock:
+            dispatched = self.dispatcher.offset
+            log_flushed = await self.commit_log.flush()
+            await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
+            await self._save_checkpoint(clean=clean, queues_flushed=min(dispatched, log_flushed))
 
     async def _save_checkpoint(self, *, clean: bool, queues_flushed: int | None = None) -> None:
         log_flushed = self.commit_log.flushed_offset

@@ -3,15 +3,23 @@
 The decision (which waiters does a new position release?) is a heap ordered by
 offset; the trio part only parks and reschedules tasks. Releasing is one pass
 per position change, however many waiters there are, never a task per message.
+
+Deadlines are kept in a second heap and expired by one timer task
+(:meth:`OffsetWaiters.expire_deadlines`) instead of a cancel scope per waiter: a
+``trio.move_on_at`` costs about 7 us to enter and leave, a third of what a
+durable acknowledgement costs in CPU.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 
 import outcome
 import trio
+
+_OFFSET, _SEQ, _TASK, _DEADLINE = range(4)
 
 
 class OffsetWaiters:
@@ -23,12 +31,15 @@ class OffsetWaiters:
 
     def __init__(self) -> None:
         self._heap: list[list] = []
+        self._deadlines: list[tuple[float, int, list]] = []
         self._seq = itertools.count()
         self._position = -1
         self._failure: BaseException | None = None
+        self._timer_target = math.inf
+        self._timer_wake = trio.Event()
 
     def __len__(self) -> int:
-        return sum(1 for entry in self._heap if entry[2] is not None)
+        return sum(1 for entry in self._heap if entry[_TASK] is not None)
 
     @property
     def position(self) -> int:
@@ -37,25 +48,37 @@ class OffsetWaiters:
     @property
     def pending_min(self) -> int | None:
         """The lowest offset anyone still waits for."""
-        while self._heap and self._heap[0][2] is None:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
+        heap = self._heap
+        while heap and heap[0][_TASK] is None:
+            heapq.heappop(heap)
+        return heap[0][_OFFSET] if heap else None
 
-    async def wait(self, offset: int) -> None:
-        """Return once the position is >= ``offset``; cancellation removes the waiter."""
+    async def wait(self, offset: int, deadline: float = math.inf) -> bool:
+        """True once the position is >= ``offset``; False if ``deadline`` passed first.
+
+        Deadlines need :meth:`expire_deadlines` running. Cancellation removes the waiter.
+        """
         if self._failure is not None:
             raise self._failure
         if offset <= self._position:
             await trio.lowlevel.checkpoint()
-            return
-        entry = [offset, next(self._seq), trio.lowlevel.current_task()]
+            return True
+        seq = next(self._seq)
+        entry = [offset, seq, trio.lowlevel.current_task(), deadline]
         heapq.heappush(self._heap, entry)
+        if deadline != math.inf:
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][2][_TASK] is None:  # prune finished waiters
+                heapq.heappop(deadlines)
+            heapq.heappush(deadlines, (deadline, seq, entry))
+            if deadline < self._timer_target:
+                self._timer_wake.set()
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            entry[2] = None  # lazily dropped from the heap
+            entry[_TASK] = None  # lazily dropped from the heaps
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def advance(self, position: int) -> int:
         """Set the position and wake every waiter it satisfies; return how many woke."""
@@ -63,17 +86,47 @@ class OffsetWaiters:
             return 0
         self._position = position
         heap, woken = self._heap, 0
-        while heap and heap[0][0] <= position:
-            task = heapq.heappop(heap)[2]
+        while heap and heap[0][_OFFSET] <= position:
+            entry = heapq.heappop(heap)
+            task = entry[_TASK]
             if task is not None:
-                trio.lowlevel.reschedule(task)
+                entry[_TASK] = None
+                trio.lowlevel.reschedule(task, outcome.Value(True))
                 woken += 1
         return woken
+
+    def expire(self, now: float) -> int:
+        """Wake every waiter whose deadline is at or before ``now`` with False."""
+        deadlines, expired = self._deadlines, 0
+        while deadlines and deadlines[0][0] <= now:
+            entry = heapq.heappop(deadlines)[2]
+            task = entry[_TASK]
+            if task is not None:
+                entry[_TASK] = None
+                trio.lowlevel.reschedule(task, outcome.Value(False))
+                expired += 1
+        return expired
+
+    async def expire_deadlines(self) -> None:
+        """The timer task: sleeps until the earliest deadline, expires, repeats. Run it in
+        the owner's nursery whenever waiters are given deadlines."""
+        while True:
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][2][_TASK] is None:
+                heapq.heappop(deadlines)
+            self._timer_target = deadlines[0][0] if deadlines else math.inf
+            self._timer_wake = trio.Event()
+            with trio.move_on_at(self._timer_target):
+                await self._timer_wake.wait()
+            self.expire(trio.current_time())
 
     def fail(self, error: BaseException) -> None:
         """Wake every waiter with ``error``; later waiters get it at once."""
         self._failure = error
         heap, self._heap = self._heap, []
+        self._deadlines = []
         for entry in heap:
-            if entry[2] is not None:
-                trio.lowlevel.reschedule(entry[2], outcome.Error(error))
+            task = entry[_TASK]
+            if task is not None:
+                entry[_TASK] = None
+                trio.lowlevel.reschedule(task, outcome.Error(error))

@@ -1,0 +1,115 @@
+"""The retention decision: a pure function of segment ages and disk use."""
+
+from __future__ import annotations
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from storage.retention import segments_to_delete
+
+SEGMENT = 1 << 20
+RETENTION = 3600.0
+
+ages_st = st.lists(st.floats(0, 10 * RETENTION, allow_nan=False), max_size=12)
+"""Ages of the segments, oldest first (not necessarily sorted: mtimes can be touched)."""
+disk_st = st.tuples(st.integers(0, 64 * SEGMENT), st.integers(0, 64 * SEGMENT))
+ratio_st = st.floats(0.05, 1.0)
+
+
+def decide(ages: list[float], used: int, total: int, ratio: float) -> int:
+    return segments_to_delete(
+        ages,
+        retention_seconds=RETENTION,
+        used_bytes=used,
+        total_bytes=total,
+        max_used_ratio=ratio,
+        segment_size=SEGMENT,
+    )
+
+
+def expired_prefix(ages: list[float]) -> int:
+    count = 0
+    while count < len(ages) - 1 and ages[count] > RETENTION:
+        count += 1
+    return count
+
+
+def over(used: int, total: int, ratio: float, deleted: int) -> bool:
+    """Is the disk still fuller than allowed once ``deleted`` segments are gone?"""
+    return total > 0 and (used - deleted * SEGMENT) / total > ratio
+
+
+@given(ages_st, disk_st, ratio_st)
+def test_never_deletes_the_last_segment(
+    ages: list[float], disk: tuple[int, int], ratio: float
+) -> None:
+    used, total = disk
+    count = decide(ages, used, total, ratio)
+    assert 0 <= count <= max(0, len(ages) - 1)
+
+
+@given(ages_st, disk_st, ratio_st)
+def test_deletes_the_expired_prefix_and_only_more_when_over_the_ratio(
+    ages: list[float], disk: tuple[int, int], ratio: float
+) -> None:
+    used, total = disk
+    count = decide(ages, used, total, ratio)
+    prefix = expired_prefix(ages)
+    assert count >= prefix
+    if count > prefix:  # each extra deletion was needed to get under the ratio
+        assert over(used, total, ratio, count - 1)
+    if count < len(ages) - 1:  # it stopped because the disk is under the ratio now
+        assert not over(used, total, ratio, count)
+
+
+@given(ages_st)
+def test_with_room_on_disk_exactly_the_expired_prefix_goes(ages: list[float]) -> None:
+    assert decide(ages, used=SEGMENT, total=100 * SEGMENT, ratio=0.9) == expired_prefix(ages)
+    assert decide(ages, used=10**15, total=0, ratio=0.5) == expired_prefix(ages)  # no figures
+
+
+@given(st.integers(2, 12), st.integers(1, 200), ratio_st)
+def test_over_the_ratio_young_segments_go_until_under_it(
+    segments: int, used_segments: int, ratio: float
+) -> None:
+    total = 100 * SEGMENT
+    used = used_segments * SEGMENT
+    count = decide([0.0] * segments, used, total, ratio)
+    expected = 0
+    while expected < segments - 1 and over(used, total, ratio, expected):
+        expected += 1
+    assert count == expected
+    if used / total > ratio:
+        assert count >= 1
+
+
+@given(ages_st, st.data(), disk_st, ratio_st)
+def test_monotone_in_age(
+    ages: list[float], data: st.DataObject, disk: tuple[int, int], ratio: float
+) -> None:
+    older = [
+        age + data.draw(st.floats(0, 5 * RETENTION), label=f"older{i}")
+        for i, age in enumerate(ages)
+    ]
+    used, total = disk
+    assert decide(older, used, total, ratio) >= decide(ages, used, total, ratio)
+
+
+@given(ages_st, disk_st, st.integers(0, 10 * SEGMENT), ratio_st)
+def test_monotone_in_disk_use(
+    ages: list[float], disk: tuple[int, int], more: int, ratio: float
+) -> None:
+    used, total = disk
+    assume(total > 0)
+    assert decide(ages, used + more, total, ratio) >= decide(ages, used, total, ratio)
+
+
+def test_examples() -> None:
+    hour = RETENTION
+    assert decide([], 0, 0, 0.9) == 0
+    assert decide([5 * hour], 0, 0, 0.9) == 0  # the only (active) segment stays
+    assert decide([5 * hour, 4 * hour, 0.5 * hour, 6 * hour], 0, 100, 0.9) == 2
+    assert decide([5 * hour, 0.1, 6 * hour, 7 * hour], 0, 100, 0.9) == 1  # prefix only
+    assert decide([0.0] * 5, 95 * SEGMENT, 100 * SEGMENT, 0.9) == 4  # capped: one stays
+    assert decide([0.0] * 10, 95 * SEGMENT, 100 * SEGMENT, 0.9) == 5
+    assert decide([hour + 1, 0.0, 0.0], 50, 100, 0.9) == 1
