@@ -11,6 +11,8 @@ from pathlib import Path
 
 import trio
 
+from cluster.cli_client import add_client_commands
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,28 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_node(args: argparse.Namespace) -> int:
+    from cluster.bench import run_bench
+
+    progress = _progress(not args.json and sys.stderr.isatty())
+    figures = trio.run(
+        lambda: run_bench(
+            args.kind,
+            args.bootstrap,
+            seconds=args.seconds,
+            acks_levels=tuple(args.acks.split(",")),
+            progress=progress,
+        )
+    )
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    sys.stderr.write("\r\033[K")
+    print(f"tidelog bench {args.kind} (floors and ceilings measured in this run)")
+    print_figures(figures)
+    return 0
+
+
 def storage_ratios(f: dict[str, float]) -> dict[str, float]:
     """The comparisons the storage issue asks for, from one run's figures."""
     return {
@@ -72,6 +96,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.rounds, args.acks)
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError, load_node_config
+    from cluster.node import serve_until_signalled
+
+    overrides = {
+        key: value
+        for key, value in {
+            "node.name": args.name,
+            "node.host": args.host,
+            "node.port": args.port,
+            "node.data_dir": args.data_dir,
+        }.items()
+        if value is not None
+    }
+    try:
+        config = load_node_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"tidelog node: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(host: str, port: int) -> None:
+        print(
+            f"tidelog node {config.node.name} listening on {host}:{port} "
+            f"(data: {config.node.data_dir})",
+            flush=True,
+        )
+
+    trio.run(lambda: serve_until_signalled(config, on_ready=ready))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidelog",
@@ -82,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="WARNING", help="stdlib logging level (default: WARNING)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    node = commands.add_parser(
+        "node",
+        help="run a node (stops cleanly on SIGTERM/SIGINT)",
+        description="Run one node: its commit log, flush services and client server. "
+        "Settings come from --config (TOML), then TIDELOG_<SECTION>_<KEY> environment "
+        "variables, then these flags. SIGTERM or Ctrl-C: finish in-flight requests, flush, "
+        "write the checkpoint, exit 0.",
+    )
+    node.add_argument("--config", type=Path, help="TOML file (see docs/design.md)")
+    node.add_argument("--name", help="node name (default: node-1)")
+    node.add_argument("--host", help="listen address (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="client port (default 7600; 0 picks a free one)")
+    node.add_argument("--data-dir", type=Path, help="where the log lives (default ./data)")
+    node.set_defaults(handler=cmd_node)
+
+    add_client_commands(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -114,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     storage.add_argument("--json", action="store_true", help="one JSON object, keys name units")
     storage.set_defaults(handler=cmd_bench_storage)
+    for kind, text in (
+        (
+            "produce",
+            "send 128 B and 1 KiB messages: sequential latency, batched and pipelined "
+            "throughput, beside a bare trio echo server and the store alone",
+        ),
+        ("consume", "read back with large pulls (msgs/s)"),
+    ):
+        node_bench = bench_kinds.add_parser(kind, help=text, description=text + ".")
+        node_bench.add_argument(
+            "--bootstrap", help="measure this node (default: start one in a temp dir)"
+        )
+        node_bench.add_argument(
+            "--acks", default="leader,durable", help="ack levels, comma separated"
+        )
+        node_bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+        node_bench.add_argument("--json", action="store_true", help="one JSON object")
+        node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
     return parser
 
 

@@ -146,6 +146,7 @@ class Status(enum.StrEnum):
     DISK_FULL = "DISK_FULL"
     STORAGE_FAILED = "STORAGE_FAILED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
     @property
@@ -166,10 +167,18 @@ class Status(enum.StrEnum):
     @property
     def closes_connection(self) -> bool:
         """The server closes the connection right after this answer."""
-        return self is Status.FRAME_TOO_LARGE
+        return self in _CLOSES_CONNECTION
 
 
-_RETRYABLE: Final = frozenset({Status.NOT_MASTER, Status.SLAVE_NOT_AVAILABLE, Status.SHUTTING_DOWN})
+_RETRYABLE: Final = frozenset(
+    {
+        Status.NOT_MASTER,
+        Status.SLAVE_NOT_AVAILABLE,
+        Status.SHUTTING_DOWN,
+        Status.TOO_MANY_CONNECTIONS,
+    }
+)
+_CLOSES_CONNECTION: Final = frozenset({Status.FRAME_TOO_LARGE, Status.TOO_MANY_CONNECTIONS})
 _OUTCOME_UNKNOWN: Final = frozenset(
     {
         Status.FLUSH_DISK_TIMEOUT,

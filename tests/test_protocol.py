@@ -215,7 +215,12 @@ def test_every_error_response_names_the_problem() -> None:
 def test_status_table() -> None:
     retryable = {s for s in Status if s.retryable}
     unknown = {s for s in Status if s.outcome_unknown}
-    assert retryable == {Status.NOT_MASTER, Status.SLAVE_NOT_AVAILABLE, Status.SHUTTING_DOWN}
+    assert retryable == {
+        Status.NOT_MASTER,
+        Status.SLAVE_NOT_AVAILABLE,
+        Status.SHUTTING_DOWN,
+        Status.TOO_MANY_CONNECTIONS,
+    }
     assert unknown == {
         Status.FLUSH_DISK_TIMEOUT,
         Status.FLUSH_SLAVE_TIMEOUT,
@@ -228,7 +233,10 @@ def test_status_table() -> None:
         Status.FLUSH_DISK_TIMEOUT,
         Status.FLUSH_SLAVE_TIMEOUT,
     }
-    assert {s for s in Status if s.closes_connection} == {Status.FRAME_TOO_LARGE}
+    assert {s for s in Status if s.closes_connection} == {
+        Status.FRAME_TOO_LARGE,
+        Status.TOO_MANY_CONNECTIONS,
+    }
     assert all(s.value == s.name for s in Status)
 
 

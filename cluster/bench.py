@@ -1,0 +1,253 @@
+"""`tidelog bench produce` and `tidelog bench consume`: a real node over loopback.
+
+The node runs as its own process (so client and node each get a core, as on
+two machines), started here unless ``--bootstrap`` names one. Each figure comes
+with its floor or ceiling measured in the same run: a bare trio echo server's
+pipelined round trips for unbatched sends, and the storage engine in-process
+for batched throughput.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from cluster.client import Client, open_client
+from cluster.process import NodeProcess
+from storage.bench import percentile
+
+ProgressFn = Callable[[str], None]
+SIZES = (128, 1024)
+IN_FLIGHT = 64
+BATCH = 64
+
+
+async def _sequential(client: Client, topic: str, body: bytes, acks: str, seconds: float):
+    producer = client.producer(acks=acks, batch_size=1)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        (await producer.send(topic, body, queue=0)).raise_for_outcome()
+        latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    return len(latencies) / seconds, latencies
+
+
+async def _in_flight(
+    client: Client, topic: str, body: bytes, acks: str, seconds: float, *, batched: bool
+) -> float:
+    """``IN_FLIGHT`` tasks sending back to back; batched: they share send_batch requests."""
+    producer = client.producer(acks=acks, batch_size=256 if batched else 1)
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def sender(index: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            (await producer.send(topic, body, queue=index % 4)).raise_for_outcome()
+            count += 1
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(IN_FLIGHT):
+            nursery.start_soon(sender, index)
+    return count / (time.perf_counter() - start)
+
+
+async def _explicit_batches(
+    client: Client, topic: str, body: bytes, acks: str, seconds: float
+) -> float:
+    """``IN_FLIGHT`` requests in flight, each an explicit batch of ``BATCH`` messages."""
+    producer = client.producer(acks=acks)
+    bodies = [body] * BATCH
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def sender(index: int) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            for result in await producer.send_batch(topic, bodies, queue=index % 4):
+                result.raise_for_outcome()
+            count += BATCH
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for index in range(IN_FLIGHT):
+            nursery.start_soon(sender, index)
+    return count / (time.perf_counter() - start)
+
+
+async def bench_produce_on(
+    address: str, seconds: float, progress: ProgressFn, acks_levels: tuple[str, ...]
+) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    async with open_client(address) as client:
+        for size in SIZES:
+            topic = f"bench-{size}"
+            await client.admin.create_topic(topic, 4, exist_ok=True)
+            body = os.urandom(size)
+            for acks in acks_levels:
+                tag = f"{size}B_{acks}"
+                progress(f"{tag}: sequential")
+                rate, lat = await _sequential(client, topic, body, acks, seconds)
+                figures[f"sequential_{tag}_msgs_per_s"] = rate
+                for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999)):
+                    figures[f"sequential_{tag}_{name}_us"] = percentile(lat, q) * 1e6
+                progress(f"{tag}: batches of {BATCH}, {IN_FLIGHT} in flight")
+                rate = await _explicit_batches(client, topic, body, acks, seconds)
+                figures[f"batch{BATCH}_inflight{IN_FLIGHT}_{tag}_msgs_per_s"] = rate
+                figures[f"batch{BATCH}_inflight{IN_FLIGHT}_{tag}_mb_per_s"] = rate * size / 1e6
+                progress(f"{tag}: {IN_FLIGHT} concurrent sends, producer batching")
+                rate = await _in_flight(client, topic, body, acks, seconds, batched=True)
+                figures[f"linger_{IN_FLIGHT}_senders_{tag}_msgs_per_s"] = rate
+                progress(f"{tag}: unbatched, {IN_FLIGHT} in flight")
+                rate = await _in_flight(client, topic, body, acks, seconds, batched=False)
+                figures[f"pipelined_{IN_FLIGHT}_{tag}_msgs_per_s"] = rate
+    return figures
+
+
+async def bench_consume_on(address: str, seconds: float, progress: ProgressFn) -> dict[str, float]:
+    """Read back everything in the bench topics with large pulls; messages/s."""
+    figures: dict[str, float] = {}
+    async with open_client(address) as client:
+        for size in SIZES:
+            topic = f"bench-{size}"
+            progress(f"consume {topic}")
+            count, start = 0, time.perf_counter()
+            for entry in await client.admin.offsets(topic):
+                offset = entry["min_offset"]
+                while offset < entry["max_offset"] and time.perf_counter() - start < seconds * 4:
+                    response = await client.checked(
+                        "pull", topic=topic, queue=entry["queue"], offset=offset,
+                        max_messages=1024, max_bytes=8 << 20,
+                    )  # fmt: skip
+                    count += len(response["messages"])
+                    offset = response["next_offset"]
+            elapsed = time.perf_counter() - start
+            figures[f"consume_{size}B_msgs_per_s"] = count / elapsed if count else math.nan
+            figures[f"consume_{size}B_messages"] = count
+    return figures
+
+
+# ---- floors and ceilings from the same run -------------------------------------------------
+
+_ECHO_SERVER = """
+import sys, trio
+async def echo(stream):
+    try:
+        while data := await stream.receive_some(262144):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(echo, listeners)
+trio.run(main)
+"""
+
+
+async def echo_round_trips(frame_size: int, seconds: float) -> float:
+    """Pipelined round trips/s against a bare trio echo server in another process:
+    the floor under one-request-per-message sends (framing, loopback, trio)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        frame = struct.pack(">I", frame_size) + os.urandom(frame_size)
+        window = trio.Semaphore(IN_FLIGHT)
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def reader() -> None:
+            nonlocal done
+            buffered = 0
+            while True:
+                data = await stream.receive_some(262144)
+                buffered += len(data)
+                while buffered >= len(frame):
+                    buffered -= len(frame)
+                    done += 1
+                    window.release()
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            while time.perf_counter() < deadline:
+                await window.acquire()
+                await stream.send_all(frame)
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+        return done / (time.perf_counter() - start)
+    finally:
+        server.kill()
+        server.wait()
+
+
+async def storage_ceiling(directory: Path, seconds: float) -> dict[str, float]:
+    """The store alone, in this process: put_batch of 64 (what a batched send costs at most)."""
+    from storage import Message, MessageStore, StoreConfig
+
+    figures: dict[str, float] = {}
+    config = StoreConfig(data_dir=directory / "ceiling")
+    async with MessageStore.open(config) as store:
+        for size in SIZES:
+            batch = [Message("ceiling", os.urandom(size), i % 4) for i in range(64)]
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                await store.put_batch(batch)
+                count += 64
+            figures[f"storage_put_batch64_{size}B_msgs_per_s"] = count / (
+                time.perf_counter() - start
+            )
+    return figures
+
+
+async def run_bench(
+    kind: str,
+    bootstrap: str | None,
+    *,
+    seconds: float,
+    acks_levels: tuple[str, ...],
+    progress: ProgressFn,
+) -> dict[str, float]:
+    """``kind`` is "produce" or "consume"; starts a node unless ``bootstrap`` is given."""
+    root = Path(tempfile.mkdtemp(prefix="tidelog-bench-"))
+    node = None
+    try:
+        if bootstrap is None:
+            progress("starting a node")
+            node = NodeProcess(root / "node").start()
+            bootstrap = node.address
+        figures: dict[str, float] = {}
+        if kind == "produce":
+            figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels))
+            progress("floor: trio echo server")
+            for size in SIZES:
+                figures[f"echo_pipelined_{size}B_round_trips_per_s"] = await echo_round_trips(
+                    size + 40, seconds
+                )
+            progress("ceiling: storage in-process")
+            figures.update(await storage_ceiling(root, seconds))
+        else:
+            figures.update(await bench_produce_on(bootstrap, seconds / 2, progress, ("leader",)))
+            figures.update(await bench_consume_on(bootstrap, seconds, progress))
+        return figures
+    finally:
+        if node is not None:
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,386 @@
+"""A node's configuration: one frozen attrs class per TOML section, loaded in layers.
+
+Precedence, lowest first: built-in defaults, the TOML file, ``TIDELOG_<SECTION>_<KEY>``
+environment variables, then ``overrides`` (the CLI's flags, as dotted keys such as
+``"node.port"``). Every value is checked against its field's type and range before the
+node starts, and an error names where the value came from, its full dotted key, what was
+received and what is allowed: a node that starts with a typo in its config and silently
+uses a default is worse than one that refuses to start.
+
+The ``store`` section holds every :class:`storage.StoreConfig` field except
+``data_dir``, which is always ``<node.data_dir>/store``. Its keys are read from
+``StoreConfig`` itself, so a knob added to storage is configurable here at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from cluster.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_FRAME_SIZE_LIMIT,
+    MAX_QUEUES,
+    MIN_MAX_FRAME_SIZE,
+)
+from storage.config import StoreConfig
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "NodeConfig",
+    "NodeSection",
+    "ServerSection",
+    "TopicsSection",
+    "load_node_config",
+]
+
+ENV_PREFIX: Final = "TIDELOG_"
+STORE_SUBDIR: Final = "store"
+TOPICS_FILE: Final = "topics.json"
+_NODE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message says where, what and why.
+
+    ``source`` is the file, environment variable or flag the value came from, ``key``
+    the full dotted key (``"server.max_connections"``).
+    """
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+# ---- validators: they raise ValueError("<field> ..."), the convention StoreConfig uses --------
+
+
+def _between(low: int, high: int) -> Callable[[Any, attrs.Attribute, int], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+        if not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be between {low} and {high}, got {value}")
+
+    return check
+
+
+def _node_name(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if _NODE_NAME.fullmatch(value) is None:
+        raise ValueError(
+            f"{attribute.name} must be 1 to 64 characters from A-Z a-z 0-9 . _ - starting with "
+            f"a letter or digit (it appears in logs, status and file names), got {value!r}"
+        )
+
+
+def _non_empty(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
+# ---- sections --------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class NodeSection:
+    """Who the node is and where it listens and keeps its data."""
+
+    name: str = attrs.field(default="node-1", validator=_node_name)
+    host: str = attrs.field(default="127.0.0.1", validator=_non_empty)
+    port: int = attrs.field(default=7600, validator=_between(0, 65535))
+    """0 picks a free port; the node reports the one it bound."""
+    data_dir: Path = attrs.field(default=Path("data"), converter=Path)
+    """Holds ``store/`` (the log) and ``topics.json``."""
+
+
+@attrs.frozen(kw_only=True)
+class ServerSection:
+    """Limits of the client server: they bound what one client can make the node hold."""
+
+    max_frame_size: int = attrs.field(
+        default=DEFAULT_MAX_FRAME_SIZE, validator=_between(MIN_MAX_FRAME_SIZE, MAX_FRAME_SIZE_LIMIT)
+    )
+    max_connections: int = attrs.field(default=10_000, validator=_between(1, 1_000_000))
+    max_inflight_per_connection: int = attrs.field(default=1024, validator=_between(1, 65_536))
+    """Requests of one connection being served or answered but not yet sent; past it the
+    server stops reading that connection (TCP backpressure) instead of buffering."""
+    shutdown_grace_ms: int = attrs.field(default=5000, validator=_between(0, 600_000))
+    """How long a shutdown lets in-flight requests finish before closing connections."""
+
+
+@attrs.frozen(kw_only=True)
+class TopicsSection:
+    """How topics come to exist."""
+
+    auto_create: bool = False
+    """Create an unknown topic on its first send (with ``default_queues``) instead of
+    answering ``UNKNOWN_TOPIC``. Off by default: a typo should not create a topic."""
+    default_queues: int = attrs.field(default=4, validator=_between(1, MAX_QUEUES))
+
+
+def _store_for(data_dir: Path, **fields: Any) -> StoreConfig:
+    return StoreConfig(data_dir=data_dir / STORE_SUBDIR, **fields)
+
+
+@attrs.frozen(kw_only=True)
+class NodeConfig:
+    """Everything a node needs; build it with :func:`load_node_config` or :meth:`create`."""
+
+    node: NodeSection
+    store: StoreConfig
+    server: ServerSection = attrs.field(factory=ServerSection)
+    topics: TopicsSection = attrs.field(factory=TopicsSection)
+
+    def __attrs_post_init__(self) -> None:
+        expected = self.node.data_dir / STORE_SUBDIR
+        if self.store.data_dir != expected:
+            raise ValueError(
+                f"store.data_dir must be {expected} (<node.data_dir>/{STORE_SUBDIR}), "
+                f"got {self.store.data_dir}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        data_dir: Path,
+        *,
+        node: Mapping[str, Any] | None = None,
+        store: Mapping[str, Any] | None = None,
+        server: Mapping[str, Any] | None = None,
+        topics: Mapping[str, Any] | None = None,
+    ) -> NodeConfig:
+        """A config from Python values (tests, embedding); no environment, no file."""
+        node_section = NodeSection(data_dir=data_dir, **(node or {}))
+        return cls(
+            node=node_section,
+            store=_store_for(node_section.data_dir, **(store or {})),
+            server=ServerSection(**(server or {})),
+            topics=TopicsSection(**(topics or {})),
+        )
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def topics_path(self) -> Path:
+        return self.node.data_dir / TOPICS_FILE
+
+
+# ---- the schema the loader reads: section -> key -> type --------------------------------------
+
+
+def _field_types(cls: type, skip: frozenset[str] = frozenset()) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in attrs.fields(cls) if f.name not in skip}
+
+
+_SECTIONS: Final[dict[str, dict[str, type]]] = {
+    "node": _field_types(NodeSection),
+    "store": _field_types(StoreConfig, frozenset({"data_dir"})),
+    "server": _field_types(ServerSection),
+    "topics": _field_types(TopicsSection),
+}
+_ALL_KEYS: Final = [f"{section}.{key}" for section, keys in _SECTIONS.items() for key in keys]
+
+_TYPE_NAMES: Final[dict[type, str]] = {
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean (true or false)",
+    str: "a string",
+    Path: "a path (string)",
+}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    """ "did you mean 'x'?" for a close match (by dotted key, then by bare name), else the
+    list of what is allowed."""
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:
+        by_name = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        names = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_name), n=1, cutoff=0.6)
+        close = [by_name[names[0]]] if names else []
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known keys: {', '.join(candidates)}"
+
+
+def _unknown(source: str, key: str) -> ConfigError:
+    """An unknown key or section, with the closest known one when there is one."""
+    section, dot, _name = key.partition(".")
+    if not dot:
+        return ConfigError(source, key, f"keys belong in a section ({_suggest(key, _ALL_KEYS)})")
+    if section not in _SECTIONS:
+        return ConfigError(
+            source,
+            key,
+            f"unknown section [{section}]; sections are {', '.join(_SECTIONS)} "
+            f"({_suggest(key, _ALL_KEYS)})",
+        )
+    own = [f"{section}.{k}" for k in _SECTIONS[section]]
+    close = difflib.get_close_matches(key, own, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else _suggest(key, _ALL_KEYS)
+    return ConfigError(source, key, f"unknown key ({hint})")
+
+
+def _coerce(source: str, key: str, kind: type, value: Any, *, text: bool) -> Any:
+    """``value`` as ``kind``. TOML and Python values must already have the type (a quoted
+    number in a TOML file is a mistake worth reporting); text from the environment or a
+    flag (``text``) is parsed."""
+    if text and isinstance(value, str) and kind is not str:
+        return _parse_text(source, key, kind, value)
+    ok = (
+        (kind is bool and type(value) is bool)
+        or (kind is int and type(value) is int)
+        or (kind is float and type(value) in (int, float) and math.isfinite(value))
+        or (kind is str and type(value) is str)
+        or (kind is Path and isinstance(value, str | Path))
+    )
+    if not ok:
+        raise ConfigError(
+            source, key, f"must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})"
+        )
+    if kind is Path:
+        return Path(value)
+    return float(value) if kind is float else value
+
+
+def _parse_text(source: str, key: str, kind: type, text: str) -> Any:
+    """Environment variables and flags arrive as text: parse them to the field's type."""
+    stripped = text.strip()
+    if kind is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+    elif kind is Path:
+        if stripped:
+            return Path(stripped)
+    else:
+        try:
+            value = kind(stripped)
+        except ValueError:
+            pass
+        else:
+            if kind is not float or math.isfinite(value):
+                return value
+    allowed = "true/false, yes/no, on/off or 1/0" if kind is bool else _TYPE_NAMES[kind]
+    raise ConfigError(source, key, f"must be {allowed}, got {text!r}")
+
+
+# ---- the layers ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Layer:
+    """One source of settings: dotted key -> (value, where it came from)."""
+
+    values: dict[str, tuple[Any, str]]
+    text: bool
+    """Values are text to parse (environment, flags), not typed (TOML)."""
+
+
+def _from_file(path: Path) -> _Layer:
+    source = f"config file {path}"
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(file)", f"is not valid TOML: {exc}") from None
+    values: dict[str, tuple[Any, str]] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise _unknown(source, section)
+        if not table and section not in _SECTIONS:
+            raise _unknown(source, f"{section}.")
+        for key, value in table.items():
+            values[f"{section}.{key}"] = (value, source)
+    return _Layer(values, text=False)
+
+
+def _from_environ(environ: Mapping[str, str]) -> _Layer:
+    """``TIDELOG_<SECTION>_<KEY>`` for the known sections; other ``TIDELOG_*`` names are
+    left alone (the CLI may have its own), but a known section with an unknown key is an
+    error, so ``TIDELOG_SERVER_MAX_CONECTIONS`` does not pass unnoticed."""
+    values: dict[str, tuple[Any, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section in _SECTIONS and key:
+            values[f"{section}.{key}"] = (value, f"environment variable {name}")
+    return _Layer(values, text=True)
+
+
+def _from_overrides(overrides: Mapping[str, Any]) -> _Layer:
+    return _Layer({key: (value, f"override {key}") for key, value in overrides.items()}, text=True)
+
+
+def _typed(layers: list[_Layer]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Merge the layers (later wins), check every key and type; return values and sources."""
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    sources: dict[str, str] = {}
+    for layer in layers:
+        for key, (value, source) in layer.values.items():
+            section, _, name = key.partition(".")
+            kind = _SECTIONS.get(section, {}).get(name)
+            if kind is None:
+                raise _unknown(source, key)
+            values[section][name] = _coerce(source, key, kind, value, text=layer.text)
+            sources[key] = source
+    return values, sources
+
+
+def _build(
+    section: str, factory: Callable[..., Any], values: dict[str, Any], sources: dict[str, str]
+) -> Any:
+    """Build a section; a range error from its validators names the key and its source."""
+    try:
+        return factory(**values)
+    except ValueError as exc:
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        key = f"{section}.{name}" if name in _SECTIONS[section] else section
+        raise ConfigError(sources.get(key, "defaults"), key, message) from None
+
+
+def load_node_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Defaults < TOML file at ``path`` < ``TIDELOG_<SECTION>_<KEY>`` in ``environ``
+    (default ``os.environ``) < ``overrides`` (dotted keys; text values are parsed).
+
+    Raises :class:`ConfigError` naming the source, the dotted key and what is allowed.
+    """
+    layers = [
+        _from_file(path) if path is not None else _Layer({}, text=False),
+        _from_environ(os.environ if environ is None else environ),
+        _from_overrides(overrides or {}),
+    ]
+    values, sources = _typed(layers)
+    node = _build("node", NodeSection, values["node"], sources)
+    store = _build("store", lambda **kw: _store_for(node.data_dir, **kw), values["store"], sources)
+    return NodeConfig(
+        node=node,
+        store=store,
+        server=_build("server", ServerSection, values["server"], sources),
+        topics=_build("topics", TopicsSection, values["topics"], sources),
+    )
