@@ -158,9 +158,9 @@ trio.run(main)
 """
 
 
-async def echo_round_trips(frame_size: int, seconds: float) -> float:
-    """Pipelined round trips/s against a bare trio echo server in another process:
-    the floor under one-request-per-message sends (framing, loopback, trio)."""
+async def echo_floor(frame_size: int, seconds: float, in_flight: int) -> tuple[float, list[float]]:
+    """Round trips/s and latencies against a bare trio echo server in another process:
+    the floor under one request per message (framing, loopback, two trio loops)."""
     server = subprocess.Popen(
         [sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True
     )
@@ -169,19 +169,18 @@ async def echo_round_trips(frame_size: int, seconds: float) -> float:
         port = int(server.stdout.readline())
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         frame = struct.pack(">I", frame_size) + os.urandom(frame_size)
-        window = trio.Semaphore(IN_FLIGHT)
-        done = 0
+        window = trio.Semaphore(in_flight)
+        sent_at: list[float] = []
+        latencies: list[float] = []
         deadline = time.perf_counter() + seconds
 
         async def reader() -> None:
-            nonlocal done
             buffered = 0
             while True:
-                data = await stream.receive_some(262144)
-                buffered += len(data)
+                buffered += len(await stream.receive_some(262144))
                 while buffered >= len(frame):
                     buffered -= len(frame)
-                    done += 1
+                    latencies.append(time.perf_counter() - sent_at[len(latencies)])
                     window.release()
 
         start = time.perf_counter()
@@ -189,10 +188,15 @@ async def echo_round_trips(frame_size: int, seconds: float) -> float:
             nursery.start_soon(reader)
             while time.perf_counter() < deadline:
                 await window.acquire()
+                sent_at.append(time.perf_counter())
                 await stream.send_all(frame)
+            for _ in range(in_flight):
+                await window.acquire()
             nursery.cancel_scope.cancel()
         await stream.aclose()
-        return done / (time.perf_counter() - start)
+        rate = len(latencies) / (time.perf_counter() - start)
+        latencies.sort()
+        return rate, latencies
     finally:
         server.kill()
         server.wait()
@@ -238,9 +242,11 @@ async def run_bench(
             figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels))
             progress("floor: trio echo server")
             for size in SIZES:
-                figures[f"echo_pipelined_{size}B_round_trips_per_s"] = await echo_round_trips(
-                    size + 40, seconds
-                )
+                rate, _ = await echo_floor(size + 40, seconds, IN_FLIGHT)
+                figures[f"echo_pipelined_{size}B_round_trips_per_s"] = rate
+                _, latencies = await echo_floor(size + 40, seconds, 1)
+                figures[f"echo_sequential_{size}B_p50_us"] = percentile(latencies, 0.5) * 1e6
+                figures[f"echo_sequential_{size}B_p99_us"] = percentile(latencies, 0.99) * 1e6
             progress("ceiling: storage in-process")
             figures.update(await storage_ceiling(root, seconds))
         else:

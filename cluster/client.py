@@ -34,6 +34,7 @@ from cluster.protocol import (
     ProtocolError,
     ResponseDecoder,
     Status,
+    batch_results,
     encode_frame,
     make_request,
 )
@@ -455,8 +456,12 @@ class Producer:
         if props:
             message["props"] = dict(props)
         pending = _Pending(message)
-        self._enqueue((topic, Acks(acks) if acks else self.acks), pending)
-        await pending.done.wait()
+        batch_key = (topic, Acks(acks) if acks else self.acks)
+        full = self._join(batch_key, pending)
+        if full is not None:  # this send filled the batch: deliver it from this task
+            await self._send_batch(batch_key, full)
+        else:
+            await pending.done.wait()
         assert pending.result is not None
         return pending.result
 
@@ -479,16 +484,23 @@ class Producer:
         messages = [dict(message, body=body) for body in bodies]
         return await self._deliver(topic, Acks(acks) if acks else self.acks, messages)
 
-    def _enqueue(self, batch_key: tuple[str, Acks], pending: _Pending) -> None:
+    def _join(self, batch_key: tuple[str, Acks], pending: _Pending) -> list[_Pending] | None:
+        """Add ``pending`` to the open batch; return the batch if it is now full (closed)."""
         batch = self._open.get(batch_key)
         if batch is None:
-            batch = self._open[batch_key] = []
-            self._open_bytes[batch_key] = 0
-            self._nursery.start_soon(self._linger_then_ship, batch_key, batch)
+            batch = []
+            if self.batch_size > 1:
+                self._open[batch_key] = batch
+                self._open_bytes[batch_key] = 0
+                self._nursery.start_soon(self._linger_then_ship, batch_key, batch)
         batch.append(pending)
+        if self.batch_size == 1:
+            return batch
         self._open_bytes[batch_key] += len(pending.message["body"])
         if len(batch) >= self.batch_size or self._open_bytes[batch_key] >= self.max_batch_bytes:
-            self._ship(batch_key, batch)
+            self._close(batch_key)
+            return batch
+        return None
 
     async def _linger_then_ship(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
         if self.linger > 0:
@@ -496,12 +508,12 @@ class Producer:
         else:
             await trio.lowlevel.checkpoint()
         if self._open.get(batch_key) is batch:
-            self._ship(batch_key, batch)
+            self._close(batch_key)
+            await self._send_batch(batch_key, batch)
 
-    def _ship(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
+    def _close(self, batch_key: tuple[str, Acks]) -> None:
         del self._open[batch_key]
         del self._open_bytes[batch_key]
-        self._nursery.start_soon(self._send_batch, batch_key, batch)
 
     async def _send_batch(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
         topic, acks = batch_key
@@ -546,7 +558,8 @@ class Producer:
                         acks=acks.value,
                         timeout_ms=self.timeout_ms,
                     )
-                    entries = response.get("results") or [{}] * len(messages)
+                    has_result = "offsets" in response
+                    entries = batch_results(response) if has_result else [{}] * len(messages)
             except (ConnectionLostError, RequestTimeoutError) as exc:
                 return [self._unknown(topic, str(exc))] * len(messages)
             except ProtocolError as exc:  # rejected by this client before sending

@@ -50,7 +50,6 @@ from cluster.protocol import (
     read_response,
     send_batch_response,
     send_response,
-    send_result,
 )
 from cluster.topics import (
     InvalidTopicNameError,
@@ -393,15 +392,18 @@ class RequestHandler:
             for index, (message, queue) in enumerate(zip(messages, queues, strict=True))
         ]
         result = await self._append(self._store.put_batch, built)
-        results = [
-            send_result(queue, queue_offset, offset, result.store_us)
-            for queue, queue_offset, offset in zip(
-                queues, result.queue_offsets, result.offsets, strict=True
-            )
-        ]
 
         def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
-            return send_batch_response(req["id"], topic.name, results, status=status, error=error)
+            return send_batch_response(
+                req["id"],
+                topic.name,
+                queues,
+                result.queue_offsets,
+                result.offsets,
+                result.store_us,
+                status=status,
+                error=error,
+            )
 
         return self._after_append(req, result.end_offset, answer)
 

@@ -175,7 +175,7 @@ def test_responses_roundtrip() -> None:
         p.send_response(
             2, "orders", 3, 11, 4200, 5, status=Status.FLUSH_DISK_TIMEOUT, error="fsync slow"
         ),
-        p.send_batch_response(3, "orders", [p.send_result(0, 1, 2, 3), p.send_result(1, 0, 9, 3)]),
+        p.send_batch_response(3, "orders", [0, 1], [1, 0], [2, 9], 3),
         p.pull_response(4, [pulled], next_offset=6, min_offset=0, max_offset=6),
         p.read_response(5, "orders", 3, pulled),
         p.make_response(6, topics=[{"topic": "orders", "queues": 8}]),
@@ -188,6 +188,7 @@ def test_responses_roundtrip() -> None:
     decoded = list(decoder)
     assert decoded == responses
     assert all(type(r["status"]) is Status for r in decoded)
+    assert p.batch_results(decoded[2]) == [p.send_result(0, 1, 2, 3), p.send_result(1, 0, 9, 3)]
     assert decoded[3]["messages"][0]["body"] == b"payload"
     assert decoded[6]["master"] == "10.0.0.2:7100"
     assert decoded[7]["master"] is None

@@ -34,6 +34,7 @@ from cluster.protocol import (
     MAX_FRAME_SIZE_LIMIT,
     ResponseDecoder,
     Status,
+    batch_results,
     encode_frame,
     encode_request,
     queue_for_key,
@@ -221,8 +222,10 @@ async def test_every_op_round_trips(node: Node) -> None:
             topic="orders",
             messages=[{"body": b"b0", "queue": 1}, {"body": b"b1", "queue": 1, "tags": "x"}],
         )
-        assert [r["queue_offset"] for r in batch["results"]] == [1, 2]
-        assert batch["results"][1]["offset"] > batch["results"][0]["offset"] > sent["offset"]
+        assert [r["queue_offset"] for r in batch_results(batch)] == [1, 2]
+        assert (
+            batch_results(batch)[1]["offset"] > batch_results(batch)[0]["offset"] > sent["offset"]
+        )
 
         pulled = await c.ok("pull", topic="orders", queue=1, offset=0)
         messages = pulled["messages"]
@@ -243,7 +246,7 @@ async def test_every_op_round_trips(node: Node) -> None:
         one = await c.ok("get_offsets", topic="orders", queue=1)
         assert one["offsets"] == [{"queue": 1, "min_offset": 0, "max_offset": 3}]
 
-        read = await c.ok("read", offset=batch["results"][1]["offset"])
+        read = await c.ok("read", offset=batch_results(batch)[1]["offset"])
         assert (read["topic"], read["queue"]) == ("orders", 1)
         assert read["record"]["body"] == b"b1" and read["record"]["tags"] == "x"
         assert read["record"]["queue_offset"] == 2
@@ -268,7 +271,7 @@ async def test_round_robin_spreads_unrouted_sends_and_keeps_a_batch_together(nod
         queues = [(await c.ok("send", topic="rr", body=b"x"))["queue"] for _ in range(4)]
         assert queues == [0, 1, 2, 0]
         batch = await c.ok("send_batch", topic="rr", messages=[{"body": b"a"}, {"body": b"b"}])
-        assert [r["queue"] for r in batch["results"]] == [1, 1]
+        assert [r["queue"] for r in batch_results(batch)] == [1, 1]
 
 
 async def test_pipelined_requests_are_answered_by_id_and_appended_in_order(node: Node) -> None:
@@ -305,7 +308,7 @@ async def test_durable_ack_returns_offsets_and_the_data_is_flushed(node: Node) -
         assert node.store is not None
         assert node.store.commit_log.flushed_offset > sent["offset"]
         batch = await c.ok("send_batch", topic="d", messages=[{"body": b"1"}, {"body": b"2"}])
-        assert node.store.commit_log.flushed_offset > batch["results"][-1]["offset"]
+        assert node.store.commit_log.flushed_offset > batch_results(batch)[-1]["offset"]
         read = await c.ok("read", offset=sent["offset"])
         assert read["record"]["body"] == b"kept"
 
@@ -980,10 +983,15 @@ class Model:
         return value if value < self.queues[topic] else -1
 
     def _send(self, topic: str, message: Any, _acks: str, *, answer: dict[str, Any]) -> None:
-        self._send_batch(topic, [message], answer={**answer, "results": [answer]}, single=True)
+        self._send_batch(topic, [message], answer=answer, results=[answer])
 
     def _send_batch(
-        self, topic: str, messages: list[Any], *, answer: dict[str, Any], single: bool = False
+        self,
+        topic: str,
+        messages: list[Any],
+        *,
+        answer: dict[str, Any],
+        results: list[dict[str, Any]] | None = None,
     ) -> None:
         if topic not in self.queues:
             assert answer["status"] is Status.UNKNOWN_TOPIC
@@ -993,20 +1001,13 @@ class Model:
             assert answer["status"] is Status.BAD_REQUEST
             return
         assert answer["status"] is Status.OK, answer
+        single = results is not None
+        results = results if single else batch_results(answer)
         if not single:
             assert (
-                len(
-                    {
-                        r["queue"]
-                        for r, e in zip(answer["results"], expected, strict=True)
-                        if e is None
-                    }
-                )
-                <= 1
+                len({r["queue"] for r, e in zip(results, expected, strict=True) if e is None}) <= 1
             )
-        for (body, _route, tags), want, result in zip(
-            messages, expected, answer["results"], strict=True
-        ):
+        for (body, _route, tags), want, result in zip(messages, expected, results, strict=True):
             queue = result["queue"]
             assert want is None or queue == want
             assert 0 <= queue < self.queues[topic]
