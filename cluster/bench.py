@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -44,48 +44,50 @@ async def _sequential(client: Client, topic: str, body: bytes, acks: str, second
     return len(latencies) / seconds, latencies
 
 
-async def _in_flight(
-    client: Client, topic: str, body: bytes, acks: str, seconds: float, *, batched: bool
-) -> float:
-    """``IN_FLIGHT`` tasks sending back to back; batched: they share send_batch requests."""
-    producer = client.producer(acks=acks, batch_size=256 if batched else 1)
+async def _senders(seconds: float, step: Callable[[int], Awaitable[int]]) -> float:
+    """``IN_FLIGHT`` tasks each calling ``step(index)`` (which returns how many messages it
+    sent) back to back for ``seconds``; messages/s over all of them."""
     count = 0
     deadline = time.perf_counter() + seconds
 
     async def sender(index: int) -> None:
         nonlocal count
         while time.perf_counter() < deadline:
-            (await producer.send(topic, body, queue=index % 4)).raise_for_outcome()
-            count += 1
+            count += await step(index)
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for index in range(IN_FLIGHT):
             nursery.start_soon(sender, index)
     return count / (time.perf_counter() - start)
+
+
+async def _in_flight(
+    client: Client, topic: str, body: bytes, acks: str, seconds: float, *, batched: bool
+) -> float:
+    """One message per ``send`` call; batched: the producer merges concurrent sends."""
+    producer = client.producer(acks=acks, batch_size=256 if batched else 1)
+
+    async def step(index: int) -> int:
+        (await producer.send(topic, body, queue=index % 4)).raise_for_outcome()
+        return 1
+
+    return await _senders(seconds, step)
 
 
 async def _explicit_batches(
     client: Client, topic: str, body: bytes, acks: str, seconds: float
 ) -> float:
-    """``IN_FLIGHT`` requests in flight, each an explicit batch of ``BATCH`` messages."""
+    """Each request an explicit batch of ``BATCH`` messages."""
     producer = client.producer(acks=acks)
     bodies = [body] * BATCH
-    count = 0
-    deadline = time.perf_counter() + seconds
 
-    async def sender(index: int) -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
-            for result in await producer.send_batch(topic, bodies, queue=index % 4):
-                result.raise_for_outcome()
-            count += BATCH
+    async def step(index: int) -> int:
+        for result in await producer.send_batch(topic, bodies, queue=index % 4):
+            result.raise_for_outcome()
+        return BATCH
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for index in range(IN_FLIGHT):
-            nursery.start_soon(sender, index)
-    return count / (time.perf_counter() - start)
+    return await _senders(seconds, step)
 
 
 async def bench_produce_on(
