@@ -53,7 +53,8 @@ async def _senders(seconds: float, step: Callable[[int], Awaitable[int]]) -> flo
     async def sender(index: int) -> None:
         nonlocal count
         while time.perf_counter() < deadline:
-            count += await step(index)
+            sent = await step(index)  # not `count += await ...`: that reads count before
+            count += sent  # the await and loses the other tasks' increments
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
