@@ -272,10 +272,9 @@ def _parse_text(source: str, key: str, kind: type, text: str) -> Any:
         try:
             value = kind(stripped)
         except ValueError:
-            pass
-        else:
-            if kind is not float or math.isfinite(value):
-                return value
+            value = None  # not a kind: reported below with what is allowed
+        if value is not None and (kind is not float or math.isfinite(value)):
+            return value
     allowed = "true/false, yes/no, on/off or 1/0" if kind is bool else _TYPE_NAMES[kind]
     raise ConfigError(source, key, f"must be {allowed}, got {text!r}")
 

@@ -15,6 +15,7 @@ added a quarter to a whole ``pull`` frame (2.5 -> 3.1 us).
 
 from __future__ import annotations
 
+import abc
 import enum
 import io
 import logging
@@ -670,7 +671,7 @@ Request: TypeAlias = (
 
 
 class _TagRejected(ValueError):
-    pass
+    """A CBOR tag in a frame: version 1 accepts none (they would build arbitrary objects)."""
 
 
 def _reject_tag(tag: cbor2.CBORTag, immutable: bool) -> Any:
@@ -727,7 +728,7 @@ _T = TypeVar("_T")
 _unpack_header: Final = HEADER.unpack_from
 
 
-class _FrameReader(Generic[_T]):
+class _FrameReader(Generic[_T], abc.ABC):
     """Buffering and framing shared by the request and the response decoders.
 
     Received bytes accumulate in a ``bytearray`` read from an offset; consumed
@@ -822,8 +823,9 @@ class _FrameReader(Generic[_T]):
         while (item := self.next_frame()) is not None:
             yield item
 
+    @abc.abstractmethod
     def _interpret(self, obj: Any) -> _T | ProtocolError:
-        raise NotImplementedError
+        """Turn one decoded CBOR item into a request (server) or response (client)."""
 
     def _die(self, size: int) -> ProtocolError:
         error = ProtocolError(

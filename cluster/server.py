@@ -797,7 +797,7 @@ class ClientServer:
         self._connections.add(connection)
         try:
             await connection.run()
-        except Exception:
+        except Exception:  # one client's failure must not end the server: logged, isolated
             log.exception("connection_failed peer=%s", connection.peer)
         finally:
             self._connections.discard(connection)
@@ -817,7 +817,7 @@ class ClientServer:
             await stream.send_all(encode_frame(response))
             await _linger(stream)
         except _GONE:
-            pass
+            pass  # the refused peer left first: nothing more to tell it
         finally:
             await trio.aclose_forcefully(stream)
 
