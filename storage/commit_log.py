@@ -23,6 +23,7 @@ from crc32c import crc32c
 from storage.allocator import SegmentAllocator
 from storage.config import StoreConfig
 from storage.errors import (
+    CorruptSegmentError,
     InvalidMessageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
@@ -32,6 +33,7 @@ from storage.mapped_file import MappedFile
 from storage.mapped_file_queue import MappedFileQueue
 from storage.record import (
     BLANK,
+    BLANK_MAGIC,
     BLANK_MIN,
     CRC_FIELD,
     CRC_OFFSET,
@@ -41,7 +43,9 @@ from storage.record import (
     MAX_QUEUE_ID,
     RECORD_MAGIC,
     Message,
+    ScanStop,
     StoredRecord,
+    check_record,
     decode_record,
     tags_hash,
     validate_topic,
@@ -145,6 +149,9 @@ class CommitLog:
         self._take_lock = trio.Lock()
         self._sync_thread = SyncThread("commitlog-fsync")
         self.flush_count = 0
+        self.raw_pending = 0
+        """Bytes received by :meth:`append_raw` past :attr:`max_offset`: the start of a
+        record whose rest is in the next chunk. Kept in the map, never exposed."""
 
     # ---- positions ---------------------------------------------------------------------
 
@@ -294,6 +301,97 @@ class CommitLog:
         log.debug("segment_rolled base=%d", segment.base)
         return segment
 
+    # ---- replicated appends (slave) ----------------------------------------------------
+
+    @property
+    def received_offset(self) -> int:
+        """End of the bytes :meth:`append_raw` has received: where the next chunk starts."""
+        return self.max_offset + self.raw_pending
+
+    async def append_raw(self, offset: int, data: bytes | memoryview) -> int:
+        """Copy replicated bytes to the physical offset they have on the master; return the
+        new visible end (:attr:`max_offset`).
+
+        The visible end advances only over whole records that pass :func:`check_record`,
+        and over a filler once the segment's last byte has arrived, so readers, the
+        dispatcher and flushes never see a partial or corrupt record. A trailing partial
+        record stays in the map past the visible end (:attr:`raw_pending`) until the next
+        chunk completes it; after a crash, recovery cuts it like any torn record.
+
+        ``offset`` is :attr:`received_offset` (the stream goes on) or :attr:`max_offset`
+        (the stream restarted, e.g. after a reconnect: a pending partial record is
+        dropped). A chunk stays within one segment, as the master sends it; one that
+        starts at a full segment's end rolls into the next segment through the allocator,
+        the only await, taken before any byte is copied.
+
+        Raises :class:`OffsetOutOfRangeError` for a chunk that does not continue the log
+        or crosses a segment end, and :class:`CorruptSegmentError` naming the offset of
+        the first bytes that can never be a valid record; the records before it stay.
+        """
+        if self.failure is not None:
+            raise self.failure
+        self._check_raw_chunk(offset, len(data))
+        if not data:
+            return self.max_offset
+        if offset == self.max_offset and self.raw_pending:
+            self.discard_raw_pending()
+        last = self.files.last
+        if last is None or offset == last.end:
+            last = await self._raw_roll(offset)
+        pos = offset - last.base
+        end = pos + len(data)
+        last.view[pos:end] = data
+        visible, stop = _expose_received(last, last.wrote, end, self.next_queue_offsets)
+        last.wrote = visible
+        self.raw_pending = end - visible
+        if stop is not None:
+            self.discard_raw_pending()
+            raise CorruptSegmentError(
+                f"replicated bytes are not a valid record: {stop}; the log ends at "
+                f"{self.max_offset}, resend from there"
+            )
+        return self.max_offset
+
+    def discard_raw_pending(self) -> None:
+        """Drop and zero the partial record held past the visible end.
+
+        Zeroed, not just forgotten: a shorter record written over them later would
+        leave stale bytes behind it that recovery could misread. A slave promoted to
+        master must call this before its first own append.
+        """
+        last = self.files.last
+        if last is not None and self.raw_pending:
+            last.view[last.wrote : last.wrote + self.raw_pending] = bytes(self.raw_pending)
+        self.raw_pending = 0
+
+    def _check_raw_chunk(self, offset: int, length: int) -> None:
+        if offset not in (self.received_offset, self.max_offset):
+            raise OffsetOutOfRangeError(
+                f"replicated chunk at offset {offset} does not continue the log, which ends at "
+                f"{self.max_offset} (received up to {self.received_offset}): the master must "
+                "send from there, or the slave truncate first"
+            )
+        segment_size = self.files.segment_size
+        segment_end = (offset // segment_size + 1) * segment_size
+        if offset + length > segment_end:
+            raise OffsetOutOfRangeError(
+                f"replicated chunk [{offset}, {offset + length}) crosses the segment end at "
+                f"{segment_end}: the master must send one segment at a time"
+            )
+
+    async def _raw_roll(self, base: int) -> MappedFile:
+        """Activate the segment at ``base`` after a full one, the way appends roll over."""
+        async with self._take_lock:
+            if not self._spares:
+                self._spares.append(await self.allocator.take(base))
+            last = self.files.last
+            if self._spares[0].base != base or (last is not None and last.wrote != last.size):
+                raise OffsetOutOfRangeError(
+                    f"replicated chunk at offset {base}: the log changed while the segment "
+                    "was being taken (one replication stream may write at a time)"
+                )
+            return self._roll()
+
     # ---- reading -----------------------------------------------------------------------
 
     def read(self, offset: int) -> StoredRecord:
@@ -380,6 +478,7 @@ class CommitLog:
                 spare.delete()
             self._spares.clear()
             self.allocator.drop_prepared()
+            self.raw_pending = 0  # files.truncate zeroes those bytes
             await trio.to_thread.run_sync(self.files.truncate, offset)
             self.flushed_offset = min(self.flushed_offset, self.max_offset)
 
@@ -400,3 +499,48 @@ class CommitLog:
 def _sync_all(segments: list[MappedFile]) -> None:
     for segment in segments:
         segment.sync()
+
+
+def _awaits_more(view: memoryview, pos: int, end: int, segment_size: int) -> bool:
+    """Whether the bytes at ``pos`` may be a record or filler cut short by ``end``."""
+    if end - pos < BLANK_MIN:
+        return True
+    size, magic = _unpack_blank(view, pos)
+    if magic == BLANK_MAGIC:
+        return end < segment_size and pos + size == segment_size
+    return magic == RECORD_MAGIC and size >= HEADER_SIZE and end < pos + size <= segment_size
+
+
+def _note_queue_offset(view: memoryview, pos: int, table: dict[tuple[str, int], int]) -> None:
+    """Advance (topic, queue)'s next queue offset past the valid record at ``pos``, so a
+    slave promoted to master numbers its first records where the old master stopped."""
+    fields = _unpack_header(view, pos)
+    topic_start = pos + HEADER_SIZE
+    topic = str(view[topic_start : topic_start + fields[12]], "ascii")
+    table[(topic, fields[4])] = fields[6] + 1
+
+
+def _expose_received(
+    segment: MappedFile, pos: int, end: int, table: dict[tuple[str, int], int]
+) -> tuple[int, ScanStop | None]:
+    """Walk the whole valid records of ``segment`` in ``[pos, end)``.
+
+    Returns the position after the last of them (or the segment's end after its filler)
+    and, when the bytes there can never become a valid record, why. Bytes cut short by
+    ``end`` are no error while more can come; once the segment's last byte is in, they are.
+    """
+    view, base, size_limit = segment.view, segment.base, segment.size
+    while pos < end:
+        if _awaits_more(view, pos, end, size_limit):
+            if end == size_limit:
+                return pos, ScanStop(base + pos, "the segment ends inside a record")
+            return pos, None
+        try:
+            size = check_record(view, pos, base, size_limit)
+        except ScanStop as stop:
+            return pos, stop
+        if size < 0:
+            return size_limit, None
+        _note_queue_offset(view, pos, table)
+        pos += size
+    return pos, None

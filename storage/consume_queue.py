@@ -58,14 +58,21 @@ class ConsumeQueue:
         if first is None or last is None:
             return
         lo = _first_entry(first)
-        hi = _end_entry(last)
+        # The last file may hold no entry yet (a crash came between creating it and
+        # writing its first entry): the queue ends in the last file that has one.
+        segments = self.files.segments
+        end_index, hi = len(segments) - 1, _end_entry(last)
+        while hi is None and end_index > 0:
+            end_index -= 1
+            hi = _end_entry(segments[end_index])
         if lo is None or hi is None:
             self.min_offset = self.max_offset = last.base // ENTRY_SIZE
             return
+        end_segment = segments[end_index]
         self.min_offset = (first.base + lo) // ENTRY_SIZE
-        self.max_offset = (last.base + hi) // ENTRY_SIZE
-        last.wrote = last.flushed = hi
-        for segment in self.files.segments[:-1]:
+        self.max_offset = (end_segment.base + hi) // ENTRY_SIZE
+        end_segment.wrote = end_segment.flushed = hi
+        for segment in segments[:end_index]:
             segment.wrote = segment.flushed = segment.size
 
     # ---- writing -------------------------------------------------------------------------

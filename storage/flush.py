@@ -44,6 +44,11 @@ class GroupCommitFlusher:
         self._wake = trio.Event()
         self.fsyncs = 0
 
+    def rewind(self, flushed_offset: int) -> None:
+        """The log was truncated: offsets past ``flushed_offset`` are not durable any more,
+        even if bytes were once flushed there."""
+        self._waiters.rewind(flushed_offset)
+
     async def wait_durable(self, offset: int, deadline: float) -> bool:
         if self.commit_log.failure is not None:
             raise self.commit_log.failure

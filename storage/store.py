@@ -22,7 +22,7 @@ from storage.commit_log import AppendResult, BatchAppendResult, CommitLog
 from storage.config import StoreConfig
 from storage.consume_queue import ConsumeQueueStore, sync_segments
 from storage.dispatcher import Dispatcher
-from storage.errors import StorageFailedError
+from storage.errors import CorruptSegmentError, StorageFailedError
 from storage.flush import AsyncFlusher, GroupCommitFlusher
 from storage.record import Message, StoredRecord
 from storage.recovery import RecoveryReport, recover
@@ -119,6 +119,21 @@ class MessageStore:
         await self.dispatcher.catch_up()
         return result
 
+    async def append_replicated(self, offset: int, data: bytes | memoryview) -> int:
+        """Append bytes replicated from the master at ``offset`` and index the whole records
+        among them; return the log's new visible end (see :meth:`CommitLog.append_raw`).
+
+        The dispatcher reads the same bytes the master's did, so the consume queues match
+        the master's. On corrupt data the valid records before it are indexed too.
+        """
+        try:
+            end = await self.commit_log.append_raw(offset, data)
+        except CorruptSegmentError:
+            await self.dispatcher.catch_up()
+            raise
+        await self.dispatcher.catch_up()
+        return end
+
     async def wait_durable(self, offset: int, timeout: float) -> bool:
         """True once every byte below ``offset`` is fsynced; False after ``timeout`` seconds."""
         return await self.group_commit.wait_durable(offset, trio.current_time() + timeout)
@@ -132,6 +147,7 @@ class MessageStore:
         """
         await self.dispatcher.catch_up()
         await self.commit_log.truncate(offset)
+        self.group_commit.rewind(self.commit_log.flushed_offset)
         end = self.commit_log.max_offset
         await trio.to_thread.run_sync(self.queues.truncate_from_log_offset, end)
         self.dispatcher.offset = min(self.dispatcher.offset, end)

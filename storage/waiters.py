@@ -80,6 +80,11 @@ class OffsetWaiters:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def rewind(self, position: int) -> None:
+        """Move the position back to ``position`` (the log was cut below it), so waits for
+        offsets past it block again instead of returning at once."""
+        self._position = min(self._position, position)
+
     def advance(self, position: int) -> int:
         """Set the position and wake every waiter it satisfies; return how many woke."""
         if position <= self._position:
