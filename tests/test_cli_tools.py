@@ -46,3 +46,6 @@ def test_help_names_every_command() -> None:
     assert run.returncode == 0
     for command in ("node", "topic", "produce", "consume", "status", "demo", "bench"):
         assert command in run.stdout
+    kinds = _tidelog("bench", "--help")
+    for kind in ("storage", "produce", "consume", "replication"):
+        assert kind in kinds.stdout
