@@ -68,11 +68,13 @@ class ConsumeQueue:
         if lo is None or hi is None:
             self.min_offset = self.max_offset = last.base // ENTRY_SIZE
             return
-        end_segment = segments[end_index]
+        if end_index < len(segments) - 1:  # appends go to the last file: drop the empty ones
+            self.files.truncate(segments[end_index].base + hi)
+        end_segment = self.files.segments[-1]
         self.min_offset = (first.base + lo) // ENTRY_SIZE
         self.max_offset = (end_segment.base + hi) // ENTRY_SIZE
         end_segment.wrote = end_segment.flushed = hi
-        for segment in segments[:end_index]:
+        for segment in self.files.segments[:-1]:
             segment.wrote = segment.flushed = segment.size
 
     # ---- writing -------------------------------------------------------------------------
