@@ -139,7 +139,7 @@ async def bench_body(
     message = Message(TOPIC, body, 0)
     batch = [Message(TOPIC, body, i % 4) for i in range(BATCH)]
     record = HEADER_SIZE + len(TOPIC) + body_size
-    config = StoreConfig(data_dir=directory / f"log-{tag}", segment_size=256 * MiB)
+    config = StoreConfig(data_dir=directory / f"log-{tag}")  # the default segments users get
     async with MessageStore.open(config) as store:
         progress(f"{tag}: single appends")
         figures[f"append_{tag}_records_per_s"] = await _timed(

@@ -27,8 +27,11 @@ class StoreConfig:
     """Every knob of a node's store. Defaults follow RocketMQ's where they make sense here."""
 
     data_dir: Path = attrs.field(converter=Path)
-    segment_size: int = attrs.field(default=64 * MiB, validator=_positive)
-    """Bytes per commit-log segment file (RocketMQ: 1 GiB). A multiple of the page size."""
+    segment_size: int = attrs.field(default=16 * MiB, validator=_positive)
+    """Bytes per commit-log segment file, a multiple of the page size. RocketMQ uses 1 GiB;
+    16 MiB here because fdatasync after a small write gets slower once much of the file has
+    been written (dev VM, ext4: 104 us up to 16 MiB written, 199 us at 32 MiB, 284 us from
+    64 MiB on), and every durable ack pays it. The allocator makes roll-overs cheap."""
     max_message_size: int = attrs.field(default=4 * MiB, validator=_positive)
     """Largest record (header, topic, properties and body) the log accepts."""
     consume_queue_entries: int = attrs.field(default=65_536, validator=_positive)

@@ -188,10 +188,8 @@ def _body(size: int, seed: int) -> bytes:
 
 
 _sizes = st.one_of(st.integers(0, 3000), st.integers(0, 3000).map(lambda n: 3000 - n))
-bodies = st.one_of(
-    st.builds(_body, _sizes, st.integers(0, 1 << 16)),
-    st.binary(max_size=40),
-)
+_large_bodies = st.builds(_body, _sizes, st.integers(0, 1 << 16))
+bodies = st.one_of(_large_bodies, st.binary(max_size=40), _large_bodies)
 """Sizes drawn from both ends: hypothesis favours small numbers, but 64 KiB segments should
 roll over every few batches."""
 messages = st.builds(
@@ -283,7 +281,6 @@ class StoreMachine(RuleBasedStateMachine):
         """The first ``durable`` records of the model were acknowledged durable."""
         self.thread: StoreThread | None = StoreThread(self.config)
         self.restarts = 0
-        self.steps = 0
         self.highest = 0
         self.appended = 0
         self.writes_since_restart = 0
@@ -294,7 +291,6 @@ class StoreMachine(RuleBasedStateMachine):
         return self.thread.store
 
     def teardown(self) -> None:
-        event(f"steps: {self.steps // 10 * 10}+")
         event(f"highest segment: {min(self.highest // SMALL_SEGMENT, 5)}")
         event(f"appended: {self.appended // 50 * 50}+")
         event(f"restarts: {min(self.restarts, 5)}")
@@ -547,7 +543,6 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def log_matches_model(self) -> None:
-        self.steps += 1
         if self.thread is None:
             return
         log = self.thread.call_sync(_snapshot_log, self.store)
@@ -597,5 +592,5 @@ _profile = settings.default  # the profile tests/conftest.py loaded (ci or chaos
 TestStoreStateMachine.settings = settings(
     _profile,
     max_examples=_profile.max_examples * 3,
-    stateful_step_count=_profile.stateful_step_count * 2,
+    stateful_step_count=_profile.stateful_step_count * 3,
 )
