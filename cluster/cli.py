@@ -35,21 +35,37 @@ def print_figures(figures: dict[str, float]) -> None:
         print(f"  {key:<{width}}  {shown:>14}")
 
 
+def report_figures(
+    args: argparse.Namespace,
+    title: str,
+    figures: dict[str, float],
+    *,
+    ratios: dict[str, float] | None = None,
+) -> int:
+    """One JSON object with --json; otherwise a titled table (after the progress line)."""
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    sys.stderr.write("\r\033[K")
+    print(title)
+    print_figures(figures)
+    if ratios:
+        print("ratios")
+        print_figures(ratios)
+    return 0
+
+
 def cmd_bench_storage(args: argparse.Namespace) -> int:
     from storage.bench import run_storage_bench
 
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(lambda: run_storage_bench(args.dir, seconds=args.seconds, progress=progress))
-    if args.json:
-        print(json.dumps(figures, indent=2, sort_keys=True))
-        return 0
-    sys.stderr.write("\r\033[K")
-    print("tidelog bench storage (ratios against floors measured in this run)")
-    print_figures(figures)
-    ratios = storage_ratios(figures)
-    print("ratios")
-    print_figures(ratios)
-    return 0
+    return report_figures(
+        args,
+        "tidelog bench storage (ratios against floors measured in this run)",
+        figures,
+        ratios=storage_ratios(figures),
+    )
 
 
 def cmd_bench_node(args: argparse.Namespace) -> int:
@@ -65,13 +81,9 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
             progress=progress,
         )
     )
-    if args.json:
-        print(json.dumps(figures, indent=2, sort_keys=True))
-        return 0
-    sys.stderr.write("\r\033[K")
-    print(f"tidelog bench {args.kind} (floors and ceilings measured in this run)")
-    print_figures(figures)
-    return 0
+    return report_figures(
+        args, f"tidelog bench {args.kind} (floors and ceilings measured in this run)", figures
+    )
 
 
 def cmd_bench_replication(args: argparse.Namespace) -> int:
@@ -86,13 +98,11 @@ def cmd_bench_replication(args: argparse.Namespace) -> int:
                 Path(directory), parse_size(args.size), repeats=args.repeats, progress=progress
             )
         )
-    if args.json:
-        print(json.dumps(figures, indent=2, sort_keys=True))
-        return 0
-    sys.stderr.write("\r\033[K")
-    print("tidelog bench replication: catch-up of a fresh slave (sendfile and copy, same run)")
-    print_figures(figures)
-    return 0
+    return report_figures(
+        args,
+        "tidelog bench replication: catch-up of a fresh slave (sendfile and copy, same run)",
+        figures,
+    )
 
 
 def storage_ratios(f: dict[str, float]) -> dict[str, float]:
