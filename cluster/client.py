@@ -273,11 +273,14 @@ class Client:
         """One request; reads are retried once on a fresh connection if the first one broke."""
         timeout = self.config.request_timeout if timeout is None else timeout
         try:
-            return await (await self.connection()).request(op, timeout, **fields)
-        except ConnectionLostError:
-            if op in _WRITES:
-                raise
-            return await (await self.connection()).request(op, timeout, **fields)
+            try:
+                return await (await self.connection()).request(op, timeout, **fields)
+            except ConnectionLostError:
+                if op in _WRITES:
+                    raise
+                return await (await self.connection()).request(op, timeout, **fields)
+        except ProtocolError as invalid:  # refused by this client's own checks: nothing sent
+            raise TidelogError(invalid.status, str(invalid)) from None
 
     async def checked(self, op: str, /, **fields: Any) -> dict[str, Any]:
         """:meth:`call`, raising :class:`TidelogError` unless the answer is ``OK``."""

@@ -212,5 +212,8 @@ def test_cli_topic_produce_consume_status(node: NodeProcess) -> None:
     assert {"topic": "cli", "queues": 2} in listed
     status = json.loads(_cli("status", "--json", node=node).stdout)
     assert status["role"] == "master" and status["max_offset"] > 0
+    invalid = _cli("topic", "create", "bad name", node=node)
+    assert invalid.returncode == 2 and "Traceback" not in invalid.stderr
+    assert "INVALID_TOPIC" in invalid.stderr and "A-Z a-z 0-9" in invalid.stderr
     missing = _cli("produce", "nope", stdin="x\n", node=node)
     assert missing.returncode == 1 and "UNKNOWN_TOPIC" in missing.stdout
