@@ -348,7 +348,8 @@ class SendResult:
     """What is known about one sent message.
 
     ``outcome`` is ``"ok"`` when the node acknowledged it at the requested level,
-    ``"failed"`` when the node says nothing was written (``status`` says why), and
+    ``"failed"`` when nothing was written (``status`` says why; None: no connection could
+    be made, so nothing was sent), and
     ``"unknown"`` when it may or may not be stored (a flush timeout, no answer).
     Offsets are set whenever the node reported them (``OK`` and flush timeouts).
     """
@@ -542,6 +543,9 @@ class Producer:
         for attempt in range(self.retries + 1):
             try:
                 connection = await self.client.connection()
+            except ConnectionLostError as exc:  # never connected: nothing was sent
+                return [SendResult("failed", None, topic, error=str(exc))] * len(messages)
+            try:
                 if len(messages) == 1:
                     response = await connection.request(
                         "send",

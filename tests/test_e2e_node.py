@@ -217,3 +217,34 @@ def test_cli_topic_produce_consume_status(node: NodeProcess) -> None:
     assert "INVALID_TOPIC" in invalid.stderr and "A-Z a-z 0-9" in invalid.stderr
     missing = _cli("produce", "nope", stdin="x\n", node=node)
     assert missing.returncode == 1 and "UNKNOWN_TOPIC" in missing.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_one_client_survives_a_node_restart(tmp_path: Path) -> None:
+    """The client reconnects by itself; a send while the node is down is never `ok`."""
+    port = _free_port()
+    node = NodeProcess(tmp_path / "node", port=port).start()
+    try:
+        async with open_client(node.address, connect_timeout=0.5) as client:
+            await client.admin.create_topic("again", 1)
+            producer = client.producer(acks="durable", retries=0)
+            first = await producer.send("again", b"before")
+            assert first.ok
+            assert node.stop() == 0, node.stderr
+            down = await producer.send("again", b"while down")
+            # Known, not "unknown": no connection could be made, so nothing was sent.
+            assert down.outcome == "failed" and down.status is None, down
+            node = NodeProcess(tmp_path / "node", port=port).start()
+            after = await producer.send("again", b"after")
+            assert after.ok, after.error
+            page = await client.checked("pull", topic="again", queue=0, offset=0)
+            bodies = [m["body"] for m in page["messages"]]
+            assert bodies[0] == b"before" and bodies[-1] == b"after"
+            assert b"while down" not in bodies
+    finally:
+        node.kill()
