@@ -138,6 +138,12 @@ def cmd_node(args: argparse.Namespace) -> int:
             "node.host": args.host,
             "node.port": args.port,
             "node.data_dir": args.data_dir,
+            "replication.role": args.role,
+            "replication.ha_host": args.ha_host,
+            "replication.ha_port": args.ha_port,
+            "replication.master_ha": args.master_ha,
+            "replication.master_client": args.master_client,
+            "replication.min_insync_replicas": args.min_insync_replicas,
         }.items()
         if value is not None
     }
@@ -182,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--host", help="listen address (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="client port (default 7600; 0 picks a free one)")
     node.add_argument("--data-dir", type=Path, help="where the log lives (default ./data)")
+    node.add_argument("--role", choices=("master", "slave"), help="default: master")
+    node.add_argument(
+        "--ha-port",
+        type=int,
+        help="master: open the replication port for slaves (0 picks a free one; default: none)",
+    )
+    node.add_argument("--ha-host", help="master: replication listen address (default: --host)")
+    node.add_argument("--master-ha", help="slave: the master's replication address host:port")
+    node.add_argument(
+        "--master-client", help="slave: the master's client address, the NOT_MASTER hint"
+    )
+    node.add_argument(
+        "--min-insync-replicas",
+        type=int,
+        help="master: connected slaves needed for acks=replicated (default 1)",
+    )
     node.set_defaults(handler=cmd_node)
 
     add_client_commands(commands)

@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "NodeConfig",
     "NodeSection",
+    "ReplicationSection",
     "ServerSection",
     "TopicsSection",
     "load_node_config",
@@ -128,6 +129,71 @@ class TopicsSection:
     default_queues: int = attrs.field(default=4, validator=_between(1, MAX_QUEUES))
 
 
+_ROLES: Final = ("master", "slave")
+
+
+def _host_port(value: str) -> bool:
+    """True for ``"host:port"`` with a non-empty host and a port in 1..65535."""
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+
+
+def _role(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in _ROLES:
+        raise ValueError(f"{attribute.name} must be one of {', '.join(_ROLES)}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ReplicationSection:
+    """The node's place in a master/slave pair (RocketMQ style: the role is configured,
+    not elected).
+
+    A master opens the HA port (slaves stream its log from there) only when ``ha_port``
+    is set: -1 (the default) means no slaves, so ``acks=replicated`` is refused; 0 picks
+    a free port (reported in ``status``). A slave needs ``master_ha`` to replicate from
+    and refuses writes with ``NOT_MASTER``, naming ``master_client`` so clients can
+    resend without a lookup.
+    """
+
+    role: str = attrs.field(default="master", validator=_role)
+    ha_host: str = ""
+    """Where a master's HA listener binds; empty: the same host as ``node.host``."""
+    ha_port: int = attrs.field(default=-1, validator=_between(-1, 65535))
+    master_ha: str = ""
+    """A slave's master HA address, ``"host:port"``."""
+    master_client: str = ""
+    """The master's client address ``"host:port"``: the hint a slave's ``NOT_MASTER`` carries."""
+    min_insync_replicas: int = attrs.field(default=1, validator=_between(1, 255))
+    """Connected slaves a master needs to accept ``acks=replicated`` (checked before
+    appending, so a refused write is safe to resend)."""
+
+    def __attrs_post_init__(self) -> None:
+        # Cross-field rules; each message starts with the key to blame (see _build).
+        for name in ("master_ha", "master_client"):
+            value = getattr(self, name)
+            if value and not _host_port(value):
+                raise ValueError(f"{name} must be host:port with a port in 1..65535, got {value!r}")
+        if self.role == "slave":
+            if not self.master_ha:
+                raise ValueError(
+                    "master_ha must be set (host:port of the master's HA port) when role is slave"
+                )
+            if self.ha_port != -1:
+                raise ValueError(f"ha_port is only for a master (role=master), got {self.ha_port}")
+        elif self.master_ha or self.master_client:
+            name = "master_ha" if self.master_ha else "master_client"
+            raise ValueError(f"{name} is only for a slave (role=slave); a master leaves it empty")
+
+    @property
+    def is_slave(self) -> bool:
+        return self.role == "slave"
+
+    @property
+    def serves_slaves(self) -> bool:
+        """A master with an HA listener (and so replicated acks and bounded reads)."""
+        return self.role == "master" and self.ha_port >= 0
+
+
 def _store_for(data_dir: Path, **fields: Any) -> StoreConfig:
     return StoreConfig(data_dir=data_dir / STORE_SUBDIR, **fields)
 
@@ -140,6 +206,7 @@ class NodeConfig:
     store: StoreConfig
     server: ServerSection = attrs.field(factory=ServerSection)
     topics: TopicsSection = attrs.field(factory=TopicsSection)
+    replication: ReplicationSection = attrs.field(factory=ReplicationSection)
 
     def __attrs_post_init__(self) -> None:
         expected = self.node.data_dir / STORE_SUBDIR
@@ -158,6 +225,7 @@ class NodeConfig:
         store: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         topics: Mapping[str, Any] | None = None,
+        replication: Mapping[str, Any] | None = None,
     ) -> NodeConfig:
         """A config from Python values (tests, embedding); no environment, no file."""
         node_section = NodeSection(data_dir=data_dir, **(node or {}))
@@ -166,7 +234,13 @@ class NodeConfig:
             store=_store_for(node_section.data_dir, **(store or {})),
             server=ServerSection(**(server or {})),
             topics=TopicsSection(**(topics or {})),
+            replication=ReplicationSection(**(replication or {})),
         )
+
+    @property
+    def ha_host(self) -> str:
+        """The HA listener's host: ``replication.ha_host``, else ``node.host``."""
+        return self.replication.ha_host or self.node.host
 
     @property
     def data_dir(self) -> Path:
@@ -190,6 +264,7 @@ _SECTIONS: Final[dict[str, dict[str, type]]] = {
     "store": _field_types(StoreConfig, frozenset({"data_dir"})),
     "server": _field_types(ServerSection),
     "topics": _field_types(TopicsSection),
+    "replication": _field_types(ReplicationSection),
 }
 _ALL_KEYS: Final = [f"{section}.{key}" for section, keys in _SECTIONS.items() for key in keys]
 
@@ -356,7 +431,12 @@ def _build(
         message = str(exc)
         name = message.split(" ", 1)[0]
         key = f"{section}.{name}" if name in _SECTIONS[section] else section
-        raise ConfigError(sources.get(key, "defaults"), key, message) from None
+        # A cross-field error (role=slave without master_ha) blames a key nobody set:
+        # name the source of the section's other settings instead of "defaults".
+        source = sources.get(key) or next(
+            (where for k, where in sources.items() if k.startswith(f"{section}.")), "defaults"
+        )
+        raise ConfigError(source, key, message) from None
 
 
 def load_node_config(
@@ -382,4 +462,5 @@ def load_node_config(
         store=store,
         server=_build("server", ServerSection, values["server"], sources),
         topics=_build("topics", TopicsSection, values["topics"], sources),
+        replication=_build("replication", ReplicationSection, values["replication"], sources),
     )

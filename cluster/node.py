@@ -7,10 +7,17 @@ the listener exists. Stopping: stop accepting, let in-flight requests finish (du
 acks included: the flusher still runs), close the connections, and only then leave the
 store's block, which flushes and writes the clean checkpoint.
 
-This node is a master without slaves. The role-specific part is the :class:`AckPolicy`
-it holds (here :class:`StandaloneAcks`); replication replaces it with one that waits
-for in-sync slaves and bounds reads by the confirm offset, and fills ``replication``
-and ``epoch`` in the status.
+The role (``[replication]`` in the config) decides three things:
+
+* a master without ``ha_port`` holds :class:`StandaloneAcks` (``replicated`` refused);
+* a master with ``ha_port`` also runs an :class:`~replication.ha.HAService` and holds
+  :class:`~replication.acks.ReplicatedAcks` (waits for slaves, reads bounded by the
+  confirm offset);
+* a slave runs an :class:`~replication.ha.HAClient` in a reconnect loop and answers
+  every write with ``NOT_MASTER`` naming ``master_client`` (:class:`SlaveRequestHandler`).
+
+Replication runs in its own cancel scope, ended only once the client server has
+drained: a request waiting for its replicated ack during the shutdown still gets it.
 """
 
 from __future__ import annotations
@@ -23,12 +30,29 @@ from typing import Any
 import trio
 
 from cluster.config import NodeConfig
-from cluster.protocol import Acks, Status
-from cluster.server import ClientServer, RequestError, RequestHandler
+from cluster.protocol import SCHEMAS, Acks, Request, Status
+from cluster.server import (
+    AckPolicy,
+    ClientServer,
+    Deferred,
+    Reply,
+    RequestError,
+    RequestHandler,
+    Wakeups,
+)
 from cluster.topics import TopicRegistry
+from replication.acks import ReplicatedAcks
+from replication.ha import HAClient, HAProtocolError, HAService
+from replication.transfer import TransferError
 from storage import MessageStore
 
-__all__ = ["Node", "StandaloneAcks", "serve_until_signalled"]
+__all__ = ["Node", "SlaveRequestHandler", "StandaloneAcks", "serve_until_signalled"]
+
+RECONNECT_BACKOFF_MIN = 0.05
+"""First pause of a slave before reconnecting to its master (seconds)."""
+RECONNECT_BACKOFF_MAX = 2.0
+"""The pause doubles per failed attempt up to this, so a master that is down for long
+is not hammered, and one that is back is found within two seconds."""
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +93,85 @@ class StandaloneAcks:
         return None
 
 
+class SlaveRequestHandler(RequestHandler):
+    """A slave's request handler: reads as usual, every write refused with ``NOT_MASTER``.
+
+    The check uses the protocol's own list of writes (``OpSchema.writes``) and runs
+    before the op, so nothing reaches the slave's store or topic registry (not even
+    ``auto_create``) except the master's stream, and the refusal is safe to resend.
+    """
+
+    def __init__(self, *args: Any, master_hint: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.master_hint = master_hint
+
+    async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
+        if SCHEMAS[request["op"]].writes:
+            where = self.master_hint
+            raise RequestError(
+                Status.NOT_MASTER,
+                f"this node is a slave; resend to the master at {where}"
+                if where
+                else "this node is a slave and knows no master client address; "
+                "resend to the master",
+                master=where,
+            )
+        return await super().handle(request, polls)
+
+
+class SlaveReplication:
+    """A slave's side: follow the master's HA port, reconnecting with backoff forever."""
+
+    def __init__(self, store: MessageStore, name: str, master_ha: str) -> None:
+        host, _, port = master_ha.rpartition(":")
+        self.master_ha = master_ha
+        self._address = (host, int(port))
+        self.client = HAClient(store, name)
+        self.connected = False
+        self.reconnects = 0
+
+    async def run(self) -> None:
+        """Replicate until cancelled. Each attempt resumes from the store's end (the client
+        says where it stands), so a broken stream loses nothing."""
+        backoff = RECONNECT_BACKOFF_MIN
+        while True:
+            self.client.master_offset = None
+            try:
+                await self._run_once()
+                problem = "master closed the stream"
+            except (OSError, HAProtocolError, TransferError) as exc:
+                problem = repr(exc)
+            if self.client.master_offset is not None:
+                backoff = RECONNECT_BACKOFF_MIN  # it was connected: the next failure is new
+            self.reconnects += 1
+            log.warning(
+                "ha_reconnect master=%s reason=%s in_s=%.2f attempt=%d",
+                self.master_ha,
+                problem,
+                backoff,
+                self.reconnects,
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+
+    async def _run_once(self) -> None:
+        try:
+            self.connected = True
+            await self.client.run(*self._address)
+        finally:
+            self.connected = False
+
+    def status(self) -> dict[str, Any]:
+        client = self.client
+        return {
+            "master_ha": self.master_ha,
+            "connected": self.connected and client.master_offset is not None,
+            "acked_offset": client.acked_offset,
+            "master_offset": client.master_offset,
+            "reconnects": self.reconnects,
+        }
+
+
 class Node:
     """One tidelog node; :meth:`run` it in a nursery, stop it with :meth:`request_shutdown`."""
 
@@ -79,8 +182,11 @@ class Node:
         self.store: MessageStore | None = None
         self.topics: TopicRegistry | None = None
         self.server: ClientServer | None = None
-        self.acks: StandaloneAcks | None = None
+        self.acks: AckPolicy | None = None
         self.address: tuple[str, int] | None = None
+        self.ha: HAService | None = None
+        self.ha_address: tuple[str, int] | None = None
+        self.slave: SlaveReplication | None = None
 
     def request_shutdown(self) -> None:
         """Stop gracefully (see :meth:`run`); safe to call at any time, more than once."""
@@ -99,21 +205,30 @@ class Node:
         async with MessageStore.open(config.store) as store:
             self.store = store
             self.topics = await TopicRegistry.open(config.topics_path)
-            self.acks = StandaloneAcks(store)
-            handler = RequestHandler(
-                store,
-                self.topics,
-                self.acks,
-                config.topics,
-                max_pull_bytes=config.server.max_frame_size // 2,
-                status=self.status,
-            )
+            handler = self._build_handler(store, self.topics)
             self.server = ClientServer(handler, config.server, config.node.host, config.node.port)
+            replication_scope = trio.CancelScope()
+
+            async def serve_clients(
+                *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                assert self.server is not None
+                try:
+                    await self.server.serve(task_status=task_status)
+                finally:
+                    replication_scope.cancel()  # drained: no request waits for slaves now
+
             async with trio.open_nursery() as nursery:
-                self.address = await nursery.start(self.server.serve)
+                if self.ha is not None:
+                    port = await nursery.start(self._serve_slaves, replication_scope)
+                    self.ha_address = (config.ha_host, port)
+                if self.slave is not None:
+                    nursery.start_soon(self._follow_master, replication_scope)
+                self.address = await nursery.start(serve_clients)
                 log.info(
-                    "node_ready name=%s host=%s port=%d topics=%d log_end=%d",
+                    "node_ready name=%s role=%s host=%s port=%d topics=%d log_end=%d",
                     config.node.name,
+                    config.replication.role,
                     *self.address,
                     len(self.topics),
                     store.commit_log.max_offset,
@@ -123,6 +238,55 @@ class Node:
                 self.server.stop()
         log.info("node_stopped name=%s", config.node.name)
 
+    def _build_handler(self, store: MessageStore, topics: TopicRegistry) -> RequestHandler:
+        """The ack policy and handler of the configured role (see the module docstring)."""
+        config = self.config
+        replication = config.replication
+        standalone = StandaloneAcks(store)
+        self.acks = standalone
+        handler_class: Any = RequestHandler
+        extra: dict[str, Any] = {}
+        if replication.is_slave:
+            self.slave = SlaveReplication(store, config.node.name, replication.master_ha)
+            handler_class = SlaveRequestHandler
+            extra["master_hint"] = replication.master_client or None
+        elif replication.serves_slaves:
+            self.ha = HAService(store)
+            self.acks = ReplicatedAcks(standalone, self.ha, replication.min_insync_replicas)
+        return handler_class(
+            store,
+            topics,
+            self.acks,
+            config.topics,
+            max_pull_bytes=config.server.max_frame_size // 2,
+            status=self.status,
+            **extra,
+        )
+
+    async def _serve_slaves(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[int]
+    ) -> None:
+        assert self.ha is not None
+        with scope:
+            await self.ha.serve(
+                self.config.ha_host, self.config.replication.ha_port, task_status=task_status
+            )
+
+    async def _follow_master(self, scope: trio.CancelScope) -> None:
+        assert self.slave is not None
+        with scope:
+            await self.slave.run()
+
+    def _replication_status(self) -> dict[str, Any] | None:
+        """``status.replication``: None for a master without an HA port."""
+        role = self.config.replication.role
+        if self.slave is not None:
+            return {"role": role, **self.slave.status()}
+        if isinstance(self.acks, ReplicatedAcks):
+            host, port = self.ha_address or (self.config.ha_host, self.config.replication.ha_port)
+            return {"role": role, "ha_address": f"{host}:{port}", **self.acks.status()}
+        return None
+
     def status(self) -> dict[str, Any]:
         """The ``status`` op's result: the protocol's fields, then node and store detail."""
         assert self.store is not None and self.topics is not None and self.server is not None
@@ -130,12 +294,14 @@ class Node:
         store = self.store.status()
         host, port = self.address or (self.config.node.host, self.config.node.port)
         return {
-            "role": "master",
-            "writable": not store["failed"] and not self.server.handler.disk_full,
+            "role": self.config.replication.role,
+            "writable": self.slave is None
+            and not store["failed"]
+            and not self.server.handler.disk_full,
             "min_offset": store["log_min_offset"],
             "max_offset": store["log_max_offset"],
             "flushed_offset": store["flushed_offset"],
-            "replication": self.acks.status(),
+            "replication": self._replication_status(),
             "node": self.config.node.name,
             "address": f"{host}:{port}",
             "epoch": None,

@@ -3,11 +3,13 @@
 The wire protocol, in order, on one socket:
 
 1. slave -> master: a *hello* (:func:`pack_slave_hello`): magic, version, the slave's
-   log end (``commit_log.max_offset``) and its name. The slave's own end is where the
-   master starts: the slave tells, the master never guesses, so a reconnect after any
-   failure resumes exactly where the slave's visible log stops.
-2. master -> slave: a *hello* back (:func:`pack_master_hello`): magic, version and the
-   master's log end at that moment (informational: how far behind the slave starts).
+   log end (``commit_log.max_offset``), its name and its epoch history (count, then
+   u32 epoch + u64 start offset per entry). The slave's own end is where the master
+   starts: the slave tells, the master never guesses, so a reconnect after any failure
+   resumes exactly where the slave's visible log stops -- unless the histories say the
+   slave's tail came from another master (see *Epochs* below).
+2. master -> slave: a *hello* back (:func:`pack_master_hello`): magic, version, the
+   master's log end at that moment and the master's epoch history.
 3. master -> slave: chunks (:mod:`replication.transfer`), each one range of one segment,
    sent with ``sendfile`` from the segment's fd. One task sends; nothing else writes to
    the master's side of the socket (the transfer module's one-sender rule).
@@ -23,8 +25,28 @@ among the connected slaves (:meth:`HAService.wait_replicated`). It only moves fo
 a lagging slave that connects later does not un-confirm bytes every slave connected
 at the time had already acknowledged.
 
-Not handled here (yet): epoch checks and truncation of a divergent slave tail
-(``replication.epochs``), durable acks (ack after fsync), retention deleting a segment
+Epochs (``replication.epochs``), active only when the master was given a non-empty
+history (``HAService(history=...)``) and, on the slave side, the slave was too
+(``HAClient(history=..., epoch_file=...)``); without histories everything above is
+unchanged:
+
+* Both ends compute the same :func:`~replication.epochs.divergence_point` from the two
+  histories and log ends in the hellos. If it is below the slave's end, the master
+  streams from the divergence point *on the same connection* and the slave, before it
+  reads the first chunk, truncates its log and history to it (and persists the
+  history). No second handshake: the function is pure and both ends feed it the same
+  inputs, so they agree without another round trip.
+* The slave then adopts the master's newer epochs, each once its log reaches the
+  epoch's start (so its history never names a term it holds no place in, and a later
+  promotion appends an epoch that starts at or after every adopted one).
+* A slave whose current epoch is newer than the master's proves the master stale: the
+  master closes that connection without replying, sets :attr:`HAService.stale` and
+  from then on :meth:`HAService.wait_replicated` answers False (at once for new waits,
+  immediately for parked ones). Other slaves keep their streams; the node must demote.
+* A slave that has records but sends an empty history cannot be checked against the
+  master's terms; an epoch-aware master refuses it when its log would need cutting.
+
+Not handled here (yet): durable acks (ack after fsync), retention deleting a segment
 under a sender, reconnect/backoff on the slave side.
 """
 
@@ -39,6 +61,14 @@ from typing import Any
 import attrs
 import trio
 
+from replication.epochs import (
+    EpochEntry,
+    EpochFile,
+    EpochHistory,
+    EpochHistoryError,
+    divergence_point,
+    leader_is_stale,
+)
 from replication.transfer import (
     HEADER_SIZE,
     ChunkHeader,
@@ -52,8 +82,10 @@ from storage.waiters import OffsetWaiters
 
 __all__ = [
     "ACK_SIZE",
+    "EPOCH_ENTRY_SIZE",
     "MASTER_HELLO_SIZE",
     "MAX_CHUNK",
+    "MAX_EPOCH_ENTRIES",
     "SLAVE_HELLO_FIXED",
     "AckDecoder",
     "HAClient",
@@ -63,30 +95,45 @@ __all__ = [
     "MasterHello",
     "SlaveHello",
     "pack_ack",
+    "pack_epochs",
     "pack_master_hello",
     "pack_slave_hello",
+    "unpack_epochs",
     "unpack_master_hello",
+    "unpack_master_hello_fixed",
+    "unpack_slave_hello",
     "unpack_slave_hello_fixed",
+    "unpack_slave_hello_header",
 ]
 
 log = logging.getLogger(__name__)
 
-HA_VERSION = 1
+HA_VERSION = 2
+"""2: the hellos carry epoch histories."""
 SLAVE_HELLO_MAGIC = 0x544C4853  # "TLHS": tidelog hello from a slave
 MASTER_HELLO_MAGIC = 0x544C484D  # "TLHM": tidelog hello from the master
 ACK_MAGIC = 0x544C4841  # "TLHA": tidelog HA ack
 
-_SLAVE_HELLO = struct.Struct("!IHHQH")
-"""magic u32, version u16, reserved u16, slave log end u64, name length u16; then the name."""
-_MASTER_HELLO = struct.Struct("!IHHQ")
-"""magic u32, version u16, reserved u16, master log end u64."""
+_SLAVE_HELLO = struct.Struct("!IHHQHH")
+"""magic u32, version u16, reserved u16, slave log end u64, name length u16, epoch count
+u16; then the name, then the epoch entries."""
+_MASTER_HELLO = struct.Struct("!IHHQH")
+"""magic u32, version u16, reserved u16, master log end u64, epoch count u16; then the
+epoch entries."""
+_EPOCH_ENTRY = struct.Struct("!IQ")
+"""epoch u32, start offset u64 (the epoch file's field widths)."""
 _ACK = struct.Struct("!IHHQ")
 """magic u32, version u16, reserved u16, acknowledged log end u64: 16 bytes."""
 
 SLAVE_HELLO_FIXED = _SLAVE_HELLO.size
 MASTER_HELLO_SIZE = _MASTER_HELLO.size
+"""The fixed part of the master's hello: all of it when the master has no history."""
+EPOCH_ENTRY_SIZE = _EPOCH_ENTRY.size
 ACK_SIZE = _ACK.size
 MAX_NAME = 255
+MAX_EPOCH_ENTRIES = 4096
+"""Bound on a hello's history (48 KiB of entries): a peer cannot make us allocate more.
+A history only grows by one entry per master election, so this is decades of them."""
 
 MAX_CHUNK = 1 << 20
 """Data bytes per chunk: the size the transfer benchmark found to be the knee (see
@@ -102,6 +149,10 @@ class HAProtocolError(Exception):
     """The peer sent something that is not this protocol (or not this version): close."""
 
 
+class _StaleMaster(Exception):
+    """Fails the confirm-offset waiters once the master is stale (turned into False)."""
+
+
 # ---- sans-IO frames ---------------------------------------------------------------------------
 
 
@@ -109,11 +160,23 @@ class HAProtocolError(Exception):
 class SlaveHello:
     name: str
     max_offset: int
+    epochs: tuple[EpochEntry, ...] = ()
+    """The slave's epoch history, oldest first (empty for an epoch-unaware slave)."""
+
+    @property
+    def history(self) -> EpochHistory:
+        return EpochHistory(self.epochs)
 
 
 @attrs.frozen
 class MasterHello:
     max_offset: int
+    epochs: tuple[EpochEntry, ...] = ()
+    """The master's epoch history, oldest first (empty for an epoch-unaware master)."""
+
+    @property
+    def history(self) -> EpochHistory:
+        return EpochHistory(self.epochs)
 
 
 def _check_magic(magic: int, version: int, want: int, what: str) -> None:
@@ -123,30 +186,108 @@ def _check_magic(magic: int, version: int, want: int, what: str) -> None:
         raise HAProtocolError(f"unsupported {what} version {version} (want {HA_VERSION})")
 
 
-def pack_slave_hello(name: str, max_offset: int) -> bytes:
+def _check_epoch_count(count: int, what: str) -> None:
+    if count > MAX_EPOCH_ENTRIES:
+        raise HAProtocolError(f"{what} carries {count} epochs, more than {MAX_EPOCH_ENTRIES}")
+
+
+def pack_epochs(history: EpochHistory | None) -> bytes:
+    """The entries of ``history`` as a hello carries them (nothing for None)."""
+    if history is None:
+        return b""
+    if len(history) > MAX_EPOCH_ENTRIES:
+        raise ValueError(f"{len(history)} epochs do not fit a hello (max {MAX_EPOCH_ENTRIES})")
+    try:
+        return b"".join(_EPOCH_ENTRY.pack(e.epoch, e.start_offset) for e in history.entries)
+    except struct.error as exc:
+        raise ValueError(f"an epoch entry does not fit u32 epoch / u64 offset: {exc}") from exc
+
+
+def unpack_epochs(data: bytes | bytearray | memoryview, count: int) -> tuple[EpochEntry, ...]:
+    """Parse ``count`` entries that must fill ``data`` exactly and form a valid history
+    (epochs increasing, starts not decreasing): a peer's history we cannot trust must
+    not decide what the slave deletes."""
+    _check_epoch_count(count, "hello")
+    if len(data) != count * EPOCH_ENTRY_SIZE:
+        raise HAProtocolError(
+            f"{count} epochs need {count * EPOCH_ENTRY_SIZE} bytes, got {len(data)}"
+        )
+    entries = tuple(EpochEntry(*fields) for fields in _EPOCH_ENTRY.iter_unpack(data))
+    try:
+        EpochHistory(entries)
+    except EpochHistoryError as exc:
+        raise HAProtocolError(f"epoch history out of order: {exc}") from exc
+    return entries
+
+
+def pack_slave_hello(name: str, max_offset: int, history: EpochHistory | None = None) -> bytes:
     raw = name.encode()
     if not 0 < len(raw) <= MAX_NAME:
         raise ValueError(f"slave name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
-    return _SLAVE_HELLO.pack(SLAVE_HELLO_MAGIC, HA_VERSION, 0, max_offset, len(raw)) + raw
+    epochs = pack_epochs(history)
+    count = len(epochs) // EPOCH_ENTRY_SIZE
+    fixed = _SLAVE_HELLO.pack(SLAVE_HELLO_MAGIC, HA_VERSION, 0, max_offset, len(raw), count)
+    return fixed + raw + epochs
+
+
+def unpack_slave_hello_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """Parse the fixed part of a slave hello; return (slave log end, name length, epoch
+    count): what the reader needs to know how many bytes follow."""
+    magic, version, _reserved, max_offset, name_len, count = _SLAVE_HELLO.unpack(data)
+    _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave hello")
+    if not 0 < name_len <= MAX_NAME:
+        raise HAProtocolError(f"slave name length {name_len} outside 1..{MAX_NAME}")
+    _check_epoch_count(count, "slave hello")
+    return max_offset, name_len, count
 
 
 def unpack_slave_hello_fixed(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     """Parse the fixed part of a slave hello; return (slave log end, name length)."""
-    magic, version, _reserved, max_offset, name_len = _SLAVE_HELLO.unpack(data)
-    _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave hello")
-    if not 0 < name_len <= MAX_NAME:
-        raise HAProtocolError(f"slave name length {name_len} outside 1..{MAX_NAME}")
+    max_offset, name_len, _count = unpack_slave_hello_header(data)
     return max_offset, name_len
 
 
-def pack_master_hello(max_offset: int) -> bytes:
-    return _MASTER_HELLO.pack(MASTER_HELLO_MAGIC, HA_VERSION, 0, max_offset)
+def _decode_name(raw: bytes | bytearray | memoryview) -> str:
+    try:
+        return bytes(raw).decode()
+    except UnicodeDecodeError as exc:
+        raise HAProtocolError(f"slave name is not UTF-8: {exc}") from exc
+
+
+def unpack_slave_hello(data: bytes | bytearray | memoryview) -> SlaveHello:
+    """Parse a whole slave hello, which must be exactly ``data``."""
+    view = memoryview(data)
+    if len(view) < SLAVE_HELLO_FIXED:
+        raise HAProtocolError(f"slave hello of {len(view)} B is shorter than its fixed part")
+    max_offset, name_len, count = unpack_slave_hello_header(view[:SLAVE_HELLO_FIXED])
+    name_end = SLAVE_HELLO_FIXED + name_len
+    if len(view) < name_end:
+        raise HAProtocolError(f"slave hello of {len(view)} B ends inside the name")
+    name = _decode_name(view[SLAVE_HELLO_FIXED:name_end])
+    return SlaveHello(name, max_offset, unpack_epochs(view[name_end:], count))
+
+
+def pack_master_hello(max_offset: int, history: EpochHistory | None = None) -> bytes:
+    epochs = pack_epochs(history)
+    count = len(epochs) // EPOCH_ENTRY_SIZE
+    return _MASTER_HELLO.pack(MASTER_HELLO_MAGIC, HA_VERSION, 0, max_offset, count) + epochs
+
+
+def unpack_master_hello_fixed(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """Parse the fixed part of a master hello; return (master log end, epoch count)."""
+    magic, version, _reserved, max_offset, count = _MASTER_HELLO.unpack(data)
+    _check_magic(magic, version, MASTER_HELLO_MAGIC, "master hello")
+    _check_epoch_count(count, "master hello")
+    return max_offset, count
 
 
 def unpack_master_hello(data: bytes | bytearray | memoryview) -> MasterHello:
-    magic, version, _reserved, max_offset = _MASTER_HELLO.unpack(data)
-    _check_magic(magic, version, MASTER_HELLO_MAGIC, "master hello")
-    return MasterHello(max_offset)
+    """Parse a whole master hello (the fixed part alone when it carries no epochs)."""
+    view = memoryview(data)
+    if len(view) < MASTER_HELLO_SIZE:
+        raise HAProtocolError(f"master hello of {len(view)} B is shorter than its fixed part")
+    max_offset, count = unpack_master_hello_fixed(view[:MASTER_HELLO_SIZE])
+    return MasterHello(max_offset, unpack_epochs(view[MASTER_HELLO_SIZE:], count))
 
 
 def pack_ack(offset: int) -> bytes:
@@ -188,6 +329,11 @@ async def _recv_exactly(sock: trio.socket.SocketType, size: int, what: str) -> b
     return buf
 
 
+def _epochs_text(entries: tuple[EpochEntry, ...]) -> str:
+    """``1@0,2@150``: a history as one log field."""
+    return ",".join(f"{e.epoch}@{e.start_offset}" for e in entries) or "-"
+
+
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -216,6 +362,8 @@ class HAConnection:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         on_hello: Callable[[HAConnection], None] | None = None,
         on_ack: Callable[[str, int], None] | None = None,
+        history: EpochHistory | None = None,
+        on_stale: Callable[[str], None] | None = None,
     ) -> None:
         if max_chunk <= 0:
             raise ValueError(f"max_chunk must be positive, got {max_chunk}")
@@ -225,6 +373,11 @@ class HAConnection:
         self.poll_interval = poll_interval
         self.on_hello = on_hello
         self.on_ack = on_ack
+        self.history = history
+        """The master's epoch history (shared with the node, read at each hello); None
+        turns every epoch check off."""
+        self.on_stale = on_stale
+        """Called with the reason when a slave proves this master stale."""
         self.name: str | None = None
         self.send_offset = -1
         self.ack_offset = -1
@@ -236,43 +389,89 @@ class HAConnection:
         ``sock`` afterwards (a failed chunk send leaves it unusable anyway)."""
         with self.cancel_scope:
             hello = await self._read_hello(sock)
-            commit_log = self.store.commit_log
-            start, end = commit_log.min_offset, commit_log.max_offset
-            if not start <= hello.max_offset <= end:
-                # Past our end: a divergent tail that needs epoch truncation (not done here).
-                # Below our start: retention removed what it needs; it must re-seed.
-                raise HAProtocolError(
-                    f"slave {hello.name} is at {hello.max_offset}, outside the master's log "
-                    f"[{start}, {end}]"
-                )
+            end = self.store.commit_log.max_offset
+            stale = self._stale_reason(hello)
+            if stale is not None:
+                # No reply: a stale master must not hand its history to a slave that
+                # already follows a newer one.
+                log.error("ha_refused_stale %s", stale)
+                if self.on_stale is not None:
+                    self.on_stale(stale)
+                return
+            start = self._start_offset(hello, end)
             self.name = hello.name
-            self.send_offset = self.ack_offset = hello.max_offset
+            self.send_offset = self.ack_offset = start
             # Registered before the reply: once the slave hears back, it counts for the
             # confirm offset (with what it already holds) and replaced any older connection.
             if self.on_hello is not None:
                 self.on_hello(self)
             if self.on_ack is not None:
-                self.on_ack(hello.name, hello.max_offset)
-            await _send_all(sock, pack_master_hello(end))
+                self.on_ack(hello.name, start)
+            await _send_all(sock, pack_master_hello(end, self.history))
             log.info(
-                "ha_slave_connected slave=%s slave_offset=%d master_offset=%d",
+                "ha_slave_connected slave=%s slave_offset=%d stream_from=%d master_offset=%d",
                 hello.name,
                 hello.max_offset,
+                start,
                 end,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
                 await self._stream(sock)
 
+    def _stale_reason(self, hello: SlaveHello) -> str | None:
+        """Why this master is stale, judging by the slave's history; None if it is not
+        (or if this master runs without epochs)."""
+        if self.history is None or not leader_is_stale(hello.history, self.history):
+            return None
+        theirs = hello.epochs[-1]
+        mine = self.history.current
+        return (
+            f"reason=slave_epoch_newer slave={hello.name} slave_epoch={theirs.epoch} "
+            f"slave_epoch_start={theirs.start_offset} "
+            f"master_epoch={mine.epoch if mine is not None else None}"
+        )
+
+    def _start_offset(self, hello: SlaveHello, end: int) -> int:
+        """Where the stream starts: the slave's end, or where its log stops agreeing
+        with ours (the slave computes the same point from the same two histories and
+        cuts its log there before it reads the first chunk)."""
+        offset = hello.max_offset
+        history = self.history
+        if history is not None and len(history):
+            point = divergence_point(hello.history, hello.max_offset, history, end)
+            if point < hello.max_offset:
+                if not hello.epochs:
+                    raise HAProtocolError(
+                        f"slave {hello.name} holds records up to {hello.max_offset} but sent "
+                        f"no epoch history, so nothing shows which master wrote those past "
+                        f"{point}; restore its epoch file or re-seed it"
+                    )
+                log.warning(
+                    "ha_slave_diverged slave=%s slave_offset=%d truncate_to=%d "
+                    "slave_epochs=%s master_epochs=%s",
+                    hello.name,
+                    hello.max_offset,
+                    point,
+                    _epochs_text(hello.epochs),
+                    _epochs_text(history.entries),
+                )
+                offset = point
+        start = self.store.commit_log.min_offset
+        if not start <= offset <= end:
+            # Past our end: a tail no epoch check cut (epoch-unaware master or slave).
+            # Below our start: retention removed what it needs; it must re-seed.
+            raise HAProtocolError(
+                f"slave {hello.name} is at {offset}, outside the master's log [{start}, {end}]"
+            )
+        return offset
+
     async def _read_hello(self, sock: trio.socket.SocketType) -> SlaveHello:
         fixed = await _recv_exactly(sock, SLAVE_HELLO_FIXED, "slave hello")
-        max_offset, name_len = unpack_slave_hello_fixed(fixed)
-        raw = await _recv_exactly(sock, name_len, "slave name")
-        try:
-            name = raw.decode()
-        except UnicodeDecodeError as exc:
-            raise HAProtocolError(f"slave name is not UTF-8: {exc}") from exc
-        return SlaveHello(name, max_offset)
+        max_offset, name_len, count = unpack_slave_hello_header(fixed)
+        name = _decode_name(await _recv_exactly(sock, name_len, "slave name"))
+        raw = await _recv_exactly(sock, count * EPOCH_ENTRY_SIZE, "slave epochs")
+        return SlaveHello(name, max_offset, unpack_epochs(raw, count))
 
     async def _stream(self, sock: trio.socket.SocketType) -> None:
         """Send committed bytes forever: one chunk per turn, within one segment and below
@@ -339,11 +538,19 @@ class HAService:
         use_sendfile: bool = True,
         max_chunk: int = MAX_CHUNK,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        history: EpochHistory | None = None,
     ) -> None:
         self.store = store
         self.use_sendfile = use_sendfile
         self.max_chunk = max_chunk
         self.poll_interval = poll_interval
+        self.history = history
+        """This master's epoch history. Pass the node's own object (the one it appends
+        its term to on promotion and saves to the epoch file): each hello reads it.
+        None (the default) serves without any epoch check, as before epochs existed."""
+        self.stale: str | None = None
+        """Why this master is stale (a slave reported a newer epoch), or None. Once set
+        it stays: :meth:`wait_replicated` answers False and the node must step down."""
         self.ack_offsets: dict[str, int] = {}
         """Connected slaves' acknowledged log ends, by name."""
         self.connections: dict[str, HAConnection] = {}
@@ -357,8 +564,30 @@ class HAService:
 
     async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
         """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
-        needs :meth:`serve` running: it runs the deadline timer)."""
-        return await self._confirmed.wait(offset, deadline)
+        needs :meth:`serve` running: it runs the deadline timer), and False at once
+        when this master is :attr:`stale` (waits parked before that wake with False):
+        a newer master exists, so what we replicate may be cut on every slave."""
+        if self.stale is not None:
+            await trio.lowlevel.checkpoint()
+            return False
+        try:
+            return await self._confirmed.wait(offset, deadline)
+        except _StaleMaster:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        """Replication state for ``tidelog status``: role, epoch, slaves, confirm offset
+        and the stale reason (None while healthy)."""
+        current = self.history.current if self.history is not None else None
+        return {
+            "role": "master",
+            "epoch": current.epoch if current is not None else None,
+            "epoch_start": current.start_offset if current is not None else None,
+            "log_max_offset": self.store.commit_log.max_offset,
+            "confirm_offset": self.confirm_offset,
+            "slaves": dict(self.ack_offsets),
+            "stale": self.stale,
+        }
 
     async def serve(
         self,
@@ -391,6 +620,8 @@ class HAService:
             poll_interval=self.poll_interval,
             on_hello=self._register,
             on_ack=self._on_ack,
+            history=self.history,
+            on_stale=self._on_stale,
         )
         with sock:
             try:
@@ -419,6 +650,13 @@ class HAService:
             del self.ack_offsets[name]
             log.info("ha_slave_disconnected slave=%s ack_offset=%d", name, connection.ack_offset)
 
+    def _on_stale(self, reason: str) -> None:
+        if self.stale is not None:
+            return
+        self.stale = reason
+        log.error("ha_master_stale %s acks=stopped", reason)
+        self._confirmed.fail(_StaleMaster(reason))
+
     def _on_ack(self, name: str, offset: int) -> None:
         self.ack_offsets[name] = offset
         self._confirmed.advance(min(self.ack_offsets.values()))
@@ -429,27 +667,54 @@ class HAService:
 
 class HAClient:
     """The slave's end: reports its log end, then applies the master's chunks in order and
-    acknowledges its visible end after each (ack after write, not after fsync)."""
+    acknowledges its visible end after each (ack after write, not after fsync).
 
-    def __init__(self, store: MessageStore, name: str, *, max_chunk: int = MAX_CHUNK) -> None:
+    With a ``history`` (the node's epoch history, loaded from ``epoch_file``) the slave
+    takes part in the epoch protocol: it sends its history, cuts a divergent tail the
+    master's history rules out (see the module docstring) and adopts the master's newer
+    epochs, saving the history to ``epoch_file`` after every change (without a file the
+    history only changes in memory). Without a history it behaves as before epochs.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        name: str,
+        *,
+        max_chunk: int = MAX_CHUNK,
+        history: EpochHistory | None = None,
+        epoch_file: EpochFile | None = None,
+    ) -> None:
         self.store = store
         self.name = name
+        self.history = history
+        self.epoch_file = epoch_file
         self.master_offset: int | None = None
         """The master's log end when it answered the hello."""
+        self.master_history: EpochHistory | None = None
+        """The master's history from its hello."""
         self.acked_offset = -1
+        self.last_truncation: tuple[int, int] | None = None
+        """(old end, new end) of the last divergent tail this client cut, or None."""
         self._buffer = bytearray(max_chunk + HEADER_SIZE)
 
     async def run(self, host: str, port: int) -> None:
         """Replicate until the master closes the stream (returns) or it breaks (raises).
-        Reconnecting is the caller's loop: each run starts from the store's current end."""
+        Reconnecting is the caller's loop: each run starts from the store's current end.
+        A divergent tail is cut inside the run, with no reconnect."""
         sock = trio.socket.socket()
         with sock:
             await sock.connect((host, port))
             commit_log = self.store.commit_log
             start = commit_log.max_offset
-            await _send_all(sock, pack_slave_hello(self.name, start))
-            reply = await _recv_exactly(sock, MASTER_HELLO_SIZE, "master hello")
-            self.master_offset = unpack_master_hello(reply).max_offset
+            await _send_all(sock, pack_slave_hello(self.name, start, self.history))
+            master = await self._read_master_hello(sock)
+            self.master_offset = master.max_offset
+            self.master_history = master.history
+            if self.history is not None and master.epochs:
+                start = await self._cut_divergent_tail(start, self.master_history)
+            pending = self._newer_epochs(master.epochs)
+            await self._adopt_epochs(pending, start)
             self.acked_offset = start
             log.info(
                 "ha_connected slave=%s slave_offset=%d master_offset=%d",
@@ -464,6 +729,91 @@ class HAClient:
                     log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
                     return
                 end = await self.store.append_replicated(header.offset, view[: header.length])
+                if pending:
+                    await self._adopt_epochs(pending, end)
                 if end > self.acked_offset:
                     await _send_all(sock, pack_ack(end))
                     self.acked_offset = end
+
+    async def _read_master_hello(self, sock: trio.socket.SocketType) -> MasterHello:
+        fixed = bytearray(MASTER_HELLO_SIZE)
+        got = await recv_exactly_into(sock, memoryview(fixed))
+        if got == 0:
+            raise HAProtocolError(
+                "master closed the connection instead of answering the hello: it refused "
+                "this slave (stale master, unverifiable log or out of its range; its log "
+                "says which)"
+            )
+        if got < MASTER_HELLO_SIZE:
+            raise HAProtocolError(f"stream ended after {got} of the master hello's bytes")
+        max_offset, count = unpack_master_hello_fixed(fixed)
+        raw = await _recv_exactly(sock, count * EPOCH_ENTRY_SIZE, "master epochs")
+        return MasterHello(max_offset, unpack_epochs(raw, count))
+
+    async def _cut_divergent_tail(self, end: int, master: EpochHistory) -> int:
+        """Cut the log and history where they stop agreeing with the master's (the same
+        point the master computed and streams from); return the new end."""
+        assert self.history is not None and self.master_offset is not None
+        point = divergence_point(self.history, end, master, self.master_offset)
+        if point >= end:
+            return end
+        old_epochs = self.history.entries
+        await self.store.truncate(point)
+        new_end = self.store.commit_log.max_offset
+        if new_end != point:
+            raise HAProtocolError(f"truncating at {point} left the log ending at {new_end}")
+        # Log first, then history: a crash in between leaves epochs past the log end,
+        # which divergence_point clamps to the end (the reverse could keep a bad tail
+        # tagged with an epoch it does not belong to).
+        self.history.truncate(point)
+        await self._save_history()
+        self.last_truncation = (end, point)
+        log.warning(
+            "ha_slave_truncated slave=%s old_end=%d new_end=%d dropped_bytes=%d "
+            "old_epochs=%s kept_epochs=%s master_epochs=%s",
+            self.name,
+            end,
+            point,
+            end - point,
+            _epochs_text(old_epochs),
+            _epochs_text(self.history.entries),
+            _epochs_text(master.entries),
+        )
+        return point
+
+    def _newer_epochs(self, master: tuple[EpochEntry, ...]) -> list[EpochEntry]:
+        """The master's epochs newer than ours: after the cut, ours end with the newest
+        common epoch, so these are the master's terms we still have to learn."""
+        if self.history is None:
+            return []
+        current = self.history.current
+        return [e for e in master if current is None or e.epoch > current.epoch]
+
+    async def _adopt_epochs(self, pending: list[EpochEntry], end: int) -> None:
+        """Append (and save) the pending epochs that start at or below ``end``, removing
+        them from ``pending``: an epoch is adopted once the log reaches where it starts,
+        so a promotion of this node appends an epoch starting after all of them."""
+        if self.history is None:
+            return
+        adopted = 0
+        while adopted < len(pending) and pending[adopted].start_offset <= end:
+            entry = pending[adopted]
+            try:
+                self.history.append(entry.epoch, entry.start_offset)
+            except EpochHistoryError as exc:
+                raise HAProtocolError(f"cannot adopt the master's epoch: {exc}") from exc
+            adopted += 1
+        if adopted:
+            del pending[:adopted]
+            await self._save_history()
+            log.info(
+                "ha_epochs_adopted slave=%s log_end=%d epochs=%s",
+                self.name,
+                end,
+                _epochs_text(self.history.entries),
+            )
+
+    async def _save_history(self) -> None:
+        if self.epoch_file is not None and self.history is not None:
+            snapshot = EpochHistory(self.history.entries)
+            await trio.to_thread.run_sync(self.epoch_file.save, snapshot)

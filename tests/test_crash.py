@@ -9,6 +9,7 @@ that recovery cuts the log exactly at the damage.
 
 from __future__ import annotations
 
+import os
 import queue
 import random
 import signal
@@ -33,6 +34,15 @@ SEGMENT = 64 * 1024
 LINE_TIMEOUT = 60.0
 """Longest wait for one line of the child's output (a failure guard, never a sync)."""
 SEQS_PER_RUN = 10_000_000
+CHAOS = os.environ.get("HYPOTHESIS_PROFILE") == "chaos"
+"""The long profile: more kills per test, and new random choices each time (printed)."""
+
+
+def make_rng(seed: int) -> random.Random:
+    if CHAOS:
+        seed = random.SystemRandom().randrange(1 << 32)
+        print(f"crash test seed: {seed}")
+    return random.Random(seed)
 
 
 @attrs.frozen
@@ -169,13 +179,14 @@ async def check_store(
 
 
 def test_sigkill_keeps_every_ack(tmp_path: Path) -> None:
-    """Kill the writer four times on the same directory: recovery runs on recovered logs."""
-    rng = random.Random(20_240_611)
+    """Kill the writer four times on the same directory: recovery runs on recovered logs,
+    after a clean close or (every other time) after another crash."""
+    rng = make_rng(20_240_611)
     config = config_for(tmp_path / "store", SEGMENT)
     acks: dict[int, Ack] = {}
-    for run in range(4):
-        new = run_and_kill(config.data_dir, run, 300, rng)
-        assert len(new) >= 300
+    for run, min_acks in enumerate((300, 300, 0, 300) * (5 if CHAOS else 1)):  # 0: may die at once
+        new = run_and_kill(config.data_dir, run, min_acks, rng)
+        assert len(new) >= min_acks
         acks.update(new)
         checked, report = trio.run(partial(check_store, config, acks, abandon=run % 2 == 1))
         assert not report.durable_lost, report
@@ -262,11 +273,11 @@ def tear(log: RawLog, acked_end: int, flushed: int, rng: random.Random) -> int:
 
 
 def test_sigkill_then_torn_tail(tmp_path: Path) -> None:
-    rng = random.Random(7_351)
+    rng = make_rng(7_351)
     config = config_for(tmp_path / "store", SEGMENT)
     log = RawLog(config.commit_log_dir)
     acks: dict[int, Ack] = {}
-    for run in range(3):
+    for run in range(15 if CHAOS else 3):
         new = run_and_kill(config.data_dir, run, 300, rng)
         acks.update(new)
         acked_end = max(ack.end for ack in acks.values())

@@ -1,0 +1,101 @@
+"""The ack policy of a master with slaves: ``acks=replicated`` waits for them, reads stop
+at what they hold.
+
+It plugs into the client server as its :class:`cluster.server.AckPolicy`. The durable
+part (group commit on the master) is not repeated here: it is delegated to the
+standalone policy, so ``durable`` behaves exactly as on a master without slaves and a
+``replicated`` write is fsynced on the master *and* acknowledged by the slaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from cluster.protocol import Acks, Status
+from cluster.server import RequestError
+from replication.ha import HAService
+
+__all__ = ["DurableAcks", "ReplicatedAcks"]
+
+
+class DurableAcks(Protocol):
+    """The part of an ack policy this one reuses: group commit (``StandaloneAcks``)."""
+
+    async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
+        """``(OK, None)`` once the bytes below ``end_offset`` are fsynced, else a timeout."""
+        ...
+
+
+class ReplicatedAcks:
+    """Ack levels on a master serving slaves through ``ha``.
+
+    ``admit(replicated)`` refuses, before anything is appended, when fewer than
+    ``min_insync_replicas`` slaves are *connected*: the client can resend the write
+    without risking a duplicate. "Connected" is the only in-sync test so far; a slave
+    that is connected but far behind still counts (a lag bound, RocketMQ's
+    ``haMaxGapNotInSync``, comes later), so such a write then waits for that slave and
+    may end in ``FLUSH_SLAVE_TIMEOUT``.
+
+    ``wait(replicated)`` is group commit, then the HA confirm offset reaching the write's
+    end: every slave connected at the time has it. One deadline covers both steps, so
+    the request's ``timeout_ms`` is the whole budget.
+
+    :meth:`read_limit` is the confirm offset: consumers never read past what the
+    connected slaves hold, so a record a consumer saw survives the master's loss (if a
+    slave takes over). The price: right after the master starts, and while no slave is
+    connected, the confirm offset does not move, so new records are not readable until
+    a slave acknowledges them.
+    """
+
+    def __init__(self, durable: DurableAcks, ha: HAService, min_insync_replicas: int) -> None:
+        if min_insync_replicas < 1:
+            raise ValueError(f"min_insync_replicas must be at least 1, got {min_insync_replicas}")
+        self._durable = durable
+        self._ha = ha
+        self.min_insync_replicas = min_insync_replicas
+
+    def admit(self, acks: Acks) -> None:
+        if acks is not Acks.REPLICATED:
+            return
+        connected = len(self._ha.ack_offsets)
+        if connected < self.min_insync_replicas:
+            raise RequestError(
+                Status.SLAVE_NOT_AVAILABLE,
+                f"acks=replicated needs {self.min_insync_replicas} in-sync slave(s) and "
+                f"{connected} are connected; nothing was written: resend later or with "
+                "acks=durable",
+            )
+
+    async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
+        deadline = trio.current_time() + timeout
+        status, error = await self._durable.wait(acks, end_offset, timeout)
+        if acks is not Acks.REPLICATED or status is not Status.OK:
+            return status, error
+        if await self._ha.wait_replicated(end_offset, deadline):
+            return Status.OK, None
+        lagging = {
+            name: offset for name, offset in self._ha.ack_offsets.items() if offset < end_offset
+        }
+        return (
+            Status.FLUSH_SLAVE_TIMEOUT,
+            f"appended and fsynced on the master, but not acknowledged by the slaves within "
+            f"{timeout * 1000:.0f} ms (write ends at {end_offset}, confirm offset "
+            f"{self._ha.confirm_offset}, lagging slaves {lagging or 'none connected'}): the "
+            "write is probably stored; resend only if duplicates are acceptable",
+        )
+
+    def read_limit(self) -> int | None:
+        return self._ha.confirm_offset
+
+    def status(self) -> dict[str, Any]:
+        """The replication part of a master's ``status`` (the node adds its addresses)."""
+        return {
+            "min_insync_replicas": self.min_insync_replicas,
+            "confirm_offset": self._ha.confirm_offset,
+            "slaves": [
+                {"name": name, "ack_offset": offset}
+                for name, offset in sorted(self._ha.ack_offsets.items())
+            ],
+        }
