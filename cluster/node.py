@@ -14,7 +14,15 @@ The role (``[replication]`` in the config) decides three things:
   :class:`~replication.acks.ReplicatedAcks` (waits for slaves, reads bounded by the
   confirm offset);
 * a slave runs an :class:`~replication.ha.HAClient` in a reconnect loop and answers
-  every write with ``NOT_MASTER`` naming ``master_client`` (:class:`SlaveRequestHandler`).
+  every write with ``NOT_MASTER`` naming ``master_client`` (:class:`NodeRequestHandler`).
+
+Epochs (``replication.epochs``, the file ``<data_dir>/epochs``): a master with an HA
+port starts a new term on every start, saved before it serves a write; a slave's
+:class:`~replication.ha.HAClient` shares the node's one history object across
+reconnects, so the epochs it adopts or cuts are the ones a later ``promote`` extends.
+A master that a slave proves stale (:attr:`HAService.stale`) refuses writes with
+``NOT_MASTER``. ``promote`` and ``repoint`` (admin ops) switch roles without a restart;
+a slave keeps its topic registry in step with the master's ``list_topics``.
 
 Replication runs in its own cancel scope, ended only once the client server has
 drained: a request waiting for its replicated ack during the shutdown still gets it.
@@ -25,12 +33,13 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 
+from cluster.client import TidelogError, open_client
 from cluster.config import NodeConfig
-from cluster.protocol import SCHEMAS, Acks, Request, Status
+from cluster.protocol import SCHEMAS, Acks, Request, Status, make_response
 from cluster.server import (
     AckPolicy,
     ClientServer,
@@ -40,19 +49,33 @@ from cluster.server import (
     RequestHandler,
     Wakeups,
 )
-from cluster.topics import TopicRegistry
+from cluster.topics import TopicExistsError, TopicRegistry
 from replication.acks import ReplicatedAcks
+from replication.epochs import EpochEntry, EpochFile, EpochHistory
 from replication.ha import HAClient, HAProtocolError, HAService
 from replication.transfer import TransferError
 from storage import MessageStore
 
-__all__ = ["Node", "SlaveRequestHandler", "StandaloneAcks", "serve_until_signalled"]
+__all__ = [
+    "Node",
+    "NodeRequestHandler",
+    "SlaveReplication",
+    "StandaloneAcks",
+    "begin_term",
+    "serve_until_signalled",
+]
 
 RECONNECT_BACKOFF_MIN = 0.05
 """First pause of a slave before reconnecting to its master (seconds)."""
 RECONNECT_BACKOFF_MAX = 2.0
 """The pause doubles per failed attempt up to this, so a master that is down for long
 is not hammered, and one that is back is found within two seconds."""
+TOPIC_SYNC_INTERVAL = 1.0
+"""How often a slave fetches the master's topic list (seconds): a topic created on the
+master is pullable from the slave within this, or at once on a pull naming it."""
+TOPIC_SYNC_TIMEOUT = 2.0
+"""Bound on one topic fetch, so a pull naming an unknown topic never hangs on a dead
+master."""
 
 log = logging.getLogger(__name__)
 
@@ -93,57 +116,117 @@ class StandaloneAcks:
         return None
 
 
-class SlaveRequestHandler(RequestHandler):
-    """A slave's request handler: reads as usual, every write refused with ``NOT_MASTER``.
+class NodeRequestHandler(RequestHandler):
+    """The node's request handler: the common ops, plus the role checks and admin ops
+    that need the :class:`Node` (whose role can change while it serves).
 
-    The check uses the protocol's own list of writes (``OpSchema.writes``) and runs
-    before the op, so nothing reaches the slave's store or topic registry (not even
-    ``auto_create``) except the master's stream, and the refusal is safe to resend.
+    Writes are checked before the op runs, using the protocol's own list of writes
+    (``OpSchema.writes``): a slave or a stale master answers ``NOT_MASTER`` and nothing
+    reaches the store or the topic registry (not even ``auto_create``), so the refusal
+    is safe to resend. On a slave, a read naming a topic it does not know yet first
+    asks the master for its topic list (the topic may be younger than the last sync).
     """
 
-    def __init__(self, *args: Any, master_hint: str | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, node: Node, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.master_hint = master_hint
+        self._node = node
+        self._ops["promote"] = self._promote
+        self._ops["repoint"] = self._repoint
+
+    def set_acks(self, acks: AckPolicy) -> None:
+        """Switch the ack policy (on promotion); requests already waiting keep theirs."""
+        self._acks = acks
 
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
-        if SCHEMAS[request["op"]].writes:
-            where = self.master_hint
-            raise RequestError(
-                Status.NOT_MASTER,
-                f"this node is a slave; resend to the master at {where}"
-                if where
-                else "this node is a slave and knows no master client address; "
-                "resend to the master",
-                master=where,
-            )
+        op = request["op"]
+        if SCHEMAS[op].writes:
+            self._node.check_writable()
+        elif op in _TOPIC_READS and self._topics.get(request["topic"]) is None:  # type: ignore[typeddict-item]
+            await self._node.sync_topics_now()
         return await super().handle(request, polls)
+
+    async def _promote(self, req: Any, _polls: Wakeups) -> Reply:
+        return make_response(req["id"], **await self._node.promote(req["ha_port"]))
+
+    async def _repoint(self, req: Any, _polls: Wakeups) -> Reply:
+        result = await self._node.repoint(req["master_ha"], req["master_client"])
+        return make_response(req["id"], **result)
+
+
+_TOPIC_READS: Final = frozenset({"pull", "get_offsets", "describe_topic"})
+"""Reads naming a topic: on a slave, an unknown one triggers a topic sync first."""
 
 
 class SlaveReplication:
-    """A slave's side: follow the master's HA port, reconnecting with backoff forever."""
+    """A slave's side: follow the master's HA port, reconnecting with backoff, until
+    :meth:`stop` (promotion) or cancellation; :meth:`repoint` switches masters.
 
-    def __init__(self, store: MessageStore, name: str, master_ha: str) -> None:
-        host, _, port = master_ha.rpartition(":")
+    One :class:`HAClient` (and so one epoch history object, the node's) is used for
+    every connection: the history it adopts or cuts is the one the node saves and, on
+    promotion, extends.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        name: str,
+        master_ha: str,
+        *,
+        history: EpochHistory,
+        epoch_file: EpochFile,
+    ) -> None:
         self.master_ha = master_ha
-        self._address = (host, int(port))
-        self.client = HAClient(store, name)
+        self.client = HAClient(store, name, history=history, epoch_file=epoch_file)
         self.connected = False
         self.reconnects = 0
+        self._attempt = trio.CancelScope()
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+
+    @property
+    def _address(self) -> tuple[str, int]:
+        host, _, port = self.master_ha.rpartition(":")
+        return host, int(port)
+
+    def repoint(self, master_ha: str) -> None:
+        """Follow ``master_ha`` from now on: the current connection is dropped and the
+        next one (to the new address, at once, no backoff) resumes from the log's end;
+        a divergent tail is cut by the epoch check of that handshake."""
+        self.master_ha = master_ha
+        self._attempt.cancel()
+
+    async def stop(self) -> None:
+        """End the follow loop and wait until it has (no chunk is being applied then)."""
+        self._scope.cancel()
+        await self._done.wait()
 
     async def run(self) -> None:
-        """Replicate until cancelled. Each attempt resumes from the store's end (the client
-        says where it stands), so a broken stream loses nothing."""
+        """Replicate until stopped or cancelled. Each attempt resumes from the store's
+        end (the client says where it stands), so a broken stream loses nothing."""
+        try:
+            with self._scope:
+                await self._follow()
+        finally:
+            self._done.set()
+
+    async def _follow(self) -> None:
         backoff = RECONNECT_BACKOFF_MIN
         while True:
             self.client.master_offset = None
+            self._attempt = trio.CancelScope()
             try:
-                await self._run_once()
+                with self._attempt:
+                    await self._run_once()
                 problem = "master closed the stream"
             except (OSError, HAProtocolError, TransferError) as exc:
                 problem = repr(exc)
+            self.reconnects += 1
+            if self._attempt.cancelled_caught:
+                log.info("ha_repointed master=%s", self.master_ha)
+                backoff = RECONNECT_BACKOFF_MIN
+                continue
             if self.client.master_offset is not None:
                 backoff = RECONNECT_BACKOFF_MIN  # it was connected: the next failure is new
-            self.reconnects += 1
             log.warning(
                 "ha_reconnect master=%s reason=%s in_s=%.2f attempt=%d",
                 self.master_ha,
@@ -169,7 +252,23 @@ class SlaveReplication:
             "acked_offset": client.acked_offset,
             "master_offset": client.master_offset,
             "reconnects": self.reconnects,
+            "last_truncation": list(client.last_truncation) if client.last_truncation else None,
         }
+
+
+def begin_term(history: EpochHistory, log_end: int) -> EpochEntry:
+    """Append this node's new epoch (current + 1, or 1) starting at ``log_end``.
+
+    Epochs recorded past ``log_end`` are dropped first: they name terms whose records
+    this log no longer holds (a crash lost the tail), and an epoch may not start
+    before the one it follows.
+    """
+    history.truncate(log_end + 1)
+    current = history.current
+    history.append(current.epoch + 1 if current is not None else 1, log_end)
+    entry = history.current
+    assert entry is not None
+    return entry
 
 
 class Node:
@@ -182,11 +281,25 @@ class Node:
         self.store: MessageStore | None = None
         self.topics: TopicRegistry | None = None
         self.server: ClientServer | None = None
+        self.handler: NodeRequestHandler | None = None
         self.acks: AckPolicy | None = None
         self.address: tuple[str, int] | None = None
         self.ha: HAService | None = None
         self.ha_address: tuple[str, int] | None = None
         self.slave: SlaveReplication | None = None
+        self.role = config.replication.role
+        """The role now: the configured one until a ``promote``."""
+        self.master_client = config.replication.master_client or None
+        """A slave's master client address: the ``NOT_MASTER`` hint and where topics
+        are fetched from (changed by ``repoint``)."""
+        self.epoch_file = EpochFile.in_dir(config.data_dir)
+        self.history = EpochHistory()
+        self._standalone: StandaloneAcks | None = None
+        self._replication_nursery: trio.Nursery | None = None
+        self._replication_scope = trio.CancelScope()
+        self._topic_sync_scope = trio.CancelScope()
+        self._topic_sync_lock = trio.Lock()
+        self._role_lock = trio.Lock()
 
     def request_shutdown(self) -> None:
         """Stop gracefully (see :meth:`run`); safe to call at any time, more than once."""
@@ -197,17 +310,28 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Open the store and topics, listen, report ``(host, port)`` with the port really
-        bound, and serve until :meth:`request_shutdown` (graceful) or cancellation."""
+        """Open the store, epochs and topics, listen, report ``(host, port)`` with the port
+        really bound, and serve until :meth:`request_shutdown` (graceful) or cancellation."""
         config = self.config
         self._started_at = trio.current_time()
         log.info("node_starting name=%s data_dir=%s", config.node.name, config.data_dir)
         async with MessageStore.open(config.store) as store:
             self.store = store
+            self.history = await trio.to_thread.run_sync(self.epoch_file.load)
+            if config.replication.serves_slaves:
+                # A new term on every start, saved before the first write is served: a
+                # slave that followed an older incarnation of this master can then tell
+                # which of its records this term wrote. A master without an HA port
+                # replicates nothing, so it starts no term (its status shows no epoch).
+                entry = begin_term(self.history, store.commit_log.max_offset)
+                await self._save_history()
+                log.info("epoch_started epoch=%d start=%d", entry.epoch, entry.start_offset)
             self.topics = await TopicRegistry.open(config.topics_path)
-            handler = self._build_handler(store, self.topics)
-            self.server = ClientServer(handler, config.server, config.node.host, config.node.port)
-            replication_scope = trio.CancelScope()
+            self.handler = self._build_handler(store, self.topics)
+            self.server = ClientServer(
+                self.handler, config.server, config.node.host, config.node.port
+            )
+            replication_scope = self._replication_scope
 
             async def serve_clients(
                 *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -219,72 +343,246 @@ class Node:
                     replication_scope.cancel()  # drained: no request waits for slaves now
 
             async with trio.open_nursery() as nursery:
+                replication = await nursery.start(self._replication_tasks, replication_scope)
+                self._replication_nursery = replication
                 if self.ha is not None:
-                    port = await nursery.start(self._serve_slaves, replication_scope)
+                    port = await replication.start(self._serve_slaves, config.replication.ha_port)
                     self.ha_address = (config.ha_host, port)
                 if self.slave is not None:
-                    nursery.start_soon(self._follow_master, replication_scope)
+                    replication.start_soon(self.slave.run)
+                    replication.start_soon(self._sync_topics)
                 self.address = await nursery.start(serve_clients)
                 log.info(
-                    "node_ready name=%s role=%s host=%s port=%d topics=%d log_end=%d",
+                    "node_ready name=%s role=%s host=%s port=%d topics=%d log_end=%d epoch=%s",
                     config.node.name,
-                    config.replication.role,
+                    self.role,
                     *self.address,
                     len(self.topics),
                     store.commit_log.max_offset,
+                    self.epoch,
                 )
                 task_status.started(self.address)
                 await self._shutdown.wait()
                 self.server.stop()
         log.info("node_stopped name=%s", config.node.name)
 
-    def _build_handler(self, store: MessageStore, topics: TopicRegistry) -> RequestHandler:
+    @property
+    def epoch(self) -> int | None:
+        """The current epoch of this node's log (the master's term it is in)."""
+        current = self.history.current
+        return current.epoch if current is not None else None
+
+    async def _save_history(self) -> None:
+        snapshot = EpochHistory(self.history.entries)
+        await trio.to_thread.run_sync(self.epoch_file.save, snapshot)
+
+    def _build_handler(self, store: MessageStore, topics: TopicRegistry) -> NodeRequestHandler:
         """The ack policy and handler of the configured role (see the module docstring)."""
         config = self.config
         replication = config.replication
-        standalone = StandaloneAcks(store)
-        self.acks = standalone
-        handler_class: Any = RequestHandler
-        extra: dict[str, Any] = {}
+        self._standalone = StandaloneAcks(store)
+        self.acks = self._standalone
         if replication.is_slave:
-            self.slave = SlaveReplication(store, config.node.name, replication.master_ha)
-            handler_class = SlaveRequestHandler
-            extra["master_hint"] = replication.master_client or None
+            self.slave = SlaveReplication(
+                store,
+                config.node.name,
+                replication.master_ha,
+                history=self.history,
+                epoch_file=self.epoch_file,
+            )
         elif replication.serves_slaves:
-            self.ha = HAService(store)
-            self.acks = ReplicatedAcks(standalone, self.ha, replication.min_insync_replicas)
-        return handler_class(
+            self.ha = HAService(store, history=self.history)
+            self.acks = ReplicatedAcks(self._standalone, self.ha, replication.min_insync_replicas)
+        return NodeRequestHandler(
             store,
             topics,
             self.acks,
             config.topics,
             max_pull_bytes=config.server.max_frame_size // 2,
             status=self.status,
-            **extra,
+            node=self,
         )
 
-    async def _serve_slaves(
-        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[int]
-    ) -> None:
-        assert self.ha is not None
-        with scope:
-            await self.ha.serve(
-                self.config.ha_host, self.config.replication.ha_port, task_status=task_status
+    def check_writable(self) -> None:
+        """Raise ``NOT_MASTER`` unless this node may take writes now.
+
+        A stale master (a slave proved a newer epoch exists) answers with no hint: it
+        does not know the new master's client address, and its own writes could be cut
+        on every slave, so it must take none.
+        """
+        if self.slave is not None:
+            where = self.master_client
+            raise RequestError(
+                Status.NOT_MASTER,
+                f"this node is a slave; resend to the master at {where}"
+                if where
+                else "this node is a slave and knows no master client address; "
+                "resend to the master",
+                master=where,
+            )
+        if self.ha is not None and self.ha.stale is not None:
+            raise RequestError(
+                Status.NOT_MASTER,
+                f"this master (epoch {self.epoch}) is stale, a newer master exists "
+                f"({self.ha.stale}); nothing was written: resend to the new master",
+                master=None,
             )
 
-    async def _follow_master(self, scope: trio.CancelScope) -> None:
-        assert self.slave is not None
+    async def promote(self, ha_port: int) -> dict[str, Any]:
+        """Turn this slave into a master without a restart; return the new epoch and HA
+        address. Order: stop following (no chunk is applied after this), drop a partial
+        record the old master had sent, start a new term and save it, open the HA port,
+        and only then switch the ack policy and take writes."""
+        async with self._role_lock:
+            slave = self.slave
+            if slave is None:
+                raise RequestError(
+                    Status.BAD_REQUEST,
+                    f"this node is already a master (epoch {self.epoch}); promote only a slave",
+                )
+            assert self.store is not None and self.handler is not None
+            assert self._standalone is not None and self._replication_nursery is not None
+            await slave.stop()
+            self._topic_sync_scope.cancel()
+            commit_log = self.store.commit_log
+            commit_log.discard_raw_pending()
+            entry = begin_term(self.history, commit_log.max_offset)
+            await self._save_history()
+            ha = HAService(self.store, history=self.history)
+            self.ha = ha
+            port = await self._replication_nursery.start(self._serve_slaves, ha_port)
+            self.ha_address = (self.config.ha_host, port)
+            self.acks = ReplicatedAcks(
+                self._standalone, ha, self.config.replication.min_insync_replicas
+            )
+            self.handler.set_acks(self.acks)
+            await self._register_logged_topics()
+            self.slave = None
+            self.master_client = None
+            self.role = "master"
+            log.warning(
+                "node_promoted name=%s epoch=%d epoch_start=%d ha_port=%d",
+                self.config.node.name,
+                entry.epoch,
+                entry.start_offset,
+                port,
+            )
+            return {
+                "epoch": entry.epoch,
+                "epoch_start": entry.start_offset,
+                "ha_address": f"{self.config.ha_host}:{port}",
+            }
+
+    async def _register_logged_topics(self) -> None:
+        """Register every topic the log holds records of but the registry lacks.
+
+        A slave learns topics from the master's list every :data:`TOPIC_SYNC_INTERVAL`;
+        a topic created just before the master was lost may have records here and no
+        entry. A new master must accept writes to it, so its queue count is taken from
+        the log: one past the highest queue id with records (a lower bound of the old
+        master's count when its last queues were empty).
+        """
+        assert self.store is not None and self.topics is not None
+        counts: dict[str, int] = {}
+        for topic, queue_id in self.store.queues.queues:
+            counts[topic] = max(counts.get(topic, 0), queue_id + 1)
+        for topic, queues in sorted(counts.items()):
+            if self.topics.get(topic) is None:
+                try:
+                    await self.topics.create(topic, queues)
+                except TopicExistsError:
+                    continue
+                log.warning("topic_registered_from_log topic=%s queues=%d", topic, queues)
+
+    async def repoint(self, master_ha: str, master_client: str | None) -> dict[str, Any]:
+        """Make this slave follow another master (after a promotion elsewhere)."""
+        async with self._role_lock:
+            if self.slave is None:
+                raise RequestError(
+                    Status.BAD_REQUEST,
+                    "this node is a master; repoint only a slave (a master follows no one)",
+                )
+            self.slave.repoint(master_ha)
+            if master_client is not None:
+                self.master_client = master_client
+            log.warning(
+                "node_repointed name=%s master_ha=%s master_client=%s",
+                self.config.node.name,
+                master_ha,
+                self.master_client,
+            )
+            return {"master_ha": master_ha, "master_client": self.master_client}
+
+    @staticmethod
+    async def _replication_tasks(
+        scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Nursery]
+    ) -> None:
+        """The nursery replication tasks run in (HA service, follow loop, topic sync),
+        under ``scope``: cancelled only once the client server has drained, and able
+        to take new tasks later (a promotion starts the HA service in it)."""
         with scope:
-            await self.slave.run()
+            async with trio.open_nursery() as nursery:
+                task_status.started(nursery)
+                await trio.sleep_forever()
+
+    async def _serve_slaves(self, port: int, *, task_status: trio.TaskStatus[int]) -> None:
+        assert self.ha is not None
+        await self.ha.serve(self.config.ha_host, port, task_status=task_status)
+
+    async def _sync_topics(self) -> None:
+        """A slave's topic list follows the master's: fetched at start and every
+        :data:`TOPIC_SYNC_INTERVAL` (and on demand, see :class:`NodeRequestHandler`).
+
+        Topics are not in the replicated log, so without this a consumer pulling from a
+        slave would get ``UNKNOWN_TOPIC`` for topics whose records the slave holds.
+        """
+        with self._topic_sync_scope:
+            while True:
+                await self.sync_topics_now()
+                await trio.sleep(TOPIC_SYNC_INTERVAL)
+
+    async def sync_topics_now(self) -> None:
+        """Fetch the master's topics (``list_topics`` on ``master_client``) and create
+        the ones missing here. Bounded by :data:`TOPIC_SYNC_TIMEOUT`; a master that is
+        down is logged, not raised: the next round tries again."""
+        master = self.master_client
+        if self.slave is None or master is None or self.topics is None:
+            return
+        async with self._topic_sync_lock:
+            topics: list[dict[str, Any]] = []
+            with trio.move_on_after(TOPIC_SYNC_TIMEOUT) as timer:
+                try:
+                    async with open_client(master, connect_timeout=TOPIC_SYNC_TIMEOUT) as client:
+                        topics = (await client.checked("list_topics"))["topics"]
+                except (OSError, TidelogError) as exc:
+                    log.warning("topic_sync_failed master=%s error=%r", master, exc)
+                    return
+            if timer.cancelled_caught:
+                log.warning("topic_sync_timeout master=%s", master)
+                return
+            for topic in topics:
+                if self.topics.get(topic["topic"]) is None:
+                    try:
+                        await self.topics.create(topic["topic"], topic["queues"])
+                    except TopicExistsError:
+                        continue
+                    log.info("topic_synced topic=%s queues=%d", topic["topic"], topic["queues"])
 
     def _replication_status(self) -> dict[str, Any] | None:
         """``status.replication``: None for a master without an HA port."""
-        role = self.config.replication.role
         if self.slave is not None:
-            return {"role": role, **self.slave.status()}
-        if isinstance(self.acks, ReplicatedAcks):
+            return {"role": self.role, "epoch": self.epoch, **self.slave.status()}
+        if isinstance(self.acks, ReplicatedAcks) and self.ha is not None:
             host, port = self.ha_address or (self.config.ha_host, self.config.replication.ha_port)
-            return {"role": role, "ha_address": f"{host}:{port}", **self.acks.status()}
+            current = self.history.current
+            return {
+                "role": self.role,
+                "ha_address": f"{host}:{port}",
+                "epoch": self.epoch,
+                "epoch_start": current.start_offset if current is not None else None,
+                "stale": self.ha.stale,
+                **self.acks.status(),
+            }
         return None
 
     def status(self) -> dict[str, Any]:
@@ -293,9 +591,11 @@ class Node:
         assert self.acks is not None
         store = self.store.status()
         host, port = self.address or (self.config.node.host, self.config.node.port)
+        stale = self.ha is not None and self.ha.stale is not None
         return {
-            "role": self.config.replication.role,
+            "role": self.role,
             "writable": self.slave is None
+            and not stale
             and not store["failed"]
             and not self.server.handler.disk_full,
             "min_offset": store["log_min_offset"],
@@ -304,7 +604,7 @@ class Node:
             "replication": self._replication_status(),
             "node": self.config.node.name,
             "address": f"{host}:{port}",
-            "epoch": None,
+            "epoch": self.epoch,
             "topics": len(self.topics),
             "connections": self.server.connections,
             "uptime_ms": int((trio.current_time() - self._started_at) * 1000),

@@ -61,9 +61,11 @@ __all__ = [
     "GetOffsetsRequest",
     "ListTopicsRequest",
     "OpSchema",
+    "PromoteRequest",
     "ProtocolError",
     "PullRequest",
     "ReadRequest",
+    "RepointRequest",
     "Request",
     "ResponseDecoder",
     "SendBatchRequest",
@@ -444,6 +446,13 @@ def _check_route(fields: dict[str, Any]) -> None:
         )
 
 
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) <= 65535):
+        raise _Invalid("", f"must be host:port with a port in 1..65535, got {describe(value)}")
+    return value
+
+
 def _int_field(default: Any, low: int, high: int, doc: str, *, required: bool = False) -> Field:
     return Field((int,), required=required, default=default, low=low, high=high, doc=doc)
 
@@ -560,6 +569,27 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
             OpSchema("list_topics", {}, doc="every topic with its queue count"),
             OpSchema("describe_topic", {"topic": _TOPIC}, doc="one topic with its offsets"),
             OpSchema("status", {}, doc="role, offsets, flush and replication state"),
+            OpSchema(
+                "promote",
+                {
+                    "ha_port": _int_field(
+                        0, 0, 65535, "HA port the new master listens on (0: any free port)"
+                    )
+                },
+                doc="admin: turn this slave into a master, with a new epoch",
+            ),
+            OpSchema(
+                "repoint",
+                {
+                    "master_ha": Field(
+                        (str,), required=True, check=_check_host_port, doc="new master's HA port"
+                    ),
+                    "master_client": Field(
+                        (str,), check=_check_host_port, doc="new master's client address"
+                    ),
+                },
+                doc="admin: make this slave follow another master",
+            ),
         )
     }
 )
@@ -653,6 +683,19 @@ class StatusRequest(TypedDict):
     id: int
 
 
+class PromoteRequest(TypedDict):
+    op: Literal["promote"]
+    id: int
+    ha_port: int
+
+
+class RepointRequest(TypedDict):
+    op: Literal["repoint"]
+    id: int
+    master_ha: str
+    master_client: str | None
+
+
 Request: TypeAlias = (
     SendRequest
     | SendBatchRequest
@@ -663,6 +706,8 @@ Request: TypeAlias = (
     | ListTopicsRequest
     | DescribeTopicRequest
     | StatusRequest
+    | PromoteRequest
+    | RepointRequest
 )
 """A validated request: ``op``, ``id`` and every field of the op's schema."""
 

@@ -133,6 +133,8 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("list_topics", {}, {}),
     ("describe_topic", {"topic": "a.b_c-9"}, {"topic": "a.b_c-9"}),
     ("status", {}, {}),
+    ("promote", {}, {"ha_port": 0}),
+    ("repoint", {"master_ha": "h:1"}, {"master_ha": "h:1", "master_client": None}),
 ]
 
 

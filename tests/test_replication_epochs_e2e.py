@@ -1,0 +1,252 @@
+"""Epochs, promotion and consumers on slaves, end to end with real `tidelog node` processes.
+
+Every port is picked by the kernel (port 0) and read back (the client port from the ready
+line, the HA port from ``status`` or the ``promote`` answer); a restarted node reuses its
+ports so the others find it again. Waiting is bounded polling of ``status`` with a
+deadline, never a fixed sleep. Every process is killed at the end of its test, whatever
+happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cluster.client import Client, open_client
+from cluster.process import NodeProcess
+from cluster.protocol import Status
+
+POLL_DEADLINE = 15.0
+"""Seconds a condition may take before the test fails (loopback: normally milliseconds)."""
+POLL_INTERVAL = 0.02
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as exits:
+        yield exits
+
+
+def _start(
+    stack: ExitStack, data_dir: Path, name: str, args: list[str], port: int = 0
+) -> NodeProcess:
+    process = NodeProcess(data_dir, name=name, port=port, extra_args=args)
+    stack.callback(process.kill)
+    return process.start()
+
+
+def _slave_args(ha_address: str, master_client: str) -> list[str]:
+    return ["--role", "slave", "--master-ha", ha_address, "--master-client", master_client]
+
+
+async def _status(address: str) -> dict[str, Any]:
+    async with open_client(address) as client:
+        return await client.checked("status")
+
+
+async def _wait_until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after :data:`POLL_DEADLINE`."""
+    with trio.move_on_after(POLL_DEADLINE):
+        while not await check():
+            await trio.sleep(POLL_INTERVAL)
+        return
+    pytest.fail(f"timed out after {POLL_DEADLINE}s waiting for {what}")
+
+
+async def _wait_caught_up(master: NodeProcess, *slaves: NodeProcess) -> int:
+    """Wait until every slave is connected and its log ends where the master's does, and
+    the master's confirm offset is there too (so reads on the master see everything)."""
+    end = (await _status(master.address))["max_offset"]
+
+    async def caught_up() -> bool:
+        for slave in slaves:
+            status = await _status(slave.address)
+            if status["max_offset"] != end or not status["replication"]["connected"]:
+                return False
+        return (await _status(master.address))["replication"]["confirm_offset"] == end
+
+    await _wait_until(f"slaves to reach the master's log end {end}", caught_up)
+    return end
+
+
+async def _send(client: Client, body: bytes, acks: str, topic: str = "rep") -> None:
+    reply = await client.call("send", topic=topic, body=body, queue=0, acks=acks, timeout_ms=5000)
+    assert reply["status"] is Status.OK, reply
+
+
+def _log_prefix(node: NodeProcess, end: int) -> bytes:
+    """The commit log's bytes below ``end``, from the segment files (the node stopped)."""
+    directory = node.data_dir / "store" / "commitlog"
+    data = bytearray()
+    for path in sorted(directory.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1):
+        if path.name.isdigit() and int(path.name) < end:
+            assert int(path.name) == len(data), f"gap before segment {path.name}"
+            data += path.read_bytes()[: end - int(path.name)]
+    return bytes(data[:end])
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+async def test_master_restart_bumps_the_epoch_and_slaves_follow(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    master = _start(stack, tmp_path / "m", "m", ["--ha-port", "0"])
+    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    slave = _start(stack, tmp_path / "s", "s", _slave_args(ha_address, master.address))
+    async with open_client(master.address) as client:
+        await client.admin.create_topic("rep", 1)
+        for i in range(20):
+            await _send(client, b"first term %d" % i, "durable")
+    await _wait_caught_up(master, slave)
+    assert (await _status(master.address))["epoch"] == 1
+    assert (await _status(slave.address))["epoch"] == 1
+
+    assert master.stop() == 0, master.stderr
+    master = _start(
+        stack,
+        master.data_dir,
+        "m",
+        ["--ha-port", str(_port(ha_address))],
+        port=master.port,
+    )
+    status = await _status(master.address)
+    assert status["epoch"] == 2 and status["replication"]["epoch_start"] == status["max_offset"]
+    async with open_client(master.address) as client:
+        for i in range(20):
+            await _send(client, b"second term %d" % i, "durable")
+    end = await _wait_caught_up(master, slave)
+    slave_status = await _status(slave.address)
+    assert slave_status["epoch"] == 2
+    assert slave_status["replication"]["last_truncation"] is None
+
+    for node in (slave, master):
+        assert node.stop() == 0, node.stderr
+    assert _log_prefix(slave, end) == _log_prefix(master, end)
+    assert len(_log_prefix(master, end)) == end
+
+
+async def test_promoted_slave_truncates_the_old_masters_divergent_tail(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    a = _start(stack, tmp_path / "a", "a", ["--ha-port", "0"])
+    a_ha = (await _status(a.address))["replication"]["ha_address"]
+    b_args = _slave_args(a_ha, a.address)
+    b = _start(stack, tmp_path / "b", "b", b_args)
+    async with open_client(a.address) as client:
+        await client.admin.create_topic("rep", 1)
+        for i in range(10):
+            await _send(client, b"shared %d" % i, "durable")
+        shared_end = await _wait_caught_up(a, b)
+
+        # B goes away; A goes on alone (acks=leader: no slave needed), then crashes.
+        assert b.stop() == 0, b.stderr
+        for i in range(5):
+            await _send(client, b"only on a %d" % i, "leader")
+    a_end = (await _status(a.address))["max_offset"]
+    assert a_end > shared_end
+    a.kill()
+
+    b = _start(stack, b.data_dir, "b", b_args)
+    async with open_client(b.address) as client:
+        promoted = await client.checked("promote")
+        assert promoted["epoch"] == 2 and promoted["epoch_start"] == shared_end
+        again = await client.call("promote")
+        assert again["status"] is Status.BAD_REQUEST
+        for i in range(7):
+            await _send(client, b"b's term %d" % i, "durable")
+    b_status = await _status(b.address)
+    assert b_status["role"] == "master" and b_status["writable"] is True
+    assert b_status["epoch"] == 2
+    assert b_status["replication"]["ha_address"] == promoted["ha_address"]
+
+    a = _start(stack, a.data_dir, "a", _slave_args(promoted["ha_address"], b.address))
+    end = await _wait_caught_up(b, a)
+    a_status = await _status(a.address)
+    assert a_status["replication"]["last_truncation"] == [a_end, shared_end]
+    assert a_status["epoch"] == 2
+    async with open_client(a.address) as client:
+        refused = await client.call("send", topic="rep", body=b"x", acks="leader")
+        assert refused["status"] is Status.NOT_MASTER and refused["master"] == b.address
+
+    for node in (a, b):
+        assert node.stop() == 0, node.stderr
+    assert _log_prefix(a, end) == _log_prefix(b, end)
+    assert b"only on a" not in _log_prefix(a, end)
+
+
+async def test_consumers_on_a_slave_see_what_the_master_serves(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    master = _start(stack, tmp_path / "m", "m", ["--ha-port", "0"])
+    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    slave = _start(stack, tmp_path / "s", "s", _slave_args(ha_address, master.address))
+    async with open_client(master.address) as client:
+        await client.admin.create_topic("feed", 2)
+        for i in range(30):
+            reply = await client.call(
+                "send", topic="feed", body=b"event %d" % i, key=f"k{i % 7}", acks="durable"
+            )
+            assert reply["status"] is Status.OK, reply
+    await _wait_caught_up(master, slave)
+
+    pulled: dict[str, list[list[dict[str, Any]]]] = {}
+    for node in (master, slave):
+        async with open_client(node.address) as client:
+            pulled[node.name] = [
+                (
+                    await client.checked(
+                        "pull", topic="feed", queue=queue, offset=0, max_messages=100
+                    )
+                )["messages"]
+                for queue in range(2)
+            ]
+    assert sum(len(messages) for messages in pulled["m"]) == 30
+    assert pulled["s"] == pulled["m"]
+
+    for node in (slave, master):
+        assert node.stop() == 0, node.stderr
+
+
+async def test_repoint_and_a_stale_master_stops_taking_writes(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    a = _start(stack, tmp_path / "a", "a", ["--ha-port", "0"])
+    a_ha = (await _status(a.address))["replication"]["ha_address"]
+    b = _start(stack, tmp_path / "b", "b", _slave_args(a_ha, a.address))
+    c = _start(stack, tmp_path / "c", "c", _slave_args(a_ha, a.address))
+    async with open_client(a.address) as client:
+        await client.admin.create_topic("rep", 1)
+        await _send(client, b"before the switch", "durable")
+    await _wait_caught_up(a, b, c)
+
+    async with open_client(b.address) as client:
+        promoted = await client.checked("promote")
+    async with open_client(c.address) as client:
+        await client.checked("repoint", master_ha=promoted["ha_address"], master_client=b.address)
+    await _wait_caught_up(b, c)
+    assert (await _status(c.address))["epoch"] == 2
+
+    # C (now in epoch 2) pointed back at A proves A stale: A must refuse writes.
+    async with open_client(c.address) as client:
+        await client.checked("repoint", master_ha=a_ha)
+
+    async def a_is_stale() -> bool:
+        return (await _status(a.address))["replication"]["stale"] is not None
+
+    await _wait_until("A to learn it is stale", a_is_stale)
+    status = await _status(a.address)
+    assert status["writable"] is False and status["epoch"] == 1
+    async with open_client(a.address) as client:
+        refused = await client.call("send", topic="rep", body=b"x", acks="leader")
+    assert refused["status"] is Status.NOT_MASTER and refused.get("master") is None
+    assert (await _status(a.address))["max_offset"] == status["max_offset"]
+
+    for node in (c, b, a):
+        assert node.stop() == 0, node.stderr
