@@ -5,10 +5,17 @@ two machines), started here unless ``--bootstrap`` names one. Each figure comes
 with its floor or ceiling measured in the same run: a bare trio echo server's
 pipelined round trips for unbatched sends, and the storage engine in-process
 for batched throughput.
+
+With ``replicas`` (``--replicas N``) the node started is a master with an HA port
+and N slave processes follow it (``--min-insync-replicas N``), so
+``acks=replicated`` figures -- every slave acknowledged -- sit beside
+``acks=leader`` ones from the same master in the same run: the difference is the
+price of replication, not of a different setup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -24,6 +31,7 @@ import trio
 
 from cluster.client import Client, open_client
 from cluster.process import NodeProcess
+from cluster.protocol import Status
 from storage.bench import percentile
 
 ProgressFn = Callable[[str], None]
@@ -224,6 +232,54 @@ async def storage_ceiling(directory: Path, seconds: float) -> dict[str, float]:
     return figures
 
 
+REPLICA_START_TIMEOUT = 30.0
+
+
+async def _status(address: str) -> dict:
+    async with open_client(address) as client:
+        return await client.checked("status")
+
+
+async def start_replicated(
+    root: Path, replicas: int, processes: list[NodeProcess], progress: ProgressFn
+) -> str:
+    """Start a master with an HA port and ``replicas`` slaves following it (appended to
+    ``processes`` as they start, so the caller stops them whatever fails); return the
+    master's client address once every slave is in sync."""
+    progress(f"starting a master and {replicas} slave(s)")
+    master = NodeProcess(
+        root / "master",
+        name="master",
+        extra_args=["--ha-port", "0", "--min-insync-replicas", str(replicas)],
+    )
+    processes.append(master)
+    master.start()
+    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    for index in range(replicas):
+        name = f"slave-{index + 1}"
+        slave = NodeProcess(
+            root / name,
+            name=name,
+            extra_args=[
+                "--role", "slave", "--master-ha", ha_address, "--master-client", master.address,
+            ],
+        )  # fmt: skip
+        processes.append(slave)
+        slave.start()
+    with trio.fail_after(REPLICA_START_TIMEOUT):
+        # Another process's state: nothing to wait on but its status, so poll it.
+        while len((await _status(master.address))["replication"].get("in_sync", [])) < replicas:
+            await trio.sleep(0.05)
+    async with open_client(master.address) as client:  # admitted, not refused: in sync
+        await client.admin.create_topic("bench-warmup", 1, exist_ok=True)
+        reply = await client.call(
+            "send", topic="bench-warmup", body=b"x", queue=0, acks="replicated", timeout_ms=5000
+        )
+        if reply["status"] is not Status.OK:
+            raise RuntimeError(f"the replicated warm-up write failed: {reply}")
+    return master.address
+
+
 async def run_bench(
     kind: str,
     bootstrap: str | None,
@@ -231,16 +287,21 @@ async def run_bench(
     seconds: float,
     acks_levels: tuple[str, ...],
     progress: ProgressFn,
+    replicas: int = 0,
 ) -> dict[str, float]:
-    """``kind`` is "produce" or "consume"; starts a node unless ``bootstrap`` is given."""
+    """``kind`` is "produce" or "consume"; starts a node unless ``bootstrap`` is given,
+    with ``replicas`` > 0 a master and that many slaves (see the module doc)."""
     root = Path(tempfile.mkdtemp(prefix="tidelog-bench-"))
-    node = None
+    processes: list[NodeProcess] = []
     try:
-        if bootstrap is None:
+        if bootstrap is None and replicas > 0:
+            bootstrap = await start_replicated(root, replicas, processes, progress)
+        elif bootstrap is None:
             progress("starting a node")
-            node = NodeProcess(root / "node").start()
-            bootstrap = node.address
-        figures: dict[str, float] = {}
+            node = NodeProcess(root / "node")
+            processes.append(node)
+            bootstrap = node.start().address
+        figures: dict[str, float] = {"replicas": float(replicas)} if replicas else {}
         if kind == "produce":
             figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels))
             progress("floor: trio echo server")
@@ -257,6 +318,7 @@ async def run_bench(
             figures.update(await bench_consume_on(bootstrap, seconds, progress))
         return figures
     finally:
-        if node is not None:
-            node.stop()
+        for process in reversed(processes):  # slaves first: the master's exit is clean
+            with contextlib.suppress(RuntimeError):  # ignored SIGTERM: stop() killed it
+                process.stop()
         shutil.rmtree(root, ignore_errors=True)

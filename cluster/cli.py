@@ -71,14 +71,18 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 def cmd_bench_node(args: argparse.Namespace) -> int:
     from cluster.bench import run_bench
 
+    if args.replicas < 0:
+        raise SystemExit("--replicas must not be negative")
+    acks = args.acks or ("leader,replicated" if args.replicas else "leader,durable")
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(
         lambda: run_bench(
             args.kind,
             args.bootstrap,
             seconds=args.seconds,
-            acks_levels=tuple(args.acks.split(",")),
+            acks_levels=tuple(acks.split(",")),
             progress=progress,
+            replicas=args.replicas,
         )
     )
     return report_figures(
@@ -89,18 +93,37 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
 def cmd_bench_replication(args: argparse.Namespace) -> int:
     import tempfile
 
-    from replication.bench import parse_size, run_catchup_bench
+    from replication.bench import parse_size, run_catchup_bench, run_lag_bench
 
     progress = _progress(not args.json and sys.stderr.isatty())
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tidelog-catchup-", dir=args.dir) as directory:
-        figures = trio.run(
-            lambda: run_catchup_bench(
-                Path(directory), parse_size(args.size), repeats=args.repeats, progress=progress
+        if not args.lag_only:
+            figures.update(
+                trio.run(
+                    lambda: run_catchup_bench(
+                        Path(directory),
+                        parse_size(args.size),
+                        repeats=args.repeats,
+                        progress=progress,
+                    )
+                )
             )
-        )
+        if args.lag_seconds > 0:
+            figures.update(
+                trio.run(
+                    lambda: run_lag_bench(
+                        Path(directory) / "lag",
+                        seconds=args.lag_seconds,
+                        rate=args.lag_rate,
+                        progress=progress,
+                    )
+                )
+            )
     return report_figures(
         args,
-        "tidelog bench replication: catch-up of a fresh slave (sendfile and copy, same run)",
+        "tidelog bench replication: catch-up of a fresh slave (sendfile and copy, same run) "
+        "and append-to-ack lag under a steady 1 KiB load",
         figures,
     )
 
@@ -244,13 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="catch-up streaming of a log to a slave process: sendfile against the copy path",
         description="Write a log of --size on this disk and stream it over loopback to a "
         "receiving process with os.sendfile and with read+send, reporting MB/s and the "
-        "master's CPU seconds per GiB for each, beside raw blocking loops. (Replication lag "
-        "and replicated-ack figures come with the HA service.)",
+        "master's CPU seconds per GiB for each, beside raw blocking loops; then the "
+        "replication lag (master append to slave ack, p50/p99) of a steady 1 KiB load on a "
+        "master with one slave process.",
     )
     replication.add_argument("--size", default="2GiB", help="log size (default 2GiB)")
     replication.add_argument("--repeats", type=int, default=3, help="runs per mode (median)")
     replication.add_argument("--dir", type=Path, default=None, help="where to write the log")
     replication.add_argument("--json", action="store_true", help="one JSON object")
+    replication.add_argument(
+        "--lag-seconds", type=float, default=5.0, help="lag measurement length (0: skip it)"
+    )
+    replication.add_argument(
+        "--lag-rate", type=float, default=2000.0, help="lag load in 1 KiB msgs/s (default 2000)"
+    )
+    replication.add_argument("--lag-only", action="store_true", help="skip the catch-up runs")
     replication.set_defaults(handler=cmd_bench_replication)
     for kind, text in (
         (
@@ -265,7 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--bootstrap", help="measure this node (default: start one in a temp dir)"
         )
         node_bench.add_argument(
-            "--acks", default="leader,durable", help="ack levels, comma separated"
+            "--acks",
+            help="ack levels, comma separated (default leader,durable; with --replicas "
+            "leader,replicated)",
+        )
+        node_bench.add_argument(
+            "--replicas",
+            type=int,
+            default=0,
+            help="start a master and this many slave processes (min-insync-replicas N) "
+            "instead of one node, so acks=replicated can be measured (default 0)",
         )
         node_bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
         node_bench.add_argument("--json", action="store_true", help="one JSON object")

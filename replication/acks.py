@@ -15,7 +15,7 @@ import trio
 
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
-from replication.ha import HAService
+from replication.ha import HAService, lag_status
 
 __all__ = ["DurableAcks", "ReplicatedAcks"]
 
@@ -32,21 +32,22 @@ class ReplicatedAcks:
     """Ack levels on a master serving slaves through ``ha``.
 
     ``admit(replicated)`` refuses, before anything is appended, when fewer than
-    ``min_insync_replicas`` slaves are *connected*: the client can resend the write
-    without risking a duplicate. "Connected" is the only in-sync test so far; a slave
-    that is connected but far behind still counts (a lag bound, RocketMQ's
-    ``haMaxGapNotInSync``, comes later), so such a write then waits for that slave and
-    may end in ``FLUSH_SLAVE_TIMEOUT``.
+    ``min_insync_replicas`` slaves are *in sync* (:mod:`replication.insync`: connected,
+    within the HA service's ``max_lag_bytes`` and caught up within its ``max_lag_ms``):
+    the client can resend the write without risking a duplicate. Counting merely
+    connected slaves would admit a write that then waits on a slave far behind and ends
+    in ``FLUSH_SLAVE_TIMEOUT`` after it was stored -- the one answer a client cannot
+    safely retry.
 
     ``wait(replicated)`` is group commit, then the HA confirm offset reaching the write's
-    end: every slave connected at the time has it. One deadline covers both steps, so
+    end: every slave in sync at the time has it. One deadline covers both steps, so
     the request's ``timeout_ms`` is the whole budget.
 
     :meth:`read_limit` is the confirm offset: consumers never read past what the
-    connected slaves hold, so a record a consumer saw survives the master's loss (if a
-    slave takes over). The price: right after the master starts, and while no slave is
-    connected, the confirm offset does not move, so new records are not readable until
-    a slave acknowledges them.
+    in-sync slaves hold, so a record a consumer saw survives the master's loss (if an
+    in-sync slave takes over). The price: right after the master starts, and while no
+    slave is in sync, the confirm offset does not move, so new records are not
+    readable until a slave acknowledges them.
     """
 
     def __init__(self, durable: DurableAcks, ha: HAService, min_insync_replicas: int) -> None:
@@ -59,13 +60,14 @@ class ReplicatedAcks:
     def admit(self, acks: Acks) -> None:
         if acks is not Acks.REPLICATED:
             return
-        connected = len(self._ha.ack_offsets)
-        if connected < self.min_insync_replicas:
+        in_sync = len(self._ha.in_sync_slaves())
+        if in_sync < self.min_insync_replicas:
+            connected = len(self._ha.ack_offsets)
             raise RequestError(
                 Status.SLAVE_NOT_AVAILABLE,
                 f"acks=replicated needs {self.min_insync_replicas} in-sync slave(s) and "
-                f"{connected} are connected; nothing was written: resend later or with "
-                "acks=durable",
+                f"{in_sync} are in sync ({connected} connected); nothing was written: "
+                "resend later or with acks=durable",
             )
 
     async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
@@ -90,8 +92,11 @@ class ReplicatedAcks:
         return self._ha.confirm_offset
 
     def status(self) -> dict[str, Any]:
-        """The replication part of a master's ``status`` (the node adds its addresses)."""
+        """The replication part of a master's ``status`` (the node adds its addresses):
+        every connected slave under ``slaves``, and under ``in_sync`` / ``out_of_sync``
+        the same slaves split by the in-sync decision, with their lag in bytes and ms."""
         return {
+            **lag_status(self._ha.slave_lags()),
             "min_insync_replicas": self.min_insync_replicas,
             "confirm_offset": self._ha.confirm_offset,
             "slaves": [

@@ -26,12 +26,24 @@ Warm and cold
     every byte comes from the disk, and ``disk_read_cold_mb_per_s`` gives the disk's
     own sequential read rate as the floor for those.
 
+Replication lag (:func:`run_lag_bench`)
+    A master store and :class:`~replication.ha.HAService` in this process, an
+    :class:`~replication.ha.HAClient` with its own store in a **separate process**
+    (``python -m replication.bench lag-slave``), over loopback. A producer appends
+    1 KiB messages at a steady ``rate`` (paced on a schedule, not back to back: lag
+    under a sustainable load, not queueing under saturation) and a second task
+    takes each message's end offset in order and waits for the confirm offset --
+    the slave's ack -- to reach it: lag = ack arrival - append, per message.
+    Reported: p50/p99/p999/max in microseconds and the achieved rate. A message whose
+    ack came with a later one's is timed when that ack arrived (that is its lag).
+
 Nothing here asserts a figure; the tests run it with a few MiB and check the keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import mmap
@@ -58,6 +70,7 @@ from replication.transfer import (
     recv_exactly_into,
     send_file_range,
 )
+from storage.bench import percentile
 from storage.mapped_file import fsync_directory, segment_name
 
 ProgressFn = Callable[[str], None]
@@ -391,6 +404,99 @@ async def run_catchup_bench(
                 path.unlink(missing_ok=True)
 
 
+# ---- replication lag under a steady load ---------------------------------------------------
+
+
+def _lag_store_config(directory: Path):
+    from storage import StoreConfig
+
+    return StoreConfig(data_dir=directory, segment_size=64 * MiB)
+
+
+async def run_lag_bench(
+    directory: Path,
+    *,
+    seconds: float = 5.0,
+    rate: float = 2_000.0,
+    message_size: int = 1024,
+    progress: ProgressFn = lambda _msg: None,
+) -> dict[str, float]:
+    """Append ``message_size`` B messages at ``rate``/s for ``seconds`` on a master with
+    one slave process; return the append-to-ack lag percentiles (see module doc)."""
+    from replication.ha import HAService
+    from storage import Message, MessageStore
+
+    if seconds <= 0 or rate <= 0 or message_size <= 0:
+        raise ValueError("seconds, rate and message_size must be positive")
+    body = os.urandom(message_size)
+    pending: trio.MemorySendChannel[tuple[int, float]]
+    pending, arrivals = trio.open_memory_channel[tuple[int, float]](math.inf)
+    lags: list[float] = []
+    async with MessageStore.open(_lag_store_config(directory / "master")) as master:
+        service = HAService(master)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(service.serve, "127.0.0.1", 0)
+            command = [
+                sys.executable, "-m", "replication.bench", "lag-slave",
+                "--port", str(port), "--dir", str(directory / "slave"),
+            ]  # fmt: skip
+            # run_process kills the child when the nursery is cancelled below
+            nursery.start_soon(partial(trio.run_process, command, check=False))
+            progress("waiting for the slave process")
+            with trio.fail_after(CHILD_TIMEOUT):
+                while not service.in_sync_slaves():
+                    await service.wait_membership_change()
+
+            measured = trio.Event()
+
+            async def measure() -> None:
+                async for end, appended in arrivals:
+                    await service.wait_replicated(end)
+                    lags.append(time.perf_counter() - appended)
+                measured.set()
+
+            nursery.start_soon(measure)
+            progress(f"{rate:.0f} msgs/s of {message_size} B for {seconds:.0f} s")
+            interval = 1 / rate
+            start = trio.current_time()
+            sent = 0
+            while (now := trio.current_time()) - start < seconds:
+                due = start + sent * interval
+                if due > now:
+                    await trio.sleep_until(due)
+                await master.put(Message("lag", body, 0))
+                await pending.send((master.commit_log.max_offset, time.perf_counter()))
+                sent += 1
+            elapsed = trio.current_time() - start
+            await pending.aclose()
+            with trio.fail_after(CHILD_TIMEOUT):
+                await measured.wait()
+            nursery.cancel_scope.cancel()
+    lags.sort()
+    return {
+        "lag_message_bytes": float(message_size),
+        "lag_target_msgs_per_s": rate,
+        "lag_achieved_msgs_per_s": sent / elapsed,
+        "lag_messages": float(sent),
+        "lag_p50_us": percentile(lags, 0.5) * 1e6,
+        "lag_p99_us": percentile(lags, 0.99) * 1e6,
+        "lag_p999_us": percentile(lags, 0.999) * 1e6,
+        "lag_max_us": lags[-1] * 1e6,
+    }
+
+
+async def lag_slave(port: int, directory: Path) -> None:
+    """Child side of the lag bench: a plain HA slave until the master goes away."""
+    from replication.ha import HAClient, HAProtocolError
+    from replication.transfer import TransferError
+    from storage import MessageStore
+
+    async with MessageStore.open(_lag_store_config(directory)) as store:
+        # the master ending the bench may cut the stream anywhere: that is the exit
+        with contextlib.suppress(OSError, HAProtocolError, TransferError):
+            await HAClient(store, "bench-slave").run("127.0.0.1", port)
+
+
 # ---- the receiver process --------------------------------------------------------------------
 
 
@@ -454,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--buffer", type=int, required=True)
     child.add_argument("--rcvbuf", type=int)
     child.add_argument("--verify", action="store_true")
+    slave = sub.add_parser("lag-slave", help="(internal) the lag bench's slave process")
+    slave.add_argument("--port", type=int, required=True)
+    slave.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE)
     parser.add_argument("--chunk", type=parse_size, default=DEFAULT_MAX_CALL)
     parser.add_argument("--max-call", type=parse_size)
@@ -469,6 +578,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "receive":
         trio.run(receive, args.port, args.buffer, args.rcvbuf, args.verify)
+        return
+    if args.command == "lag-slave":
+        trio.run(lag_slave, args.port, args.dir)
         return
     chunks = [parse_size(c) for c in args.sweep.split(",")] if args.sweep else [args.chunk]
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="catchup-") as tmp:

@@ -21,9 +21,17 @@ The frame codecs are sans-IO (bytes in, values out; :class:`AckDecoder` takes by
 as they arrive), the classes do the trio I/O.
 
 What the master acknowledges to producers is the *confirm offset*: the smallest ack
-among the connected slaves (:meth:`HAService.wait_replicated`). It only moves forward:
-a lagging slave that connects later does not un-confirm bytes every slave connected
-at the time had already acknowledged.
+among the *in-sync* slaves (:mod:`replication.insync`: within ``max_lag_bytes`` of the
+master's end and caught up within ``max_lag_ms``; :meth:`HAService.wait_replicated`).
+A slave that falls behind stops holding it back, one that catches up counts again. It
+only moves forward: a lagging slave that connects later does not un-confirm bytes
+every slave in sync at the time had already acknowledged.
+
+Liveness: the slave sends its ack frame at least every ``heartbeat_ms`` even when
+nothing arrived, and the master sends an empty chunk (length 0, at its send offset)
+when idle for ``heartbeat_ms``. Either end that hears nothing for ``peer_timeout_ms``
+closes the connection (the slave's caller reconnects), so a silently dead peer --
+a pulled cable, a frozen process -- is noticed without waiting for TCP keepalive.
 
 Epochs (``replication.epochs``), active only when the master was given a non-empty
 history (``HAService(history=...)``) and, on the slave side, the slave was too
@@ -46,8 +54,8 @@ unchanged:
 * A slave that has records but sends an empty history cannot be checked against the
   master's terms; an epoch-aware master refuses it when its log would need cutting.
 
-Not handled here (yet): durable acks (ack after fsync), retention deleting a segment
-under a sender, reconnect/backoff on the slave side.
+Not handled here: durable acks (ack after fsync), retention deleting a segment under a
+sender, reconnect/backoff on the slave side (the node's loop does that).
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -69,6 +78,7 @@ from replication.epochs import (
     divergence_point,
     leader_is_stale,
 )
+from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS, InSyncSet, SlaveLag
 from replication.transfer import (
     HEADER_SIZE,
     ChunkHeader,
@@ -138,6 +148,12 @@ A history only grows by one entry per master election, so this is decades of the
 MAX_CHUNK = 1 << 20
 """Data bytes per chunk: the size the transfer benchmark found to be the knee (see
 ``transfer.DEFAULT_MAX_CALL``), and the slave's receive buffer size."""
+
+DEFAULT_HEARTBEAT_MS = 1_000
+"""Longest silence of a healthy end: the slave re-sends its ack, the master an empty
+chunk. Well under ``DEFAULT_PEER_TIMEOUT_MS`` so a few lost turns do not cut a stream."""
+DEFAULT_PEER_TIMEOUT_MS = 5_000
+"""Silence after which an end gives the other up and closes the connection."""
 
 DEFAULT_POLL_INTERVAL = 0.05
 """How long a caught-up sender waits for an arrival before looking at the log again. The
@@ -334,6 +350,34 @@ def _epochs_text(entries: tuple[EpochEntry, ...]) -> str:
     return ",".join(f"{e.epoch}@{e.start_offset}" for e in entries) or "-"
 
 
+@contextmanager
+def _unwrapped() -> Iterator[None]:
+    """Re-raise a nursery's lone failure as itself: callers (the node's reconnect loop,
+    :meth:`HAService._handle`) catch ``HAProtocolError``/``OSError`` by type, which an
+    ``ExceptionGroup`` (trio's strict groups) would slip past."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _no_delay(sock: trio.socket.SocketType) -> None:
+    """Turn Nagle off: acks and heartbeats are 16-byte frames often sent while the
+    previous one is unacknowledged, which Nagle would hold back until the peer's
+    (delayed) ACK. Chunk headers are still coalesced with their data by ``MSG_MORE``."""
+    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+
+
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -364,9 +408,18 @@ class HAConnection:
         on_ack: Callable[[str, int], None] | None = None,
         history: EpochHistory | None = None,
         on_stale: Callable[[str], None] | None = None,
+        heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
+        peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
     ) -> None:
         if max_chunk <= 0:
             raise ValueError(f"max_chunk must be positive, got {max_chunk}")
+        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
+            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+        self.heartbeat_ms = heartbeat_ms
+        """An idle stream sends an empty chunk this often, so the slave can tell a quiet
+        master from a dead one."""
+        self.peer_timeout_ms = peer_timeout_ms
+        """A slave silent this long (no ack, not even a heartbeat) is dropped."""
         self.store = store
         self.use_sendfile = use_sendfile
         self.max_chunk = max_chunk
@@ -415,9 +468,10 @@ class HAConnection:
                 start,
                 end,
             )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
-                await self._stream(sock)
+            with _unwrapped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
+                    await self._stream(sock)
 
     def _stale_reason(self, hello: SlaveHello) -> str | None:
         """Why this master is stale, judging by the slave's history; None if it is not
@@ -475,13 +529,22 @@ class HAConnection:
 
     async def _stream(self, sock: trio.socket.SocketType) -> None:
         """Send committed bytes forever: one chunk per turn, within one segment and below
-        the log end; park on the dispatcher's arrival event when caught up."""
+        the log end; park on the dispatcher's arrival event when caught up, and send an
+        empty chunk (the heartbeat) after ``heartbeat_ms`` without one."""
         files = self.store.commit_log.files
+        heartbeat = self.heartbeat_ms / 1000
+        last_sent = trio.current_time()
         while True:
             end = self.store.commit_log.max_offset
             offset = self.send_offset
             if offset >= end:
-                with trio.move_on_after(self.poll_interval):
+                idle_until = last_sent + heartbeat
+                if trio.current_time() >= idle_until:
+                    # Sent by this task like every chunk: one sender on the socket.
+                    await _send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+                    last_sent = trio.current_time()
+                    continue
+                with trio.move_on_at(min(idle_until, trio.current_time() + self.poll_interval)):
                     await self.store.wait_for_arrival()
                 continue
             segment = files.find(offset)  # at a full segment's end: the next one
@@ -498,12 +561,24 @@ class HAConnection:
                 buffer=self._buffer,
             )
             self.send_offset = offset + count
+            last_sent = trio.current_time()
 
     async def _read_acks(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-        """Record acks until the slave closes its side; then end the whole connection."""
+        """Record acks until the slave closes its side (then end the whole connection) or
+        stays silent for ``peer_timeout_ms`` (raise: the slave is gone or stuck). Every
+        frame, a heartbeat repeating the last offset too, reaches ``on_ack``: the
+        in-sync set needs to hear that the slave is alive."""
         decoder = AckDecoder()
+        timeout = self.peer_timeout_ms / 1000
         while True:
-            data = await sock.recv(4096)
+            data = None
+            with trio.move_on_after(timeout):
+                data = await sock.recv(4096)
+            if data is None:
+                raise HAProtocolError(
+                    f"slave {self.name} sent nothing for {self.peer_timeout_ms:.0f} ms "
+                    f"(ack_offset {self.ack_offset}): dropping it"
+                )
             if not data:
                 if decoder.buffered:
                     raise HAProtocolError(f"stream ended inside an ack ({decoder.buffered} B)")
@@ -515,7 +590,7 @@ class HAConnection:
                     raise HAProtocolError(
                         f"slave {self.name} acked {offset}, past what was sent ({self.send_offset})"
                     )
-                if offset > self.ack_offset:
+                if offset >= self.ack_offset:
                     self.ack_offset = offset
                     if self.on_ack is not None:
                         assert self.name is not None
@@ -524,8 +599,13 @@ class HAConnection:
 
 class HAService:
     """The master's replication endpoint: accepts slaves, one :class:`HAConnection` each,
-    and tracks the confirm offset (minimum ack among connected slaves) for producers
-    waiting on replication.
+    and tracks the confirm offset (minimum ack among in-sync slaves, see
+    :mod:`replication.insync`) for producers waiting on replication.
+
+    Membership changes with time as well as with acks (a slave that goes quiet drops
+    out after ``max_lag_ms`` without any frame arriving), so :meth:`serve` also runs a
+    watcher that re-evaluates the set every ``check_interval`` and logs who left and
+    who came back.
 
     A slave name is its identity: a slave that reconnects under the same name replaces
     its old connection (which may not have noticed the old socket died yet).
@@ -539,8 +619,22 @@ class HAService:
         max_chunk: int = MAX_CHUNK,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         history: EpochHistory | None = None,
+        max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES,
+        max_lag_ms: float = DEFAULT_MAX_LAG_MS,
+        heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
+        peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
     ) -> None:
+        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
+            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
         self.store = store
+        self.insync = InSyncSet(max_lag_bytes, max_lag_ms)
+        self.heartbeat_ms = heartbeat_ms
+        self.peer_timeout_ms = peer_timeout_ms
+        self.check_interval = max(min(max_lag_ms, heartbeat_ms) / 4000, 0.001)
+        """Seconds between re-evaluations of the in-sync set: a quarter of the shorter
+        of the lag bound and the heartbeat, so a drop-out is seen within 25% of it."""
+        self._in_sync_names: frozenset[str] = frozenset()
+        self._membership_changed = trio.Event()
         self.use_sendfile = use_sendfile
         self.max_chunk = max_chunk
         self.poll_interval = poll_interval
@@ -552,15 +646,29 @@ class HAService:
         """Why this master is stale (a slave reported a newer epoch), or None. Once set
         it stays: :meth:`wait_replicated` answers False and the node must step down."""
         self.ack_offsets: dict[str, int] = {}
-        """Connected slaves' acknowledged log ends, by name."""
+        """Connected slaves' acknowledged log ends, by name (in sync or not)."""
         self.connections: dict[str, HAConnection] = {}
         self._confirmed = OffsetWaiters()
         self._confirmed.advance(0)  # an empty prefix is always replicated
 
     @property
     def confirm_offset(self) -> int:
-        """Every byte below it was acknowledged by every slave connected when it was."""
+        """Every byte below it was acknowledged by every slave in sync when it was."""
         return self._confirmed.position
+
+    def in_sync_slaves(self) -> dict[str, int]:
+        """The in-sync slaves' ack offsets, by name, judged now."""
+        return self.insync.in_sync(self.store.commit_log.max_offset, trio.current_time())
+
+    async def wait_membership_change(self) -> frozenset[str]:
+        """Park until a slave joins or leaves the in-sync set; return the new set's
+        names. Lets a caller (a test, a monitor) react to a change without polling."""
+        await self._membership_changed.wait()
+        return self._in_sync_names
+
+    def slave_lags(self) -> list[SlaveLag]:
+        """Every connected slave's lag in bytes and ms and whether it is in sync."""
+        return self.insync.lags(self.store.commit_log.max_offset, trio.current_time())
 
     async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
         """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
@@ -586,6 +694,7 @@ class HAService:
             "log_max_offset": self.store.commit_log.max_offset,
             "confirm_offset": self.confirm_offset,
             "slaves": dict(self.ack_offsets),
+            **lag_status(self.slave_lags()),
             "stale": self.stale,
         }
 
@@ -607,6 +716,7 @@ class HAService:
             log.info("ha_listening host=%s port=%d", host, bound)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._confirmed.expire_deadlines)
+                nursery.start_soon(self._watch_in_sync)
                 task_status.started(bound)
                 while True:
                     sock, peer = await listener.accept()
@@ -622,9 +732,12 @@ class HAService:
             on_ack=self._on_ack,
             history=self.history,
             on_stale=self._on_stale,
+            heartbeat_ms=self.heartbeat_ms,
+            peer_timeout_ms=self.peer_timeout_ms,
         )
         with sock:
             try:
+                _no_delay(sock)
                 await connection.run(sock)
             except (OSError, HAProtocolError, TransferError) as exc:
                 log.warning(
@@ -642,12 +755,20 @@ class HAService:
             log.info("ha_slave_replaced slave=%s", connection.name)
             old.cancel_scope.cancel()
         self.connections[connection.name] = connection
+        self.insync.add(
+            connection.name,
+            connection.ack_offset,
+            self.store.commit_log.max_offset,
+            trio.current_time(),
+        )
 
     def _unregister(self, connection: HAConnection) -> None:
         name = connection.name
         if name is not None and self.connections.get(name) is connection:
             del self.connections[name]
             del self.ack_offsets[name]
+            self.insync.remove(name)
+            self._update_confirm()
             log.info("ha_slave_disconnected slave=%s ack_offset=%d", name, connection.ack_offset)
 
     def _on_stale(self, reason: str) -> None:
@@ -659,7 +780,55 @@ class HAService:
 
     def _on_ack(self, name: str, offset: int) -> None:
         self.ack_offsets[name] = offset
-        self._confirmed.advance(min(self.ack_offsets.values()))
+        self.insync.ack(name, offset, self.store.commit_log.max_offset, trio.current_time())
+        self._update_confirm()
+
+    def _update_confirm(self) -> None:
+        """Advance the confirm offset to the slowest in-sync slave's ack (no in-sync
+        slave: it stays, nothing new is replicated), and log membership changes."""
+        in_sync = self.in_sync_slaves()
+        names = frozenset(in_sync)
+        if names != self._in_sync_names:
+            for name in sorted(self._in_sync_names - names):
+                if name in self.ack_offsets:
+                    lag = next(x for x in self.slave_lags() if x.name == name)
+                    log.warning(
+                        "ha_slave_out_of_sync slave=%s ack_offset=%d lag_bytes=%d lag_ms=%.0f",
+                        name,
+                        lag.ack_offset,
+                        lag.lag_bytes,
+                        lag.lag_ms,
+                    )
+            for name in sorted(names - self._in_sync_names):
+                log.info("ha_slave_in_sync slave=%s ack_offset=%d", name, in_sync[name])
+            self._in_sync_names = names
+            self._membership_changed.set()
+            self._membership_changed = trio.Event()
+        if in_sync:
+            self._confirmed.advance(min(in_sync.values()))
+
+    async def _watch_in_sync(self) -> None:
+        """Re-judge the set as time passes: dropping a silent laggard is what lets the
+        confirm offset (and the writes waiting on it) move on without it."""
+        while True:
+            await trio.sleep(self.check_interval)
+            self._update_confirm()
+
+
+def lag_status(lags: list[SlaveLag]) -> dict[str, list[dict[str, Any]]]:
+    """``in_sync`` and ``out_of_sync`` lists for a status reply: name, ack offset, lag in
+    bytes and in ms (since the slave was last caught up)."""
+    out: dict[str, list[dict[str, Any]]] = {"in_sync": [], "out_of_sync": []}
+    for lag in lags:
+        out["in_sync" if lag.in_sync else "out_of_sync"].append(
+            {
+                "name": lag.name,
+                "ack_offset": lag.ack_offset,
+                "lag_bytes": lag.lag_bytes,
+                "lag_ms": round(lag.lag_ms, 1),
+            }
+        )
+    return out
 
 
 # ---- slave ------------------------------------------------------------------------------------
@@ -674,6 +843,11 @@ class HAClient:
     master's history rules out (see the module docstring) and adopts the master's newer
     epochs, saving the history to ``epoch_file`` after every change (without a file the
     history only changes in memory). Without a history it behaves as before epochs.
+
+    Liveness: a task re-sends the current ack every ``heartbeat_ms`` (so the master
+    knows a slave with nothing to apply is alive), and a master silent for
+    ``peer_timeout_ms`` -- not even its empty heartbeat chunk -- ends :meth:`run` with
+    :class:`HAProtocolError`, so the caller's loop reconnects.
     """
 
     def __init__(
@@ -684,9 +858,15 @@ class HAClient:
         max_chunk: int = MAX_CHUNK,
         history: EpochHistory | None = None,
         epoch_file: EpochFile | None = None,
+        heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
+        peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
     ) -> None:
+        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
+            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
         self.store = store
         self.name = name
+        self.heartbeat_ms = heartbeat_ms
+        self.peer_timeout_ms = peer_timeout_ms
         self.history = history
         self.epoch_file = epoch_file
         self.master_offset: int | None = None
@@ -697,6 +877,30 @@ class HAClient:
         self.last_truncation: tuple[int, int] | None = None
         """(old end, new end) of the last divergent tail this client cut, or None."""
         self._buffer = bytearray(max_chunk + HEADER_SIZE)
+        self._ack_lock = trio.Lock()
+        """Acks come from the apply loop and the heartbeat task: one frame at a time."""
+
+    async def _send_ack(self, sock: trio.socket.SocketType, offset: int) -> None:
+        async with self._ack_lock:
+            await _send_all(sock, pack_ack(offset))
+
+    async def _heartbeat(self, sock: trio.socket.SocketType) -> None:
+        """Repeat the current ack every ``heartbeat_ms``, whatever the apply loop does:
+        a slave stuck applying still says where it stands, and the master's in-sync
+        set (not its peer timeout) decides what that lag means."""
+        while True:
+            await trio.sleep(self.heartbeat_ms / 1000)
+            await self._send_ack(sock, self.acked_offset)
+
+    async def _receive(self, sock: trio.socket.SocketType, view: memoryview) -> ChunkHeader | None:
+        """The next chunk, or None at a clean end; :class:`HAProtocolError` when the
+        master sent nothing, not even a heartbeat, for ``peer_timeout_ms``."""
+        with trio.move_on_after(self.peer_timeout_ms / 1000):
+            return await receive_chunk_into(sock, view)
+        raise HAProtocolError(
+            f"master sent nothing for {self.peer_timeout_ms:.0f} ms (slave {self.name} at "
+            f"{self.acked_offset}): reconnecting"
+        )
 
     async def run(self, host: str, port: int) -> None:
         """Replicate until the master closes the stream (returns) or it breaks (raises).
@@ -705,10 +909,16 @@ class HAClient:
         sock = trio.socket.socket()
         with sock:
             await sock.connect((host, port))
+            _no_delay(sock)
             commit_log = self.store.commit_log
             start = commit_log.max_offset
             await _send_all(sock, pack_slave_hello(self.name, start, self.history))
-            master = await self._read_master_hello(sock)
+            with trio.move_on_after(self.peer_timeout_ms / 1000) as hello_wait:
+                master = await self._read_master_hello(sock)
+            if hello_wait.cancelled_caught:
+                raise HAProtocolError(
+                    f"master did not answer the hello within {self.peer_timeout_ms:.0f} ms"
+                )
             self.master_offset = master.max_offset
             self.master_history = master.history
             if self.history is not None and master.epochs:
@@ -722,18 +932,28 @@ class HAClient:
                 start,
                 self.master_offset,
             )
-            view = memoryview(self._buffer)
-            while True:
-                header = await receive_chunk_into(sock, view)
-                if header is None:
-                    log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
-                    return
-                end = await self.store.append_replicated(header.offset, view[: header.length])
-                if pending:
-                    await self._adopt_epochs(pending, end)
-                if end > self.acked_offset:
-                    await _send_all(sock, pack_ack(end))
-                    self.acked_offset = end
+            with _unwrapped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, sock)
+                    await self._apply(sock, pending)
+                    nursery.cancel_scope.cancel()
+
+    async def _apply(self, sock: trio.socket.SocketType, pending: list[EpochEntry]) -> None:
+        """Apply chunks and ack each advance until the master closes the stream."""
+        view = memoryview(self._buffer)
+        while True:
+            header = await self._receive(sock, view)
+            if header is None:
+                log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
+                return
+            if header.length == 0:  # the master's heartbeat: it is alive, nothing to apply
+                continue
+            end = await self.store.append_replicated(header.offset, view[: header.length])
+            if pending:
+                await self._adopt_epochs(pending, end)
+            if end > self.acked_offset:
+                self.acked_offset = end
+                await self._send_ack(sock, end)
 
     async def _read_master_hello(self, sock: trio.socket.SocketType) -> MasterHello:
         fixed = bytearray(MASTER_HELLO_SIZE)

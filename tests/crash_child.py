@@ -43,7 +43,7 @@ def config_for(data_dir: Path, segment_size: int) -> StoreConfig:
         data_dir=data_dir,
         segment_size=segment_size,
         max_message_size=min(16 * 1024, segment_size // 2),
-        consume_queue_entries=64,
+        consume_queue_entries=8,  # queue files roll over often: kills land in between too
         flush_interval_ms=20,
         flush_thorough_interval_ms=100,
         retention_check_interval_ms=3_600_000,
