@@ -1,4 +1,5 @@
-"""`tidelog demo`: a real node, durable acks, SIGKILL mid-stream, a torn tail, recovery.
+"""`tidelog demo`: durable acks surviving SIGKILL, then replicated acks surviving the
+loss of the master (a real cluster of processes, a failover by promote and repoint).
 
 It shows the promise "acknowledged means kept" end to end, with real processes,
 sockets and files: producers send with ``acks=durable`` while the node is killed
@@ -99,6 +100,7 @@ async def verify(node: NodeProcess, acked: dict[int, tuple[int, int, int, int]])
 
 
 async def run_rounds(root: Path, rounds: int, acks_per_round: int) -> int:
+    root.mkdir(parents=True, exist_ok=True)
     data_dir = root / "node"
     segment_flag = ["--config", str(_config(root))]
     acked: dict[int, tuple[int, int, int, int]] = {}
@@ -135,6 +137,107 @@ async def run_rounds(root: Path, rounds: int, acks_per_round: int) -> int:
     return 0 if not lost_total else 1
 
 
+async def _status(address: str) -> dict:
+    async with open_client(address) as client:
+        return await client.admin.status()
+
+
+async def _until(address: str, ready, what: str, timeout: float = 30.0) -> dict:
+    """Poll a node's status until ``ready(status)``; a failure guard, not a sleep-sync."""
+    deadline = trio.current_time() + timeout
+    while True:
+        status = await _status(address)
+        if ready(status):
+            return status
+        if trio.current_time() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}: {status.get('replication')}")
+        await trio.sleep(0.05)
+
+
+async def read_all(address: str) -> dict[tuple[int, int], bytes]:
+    """Every message of the demo topic on one node: (queue, queue offset) -> body."""
+    stored: dict[tuple[int, int], bytes] = {}
+    async with open_client(address) as client:
+        for entry in await client.admin.offsets(TOPIC):
+            offset = entry["min_offset"]
+            while offset < entry["max_offset"]:
+                page = await client.checked(
+                    "pull", topic=TOPIC, queue=entry["queue"], offset=offset, max_messages=1024
+                )
+                for message in page["messages"]:
+                    stored[(entry["queue"], message["queue_offset"])] = message["body"]
+                if page["next_offset"] == offset:
+                    break  # nothing readable past the confirm offset yet
+                offset = page["next_offset"]
+    return stored
+
+
+async def replicated_failover(root: Path, acks_wanted: int) -> int:
+    """A master and two slaves; replicated acks; SIGKILL the master; promote a slave;
+    every replicated ack must be on the new master and on the other slave."""
+    config = ["--config", str(_config(root))]
+    master = NodeProcess(root / "m", name="master", extra_args=[*config, "--ha-port", "0"])
+    nodes = [master.start()]
+    try:
+        ha = (await _status(master.address))["replication"]["ha_address"]
+
+        def slave(name: str) -> NodeProcess:
+            args = [*config, "--role", "slave", "--master-ha", ha,
+                    "--master-client", master.address]  # fmt: skip
+            return NodeProcess(root / name, name=name, extra_args=args).start()
+
+        first, second = slave("slave-1"), slave("slave-2")
+        nodes += [first, second]
+        await _until(master.address, lambda s: len(s["replication"]["in_sync"]) == 2,
+                     "both slaves in sync")  # fmt: skip
+        acked: dict[tuple[int, int], bytes] = {}
+        enough = trio.Event()
+        async with open_client(master.address) as client:
+            await client.admin.create_topic(TOPIC, QUEUES, exist_ok=True)
+            await _until(first.address, lambda s: s["max_offset"] >= 0, "slave-1")
+            producer = client.producer(acks="replicated", retries=0)
+            seqs = iter(range(10 * acks_wanted))
+
+            async def send_forever() -> None:
+                for seq in seqs:
+                    result = await producer.send(TOPIC, body_for(seq), queue=seq % QUEUES)
+                    if result.outcome != "ok":
+                        return
+                    acked[(result.queue, result.queue_offset)] = body_for(seq)
+                    if len(acked) >= acks_wanted:
+                        enough.set()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(PRODUCERS):
+                    nursery.start_soon(send_forever)
+                await enough.wait()
+                master.kill()  # the master is lost with replicated sends in flight
+        print(f"  {len(acked)} messages acknowledged at acks=replicated; master SIGKILLed")
+        async with open_client(first.address) as client:
+            promoted = await client.checked("promote", ha_port=0)
+        async with open_client(second.address) as client:
+            await client.checked(
+                "repoint", master_ha=promoted["ha_address"], master_client=first.address
+            )
+        print(f"  slave-1 promoted (epoch {promoted['epoch']}); slave-2 now follows it")
+        await _until(first.address, lambda s: len(s["replication"]["in_sync"]) == 1,
+                     "slave-2 in sync with the new master")  # fmt: skip
+        async with open_client(first.address) as client:
+            more = await client.producer(acks="replicated").send(TOPIC, b"after failover")
+        lost = 0
+        for node in (first, second):
+            stored = await read_all(node.address)
+            missing = [key for key, body in acked.items() if stored.get(key) != body]
+            lost += len(missing)
+            print(f"  {node.name}: {len(stored)} messages readable, "
+                  f"{len(missing)} acknowledged ones missing")  # fmt: skip
+        print(f"  a write after the failover: {more.outcome} (acks=replicated)")
+        return 0 if not lost and more.ok else 1
+    finally:
+        for node in nodes:
+            node.kill()
+
+
 def _config(root: Path) -> Path:
     """Small segments, so the demo crosses segment roll-overs in each round."""
     path = root / "node.toml"
@@ -145,9 +248,16 @@ def _config(root: Path) -> Path:
 def run_demo(directory: Path | None, rounds: int, acks_per_round: int) -> int:
     root = directory or Path(tempfile.mkdtemp(prefix="tidelog-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"tidelog demo: durable acks, SIGKILL, torn tail, recovery  (data: {root})\n")
+    print(f"tidelog demo  (data: {root})\n")
+    print("part 1: one node; durable acks, SIGKILL, torn tail, recovery\n")
     try:
-        return trio.run(run_rounds, root, rounds, acks_per_round)
+        single = trio.run(run_rounds, root / "single", rounds, acks_per_round)
+        print("\npart 2: a master and two slaves; replicated acks, the master lost, failover\n")
+        (root / "cluster").mkdir(parents=True, exist_ok=True)
+        cluster = trio.run(replicated_failover, root / "cluster", acks_per_round)
+        verdict = "every replicated ack survived the loss of the master"
+        print(f"\nverdict: {verdict if not cluster else 'REPLICATED ACKS LOST'}")
+        return single or cluster
     finally:
         if directory is None:
             shutil.rmtree(root, ignore_errors=True)

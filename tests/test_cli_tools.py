@@ -22,6 +22,10 @@ def test_demo_survives_crashes_and_says_so() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(", 0 lost; clean stop exit code 0") == 2, run.stdout
     assert "verdict: every acknowledged message survived" in run.stdout
+    # Part 2: the master is lost, a slave is promoted, every replicated ack is on both.
+    assert run.stdout.count("0 acknowledged ones missing") == 2, run.stdout
+    assert "a write after the failover: ok" in run.stdout
+    assert "verdict: every replicated ack survived the loss of the master" in run.stdout
 
 
 def test_bench_storage_reports_every_figure_with_its_floor() -> None:
