@@ -32,6 +32,8 @@ from cluster.protocol import (
     MAX_QUEUES,
     MIN_MAX_FRAME_SIZE,
 )
+from replication.ha import DEFAULT_HEARTBEAT_MS, DEFAULT_PEER_TIMEOUT_MS, SLAVE_ACK_MODES
+from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS
 from storage.config import StoreConfig
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
 ENV_PREFIX: Final = "TIDELOG_"
 STORE_SUBDIR: Final = "store"
 TOPICS_FILE: Final = "topics.json"
+MAX_LAG_BYTES_LIMIT: Final = 1 << 50
+"""Upper bound of ``replication.max_lag_bytes`` (1 PiB): larger is a typo, not a policy."""
 _NODE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -138,9 +142,12 @@ def _host_port(value: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
 
 
-def _role(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in _ROLES:
-        raise ValueError(f"{attribute.name} must be one of {', '.join(_ROLES)}, got {value!r}")
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute, str], None]:
+    def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -155,7 +162,7 @@ class ReplicationSection:
     resend without a lookup.
     """
 
-    role: str = attrs.field(default="master", validator=_role)
+    role: str = attrs.field(default="master", validator=_one_of(_ROLES))
     ha_host: str = ""
     """Where a master's HA listener binds; empty: the same host as ``node.host``."""
     ha_port: int = attrs.field(default=-1, validator=_between(-1, 65535))
@@ -166,9 +173,36 @@ class ReplicationSection:
     min_insync_replicas: int = attrs.field(default=1, validator=_between(1, 255))
     """Connected slaves a master needs to accept ``acks=replicated`` (checked before
     appending, so a refused write is safe to resend)."""
+    use_sendfile: bool = True
+    """Master: stream segments with ``sendfile(2)`` (zero copy). False reads them into a
+    buffer and sends that: the fallback for file systems or sandboxes where sendfile
+    fails or is slow, kept behind a switch so it can be chosen without a code change."""
+    max_lag_bytes: int = attrs.field(
+        default=DEFAULT_MAX_LAG_BYTES, validator=_between(0, MAX_LAG_BYTES_LIMIT)
+    )
+    """Master: a slave further behind than this is out of sync (no longer holds back
+    ``acks=replicated``)."""
+    max_lag_ms: int = attrs.field(default=DEFAULT_MAX_LAG_MS, validator=_between(1, 3_600_000))
+    """Master: a slave not caught up within this long is out of sync."""
+    heartbeat_ms: int = attrs.field(default=DEFAULT_HEARTBEAT_MS, validator=_between(1, 600_000))
+    """Both ends: the longest silence of a healthy peer (an ack or an empty chunk)."""
+    peer_timeout_ms: int = attrs.field(
+        default=DEFAULT_PEER_TIMEOUT_MS, validator=_between(1, 3_600_000)
+    )
+    """Both ends: silence after which the peer is given up; must exceed ``heartbeat_ms``
+    or a healthy but idle peer would be dropped between two heartbeats."""
+    slave_ack: str = attrs.field(default="write", validator=_one_of(SLAVE_ACK_MODES))
+    """Slave: ``write`` acks what it has applied (in its page cache), ``durable`` only
+    what its own fsync covers, so an acknowledged write survives the master and the
+    slave losing power together (at one fsync per applied chunk)."""
 
     def __attrs_post_init__(self) -> None:
         # Cross-field rules; each message starts with the key to blame (see _build).
+        if self.peer_timeout_ms <= self.heartbeat_ms:
+            raise ValueError(
+                f"peer_timeout_ms must exceed heartbeat_ms ({self.heartbeat_ms}), got "
+                f"{self.peer_timeout_ms}: a peer silent between two heartbeats is healthy"
+            )
         for name in ("master_ha", "master_client"):
             value = getattr(self, name)
             if value and not _host_port(value):

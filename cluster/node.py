@@ -52,7 +52,13 @@ from cluster.server import (
 from cluster.topics import TopicExistsError, TopicRegistry
 from replication.acks import ReplicatedAcks
 from replication.epochs import EpochEntry, EpochFile, EpochHistory
-from replication.ha import HAClient, HAProtocolError, HAService
+from replication.ha import (
+    DEFAULT_HEARTBEAT_MS,
+    DEFAULT_PEER_TIMEOUT_MS,
+    HAClient,
+    HAProtocolError,
+    HAService,
+)
 from replication.transfer import TransferError
 from storage import MessageStore
 
@@ -174,9 +180,20 @@ class SlaveReplication:
         *,
         history: EpochHistory,
         epoch_file: EpochFile,
+        heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
+        peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
+        slave_ack: str = "write",
     ) -> None:
         self.master_ha = master_ha
-        self.client = HAClient(store, name, history=history, epoch_file=epoch_file)
+        self.client = HAClient(
+            store,
+            name,
+            history=history,
+            epoch_file=epoch_file,
+            heartbeat_ms=heartbeat_ms,
+            peer_timeout_ms=peer_timeout_ms,
+            slave_ack=slave_ack,
+        )
         self.connected = False
         self.reconnects = 0
         self._attempt = trio.CancelScope()
@@ -389,9 +406,12 @@ class Node:
                 replication.master_ha,
                 history=self.history,
                 epoch_file=self.epoch_file,
+                heartbeat_ms=replication.heartbeat_ms,
+                peer_timeout_ms=replication.peer_timeout_ms,
+                slave_ack=replication.slave_ack,
             )
         elif replication.serves_slaves:
-            self.ha = HAService(store, history=self.history)
+            self.ha = self._ha_service(store)
             self.acks = ReplicatedAcks(self._standalone, self.ha, replication.min_insync_replicas)
         return NodeRequestHandler(
             store,
@@ -401,6 +421,20 @@ class Node:
             max_pull_bytes=config.server.max_frame_size // 2,
             status=self.status,
             node=self,
+        )
+
+    def _ha_service(self, store: MessageStore) -> HAService:
+        """The master's HA endpoint with the ``[replication]`` knobs; one place, so a
+        promoted slave serves its slaves exactly as a configured master would."""
+        replication = self.config.replication
+        return HAService(
+            store,
+            history=self.history,
+            use_sendfile=replication.use_sendfile,
+            max_lag_bytes=replication.max_lag_bytes,
+            max_lag_ms=replication.max_lag_ms,
+            heartbeat_ms=replication.heartbeat_ms,
+            peer_timeout_ms=replication.peer_timeout_ms,
         )
 
     def check_writable(self) -> None:
@@ -448,7 +482,7 @@ class Node:
             commit_log.discard_raw_pending()
             entry = begin_term(self.history, commit_log.max_offset)
             await self._save_history()
-            ha = HAService(self.store, history=self.history)
+            ha = self._ha_service(self.store)
             self.ha = ha
             port = await self._replication_nursery.start(self._serve_slaves, ha_port)
             self.ha_address = (self.config.ha_host, port)

@@ -54,8 +54,8 @@ unchanged:
 * A slave that has records but sends an empty history cannot be checked against the
   master's terms; an epoch-aware master refuses it when its log would need cutting.
 
-Not handled here: durable acks (ack after fsync), retention deleting a segment under a
-sender, reconnect/backoff on the slave side (the node's loop does that).
+Not handled here: retention deleting a segment under a sender, reconnect/backoff on the
+slave side (the node's loop does that).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ import math
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -96,6 +96,7 @@ __all__ = [
     "MASTER_HELLO_SIZE",
     "MAX_CHUNK",
     "MAX_EPOCH_ENTRIES",
+    "SLAVE_ACK_MODES",
     "SLAVE_HELLO_FIXED",
     "AckDecoder",
     "HAClient",
@@ -834,9 +835,16 @@ def lag_status(lags: list[SlaveLag]) -> dict[str, list[dict[str, Any]]]:
 # ---- slave ------------------------------------------------------------------------------------
 
 
+SLAVE_ACK_MODES: Final = ("write", "durable")
+"""``write``: ack what is applied (page cache); ``durable``: ack only what is fsynced."""
+
+
 class HAClient:
     """The slave's end: reports its log end, then applies the master's chunks in order and
-    acknowledges its visible end after each (ack after write, not after fsync).
+    acknowledges its visible end after each. With ``slave_ack="write"`` (the default) the
+    ack follows the write; with ``"durable"`` it follows this slave's fsync of the chunk,
+    so the master's confirm offset never runs past bytes a slave power loss could take
+    back (one fsync per applied chunk is the price).
 
     With a ``history`` (the node's epoch history, loaded from ``epoch_file``) the slave
     takes part in the epoch protocol: it sends its history, cuts a divergent tail the
@@ -860,11 +868,17 @@ class HAClient:
         epoch_file: EpochFile | None = None,
         heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
         peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
+        slave_ack: str = "write",
     ) -> None:
         if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
             raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+        if slave_ack not in SLAVE_ACK_MODES:
+            raise ValueError(
+                f"slave_ack must be one of {', '.join(SLAVE_ACK_MODES)}, got {slave_ack!r}"
+            )
         self.store = store
         self.name = name
+        self.slave_ack = slave_ack
         self.heartbeat_ms = heartbeat_ms
         self.peer_timeout_ms = peer_timeout_ms
         self.history = history
@@ -952,6 +966,10 @@ class HAClient:
             if pending:
                 await self._adopt_epochs(pending, end)
             if end > self.acked_offset:
+                if self.slave_ack == "durable":
+                    # Before acked_offset moves: the heartbeat task re-sends it too.
+                    # flush() covers everything written so far, so end is on disk after.
+                    await self.store.commit_log.flush()
                 self.acked_offset = end
                 await self._send_ack(sock, end)
 

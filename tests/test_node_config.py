@@ -257,3 +257,89 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     assert "nope.toml" in str(missing) and "no such file" in str(missing)
     broken = raises(write(tmp_path, "[node\n"))
     assert str(tmp_path / "node.toml") in str(broken) and "not valid TOML" in str(broken)
+
+
+# ---- [replication] operational knobs ---------------------------------------------------------
+
+
+def test_replication_knob_defaults() -> None:
+    replication = load().replication
+    assert replication.use_sendfile is True
+    assert replication.max_lag_bytes == 268_435_456
+    assert replication.max_lag_ms == 10_000
+    assert replication.heartbeat_ms == 1000
+    assert replication.peer_timeout_ms == 5000
+    assert replication.slave_ack == "write"
+
+
+def test_replication_knobs_from_file_environment_and_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[replication]\nuse_sendfile = false\nmax_lag_bytes = 1048576\nmax_lag_ms = 500\n"
+        'slave_ack = "durable"\n',
+    )
+    env = {"TIDELOG_REPLICATION_HEARTBEAT_MS": "200", "TIDELOG_REPLICATION_MAX_LAG_MS": "700"}
+    replication = load(path, env, **{"replication.peer_timeout_ms": "900"}).replication
+    assert replication.use_sendfile is False
+    assert replication.max_lag_bytes == 1 << 20
+    assert replication.max_lag_ms == 700  # the environment beats the file
+    assert replication.heartbeat_ms == 200
+    assert replication.peer_timeout_ms == 900
+    assert replication.slave_ack == "durable"
+
+
+@pytest.mark.parametrize(
+    ("flags", "key", "fragment"),
+    [
+        ({"replication.use_sendfile": "maybe"}, "replication.use_sendfile", "true/false"),
+        ({"replication.max_lag_bytes": "-1"}, "replication.max_lag_bytes", "between"),
+        ({"replication.max_lag_ms": "0"}, "replication.max_lag_ms", "between"),
+        ({"replication.heartbeat_ms": "0"}, "replication.heartbeat_ms", "between"),
+        ({"replication.peer_timeout_ms": "1000"}, "replication.peer_timeout_ms", "exceed"),
+        (
+            {"replication.heartbeat_ms": "6000"},
+            "replication.peer_timeout_ms",
+            "exceed heartbeat_ms (6000)",
+        ),
+        ({"replication.slave_ack": "fsync"}, "replication.slave_ack", "write, durable"),
+        ({"replication.slave_acks": "durable"}, "replication.slave_acks", "replication.slave_ack"),
+    ],
+)
+def test_replication_knob_errors_name_the_key(
+    flags: dict[str, str], key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, None, **flags)
+    assert info.value.key == key
+    assert fragment in info.value.problem
+
+
+def test_replication_knob_type_errors_in_a_file_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[replication]\nmax_lag_ms = "500"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert (info.value.key, info.value.source) == ("replication.max_lag_ms", f"config file {path}")
+    assert "integer" in info.value.problem
+
+
+async def test_node_passes_the_knobs_to_its_ha_service(tmp_path: Path) -> None:
+    """A knob that loads but never reaches HAService would be silently ignored."""
+    from cluster.node import Node
+    from storage import MessageStore
+
+    config = NodeConfig.create(
+        tmp_path,
+        replication={
+            "ha_port": 0,
+            "use_sendfile": False,
+            "max_lag_bytes": 4096,
+            "max_lag_ms": 300,
+            "heartbeat_ms": 50,
+            "peer_timeout_ms": 400,
+        },
+    )
+    async with MessageStore.open(config.store) as store:
+        service = Node(config)._ha_service(store)
+        assert service.use_sendfile is False
+        assert (service.insync.max_lag_bytes, service.insync.max_lag_ms) == (4096, 300)
+        assert (service.heartbeat_ms, service.peer_timeout_ms) == (50, 400)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import attrs
 import trio
-from hypothesis import event, settings
+from hypothesis import currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -64,6 +64,12 @@ def make_config(data_dir: Path) -> StoreConfig:
         retention_check_interval_ms=3_600_000,
         disk_max_used_ratio=1.0,  # a nearly full test disk must not delete segments
     )
+
+
+def note_event(message: str) -> None:
+    """hypothesis's ``event`` (statistics), also callable from the plain regression tests."""
+    if currently_in_test_context():
+        event(message)
 
 
 # ---- the store on its own thread ------------------------------------------------------------
@@ -188,11 +194,13 @@ def _body(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-_sizes = st.one_of(st.integers(0, 3000), st.integers(0, 3000).map(lambda n: 3000 - n))
-_large_bodies = st.builds(_body, _sizes, st.integers(0, 1 << 16))
-bodies = st.one_of(_large_bodies, st.binary(max_size=40), _large_bodies)
-"""Sizes drawn from both ends: hypothesis favours small numbers, but 64 KiB segments should
-roll over every few batches."""
+bodies = st.one_of(
+    st.builds(_body, st.integers(0, 3000).map(lambda n: 3000 - n), st.integers(0, 1 << 16)),
+    st.builds(_body, st.integers(0, 3000), st.integers(0, 1 << 16)),
+    st.binary(max_size=40),
+)
+"""Mostly large (hypothesis favours small numbers, hence the mirror): 64 KiB segments
+should roll over every few batches."""
 messages = st.builds(
     Message.create,
     st.sampled_from(TOPICS),
@@ -205,8 +213,45 @@ messages = st.builds(
     ),
 )
 
+_batch_sizes = st.one_of(st.integers(1, 20), st.integers(0, 19).map(lambda n: 20 - n))
+batches = _batch_sizes.flatmap(lambda n: st.lists(messages, min_size=n, max_size=n))
+"""1 to 20 messages, from both ends too."""
+
 
 # ---- damage a crash may do -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Crash:
+    """What a crash does besides stopping the process: the damage to bytes not yet synced.
+
+    Patterns are cycled over what they apply to: the unsynced log pages, or the consume-
+    queue entries past the checkpoint's queue offset (True: lost, back to zeros).
+    """
+
+    log_damage: str = "none"
+    """none, zeros (from a point to the end), garbage (a run from a point), pages."""
+    where: int = 0
+    """The point, in 1/2**20 of the unsynced bytes."""
+    garbage: bytes = b"\xff"
+    lost_pages: tuple[bool, ...] = ()
+    lost_queue_entries: tuple[bool, ...] = ()
+    drop_checkpoint: bool = False
+    """Lose the checkpoint too (never happens, it is renamed into place): a full recovery."""
+    leftovers: bool = False
+    """Leave half-made files: a segment under its temporary name, empty next queue files."""
+
+
+crashes = st.builds(
+    Crash,
+    log_damage=st.sampled_from(["none", "zeros", "garbage", "pages"]),
+    where=st.integers(0, 1 << 20),
+    garbage=st.binary(min_size=1, max_size=300),
+    lost_pages=st.lists(st.booleans(), max_size=8).map(tuple),
+    lost_queue_entries=st.lists(st.booleans(), max_size=6).map(tuple),
+    drop_checkpoint=st.integers(0, 9).map(lambda n: n == 9),
+    leftovers=st.booleans(),
+)
 
 
 class LogFiles:
@@ -290,9 +335,9 @@ class StoreMachine(RuleBasedStateMachine):
         return self.thread.store
 
     def teardown(self) -> None:
-        event(f"highest segment: {min(self.highest // SMALL_SEGMENT, 5)}")
-        event(f"appended: {self.appended // 50 * 50}+")
-        event(f"restarts: {min(self.restarts, 5)}")
+        note_event(f"highest segment: {min(self.highest // SMALL_SEGMENT, 5)}")
+        note_event(f"appended: {self.appended // 50 * 50}+")
+        note_event(f"restarts: {min(self.restarts, 5)}")
         try:
             if self.thread is not None:
                 self.thread.kill()
@@ -329,7 +374,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.appended += 1
         self.writes_since_restart += 1
 
-    @rule(batch=st.lists(messages, min_size=1, max_size=20))
+    @rule(batch=batches)
     def append_batch(self, batch: list[Message]) -> None:
         assert self.thread is not None
         result = self.thread.call(self.store.put_batch, batch)
@@ -367,12 +412,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     # ---- reading ------------------------------------------------------------------------
 
-    @rule(data=st.data())
-    def read_known(self, data: st.DataObject) -> None:
+    @rule(pick=st.integers(0, 1 << 16))
+    def read_known(self, pick: int) -> None:
         if not self.model:
             return
         assert self.thread is not None
-        rec = data.draw(st.sampled_from(self.model), label="record")
+        rec = self.model[pick % len(self.model)]
 
         def read() -> Rec:
             record = self.store.read(rec.offset)
@@ -422,32 +467,32 @@ class StoreMachine(RuleBasedStateMachine):
         self.durable = len(self.model)
 
     @precondition(_wrote)
-    @rule(data=st.data())
-    def crash_restart(self, data: st.DataObject) -> None:
+    @rule(crash=crashes)
+    def crash_restart(self, crash: Crash) -> None:
         assert self.thread is not None
         thread, self.thread = self.thread, None
         flushed, end, names = thread.stop(crash=True)
         durable_end = self.model[self.durable - 1].end if self.durable else 0
         assert flushed >= durable_end, ("acked durable past the flushed offset", flushed, end)
         self._restore_segment_files(names)
-        changed = self._damage_log(data, flushed, end)
+        changed = self._damage_log(crash, flushed, end)
         kept = survivors(self.model, changed)
         assert kept >= self.durable
         checkpoint = load_checkpoint(self.config.checkpoint_path)
         assert checkpoint is not None and not checkpoint.clean
-        drop_checkpoint = data.draw(st.integers(0, 9), label="drop checkpoint") == 0
-        if drop_checkpoint:
+        if crash.drop_checkpoint:
             self.config.checkpoint_path.unlink()
         else:
-            self._damage_queues(data, checkpoint.consume_queue_flushed)
-        if data.draw(st.booleans(), label="leftover files"):
+            self._damage_queues(crash.lost_queue_entries, checkpoint.consume_queue_flushed)
+        if crash.leftovers:
             self._leave_unfinished_files()
         self._reopen()
         report = self.store.recovery
         assert not report.clean_shutdown
-        event(f"crash lost records: {kept < len(self.model)}")
-        event(f"crash rebuilt queues: {report.queues_rebuilt}")
         assert not report.durable_lost, report
+        note_event(f"crash damage: {crash.log_damage}")
+        note_event(f"crash lost records: {kept < len(self.model)}")
+        note_event(f"crash rebuilt queues: {report.queues_rebuilt}")
         del self.model[kept:]
         self.durable = len(self.model)  # recovery fsyncs what it keeps
 
@@ -461,37 +506,25 @@ class StoreMachine(RuleBasedStateMachine):
                 with path.open("wb") as f:
                     f.truncate(self.config.segment_size)
 
-    def _damage_log(self, data: st.DataObject, flushed: int, end: int) -> set[int]:
-        """Damage commit-log bytes in [flushed, end); return the offsets that changed.
-
-        What is drawn does not depend on the offsets (only where it lands does), so an
-        example replays even if a flush happened to land elsewhere.
-        """
-        mode = data.draw(st.sampled_from(["none", "zeros", "garbage", "pages"]), label="damage")
-        where = data.draw(st.integers(0, 1 << 20), label="where, in the unsynced bytes")
-        junk = (
-            data.draw(st.binary(min_size=1, max_size=300), label="garbage")
-            if mode == "garbage"
-            else b""
-        )
-        seed = data.draw(st.integers(0, 1 << 32), label="lost pages") if mode == "pages" else 0
-        event(f"crash damage: {mode}")
-        if end <= flushed:
+    def _damage_log(self, crash: Crash, flushed: int, end: int) -> set[int]:
+        """Damage commit-log bytes in [flushed, end); return the offsets that changed."""
+        if end <= flushed or crash.log_damage == "none":
             return set()
         files = LogFiles(self.config.commit_log_dir, self.config.segment_size)
         # Garbage may run a little past the end of the log, into the zeros after it.
         segment_size = self.config.segment_size
         limit = min(end + 64, -(-end // segment_size) * segment_size)
         before = files.read(flushed, limit - flushed)
-        cut = flushed + (end - flushed - 1) * where // (1 << 20)
-        if mode == "zeros":
+        cut = flushed + (end - flushed - 1) * crash.where // (1 << 20)
+        if crash.log_damage == "zeros":
             files.write(cut, bytes(end - cut))
-        elif mode == "garbage":
-            files.write(cut, junk[: limit - cut])
-        elif mode == "pages":
-            rng = random.Random(seed)
-            for page in range(flushed - flushed % PAGE_SIZE, end, PAGE_SIZE):
-                if rng.random() < 0.5:  # the page reverts to what was synced: zeros past it
+        elif crash.log_damage == "garbage":
+            files.write(cut, crash.garbage[: limit - cut])
+        elif crash.log_damage == "pages" and any(crash.lost_pages):
+            pages = range(flushed - flushed % PAGE_SIZE, end, PAGE_SIZE)
+            for index, page in enumerate(pages):
+                if crash.lost_pages[index % len(crash.lost_pages)]:
+                    # The page reverts to what was synced: zeros past ``flushed``.
                     lo, hi = max(page, flushed), min(page + PAGE_SIZE, end)
                     files.write(lo, bytes(hi - lo))
         after = files.read(flushed, limit - flushed)
@@ -509,29 +542,30 @@ class StoreMachine(RuleBasedStateMachine):
                 following = queue_dir / segment_name(int(files[-1].name) + file_size)
                 following.write_bytes(bytes(file_size))
 
-    def _damage_queues(self, data: st.DataObject, queues_flushed: int) -> None:
-        """Lose some consume-queue entries the checkpoint does not claim are on disk."""
-        seed = data.draw(st.integers(0, 1 << 32), label="lost queue entries")
-        if seed % 3:
+    def _damage_queues(self, lost: tuple[bool, ...], queues_flushed: int) -> None:
+        """Lose consume-queue entries the checkpoint does not claim are on disk."""
+        if not any(lost):
             return
-        rng = random.Random(seed)
+        eligible = 0
         for path in sorted(self.config.consume_queue_dir.glob("*/*/*")):
             raw = bytearray(path.read_bytes())
             for pos in range(0, len(raw), ENTRY_SIZE):
                 log_offset, size, _tags = ENTRY.unpack_from(raw, pos)
-                if size and log_offset >= queues_flushed and rng.random() < 0.5:
-                    struct.pack_into("20x", raw, pos)
+                if size and log_offset >= queues_flushed:
+                    if lost[eligible % len(lost)]:
+                        struct.pack_into("20x", raw, pos)
+                    eligible += 1
             path.write_bytes(bytes(raw))
 
     @precondition(_wrote)
-    @rule(data=st.data())
-    def truncate(self, data: st.DataObject) -> None:
-        """Cut the log at a record boundary, as replication does to a divergent tail: the
-        queues follow, and each queue's next record continues densely from what is kept."""
+    @rule(cut=st.one_of(st.integers(0, 5), st.integers(0, 60)))  # tails, mostly short
+    def truncate(self, cut: int) -> None:
+        """Cut the last ``cut`` records (at a record boundary), as replication does to a
+        divergent tail: the queues follow, and each queue's next record continues densely
+        from what is kept."""
         assert self.thread is not None
         size = len(self.model)
-        cut = st.one_of(st.integers(0, min(size, 5)), st.integers(0, size))  # mostly short tails
-        index = size - data.draw(cut, label="records cut")
+        index = size - min(cut, size)
         offset = self.model[index].offset if index < size else self.model[-1].end if size else 0
         self.thread.call(self.store.truncate, offset)
         del self.model[index:]
@@ -551,7 +585,9 @@ class StoreMachine(RuleBasedStateMachine):
         status = self.thread.call_sync(self.store.status)
         assert status["dispatched_offset"] == status["log_max_offset"]
         durable_end = self.model[self.durable - 1].end if self.durable else 0
-        assert isinstance(status["flushed_offset"], int) and status["flushed_offset"] >= durable_end
+        flushed = status["flushed_offset"]
+        assert isinstance(flushed, int)
+        assert flushed >= durable_end, ("acknowledged durable, not flushed", flushed, durable_end)
 
     @invariant()
     def queues_match_log(self) -> None:
@@ -565,6 +601,62 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 TestStoreStateMachine = StoreMachine.TestCase
+
+
+# ---- regressions: scenarios the machine found, replayed step by step ---------------------------
+
+
+def _steps(*steps: Callable[[StoreMachine], object]) -> None:
+    machine = StoreMachine()
+    try:
+        for step in steps:
+            step(machine)
+            machine.log_matches_model()
+            machine.queues_match_log()
+    finally:
+        machine.teardown()
+
+
+def _orders(count: int, body: bytes = b"m") -> list[Message]:
+    return [Message.create("orders", body) for _ in range(count)]
+
+
+def test_lost_queue_entry_below_kept_ones() -> None:
+    """Entries past the checkpoint: some lost, the ones above them kept, and their records
+    lost from the log. Recovery used to stop dropping at the first lost (empty) entry and
+    kept the entries below it, pointing past the end of the log."""
+    _steps(
+        lambda m: m.append_batch(_orders(6)),
+        lambda m: m.flush(everything=True),
+        lambda m: m.append_batch(_orders(4)),
+        lambda m: m.crash_restart(Crash("zeros", lost_queue_entries=(True, False))),
+        lambda m: m.append_batch(_orders(3)),
+    )
+
+
+def test_empty_queue_file_after_a_full_one() -> None:
+    """A crash between creating a queue's next file and writing its first entry, the record
+    lost too: the queue used to reopen empty at the new file's start, hiding every entry."""
+    _steps(
+        lambda m: m.append_batch(_orders(4)),  # 4 entries: the queue's first file is full
+        lambda m: m.flush(everything=True),
+        lambda m: m.append(Message.create("audit.log", b"lost")),
+        lambda m: m.crash_restart(Crash("zeros", leftovers=True)),
+        lambda m: m.append(_orders(1)[0]),
+    )
+
+
+def test_durable_wait_after_truncate_fsyncs() -> None:
+    """wait_durable used to acknowledge at once an offset below what had been flushed
+    before a truncate, without any fsync: a crash then lost the acknowledged record."""
+    _steps(
+        lambda m: m.append_batch(_orders(4, b"x" * 100)),
+        lambda m: m.wait_durable(),
+        lambda m: m.truncate(3),
+        lambda m: m.append(_orders(1, b"y" * 100)[0]),
+        lambda m: m.wait_durable(),
+        lambda m: m.crash_restart(Crash("zeros")),
+    )
 
 
 def test_survivors_counts_leading_intact_records() -> None:
