@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import attrs
@@ -38,6 +38,7 @@ from cluster.protocol import (
     encode_frame,
     make_request,
 )
+from storage.concurrency import lone_error_unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -303,26 +304,6 @@ class Client:
 _WRITES = frozenset({"send", "send_batch", "create_topic"})
 
 
-@contextmanager
-def _lone_error_unwrapped() -> Iterator[None]:
-    """Our context managers run a nursery around the caller's block; an error raised in
-    that block should reach the caller as itself, not wrapped in an ExceptionGroup."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
 @asynccontextmanager
 async def open_client(bootstrap: str | Sequence[str], **options: Any) -> AsyncIterator[Client]:
     """A :class:`Client` whose connections live for the ``async with`` block."""
@@ -330,7 +311,7 @@ async def open_client(bootstrap: str | Sequence[str], **options: Any) -> AsyncIt
     for address in addresses:
         parse_address(address)
     config = ClientConfig(bootstrap=addresses, **options)
-    with _lone_error_unwrapped():
+    with lone_error_unwrapped():
         async with trio.open_nursery() as nursery:
             client = Client(config, nursery)
             try:
@@ -635,7 +616,7 @@ class Consumer:
         for queue in queues:
             self.positions[queue] = self._initial_offset(queue, bounds.get(queue, {}))
         send, receive = trio.open_memory_channel[list[ConsumedMessage]](self._buffer)
-        with _lone_error_unwrapped():
+        with lone_error_unwrapped():
             async with trio.open_nursery() as nursery:
                 for queue in queues:
                     nursery.start_soon(self._pull_queue, queue, send.clone())

@@ -63,8 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -87,6 +86,7 @@ from replication.transfer import (
     recv_exactly_into,
     send_file_range,
 )
+from storage.concurrency import lone_error_unwrapped
 from storage.store import MessageStore
 from storage.waiters import OffsetWaiters
 
@@ -351,27 +351,6 @@ def _epochs_text(entries: tuple[EpochEntry, ...]) -> str:
     return ",".join(f"{e.epoch}@{e.start_offset}" for e in entries) or "-"
 
 
-@contextmanager
-def _unwrapped() -> Iterator[None]:
-    """Re-raise a nursery's lone failure as itself: callers (the node's reconnect loop,
-    :meth:`HAService._handle`) catch ``HAProtocolError``/``OSError`` by type, which an
-    ``ExceptionGroup`` (trio's strict groups) would slip past."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from group
-        raise
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
 def _no_delay(sock: trio.socket.SocketType) -> None:
     """Turn Nagle off: acks and heartbeats are 16-byte frames often sent while the
     previous one is unacknowledged, which Nagle would hold back until the peer's
@@ -469,7 +448,7 @@ class HAConnection:
                 start,
                 end,
             )
-            with _unwrapped():
+            with lone_error_unwrapped():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
                     await self._stream(sock)
@@ -946,7 +925,7 @@ class HAClient:
                 start,
                 self.master_offset,
             )
-            with _unwrapped():
+            with lone_error_unwrapped():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat, sock)
                     await self._apply(sock, pending)
