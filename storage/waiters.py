@@ -80,10 +80,24 @@ class OffsetWaiters:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def rewind(self, position: int) -> None:
-        """Move the position back to ``position`` (the log was cut below it), so waits for
-        offsets past it block again instead of returning at once."""
+    def rewind(self, position: int) -> int:
+        """The log was cut at ``position``: move the position back, and wake every waiter
+        for an offset past the cut with False. Those bytes are gone; if they waited on,
+        *other* bytes written there later would acknowledge a record that no longer
+        exists. Returns how many were woken."""
         self._position = min(self._position, position)
+        kept, woken = [], 0
+        for entry in self._heap:
+            task = entry[_TASK]
+            if task is not None and entry[_OFFSET] > position:
+                entry[_TASK] = None
+                trio.lowlevel.reschedule(task, outcome.Value(False))
+                woken += 1
+            elif task is not None:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._heap = kept
+        return woken
 
     def advance(self, position: int) -> int:
         """Set the position and wake every waiter it satisfies; return how many woke."""

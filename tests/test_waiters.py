@@ -451,3 +451,24 @@ async def test_flush_waiting_behind_a_failed_fsync_does_not_fsync_again(
         assert fdatasync.calls == 1
         assert log.flushed_offset == 0
         assert log.flush_count == 0
+
+
+async def test_rewind_answers_waiters_past_the_cut_with_false() -> None:
+    """A waiter for bytes that a truncate removed must not be released later by other
+    bytes written at the same offsets: it gets False at the cut."""
+    waiters = OffsetWaiters()
+    waiters.advance(100)
+    results: dict[str, bool] = {}
+
+    async def wait(name: str, offset: int) -> None:
+        results[name] = await waiters.wait(offset)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "below", 150)
+        nursery.start_soon(wait, "past", 300)
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiters.rewind(200) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == {"past": False}
+        waiters.advance(400)  # the log grows back past 300 with other records
+    assert results == {"past": False, "below": True}
