@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from cluster.client import Client, open_client
-from cluster.process import NodeProcess
+from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
 from storage.bench import percentile
 
@@ -235,11 +235,6 @@ async def storage_ceiling(directory: Path, seconds: float) -> dict[str, float]:
 REPLICA_START_TIMEOUT = 30.0
 
 
-async def _status(address: str) -> dict:
-    async with open_client(address) as client:
-        return await client.checked("status")
-
-
 async def start_replicated(
     root: Path, replicas: int, processes: list[NodeProcess], progress: ProgressFn
 ) -> str:
@@ -254,7 +249,7 @@ async def start_replicated(
     )
     processes.append(master)
     master.start()
-    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
     for index in range(replicas):
         name = f"slave-{index + 1}"
         slave = NodeProcess(
@@ -266,10 +261,12 @@ async def start_replicated(
         )  # fmt: skip
         processes.append(slave)
         slave.start()
-    with trio.fail_after(REPLICA_START_TIMEOUT):
-        # Another process's state: nothing to wait on but its status, so poll it.
-        while len((await _status(master.address))["replication"].get("in_sync", [])) < replicas:
-            await trio.sleep(0.05)
+
+    async def all_in_sync() -> bool:
+        status = await node_status(master.address)
+        return len(status["replication"].get("in_sync", [])) >= replicas
+
+    await wait_until(f"{replicas} slaves in sync", all_in_sync, timeout=REPLICA_START_TIMEOUT)
     async with open_client(master.address) as client:  # admitted, not refused: in sync
         await client.admin.create_topic("bench-warmup", 1, exist_ok=True)
         reply = await client.call(

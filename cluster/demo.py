@@ -15,12 +15,13 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from cluster.client import open_client
-from cluster.process import NodeProcess
+from cluster.process import NodeProcess, node_status, wait_until
 from storage.record import HEADER_SIZE
 
 TOPIC = "demo"
@@ -137,21 +138,13 @@ async def run_rounds(root: Path, rounds: int, acks_per_round: int) -> int:
     return 0 if not lost_total else 1
 
 
-async def _status(address: str) -> dict:
-    async with open_client(address) as client:
-        return await client.admin.status()
+def in_sync(address: str, slaves: int) -> Callable[[], Awaitable[bool]]:
+    """A check for :func:`wait_until`: the master at ``address`` has ``slaves`` in sync."""
 
+    async def check() -> bool:
+        return len((await node_status(address))["replication"]["in_sync"]) == slaves
 
-async def _until(address: str, ready, what: str, timeout: float = 30.0) -> dict:
-    """Poll a node's status until ``ready(status)``; a failure guard, not a sleep-sync."""
-    deadline = trio.current_time() + timeout
-    while True:
-        status = await _status(address)
-        if ready(status):
-            return status
-        if trio.current_time() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}: {status.get('replication')}")
-        await trio.sleep(0.05)
+    return check
 
 
 async def read_all(address: str) -> dict[tuple[int, int], bytes]:
@@ -179,7 +172,7 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
     master = NodeProcess(root / "m", name="master", extra_args=[*config, "--ha-port", "0"])
     nodes = [master.start()]
     try:
-        ha = (await _status(master.address))["replication"]["ha_address"]
+        ha = (await node_status(master.address))["replication"]["ha_address"]
 
         def slave(name: str) -> NodeProcess:
             args = [*config, "--role", "slave", "--master-ha", ha,
@@ -188,13 +181,11 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
 
         first, second = slave("slave-1"), slave("slave-2")
         nodes += [first, second]
-        await _until(master.address, lambda s: len(s["replication"]["in_sync"]) == 2,
-                     "both slaves in sync")  # fmt: skip
+        await wait_until("both slaves in sync", in_sync(master.address, 2))
         acked: dict[tuple[int, int], bytes] = {}
         enough = trio.Event()
         async with open_client(master.address) as client:
             await client.admin.create_topic(TOPIC, QUEUES, exist_ok=True)
-            await _until(first.address, lambda s: s["max_offset"] >= 0, "slave-1")
             producer = client.producer(acks="replicated", retries=0)
             seqs = iter(range(10 * acks_wanted))
 
@@ -220,8 +211,7 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
                 "repoint", master_ha=promoted["ha_address"], master_client=first.address
             )
         print(f"  slave-1 promoted (epoch {promoted['epoch']}); slave-2 now follows it")
-        await _until(first.address, lambda s: len(s["replication"]["in_sync"]) == 1,
-                     "slave-2 in sync with the new master")  # fmt: skip
+        await wait_until("slave-2 in sync with the new master", in_sync(first.address, 1))
         async with open_client(first.address) as client:
             more = await client.producer(acks="replicated").send(TOPIC, b"after failover")
         lost = 0

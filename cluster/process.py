@@ -12,8 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import trio
+
+from cluster.client import open_client
 
 READY = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
 
@@ -112,3 +117,26 @@ class NodeProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+async def node_status(address: str) -> dict[str, Any]:
+    """The node's ``status`` answer, on a fresh connection (the node may have restarted)."""
+    async with open_client(address) as client:
+        return await client.admin.status()
+
+
+async def wait_until(
+    what: str,
+    check: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.02,
+) -> None:
+    """Poll ``check`` until it is true; raise ``TimeoutError`` naming ``what`` after
+    ``timeout`` seconds. Another process's state offers no event to wait on, so this is
+    the one bounded poll that tests, benchmarks and the demo share."""
+    with trio.move_on_after(timeout):
+        while not await check():
+            await trio.sleep(interval)
+        return
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

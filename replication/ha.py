@@ -156,6 +156,18 @@ chunk. Well under ``DEFAULT_PEER_TIMEOUT_MS`` so a few lost turns do not cut a s
 DEFAULT_PEER_TIMEOUT_MS = 5_000
 """Silence after which an end gives the other up and closes the connection."""
 
+
+def check_liveness(heartbeat_ms: float, peer_timeout_ms: float) -> None:
+    """One rule for every end of a connection: both periods positive, and the peer timeout
+    longer than the heartbeat (else a healthy, idle peer would be dropped)."""
+    if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
+        raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+    if peer_timeout_ms <= heartbeat_ms:
+        raise ValueError(
+            f"peer_timeout_ms ({peer_timeout_ms}) must exceed heartbeat_ms ({heartbeat_ms})"
+        )
+
+
 DEFAULT_POLL_INTERVAL = 0.05
 """How long a caught-up sender waits for an arrival before looking at the log again. The
 dispatcher's arrival event is the fast path; the poll covers appends whose dispatch was
@@ -393,8 +405,7 @@ class HAConnection:
     ) -> None:
         if max_chunk <= 0:
             raise ValueError(f"max_chunk must be positive, got {max_chunk}")
-        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
-            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+        check_liveness(heartbeat_ms, peer_timeout_ms)
         self.heartbeat_ms = heartbeat_ms
         """An idle stream sends an empty chunk this often, so the slave can tell a quiet
         master from a dead one."""
@@ -604,8 +615,7 @@ class HAService:
         heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
         peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
     ) -> None:
-        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
-            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+        check_liveness(heartbeat_ms, peer_timeout_ms)
         self.store = store
         self.insync = InSyncSet(max_lag_bytes, max_lag_ms)
         self.heartbeat_ms = heartbeat_ms
@@ -849,8 +859,7 @@ class HAClient:
         peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
         slave_ack: str = "write",
     ) -> None:
-        if heartbeat_ms <= 0 or peer_timeout_ms <= 0:
-            raise ValueError("heartbeat_ms and peer_timeout_ms must be positive")
+        check_liveness(heartbeat_ms, peer_timeout_ms)
         if slave_ack not in SLAVE_ACK_MODES:
             raise ValueError(
                 f"slave_ack must be one of {', '.join(SLAVE_ACK_MODES)}, got {slave_ack!r}"

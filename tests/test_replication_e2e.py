@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,8 @@ import trio
 
 from cluster.client import Client, open_client
 from cluster.config import ConfigError, load_node_config
-from cluster.process import NodeProcess
+from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
-
-POLL_DEADLINE = 15.0
-"""Seconds a condition may take before the test fails (loopback: normally milliseconds)."""
-POLL_INTERVAL = 0.02
-
 
 # ---- config errors ---------------------------------------------------------------------------
 
@@ -86,37 +81,21 @@ def test_cli_refuses_a_slave_without_master() -> None:
 # ---- the cluster -----------------------------------------------------------------------------
 
 
-async def _status(address: str) -> dict[str, Any]:
-    async with open_client(address) as client:
-        return await client.checked("status")
-
-
-async def _wait_until(
-    what: str, check: Callable[[], Awaitable[bool]], deadline: float = POLL_DEADLINE
-) -> None:
-    """Poll ``check`` until true; fail naming ``what`` after ``deadline`` seconds."""
-    with trio.move_on_after(deadline):
-        while not await check():
-            await trio.sleep(POLL_INTERVAL)
-        return
-    pytest.fail(f"timed out after {deadline}s waiting for {what}")
-
-
 async def _wait_slaves(master: NodeProcess, count: int) -> None:
     async def connected() -> bool:
-        return len((await _status(master.address))["replication"]["slaves"]) == count
+        return len((await node_status(master.address))["replication"]["slaves"]) == count
 
-    await _wait_until(f"{count} slaves connected to the master", connected)
+    await wait_until(f"{count} slaves connected to the master", connected)
 
 
 async def _wait_caught_up(master: NodeProcess, *slaves: NodeProcess) -> int:
     """Wait until every slave's log ends where the master's does; return that end."""
-    end = (await _status(master.address))["max_offset"]
+    end = (await node_status(master.address))["max_offset"]
 
     async def caught_up() -> bool:
-        return all([(await _status(s.address))["max_offset"] == end for s in slaves])
+        return all([(await node_status(s.address))["max_offset"] == end for s in slaves])
 
-    await _wait_until(f"slaves to reach the master's log end {end}", caught_up)
+    await wait_until(f"slaves to reach the master's log end {end}", caught_up)
     return end
 
 
@@ -138,7 +117,7 @@ class Cluster:
 
     async def start_slaves(self, *names: str) -> list[NodeProcess]:
         if not self.ha_address:
-            self.ha_address = (await _status(self.master.address))["replication"]["ha_address"]
+            self.ha_address = (await node_status(self.master.address))["replication"]["ha_address"]
         slave_args = [
             "--role", "slave", "--master-ha", self.ha_address, "--master-client", self.master.address,
         ]  # fmt: skip
@@ -194,10 +173,10 @@ async def test_replicated_acks_survive_a_slave_crash_and_catch_up(
 
         second.kill()
         await _wait_slaves(master, 1)
-        before = (await _status(master.address))["max_offset"]
+        before = (await node_status(master.address))["max_offset"]
         refused = await _send(client, b"needs two slaves", "replicated")
         assert refused["status"] is Status.SLAVE_NOT_AVAILABLE
-        assert (await _status(master.address))["max_offset"] == before  # nothing appended
+        assert (await node_status(master.address))["max_offset"] == before  # nothing appended
         for i in range(30):  # written while slave-b is down: it must catch up on them
             assert (await _send(client, b"durable %d" % i, "durable"))["status"] is Status.OK
 
@@ -230,7 +209,7 @@ async def test_one_insync_replica_and_writes_to_a_slave(tmp_path: Path, stack: E
         assert (await _send(client, b"one is enough", "replicated"))["status"] is Status.OK
     await _wait_caught_up(master, first)
 
-    status = await _status(master.address)
+    status = await node_status(master.address)
     replication = status["replication"]
     assert replication["role"] == "master"
     assert replication["ha_address"] == cluster.ha_address

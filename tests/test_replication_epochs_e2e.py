@@ -9,21 +9,16 @@ happened.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from cluster.client import Client, open_client
-from cluster.process import NodeProcess
+from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
-
-POLL_DEADLINE = 15.0
-"""Seconds a condition may take before the test fails (loopback: normally milliseconds)."""
-POLL_INTERVAL = 0.02
 
 
 @pytest.fixture
@@ -44,33 +39,19 @@ def _slave_args(ha_address: str, master_client: str) -> list[str]:
     return ["--role", "slave", "--master-ha", ha_address, "--master-client", master_client]
 
 
-async def _status(address: str) -> dict[str, Any]:
-    async with open_client(address) as client:
-        return await client.checked("status")
-
-
-async def _wait_until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``check`` until true; fail naming ``what`` after :data:`POLL_DEADLINE`."""
-    with trio.move_on_after(POLL_DEADLINE):
-        while not await check():
-            await trio.sleep(POLL_INTERVAL)
-        return
-    pytest.fail(f"timed out after {POLL_DEADLINE}s waiting for {what}")
-
-
 async def _wait_caught_up(master: NodeProcess, *slaves: NodeProcess) -> int:
     """Wait until every slave is connected and its log ends where the master's does, and
     the master's confirm offset is there too (so reads on the master see everything)."""
-    end = (await _status(master.address))["max_offset"]
+    end = (await node_status(master.address))["max_offset"]
 
     async def caught_up() -> bool:
         for slave in slaves:
-            status = await _status(slave.address)
+            status = await node_status(slave.address)
             if status["max_offset"] != end or not status["replication"]["connected"]:
                 return False
-        return (await _status(master.address))["replication"]["confirm_offset"] == end
+        return (await node_status(master.address))["replication"]["confirm_offset"] == end
 
-    await _wait_until(f"slaves to reach the master's log end {end}", caught_up)
+    await wait_until(f"slaves to reach the master's log end {end}", caught_up)
     return end
 
 
@@ -98,15 +79,15 @@ async def test_master_restart_bumps_the_epoch_and_slaves_follow(
     tmp_path: Path, stack: ExitStack
 ) -> None:
     master = _start(stack, tmp_path / "m", "m", ["--ha-port", "0"])
-    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
     slave = _start(stack, tmp_path / "s", "s", _slave_args(ha_address, master.address))
     async with open_client(master.address) as client:
         await client.admin.create_topic("rep", 1)
         for i in range(20):
             await _send(client, b"first term %d" % i, "durable")
     await _wait_caught_up(master, slave)
-    assert (await _status(master.address))["epoch"] == 1
-    assert (await _status(slave.address))["epoch"] == 1
+    assert (await node_status(master.address))["epoch"] == 1
+    assert (await node_status(slave.address))["epoch"] == 1
 
     assert master.stop() == 0, master.stderr
     master = _start(
@@ -116,13 +97,13 @@ async def test_master_restart_bumps_the_epoch_and_slaves_follow(
         ["--ha-port", str(_port(ha_address))],
         port=master.port,
     )
-    status = await _status(master.address)
+    status = await node_status(master.address)
     assert status["epoch"] == 2 and status["replication"]["epoch_start"] == status["max_offset"]
     async with open_client(master.address) as client:
         for i in range(20):
             await _send(client, b"second term %d" % i, "durable")
     end = await _wait_caught_up(master, slave)
-    slave_status = await _status(slave.address)
+    slave_status = await node_status(slave.address)
     assert slave_status["epoch"] == 2
     assert slave_status["replication"]["last_truncation"] is None
 
@@ -136,7 +117,7 @@ async def test_promoted_slave_truncates_the_old_masters_divergent_tail(
     tmp_path: Path, stack: ExitStack
 ) -> None:
     a = _start(stack, tmp_path / "a", "a", ["--ha-port", "0"])
-    a_ha = (await _status(a.address))["replication"]["ha_address"]
+    a_ha = (await node_status(a.address))["replication"]["ha_address"]
     b_args = _slave_args(a_ha, a.address)
     b = _start(stack, tmp_path / "b", "b", b_args)
     async with open_client(a.address) as client:
@@ -149,7 +130,7 @@ async def test_promoted_slave_truncates_the_old_masters_divergent_tail(
         assert b.stop() == 0, b.stderr
         for i in range(5):
             await _send(client, b"only on a %d" % i, "leader")
-    a_end = (await _status(a.address))["max_offset"]
+    a_end = (await node_status(a.address))["max_offset"]
     assert a_end > shared_end
     a.kill()
 
@@ -161,14 +142,14 @@ async def test_promoted_slave_truncates_the_old_masters_divergent_tail(
         assert again["status"] is Status.BAD_REQUEST
         for i in range(7):
             await _send(client, b"b's term %d" % i, "durable")
-    b_status = await _status(b.address)
+    b_status = await node_status(b.address)
     assert b_status["role"] == "master" and b_status["writable"] is True
     assert b_status["epoch"] == 2
     assert b_status["replication"]["ha_address"] == promoted["ha_address"]
 
     a = _start(stack, a.data_dir, "a", _slave_args(promoted["ha_address"], b.address))
     end = await _wait_caught_up(b, a)
-    a_status = await _status(a.address)
+    a_status = await node_status(a.address)
     assert a_status["replication"]["last_truncation"] == [a_end, shared_end]
     assert a_status["epoch"] == 2
     async with open_client(a.address) as client:
@@ -185,7 +166,7 @@ async def test_consumers_on_a_slave_see_what_the_master_serves(
     tmp_path: Path, stack: ExitStack
 ) -> None:
     master = _start(stack, tmp_path / "m", "m", ["--ha-port", "0"])
-    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
     slave = _start(stack, tmp_path / "s", "s", _slave_args(ha_address, master.address))
     async with open_client(master.address) as client:
         await client.admin.create_topic("feed", 2)
@@ -218,7 +199,7 @@ async def test_repoint_and_a_stale_master_stops_taking_writes(
     tmp_path: Path, stack: ExitStack
 ) -> None:
     a = _start(stack, tmp_path / "a", "a", ["--ha-port", "0"])
-    a_ha = (await _status(a.address))["replication"]["ha_address"]
+    a_ha = (await node_status(a.address))["replication"]["ha_address"]
     b = _start(stack, tmp_path / "b", "b", _slave_args(a_ha, a.address))
     c = _start(stack, tmp_path / "c", "c", _slave_args(a_ha, a.address))
     async with open_client(a.address) as client:
@@ -231,22 +212,22 @@ async def test_repoint_and_a_stale_master_stops_taking_writes(
     async with open_client(c.address) as client:
         await client.checked("repoint", master_ha=promoted["ha_address"], master_client=b.address)
     await _wait_caught_up(b, c)
-    assert (await _status(c.address))["epoch"] == 2
+    assert (await node_status(c.address))["epoch"] == 2
 
     # C (now in epoch 2) pointed back at A proves A stale: A must refuse writes.
     async with open_client(c.address) as client:
         await client.checked("repoint", master_ha=a_ha)
 
     async def a_is_stale() -> bool:
-        return (await _status(a.address))["replication"]["stale"] is not None
+        return (await node_status(a.address))["replication"]["stale"] is not None
 
-    await _wait_until("A to learn it is stale", a_is_stale)
-    status = await _status(a.address)
+    await wait_until("A to learn it is stale", a_is_stale)
+    status = await node_status(a.address)
     assert status["writable"] is False and status["epoch"] == 1
     async with open_client(a.address) as client:
         refused = await client.call("send", topic="rep", body=b"x", acks="leader")
     assert refused["status"] is Status.NOT_MASTER and refused.get("master") is None
-    assert (await _status(a.address))["max_offset"] == status["max_offset"]
+    assert (await node_status(a.address))["max_offset"] == status["max_offset"]
 
     for node in (c, b, a):
         assert node.stop() == 0, node.stderr

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from cluster.client import open_client
-from cluster.process import NodeProcess
+from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
 from replication.ha import HAClient, HAService
 from storage import Message, MessageStore, StoreConfig
@@ -27,10 +27,8 @@ from tests.conftest import SMALL_SEGMENT
 from tests.test_replication_e2e import (
     _segments,
     _send,
-    _status,
     _wait_caught_up,
     _wait_slaves,
-    _wait_until,
 )
 
 DEADLINE = 10.0
@@ -131,7 +129,7 @@ async def _cluster(
     master = _start(
         stack, root, "master", ["--config", config, "--ha-port", "0", "--min-insync-replicas", "1"]
     )
-    ha_address = (await _status(master.address))["replication"]["ha_address"]
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
     slave_args = [
         "--config", config, "--role", "slave", "--master-ha", ha_address,
         "--master-client", master.address,
@@ -160,27 +158,27 @@ async def test_frozen_slave_leaves_the_in_sync_set_and_rejoins(
             assert (await _send(client, b"frozen 0", "replicated"))["status"] is Status.OK
 
             async def dropped_out() -> bool:
-                replication = (await _status(master.address))["replication"]
+                replication = (await node_status(master.address))["replication"]
                 return _names(replication, "out_of_sync") == {"slave-b"} and _names(
                     replication, "in_sync"
                 ) == {"slave-a"}
 
-            await _wait_until("slave-b out of sync", dropped_out)
+            await wait_until("slave-b out of sync", dropped_out)
             for i in range(1, 20):  # slave-b no longer holds acks=replicated back
                 sent = await _send(client, b"frozen %d" % i, "replicated")
                 assert sent["status"] is Status.OK
         finally:
             frozen.process.send_signal(signal.SIGCONT)
 
-        end = (await _status(master.address))["max_offset"]
+        end = (await node_status(master.address))["max_offset"]
 
         async def rejoined() -> bool:
-            replication = (await _status(master.address))["replication"]
+            replication = (await node_status(master.address))["replication"]
             return _names(replication, "in_sync") == {"slave-a", "slave-b"} and all(
                 entry["ack_offset"] == end for entry in replication["in_sync"]
             )
 
-        await _wait_until("slave-b back in sync at the master's end", rejoined)
+        await wait_until("slave-b back in sync at the master's end", rejoined)
         assert (await _send(client, b"both again", "replicated"))["status"] is Status.OK
     end = await _wait_caught_up(master, steady, frozen)
 

@@ -138,7 +138,7 @@ class StoreThread:
                 self.call_sync(self.store.abandon)
                 self.call_sync(self._stop.set)
             except trio.RunFinishedError:
-                pass
+                pass  # the store's thread already ended: nothing left to abandon or stop
             self._thread.join(TIMEOUT)
 
 
