@@ -1,1 +1,1 @@
-"""tidelog's cluster layer: the wire protocol, and later the node and its replication."""
+"""The cluster layer: the wire protocol, the node (server, role, topics, config) and the client library."""

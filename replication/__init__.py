@@ -1,1 +1,1 @@
-"""Master-to-slave replication (streaming with sendfile, acks, in-sync set, epochs): see the replication issue."""
+"""Master-to-slave replication: streaming with sendfile, epochs, the in-sync set and the confirm offset."""

@@ -104,7 +104,7 @@ MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 DEFAULT_MAX_CALL = 1 << 20
 """Data bytes per syscall (sendfile, or preadv + write). Measured with ``python -m
-replication.bench --sweep`` on the 2-vCPU dev VM (loopback, warm cache, calls of the
+tools.bench.replication --sweep`` on the 2-vCPU dev VM (loopback, warm cache, calls of the
 chunk size): 64 KiB and 256 KiB calls moved 0.9-1.1 GB/s at 0.17-0.38 CPU s/GiB on
 the master; 1, 4 and 16 MiB calls 1.1-2.1 GB/s at 0.13-0.27 s/GiB, with the spread
 between runs larger than the differences between those three. 1 MiB keeps one call

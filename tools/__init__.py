@@ -1,1 +1,1 @@
-"""Tools that drive real tidelog processes from outside: launcher, fault injection, chaos runs."""
+"""The operator's side: the `tidelog` command line, benchmarks, the demo and the process launcher."""

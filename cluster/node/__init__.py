@@ -11,7 +11,7 @@ The role (``[replication]`` in the config) decides three things:
 
 * a master without ``ha_port`` holds :class:`StandaloneAcks` (``replicated`` refused);
 * a master with ``ha_port`` also runs an :class:`~replication.ha.HAService` and holds
-  :class:`~replication.acks.ReplicatedAcks` (waits for slaves, reads bounded by the
+  :class:`~cluster.node.acks.ReplicatedAcks` (waits for slaves, reads bounded by the
   confirm offset);
 * a slave runs an :class:`~replication.ha.HAClient` in a reconnect loop and answers
   every write with ``NOT_MASTER`` naming ``master_client`` (:class:`NodeRequestHandler`).
@@ -38,7 +38,9 @@ from typing import Any, Final
 import trio
 
 from cluster.client import TidelogError, open_client
-from cluster.config import NodeConfig
+from cluster.node.acks import ReplicatedAcks
+from cluster.node.config import NodeConfig
+from cluster.node.topics import TopicExistsError, TopicRegistry
 from cluster.protocol import SCHEMAS, Acks, Request, Status, make_response
 from cluster.server import (
     AckPolicy,
@@ -49,8 +51,6 @@ from cluster.server import (
     RequestHandler,
     Wakeups,
 )
-from cluster.topics import TopicExistsError, TopicRegistry
-from replication.acks import ReplicatedAcks
 from replication.epochs import EpochEntry, EpochFile, EpochHistory
 from replication.ha import (
     DEFAULT_HEARTBEAT_MS,

@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 from cluster.client import open_client
-from cluster.process import NodeProcess, node_status, wait_until
 from storage.record import HEADER_SIZE
+from tools.process import NodeProcess, node_status, wait_until
 
 TOPIC = "demo"
 QUEUES = 4

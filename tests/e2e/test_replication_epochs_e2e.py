@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from cluster.client import Client, open_client
-from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
+from tools.process import NodeProcess, node_status, wait_until
 
 
 @pytest.fixture

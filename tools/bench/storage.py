@@ -7,7 +7,6 @@ mean something on a shared, noisy machine. Nothing here asserts a figure.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -20,17 +19,11 @@ import trio
 from storage.config import MiB, StoreConfig
 from storage.record import HEADER_SIZE, Message
 from storage.store import MessageStore
+from tools.bench.stats import percentile
 
 TOPIC = "bench"
 BATCH = 64
 ProgressFn = Callable[[str], None]
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return math.nan
-    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
-    return sorted_values[index]
 
 
 def fsync_floor(directory: Path, samples: int) -> dict[str, float]:

@@ -33,7 +33,14 @@ from typing import Any, Final, Protocol, TypeAlias
 
 import trio
 
-from cluster.config import ServerSection, TopicsSection
+from cluster.node.config import ServerSection, TopicsSection
+from cluster.node.topics import (
+    InvalidTopicNameError,
+    QueueCountError,
+    Topic,
+    TopicExistsError,
+    TopicRegistry,
+)
 from cluster.protocol import (
     MAX_FRAME_SIZE_LIMIT,
     Acks,
@@ -50,13 +57,6 @@ from cluster.protocol import (
     read_response,
     send_batch_response,
     send_response,
-)
-from cluster.topics import (
-    InvalidTopicNameError,
-    QueueCountError,
-    Topic,
-    TopicExistsError,
-    TopicRegistry,
 )
 from storage import (
     CorruptSegmentError,

@@ -7,7 +7,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from cluster.config import (
+from cluster.node.config import (
     ConfigError,
     NodeConfig,
     NodeSection,

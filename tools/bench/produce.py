@@ -30,9 +30,9 @@ from pathlib import Path
 import trio
 
 from cluster.client import Client, open_client
-from cluster.process import NodeProcess, node_status, wait_until
 from cluster.protocol import Status
-from storage.bench import percentile
+from tools.bench.stats import percentile
+from tools.process import NodeProcess, node_status, wait_until
 
 ProgressFn = Callable[[str], None]
 SIZES = (128, 1024)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from cluster.cli_client import add_client_commands
+from tools.cli_client import add_client_commands
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def report_figures(
 
 
 def cmd_bench_storage(args: argparse.Namespace) -> int:
-    from storage.bench import run_storage_bench
+    from tools.bench.storage import run_storage_bench
 
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(lambda: run_storage_bench(args.dir, seconds=args.seconds, progress=progress))
@@ -69,7 +69,7 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_node(args: argparse.Namespace) -> int:
-    from cluster.bench import run_bench
+    from tools.bench.produce import run_bench
 
     if args.replicas < 0:
         raise SystemExit("--replicas must not be negative")
@@ -93,7 +93,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
 def cmd_bench_replication(args: argparse.Namespace) -> int:
     import tempfile
 
-    from replication.bench import parse_size, run_catchup_bench, run_lag_bench
+    from tools.bench.replication import parse_size, run_catchup_bench, run_lag_bench
 
     progress = _progress(not args.json and sys.stderr.isatty())
     figures: dict[str, float] = {}
@@ -145,14 +145,14 @@ def storage_ratios(f: dict[str, float]) -> dict[str, float]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from tools.demo import run_demo
 
     return run_demo(args.dir, args.rounds, args.acks)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError, load_node_config
     from cluster.node import serve_until_signalled
+    from cluster.node.config import ConfigError, load_node_config
 
     overrides = {
         key: value

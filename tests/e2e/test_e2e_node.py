@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from cluster.client import open_client
-from cluster.process import NodeProcess
 from cluster.protocol import Status
+from tools.process import NodeProcess
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ async def test_hostile_bytes_do_not_disturb_other_clients(node: NodeProcess) -> 
 
 def _cli(*args: str, stdin: str | None = None, node: NodeProcess) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args, "--bootstrap", node.address],
+        [sys.executable, "-m", "tools.cli", *args, "--bootstrap", node.address],
         input=stdin,
         capture_output=True,
         text=True,

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
+from cluster.node.acks import ReplicatedAcks
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
-from replication.acks import ReplicatedAcks
 from replication.ha import (
     MASTER_HELLO_SIZE,
     HAClient,
@@ -30,7 +31,6 @@ from replication.ha import (
 )
 from replication.transfer import recv_exactly_into
 from storage import MessageStore
-from tests.test_ha_stream import assert_identical, config_at, fill, messages
 
 MAX_LAG_MS = 500
 HEARTBEAT_MS = 100
@@ -226,7 +226,7 @@ async def test_slave_gives_up_a_silent_master(
 
 async def test_lag_bench_reports_every_figure(tmp_path: Path) -> None:
     """The lag bench end to end at a tiny load (a real slave process): keys, not values."""
-    from replication.bench import run_lag_bench
+    from tools.bench.replication import run_lag_bench
 
     figures = await run_lag_bench(tmp_path, seconds=0.3, rate=500)
     assert figures["lag_messages"] > 0

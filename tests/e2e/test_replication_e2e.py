@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from cluster.client import Client, open_client
-from cluster.config import ConfigError, load_node_config
-from cluster.process import NodeProcess, node_status, wait_until
+from cluster.node.config import ConfigError, load_node_config
 from cluster.protocol import Status
+from tools.process import NodeProcess, node_status, wait_until
 
 # ---- config errors ---------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def test_replication_settings_from_environment_and_defaults() -> None:
 
 def test_cli_refuses_a_slave_without_master() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "node", "--role", "slave", "--port", "0"],
+        [sys.executable, "-m", "tools.cli", "node", "--role", "slave", "--port", "0"],
         capture_output=True,
         text=True,
         timeout=30,

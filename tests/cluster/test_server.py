@@ -27,8 +27,18 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.config import NodeConfig
 from cluster.node import Node, serve_until_signalled
+from cluster.node.config import NodeConfig
+from cluster.node.topics import (
+    InvalidTopicNameError,
+    QueueCountError,
+    Topic,
+    TopicExistsError,
+    TopicRegistry,
+    TopicRegistryCorruptError,
+    check_queue_count,
+    check_topic_name,
+)
 from cluster.protocol import (
     HEADER,
     MAX_FRAME_SIZE_LIMIT,
@@ -48,16 +58,6 @@ from cluster.server import (
     check_queue,
     message_map,
     response_for_error,
-)
-from cluster.topics import (
-    InvalidTopicNameError,
-    QueueCountError,
-    Topic,
-    TopicExistsError,
-    TopicRegistry,
-    TopicRegistryCorruptError,
-    check_queue_count,
-    check_topic_name,
 )
 from storage import (
     CorruptSegmentError,

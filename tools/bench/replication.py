@@ -3,7 +3,7 @@
 What is measured, and against what
     A log of ``size_bytes`` (fixed-size segment files of random bytes, written to
     the real disk) is streamed chunk by chunk to a receiver in a **separate
-    process** (``python -m replication.bench receive``), which reads each chunk
+    process** (``python -m tools.bench.replication receive``), which reads each chunk
     with :func:`replication.transfer.receive_chunk_into` into one reused,
     pre-touched buffer and reports when the last byte has landed. Each mode runs
     ``repeats`` times; every figure is the median over the repeats:
@@ -29,7 +29,7 @@ Warm and cold
 Replication lag (:func:`run_lag_bench`)
     A master store and :class:`~replication.ha.HAService` in this process, an
     :class:`~replication.ha.HAClient` with its own store in a **separate process**
-    (``python -m replication.bench lag-slave``), over loopback. A producer appends
+    (``python -m tools.bench.replication lag-slave``), over loopback. A producer appends
     1 KiB messages at a steady ``rate`` (paced on a schedule, not back to back: lag
     under a sustainable load, not queueing under saturation) and a second task
     takes each message's end offset in order and waits for the confirm offset --
@@ -70,8 +70,8 @@ from replication.transfer import (
     recv_exactly_into,
     send_file_range,
 )
-from storage.bench import percentile
 from storage.mapped_file import fsync_directory, segment_name
+from tools.bench.stats import percentile
 
 ProgressFn = Callable[[str], None]
 MiB = 1 << 20
@@ -255,7 +255,7 @@ async def _one_run(
         command = [
             sys.executable,
             "-m",
-            "replication.bench",
+            "tools.bench.replication",
             "receive",
             "--port",
             str(listener.getsockname()[1]),
@@ -437,7 +437,7 @@ async def run_lag_bench(
         async with trio.open_nursery() as nursery:
             port = await nursery.start(service.serve, "127.0.0.1", 0)
             command = [
-                sys.executable, "-m", "replication.bench", "lag-slave",
+                sys.executable, "-m", "tools.bench.replication", "lag-slave",
                 "--port", str(port), "--dir", str(directory / "slave"),
             ]  # fmt: skip
             # run_process kills the child when the nursery is cancelled below
@@ -553,7 +553,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m replication.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.replication", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     child = sub.add_parser("receive", help="(internal) the receiver process")
     child.add_argument("--port", type=int, required=True)

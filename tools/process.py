@@ -52,7 +52,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
         command = [
-            sys.executable, "-m", "cluster.cli", "--log-level", self.log_level, "node",
+            sys.executable, "-m", "tools.cli", "--log-level", self.log_level, "node",
             "--name", self.name, "--port", str(self.port), "--data-dir", str(self.data_dir),
             *self.extra_args,
         ]  # fmt: skip

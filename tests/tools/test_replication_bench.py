@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from replication.bench import parse_size, run_catchup_bench
+from tools.bench.replication import parse_size, run_catchup_bench
 
 MODES = ("catchup_sendfile", "catchup_copy", "raw_sendfile", "raw_copy")
 

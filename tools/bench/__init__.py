@@ -1,0 +1,1 @@
+"""Benchmarks: every `tidelog bench` figure, each beside its floor from the same run."""
