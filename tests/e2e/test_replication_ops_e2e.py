@@ -17,18 +17,18 @@ from typing import Any
 
 import pytest
 import trio
-from tests.e2e.test_replication_e2e import (
-    _segments,
-    _send,
-    _wait_caught_up,
-    _wait_slaves,
-)
 
 from cluster.client import open_client
 from cluster.protocol import Status
 from replication.ha import HAClient, HAService
 from storage import Message, MessageStore, StoreConfig
 from tests.conftest import SMALL_SEGMENT
+from tests.e2e.test_replication_e2e import (
+    _segments,
+    _send,
+    _wait_caught_up,
+    _wait_slaves,
+)
 from tools.process import NodeProcess, node_status, wait_until
 
 DEADLINE = 10.0

@@ -9,15 +9,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from tests.replication.test_ha_stream import (
-    assert_identical,
-    config_at,
-    fill,
-    log_bytes,
-    messages,
-    replicated,
-    serving,
-)
 
 from replication.epochs import EpochEntry, EpochFile, EpochHistory
 from replication.ha import (
@@ -37,6 +28,15 @@ from replication.ha import (
     unpack_slave_hello,
 )
 from storage import MessageStore
+from tests.replication.test_ha_stream import (
+    assert_identical,
+    config_at,
+    fill,
+    log_bytes,
+    messages,
+    replicated,
+    serving,
+)
 
 DEADLINE = 10.0
 

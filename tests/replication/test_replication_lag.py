@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
 from cluster.node.acks import ReplicatedAcks
 from cluster.protocol import Acks, Status
@@ -31,6 +30,7 @@ from replication.ha import (
 )
 from replication.transfer import recv_exactly_into
 from storage import MessageStore
+from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
 MAX_LAG_MS = 500
 HEARTBEAT_MS = 100
