@@ -18,7 +18,7 @@ MAX_TOPIC_LENGTH: Final = 127
 TOPIC_RULE: Final = (
     f"1 to {MAX_TOPIC_LENGTH} characters from A-Z a-z 0-9 . _ - starting with a letter or digit"
 )
-_TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,%d}" % (MAX_TOPIC_LENGTH - 1))
+_TOPIC_NAME: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TOPIC_LENGTH - 1}}}")
 
 
 def is_valid_topic_name(name: object) -> bool:
