@@ -38,12 +38,11 @@ from typing import Any, Final
 import trio
 
 from cluster.client import TidelogError, open_client
-from cluster.node.acks import ReplicatedAcks
+from cluster.node.acks import AckPolicy, ReplicatedAcks, StandaloneAcks
 from cluster.node.config import NodeConfig
 from cluster.node.topics import TopicExistsError, TopicRegistry
-from cluster.protocol import SCHEMAS, Acks, Request, Status, make_response
+from cluster.protocol import SCHEMAS, Request, Status, make_response
 from cluster.server import (
-    AckPolicy,
     ClientServer,
     Deferred,
     Reply,
@@ -84,42 +83,6 @@ TOPIC_SYNC_TIMEOUT = 2.0
 master."""
 
 log = logging.getLogger(__name__)
-
-
-class StandaloneAcks:
-    """Ack levels on a master with no slaves.
-
-    ``durable`` waits for group commit. ``replicated`` is refused before anything is
-    appended (``SLAVE_NOT_AVAILABLE``), so the client may resend it without risking a
-    duplicate, or fall back to ``durable``.
-    """
-
-    def __init__(self, store: MessageStore) -> None:
-        self._store = store
-
-    def admit(self, acks: Acks) -> None:
-        if acks is Acks.REPLICATED:
-            raise RequestError(
-                Status.SLAVE_NOT_AVAILABLE,
-                "acks=replicated needs an in-sync slave and this node has none; nothing was "
-                "written: resend later or with acks=durable",
-            )
-
-    async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
-        if await self._store.wait_durable(end_offset, timeout):
-            return Status.OK, None
-        return (
-            Status.FLUSH_DISK_TIMEOUT,
-            f"appended, but the fsync did not complete within {timeout * 1000:.0f} ms: the "
-            "write is probably stored; resend only if duplicates are acceptable",
-        )
-
-    def read_limit(self) -> int | None:
-        return None
-
-    def status(self) -> dict[str, Any] | None:
-        """Replication state for ``status``: none without replication."""
-        return None
 
 
 class NodeRequestHandler(RequestHandler):

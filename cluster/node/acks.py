@@ -1,10 +1,14 @@
-"""The ack policy of a master with slaves: ``acks=replicated`` waits for them, reads stop
-at what they hold.
+"""The ack policies: what a write waits for, by ``acks`` level, and how far reads go.
 
-It plugs into the client server as its :class:`cluster.server.AckPolicy`. The durable
-part (group commit on the master) is not repeated here: it is delegated to the
-standalone policy, so ``durable`` behaves exactly as on a master without slaves and a
-``replicated`` write is fsynced on the master *and* acknowledged by the slaves.
+The node's role picks one (see :mod:`cluster.node.role`): :class:`StandaloneAcks` on a
+master without slaves (and held, unused, by a slave), :class:`ReplicatedAcks` on a
+master serving slaves. Both satisfy :class:`AckPolicy`, which is all the request
+handler sees. The durable part (group commit on the master) is written once: the
+replicated policy delegates it to the standalone one, so ``durable`` behaves exactly as
+on a master without slaves and a ``replicated`` write is fsynced on the master *and*
+acknowledged by the slaves.
+
+Timeouts are in milliseconds end to end, the unit requests carry (``timeout_ms``).
 """
 
 from __future__ import annotations
@@ -14,18 +18,74 @@ from typing import Any, Protocol
 import trio
 
 from cluster.protocol import Acks, Status
-from cluster.server import RequestError
+from cluster.server.errors import RequestError
 from replication.ha import HAService, lag_status
+from storage import MessageStore
 
-__all__ = ["DurableAcks", "ReplicatedAcks"]
+__all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "StandaloneAcks"]
+
+
+class AckPolicy(Protocol):
+    """What a write waits for, by ``acks`` level: the node's role decides.
+
+    A master alone refuses ``replicated`` in :meth:`admit` and waits for group commit
+    for ``durable``; a master with slaves also waits for in-sync slaves and bounds
+    reads by the confirm offset. Called from the request handler's tasks on the event
+    loop; any number of :meth:`wait` calls may be in progress at once.
+    """
+
+    def admit(self, acks: Acks) -> None:
+        """Raise :class:`RequestError` if a write at ``acks`` cannot be served. Called
+        *before* anything is appended, so a refused write is safe to resend."""
+
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        """Wait until the bytes below ``end_offset`` meet ``acks`` (not ``leader``):
+        ``(OK, None)``, or a timeout status with its error sentence."""
+        ...
+
+    def read_limit(self) -> int | None:
+        """Consumers see records ending at or below this offset (None: all of them)."""
+        ...
 
 
 class DurableAcks(Protocol):
-    """The part of an ack policy this one reuses: group commit (``StandaloneAcks``)."""
+    """The part of an ack policy :class:`ReplicatedAcks` reuses: group commit."""
 
-    async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         """``(OK, None)`` once the bytes below ``end_offset`` are fsynced, else a timeout."""
         ...
+
+
+class StandaloneAcks:
+    """Ack levels on a master with no slaves.
+
+    ``durable`` waits for group commit. ``replicated`` is refused before anything is
+    appended (``SLAVE_NOT_AVAILABLE``), so the client may resend it without risking a
+    duplicate, or fall back to ``durable``.
+    """
+
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+
+    def admit(self, acks: Acks) -> None:
+        if acks is Acks.REPLICATED:
+            raise RequestError(
+                Status.SLAVE_NOT_AVAILABLE,
+                "acks=replicated needs an in-sync slave and this node has none; nothing was "
+                "written: resend later or with acks=durable",
+            )
+
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        if await self._store.wait_durable(end_offset, timeout_ms / 1000):
+            return Status.OK, None
+        return (
+            Status.FLUSH_DISK_TIMEOUT,
+            f"appended, but the fsync did not complete within {timeout_ms:.0f} ms: the "
+            "write is probably stored; resend only if duplicates are acceptable",
+        )
+
+    def read_limit(self) -> int | None:
+        return None
 
 
 class ReplicatedAcks:
@@ -70,9 +130,9 @@ class ReplicatedAcks:
                 "resend later or with acks=durable",
             )
 
-    async def wait(self, acks: Acks, end_offset: int, timeout: float) -> tuple[Status, str | None]:
-        deadline = trio.current_time() + timeout
-        status, error = await self._durable.wait(acks, end_offset, timeout)
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        deadline = trio.current_time() + timeout_ms / 1000
+        status, error = await self._durable.wait(acks, end_offset, timeout_ms)
         if acks is not Acks.REPLICATED or status is not Status.OK:
             return status, error
         if await self._ha.wait_replicated(end_offset, deadline):
@@ -83,7 +143,7 @@ class ReplicatedAcks:
         return (
             Status.FLUSH_SLAVE_TIMEOUT,
             f"appended and fsynced on the master, but not acknowledged by the slaves within "
-            f"{timeout * 1000:.0f} ms (write ends at {end_offset}, confirm offset "
+            f"{timeout_ms:.0f} ms (write ends at {end_offset}, confirm offset "
             f"{self._ha.confirm_offset}, lagging slaves {lagging or 'none connected'}): the "
             "write is probably stored; resend only if duplicates are acceptable",
         )

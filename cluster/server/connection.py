@@ -1,0 +1,190 @@
+"""One client connection: frames in, responses out, in-flight requests bounded.
+
+Why a request holds its in-flight slot until its response is *sent*: a client that
+pipelines without reading would otherwise make the node buffer answers without limit.
+With the slots taken, the reader stops reading and TCP pushes back on the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from cluster.protocol import (
+    MAX_FRAME_SIZE_LIMIT,
+    FrameDecoder,
+    ProtocolError,
+    Request,
+    Status,
+    encode_frame,
+    error_response,
+)
+from cluster.server.errors import response_for_error
+from cluster.server.polls import Wakeups
+from cluster.server.replies import Deferred, Reply
+from cluster.server.streams import GONE, RECEIVE_SIZE, linger, peer_name
+
+if TYPE_CHECKING:
+    from cluster.server.listener import ClientServer
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """One client connection: reader, coalescing writer, and tasks for waiting requests.
+
+    Every admitted frame gets exactly one response, and holds one of the connection's
+    ``max_inflight_per_connection`` slots until that response is sent.
+    """
+
+    def __init__(self, stream: trio.SocketStream, server: ClientServer) -> None:
+        settings = server.settings
+        self._stream = stream
+        self._server = server
+        self._handler = server.handler
+        self._decoder = FrameDecoder(settings.max_frame_size)
+        self._max_inflight = settings.max_inflight_per_connection
+        self._slots = trio.Semaphore(self._max_inflight)
+        self.polls = Wakeups()
+        self.peer = peer_name(stream)
+        self._out = bytearray()
+        self._out_count = 0
+        self._wake = trio.Event()
+        self._reading = True
+        self._fatal = False
+        self._aborted = False
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self._max_inflight - self._slots.value
+
+    async def run(self) -> None:
+        log.debug("connection_open peer=%s", self.peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop)
+                await self._read_loop()
+                self._reading = False
+                self.polls.wake_all()
+                self._wake.set()
+            if self._fatal:
+                await self._linger()
+        finally:
+            await trio.aclose_forcefully(self._stream)
+            log.debug("connection_closed peer=%s", self.peer)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        decoder = self._decoder
+        try:
+            while data := await self._stream.receive_some(RECEIVE_SIZE):
+                decoder.feed(data)
+                for item in decoder:
+                    await self._admit()
+                    await self._dispatch(item)
+        except ProtocolError as fatal:
+            log.info("connection_fatal peer=%s status=%s", self.peer, fatal.status)
+            await self._admit()
+            self._reply(fatal.response())
+            self._fatal = True
+        except GONE:
+            self._abort()
+
+    async def _admit(self) -> None:
+        """Take an in-flight slot; with none free, stop reading until a response is sent."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            log.debug("backpressure peer=%s inflight=%d", self.peer, self.inflight)
+            await self._slots.acquire()
+        self._server.admitted()
+
+    async def _dispatch(self, item: Request | ProtocolError) -> None:
+        if isinstance(item, ProtocolError):
+            self._reply(item.response())
+            return
+        req_id, op = item["id"], item["op"]
+        if self._server.draining:
+            self._reply(
+                error_response(
+                    req_id,
+                    Status.SHUTTING_DOWN,
+                    "the node is shutting down and did not start this request: reconnect "
+                    "(possibly to another node) and resend",
+                )
+            )
+            return
+        try:
+            outcome = await self._handler.handle(item, self.polls)
+        except Exception as exc:
+            self._reply(response_for_error(req_id, exc, op))
+            return
+        if isinstance(outcome, dict):
+            self._reply(outcome)
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish, req_id, op, outcome)
+
+    async def _finish(self, req_id: int, op: str, deferred: Deferred) -> None:
+        try:
+            response = await deferred()
+        except Exception as exc:
+            response = response_for_error(req_id, exc, op)
+        self._reply(response)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def _reply(self, response: Reply) -> None:
+        try:
+            frame = encode_frame(response, max_frame_size=MAX_FRAME_SIZE_LIMIT)
+        except Exception as exc:
+            frame = encode_frame(response_for_error(response.get("id", 0), exc, "encode"))
+        self._out += frame
+        self._out_count += 1
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        """Send everything queued in one ``send_all``; release the slots it answered."""
+        try:
+            while True:
+                if self._out:
+                    data, count = self._out, self._out_count
+                    self._out, self._out_count = bytearray(), 0
+                    await self._stream.send_all(data)
+                    self._retire(count)
+                elif not self._reading and not self.inflight:
+                    return
+                else:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+        except GONE:
+            self._abort()
+
+    def _retire(self, count: int) -> None:
+        if self._aborted:  # _abort already retired everything outstanding
+            return
+        for _ in range(count):
+            self._slots.release()
+        self._server.retired(count)
+
+    # ---- closing -------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """The peer is gone: stop everything, nobody is left to answer."""
+        if self._aborted:
+            return
+        self._aborted = True
+        log.debug("connection_reset peer=%s inflight=%d", self.peer, self.inflight)
+        self._server.retired(self.inflight)  # their responses will never be sent
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _linger(self) -> None:
+        await linger(self._stream)

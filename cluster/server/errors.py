@@ -1,0 +1,69 @@
+"""Every exception a request can raise, turned into a status: the one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from cluster.node.topics import InvalidTopicNameError, QueueCountError, TopicExistsError
+from cluster.protocol import Status, error_response
+from cluster.server.replies import Reply
+from storage import (
+    DiskFullError,
+    InvalidMessageError,
+    InvalidTopicError,
+    MessageTooLargeError,
+    OffsetOutOfRangeError,
+    StorageFailedError,
+)
+
+__all__ = ["RequestError", "response_for_error", "unknown_topic"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request that cannot be served as sent: answer ``status`` with ``details``."""
+
+    def __init__(self, status: Status, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+def unknown_topic(name: str) -> RequestError:
+    return RequestError(
+        Status.UNKNOWN_TOPIC, f"topic {name!r} does not exist: create it first (create_topic)"
+    )
+
+
+_STATUS_OF: Final[tuple[tuple[type[Exception], Status], ...]] = (
+    (InvalidTopicNameError, Status.INVALID_TOPIC),
+    (QueueCountError, Status.BAD_REQUEST),
+    (InvalidTopicError, Status.INVALID_TOPIC),  # before its base class, InvalidMessageError
+    (MessageTooLargeError, Status.MESSAGE_TOO_LARGE),
+    (InvalidMessageError, Status.BAD_REQUEST),
+    (OffsetOutOfRangeError, Status.OFFSET_OUT_OF_RANGE),
+    (DiskFullError, Status.DISK_FULL),
+    (StorageFailedError, Status.STORAGE_FAILED),
+)
+
+
+def response_for_error(req_id: int, exc: Exception, op: str = "?") -> Reply:
+    """The answer to a request that raised ``exc``. Anything unexpected is a server bug:
+    logged with its traceback and answered ``INTERNAL_ERROR`` for this request only."""
+    if isinstance(exc, RequestError):
+        return error_response(req_id, exc.status, exc.message, **exc.details)
+    if isinstance(exc, TopicExistsError):
+        return error_response(req_id, Status.TOPIC_EXISTS, str(exc), queues=exc.topic.queues)
+    for kind, status in _STATUS_OF:
+        if isinstance(exc, kind):
+            return error_response(req_id, status, str(exc))
+    log.error("internal_error op=%s id=%d error=%r", op, req_id, exc, exc_info=exc)
+    return error_response(
+        req_id,
+        Status.INTERNAL_ERROR,
+        f"internal error serving op {op!r} ({type(exc).__name__}); the node logged it: "
+        "report it, and treat a write as of unknown outcome",
+    )

@@ -1,0 +1,298 @@
+"""What each op does: validated requests in, an answer or a wait out.
+
+The decisions beside it are plain functions and classes (:mod:`cluster.server.routing`
+for where a message goes, :mod:`cluster.server.errors` for every exception's status);
+what a write waits for is the node's :class:`~cluster.node.acks.AckPolicy`.
+
+Why appends run inline (the connection's reader awaits :meth:`RequestHandler.handle`):
+``store.put`` does not yield on its fast path, so serving a send where it is decoded
+keeps one connection's appends in the order it sent them, and an ``acks=leader`` send
+costs no task. Only waits become tasks (:data:`~cluster.server.replies.Deferred`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from cluster.node.config import TopicsSection
+from cluster.node.topics import Topic, TopicExistsError, TopicRegistry
+from cluster.protocol import (
+    Acks,
+    CreateTopicRequest,
+    DescribeTopicRequest,
+    GetOffsetsRequest,
+    ListTopicsRequest,
+    PullRequest,
+    ReadRequest,
+    Request,
+    SendBatchRequest,
+    SendRequest,
+    Status,
+    StatusRequest,
+    make_response,
+    pull_response,
+    read_response,
+    send_batch_response,
+    send_response,
+)
+from cluster.server.errors import RequestError, unknown_topic
+from cluster.server.polls import Wakeups
+from cluster.server.replies import Deferred, Reply
+from cluster.server.routing import QueueChooser, build_message, check_queue, message_map
+from storage import (
+    CorruptSegmentError,
+    DiskFullError,
+    GetResult,
+    MessageStore,
+    OffsetOutOfRangeError,
+)
+
+if TYPE_CHECKING:
+    from cluster.node.acks import AckPolicy
+
+__all__ = ["OpHandler", "RequestHandler"]
+
+OpHandler = Callable[[Any, Wakeups], Awaitable[Reply | Deferred]]
+"""One op's handler; it takes that op's request TypedDict (``Any`` here only because the
+table maps every op name to its own request type)."""
+_Result = TypeVar("_Result")
+
+
+class RequestHandler:
+    """Serves validated requests: an immediate :data:`Reply`, or a :data:`Deferred`
+    when the answer must wait. Raises for errors (see :func:`response_for_error`)."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        topics: TopicRegistry,
+        acks: AckPolicy,
+        settings: TopicsSection,
+        *,
+        max_pull_bytes: int,
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._store = store
+        self._topics = topics
+        self._acks = acks
+        self._settings = settings
+        self._max_pull_bytes = max_pull_bytes
+        self._status = status
+        self._chooser = QueueChooser()
+        self.disk_full = False
+        """The last write met a full disk (cleared by the next write that succeeds)."""
+        self._ops: dict[str, OpHandler] = {
+            "send": self._send,
+            "send_batch": self._send_batch,
+            "pull": self._pull,
+            "get_offsets": self._get_offsets,
+            "read": self._read,
+            "create_topic": self._create_topic,
+            "list_topics": self._list_topics,
+            "describe_topic": self._describe_topic,
+            "status": self._node_status,
+        }
+
+    async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
+        return await self._ops[request["op"]](request, polls)
+
+    # ---- topics --------------------------------------------------------------------------
+
+    def _existing_topic(self, name: str) -> Topic:
+        topic = self._topics.get(name)
+        if topic is None:
+            raise unknown_topic(name)
+        return topic
+
+    async def _topic_for_write(self, name: str) -> Topic:
+        topic = self._topics.get(name)
+        if topic is not None:
+            return topic
+        if not self._settings.auto_create:
+            raise unknown_topic(name)
+        try:
+            return await self._topics.create(name, self._settings.default_queues)
+        except TopicExistsError as exc:  # another connection created it meanwhile
+            return exc.topic
+
+    # ---- writes --------------------------------------------------------------------------
+
+    async def _send(self, req: SendRequest, _polls: Wakeups) -> Reply | Deferred:
+        topic = await self._topic_for_write(req["topic"])
+        self._acks.admit(req["acks"])
+        queue = self._chooser.choose(topic, req["queue"], req["key"])
+        result = await self._append(self._store.put, build_message(topic.name, req, queue))
+
+        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
+            return send_response(
+                req["id"],
+                topic.name,
+                result.queue_id,
+                result.queue_offset,
+                result.offset,
+                result.store_us,
+                status=status,
+                error=error,
+            )
+
+        return self._after_append(req, result.end_offset, answer)
+
+    async def _send_batch(self, req: SendBatchRequest, _polls: Wakeups) -> Reply | Deferred:
+        topic = await self._topic_for_write(req["topic"])
+        self._acks.admit(req["acks"])
+        messages = req["messages"]
+        queues = self._chooser.choose_batch(topic, messages)
+        built = [
+            build_message(topic.name, message, queue, f"messages[{index}].")
+            for index, (message, queue) in enumerate(zip(messages, queues, strict=True))
+        ]
+        result = await self._append(self._store.put_batch, built)
+
+        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
+            return send_batch_response(
+                req["id"],
+                topic.name,
+                queues,
+                result.queue_offsets,
+                result.offsets,
+                result.store_us,
+                status=status,
+                error=error,
+            )
+
+        return self._after_append(req, result.end_offset, answer)
+
+    async def _append(self, put: Callable[[Any], Awaitable[_Result]], what: object) -> _Result:
+        try:
+            result = await put(what)
+        except DiskFullError:
+            self.disk_full = True
+            raise
+        self.disk_full = False
+        return result
+
+    def _after_append(
+        self, req: SendRequest | SendBatchRequest, end_offset: int, answer: Callable[..., Reply]
+    ) -> Reply | Deferred:
+        acks: Acks = req["acks"]
+        if acks is Acks.LEADER:
+            return answer()
+        timeout_ms = req["timeout_ms"]
+
+        async def acknowledged() -> Reply:
+            status, error = await self._acks.wait(acks, end_offset, timeout_ms)
+            return answer(status, error)
+
+        return acknowledged
+
+    async def _create_topic(self, req: CreateTopicRequest, _polls: Wakeups) -> Reply:
+        topic = await self._topics.create(req["topic"], req["queues"])
+        return make_response(req["id"], topic=topic.name, queues=topic.queues)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    async def _pull(self, req: PullRequest, polls: Wakeups) -> Reply | Deferred:
+        check_queue(self._existing_topic(req["topic"]), req["queue"], "queue")
+        page = self._page(req)
+        if page.records or not req["wait_ms"]:
+            return self._pull_answer(req, page)
+        deadline = trio.current_time() + req["wait_ms"] / 1000
+
+        async def long_poll() -> Reply:
+            with polls.deadline(deadline):
+                while not self._page(req).records:
+                    await self._store.wait_for_arrival()
+            return self._pull_answer(req, self._page(req))
+
+        return long_poll
+
+    def _page(self, req: PullRequest) -> GetResult:
+        topic, queue, offset = req["topic"], req["queue"], req["offset"]
+        low, high = self._store.queue_offsets(topic, queue)
+        if not low <= offset <= high:
+            raise RequestError(
+                Status.OFFSET_OUT_OF_RANGE,
+                f"queue offset {offset} of {topic}/{queue} is outside the stored range "
+                f"[{low}, {high}]: continue from min_offset or max_offset",
+                min_offset=low,
+                max_offset=high,
+            )
+        return self._store.get_messages(
+            topic,
+            queue,
+            offset,
+            max_messages=req["max_messages"],
+            max_bytes=min(req["max_bytes"], self._max_pull_bytes),
+            below_offset=self._acks.read_limit(),
+        )
+
+    @staticmethod
+    def _pull_answer(req: PullRequest, page: GetResult) -> Reply:
+        return pull_response(
+            req["id"],
+            [message_map(queue_offset, record) for queue_offset, record in page.records],
+            page.next_offset,
+            page.min_offset,
+            page.max_offset,
+        )
+
+    def _offsets(self, topic: Topic, queues: Sequence[int]) -> list[dict[str, int]]:
+        entries = []
+        for queue in queues:
+            low, high = self._store.queue_offsets(topic.name, queue)
+            entries.append({"queue": queue, "min_offset": low, "max_offset": high})
+        return entries
+
+    async def _get_offsets(self, req: GetOffsetsRequest, _polls: Wakeups) -> Reply:
+        topic = self._existing_topic(req["topic"])
+        queue = req["queue"]
+        queues = range(topic.queues) if queue is None else [check_queue(topic, queue, "queue")]
+        return make_response(req["id"], topic=topic.name, offsets=self._offsets(topic, queues))
+
+    async def _read(self, req: ReadRequest, _polls: Wakeups) -> Reply:
+        offset = req["offset"]
+        try:
+            record = self._store.read(offset)
+        except (OffsetOutOfRangeError, CorruptSegmentError) as exc:
+            # CorruptSegmentError here means "no record starts there": read() checks the
+            # range, so the offset points into a record or a segment's filler.
+            commit_log = self._store.commit_log
+            raise RequestError(
+                Status.OFFSET_OUT_OF_RANGE,
+                f"no record starts at offset {offset} (the log holds "
+                f"[{commit_log.min_offset}, {commit_log.max_offset})): use an offset a send "
+                "returned",
+                min_offset=commit_log.min_offset,
+                max_offset=commit_log.max_offset,
+            ) from exc
+        limit = self._acks.read_limit()
+        if limit is not None and record.end_offset > limit:
+            raise RequestError(
+                Status.OFFSET_OUT_OF_RANGE,
+                f"the record at offset {offset} is not confirmed yet (confirm offset {limit})",
+                min_offset=self._store.commit_log.min_offset,
+                max_offset=limit,
+            )
+        return read_response(
+            req["id"], record.topic, record.queue_id, message_map(record.queue_offset, record)
+        )
+
+    async def _list_topics(self, req: ListTopicsRequest, _polls: Wakeups) -> Reply:
+        topics = [{"topic": t.name, "queues": t.queues} for t in self._topics.list()]
+        return make_response(req["id"], topics=topics)
+
+    async def _describe_topic(self, req: DescribeTopicRequest, _polls: Wakeups) -> Reply:
+        topic = self._existing_topic(req["topic"])
+        return make_response(
+            req["id"],
+            topic=topic.name,
+            queues=topic.queues,
+            created_us=topic.created_us,
+            offsets=self._offsets(topic, range(topic.queues)),
+        )
+
+    async def _node_status(self, req: StatusRequest, _polls: Wakeups) -> Reply:
+        return make_response(req["id"], **self._status())
