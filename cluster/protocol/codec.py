@@ -1,0 +1,351 @@
+"""Framing and hardened CBOR: bytes in, validated requests (or responses) out; dicts in, frames out."""
+
+from __future__ import annotations
+
+import abc
+import io
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, Generic, TypeVar
+
+import cbor2
+
+from cluster.protocol.errors import ProtocolError
+from cluster.protocol.limits import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
+    MAX_FRAME_SIZE_LIMIT,
+    MAX_REQUEST_ID,
+    MIN_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+)
+from cluster.protocol.messages import Request
+from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, validate
+from cluster.protocol.statuses import STATUS_BY_VALUE, Status
+from cluster.protocol.wording import clip, describe, plural
+
+log = logging.getLogger("cluster.protocol")
+
+__all__ = ["FrameDecoder", "ResponseDecoder", "encode_frame"]
+
+_COMPACT_MIN: Final = 64 * 1024
+"""Consumed bytes a decoder keeps before it considers moving the live tail to the front."""
+
+
+class _TagRejected(ValueError):
+    """A CBOR tag in a frame: version 1 accepts none (they would build arbitrary objects)."""
+
+
+def _reject_tag(tag: cbor2.CBORTag, immutable: bool) -> Any:
+    raise _TagRejected(f"CBOR tag {tag.tag} is not allowed")
+
+
+def _reject_builtin_tag(value: Any, immutable: bool) -> Any:
+    raise _TagRejected("CBOR tags are not allowed")
+
+
+_BUILTIN_TAGS: Final = (
+    *(0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100),
+    *(256, 258, 260, 261, 1004, 43000, 55799),
+)
+"""Tags cbor2 6.2 decodes itself: into datetimes, bignums, regexes, shared (cyclic) values...
+
+The protocol uses no tags, so these (through ``semantic_decoders``) and every
+other tag (through ``tag_hook``) make the frame malformed before any such
+object is built.
+"""
+_NO_TAGS: Final[dict[int, Callable[[Any, bool], Any]]] = dict.fromkeys(
+    _BUILTIN_TAGS, _reject_builtin_tag
+)
+_MAX_DEPTH: Final = 16
+"""Requests nest four deep (envelope, messages, message, props); the rest is headroom."""
+
+
+def _new_cbor_decoder() -> cbor2.CBORDecoder:
+    return cbor2.CBORDecoder(
+        io.BytesIO(),
+        tag_hook=_reject_tag,
+        semantic_decoders=_NO_TAGS,
+        max_depth=_MAX_DEPTH,
+        allow_duplicate_keys=False,
+    )
+
+
+def _malformed_message(exc: Exception) -> str:
+    if isinstance(exc, cbor2.CBORDecodeEOF):
+        return (
+            "frame body ends inside a CBOR item; the length prefix must cover the whole "
+            "CBOR map (is it computed over the encoded body?)"
+        )
+    detail = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+    if len(detail) > 200:  # cbor2 may quote the offending value, e.g. a huge duplicate key
+        detail = detail[:200] + "..."
+    return (
+        f"frame body is not valid CBOR for this protocol ({detail}); "
+        "encode the body as one untagged CBOR map without duplicate keys"
+    )
+
+
+_T = TypeVar("_T")
+_unpack_header: Final = HEADER.unpack_from
+
+
+class _FrameReader(Generic[_T], abc.ABC):
+    """Buffering and framing shared by the request and the response decoders.
+
+    Received bytes accumulate in a ``bytearray`` read from an offset; consumed
+    bytes are dropped when the buffer empties, or when they outweigh the live
+    tail, so feeding stays linear in the bytes fed. Each body is decoded from
+    its own ``BytesIO``, which bounds a malformed item to its frame (a shared
+    buffer let a bogus length claim read every frame behind it, per frame) and
+    lets ``tell()`` prove that the body held exactly one CBOR item.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not MIN_MAX_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError(
+                f"max_frame_size must be between {MIN_MAX_FRAME_SIZE} and "
+                f"{MAX_FRAME_SIZE_LIMIT}, got {max_frame_size}"
+            )
+        self._max = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._cbor = _new_cbor_decoder()
+        self._fatal: ProtocolError | None = None
+
+    @property
+    def max_frame_size(self) -> int:
+        return self._max
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet returned as frames (for back-pressure)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes; after a fatal error they are dropped (the stream is dead)."""
+        if self._fatal is not None:
+            return
+        buf = self._buf
+        pos = self._pos
+        if pos:
+            if pos == len(buf):
+                buf.clear()
+                self._pos = 0
+            elif pos >= _COMPACT_MIN and pos * 2 >= len(buf):
+                del buf[:pos]
+                self._pos = 0
+        buf += data
+
+    def next_frame(self) -> _T | ProtocolError | None:
+        """The next frame: a decoded value, a non-fatal ``ProtocolError``, or None for "need more bytes".
+
+        Raises a fatal ``ProtocolError`` when a length prefix exceeds the limit,
+        and again on every later call.
+        """
+        if self._fatal is not None:
+            raise self._fatal
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 4:
+            return None
+        (size,) = _unpack_header(buf, pos)
+        if size > self._max:
+            raise self._die(size)
+        if avail - 4 < size:
+            return None
+        start = pos + 4
+        self._pos = start + size
+        if size == 0:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                "frame body is empty; a frame must hold one CBOR map after its length prefix",
+            )
+        body = io.BytesIO(memoryview(buf)[start : start + size])
+        cbor = self._cbor
+        cbor.fp = body
+        try:
+            obj = cbor.decode()
+        except (cbor2.CBORError, ValueError, TypeError, OverflowError) as exc:
+            # cbor2 6.2 panics when a decoder is reused after an error: start afresh.
+            self._cbor = _new_cbor_decoder()
+            return self._error(Status.MALFORMED_FRAME, _malformed_message(exc))
+        used = body.tell()
+        if used != size:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"frame body has {plural(size - used, 'byte')} after its CBOR map; "
+                "the length prefix must cover exactly one CBOR map",
+            )
+        return self._interpret(obj)
+
+    def __iter__(self) -> Iterator[_T | ProtocolError]:
+        """Yield every complete frame buffered so far; fatal errors propagate."""
+        while (item := self.next_frame()) is not None:
+            yield item
+
+    @abc.abstractmethod
+    def _interpret(self, obj: Any) -> _T | ProtocolError:
+        """Turn one decoded CBOR item into a request (server) or response (client)."""
+
+    def _die(self, size: int) -> ProtocolError:
+        error = ProtocolError(
+            Status.FRAME_TOO_LARGE,
+            f"frame length prefix announces {size} bytes, above the limit of {self._max}; "
+            "the stream cannot be parsed past it, so the connection is closed: reconnect "
+            "and send smaller frames (split large batches)",
+            fatal=True,
+        )
+        log.debug("protocol_fatal status=%s size=%d limit=%d", error.status, size, self._max)
+        self._fatal = error
+        self._buf = bytearray()
+        self._pos = 0
+        return error
+
+    @staticmethod
+    def _error(
+        status: Status,
+        message: str,
+        *,
+        req_id: int = 0,
+        field: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> ProtocolError:
+        log.debug("protocol_error status=%s id=%d field=%s", status, req_id, field)
+        return ProtocolError(status, message, req_id=req_id, field=field, details=details)
+
+    def _bad_envelope(self, obj: Any, kind: str) -> ProtocolError:
+        """The error for a body that is not a map or whose ``id`` is unusable (reported as id 0)."""
+        if type(obj) is not dict:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"frame body must be a CBOR map holding the {kind} envelope, got {describe(obj)}",
+            )
+        req_id = obj.get("id")
+        problem = (
+            "is missing"
+            if req_id is None
+            else f"must be an unsigned integer below 2**64, got {describe(req_id)}"
+        )
+        return self._error(
+            Status.MALFORMED_FRAME,
+            f"envelope field 'id' {problem}; send the request id as a CBOR unsigned "
+            "integer (this error is reported with id 0)",
+            field="id",
+        )
+
+
+class FrameDecoder(_FrameReader[Request]):
+    """Server side: turns received bytes into validated requests.
+
+    ``feed()`` bytes, then iterate (or call ``next_frame()`` until None). Each
+    item is a request dict, or a non-fatal ``ProtocolError`` to answer with
+    ``encode_frame(err.response())`` before reading on. A fatal ``ProtocolError``
+    (oversized length prefix) is raised: answer it, then close the connection.
+    """
+
+    def _interpret(self, obj: Any) -> Request | ProtocolError:
+        req_id = obj.get("id") if type(obj) is dict else None
+        if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
+            return self._bad_envelope(obj, "request")
+        version = obj.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            return self._bad_version(version, req_id)
+        op = obj.get("op")
+        if type(op) is not str:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"envelope field 'op' must be a text string naming the operation, got "
+                f"{describe(op)}",
+                req_id=req_id,
+                field="op",
+            )
+        entry = PLANS.get(op)
+        if entry is None:
+            return self._error(
+                Status.UNKNOWN_OP,
+                f"unknown op {clip(op)}; protocol v{PROTOCOL_VERSION} defines "
+                f"{', '.join(SCHEMAS)}: upgrade the server or stop sending this op",
+                req_id=req_id,
+                field="op",
+            )
+        out: Any = {"op": op, "id": req_id}
+        try:
+            validate(entry, obj, out)
+        except Invalid as exc:
+            return self._error(exc.status, exc.sentence(op), req_id=req_id, field=exc.path)
+        return out  # a Request: the schema guarantees its keys and their types
+
+    def _bad_version(self, version: Any, req_id: int) -> ProtocolError:
+        if type(version) is not int:
+            problem = (
+                "is missing" if version is None else f"must be an integer, got {describe(version)}"
+            )
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"envelope field 'v' (protocol version) {problem}; send v={PROTOCOL_VERSION}",
+                req_id=req_id,
+                field="v",
+            )
+        return self._error(
+            Status.UNSUPPORTED_VERSION,
+            f"protocol version {describe(version)} is not supported; this server speaks "
+            f"{list(SUPPORTED_VERSIONS)}: resend with one of them or upgrade the server",
+            req_id=req_id,
+            field="v",
+            details={"supported": list(SUPPORTED_VERSIONS)},
+        )
+
+
+class ResponseDecoder(_FrameReader[dict[str, Any]]):
+    """Client side: turns received bytes into response dicts whose ``status`` is a :class:`Status`.
+
+    Only the envelope (``v``, ``id``, ``status``) is checked; op fields are the
+    server's to get right. A response with an unknown status comes back as a
+    non-fatal ``ProtocolError`` carrying its id, so the caller fails that request.
+    """
+
+    def _interpret(self, obj: Any) -> dict[str, Any] | ProtocolError:
+        req_id = obj.get("id") if type(obj) is dict else None
+        if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
+            return self._bad_envelope(obj, "response")
+        if type(obj.get("v")) is not int:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"response envelope field 'v' must be an integer, got {describe(obj.get('v'))}",
+                req_id=req_id,
+                field="v",
+            )
+        raw = obj.get("status")
+        status = STATUS_BY_VALUE.get(raw) if type(raw) is str else None
+        if status is None:
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"response field 'status' must be a known status, got {describe(raw)}; "
+                "the server may be newer than this client: treat the request as failed",
+                req_id=req_id,
+                field="status",
+            )
+        obj["status"] = status
+        return obj
+
+
+def encode_frame(obj: Mapping[str, Any], *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
+    """Length prefix + CBOR body, ready to send.
+
+    Values must be plain CBOR types. Note that cbor2 encodes a ``memoryview`` as
+    an array of integers: turn views into ``bytes`` first (:func:`pulled_message`
+    does this for bodies read from the log).
+    """
+    body = cbor2.dumps(obj)
+    if len(body) > max_frame_size:
+        req_id = obj.get("id")
+        raise ProtocolError(
+            Status.FRAME_TOO_LARGE,
+            f"encoded frame body is {len(body)} bytes, above the limit of {max_frame_size}; "
+            "send fewer or smaller messages per frame",
+            req_id=req_id if type(req_id) is int else 0,
+        )
+    return HEADER.pack(len(body)) + body

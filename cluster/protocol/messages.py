@@ -1,0 +1,131 @@
+"""Typed views of validated requests: one ``TypedDict`` per op, as the schema normalises them."""
+
+from __future__ import annotations
+
+from typing import Literal, TypeAlias, TypedDict
+
+from cluster.protocol.statuses import Acks
+
+__all__ = [
+    "BatchMessage",
+    "CreateTopicRequest",
+    "DescribeTopicRequest",
+    "GetOffsetsRequest",
+    "ListTopicsRequest",
+    "PromoteRequest",
+    "PullRequest",
+    "ReadRequest",
+    "RepointRequest",
+    "Request",
+    "SendBatchRequest",
+    "SendRequest",
+    "StatusRequest",
+]
+
+
+class BatchMessage(TypedDict):
+    body: bytes
+    queue: int | None
+    key: bytes | str | None
+    tags: str | None
+    props: dict[str, str] | None
+    born_us: int | None
+
+
+class SendRequest(TypedDict):
+    op: Literal["send"]
+    id: int
+    topic: str
+    body: bytes
+    queue: int | None
+    key: bytes | str | None
+    tags: str | None
+    props: dict[str, str] | None
+    born_us: int | None
+    acks: Acks
+    timeout_ms: int
+
+
+class SendBatchRequest(TypedDict):
+    op: Literal["send_batch"]
+    id: int
+    topic: str
+    messages: list[BatchMessage]
+    acks: Acks
+    timeout_ms: int
+
+
+class PullRequest(TypedDict):
+    op: Literal["pull"]
+    id: int
+    topic: str
+    queue: int
+    offset: int
+    max_messages: int
+    max_bytes: int
+    wait_ms: int
+
+
+class GetOffsetsRequest(TypedDict):
+    op: Literal["get_offsets"]
+    id: int
+    topic: str
+    queue: int | None
+
+
+class ReadRequest(TypedDict):
+    op: Literal["read"]
+    id: int
+    offset: int
+
+
+class CreateTopicRequest(TypedDict):
+    op: Literal["create_topic"]
+    id: int
+    topic: str
+    queues: int
+
+
+class ListTopicsRequest(TypedDict):
+    op: Literal["list_topics"]
+    id: int
+
+
+class DescribeTopicRequest(TypedDict):
+    op: Literal["describe_topic"]
+    id: int
+    topic: str
+
+
+class StatusRequest(TypedDict):
+    op: Literal["status"]
+    id: int
+
+
+class PromoteRequest(TypedDict):
+    op: Literal["promote"]
+    id: int
+    ha_port: int
+
+
+class RepointRequest(TypedDict):
+    op: Literal["repoint"]
+    id: int
+    master_ha: str
+    master_client: str | None
+
+
+Request: TypeAlias = (
+    SendRequest
+    | SendBatchRequest
+    | PullRequest
+    | GetOffsetsRequest
+    | ReadRequest
+    | CreateTopicRequest
+    | ListTopicsRequest
+    | DescribeTopicRequest
+    | StatusRequest
+    | PromoteRequest
+    | RepointRequest
+)
+"""A validated request: ``op``, ``id`` and every field of the op's schema."""

@@ -1,0 +1,64 @@
+"""Building requests on the client side, checked against the schema the server applies."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from crc32c import crc32c
+
+from cluster.protocol.codec import encode_frame
+from cluster.protocol.errors import ProtocolError
+from cluster.protocol.limits import MAX_QUEUES, MAX_REQUEST_ID, PROTOCOL_VERSION
+from cluster.protocol.schema import PLANS, Invalid, validate
+from cluster.protocol.statuses import Status
+from cluster.protocol.wording import clip, describe
+
+__all__ = ["encode_request", "make_request", "queue_for_key"]
+
+
+def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
+    """A request envelope for ``op``, checked against the schema the server applies.
+
+    Raises a non-fatal ``ProtocolError`` (``UNKNOWN_OP``, ``BAD_REQUEST``,
+    ``INVALID_TOPIC``) so client bugs surface before a round trip. Fields left
+    as None are not sent; the server fills in defaults.
+    """
+    if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
+        raise ValueError(f"request id must be an integer in 0..2**64-1, got {describe(req_id)}")
+    entry = PLANS.get(op)
+    if entry is None:
+        raise ProtocolError(Status.UNKNOWN_OP, f"unknown op {clip(op)}", req_id=req_id, field="op")
+    extra = fields.keys() - entry[0].fields.keys()
+    if extra:
+        raise ProtocolError(
+            Status.BAD_REQUEST,
+            f"op {op!r} has no field(s) {', '.join(sorted(extra))}",
+            req_id=req_id,
+            field=min(extra),
+        )
+    try:
+        validate(entry, fields, {})
+    except Invalid as exc:
+        raise ProtocolError(exc.status, exc.sentence(op), req_id=req_id, field=exc.path) from None
+    request: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id}
+    for name, value in fields.items():
+        if value is not None:
+            request[name] = value
+    return request
+
+
+def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
+    """``encode_frame(make_request(...))``."""
+    return encode_frame(make_request(op, req_id, **fields))
+
+
+def queue_for_key(key: bytes | str, queues: int) -> int:
+    """The queue a keyed message goes to: CRC32C of the key (UTF-8 if text) modulo the queue count.
+
+    Part of the protocol so that clients can predict placement and per-key
+    order survives server upgrades; changing it would reshuffle every key.
+    """
+    if not 1 <= queues <= MAX_QUEUES:
+        raise ValueError(f"queues must be between 1 and {MAX_QUEUES}, got {queues}")
+    data = key.encode() if type(key) is str else cast(bytes, key)
+    return crc32c(data) % queues

@@ -1,0 +1,332 @@
+"""The request validation engine and the schema table: one declarative schema per op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, TypeAlias
+
+import attrs
+
+from cluster.protocol.address import parse_address
+from cluster.protocol.limits import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_TIMEOUT_MS,
+    DEFAULT_WAIT_MS,
+    MAX_BATCH_MESSAGES,
+    MAX_OFFSET,
+    MAX_PULL_BYTES,
+    MAX_PULL_MESSAGES,
+    MAX_QUEUES,
+    MAX_TIMEOUT_MS,
+    MAX_WAIT_MS,
+)
+from cluster.protocol.messages import BatchMessage
+from cluster.protocol.statuses import ACKS_BY_VALUE, Acks, Status
+from cluster.protocol.wording import clip, describe, expected
+from storage.names import TOPIC_RULE, is_valid_topic_name
+
+__all__ = ["PLANS", "SCHEMAS", "Field", "Invalid", "OpSchema", "Plan", "validate"]
+
+
+class Invalid(Exception):
+    """A field failed validation; ``path`` grows as the error leaves nested values."""
+
+    def __init__(self, path: str, problem: str, status: Status = Status.BAD_REQUEST) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+        self.status = status
+
+    def under(self, prefix: str) -> Invalid:
+        """Prefix the path with the field that holds the failing value."""
+        if not self.path:
+            self.path = prefix
+        elif self.path.startswith("["):
+            self.path = prefix + self.path
+        else:
+            self.path = f"{prefix}.{self.path}"
+        return self
+
+    def sentence(self, op: str) -> str:
+        """The error sentence a client sees for this op."""
+        return f"op {op!r}: field {self.path!r} {self.problem}"
+
+
+@attrs.frozen
+class Field:
+    """One request field: wire type(s), whether it is required, its default and extra checks.
+
+    An absent field and an explicit CBOR null mean the same thing. ``low`` and
+    ``high`` bound integers; ``check`` validates (and may convert) the value and
+    raises ``Invalid``.
+    """
+
+    types: tuple[type, ...]
+    required: bool = False
+    default: Any = None
+    low: int | None = None
+    high: int | None = None
+    check: Callable[[Any], Any] | None = None
+    doc: str = ""
+
+
+def _read_only(fields: Mapping[str, Field]) -> Mapping[str, Field]:
+    return MappingProxyType(dict(fields))
+
+
+@attrs.frozen
+class OpSchema:
+    """An op's fields, a cross-field check run after them, and whether it writes.
+
+    Writes are what a slave refuses with ``NOT_MASTER``; reads may be served anywhere.
+    """
+
+    op: str
+    fields: Mapping[str, Field] = attrs.field(converter=_read_only)
+    writes: bool = False
+    check: Callable[[dict[str, Any]], None] | None = None
+    doc: str = ""
+
+
+_Step: TypeAlias = tuple[
+    str, frozenset[type], bool, Any, int | None, int, Callable[[Any], Any] | None, str
+]
+
+
+def _plan(fields: Mapping[str, Field]) -> tuple[_Step, ...]:
+    """Flatten a schema into tuples: the validation loop unpacks them instead of reading attributes."""
+    return tuple(
+        (
+            name,
+            frozenset(f.types),
+            f.required,
+            f.default,
+            f.low,
+            f.high if f.high is not None else MAX_OFFSET,
+            f.check,
+            expected(f.types),
+        )
+        for name, f in fields.items()
+    )
+
+
+def _apply(plan: tuple[_Step, ...], raw: Mapping[Any, Any], out: dict[str, Any]) -> None:
+    """Copy the schema's fields from ``raw`` into ``out``, validated; unknown keys are ignored."""
+    for name, types, required, default, low, high, check, wanted in plan:
+        value = raw.get(name)
+        if value is None:
+            if required:
+                raise Invalid(name, f"is required ({wanted}) but missing or null")
+            value = default
+        else:
+            if type(value) not in types:
+                raise Invalid(name, f"must be {wanted}, got {describe(value)}")
+            if low is not None and not low <= value <= high:
+                raise Invalid(name, f"must be between {low} and {high}, got {value}")
+            if check is not None:
+                try:
+                    value = check(value)
+                except Invalid as exc:
+                    raise exc.under(name) from None
+        out[name] = value
+
+
+def _check_topic(name: str) -> str:
+    if not is_valid_topic_name(name):
+        raise Invalid("", f"must be {TOPIC_RULE}, got {describe(name)}", Status.INVALID_TOPIC)
+    return name
+
+
+def _check_acks(value: str) -> Acks:
+    acks = ACKS_BY_VALUE.get(value)
+    if acks is None:
+        choices = ", ".join(repr(a.value) for a in Acks)
+        raise Invalid("", f"must be one of {choices}, got {describe(value)}")
+    return acks
+
+
+def _check_props(props: dict[Any, Any]) -> dict[str, str]:
+    for key, value in props.items():
+        if type(key) is not str or not key:
+            raise Invalid(
+                "", f"keys must be non-empty text strings, got a key that is {describe(key)}"
+            )
+        if type(value) is not str:
+            raise Invalid(f"[{clip(key)}]", f"must be a text string, got {describe(value)}")
+    return props
+
+
+def _check_route(fields: dict[str, Any]) -> None:
+    if fields["queue"] is not None and fields["key"] is not None:
+        raise Invalid(
+            "queue", "cannot be combined with 'key': send an explicit queue or a key to hash"
+        )
+
+
+def _check_host_port(value: str) -> str:
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise Invalid("", f"must be host:port with a port in 1..65535 ({exc})") from None
+    return value
+
+
+def _int_field(default: Any, low: int, high: int, doc: str, *, required: bool = False) -> Field:
+    return Field((int,), required=required, default=default, low=low, high=high, doc=doc)
+
+
+_TOPIC: Final = Field((str,), required=True, check=_check_topic, doc="topic name")
+_ACKS: Final = Field(
+    (str,), default=Acks.DURABLE, check=_check_acks, doc="leader | durable | replicated"
+)
+_TIMEOUT: Final = _int_field(
+    DEFAULT_TIMEOUT_MS, 1, MAX_TIMEOUT_MS, "how long to wait for the requested acks"
+)
+
+_MESSAGE_FIELDS: Final[Mapping[str, Field]] = MappingProxyType(
+    {
+        "body": Field((bytes,), required=True, doc="message payload"),
+        "queue": _int_field(None, 0, MAX_QUEUES - 1, "explicit queue id"),
+        "key": Field((bytes, str), doc="hashed to pick the queue (see queue_for_key)"),
+        "tags": Field((str,), doc="tag string consumers filter on"),
+        "props": Field((dict,), check=_check_props, doc="user properties, text to text"),
+        "born_us": _int_field(
+            None, 0, MAX_OFFSET, "producer timestamp, us since the epoch (default: receive time)"
+        ),
+    }
+)
+_MESSAGE_PLAN: Final = _plan(_MESSAGE_FIELDS)
+
+
+def _check_messages(messages: list[Any]) -> list[BatchMessage]:
+    if not 1 <= len(messages) <= MAX_BATCH_MESSAGES:
+        raise Invalid(
+            "",
+            f"must hold 1 to {MAX_BATCH_MESSAGES} messages, got {len(messages)}; "
+            "split larger batches",
+        )
+    out: list[Any] = []
+    append = out.append
+    for index, raw in enumerate(messages):
+        if type(raw) is not dict:
+            raise Invalid(f"[{index}]", f"must be a map, got {describe(raw)}")
+        message: dict[str, Any] = {}
+        try:
+            _apply(_MESSAGE_PLAN, raw, message)
+            _check_route(message)
+        except Invalid as exc:
+            raise exc.under(f"[{index}]") from None
+        append(message)
+    return out
+
+
+SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
+    {
+        schema.op: schema
+        for schema in (
+            OpSchema(
+                "send",
+                {"topic": _TOPIC, **_MESSAGE_FIELDS, "acks": _ACKS, "timeout_ms": _TIMEOUT},
+                writes=True,
+                check=_check_route,
+                doc="append one message",
+            ),
+            OpSchema(
+                "send_batch",
+                {
+                    "topic": _TOPIC,
+                    "messages": Field(
+                        (list,), required=True, check=_check_messages, doc="array of message maps"
+                    ),
+                    "acks": _ACKS,
+                    "timeout_ms": _TIMEOUT,
+                },
+                writes=True,
+                doc="append many messages to one topic, all or nothing",
+            ),
+            OpSchema(
+                "pull",
+                {
+                    "topic": _TOPIC,
+                    "queue": _int_field(None, 0, MAX_QUEUES - 1, "queue id", required=True),
+                    "offset": _int_field(None, 0, MAX_OFFSET, "first queue offset", required=True),
+                    "max_messages": _int_field(
+                        DEFAULT_MAX_MESSAGES, 1, MAX_PULL_MESSAGES, "most messages to return"
+                    ),
+                    "max_bytes": _int_field(
+                        DEFAULT_MAX_BYTES, 1, MAX_PULL_BYTES, "soft limit on body bytes"
+                    ),
+                    "wait_ms": _int_field(
+                        DEFAULT_WAIT_MS, 0, MAX_WAIT_MS, "long-poll: wait this long for data"
+                    ),
+                },
+                doc="read messages of one queue from a queue offset",
+            ),
+            OpSchema(
+                "get_offsets",
+                {
+                    "topic": _TOPIC,
+                    "queue": _int_field(None, 0, MAX_QUEUES - 1, "one queue (default: all)"),
+                },
+                doc="min and max queue offsets",
+            ),
+            OpSchema(
+                "read",
+                {"offset": _int_field(None, 0, MAX_OFFSET, "physical offset", required=True)},
+                doc="one record by physical offset",
+            ),
+            OpSchema(
+                "create_topic",
+                {
+                    "topic": _TOPIC,
+                    "queues": _int_field(None, 1, MAX_QUEUES, "number of queues", required=True),
+                },
+                writes=True,
+                doc="create a topic",
+            ),
+            OpSchema("list_topics", {}, doc="every topic with its queue count"),
+            OpSchema("describe_topic", {"topic": _TOPIC}, doc="one topic with its offsets"),
+            OpSchema("status", {}, doc="role, offsets, flush and replication state"),
+            OpSchema(
+                "promote",
+                {
+                    "ha_port": _int_field(
+                        0, 0, 65535, "HA port the new master listens on (0: any free port)"
+                    )
+                },
+                doc="admin: turn this slave into a master, with a new epoch",
+            ),
+            OpSchema(
+                "repoint",
+                {
+                    "master_ha": Field(
+                        (str,), required=True, check=_check_host_port, doc="new master's HA port"
+                    ),
+                    "master_client": Field(
+                        (str,), check=_check_host_port, doc="new master's client address"
+                    ),
+                },
+                doc="admin: make this slave follow another master",
+            ),
+        )
+    }
+)
+"""Every op this protocol version defines. Ops named ``repl_*`` are reserved for replication."""
+
+Plan: TypeAlias = tuple[OpSchema, tuple[_Step, ...]]
+"""An op's schema with its flattened validation steps."""
+
+PLANS: Final[dict[str, Plan]] = {
+    op: (schema, _plan(schema.fields)) for op, schema in SCHEMAS.items()
+}
+"""A plain dict: looking up a mappingproxy costs a wrapper call on every frame."""
+
+
+def validate(entry: Plan, raw: Mapping[Any, Any], out: dict[str, Any]) -> None:
+    """Fill ``out`` with the op's fields from ``raw``, validated and defaulted; raises :class:`Invalid`."""
+    schema, plan = entry
+    _apply(plan, raw, out)
+    if schema.check is not None:
+        schema.check(out)
