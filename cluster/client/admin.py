@@ -1,0 +1,45 @@
+"""Administration: topics, offsets and node status."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cluster.client.errors import TidelogError
+from cluster.protocol import Status
+
+if TYPE_CHECKING:
+    from cluster.client.client import Client
+
+__all__ = ["Admin"]
+
+
+class Admin:
+    """Topics, offsets and node status, over the client's shared connection."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def create_topic(self, topic: str, queues: int, *, exist_ok: bool = False) -> int:
+        """Create ``topic``; returns its queue count. ``exist_ok`` accepts an existing one."""
+        response = await self.client.call("create_topic", topic=topic, queues=queues)
+        status = response["status"]
+        if status is Status.OK or (status is Status.TOPIC_EXISTS and exist_ok):
+            queue_count: int = response.get("queues", queues)
+            return queue_count
+        raise TidelogError(status, response.get("error", ""), response)
+
+    async def list_topics(self) -> list[dict[str, Any]]:
+        topics: list[dict[str, Any]] = (await self.client.checked("list_topics"))["topics"]
+        return topics
+
+    async def describe_topic(self, topic: str) -> dict[str, Any]:
+        return await self.client.checked("describe_topic", topic=topic)
+
+    async def offsets(self, topic: str, queue: int | None = None) -> list[dict[str, int]]:
+        offsets: list[dict[str, int]] = (
+            await self.client.checked("get_offsets", topic=topic, queue=queue)
+        )["offsets"]
+        return offsets
+
+    async def status(self) -> dict[str, Any]:
+        return await self.client.checked("status")

@@ -1,0 +1,166 @@
+"""One TCP connection to a node: pipelined requests, answered in any order, matched by id."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from cluster.client.errors import ConnectionLostError, RequestTimeoutError, TidelogError
+from cluster.protocol import ProtocolError, ResponseDecoder, Status, encode_frame, make_request
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 256 * 1024
+
+
+@attrs.define
+class _Slot:
+    """Where the answer to one request in flight goes."""
+
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    answer: object = None
+
+
+class Connection:
+    """One TCP connection with pipelined requests, answered in any order and matched by id.
+
+    Owns one task (in the nursery given to :meth:`start`): the reader that matches
+    responses to waiting requests. There is no writer task: a request appends its
+    frame to the outbox, and if nobody is sending, it sends everything queued
+    itself (frames queued meanwhile by others go in the same loop), so pipelined
+    requests share syscalls and an idle connection costs no task switch.
+    Any number of tasks may call :meth:`request` concurrently.
+    """
+
+    def __init__(self, stream: trio.SocketStream, address: str, max_frame_size: int) -> None:
+        self.address = address
+        self._stream = stream
+        self._decoder = ResponseDecoder(max_frame_size)
+        self._max_frame_size = max_frame_size
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, _Slot] = {}
+        self._outbox = bytearray()
+        self._sending = False
+        self._answered_any = False
+        self._closed: str | None = None
+        self._cancel = trio.CancelScope()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        with self._cancel:
+            try:
+                await self._read_loop()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
+        self._fail(f"connection to {self.address} closed")
+        await self._stream.aclose()
+
+    def _not_a_node_hint(self) -> str:
+        """A peer that drops us before its first answer is rarely a tidelog client port:
+        most often it is a master's replication port (``--ha-port``)."""
+        if self._answered_any:
+            return ""
+        return (
+            f" before answering anything; is {self.address} a node's client port? "
+            "(a master's replication port, --ha-port, closes client connections like this: "
+            "use the node's --port)"
+        )
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self._stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                self._fail(f"node {self.address} closed the connection{self._not_a_node_hint()}")
+                return
+            self._decoder.feed(data)
+            for frame in self._decoder:
+                self._answered_any = True
+                if isinstance(frame, ProtocolError):
+                    self._answer(frame.req_id, frame)
+                else:
+                    self._answer(frame["id"], frame)
+
+    def _answer(self, req_id: int, answer: object) -> None:
+        slot = self._waiting.pop(req_id, None)
+        if slot is None:
+            if isinstance(answer, dict) and answer.get("status") is Status.FRAME_TOO_LARGE:
+                self._fail(f"node closed the connection: {answer.get('error')}")
+            else:
+                log.warning("unmatched_response address=%s id=%d", self.address, req_id)
+            return
+        slot.answer = answer
+        slot.answered.set()
+
+    async def _send_outbox(self) -> None:
+        """Send until the outbox is empty. Shielded: a half-sent frame would corrupt the
+        stream for every other request on this connection."""
+        self._sending = True
+        try:
+            with trio.CancelScope(shield=True):
+                while self._outbox:
+                    data, self._outbox = self._outbox, bytearray()
+                    await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(
+                f"connection to {self.address} lost while sending: {exc}{self._not_a_node_hint()}"
+            )
+        finally:
+            self._sending = False
+
+    def _fail(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+        waiting, self._waiting = self._waiting, {}
+        for slot in waiting.values():
+            slot.answer = ConnectionLostError(reason)
+            slot.answered.set()
+
+    def close(self) -> None:
+        self._fail(f"connection to {self.address} closed by the client")
+        self._cancel.cancel()
+
+    async def request(self, op: str, timeout_s: float, /, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its response (any status).
+
+        Raises :class:`ConnectionLostError` or :class:`RequestTimeoutError` when no
+        answer comes (outcome unknown), ``ProtocolError`` for a request this
+        client can tell is invalid before sending it.
+        """
+        if self._closed is not None:
+            raise ConnectionLostError(self._closed)
+        req_id = next(self._ids)
+        frame = encode_frame(
+            make_request(op, req_id, **fields), max_frame_size=self._max_frame_size
+        )
+        slot = _Slot()
+        self._waiting[req_id] = slot
+        self._outbox += frame
+        if not self._sending:
+            await self._send_outbox()
+        with trio.move_on_after(timeout_s):
+            await slot.answered.wait()
+        if not slot.answered.is_set():
+            self._waiting.pop(req_id, None)
+            raise RequestTimeoutError(
+                f"no answer to {op!r} from {self.address} within {timeout_s:.1f}s; "
+                "a write may or may not have been applied"
+            )
+        answer = slot.answer
+        if isinstance(answer, BaseException):
+            raise answer
+        if isinstance(answer, ProtocolError):
+            raise TidelogError(answer.status, str(answer))
+        assert isinstance(answer, dict)
+        return answer

@@ -1,0 +1,155 @@
+"""Consuming: every queue of a topic pulled with long polls, positions kept per queue."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+import trio
+
+from cluster.client.errors import TidelogError, lone_error_as_itself
+from cluster.protocol import Status
+
+if TYPE_CHECKING:
+    from cluster.client.client import Client
+
+__all__ = ["ConsumedMessage", "Consumer"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class ConsumedMessage:
+    topic: str
+    queue: int
+    queue_offset: int
+    offset: int
+    body: bytes
+    born_us: int
+    store_us: int
+    tags: str | None = None
+    props: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class Consumer:
+    """Pulls every queue of a topic (or the chosen ones) with long polling.
+
+    ``start``: ``"earliest"``, ``"latest"``, or a mapping queue -> queue offset.
+    The application decides what to commit: :attr:`positions` is, per queue, the
+    next offset to read, i.e. everything below it has been yielded. An offset the
+    node no longer has (retention) resets to the earliest one, with a warning.
+    One task iterates a consumer; one puller task per queue runs inside it.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        *,
+        queues: Sequence[int] | None = None,
+        start: Literal["earliest", "latest"] | Mapping[int, int] = "earliest",
+        max_messages: int = 256,
+        wait_ms: int = 1000,
+        buffer: int = 4096,
+    ) -> None:
+        self.client = client
+        self.topic = topic
+        self._queues = list(queues) if queues is not None else None
+        self._start = start
+        self.max_messages = max_messages
+        self.wait_ms = wait_ms
+        self._buffer = buffer
+        self.positions: dict[int, int] = {}
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[trio.MemoryReceiveChannel[list[ConsumedMessage]]]:
+        described = await self.client.checked("describe_topic", topic=self.topic)
+        queues = self._queues if self._queues is not None else list(range(described["queues"]))
+        bounds = {entry["queue"]: entry for entry in described["offsets"]}
+        for queue in queues:
+            self.positions[queue] = self._initial_offset(queue, bounds.get(queue, {}))
+        send, receive = trio.open_memory_channel[list[ConsumedMessage]](self._buffer)
+        with lone_error_as_itself():
+            async with trio.open_nursery() as nursery:
+                for queue in queues:
+                    nursery.start_soon(self._pull_queue, queue, send.clone())
+                send.close()
+                try:
+                    yield receive
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    def _initial_offset(self, queue: int, bounds: Mapping[str, int]) -> int:
+        if isinstance(self._start, Mapping):
+            return self._start.get(queue, bounds.get("min_offset", 0))
+        key = "min_offset" if self._start == "earliest" else "max_offset"
+        return bounds.get(key, 0)
+
+    async def _pull_queue(
+        self, queue: int, out: trio.MemorySendChannel[list[ConsumedMessage]]
+    ) -> None:
+        offset = self.positions[queue]
+        async with out:
+            while True:
+                response = await self.client.call(
+                    "pull",
+                    timeout=self.wait_ms / 1000 + self.client.config.request_timeout,
+                    topic=self.topic,
+                    queue=queue,
+                    offset=offset,
+                    max_messages=self.max_messages,
+                    wait_ms=self.wait_ms,
+                )
+                status = response["status"]
+                if status is Status.OFFSET_OUT_OF_RANGE:
+                    reset = response.get("min_offset", 0)
+                    log.warning(
+                        "consumer_offset_reset topic=%s queue=%d from=%d to=%d",
+                        self.topic,
+                        queue,
+                        offset,
+                        reset,
+                    )
+                    offset = reset
+                    continue
+                if status is not Status.OK:
+                    raise TidelogError(status, response.get("error", ""), response)
+                batch = [self._message(queue, m) for m in response["messages"]]
+                offset = response["next_offset"]
+                if batch:
+                    await out.send(batch)
+
+    def _message(self, queue: int, m: Mapping[str, Any]) -> ConsumedMessage:
+        return ConsumedMessage(
+            self.topic,
+            queue,
+            m["queue_offset"],
+            m["offset"],
+            m["body"],
+            m["born_us"],
+            m["store_us"],
+            m.get("tags"),
+            m.get("props") or {},
+        )
+
+    async def __aenter__(self) -> Consumer:
+        self._context: AbstractAsyncContextManager[
+            trio.MemoryReceiveChannel[list[ConsumedMessage]]
+        ] = self._running()
+        self._channel = await self._context.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._context.__aexit__(*exc_info)
+
+    def __aiter__(self) -> AsyncIterator[ConsumedMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ConsumedMessage]:
+        async for batch in self._channel:
+            for message in batch:
+                self.positions[message.queue] = message.queue_offset + 1
+                yield message

@@ -1,0 +1,296 @@
+"""Producing: sends batched like Kafka's ``linger.ms``, and what is known about each one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import attrs
+import trio
+
+from cluster.client.connection import Connection
+from cluster.client.errors import (
+    ConnectFailedError,
+    ConnectionLostError,
+    RequestTimeoutError,
+    TidelogError,
+)
+from cluster.protocol import Acks, ProtocolError, Status, batch_results
+from storage.backoff import Backoff
+
+if TYPE_CHECKING:
+    from cluster.client.client import Client
+
+__all__ = ["Outcome", "Producer", "SendResult"]
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["ok", "failed", "unknown"]
+
+RETRY_BACKOFF_MAX_S: Final = 2.0
+
+_ONE_MESSAGE_REFUSED: Final = frozenset(
+    {Status.MESSAGE_TOO_LARGE, Status.BAD_REQUEST, Status.FRAME_TOO_LARGE}
+)
+"""Statuses that can be about one message of a batch: a batch the producer merged from
+separate sends is resent one by one, so only the bad message is refused."""
+
+
+@attrs.frozen
+class SendResult:
+    """What is known about one sent message.
+
+    ``outcome`` is ``"ok"`` when the node acknowledged it at the requested level,
+    ``"failed"`` when nothing was written (``status`` says why; None: no connection could
+    be made, so nothing was sent), and
+    ``"unknown"`` when it may or may not be stored (a flush timeout, no answer).
+    Offsets are set whenever the node reported them (``OK`` and flush timeouts).
+    """
+
+    outcome: Outcome
+    status: Status | None
+    topic: str
+    queue: int | None = None
+    queue_offset: int | None = None
+    offset: int | None = None
+    store_us: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    def raise_for_outcome(self) -> SendResult:
+        """Return self when ok; raise :class:`TidelogError` (status None = unknown) otherwise."""
+        if self.outcome != "ok":
+            raise TidelogError(self.status, self.error or self.outcome)
+        return self
+
+
+def _result(topic: str, status: Status, entry: Mapping[str, Any], error: str | None) -> SendResult:
+    if status is Status.OK:
+        outcome: Outcome = "ok"
+    elif status.outcome_unknown:
+        outcome = "unknown"
+    else:
+        outcome = "failed"
+    return SendResult(
+        outcome,
+        status,
+        topic,
+        entry.get("queue"),
+        entry.get("queue_offset"),
+        entry.get("offset"),
+        entry.get("store_us"),
+        error,
+    )
+
+
+@attrs.define
+class _Pending:
+    """A message waiting in the accumulator, and where its result goes."""
+
+    message: dict[str, Any]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: SendResult | None = None
+
+
+class Producer:
+    """Sends messages, batching concurrent sends like Kafka's ``linger.ms``/``batch.size``.
+
+    Every :meth:`send` joins the open batch of its (topic, acks); a batch leaves
+    when it holds ``batch_size`` messages or ``max_batch_bytes`` of bodies, or
+    ``linger_ms`` after its first message (0: at the next scheduling point, so
+    sends made in the same moment still share a request). Batches are pipelined.
+    Retryable statuses (``NOT_MASTER``, ``SLAVE_NOT_AVAILABLE``, ``SHUTTING_DOWN``,
+    ``TOO_MANY_CONNECTIONS``) are retried with exponential backoff, nothing else is;
+    ``NOT_MASTER`` naming a master is followed at once (the producer then sends there
+    until that master cannot be reached). A merged batch the node refuses for one
+    message's sake (``MESSAGE_TOO_LARGE``, ...) is resent message by message, so only
+    the bad one fails. Any number of tasks may call :meth:`send` concurrently.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        nursery: trio.Nursery,
+        *,
+        acks: str = "durable",
+        linger_ms: float = 0.0,
+        batch_size: int = 256,
+        max_batch_bytes: int = 1 << 20,
+        timeout_ms: int = 5000,
+        retries: int = 5,
+        retry_backoff_ms: float = 50.0,
+    ) -> None:
+        self.client = client
+        self._nursery = nursery
+        self.acks = Acks(acks)
+        self.linger = linger_ms / 1000
+        self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.retry_backoff = retry_backoff_ms / 1000
+        self.master: str | None = None
+        """The master a ``NOT_MASTER`` hint named; None: the client's bootstrap addresses."""
+        self._open: dict[tuple[str, Acks], list[_Pending]] = {}
+        self._open_bytes: dict[tuple[str, Acks], int] = {}
+
+    async def send(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        key: bytes | str | None = None,
+        queue: int | None = None,
+        tags: str | None = None,
+        props: Mapping[str, str] | None = None,
+        acks: str | None = None,
+    ) -> SendResult:
+        """Send one message; returns once its outcome is known (or known to be unknown)."""
+        message: dict[str, Any] = {"body": body}
+        if key is not None:
+            message["key"] = key
+        if queue is not None:
+            message["queue"] = queue
+        if tags is not None:
+            message["tags"] = tags
+        if props:
+            message["props"] = dict(props)
+        pending = _Pending(message)
+        batch_key = (topic, Acks(acks) if acks else self.acks)
+        full = self._join(batch_key, pending)
+        if full is not None:  # this send filled the batch: deliver it from this task
+            await self._send_batch(batch_key, full)
+        else:
+            await pending.done.wait()
+        assert pending.result is not None
+        return pending.result
+
+    async def send_batch(
+        self,
+        topic: str,
+        bodies: Sequence[bytes],
+        *,
+        queue: int | None = None,
+        key: bytes | str | None = None,
+        acks: str | None = None,
+    ) -> list[SendResult]:
+        """Send many messages as one request (RocketMQ's batch send): appended together,
+        all or nothing, one ack wait for all. Returns one result per body, in order."""
+        message: dict[str, Any] = {}
+        if queue is not None:
+            message["queue"] = queue
+        if key is not None:
+            message["key"] = key
+        messages = [dict(message, body=body) for body in bodies]
+        return await self._deliver(topic, Acks(acks) if acks else self.acks, messages)
+
+    def _join(self, batch_key: tuple[str, Acks], pending: _Pending) -> list[_Pending] | None:
+        """Add ``pending`` to the open batch; return the batch if it is now full (closed)."""
+        batch = self._open.get(batch_key)
+        if batch is None:
+            batch = []
+            if self.batch_size > 1:
+                self._open[batch_key] = batch
+                self._open_bytes[batch_key] = 0
+                self._nursery.start_soon(self._linger_then_ship, batch_key, batch)
+        batch.append(pending)
+        if self.batch_size == 1:
+            return batch
+        self._open_bytes[batch_key] += len(pending.message["body"])
+        if len(batch) >= self.batch_size or self._open_bytes[batch_key] >= self.max_batch_bytes:
+            self._close(batch_key)
+            return batch
+        return None
+
+    async def _linger_then_ship(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
+        if self.linger > 0:
+            await trio.sleep(self.linger)
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._open.get(batch_key) is batch:
+            self._close(batch_key)
+            await self._send_batch(batch_key, batch)
+
+    def _close(self, batch_key: tuple[str, Acks]) -> None:
+        del self._open[batch_key]
+        del self._open_bytes[batch_key]
+
+    async def _send_batch(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
+        topic, acks = batch_key
+        results = [self._unknown(topic, "the producer closed before the node answered")] * len(
+            batch
+        )
+        try:
+            results = await self._deliver(topic, acks, [p.message for p in batch])
+            if len(batch) > 1 and results[0].status in _ONE_MESSAGE_REFUSED:
+                # Refused whole, so nothing was written: each message gets its own answer.
+                results = [(await self._deliver(topic, acks, [p.message]))[0] for p in batch]
+        finally:  # every sender gets an answer, even when this task is cancelled
+            for pending, result in zip(batch, results, strict=True):
+                pending.result = result
+                pending.done.set()
+
+    def _unknown(self, topic: str, why: str) -> SendResult:
+        return SendResult("unknown", None, topic, error=why)
+
+    async def _deliver(
+        self, topic: str, acks: Acks, messages: list[dict[str, Any]]
+    ) -> list[SendResult]:
+        """Send one batch, retrying retryable statuses; one result per message."""
+        timeout = self.timeout_ms / 1000 + self.client.config.request_timeout
+        backoff = Backoff(
+            max(self.retry_backoff, 1e-3), max(self.retry_backoff, RETRY_BACKOFF_MAX_S)
+        )
+        for attempt in range(self.retries + 1):
+            try:
+                connection = await self.client.connection(self.master)
+            except ConnectFailedError as exc:  # never connected: nothing was sent
+                if self.master is not None and attempt < self.retries:
+                    log.info("send_master_unreachable master=%s error=%s", self.master, exc)
+                    self.master = None  # back to the bootstrap addresses
+                    continue
+                return [SendResult("failed", None, topic, error=str(exc))] * len(messages)
+            try:
+                response = await self._request(connection, timeout, topic, acks, messages)
+            except (ConnectionLostError, RequestTimeoutError) as exc:
+                return [self._unknown(topic, str(exc))] * len(messages)
+            except ProtocolError as exc:  # rejected by this client before sending
+                return [SendResult("failed", exc.status, topic, error=str(exc))] * len(messages)
+            status = response["status"]
+            if status.retryable and attempt < self.retries:
+                hint = response.get("master") if status is Status.NOT_MASTER else None
+                if hint and hint != connection.address:
+                    log.info(
+                        "send_redirect topic=%s from=%s to=%s", topic, connection.address, hint
+                    )
+                    self.master = hint
+                    continue
+                log.info("send_retry topic=%s status=%s attempt=%d", topic, status, attempt + 1)
+                await trio.sleep(backoff.next_delay_s())
+                continue
+            error = response.get("error")
+            if "offsets" in response:
+                entries = batch_results(response)
+            elif len(messages) == 1:
+                entries = [response]
+            else:
+                entries = [{}] * len(messages)
+            return [_result(topic, status, entry, error) for entry in entries]
+        raise AssertionError("unreachable: the last attempt returns")
+
+    async def _request(
+        self,
+        connection: Connection,
+        timeout: float,
+        topic: str,
+        acks: Acks,
+        messages: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"topic": topic, "acks": acks.value, "timeout_ms": self.timeout_ms}
+        if len(messages) == 1:
+            return await connection.request("send", timeout, **fields, **messages[0])
+        return await connection.request("send_batch", timeout, messages=messages, **fields)
