@@ -27,14 +27,15 @@ records never straddle two segments.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Mapping
 
 import attrs
 from crc32c import crc32c
 
-from storage.errors import CorruptSegmentError, InvalidMessageError, InvalidTopicError
+from storage.errors import CorruptSegmentError, InvalidMessageError
+from storage.names import MAX_TOPIC_LENGTH as MAX_TOPIC_LENGTH  # the one rule, re-exported
+from storage.names import validate_topic as validate_topic
 
 RECORD_MAGIC = 0x7D1E_0001
 """Magic of a record; the low 16 bits are the format version."""
@@ -50,8 +51,6 @@ BLANK = struct.Struct("<II")
 BLANK_MIN = BLANK.size
 """Every segment keeps room for a filler header, so a roll-over can always mark its end."""
 
-TOPIC_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,127}")
-MAX_TOPIC_LENGTH = 127
 MAX_QUEUE_ID = 0xFFFF
 
 FLAG_NONE = 0
@@ -59,21 +58,6 @@ FLAG_NONE = 0
 _PROP_LEN = struct.Struct("<H")
 
 assert HEADER_SIZE == 68
-
-
-def validate_topic(topic: str) -> bytes:
-    """Return the topic's UTF-8 bytes, or raise with the rule it breaks."""
-    if not isinstance(topic, str) or TOPIC_PATTERN.fullmatch(topic) is None:
-        raise InvalidTopicError(
-            f"invalid topic name {topic!r}: use 1 to {MAX_TOPIC_LENGTH} characters "
-            "from A-Z a-z 0-9 . _ -"
-        )
-    if topic in (".", ".."):
-        raise InvalidTopicError(
-            f"invalid topic name {topic!r}: '.' and '..' are reserved "
-            "(a topic names its consume-queue directory)"
-        )
-    return topic.encode("ascii")
 
 
 def tags_hash(tags: str | None) -> int:

@@ -18,7 +18,8 @@ from typing import Any, Final
 import attrs
 import trio
 
-from cluster.protocol import MAX_QUEUES, MAX_TOPIC_LENGTH, is_valid_topic_name
+from cluster.protocol import MAX_QUEUES
+from storage.names import TOPIC_RULE, is_valid_topic_name
 
 __all__ = [
     "FORMAT_VERSION",
@@ -79,8 +80,7 @@ def check_topic_name(name: object) -> str:
     """``name`` if it is a valid topic name, else :class:`InvalidTopicNameError`."""
     if not isinstance(name, str) or not is_valid_topic_name(name):
         raise InvalidTopicNameError(
-            f"invalid topic name {name!r}: use 1 to {MAX_TOPIC_LENGTH} characters from "
-            "A-Z a-z 0-9 . _ - starting with a letter or digit"
+            f"invalid topic name {name!r}: use {TOPIC_RULE}"
         )
     return name
 
