@@ -32,8 +32,15 @@ from cluster.protocol import (
     MAX_QUEUES,
     MIN_MAX_FRAME_SIZE,
 )
-from replication.ha import DEFAULT_HEARTBEAT_MS, DEFAULT_PEER_TIMEOUT_MS, SLAVE_ACK_MODES
-from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS
+from cluster.protocol.address import parse_address
+from replication.settings import (
+    DEFAULT_HEARTBEAT_MS,
+    DEFAULT_MAX_LAG_BYTES,
+    DEFAULT_MAX_LAG_MS,
+    DEFAULT_PEER_TIMEOUT_MS,
+    SLAVE_ACK_MODES,
+    ReplicationSettings,
+)
 from storage.config import StoreConfig
 
 __all__ = [
@@ -136,10 +143,12 @@ class TopicsSection:
 _ROLES: Final = ("master", "slave")
 
 
-def _host_port(value: str) -> bool:
-    """True for ``"host:port"`` with a non-empty host and a port in 1..65535."""
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+def _check_address(name: str, value: str) -> None:
+    """A ``host:port`` setting, checked by the protocol's one address parser."""
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be host:port with a port in 1..65535: {exc}") from None
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any, attrs.Attribute, str], None]:
@@ -205,8 +214,8 @@ class ReplicationSection:
             )
         for name in ("master_ha", "master_client"):
             value = getattr(self, name)
-            if value and not _host_port(value):
-                raise ValueError(f"{name} must be host:port with a port in 1..65535, got {value!r}")
+            if value:
+                _check_address(name, value)
         if self.role == "slave":
             if not self.master_ha:
                 raise ValueError(
@@ -221,6 +230,18 @@ class ReplicationSection:
     @property
     def is_slave(self) -> bool:
         return self.role == "slave"
+
+    @property
+    def settings(self) -> ReplicationSettings:
+        """The stream knobs of this section as the one value replication takes."""
+        return ReplicationSettings(
+            heartbeat_ms=self.heartbeat_ms,
+            peer_timeout_ms=self.peer_timeout_ms,
+            max_lag_bytes=self.max_lag_bytes,
+            max_lag_ms=self.max_lag_ms,
+            use_sendfile=self.use_sendfile,
+            slave_ack=self.slave_ack,
+        )
 
     @property
     def serves_slaves(self) -> bool:
