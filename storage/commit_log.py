@@ -497,13 +497,32 @@ class CommitLog:
         a crash would leave a gap between segments that stops the next start.
         """
         async with self._take_lock, self._flush_lock:
-            for spare in self._spares:
-                spare.delete()
-            self._spares.clear()
-            self.allocator.drop_prepared()
+            self._drop_spares()
             self.raw_pending = 0  # files.truncate zeroes those bytes
             await trio.to_thread.run_sync(self.files.truncate, offset)
             self.flushed_offset = min(self.flushed_offset, self.max_offset)
+
+    async def restart_at(self, base: int) -> None:
+        """Discard every segment and leave an empty log whose next record lands at ``base``
+        (a segment start). The segment at ``base`` is created now: it is what keeps the
+        empty log's start across restarts. Crash safety is the caller's cut intent."""
+        async with self._take_lock, self._flush_lock:
+            self._drop_spares()
+            self.raw_pending = 0
+            await trio.to_thread.run_sync(
+                lambda: self.files.restart_at(base, warm=self.config.warm_segments)
+            )
+            self.next_queue_offsets = {}
+            self.flushed_offset = base
+        assert self.min_offset == self.max_offset == base
+
+    def _drop_spares(self) -> None:
+        """Delete the segments taken or prepared past the end, highest first: a kill in
+        between must never leave a gap on disk."""
+        self.allocator.drop_prepared()  # prepared ones lie past the spares
+        for spare in reversed(self._spares):
+            spare.delete()
+        self._spares.clear()
 
     async def delete_oldest(self, count: int) -> int:
         """Retention: delete the ``count`` oldest segments (never the active one)."""

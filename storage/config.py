@@ -73,3 +73,8 @@ class StoreConfig:
     @property
     def checkpoint_path(self) -> Path:
         return self.data_dir / "checkpoint"
+
+    @property
+    def cut_intent_path(self) -> Path:
+        """Present only while a truncation or log restart is under way (storage.cut)."""
+        return self.data_dir / "cut"

@@ -109,15 +109,22 @@ class MappedFileQueue:
     # ---- cutting (blocking) ------------------------------------------------------------
 
     def truncate(self, offset: int) -> None:
-        """Cut the data at ``offset``: zero the rest of its segment, delete later ones."""
+        """Cut the data at ``offset``: delete later segments, zero the rest of its segment.
+
+        Crash-safe at every step: segments go last first, each deletion made durable
+        (directory fsync) before the next, so a kill leaves a contiguous log that is only
+        longer than asked, never one with a gap. Zeroing comes last, after the deletions.
+        """
         keep = [segment for segment in self.segments if segment.base < offset]
         if not keep and self.segments:
             keep = self.segments[:1]  # cut at the log's very start: keep one empty segment
         doomed = self.segments[len(keep) :]
-        for segment in doomed:
+        for segment in reversed(doomed):
             log.info("deleting_segment path=%s reason=truncate offset=%d", segment.path, offset)
             segment.delete()
-        self.segments = keep
+            self.segments.pop()
+            fsync_directory(self.directory)
+        assert self.segments == keep
         if keep:
             last = keep[-1]
             pos = min(max(offset - last.base, 0), last.size)
@@ -125,7 +132,24 @@ class MappedFileQueue:
             last.wrote = pos
             last.flushed = min(last.flushed, pos)
             last.sync()
-        fsync_directory(self.directory)
+        self._assert_contiguous()
+
+    def restart_at(self, base: int, *, warm: bool) -> MappedFile:
+        """Delete every segment (last first) and start an empty log whose first segment is
+        at ``base``, created on disk so that an empty log keeps its start across restarts."""
+        assert base >= 0 and base % self.segment_size == 0, (base, self.segment_size)
+        while self.segments:
+            self.segments.pop().close()
+        remove_segment_files(self.directory, from_base=0, keep_lowest=False)
+        segment = MappedFile.create(self.directory, base, self.segment_size, warm=warm)
+        self.segments = [segment]
+        return segment
+
+    def _assert_contiguous(self) -> None:
+        size = self.segment_size
+        first = self.segments[0].base if self.segments else 0
+        for index, segment in enumerate(self.segments):
+            assert segment.base == first + index * size, (index, segment.base, first)
 
     def delete_first(self, count: int) -> list[MappedFile]:
         """Delete the ``count`` oldest segments (never the last one)."""
@@ -141,3 +165,29 @@ class MappedFileQueue:
         for segment in self.segments:
             segment.close()
         self.segments = []
+
+
+def remove_segment_files(directory: Path, *, from_base: int, keep_lowest: bool) -> list[Path]:
+    """Blocking, before a load: delete the segment files at or past ``from_base`` (and every
+    unfinished ``*.tmp``), highest first, each deletion made durable before the next. With
+    ``keep_lowest`` the lowest segment file of the directory stays whatever its base."""
+    if not directory.exists():
+        return []
+    for tmp in directory.glob("*.tmp"):
+        tmp.unlink()
+    found = sorted(
+        (base, path)
+        for path in directory.iterdir()
+        if (base := parse_segment_name(path)) is not None
+    )
+    if keep_lowest:
+        found = found[1:]
+    removed = []
+    for base, path in reversed(found):
+        if base < from_base:
+            break
+        log.info("deleting_segment path=%s reason=cut from=%d", path, from_base)
+        path.unlink()
+        fsync_directory(directory)
+        removed.append(path)
+    return removed

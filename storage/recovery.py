@@ -80,11 +80,16 @@ def find_log_end(files: MappedFileQueue, start: int) -> LogEnd:
     return LogEnd(segments[-1].end, "end of the last segment", checked)
 
 
-async def recover_commit_log(commit_log: CommitLog, start: int) -> LogEnd:
-    """Load the segments, find the end, cut there and fsync what is kept."""
+async def recover_commit_log(
+    commit_log: CommitLog, start: int, cut_at: int | None = None
+) -> LogEnd:
+    """Load the segments, find the end, cut there and fsync what is kept. ``cut_at`` is
+    an unfinished cut's offset: the log ends there at the latest."""
     files = commit_log.files
     await trio.to_thread.run_sync(files.load)
     end = await trio.to_thread.run_sync(find_log_end, files, start)
+    if cut_at is not None and end.offset > cut_at:
+        end = LogEnd(cut_at, "an unfinished cut", end.records_checked)
     await trio.to_thread.run_sync(files.truncate, end.offset)
     # Data that survived a process crash may still be only in the page cache: sync it
     # before the checkpoint claims it is on disk.
@@ -128,11 +133,14 @@ async def recover(
     checkpoint_log: int | None,
     checkpoint_queues: int | None,
     clean: bool,
+    cut_at: int | None = None,
 ) -> tuple[Dispatcher, RecoveryReport]:
-    """Run both recoveries; the checkpoint offsets are None when there is no checkpoint."""
+    """Run both recoveries; the checkpoint offsets are None when there is no checkpoint,
+    ``cut_at`` is the offset of a cut a crash interrupted (the caller clamped the
+    checkpoint offsets to it)."""
     started = time.perf_counter()
     start = checkpoint_log if checkpoint_log is not None else 0
-    end = await recover_commit_log(commit_log, start)
+    end = await recover_commit_log(commit_log, start, cut_at)
     durable_lost = checkpoint_log is not None and end.offset < checkpoint_log
     if durable_lost:
         log.error(

@@ -10,7 +10,8 @@ the body was cancelled (that is how SIGTERM ends a node).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -21,14 +22,27 @@ from storage.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from storage.commit_log import AppendResult, BatchAppendResult, CommitLog
 from storage.config import StoreConfig
 from storage.consume_queue import ConsumeQueueStore, sync_segments
+from storage.cut import (
+    CutIntent,
+    CutKind,
+    clear_cut_intent,
+    load_cut_intent,
+    save_cut_intent,
+)
 from storage.dispatcher import Dispatcher
 from storage.errors import CorruptSegmentError, StorageFailedError
 from storage.flush import AsyncFlusher, GroupCommitFlusher
+from storage.mapped_file import MappedFile
+from storage.mapped_file_queue import remove_segment_files
 from storage.record import Message, StoredRecord
 from storage.recovery import RecoveryReport, recover
 from storage.retention import RetentionService
 
 log = logging.getLogger(__name__)
+
+
+def _no_step_hook(_step: str) -> None:
+    return None
 
 
 @attrs.frozen
@@ -62,7 +76,9 @@ class MessageStore:
         self._abandoned = False
         self._flush_all_lock = trio.Lock()
         """One flush_all at a time: they share checkpoint.tmp (the async flusher's and the
-        shutdown's used to race: FileNotFoundError on the rename)."""
+        shutdown's used to race: FileNotFoundError on the rename). Cuts hold it too."""
+        self.after_cut_step: Callable[[str], None] = _no_step_hook
+        """Called after each step of a truncation or log restart; crash tests kill there."""
 
     @classmethod
     @asynccontextmanager
@@ -90,16 +106,47 @@ class MessageStore:
     async def _recover(self) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        intent = await trio.to_thread.run_sync(load_cut_intent, config.cut_intent_path)
+        if intent is not None:
+            log.warning(
+                "cut_unfinished kind=%s offset=%d action=finish", intent.kind.name, intent.offset
+            )
+            await trio.to_thread.run_sync(self._finish_cut_on_disk, intent)
         checkpoint = await trio.to_thread.run_sync(load_checkpoint, config.checkpoint_path)
+        log_flushed = checkpoint.commit_log_flushed if checkpoint else None
+        queues_flushed = checkpoint.consume_queue_flushed if checkpoint else None
+        if intent is not None:  # nothing past the cut counts, whatever the checkpoint says
+            cut = intent.offset
+            restart = intent.kind is CutKind.RESTART
+            log_flushed = cut if restart or log_flushed is None else min(cut, log_flushed)
+            queues_flushed = cut if restart or queues_flushed is None else min(cut, queues_flushed)
         self.dispatcher, self.recovery = await recover(
             self.commit_log,
             self.queues,
-            checkpoint.commit_log_flushed if checkpoint else None,
-            checkpoint.consume_queue_flushed if checkpoint else None,
-            clean=bool(checkpoint and checkpoint.clean),
+            log_flushed,
+            queues_flushed,
+            clean=bool(checkpoint and checkpoint.clean and intent is None),
+            cut_at=intent.offset if intent is not None else None,
         )
         # From here until a clean shutdown the checkpoint says "not clean".
         await self._save_checkpoint(clean=False)
+        if intent is not None:
+            await trio.to_thread.run_sync(clear_cut_intent, config.cut_intent_path)
+            log.warning("cut_finished kind=%s offset=%d", intent.kind.name, intent.offset)
+
+    def _finish_cut_on_disk(self, intent: CutIntent) -> None:
+        """Blocking, before anything is loaded: redo the file deletions of a cut a crash
+        interrupted (each step is idempotent); recovery then cuts at ``intent.offset``."""
+        config = self.config
+        if intent.kind is CutKind.RESTART:
+            remove_segment_files(config.commit_log_dir, from_base=0, keep_lowest=False)
+            shutil.rmtree(config.consume_queue_dir, ignore_errors=True)
+            config.commit_log_dir.mkdir(parents=True, exist_ok=True)
+            MappedFile.create(
+                config.commit_log_dir, intent.offset, config.segment_size, warm=False
+            ).close()
+        else:
+            remove_segment_files(config.commit_log_dir, from_base=intent.offset, keep_lowest=True)
 
     def _next_segment_base(self) -> int:
         last = self.commit_log.files.last
@@ -143,19 +190,84 @@ class MessageStore:
 
         Replication uses it to drop a divergent tail. Queue entries of cut records
         go, and the next record of each queue gets the queue offset after the last
-        one kept, so the queues stay dense.
+        one kept, so the queues stay dense. Crash-safe: the cut intent is on disk
+        before the first file changes and goes after the checkpoint is lowered, so a
+        start after a kill at any step finishes the cut (docs/format.md).
         """
         await self.dispatcher.catch_up()
-        await self.commit_log.truncate(offset)
-        self.group_commit.rewind(self.commit_log.flushed_offset)
-        end = self.commit_log.max_offset
-        await trio.to_thread.run_sync(self.queues.truncate_from_log_offset, end)
-        self.dispatcher.offset = min(self.dispatcher.offset, end)
-        self.commit_log.next_queue_offsets = {
-            key: queue.max_offset for key, queue in self.queues.queues.items()
-        }
-        await self.flush_all()
+        async with self._flush_all_lock:
+            intent = CutIntent(CutKind.TRUNCATE, offset)
+            await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
+            self._cut_step("intent_saved")
+            await self.commit_log.truncate(offset)
+            self._cut_step("log_cut")
+            self.group_commit.rewind(self.commit_log.flushed_offset)
+            end = self.commit_log.max_offset
+            await trio.to_thread.run_sync(self.queues.truncate_from_log_offset, end)
+            self._cut_step("queues_cut")
+            self.dispatcher.offset = min(self.dispatcher.offset, end)
+            self.commit_log.next_queue_offsets = {
+                key: queue.max_offset for key, queue in self.queues.queues.items()
+            }
+            await self._flush_all_locked(clean=False)
+            self._cut_step("checkpoint_saved")
+            await trio.to_thread.run_sync(clear_cut_intent, self.config.cut_intent_path)
         log.warning("store_truncated offset=%d", end)
+
+    async def restart_log_at(self, start_offset: int) -> None:
+        """Discard the whole log, every consume queue and the checkpoint's positions, and
+        leave an empty log that starts at ``start_offset``: the next append, batch,
+        ``append_raw`` or :meth:`append_replicated` lands at exactly that offset.
+
+        For a slave's full resync: ``start_offset`` is the master's log start (its
+        first segment's base), so it must be a multiple of ``segment_size``
+        (``ValueError`` otherwise, nothing changed). Afterwards :attr:`min_offset` ==
+        :attr:`max_offset` == ``start_offset``, and that survives restarts (the empty
+        segment file named ``start_offset`` is the record of it). Crash-safe: a kill
+        at any step restarts into the same empty log at ``start_offset``.
+
+        The caller must be the store's only writer while this runs (no ``put`` or
+        ``append_replicated`` in flight); waiters for durability past the old end
+        get False.
+        """
+        size = self.config.segment_size
+        if start_offset < 0 or start_offset % size:
+            raise ValueError(
+                f"a log can only start at a segment boundary (a multiple of segment_size "
+                f"{size}), got {start_offset}: the master's log start is one when both "
+                "nodes use the same segment_size"
+            )
+        await self.dispatcher.catch_up()
+        async with self._flush_all_lock:
+            intent = CutIntent(CutKind.RESTART, start_offset)
+            await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
+            self._cut_step("intent_saved")
+            await self.commit_log.restart_at(start_offset)
+            self._cut_step("log_cut")
+            self.group_commit.rewind(start_offset)
+            await trio.to_thread.run_sync(self.queues.delete_all)
+            self._cut_step("queues_cut")
+            self.dispatcher.offset = start_offset
+            await self._save_checkpoint(clean=False, queues_flushed=start_offset)
+            self._cut_step("checkpoint_saved")
+            await trio.to_thread.run_sync(clear_cut_intent, self.config.cut_intent_path)
+        if self.config.preallocate:
+            self.allocator.prepare(self._next_segment_base())
+        log.warning("store_log_restarted start_offset=%d", start_offset)
+
+    @property
+    def min_offset(self) -> int:
+        """The log's start: its first segment's base (0 for a log that never had one)."""
+        return self.commit_log.min_offset
+
+    @property
+    def max_offset(self) -> int:
+        """The log's end: where the next record goes."""
+        return self.commit_log.max_offset
+
+    def _cut_step(self, step: str) -> None:
+        """A cut reached ``step`` (tests kill the process here to prove each is safe)."""
+        self.after_cut_step(step)
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -208,10 +320,13 @@ class MessageStore:
     async def flush_all(self, *, clean: bool = False) -> None:
         """Flush the log and the queues, then record both in the checkpoint."""
         async with self._flush_all_lock:
-            dispatched = self.dispatcher.offset
-            log_flushed = await self.commit_log.flush()
-            await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
-            await self._save_checkpoint(clean=clean, queues_flushed=min(dispatched, log_flushed))
+            await self._flush_all_locked(clean=clean)
+
+    async def _flush_all_locked(self, *, clean: bool) -> None:
+        dispatched = self.dispatcher.offset
+        log_flushed = await self.commit_log.flush()
+        await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
+        await self._save_checkpoint(clean=clean, queues_flushed=min(dispatched, log_flushed))
 
     async def _save_checkpoint(self, *, clean: bool, queues_flushed: int | None = None) -> None:
         log_flushed = self.commit_log.flushed_offset
