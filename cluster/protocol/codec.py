@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import io
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Generic, TypeVar
 
@@ -14,6 +15,7 @@ from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
+    MAX_DEPTH,
     MAX_FRAME_SIZE_LIMIT,
     MAX_REQUEST_ID,
     MIN_MAX_FRAME_SIZE,
@@ -58,8 +60,6 @@ object is built.
 _NO_TAGS: Final[dict[int, Callable[[Any, bool], Any]]] = dict.fromkeys(
     _BUILTIN_TAGS, _reject_builtin_tag
 )
-_MAX_DEPTH: Final = 16
-"""Requests nest four deep (envelope, messages, message, props); the rest is headroom."""
 
 
 def _new_cbor_decoder() -> cbor2.CBORDecoder:
@@ -67,9 +67,64 @@ def _new_cbor_decoder() -> cbor2.CBORDecoder:
         io.BytesIO(),
         tag_hook=_reject_tag,
         semantic_decoders=_NO_TAGS,
-        max_depth=_MAX_DEPTH,
+        max_depth=MAX_DEPTH,
         allow_duplicate_keys=False,
     )
+
+
+_CBOR_PROBLEMS: Final = tuple(
+    (re.compile(pattern), wording)
+    for pattern, wording in (
+        (r"[Dd]uplicate map key", "a map holds the same key twice"),
+        (r"nesting depth", f"CBOR items nest deeper than {MAX_DEPTH} levels"),
+        (
+            r"(?:unknown unsigned integer|reserved major type \d) subtype 0x(?P<info>[0-9a-f]+)",
+            "an initial byte uses the reserved additional information value 0x{info}",
+        ),
+        (r"two-byte sequence for simple value", "a two-byte simple value is below 32"),
+        (r"break code", "a break code (0xff) stands where a data item was expected"),
+        (r"indefinite length not allowed", "an item that must have a definite length has none"),
+        (
+            r"non-(?P<kind>byte|text) string .* found in indefinite length",
+            "a chunk of an indefinite-length {kind} string is not a {kind} string",
+        ),
+        (r"missing value for key", "an indefinite-length map ends between a key and its value"),
+        (r"chunk too long", "a string chunk is longer than the frame"),
+    )
+)
+_DECODING: Final = re.compile(r"error decoding (?P<kind>[a-z ]+?)(?: \d+)?:")
+
+
+def _cbor_problem(exc: Exception) -> str:
+    """What is wrong with the body in CBOR's words: never a Python exception's own text.
+
+    cbor2's messages quote Python reprs (``Duplicate map key: b'a'``) and codec errors
+    (``'utf-8' codec can't decode byte 0x98 in position 5``); a client in any language
+    must be able to read the answer.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start]
+        return (
+            f"a text string is not valid UTF-8 (byte 0x{bad:02x} at offset {cause.start} "
+            "of the string)"
+        )
+    text = str(exc)
+    if isinstance(cause, _TagRejected):
+        tag = re.search(r"semantic tag (\d+)", text)
+        return f"CBOR tag {tag.group(1) if tag else ''} is not allowed: this protocol uses no tags"
+    for pattern, wording in _CBOR_PROBLEMS:
+        found = pattern.search(text)
+        if found is not None:
+            problem = wording.format(**found.groupdict())
+            break
+    else:
+        problem = "the body is not well-formed CBOR"
+    where = _DECODING.match(text)
+    if where is None:
+        return problem
+    kind = where.group("kind")
+    return f"{problem} (in {'an' if kind[0] in 'aeiou' else 'a'} {kind})"
 
 
 def _malformed_message(exc: Exception) -> str:
@@ -78,11 +133,8 @@ def _malformed_message(exc: Exception) -> str:
             "frame body ends inside a CBOR item; the length prefix must cover the whole "
             "CBOR map (is it computed over the encoded body?)"
         )
-    detail = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
-    if len(detail) > 200:  # cbor2 may quote the offending value, e.g. a huge duplicate key
-        detail = detail[:200] + "..."
     return (
-        f"frame body is not valid CBOR for this protocol ({detail}); "
+        f"frame body is not valid CBOR for this protocol: {_cbor_problem(exc)}; "
         "encode the body as one untagged CBOR map without duplicate keys"
     )
 

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_WAIT_MS",
     "HEADER",
     "MAX_BATCH_MESSAGES",
+    "MAX_DEPTH",
     "MAX_FRAME_SIZE_LIMIT",
     "MAX_OFFSET",
     "MAX_PULL_BYTES",
@@ -52,6 +53,10 @@ MAX_PULL_BYTES: Final = 8 * 1024 * 1024
 """Half the default frame limit: a full answer fits even with one message over ``max_bytes``."""
 MAX_TIMEOUT_MS: Final = 600_000
 MAX_WAIT_MS: Final = 60_000
+
+MAX_DEPTH: Final = 16
+"""CBOR nesting levels in a frame: requests nest four deep (envelope, messages, message,
+props); the rest is headroom."""
 
 DEFAULT_TIMEOUT_MS: Final = 5000
 DEFAULT_MAX_MESSAGES: Final = 32

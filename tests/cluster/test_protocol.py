@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 import cbor2
@@ -305,6 +306,77 @@ def test_malformed_frame_is_answered_and_the_stream_goes_on(body: bytes, words: 
     assert error.req_id == 0
     assert words in error.message
     assert after == {"op": "status", "id": 9}
+
+
+PYTHON_WORDS = re.compile(
+    r"CBOR[A-Z][a-z]+|Undefined|[A-Z][a-z]+Error|codec|position \d|frozendict|NoneType"
+    r"|\b(?:None|True|False|tuple|dict|str)\b|\bb'|\bb\""
+)
+"""Python's words: class names, reprs, codec errors. A client in any language reads our errors."""
+
+
+def assert_protocol_words(message: str) -> None:
+    leaked = PYTHON_WORDS.search(message)
+    assert leaked is None, f"{leaked.group()!r} leaks into {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("obj", "field", "words"),
+    [
+        (
+            envelope("pull", topic=cbor2.CBORSimpleValue(16), queue=0, offset=0),
+            "topic",
+            "got simple value 16",
+        ),
+        (envelope("send", topic="t", body=cbor2.undefined), "body", "got undefined"),
+        (
+            envelope("send", topic="t", body=b"", props={"k": cbor2.CBORSimpleValue(255)}),
+            "props['k']",
+            "got simple value 255",
+        ),
+        (
+            envelope("send", topic="t", body=b"", props={"k": {"a": 1, "b": 2}}),
+            "props['k']",
+            "got map of 2 entries",
+        ),
+    ],
+    ids=["simple", "undefined", "simple-in-props", "map"],
+)
+def test_wire_errors_name_cbor_types_not_python_classes(
+    obj: dict[str, Any], field: str, words: str
+) -> None:
+    error = rejected(obj)
+    assert error.field == field
+    assert words in error.message
+    assert_protocol_words(error.message)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            b"\xa1\x61a\x66hello\x98",
+            "a text string is not valid UTF-8 (byte 0x98 at offset 5 of the string)",
+        ),
+        (b"\xa2\x41a\x01\x41a\x02", "a map holds the same key twice"),
+        (b"\xa1\x41a\xf9\x7e\x00\x00", "1 byte after its CBOR map"),
+        (b"\xa1\x61a\x1c", "reserved additional information value 0x1c"),
+        (b"\xa1\x61a\xf8\x10", "a two-byte simple value is below 32"),
+        (
+            b"\xa1\x61a\x5f\x61b\xff",
+            "a chunk of an indefinite-length byte string is not a byte string",
+        ),
+        (b"\x81" * 40 + b"\x00", "CBOR items nest deeper than 16 levels"),
+        (b"\xa1\x61a\xd9\x27\x0f\x01", "CBOR tag 9999 is not allowed"),
+    ],
+    ids=["utf8", "dup-bytes-key", "trailing", "reserved-info", "simple", "chunk", "deep", "tag"],
+)
+def test_malformed_cbor_is_named_in_cbor_terms(body: bytes, words: str) -> None:
+    error = only(raw_frame(body))
+    assert isinstance(error, ProtocolError)
+    assert error.status is Status.MALFORMED_FRAME
+    assert words in error.message
+    assert_protocol_words(error.message)
 
 
 @pytest.mark.parametrize(
@@ -642,6 +714,7 @@ def check_items(items: list[Any]) -> None:
             assert not item.fatal
             assert item.status is not Status.OK
             assert item.message
+            assert_protocol_words(item.message)
             encode_frame(item.response())
         else:
             assert item["op"] in SCHEMAS
@@ -668,6 +741,7 @@ def feed_in_chunks(data: bytes, cuts: list[int]) -> tuple[list[Any], bool]:
 
 cbor_scalars = (
     st.none()
+    | st.sampled_from([cbor2.undefined, *map(cbor2.CBORSimpleValue, (0, 16, 19, 32, 255))])
     | st.booleans()
     | st.integers(-(2**64), 2**64 - 1)
     | st.floats(allow_nan=True)
