@@ -38,6 +38,7 @@ __all__ = [
     "Standalone",
     "WriteRefusal",
     "become_stale",
+    "configured",
     "promote",
     "repoint",
 ]
@@ -145,6 +146,15 @@ Role: TypeAlias = Standalone | Master | Slave | Stale
 """Every role a node can hold."""
 
 ROLE_KINDS: Final = (Standalone, Master, Slave, Stale)
+
+
+def configured(role: str, *, ha_port: int, master_ha: str, master_client: str | None) -> Role:
+    """The role a node starts in, from its ``[replication]`` section (already valid)."""
+    if role == "slave":
+        return Slave(master_ha, master_client or None)
+    if ha_port >= 0:
+        return Master(ha_port)
+    return Standalone()
 
 
 def promote(role: Role, ha_port: int, epoch: int | None) -> Master:

@@ -16,6 +16,7 @@ from cluster.node.role import (
     Stale,
     Standalone,
     become_stale,
+    configured,
     describe,
     promote,
     repoint,
@@ -139,3 +140,11 @@ def test_roles_are_frozen_values() -> None:
 def test_invalid_roles_are_refused_naming_the_field(make: object, fragment: str) -> None:
     with pytest.raises(RoleError, match=fragment):
         make()  # type: ignore[operator]
+
+
+@given(ha_ports | st.just(-1), addresses, st.none() | st.just("") | addresses)
+def test_the_configured_role(ha_port: int, master_ha: str, master_client: str | None) -> None:
+    slave = configured("slave", ha_port=-1, master_ha=master_ha, master_client=master_client)
+    assert slave == Slave(master_ha, master_client or None)
+    master = configured("master", ha_port=ha_port, master_ha="", master_client=None)
+    assert master == (Master(ha_port) if ha_port >= 0 else Standalone())

@@ -1,0 +1,150 @@
+"""The ``status`` answer as typed values, and the one place they become the wire map.
+
+The node, its ack policy and its replication each build a frozen value here;
+:func:`to_wire` turns any of them into the map the protocol sends (field order is
+wire order; tuples become lists, nested values maps). The wire format is the one
+``docs/protocol.md`` documents: adding a field here adds it to the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "AckStatus",
+    "ConnectedSlave",
+    "MasterReplicationStatus",
+    "NodeStatus",
+    "SlaveLagStatus",
+    "SlaveReplicationStatus",
+    "to_wire",
+]
+
+
+@attrs.frozen
+class SlaveLagStatus:
+    """One connected slave as the in-sync decision sees it."""
+
+    name: str
+    ack_offset: int
+    lag_bytes: int
+    lag_ms: float = attrs.field(converter=lambda ms: round(ms, 1))
+
+
+@attrs.frozen
+class ConnectedSlave:
+    name: str
+    ack_offset: int
+
+
+@attrs.frozen
+class AckStatus:
+    """What a master's :class:`~cluster.node.acks.ReplicatedAcks` reports: every
+    connected slave under ``slaves`` (by name), and the same slaves split by the
+    in-sync decision."""
+
+    in_sync: tuple[SlaveLagStatus, ...]
+    out_of_sync: tuple[SlaveLagStatus, ...]
+    min_insync_replicas: int
+    confirm_offset: int
+    slaves: tuple[ConnectedSlave, ...]
+
+
+@attrs.frozen
+class MasterReplicationStatus:
+    """``status.replication`` on a master serving slaves (stale or not)."""
+
+    role: str
+    ha_address: str
+    epoch: int | None
+    epoch_start: int | None
+    stale: str | None
+    """Who proved a newer master exists; None while this master is current."""
+    in_sync: tuple[SlaveLagStatus, ...]
+    out_of_sync: tuple[SlaveLagStatus, ...]
+    min_insync_replicas: int
+    confirm_offset: int
+    slaves: tuple[ConnectedSlave, ...]
+
+    @classmethod
+    def of(
+        cls,
+        acks: AckStatus,
+        *,
+        role: str,
+        ha_address: str,
+        epoch: int | None,
+        epoch_start: int | None,
+        stale: str | None,
+    ) -> MasterReplicationStatus:
+        return cls(
+            role,
+            ha_address,
+            epoch,
+            epoch_start,
+            stale,
+            acks.in_sync,
+            acks.out_of_sync,
+            acks.min_insync_replicas,
+            acks.confirm_offset,
+            acks.slaves,
+        )
+
+
+@attrs.frozen
+class SlaveReplicationStatus:
+    """``status.replication`` on a slave."""
+
+    role: str
+    epoch: int | None
+    master_ha: str
+    connected: bool
+    acked_offset: int | None
+    master_offset: int | None
+    reconnects: int
+    last_truncation: tuple[int, ...] | None
+    """Where the last handshake cut this log and how much (None: never cut)."""
+
+
+@attrs.frozen
+class NodeStatus:
+    """The ``status`` op's result: the protocol's fields, then node and store detail."""
+
+    role: str
+    writable: bool
+    min_offset: int
+    max_offset: int
+    flushed_offset: int
+    replication: MasterReplicationStatus | SlaveReplicationStatus | None
+    node: str
+    address: str
+    epoch: int | None
+    topics: int
+    connections: int
+    uptime_ms: int
+    store: dict[str, Any]
+    """The store's own status map, passed through as it reports it."""
+
+
+def to_wire(
+    status: NodeStatus | MasterReplicationStatus | SlaveReplicationStatus | AckStatus,
+) -> dict[str, Any]:
+    """The map the ``status`` op sends for ``status``."""
+    wire = _wire(status)
+    assert isinstance(wire, dict)
+    return wire
+
+
+def _wire(value: object) -> object:
+    """Attrs values to maps (field order kept), tuples and lists to lists, maps copied."""
+    if attrs.has(type(value)):
+        return {
+            field.name: _wire(getattr(value, field.name)) for field in attrs.fields(type(value))
+        }
+    if isinstance(value, tuple | list):
+        return [_wire(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _wire(item) for key, item in value.items()}
+    return value
