@@ -1,0 +1,335 @@
+"""The HA decisions, pure: no I/O, no clock reads, no trio. The HA loop feeds them what it
+read from etcd and the times it measured, and acts on the answers.
+
+Three decisions live here because each is easy to get subtly wrong and each failure
+loses acknowledged data:
+
+* **Election** (:func:`election_view`): who may campaign for a group's leadership and
+  who is best. Only live members of the *recorded* in-sync set whose last epoch is the
+  current one may campaign; a node whose last start was a crash campaigns only after a
+  master re-admitted it (KIP-966). The best is the longest log, then the priority.
+* **Fencing** (:class:`LeaseFence`): a master's self-fencing deadline, the send time of
+  its last successful keepalive + TTL - margin. A paused process cannot know that its
+  lease expired, so it must stop acknowledging on its own clock.
+* **Recorded in-sync set** (:class:`InSyncRecord`): a shrink counts once its
+  compare-and-swap committed, an expansion at once; while a change is pending, acks
+  wait for the union of the old and new sets.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from cluster.coordination.keys import GroupState, MemberInfo
+
+__all__ = [
+    "Candidate",
+    "ElectionView",
+    "InSyncRecord",
+    "Ineligible",
+    "LeaseFence",
+    "PendingOutcome",
+    "election_view",
+    "fencing_deadline_s",
+    "state_after_election",
+    "timing_problems",
+]
+
+
+# ---------------------------------------------------------------------------- election
+
+
+@attrs.frozen
+class Candidate:
+    """What the election needs to know about one live member (from its member key)."""
+
+    node: str
+    epoch: int
+    """The last epoch in the node's epoch file."""
+    log_end: int
+    priority: int = 0
+    clean_start: bool = True
+    caught_up: bool = False
+
+    @classmethod
+    def from_member(cls, info: MemberInfo) -> Candidate:
+        return cls(
+            node=info.node,
+            epoch=info.epoch,
+            log_end=info.log_end,
+            priority=info.priority,
+            clean_start=info.clean_start,
+            caught_up=info.caught_up,
+        )
+
+    def rank(self) -> tuple[int, int, int, str]:
+        """Sort key, best first: highest epoch, longest log, highest priority, then the
+        lowest name so every node that sees the same members picks the same best."""
+        return (-self.epoch, -self.log_end, -self.priority, self.node)
+
+
+class Ineligible(enum.Enum):
+    """Why a live member may not campaign."""
+
+    NOT_IN_SYNC = "not in the recorded in-sync set"
+    STALE_EPOCH = "its last epoch is older than the group's"
+    CRASHED_NOT_CAUGHT_UP = "restarted after a crash and not yet re-admitted to the in-sync set"
+    NO_STATE = "the group has no recorded state and this node did not start clean"
+
+
+@attrs.frozen
+class ElectionView:
+    """The election as one node sees it: ``eligible`` best first, ``refused`` with a
+    reason for every other live member, ``best`` the one that should campaign."""
+
+    eligible: tuple[Candidate, ...]
+    refused: Mapping[str, Ineligible]
+    best: str | None
+
+    def may_campaign(self, node: str) -> bool:
+        return node == self.best
+
+
+def _refusal(state: GroupState | None, candidate: Candidate) -> Ineligible | None:
+    if state is None:
+        return None if candidate.clean_start else Ineligible.NO_STATE
+    if candidate.node not in state.in_sync:
+        return Ineligible.NOT_IN_SYNC
+    if candidate.epoch != state.epoch:
+        return Ineligible.STALE_EPOCH
+    if not (candidate.clean_start or candidate.caught_up):
+        return Ineligible.CRASHED_NOT_CAUGHT_UP
+    return None
+
+
+def election_view(
+    state: GroupState | None,
+    live: Iterable[Candidate],
+    *,
+    preferred: str | None = None,
+) -> ElectionView:
+    """Who may campaign and who is best, given the recorded ``state`` (None: the group
+    was never elected) and the ``live`` members (those with a member key).
+
+    With no recorded state (a new cluster), every live member that started clean may
+    campaign. ``preferred`` (a switchover target) is best when it is eligible and holds
+    as long a log in as high an epoch as the best; otherwise the rank decides.
+    """
+    eligible: list[Candidate] = []
+    refused: dict[str, Ineligible] = {}
+    for candidate in live:
+        reason = _refusal(state, candidate)
+        if reason is None:
+            eligible.append(candidate)
+        else:
+            refused[candidate.node] = reason
+    eligible.sort(key=Candidate.rank)
+    best = eligible[0].node if eligible else None
+    if preferred is not None and eligible:
+        for candidate in eligible:
+            if candidate.node == preferred and candidate.rank()[:2] == eligible[0].rank()[:2]:
+                best = preferred
+    return ElectionView(eligible=tuple(eligible), refused=refused, best=best)
+
+
+def state_after_election(
+    state: GroupState | None, view: ElectionView, winner: str, *, min_insync_replicas: int = 1
+) -> GroupState:
+    """The state the winner writes in its election transaction.
+
+    The epoch goes up by one (above every live member's epoch when there was no
+    state). The new in-sync set is the winner plus the other eligible members: they
+    are in the current epoch and their logs are prefixes of the winner's, so they hold
+    every acked record; anyone else must be re-admitted by the new master.
+    """
+    names = {candidate.node for candidate in view.eligible}
+    if winner not in names:
+        raise ValueError(f"{winner!r} is not eligible: {view.refused.get(winner, 'not live')}")
+    if state is None:
+        epoch = max(candidate.epoch for candidate in view.eligible) + 1
+        return GroupState(epoch, winner, frozenset({winner}), min_insync_replicas)
+    return GroupState(state.epoch + 1, winner, frozenset(names), state.min_insync_replicas)
+
+
+# ----------------------------------------------------------------------------- fencing
+
+
+def fencing_deadline_s(last_keepalive_sent_s: float, lease_ttl_s: float, margin_s: float) -> float:
+    """The time (on the clock ``last_keepalive_sent_s`` was read from) after which a
+    master may have lost its lease. Counting from the *send* time is what makes it
+    safe: etcd renewed the lease no earlier than that."""
+    return last_keepalive_sent_s + lease_ttl_s - margin_s
+
+
+@attrs.define
+class LeaseFence:
+    """The master's self-fencing deadline, fed with successful keepalives.
+
+    Invariant: ``deadline_s`` never moves back (a late answer to an old keepalive
+    cannot shorten or wrongly extend it: it counts from its own send time). The grant
+    of the lease counts as the first keepalive. One owner (the HA loop); the ack path
+    only calls :meth:`may_acknowledge`.
+    """
+
+    lease_ttl_s: float
+    margin_s: float
+    last_sent_s: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.margin_s < self.lease_ttl_s:
+            raise ValueError(
+                f"fencing margin {self.margin_s}s must be >= 0 and below the lease TTL "
+                f"{self.lease_ttl_s}s"
+            )
+
+    def keepalive_succeeded(self, sent_s: float) -> None:
+        """A keepalive (or the grant) sent at ``sent_s`` was answered with the lease alive."""
+        if self.last_sent_s is None or sent_s > self.last_sent_s:
+            self.last_sent_s = sent_s
+
+    @property
+    def deadline_s(self) -> float:
+        """Minus infinity before the first success: a master with no renewal may not ack."""
+        if self.last_sent_s is None:
+            return float("-inf")
+        return fencing_deadline_s(self.last_sent_s, self.lease_ttl_s, self.margin_s)
+
+    def may_acknowledge(self, now_s: float) -> bool:
+        return now_s < self.deadline_s
+
+    def remaining_s(self, now_s: float) -> float:
+        return self.deadline_s - now_s
+
+
+def timing_problems(
+    *,
+    lease_ttl_s: float,
+    keepalive_interval_s: float,
+    request_timeout_s: float,
+    fencing_margin_s: float,
+) -> list[str]:
+    """What is wrong with these timings (empty when they are sound).
+
+    Patroni's rule, ``keepalive_interval + 2 x request_timeout <= lease_ttl``, lets one
+    timed-out keepalive be retried before the lease can expire. With the fencing margin
+    the master stops acknowledging early, so the retry must also be answered before the
+    fencing deadline: ``interval + 2 x timeout + margin <= ttl``, else a master fences
+    itself after a single slow keepalive.
+    """
+    problems = [
+        f"{name} must be positive, got {value}"
+        for name, value in (
+            ("lease_ttl_s", lease_ttl_s),
+            ("keepalive_interval_s", keepalive_interval_s),
+            ("request_timeout_s", request_timeout_s),
+        )
+        if not value > 0
+    ]
+    if fencing_margin_s < 0:
+        problems.append(f"fencing_margin_s must be >= 0, got {fencing_margin_s}")
+    if problems:
+        return problems
+    patroni_s = keepalive_interval_s + 2 * request_timeout_s
+    if patroni_s > lease_ttl_s:
+        problems.append(
+            f"keepalive_interval_s + 2 x request_timeout_s = {patroni_s:g}s exceeds "
+            f"lease_ttl_s = {lease_ttl_s:g}s: a retried keepalive could come after the lease "
+            "expired; raise lease_ttl_s or lower the other two"
+        )
+    elif patroni_s + fencing_margin_s > lease_ttl_s:
+        problems.append(
+            f"keepalive_interval_s + 2 x request_timeout_s + fencing_margin_s = "
+            f"{patroni_s + fencing_margin_s:g}s exceeds lease_ttl_s = {lease_ttl_s:g}s: the "
+            "master would fence itself after one slow keepalive; lower fencing_margin_s"
+        )
+    return problems
+
+
+# -------------------------------------------------------------- recorded in-sync set
+
+
+class PendingOutcome(enum.Enum):
+    """How a compare-and-swap of the in-sync set ended, as far as the master knows."""
+
+    COMMITTED = "committed"
+    REFUSED = "refused"
+    """The compare failed: someone else changed the state; re-read before proposing."""
+
+
+@attrs.define
+class InSyncRecord:
+    """The master's view of its group's in-sync set: what is recorded in etcd and the
+    one change (if any) it is recording.
+
+    * :attr:`counted` is the set an ack must reach: the union of the recorded and the
+      pending set. So an expansion counts at once (new members must ack too) and a
+      shrink counts only once committed (removed members keep counting until then).
+    * A CAS that timed out has an unknown outcome: the change stays pending, and the
+      union keeps counting, until a read-back resolves it with :meth:`observed`.
+
+    Invariant: ``recorded`` and ``pending`` always contain the master. One owner (the
+    HA loop); the ack path reads :attr:`counted` and :meth:`admits_replicated`.
+    """
+
+    master: str
+    recorded: frozenset[str]
+    min_insync_replicas: int
+    pending: frozenset[str] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._check(self.recorded)
+
+    def _check(self, members: frozenset[str]) -> None:
+        if self.master not in members:
+            raise ValueError(
+                f"in-sync set {sorted(members)} must contain the master {self.master!r}"
+            )
+
+    @property
+    def counted(self) -> frozenset[str]:
+        return self.recorded | self.pending if self.pending is not None else self.recorded
+
+    def propose(self, target: frozenset[str]) -> frozenset[str] | None:
+        """Start recording ``target`` (the master's current judgement of who is in sync).
+
+        Returns the set to write with a CAS, or None when nothing is to be written (the
+        target is recorded already, or a change is still pending: one at a time, so a
+        shrink can never overtake an expansion).
+        """
+        target = frozenset(target) | {self.master}
+        if self.pending is not None or target == self.recorded:
+            return None
+        self.pending = target
+        return target
+
+    def resolve(self, outcome: PendingOutcome) -> None:
+        """The CAS answered: committed (the pending set is now recorded) or refused."""
+        if self.pending is None:
+            raise ValueError("no in-sync change is pending")
+        if outcome is PendingOutcome.COMMITTED:
+            self.recorded = self.pending
+        self.pending = None
+
+    def observed(self, recorded: frozenset[str]) -> None:
+        """The set read back from etcd (after a refused or timed-out CAS, or from the
+        watch). A pending change equal to it has committed; any other is dropped."""
+        self._check(frozenset(recorded))
+        self.recorded = frozenset(recorded)
+        self.pending = None
+
+    def outcomes(self) -> tuple[frozenset[str], ...]:
+        """The sets that may end up recorded: the recorded one, and the pending one."""
+        if self.pending is None:
+            return (self.recorded,)
+        return (self.recorded, self.pending)
+
+    def admits_replicated(self) -> bool:
+        """``acks=replicated`` may be accepted: acks wait for :attr:`counted`, a superset of
+        every possible outcome, so this holds when each outcome has at least
+        ``min_insync_replicas`` slaves (the master not counted)."""
+        return all(
+            len(members - {self.master}) >= self.min_insync_replicas for members in self.outcomes()
+        )
