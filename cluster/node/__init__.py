@@ -10,15 +10,15 @@ store's block, which flushes and writes the clean checkpoint.
 The role (``[replication]`` in the config) decides three things:
 
 * a master without ``ha_port`` holds :class:`StandaloneAcks` (``replicated`` refused);
-* a master with ``ha_port`` also runs an :class:`~replication.ha.HAService` and holds
+* a master with ``ha_port`` also runs an :class:`~replication.master.HAService` and holds
   :class:`~cluster.node.acks.ReplicatedAcks` (waits for slaves, reads bounded by the
   confirm offset);
-* a slave runs an :class:`~replication.ha.HAClient` in a reconnect loop and answers
+* a slave runs an :class:`~replication.slave.HAClient` in a reconnect loop and answers
   every write with ``NOT_MASTER`` naming ``master_client`` (:class:`NodeRequestHandler`).
 
 Epochs (``replication.epochs``, the file ``<data_dir>/epochs``): a master with an HA
 port starts a new term on every start, saved before it serves a write; a slave's
-:class:`~replication.ha.HAClient` shares the node's one history object across
+:class:`~replication.slave.HAClient` shares the node's one history object across
 reconnects, so the epochs it adopts or cuts are the ones a later ``promote`` extends.
 A master that a slave proves stale (:attr:`HAService.stale`) refuses writes with
 ``NOT_MASTER``. ``promote`` and ``repoint`` (admin ops) switch roles without a restart;
@@ -35,6 +35,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
+import attrs
 import trio
 
 from cluster.client import TidelogError, open_client
@@ -51,14 +52,9 @@ from cluster.server import (
     Wakeups,
 )
 from replication.epochs import EpochEntry, EpochFile, EpochHistory
-from replication.ha import (
-    DEFAULT_HEARTBEAT_MS,
-    DEFAULT_PEER_TIMEOUT_MS,
-    HAClient,
-    HAProtocolError,
-    HAService,
-)
-from replication.transfer import TransferError
+from replication.master import HAService
+from replication.slave import SlaveReplication
+from replication.state import begin_term
 from storage import MessageStore
 
 __all__ = [
@@ -70,11 +66,6 @@ __all__ = [
     "serve_until_signalled",
 ]
 
-RECONNECT_BACKOFF_MIN = 0.05
-"""First pause of a slave before reconnecting to its master (seconds)."""
-RECONNECT_BACKOFF_MAX = 2.0
-"""The pause doubles per failed attempt up to this, so a master that is down for long
-is not hammered, and one that is back is found within two seconds."""
 TOPIC_SYNC_INTERVAL = 1.0
 """How often a slave fetches the master's topic list (seconds): a topic created on the
 master is pullable from the slave within this, or at once on a pull naming it."""
@@ -124,131 +115,6 @@ class NodeRequestHandler(RequestHandler):
 
 _TOPIC_READS: Final = frozenset({"pull", "get_offsets", "describe_topic"})
 """Reads naming a topic: on a slave, an unknown one triggers a topic sync first."""
-
-
-class SlaveReplication:
-    """A slave's side: follow the master's HA port, reconnecting with backoff, until
-    :meth:`stop` (promotion) or cancellation; :meth:`repoint` switches masters.
-
-    One :class:`HAClient` (and so one epoch history object, the node's) is used for
-    every connection: the history it adopts or cuts is the one the node saves and, on
-    promotion, extends.
-    """
-
-    def __init__(
-        self,
-        store: MessageStore,
-        name: str,
-        master_ha: str,
-        *,
-        history: EpochHistory,
-        epoch_file: EpochFile,
-        heartbeat_ms: float = DEFAULT_HEARTBEAT_MS,
-        peer_timeout_ms: float = DEFAULT_PEER_TIMEOUT_MS,
-        slave_ack: str = "write",
-    ) -> None:
-        self.master_ha = master_ha
-        self.client = HAClient(
-            store,
-            name,
-            history=history,
-            epoch_file=epoch_file,
-            heartbeat_ms=heartbeat_ms,
-            peer_timeout_ms=peer_timeout_ms,
-            slave_ack=slave_ack,
-        )
-        self.connected = False
-        self.reconnects = 0
-        self._attempt = trio.CancelScope()
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
-
-    @property
-    def _address(self) -> tuple[str, int]:
-        host, _, port = self.master_ha.rpartition(":")
-        return host, int(port)
-
-    def repoint(self, master_ha: str) -> None:
-        """Follow ``master_ha`` from now on: the current connection is dropped and the
-        next one (to the new address, at once, no backoff) resumes from the log's end;
-        a divergent tail is cut by the epoch check of that handshake."""
-        self.master_ha = master_ha
-        self._attempt.cancel()
-
-    async def stop(self) -> None:
-        """End the follow loop and wait until it has (no chunk is being applied then)."""
-        self._scope.cancel()
-        await self._done.wait()
-
-    async def run(self) -> None:
-        """Replicate until stopped or cancelled. Each attempt resumes from the store's
-        end (the client says where it stands), so a broken stream loses nothing."""
-        try:
-            with self._scope:
-                await self._follow()
-        finally:
-            self._done.set()
-
-    async def _follow(self) -> None:
-        backoff = RECONNECT_BACKOFF_MIN
-        while True:
-            self.client.master_offset = None
-            self._attempt = trio.CancelScope()
-            try:
-                with self._attempt:
-                    await self._run_once()
-                problem = "master closed the stream"
-            except (OSError, HAProtocolError, TransferError) as exc:
-                problem = repr(exc)
-            self.reconnects += 1
-            if self._attempt.cancelled_caught:
-                log.info("ha_repointed master=%s", self.master_ha)
-                backoff = RECONNECT_BACKOFF_MIN
-                continue
-            if self.client.master_offset is not None:
-                backoff = RECONNECT_BACKOFF_MIN  # it was connected: the next failure is new
-            log.warning(
-                "ha_reconnect master=%s reason=%s in_s=%.2f attempt=%d",
-                self.master_ha,
-                problem,
-                backoff,
-                self.reconnects,
-            )
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
-
-    async def _run_once(self) -> None:
-        try:
-            self.connected = True
-            await self.client.run(*self._address)
-        finally:
-            self.connected = False
-
-    def status(self) -> dict[str, Any]:
-        client = self.client
-        return {
-            "master_ha": self.master_ha,
-            "connected": self.connected and client.master_offset is not None,
-            "acked_offset": client.acked_offset,
-            "master_offset": client.master_offset,
-            "reconnects": self.reconnects,
-            "last_truncation": list(client.last_truncation) if client.last_truncation else None,
-        }
-
-
-def begin_term(history: EpochHistory, log_end: int) -> EpochEntry:
-    """Append this node's new epoch (current + 1, or 1) starting at ``log_end``.
-
-    Epochs recorded past ``log_end`` are dropped first: they name terms whose records
-    this log no longer holds (a crash lost the tail), and an epoch may not start
-    before the one it follows.
-    """
-    history.truncate(log_end + 1)
-    current = history.current
-    history.append(current.epoch + 1 if current is not None else 1, log_end)
-    entry = history.current
-    assert entry is not None
-    return entry
 
 
 class Node:
@@ -367,11 +233,9 @@ class Node:
                 store,
                 config.node.name,
                 replication.master_ha,
+                replication.settings,
                 history=self.history,
                 epoch_file=self.epoch_file,
-                heartbeat_ms=replication.heartbeat_ms,
-                peer_timeout_ms=replication.peer_timeout_ms,
-                slave_ack=replication.slave_ack,
             )
         elif replication.serves_slaves:
             self.ha = self._ha_service(store)
@@ -389,16 +253,7 @@ class Node:
     def _ha_service(self, store: MessageStore) -> HAService:
         """The master's HA endpoint with the ``[replication]`` knobs; one place, so a
         promoted slave serves its slaves exactly as a configured master would."""
-        replication = self.config.replication
-        return HAService(
-            store,
-            history=self.history,
-            use_sendfile=replication.use_sendfile,
-            max_lag_bytes=replication.max_lag_bytes,
-            max_lag_ms=replication.max_lag_ms,
-            heartbeat_ms=replication.heartbeat_ms,
-            peer_timeout_ms=replication.peer_timeout_ms,
-        )
+        return HAService(store, self.config.replication.settings, history=self.history)
 
     def check_writable(self) -> None:
         """Raise ``NOT_MASTER`` unless this node may take writes now.
@@ -568,7 +423,13 @@ class Node:
     def _replication_status(self) -> dict[str, Any] | None:
         """``status.replication``: None for a master without an HA port."""
         if self.slave is not None:
-            return {"role": self.role, "epoch": self.epoch, **self.slave.status()}
+            slave = self.slave.status()
+            return {
+                "role": self.role,
+                "epoch": self.epoch,
+                **attrs.asdict(slave, recurse=False),
+                "last_truncation": list(slave.last_truncation) if slave.last_truncation else None,
+            }
         if isinstance(self.acks, ReplicatedAcks) and self.ha is not None:
             host, port = self.ha_address or (self.config.ha_host, self.config.replication.ha_port)
             current = self.history.current

@@ -19,10 +19,29 @@ import trio
 
 from cluster.protocol import Acks, Status
 from cluster.server.errors import RequestError
-from replication.ha import HAService, lag_status
+from replication.insync import SlaveLag
+from replication.master import HAService, LagReport, lag_status
 from storage import MessageStore
 
 __all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "StandaloneAcks"]
+
+
+def lag_wire(report: LagReport) -> dict[str, list[dict[str, Any]]]:
+    """``in_sync`` and ``out_of_sync`` lists for a status reply: name, ack offset, lag in
+    bytes and in ms (since the slave was last caught up)."""
+
+    def one(lag: SlaveLag) -> dict[str, Any]:
+        return {
+            "name": lag.name,
+            "ack_offset": lag.ack_offset,
+            "lag_bytes": lag.lag_bytes,
+            "lag_ms": round(lag.lag_ms, 1),
+        }
+
+    return {
+        "in_sync": [one(lag) for lag in report.in_sync],
+        "out_of_sync": [one(lag) for lag in report.out_of_sync],
+    }
 
 
 class AckPolicy(Protocol):
@@ -156,7 +175,7 @@ class ReplicatedAcks:
         every connected slave under ``slaves``, and under ``in_sync`` / ``out_of_sync``
         the same slaves split by the in-sync decision, with their lag in bytes and ms."""
         return {
-            **lag_status(self._ha.slave_lags()),
+            **lag_wire(lag_status(self._ha.slave_lags())),
             "min_insync_replicas": self.min_insync_replicas,
             "confirm_offset": self._ha.confirm_offset,
             "slaves": [

@@ -340,6 +340,6 @@ async def test_node_passes_the_knobs_to_its_ha_service(tmp_path: Path) -> None:
     )
     async with MessageStore.open(config.store) as store:
         service = Node(config)._ha_service(store)
-        assert service.use_sendfile is False
+        assert service.settings.use_sendfile is False
         assert (service.insync.max_lag_bytes, service.insync.max_lag_ms) == (4096, 300)
-        assert (service.heartbeat_ms, service.peer_timeout_ms) == (50, 400)
+        assert (service.settings.heartbeat_ms, service.settings.peer_timeout_ms) == (50, 400)

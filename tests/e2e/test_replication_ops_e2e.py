@@ -20,7 +20,9 @@ import trio
 
 from cluster.client import open_client
 from cluster.protocol import Status
-from replication.ha import HAClient, HAService
+from replication.master import HAService
+from replication.settings import ReplicationSettings
+from replication.slave import HAClient
 from storage import Message, MessageStore, StoreConfig
 from tests.conftest import SMALL_SEGMENT
 from tests.e2e.test_replication_e2e import (
@@ -58,7 +60,7 @@ async def _acks_with_flushed(tmp_path: Path, slave_ack: str) -> tuple[list[tuple
         MessageStore.open(_lazy_flush_config(tmp_path / "slave")) as slave,
     ):
         service = HAService(master)
-        client = HAClient(slave, "s1", slave_ack=slave_ack)
+        client = HAClient(slave, "s1", ReplicationSettings(slave_ack=slave_ack))
         seen: list[tuple[int, int]] = []
         send_ack = client._send_ack
 
@@ -90,7 +92,7 @@ async def test_durable_slave_acks_only_what_its_fsync_covers(tmp_path: Path) -> 
 
 def test_unknown_slave_ack_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="slave_ack must be one of write, durable"):
-        HAClient(None, "s1", slave_ack="fsync")  # type: ignore[arg-type]
+        ReplicationSettings(slave_ack="fsync")
 
 
 # ---- real processes ----------------------------------------------------------------------------

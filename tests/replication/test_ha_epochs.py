@@ -11,12 +11,12 @@ import pytest
 import trio
 
 from replication.epochs import EpochEntry, EpochFile, EpochHistory
-from replication.ha import (
+from replication.slave import HAClient
+from replication.wire import (
     EPOCH_ENTRY_SIZE,
     MASTER_HELLO_SIZE,
     MAX_EPOCH_ENTRIES,
     SLAVE_HELLO_FIXED,
-    HAClient,
     HAProtocolError,
     MasterHello,
     SlaveHello,
@@ -154,7 +154,7 @@ async def test_stale_master_refuses_the_newer_slave_and_stops_acknowledging(
         end = old_master.commit_log.max_offset
         slave_history = history((1, 0), (3, 0))  # the slave already follows epoch 3
         async with serving(old_master, history=history((1, 0), (2, 0))) as (service, port, _):
-            assert service.status()["stale"] is None
+            assert service.status().stale is None
             woke: list[bool] = []
             parked = trio.Event()
 
@@ -173,10 +173,9 @@ async def test_stale_master_refuses_the_newer_slave_and_stops_acknowledging(
             assert "master_epoch=2" in service.stale
             assert not await service.wait_replicated(1)  # at once, no deadline needed
             status = service.status()
-            assert status["role"] == "master"
-            assert status["epoch"] == 2
-            assert status["stale"] == service.stale
-            assert status["slaves"] == {}
+            assert status.epoch == 2
+            assert status.stale == service.stale
+            assert status.slaves == {}
             assert service.ack_offsets == {}
         assert slave.commit_log.max_offset == 0  # nothing was streamed
         assert slave_history == history((1, 0), (3, 0))  # nor adopted
@@ -208,13 +207,13 @@ def test_hellos_round_trip_with_and_without_epochs() -> None:
     assert unpack_slave_hello(pack_slave_hello("s", 0)) == SlaveHello("s", 0)
     assert len(pack_slave_hello("s", 0)) == SLAVE_HELLO_FIXED + 1
 
-    master = unpack_master_hello(pack_master_hello(99, full))
-    assert master == MasterHello(99, full.entries)
+    master = unpack_master_hello(pack_master_hello(99, 40, full))
+    assert master == MasterHello(99, 40, full.entries)
     assert master.history == full
     # Without a history the master's hello is exactly its fixed part (what an
     # epoch-unaware reader of MASTER_HELLO_SIZE bytes expects).
-    assert len(pack_master_hello(5)) == MASTER_HELLO_SIZE
-    assert unpack_master_hello(pack_master_hello(5)) == MasterHello(5)
+    assert len(pack_master_hello(5, 5)) == MASTER_HELLO_SIZE
+    assert unpack_master_hello(pack_master_hello(5, 0)) == MasterHello(5, 0)
     assert unpack_epochs(pack_epochs(full), 3) == full.entries
 
 
@@ -251,11 +250,13 @@ def test_malformed_epochs_and_master_hello_are_rejected() -> None:
     with pytest.raises(HAProtocolError, match="out of order"):
         unpack_epochs(backwards, 2)
     with pytest.raises(HAProtocolError, match="shorter"):
-        unpack_master_hello(pack_master_hello(1)[:-1])
+        unpack_master_hello(pack_master_hello(1, 0)[:-1])
     with pytest.raises(HAProtocolError, match="need"):
-        unpack_master_hello(pack_master_hello(1, history((1, 0)))[: -EPOCH_ENTRY_SIZE // 2])
+        unpack_master_hello(pack_master_hello(1, 0, history((1, 0)))[: -EPOCH_ENTRY_SIZE // 2])
+    with pytest.raises(HAProtocolError, match="past its end"):
+        unpack_master_hello(pack_master_hello(1, 2))
     with pytest.raises(HAProtocolError, match="magic"):
-        unpack_master_hello(pack_slave_hello("s", 0)[:MASTER_HELLO_SIZE])
+        unpack_master_hello(pack_slave_hello("s" * 20, 0)[:MASTER_HELLO_SIZE])
     with pytest.raises(ValueError, match="do not fit"):
         pack_epochs(EpochHistory(EpochEntry(e, e) for e in range(MAX_EPOCH_ENTRIES + 1)))
     with pytest.raises(ValueError, match="u32"):

@@ -12,18 +12,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from replication.ha import (
+from replication.master import HAService
+from replication.settings import MAX_CHUNK, ReplicationSettings
+from replication.slave import HAClient
+from replication.transfer import receive_chunk_into, recv_exactly_into
+from replication.wire import (
     ACK_SIZE,
     MASTER_HELLO_SIZE,
-    MAX_CHUNK,
+    Ack,
     AckDecoder,
-    HAClient,
+    AckKind,
     HAProtocolError,
-    HAService,
     pack_ack,
+    pack_refusal,
     pack_slave_hello,
 )
-from replication.transfer import receive_chunk_into, recv_exactly_into
 from storage import Message, MessageStore, StoreConfig
 from tests.conftest import SMALL_SEGMENT
 
@@ -89,7 +92,9 @@ def assert_identical(master: MessageStore, slave: MessageStore) -> None:
 async def serving(
     master: MessageStore, **kwargs: object
 ) -> AsyncIterator[tuple[HAService, int, trio.Nursery]]:
-    service = HAService(master, **kwargs)  # type: ignore[arg-type]
+    history = kwargs.pop("history", None)
+    settings = ReplicationSettings(**kwargs)  # type: ignore[arg-type]
+    service = HAService(master, settings, history=history)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         port = await nursery.start(service.serve, "127.0.0.1", 0)
         yield service, port, nursery
@@ -155,14 +160,14 @@ async def test_slave_restart_resumes_from_its_own_end(tmp_path: Path) -> None:
                     return result
 
                 slave.append_replicated = append_then_stop  # type: ignore[method-assign]
-                client = HAClient(slave, "s1", max_chunk=5000)
+                client = HAClient(slave, "s1", ReplicationSettings(max_chunk=5000))
                 with stop:
                     await client.run("127.0.0.1", port)
                 stopped_at = slave.commit_log.max_offset
                 assert 0 < stopped_at < end
             async with MessageStore.open(slave_config) as slave:
                 assert slave.commit_log.max_offset == stopped_at
-                client = HAClient(slave, "s1", max_chunk=5000)
+                client = HAClient(slave, "s1", ReplicationSettings(max_chunk=5000))
                 nursery.start_soon(client.run, "127.0.0.1", port)
                 assert await replicated(service, end)
                 assert service.ack_offsets == {"s1": end}
@@ -184,12 +189,12 @@ async def test_wait_replicated_times_out_without_slaves(
 
 
 def test_ack_decoder_handles_split_frames_and_rejects_garbage() -> None:
-    stream = pack_ack(7) + pack_ack(1 << 40) + pack_ack(9)
+    stream = pack_ack(7) + pack_ack(1 << 40) + pack_refusal(9)
     decoder = AckDecoder()
     got = []
     for cut in range(0, len(stream), 5):
         got += decoder.feed(stream[cut : cut + 5])
-    assert got == [7, 1 << 40, 9]
+    assert got == [Ack(AckKind.ACK, 7), Ack(AckKind.ACK, 1 << 40), Ack(AckKind.REFUSED, 9)]
     assert decoder.buffered == 0
     assert len(pack_ack(0)) == ACK_SIZE == 16
     with pytest.raises(HAProtocolError):

@@ -20,15 +20,16 @@ import trio.testing
 from cluster.node.acks import ReplicatedAcks
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
-from replication.ha import (
+from replication.master import HAService
+from replication.settings import ReplicationSettings
+from replication.slave import HAClient
+from replication.transfer import recv_exactly_into
+from replication.wire import (
     MASTER_HELLO_SIZE,
-    HAClient,
     HAProtocolError,
-    HAService,
     pack_master_hello,
     pack_slave_hello,
 )
-from replication.transfer import recv_exactly_into
 from storage import MessageStore
 from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
@@ -36,6 +37,9 @@ MAX_LAG_MS = 500
 HEARTBEAT_MS = 100
 PEER_TIMEOUT_MS = 1_000
 DEADLINE = 30.0
+SETTINGS = ReplicationSettings(
+    max_lag_ms=MAX_LAG_MS, heartbeat_ms=HEARTBEAT_MS, peer_timeout_ms=PEER_TIMEOUT_MS
+)
 
 
 @pytest.fixture
@@ -78,12 +82,7 @@ class AlwaysDurable:
 
 @asynccontextmanager
 async def serving(master: MessageStore) -> AsyncIterator[tuple[HAService, int, trio.Nursery]]:
-    service = HAService(
-        master,
-        max_lag_ms=MAX_LAG_MS,
-        heartbeat_ms=HEARTBEAT_MS,
-        peer_timeout_ms=PEER_TIMEOUT_MS,
-    )
+    service = HAService(master, SETTINGS)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(service.serve, "127.0.0.1", 0)
         yield service, port, nursery
@@ -91,7 +90,7 @@ async def serving(master: MessageStore) -> AsyncIterator[tuple[HAService, int, t
 
 
 def client(store: MessageStore, name: str) -> HAClient:
-    return HAClient(store, name, heartbeat_ms=HEARTBEAT_MS, peer_timeout_ms=PEER_TIMEOUT_MS)
+    return HAClient(store, name, SETTINGS)
 
 
 async def until_in_sync(service: HAService, want: set[str]) -> None:
@@ -127,10 +126,10 @@ async def test_paused_slave_drops_out_and_rejoins(
             waited_ms = (trio.current_time() - start) * 1000
             assert MAX_LAG_MS <= waited_ms <= MAX_LAG_MS + HEARTBEAT_MS
             assert service.in_sync_slaves() == {"fast": end}
-            status = service.status()
-            assert [s["name"] for s in status["in_sync"]] == ["fast"]
-            [out] = status["out_of_sync"]
-            assert out["name"] == "slow" and out["lag_bytes"] > 0 and out["lag_ms"] >= MAX_LAG_MS
+            lags = service.status().lags
+            assert [s.name for s in lags.in_sync] == ["fast"]
+            [out] = lags.out_of_sync
+            assert out.name == "slow" and out.lag_bytes > 0 and out.lag_ms >= MAX_LAG_MS
             assert "slow" in service.ack_offsets  # still connected: heartbeats keep it
             with pytest.raises(RequestError) as refused:
                 acks.admit(Acks.REPLICATED)
@@ -148,7 +147,7 @@ async def test_paused_slave_drops_out_and_rejoins(
             await until_in_sync(service, {"fast", "slow"})
             assert await service.wait_replicated(end, trio.current_time() + DEADLINE)
             assert service.in_sync_slaves() == {"fast": end, "slow": end}
-            assert service.status()["out_of_sync"] == []
+            assert service.status().lags.out_of_sync == ()
             acks.admit(Acks.REPLICATED)
             assert_identical(master, slow)
             assert_identical(master, fast)
@@ -211,7 +210,7 @@ async def test_slave_gives_up_a_silent_master(
                 sock, _ = await listener.accept()
                 with sock:
                     await sock.recv(4096)
-                    await sock.send(pack_master_hello(0))
+                    await sock.send(pack_master_hello(0, 0))
                     await trio.sleep_forever()
 
             async with trio.open_nursery() as nursery:

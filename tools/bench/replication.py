@@ -27,8 +27,8 @@ Warm and cold
     own sequential read rate as the floor for those.
 
 Replication lag (:func:`run_lag_bench`)
-    A master store and :class:`~replication.ha.HAService` in this process, an
-    :class:`~replication.ha.HAClient` with its own store in a **separate process**
+    A master store and :class:`~replication.master.HAService` in this process, an
+    :class:`~replication.slave.HAClient` with its own store in a **separate process**
     (``python -m tools.bench.replication lag-slave``), over loopback. A producer appends
     1 KiB messages at a steady ``rate`` (paced on a schedule, not back to back: lag
     under a sustainable load, not queueing under saturation) and a second task
@@ -423,7 +423,7 @@ async def run_lag_bench(
 ) -> dict[str, float]:
     """Append ``message_size`` B messages at ``rate``/s for ``seconds`` on a master with
     one slave process; return the append-to-ack lag percentiles (see module doc)."""
-    from replication.ha import HAService
+    from replication.master import HAService
     from storage import Message, MessageStore
 
     if seconds <= 0 or rate <= 0 or message_size <= 0:
@@ -487,7 +487,8 @@ async def run_lag_bench(
 
 async def lag_slave(port: int, directory: Path) -> None:
     """Child side of the lag bench: a plain HA slave until the master goes away."""
-    from replication.ha import HAClient, HAProtocolError
+    from replication.slave import HAClient
+    from replication.wire import HAProtocolError
     from replication.transfer import TransferError
     from storage import MessageStore
 

@@ -1,0 +1,482 @@
+"""The master's side of replication: one :class:`HAConnection` per slave stream and the
+:class:`HAService` that accepts slaves and keeps the confirm offset.
+
+What the master acknowledges to producers is the *confirm offset*: the smallest ack
+among the *in-sync* slaves (:mod:`replication.insync`), never moving back
+(:func:`replication.state.next_confirm_offset`). Liveness: the master sends an empty
+chunk when idle for ``heartbeat_ms`` and drops a slave silent for ``peer_timeout_ms``.
+The frames are :mod:`replication.wire`'s, the decisions :mod:`replication.state`'s.
+
+Epochs are active when the service is given a non-empty history: a slave whose current
+epoch is newer proves this master stale (:attr:`HAService.stale`, no reply, and
+:meth:`HAService.wait_replicated` answers False from then on); otherwise the master
+streams from what the two histories prove the slave shares
+(:func:`replication.state.stream_start`), which the slave cuts to before the first chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from replication.epochs import EpochHistory, leader_is_stale
+from replication.insync import InSyncSet, SlaveLag
+from replication.settings import ReplicationSettings
+from replication.state import StreamRefused, StreamStart, next_confirm_offset, stream_start
+from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
+from replication.wire import (
+    AckDecoder,
+    AckKind,
+    HAProtocolError,
+    SlaveHello,
+    epochs_text,
+    pack_master_hello,
+    read_slave_hello,
+    send_all,
+    set_no_delay,
+)
+from storage.concurrency import lone_error_unwrapped
+from storage.store import MessageStore
+from storage.waiters import OffsetWaiters
+
+__all__ = ["HAConnection", "HAService", "LagReport", "MasterStatus", "lag_status"]
+
+log = logging.getLogger(__name__)
+
+
+class _StaleMaster(Exception):
+    """Fails the confirm-offset waiters once the master is stale (turned into False)."""
+
+
+@attrs.frozen
+class LagReport:
+    """The connected slaves split by the in-sync decision, each with its lag."""
+
+    in_sync: tuple[SlaveLag, ...]
+    out_of_sync: tuple[SlaveLag, ...]
+
+
+def lag_status(lags: list[SlaveLag]) -> LagReport:
+    """Split ``lags`` (as :meth:`HAService.slave_lags` gives them) by ``in_sync``."""
+    return LagReport(
+        in_sync=tuple(lag for lag in lags if lag.in_sync),
+        out_of_sync=tuple(lag for lag in lags if not lag.in_sync),
+    )
+
+
+@attrs.frozen
+class MasterStatus:
+    """The master's replication state, typed; the node turns it into the wire dict."""
+
+    epoch: int | None
+    epoch_start: int | None
+    log_max_offset: int
+    confirm_offset: int
+    slaves: dict[str, int]
+    lags: LagReport
+    stale: str | None
+
+
+class HAConnection:
+    """The master's end of one slave's stream: sends the log from where the slave stands,
+    reads its acks.
+
+    Invariants: ``ack_offset <= send_offset`` (a slave cannot ack what was not sent; a
+    frame that tries closes the connection) and ``ack_offset`` never moves back. One
+    task (:meth:`_stream`) writes to the socket, one (:meth:`_read_acks`) reads it;
+    both run inside :meth:`run`, and :attr:`cancel_scope` may be cancelled from any
+    task (the service does so when the slave reconnects under the same name).
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        settings: ReplicationSettings,
+        *,
+        history: EpochHistory | None = None,
+        on_hello: Callable[[HAConnection], None] | None = None,
+        on_ack: Callable[[str, int], None] | None = None,
+        on_stale: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.history = history
+        """The master's epoch history (shared with the node, read at each hello); None
+        turns every epoch check off."""
+        self.on_hello = on_hello
+        self.on_ack = on_ack
+        self.on_stale = on_stale
+        """Called with the reason when a slave proves this master stale."""
+        self.name: str | None = None
+        self.send_offset = -1
+        self.ack_offset = -1
+        self.cancel_scope = trio.CancelScope()
+        self._buffer = (
+            None if settings.use_sendfile else bytearray(HEADER_SIZE + settings.max_chunk)
+        )
+
+    async def run(self, sock: trio.socket.SocketType) -> None:
+        """Serve one slave until it goes away or the stream breaks. The caller closes
+        ``sock`` afterwards (a failed chunk send leaves it unusable anyway)."""
+        with self.cancel_scope:
+            hello = await read_slave_hello(sock)
+            end = self.store.commit_log.max_offset
+            stale = self._stale_reason(hello)
+            if stale is not None:
+                # No reply: a stale master must not hand its history to a slave that
+                # already follows a newer one.
+                log.error("ha_refused_stale %s", stale)
+                if self.on_stale is not None:
+                    self.on_stale(stale)
+                return
+            start = self._start(hello, end)
+            self.name = hello.name
+            self.send_offset = self.ack_offset = start.offset
+            # Registered before the reply: once the slave hears back, it counts for the
+            # confirm offset (with what it already holds) and replaced any older connection.
+            if self.on_hello is not None:
+                self.on_hello(self)
+            if self.on_ack is not None:
+                self.on_ack(hello.name, start.offset)
+            await send_all(sock, pack_master_hello(end, start.offset, self.history))
+            log.info(
+                "ha_slave_connected slave=%s slave_offset=%d stream_from=%d master_offset=%d",
+                hello.name,
+                hello.max_offset,
+                start.offset,
+                end,
+            )
+            with lone_error_unwrapped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
+                    await self._stream(sock)
+
+    def _stale_reason(self, hello: SlaveHello) -> str | None:
+        """Why this master is stale, judging by the slave's history; None if it is not
+        (or if this master runs without epochs)."""
+        if self.history is None or not leader_is_stale(hello.history, self.history):
+            return None
+        theirs = hello.epochs[-1]
+        mine = self.history.current
+        return (
+            f"reason=slave_epoch_newer slave={hello.name} slave_epoch={theirs.epoch} "
+            f"slave_epoch_start={theirs.start_offset} "
+            f"master_epoch={mine.epoch if mine is not None else None}"
+        )
+
+    def _start(self, hello: SlaveHello, end: int) -> StreamStart:
+        """Where the stream starts (:func:`replication.state.stream_start`), logged."""
+        history = self.history if self.history is not None else EpochHistory()
+        log_start = self.store.commit_log.min_offset
+        try:
+            start = stream_start(
+                hello.name, hello.history, hello.max_offset, history, log_start, end
+            )
+        except StreamRefused as exc:
+            raise HAProtocolError(str(exc)) from exc
+        if start.resync:
+            raise HAProtocolError(
+                f"slave {hello.name} is at {hello.max_offset}, outside the master's log "
+                f"[{log_start}, {end}]"
+            )
+        if start.diverged:
+            log.warning(
+                "ha_slave_diverged slave=%s slave_offset=%d truncate_to=%d "
+                "slave_epochs=%s master_epochs=%s",
+                hello.name,
+                hello.max_offset,
+                start.offset,
+                epochs_text(hello.epochs),
+                epochs_text(history.entries),
+            )
+        return start
+
+    async def _stream(self, sock: trio.socket.SocketType) -> None:
+        """Send committed bytes forever: one chunk per turn, within one segment and below
+        the log end; park on the dispatcher's arrival event when caught up, and send an
+        empty chunk (the heartbeat) after ``heartbeat_ms`` without one."""
+        settings = self.settings
+        files = self.store.commit_log.files
+        heartbeat_s = settings.heartbeat_ms / 1000
+        poll_s = settings.poll_interval_ms / 1000
+        last_sent = trio.current_time()
+        while True:
+            end = self.store.commit_log.max_offset
+            offset = self.send_offset
+            if offset >= end:
+                idle_until = last_sent + heartbeat_s
+                if trio.current_time() >= idle_until:
+                    # Sent by this task like every chunk: one sender on the socket.
+                    await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+                    last_sent = trio.current_time()
+                    continue
+                with trio.move_on_at(min(idle_until, trio.current_time() + poll_s)):
+                    await self.store.wait_for_arrival()
+                continue
+            segment = files.find(offset)  # at a full segment's end: the next one
+            count = min(segment.end, end, offset + settings.max_chunk) - offset
+            header = ChunkHeader(offset=offset, length=count).pack()
+            await send_file_range(
+                sock,
+                segment.fd,
+                offset - segment.base,
+                count,
+                header,
+                use_sendfile=settings.use_sendfile,
+                max_call=settings.max_chunk,
+                buffer=self._buffer,
+            )
+            self.send_offset = offset + count
+            last_sent = trio.current_time()
+
+    async def _read_acks(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        """Record acks until the slave closes its side (then end the whole connection) or
+        stays silent for ``peer_timeout_ms`` (raise: the slave is gone or stuck). Every
+        frame, a heartbeat repeating the last offset too, reaches ``on_ack``: the
+        in-sync set needs to hear that the slave is alive."""
+        decoder = AckDecoder()
+        timeout_ms = self.settings.peer_timeout_ms
+        while True:
+            data = None
+            with trio.move_on_after(timeout_ms / 1000):
+                data = await sock.recv(4096)
+            if data is None:
+                raise HAProtocolError(
+                    f"slave {self.name} sent nothing for {timeout_ms:.0f} ms "
+                    f"(ack_offset {self.ack_offset}): dropping it"
+                )
+            if not data:
+                if decoder.buffered:
+                    raise HAProtocolError(f"stream ended inside an ack ({decoder.buffered} B)")
+                log.info("ha_slave_closed slave=%s ack_offset=%d", self.name, self.ack_offset)
+                scope.cancel()
+                return
+            for frame in decoder.feed(data):
+                if frame.kind is AckKind.REFUSED:
+                    raise HAProtocolError(
+                        f"slave {self.name} refused the stream at {frame.offset}: it could "
+                        "not apply the bytes sent there (its log says why)"
+                    )
+                self._on_ack_frame(frame.offset)
+
+    def _on_ack_frame(self, offset: int) -> None:
+        if offset > self.send_offset:
+            raise HAProtocolError(
+                f"slave {self.name} acked {offset}, past what was sent ({self.send_offset})"
+            )
+        if offset >= self.ack_offset:
+            self.ack_offset = offset
+            if self.on_ack is not None:
+                assert self.name is not None
+                self.on_ack(self.name, offset)
+
+
+class HAService:
+    """The master's replication endpoint: accepts slaves, one :class:`HAConnection` each,
+    and keeps the confirm offset for producers waiting on replication.
+
+    Invariants: :attr:`confirm_offset` never moves back (asserted at each update); once
+    :attr:`stale` is set it stays and no wait answers True again. A slave name is its
+    identity: a slave that reconnects under the same name replaces its old connection.
+
+    Concurrency: all methods run in the one trio thread. :meth:`serve` runs the
+    listener, one task per connection, the deadline timer and the in-sync watcher (the
+    set changes with time as well as with acks); :meth:`wait_replicated` may be called
+    from any number of tasks, the read-only accessors from anywhere.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        settings: ReplicationSettings | None = None,
+        *,
+        history: EpochHistory | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings = settings if settings is not None else ReplicationSettings()
+        self.insync = InSyncSet(settings.max_lag_bytes, settings.max_lag_ms)
+        self._in_sync_names: frozenset[str] = frozenset()
+        self._membership_changed = trio.Event()
+        self.history = history
+        """This master's epoch history. Pass the node's own object (the one it appends
+        its term to on promotion and saves to the epoch file): each hello reads it.
+        None (the default) serves without any epoch check, as before epochs existed."""
+        self.stale: str | None = None
+        """Why this master is stale (a slave reported a newer epoch), or None. Once set
+        it stays: :meth:`wait_replicated` answers False and the node must step down."""
+        self.ack_offsets: dict[str, int] = {}
+        """Connected slaves' acknowledged log ends, by name (in sync or not)."""
+        self.connections: dict[str, HAConnection] = {}
+        self._confirmed = OffsetWaiters()
+        self._confirmed.advance(0)  # an empty prefix is always replicated
+
+    @property
+    def confirm_offset(self) -> int:
+        """Every byte below it was acknowledged by every slave in sync when it was."""
+        return self._confirmed.position
+
+    def in_sync_slaves(self) -> dict[str, int]:
+        """The in-sync slaves' ack offsets, by name, judged now."""
+        return self.insync.in_sync(self.store.commit_log.max_offset, trio.current_time())
+
+    async def wait_membership_change(self) -> frozenset[str]:
+        """Park until a slave joins or leaves the in-sync set; return the new set's
+        names. Lets a caller (a test, a monitor) react to a change without polling."""
+        await self._membership_changed.wait()
+        return self._in_sync_names
+
+    def slave_lags(self) -> list[SlaveLag]:
+        """Every connected slave's lag in bytes and ms and whether it is in sync."""
+        return self.insync.lags(self.store.commit_log.max_offset, trio.current_time())
+
+    async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
+        """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
+        needs :meth:`serve` running: it runs the deadline timer), and False at once
+        when this master is :attr:`stale` (waits parked before that wake with False):
+        a newer master exists, so what we replicate may be cut on every slave."""
+        if self.stale is not None:
+            await trio.lowlevel.checkpoint()
+            return False
+        try:
+            return await self._confirmed.wait(offset, deadline)
+        except _StaleMaster:
+            return False
+
+    def status(self) -> MasterStatus:
+        """Replication state for ``tidelog status``: epoch, slaves, confirm offset and
+        the stale reason (None while healthy)."""
+        current = self.history.current if self.history is not None else None
+        return MasterStatus(
+            epoch=current.epoch if current is not None else None,
+            epoch_start=current.start_offset if current is not None else None,
+            log_max_offset=self.store.commit_log.max_offset,
+            confirm_offset=self.confirm_offset,
+            slaves=dict(self.ack_offsets),
+            lags=lag_status(self.slave_lags()),
+            stale=self.stale,
+        )
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen and serve slaves until cancelled; ``task_status.started`` gets the bound
+        port (useful with port 0)."""
+        listener = trio.socket.socket()
+        with listener:
+            listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            await listener.bind((host, port))
+            listener.listen()
+            bound = listener.getsockname()[1]
+            log.info("ha_listening host=%s port=%d", host, bound)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._confirmed.expire_deadlines)
+                nursery.start_soon(self._watch_in_sync)
+                task_status.started(bound)
+                while True:
+                    sock, peer = await listener.accept()
+                    nursery.start_soon(self._handle, sock, peer)
+
+    async def _handle(self, sock: trio.socket.SocketType, peer: Any) -> None:
+        connection = HAConnection(
+            self.store,
+            self.settings,
+            history=self.history,
+            on_hello=self._register,
+            on_ack=self._on_ack,
+            on_stale=self._on_stale,
+        )
+        with sock:
+            try:
+                set_no_delay(sock)
+                await connection.run(sock)
+            except (OSError, HAProtocolError, TransferError) as exc:
+                log.warning(
+                    "ha_connection_failed slave=%s peer=%s error=%r", connection.name, peer, exc
+                )
+            except Exception:  # one slave's bug must not take the others' streams down
+                log.exception("ha_connection_crashed slave=%s peer=%s", connection.name, peer)
+            finally:
+                self._unregister(connection)
+
+    def _register(self, connection: HAConnection) -> None:
+        assert connection.name is not None
+        old = self.connections.get(connection.name)
+        if old is not None:
+            log.info("ha_slave_replaced slave=%s", connection.name)
+            old.cancel_scope.cancel()
+        self.connections[connection.name] = connection
+        self.insync.add(
+            connection.name,
+            connection.ack_offset,
+            self.store.commit_log.max_offset,
+            trio.current_time(),
+        )
+
+    def _unregister(self, connection: HAConnection) -> None:
+        name = connection.name
+        if name is not None and self.connections.get(name) is connection:
+            del self.connections[name]
+            del self.ack_offsets[name]
+            self.insync.remove(name)
+            self._update_confirm()
+            log.info("ha_slave_disconnected slave=%s ack_offset=%d", name, connection.ack_offset)
+
+    def _on_stale(self, reason: str) -> None:
+        if self.stale is not None:
+            return
+        self.stale = reason
+        log.error("ha_master_stale %s acks=stopped", reason)
+        self._confirmed.fail(_StaleMaster(reason))
+
+    def _on_ack(self, name: str, offset: int) -> None:
+        self.ack_offsets[name] = offset
+        self.insync.ack(name, offset, self.store.commit_log.max_offset, trio.current_time())
+        self._update_confirm()
+
+    def _update_confirm(self) -> None:
+        """Advance the confirm offset (:func:`~replication.state.next_confirm_offset`) and
+        log membership changes."""
+        in_sync = self.in_sync_slaves()
+        names = frozenset(in_sync)
+        if names != self._in_sync_names:
+            self._log_membership(names, in_sync)
+            self._in_sync_names = names
+            self._membership_changed.set()
+            self._membership_changed = trio.Event()
+        before = self._confirmed.position
+        after = next_confirm_offset(before, in_sync)
+        assert after >= before, f"confirm offset moved back from {before} to {after}"
+        assert after <= self.store.commit_log.max_offset or after == before, (
+            f"confirm offset {after} past the log end {self.store.commit_log.max_offset}"
+        )
+        self._confirmed.advance(after)
+
+    def _log_membership(self, names: frozenset[str], in_sync: dict[str, int]) -> None:
+        for name in sorted(self._in_sync_names - names):
+            if name in self.ack_offsets:
+                lag = next(x for x in self.slave_lags() if x.name == name)
+                log.warning(
+                    "ha_slave_out_of_sync slave=%s ack_offset=%d lag_bytes=%d lag_ms=%.0f",
+                    name,
+                    lag.ack_offset,
+                    lag.lag_bytes,
+                    lag.lag_ms,
+                )
+        for name in sorted(names - self._in_sync_names):
+            log.info("ha_slave_in_sync slave=%s ack_offset=%d", name, in_sync[name])
+
+    async def _watch_in_sync(self) -> None:
+        """Re-judge the set as time passes: dropping a silent laggard is what lets the
+        confirm offset (and the writes waiting on it) move on without it."""
+        while True:
+            await trio.sleep(self.settings.check_interval_s)
+            self._update_confirm()

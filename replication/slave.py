@@ -1,0 +1,365 @@
+"""The slave's side of replication: :class:`HAClient` follows one connection, and
+:class:`SlaveReplication` is the follower's loop that reconnects with backoff, switches
+masters (``repoint``) and stops cleanly (``promote``).
+
+Before the first chunk the slave carries out :func:`replication.state.follow_plan`: it
+cuts a tail the master's history rules out (log first, then history) and then adopts the
+master's newer epochs, each once its log reaches the epoch's start (so its history never
+names a term it holds no place in, and a later promotion appends an epoch that starts at
+or after every adopted one). Liveness: the slave re-sends its ack every
+``heartbeat_ms`` and gives a master silent for ``peer_timeout_ms`` up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from replication.epochs import EpochEntry, EpochFile, EpochHistory, EpochHistoryError
+from replication.settings import ReplicationSettings
+from replication.state import FollowPlan, follow_plan
+from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, receive_chunk_into
+from replication.wire import (
+    HAProtocolError,
+    MasterHello,
+    epochs_text,
+    pack_ack,
+    pack_slave_hello,
+    read_master_hello,
+    send_all,
+    set_no_delay,
+)
+from storage.backoff import Backoff
+from storage.concurrency import lone_error_unwrapped
+from storage.store import MessageStore
+
+__all__ = [
+    "RECONNECT_BACKOFF_MAX_S",
+    "RECONNECT_BACKOFF_MIN_S",
+    "HAClient",
+    "SlaveReplication",
+    "SlaveStatus",
+]
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MIN_S = 0.05
+"""First pause of a slave before reconnecting to its master."""
+RECONNECT_BACKOFF_MAX_S = 2.0
+"""The pause doubles per failed attempt up to this, so a master that is down for long
+is not hammered, and one that is back is found within two seconds."""
+
+
+class HAClient:
+    """The slave's end of one connection: reports its log end, carries out the master's
+    plan, then applies chunks in order and acknowledges its visible end after each.
+    With ``slave_ack="durable"`` the ack follows this slave's fsync of the chunk, so the
+    master's confirm offset never runs past bytes a slave power loss could take back.
+
+    With a ``history`` (the node's epoch history, loaded from ``epoch_file``) the slave
+    takes part in the epoch protocol and saves the history after every change (without
+    a file it only changes in memory). Without one it behaves as before epochs.
+
+    Invariants: :attr:`acked_offset` never passes the end of what was received and
+    applied (asserted per chunk) and never moves back within a connection. One
+    :meth:`run` at a time; the attributes are read by the node's status from any task.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        name: str,
+        settings: ReplicationSettings | None = None,
+        *,
+        history: EpochHistory | None = None,
+        epoch_file: EpochFile | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.settings = settings if settings is not None else ReplicationSettings()
+        self.history = history
+        self.epoch_file = epoch_file
+        self.master_offset: int | None = None
+        """The master's log end when it answered the hello."""
+        self.master_history: EpochHistory | None = None
+        """The master's history from its hello."""
+        self.acked_offset = -1
+        self.last_truncation: tuple[int, int] | None = None
+        """(old end, new end) of the last divergent tail this client cut, or None."""
+        self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
+        self._ack_lock = trio.Lock()
+        """Acks come from the apply loop and the heartbeat task: one frame at a time."""
+
+    async def _send_ack(self, sock: trio.socket.SocketType, offset: int) -> None:
+        async with self._ack_lock:
+            await send_all(sock, pack_ack(offset))
+
+    async def _heartbeat(self, sock: trio.socket.SocketType) -> None:
+        """Repeat the current ack every ``heartbeat_ms``, whatever the apply loop does:
+        a slave stuck applying still says where it stands, and the master's in-sync
+        set (not its peer timeout) decides what that lag means."""
+        while True:
+            await trio.sleep(self.settings.heartbeat_ms / 1000)
+            await self._send_ack(sock, self.acked_offset)
+
+    async def _receive(self, sock: trio.socket.SocketType, view: memoryview) -> ChunkHeader | None:
+        """The next chunk, or None at a clean end; :class:`HAProtocolError` when the
+        master sent nothing, not even a heartbeat, for ``peer_timeout_ms``."""
+        timeout_ms = self.settings.peer_timeout_ms
+        with trio.move_on_after(timeout_ms / 1000):
+            return await receive_chunk_into(sock, view)
+        raise HAProtocolError(
+            f"master sent nothing for {timeout_ms:.0f} ms (slave {self.name} at "
+            f"{self.acked_offset}): reconnecting"
+        )
+
+    async def run(self, host: str, port: int) -> None:
+        """Replicate until the master closes the stream (returns) or it breaks (raises).
+        Reconnecting is the caller's loop: each run starts from the store's current end.
+        A divergent tail is cut inside the run, with no reconnect."""
+        sock = trio.socket.socket()
+        with sock:
+            await sock.connect((host, port))
+            set_no_delay(sock)
+            end = self.store.commit_log.max_offset
+            await send_all(sock, pack_slave_hello(self.name, end, self.history))
+            timeout_ms = self.settings.peer_timeout_ms
+            with trio.move_on_after(timeout_ms / 1000) as hello_wait:
+                master = await read_master_hello(sock)
+            if hello_wait.cancelled_caught:
+                raise HAProtocolError(f"master did not answer the hello within {timeout_ms:.0f} ms")
+            self.master_offset = master.max_offset
+            self.master_history = master.history
+            start, pending = await self._carry_out(self._plan(master, end), end)
+            self.acked_offset = start
+            log.info(
+                "ha_connected slave=%s slave_offset=%d master_offset=%d",
+                self.name,
+                start,
+                self.master_offset,
+            )
+            with lone_error_unwrapped():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, sock)
+                    await self._apply(sock, pending)
+                    nursery.cancel_scope.cancel()
+
+    def _plan(self, master: MasterHello, end: int) -> FollowPlan:
+        try:
+            return follow_plan(
+                self.history, end, master.history, master.max_offset, master.stream_from
+            )
+        except ValueError as exc:
+            raise HAProtocolError(str(exc)) from exc
+
+    async def _carry_out(self, plan: FollowPlan, end: int) -> tuple[int, list[EpochEntry]]:
+        """Cut (or refuse a restart), adopt what the log already reaches; return the
+        start and the epochs still pending."""
+        if plan.restart:
+            raise HAProtocolError(
+                f"slave {self.name} is at {end}, behind the master's log which starts at "
+                f"{plan.start}: it must be re-seeded"
+            )
+        if plan.cut_to is not None:
+            await self._cut_divergent_tail(end, plan.cut_to)
+        pending = list(plan.adopt)
+        await self._adopt_epochs(pending, plan.start)
+        return plan.start, pending
+
+    async def _apply(self, sock: trio.socket.SocketType, pending: list[EpochEntry]) -> None:
+        """Apply chunks and ack each advance until the master closes the stream."""
+        view = memoryview(self._buffer)
+        while True:
+            header = await self._receive(sock, view)
+            if header is None:
+                log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
+                return
+            if header.length == 0:  # the master's heartbeat: it is alive, nothing to apply
+                continue
+            end = await self.store.append_replicated(header.offset, view[: header.length])
+            assert end <= header.offset + header.length, (
+                f"applied up to {end}, past the received {header.offset + header.length}"
+            )
+            if pending:
+                await self._adopt_epochs(pending, end)
+            if end > self.acked_offset:
+                if self.settings.slave_ack == "durable":
+                    # Before acked_offset moves: the heartbeat task re-sends it too.
+                    # flush() covers everything written so far, so end is on disk after.
+                    await self.store.commit_log.flush()
+                self.acked_offset = end
+                await self._send_ack(sock, end)
+
+    async def _cut_divergent_tail(self, end: int, point: int) -> None:
+        """Cut the log and history to ``point`` (where they stop agreeing with the
+        master's, by the plan both ends computed)."""
+        old_epochs = self.history.entries if self.history is not None else ()
+        if point < end:
+            await self.store.truncate(point)
+        new_end = self.store.commit_log.max_offset
+        if new_end != point:
+            raise HAProtocolError(f"truncating at {point} left the log ending at {new_end}")
+        # Log first, then history: a crash in between leaves epochs past the log end,
+        # which divergence_point clamps to the end (the reverse could keep a bad tail
+        # tagged with an epoch it does not belong to).
+        if self.history is not None:
+            self.history.truncate(point)
+            await self._save_history()
+        if point == end:
+            return
+        self.last_truncation = (end, point)
+        log.warning(
+            "ha_slave_truncated slave=%s old_end=%d new_end=%d dropped_bytes=%d "
+            "old_epochs=%s kept_epochs=%s master_epochs=%s",
+            self.name,
+            end,
+            point,
+            end - point,
+            epochs_text(old_epochs),
+            epochs_text(self.history.entries if self.history is not None else ()),
+            epochs_text(self.master_history.entries if self.master_history else ()),
+        )
+
+    async def _adopt_epochs(self, pending: list[EpochEntry], end: int) -> None:
+        """Append (and save) the pending epochs that start at or below ``end``, removing
+        them from ``pending``: an epoch is adopted once the log reaches where it starts,
+        so a promotion of this node appends an epoch starting after all of them."""
+        if self.history is None:
+            return
+        adopted = 0
+        while adopted < len(pending) and pending[adopted].start_offset <= end:
+            entry = pending[adopted]
+            try:
+                self.history.append(entry.epoch, entry.start_offset)
+            except EpochHistoryError as exc:
+                raise HAProtocolError(f"cannot adopt the master's epoch: {exc}") from exc
+            adopted += 1
+        if adopted:
+            del pending[:adopted]
+            await self._save_history()
+            log.info(
+                "ha_epochs_adopted slave=%s log_end=%d epochs=%s",
+                self.name,
+                end,
+                epochs_text(self.history.entries),
+            )
+
+    async def _save_history(self) -> None:
+        if self.epoch_file is not None and self.history is not None:
+            snapshot = EpochHistory(self.history.entries)
+            await trio.to_thread.run_sync(self.epoch_file.save, snapshot)
+
+
+@attrs.frozen
+class SlaveStatus:
+    """A slave's replication state, typed; the node turns it into the wire dict."""
+
+    master_ha: str
+    connected: bool
+    acked_offset: int
+    master_offset: int | None
+    reconnects: int
+    last_truncation: tuple[int, int] | None
+
+
+class SlaveReplication:
+    """The follower: follow the master's HA port, reconnecting with backoff, until
+    :meth:`stop` (promotion) or cancellation; :meth:`repoint` switches masters.
+
+    One :class:`HAClient` (and so one epoch history object, the node's) is used for
+    every connection: the history it adopts or cuts is the one the node saves and, on
+    promotion, extends. :meth:`run` runs in one task; :meth:`repoint`, :meth:`stop` and
+    :meth:`status` may be called from any other task of the same trio loop.
+    """
+
+    def __init__(
+        self,
+        store: MessageStore,
+        name: str,
+        master_ha: str,
+        settings: ReplicationSettings,
+        *,
+        history: EpochHistory,
+        epoch_file: EpochFile,
+    ) -> None:
+        self.master_ha = master_ha
+        self.client = HAClient(store, name, settings, history=history, epoch_file=epoch_file)
+        self.connected = False
+        self.reconnects = 0
+        self._attempt = trio.CancelScope()
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+
+    @property
+    def _address(self) -> tuple[str, int]:
+        host, _, port = self.master_ha.rpartition(":")
+        return host, int(port)
+
+    def repoint(self, master_ha: str) -> None:
+        """Follow ``master_ha`` from now on: the current connection is dropped and the
+        next one (to the new address, at once, no backoff) resumes from the log's end;
+        a divergent tail is cut by the epoch check of that handshake."""
+        self.master_ha = master_ha
+        self._attempt.cancel()
+
+    async def stop(self) -> None:
+        """End the follow loop and wait until it has (no chunk is being applied then)."""
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def run(self) -> None:
+        """Replicate until stopped or cancelled. Each attempt resumes from the store's
+        end (the client says where it stands), so a broken stream loses nothing."""
+        try:
+            with self._scope:
+                await self._follow()
+        finally:
+            self._done.set()
+
+    async def _follow(self) -> None:
+        backoff = Backoff(RECONNECT_BACKOFF_MIN_S, RECONNECT_BACKOFF_MAX_S)
+        while True:
+            self.client.master_offset = None
+            self._attempt = trio.CancelScope()
+            try:
+                with self._attempt:
+                    await self._run_once()
+                problem = "master closed the stream"
+            except (OSError, HAProtocolError, TransferError) as exc:
+                problem = repr(exc)
+            self.reconnects += 1
+            if self._attempt.cancelled_caught:
+                log.info("ha_repointed master=%s", self.master_ha)
+                backoff.reset()
+                continue
+            if self.client.master_offset is not None:
+                backoff.reset()  # it was connected: the next failure is new
+            delay_s = backoff.next_delay_s()
+            log.warning(
+                "ha_reconnect master=%s reason=%s in_s=%.2f attempt=%d",
+                self.master_ha,
+                problem,
+                delay_s,
+                self.reconnects,
+            )
+            await trio.sleep(delay_s)
+
+    async def _run_once(self) -> None:
+        try:
+            self.connected = True
+            await self.client.run(*self._address)
+        finally:
+            self.connected = False
+
+    def status(self) -> SlaveStatus:
+        client = self.client
+        return SlaveStatus(
+            master_ha=self.master_ha,
+            connected=self.connected and client.master_offset is not None,
+            acked_offset=client.acked_offset,
+            master_offset=client.master_offset,
+            reconnects=self.reconnects,
+            last_truncation=client.last_truncation,
+        )

@@ -1,0 +1,359 @@
+"""The HA frames on the wire (sans-IO codecs plus the thin socket readers that use them).
+
+One connection per slave, in order (see ``docs/protocol.md`` for the byte layouts):
+
+1. slave -> master: a *slave hello*: magic, version, the slave's log end, its name and
+   its epoch history (count, then u32 epoch + u64 start offset per entry).
+2. master -> slave: a *master hello*: magic, version, the master's log end, where the
+   stream starts (``stream_from``, the master's one decision, see
+   :func:`replication.state.stream_start`) and the master's epoch history.
+3. master -> slave: chunks (:mod:`replication.transfer`), one range of one segment each.
+   A chunk with :data:`CHUNK_CONFIRM` in its flags carries no data: its offset is the
+   master's confirm offset. An empty chunk without flags is the master's heartbeat.
+4. slave -> master: 16-byte *ack* frames carrying the slave's visible log end, or a
+   *refusal* (:data:`ACK_REFUSED`): the slave could not apply what it was sent and
+   closes; the master logs why and drops the connection.
+
+There is one parse path per frame: the socket readers (:func:`read_slave_hello`,
+:func:`read_master_hello`) read the fixed part, ask the codec how many bytes follow,
+read those and hand the whole frame to the same ``unpack_*`` function the tests call.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+import attrs
+import trio
+
+from replication.epochs import EpochEntry, EpochHistory, EpochHistoryError
+from replication.transfer import recv_exactly_into
+
+__all__ = [
+    "ACK_SIZE",
+    "CHUNK_CONFIRM",
+    "EPOCH_ENTRY_SIZE",
+    "HA_VERSION",
+    "MASTER_HELLO_SIZE",
+    "MAX_EPOCH_ENTRIES",
+    "SLAVE_HELLO_FIXED",
+    "Ack",
+    "AckDecoder",
+    "AckKind",
+    "HAProtocolError",
+    "MasterHello",
+    "SlaveHello",
+    "epochs_text",
+    "master_hello_remaining",
+    "pack_ack",
+    "pack_epochs",
+    "pack_master_hello",
+    "pack_refusal",
+    "pack_slave_hello",
+    "read_master_hello",
+    "read_slave_hello",
+    "send_all",
+    "set_no_delay",
+    "slave_hello_remaining",
+    "unpack_epochs",
+    "unpack_master_hello",
+    "unpack_slave_hello",
+]
+
+HA_VERSION: Final = 3
+"""2: the hellos carry epoch histories. 3: the master's hello names where the stream
+starts, acks may be refusals, and confirm-offset chunks exist."""
+SLAVE_HELLO_MAGIC: Final = 0x544C4853  # "TLHS": tidelog hello from a slave
+MASTER_HELLO_MAGIC: Final = 0x544C484D  # "TLHM": tidelog hello from the master
+ACK_MAGIC: Final = 0x544C4841  # "TLHA": tidelog HA ack
+
+_SLAVE_HELLO = struct.Struct("!IHHQHH")
+"""magic u32, version u16, reserved u16, slave log end u64, name length u16, epoch count
+u16; then the name, then the epoch entries."""
+_MASTER_HELLO = struct.Struct("!IHHQQH")
+"""magic u32, version u16, reserved u16, master log end u64, stream start u64, epoch
+count u16; then the epoch entries."""
+_EPOCH_ENTRY = struct.Struct("!IQ")
+"""epoch u32, start offset u64 (the epoch file's field widths)."""
+_ACK = struct.Struct("!IHHQ")
+"""magic u32, version u16, kind u16, offset u64: 16 bytes."""
+
+SLAVE_HELLO_FIXED: Final = _SLAVE_HELLO.size
+MASTER_HELLO_SIZE: Final = _MASTER_HELLO.size
+"""The fixed part of the master's hello: all of it when the master has no history."""
+EPOCH_ENTRY_SIZE: Final = _EPOCH_ENTRY.size
+ACK_SIZE: Final = _ACK.size
+MAX_NAME: Final = 255
+MAX_EPOCH_ENTRIES: Final = 4096
+"""Bound on a hello's history (48 KiB of entries): a peer cannot make us allocate more.
+A history only grows by one entry per master election, so this is decades of them."""
+
+CHUNK_CONFIRM: Final = 0x0001
+"""Chunk flag: no data follows; the header's offset is the master's confirm offset."""
+
+
+class HAProtocolError(Exception):
+    """The peer sent something that is not this protocol (or not this version): close."""
+
+
+class AckKind(enum.IntEnum):
+    """What a slave's 16-byte frame says about its offset."""
+
+    ACK = 0
+    """The slave's visible log ends at the offset (also sent as its heartbeat)."""
+    REFUSED = 1
+    """The slave could not apply the bytes sent at the offset and closes the stream."""
+
+
+ACK_REFUSED: Final = AckKind.REFUSED
+
+
+@attrs.frozen
+class Ack:
+    kind: AckKind
+    offset: int
+
+
+@attrs.frozen
+class SlaveHello:
+    name: str
+    max_offset: int
+    epochs: tuple[EpochEntry, ...] = ()
+    """The slave's epoch history, oldest first (empty for an epoch-unaware slave)."""
+
+    @property
+    def history(self) -> EpochHistory:
+        return EpochHistory(self.epochs)
+
+
+@attrs.frozen
+class MasterHello:
+    max_offset: int
+    stream_from: int
+    """Where the master's first chunk starts: the slave's end, lower when the slave's tail
+    diverged (the slave cuts there), higher when the slave is behind the master's log
+    start (the slave restarts its log there)."""
+    epochs: tuple[EpochEntry, ...] = ()
+    """The master's epoch history, oldest first (empty for an epoch-unaware master)."""
+
+    @property
+    def history(self) -> EpochHistory:
+        return EpochHistory(self.epochs)
+
+
+def epochs_text(entries: tuple[EpochEntry, ...]) -> str:
+    """``1@0,2@150``: a history as one log field."""
+    return ",".join(f"{e.epoch}@{e.start_offset}" for e in entries) or "-"
+
+
+def _check_magic(magic: int, version: int, want: int, what: str) -> None:
+    if magic != want:
+        raise HAProtocolError(f"bad {what} magic {magic:#010x} (want {want:#010x})")
+    if version != HA_VERSION:
+        raise HAProtocolError(
+            f"unsupported {what} version {version} (want {HA_VERSION}): run the same "
+            "tidelog version on master and slaves"
+        )
+
+
+def _check_epoch_count(count: int, what: str) -> None:
+    if count > MAX_EPOCH_ENTRIES:
+        raise HAProtocolError(f"{what} carries {count} epochs, more than {MAX_EPOCH_ENTRIES}")
+
+
+def pack_epochs(history: EpochHistory | None) -> bytes:
+    """The entries of ``history`` as a hello carries them (nothing for None)."""
+    if history is None:
+        return b""
+    if len(history) > MAX_EPOCH_ENTRIES:
+        raise ValueError(f"{len(history)} epochs do not fit a hello (max {MAX_EPOCH_ENTRIES})")
+    try:
+        return b"".join(_EPOCH_ENTRY.pack(e.epoch, e.start_offset) for e in history.entries)
+    except struct.error as exc:
+        raise ValueError(f"an epoch entry does not fit u32 epoch / u64 offset: {exc}") from exc
+
+
+def unpack_epochs(data: bytes | bytearray | memoryview, count: int) -> tuple[EpochEntry, ...]:
+    """Parse ``count`` entries that must fill ``data`` exactly and form a valid history
+    (epochs increasing, starts not decreasing): a peer's history we cannot trust must
+    not decide what the slave deletes."""
+    _check_epoch_count(count, "hello")
+    if len(data) != count * EPOCH_ENTRY_SIZE:
+        raise HAProtocolError(
+            f"{count} epochs need {count * EPOCH_ENTRY_SIZE} bytes, got {len(data)}"
+        )
+    entries = tuple(EpochEntry(*fields) for fields in _EPOCH_ENTRY.iter_unpack(data))
+    try:
+        EpochHistory(entries)
+    except EpochHistoryError as exc:
+        raise HAProtocolError(f"epoch history out of order: {exc}") from exc
+    return entries
+
+
+# ---- slave hello ------------------------------------------------------------------------------
+
+
+def pack_slave_hello(name: str, max_offset: int, history: EpochHistory | None = None) -> bytes:
+    raw = name.encode()
+    if not 0 < len(raw) <= MAX_NAME:
+        raise ValueError(f"slave name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
+    epochs = pack_epochs(history)
+    count = len(epochs) // EPOCH_ENTRY_SIZE
+    fixed = _SLAVE_HELLO.pack(SLAVE_HELLO_MAGIC, HA_VERSION, 0, max_offset, len(raw), count)
+    return fixed + raw + epochs
+
+
+def _slave_hello_fields(fixed: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """(slave log end, name length, epoch count) of a slave hello's checked fixed part."""
+    magic, version, _reserved, max_offset, name_len, count = _SLAVE_HELLO.unpack(fixed)
+    _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave hello")
+    if not 0 < name_len <= MAX_NAME:
+        raise HAProtocolError(f"slave name length {name_len} outside 1..{MAX_NAME}")
+    _check_epoch_count(count, "slave hello")
+    return max_offset, name_len, count
+
+
+def slave_hello_remaining(fixed: bytes | bytearray | memoryview) -> int:
+    """How many bytes follow the fixed part ``fixed`` of a slave hello (checks it)."""
+    _max_offset, name_len, count = _slave_hello_fields(fixed)
+    return name_len + count * EPOCH_ENTRY_SIZE
+
+
+def unpack_slave_hello(data: bytes | bytearray | memoryview) -> SlaveHello:
+    """Parse a whole slave hello, which must be exactly ``data``."""
+    view = memoryview(data)
+    if len(view) < SLAVE_HELLO_FIXED:
+        raise HAProtocolError(f"slave hello of {len(view)} B is shorter than its fixed part")
+    max_offset, name_len, count = _slave_hello_fields(view[:SLAVE_HELLO_FIXED])
+    name_end = SLAVE_HELLO_FIXED + name_len
+    if len(view) < name_end:
+        raise HAProtocolError(f"slave hello of {len(view)} B ends inside the name")
+    try:
+        name = bytes(view[SLAVE_HELLO_FIXED:name_end]).decode()
+    except UnicodeDecodeError as exc:
+        raise HAProtocolError(f"slave name is not UTF-8: {exc}") from exc
+    return SlaveHello(name, max_offset, unpack_epochs(view[name_end:], count))
+
+
+# ---- master hello -----------------------------------------------------------------------------
+
+
+def pack_master_hello(
+    max_offset: int, stream_from: int, history: EpochHistory | None = None
+) -> bytes:
+    epochs = pack_epochs(history)
+    count = len(epochs) // EPOCH_ENTRY_SIZE
+    fixed = _MASTER_HELLO.pack(MASTER_HELLO_MAGIC, HA_VERSION, 0, max_offset, stream_from, count)
+    return fixed + epochs
+
+
+def _master_hello_fields(fixed: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    magic, version, _reserved, max_offset, stream_from, count = _MASTER_HELLO.unpack(fixed)
+    _check_magic(magic, version, MASTER_HELLO_MAGIC, "master hello")
+    _check_epoch_count(count, "master hello")
+    if stream_from > max_offset:
+        raise HAProtocolError(f"master hello streams from {stream_from}, past its end {max_offset}")
+    return max_offset, stream_from, count
+
+
+def master_hello_remaining(fixed: bytes | bytearray | memoryview) -> int:
+    """How many bytes follow the fixed part ``fixed`` of a master hello (checks it)."""
+    _max_offset, _stream_from, count = _master_hello_fields(fixed)
+    return count * EPOCH_ENTRY_SIZE
+
+
+def unpack_master_hello(data: bytes | bytearray | memoryview) -> MasterHello:
+    """Parse a whole master hello, which must be exactly ``data``."""
+    view = memoryview(data)
+    if len(view) < MASTER_HELLO_SIZE:
+        raise HAProtocolError(f"master hello of {len(view)} B is shorter than its fixed part")
+    max_offset, stream_from, count = _master_hello_fields(view[:MASTER_HELLO_SIZE])
+    return MasterHello(max_offset, stream_from, unpack_epochs(view[MASTER_HELLO_SIZE:], count))
+
+
+# ---- acks -------------------------------------------------------------------------------------
+
+
+def pack_ack(offset: int) -> bytes:
+    return _ACK.pack(ACK_MAGIC, HA_VERSION, AckKind.ACK, offset)
+
+
+def pack_refusal(offset: int) -> bytes:
+    """The slave's last word: it could not apply the chunk at ``offset`` and closes."""
+    return _ACK.pack(ACK_MAGIC, HA_VERSION, AckKind.REFUSED, offset)
+
+
+class AckDecoder:
+    """Turn the slave's byte stream into :class:`Ack` frames, whatever the read boundaries
+    are. One reader task owns an instance."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Ack]:
+        """Add received bytes; return the frames they completed, in order."""
+        self._pending += data
+        frames = []
+        whole = len(self._pending) - len(self._pending) % ACK_SIZE
+        for start in range(0, whole, ACK_SIZE):
+            magic, version, kind, offset = _ACK.unpack_from(self._pending, start)
+            _check_magic(magic, version, ACK_MAGIC, "ack")
+            try:
+                frames.append(Ack(AckKind(kind), offset))
+            except ValueError:
+                raise HAProtocolError(f"unknown ack kind {kind}") from None
+        del self._pending[:whole]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back (non-zero at EOF means a torn frame)."""
+        return len(self._pending)
+
+
+# ---- socket readers (thin: the codecs above decide) -------------------------------------------
+
+
+async def recv_exactly(sock: trio.socket.SocketType, size: int, what: str) -> bytearray:
+    """``size`` bytes, or :class:`HAProtocolError` naming ``what`` if the stream ends."""
+    buf = bytearray(size)
+    got = await recv_exactly_into(sock, memoryview(buf))
+    if got < size:
+        raise HAProtocolError(f"stream ended after {got} of {size} bytes of the {what}")
+    return buf
+
+
+async def read_slave_hello(sock: trio.socket.SocketType) -> SlaveHello:
+    fixed = await recv_exactly(sock, SLAVE_HELLO_FIXED, "slave hello")
+    rest = await recv_exactly(sock, slave_hello_remaining(fixed), "slave hello")
+    return unpack_slave_hello(fixed + rest)
+
+
+async def read_master_hello(sock: trio.socket.SocketType) -> MasterHello:
+    fixed = bytearray(MASTER_HELLO_SIZE)
+    got = await recv_exactly_into(sock, memoryview(fixed))
+    if got == 0:
+        raise HAProtocolError(
+            "master closed the connection instead of answering the hello: it refused "
+            "this slave (stale master or unverifiable log; its log says which)"
+        )
+    if got < MASTER_HELLO_SIZE:
+        raise HAProtocolError(f"stream ended after {got} of the master hello's bytes")
+    rest = await recv_exactly(sock, master_hello_remaining(fixed), "master epochs")
+    return unpack_master_hello(fixed + rest)
+
+
+def set_no_delay(sock: trio.socket.SocketType) -> None:
+    """Turn Nagle off: acks and heartbeats are 16-byte frames often sent while the
+    previous one is unacknowledged, which Nagle would hold back until the peer's
+    (delayed) ACK. Chunk headers are still coalesced with their data by ``MSG_MORE``."""
+    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
