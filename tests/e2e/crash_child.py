@@ -7,12 +7,17 @@ per message, ``ACK <seq> <offset> <queue_offset>``. A printed line is a promise:
 record is on disk. Everything about message ``seq`` (topic, queue, body, properties)
 follows from ``seq`` alone (:func:`message_for`), so the parent can check every record
 of the log without being told more.
+
+``python tests/crash_child.py --cut DATA_DIR SEGMENT_SIZE truncate|restart OFFSET STEP``
+instead cuts the log and kills itself at a step of the cut (:func:`cut_and_die`).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +91,27 @@ async def main(data_dir: Path, segment_size: int, first_seq: int, writers: int) 
                 nursery.start_soon(writer, store, seqs, random.Random(first_seq + index))
 
 
+async def cut_and_die(data_dir: Path, segment_size: int, kind: str, offset: int, step: str) -> None:
+    """Truncate the log at (or restart it at) ``offset`` and SIGKILL this process when the
+    cut reaches ``step``: how tests/e2e/test_crash.py proves every step crash-safe."""
+
+    def die_at(reached: str) -> None:
+        if reached == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async with MessageStore.open(config_for(data_dir, segment_size)) as store:
+        store.after_cut_step = die_at
+        if kind == "truncate":
+            await store.truncate(offset)
+        else:
+            await store.restart_log_at(offset)
+    print("CUT_DONE", flush=True)  # the step was never reached: the parent fails on this
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--cut":
+        data_dir, segment_size, kind, offset, step = sys.argv[2:]
+        trio.run(cut_and_die, Path(data_dir), int(segment_size), kind, int(offset), step)
+        sys.exit(0)
     data_dir, segment_size, first_seq, *rest = sys.argv[1:]
     trio.run(main, Path(data_dir), int(segment_size), int(first_seq), int(rest[0]) if rest else 6)

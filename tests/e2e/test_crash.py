@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import attrs
+import pytest
 import trio
 from crash_child import config_for, message_for
 
@@ -295,3 +296,90 @@ def test_sigkill_then_torn_tail(tmp_path: Path) -> None:
         checked, report = trio.run(check_store, config, acks)
         assert report.log_end == checked.log_end == cut, (report, cut)
         assert not report.durable_lost, report
+
+
+# ---- a kill at each step of a cut --------------------------------------------------------------
+
+CUT_STEPS = ("intent_saved", "log_cut", "queues_cut", "checkpoint_saved")
+
+
+async def write_log(config: StoreConfig, count: int) -> list[tuple[int, int, int, bytes]]:
+    """Write ``count`` messages and close cleanly; return (offset, end, queue offset, body)."""
+    async with MessageStore.open(config) as store:
+        for seq in range(count):
+            await store.put(message_for(seq))
+        records = []
+        for record in store.commit_log.scan(store.commit_log.min_offset):
+            records.append(
+                (record.physical_offset, record.end_offset, record.queue_offset, bytes(record.body))
+            )
+            record.release()
+        return records
+
+
+async def log_after_recovery(
+    config: StoreConfig,
+) -> tuple[int, int, list[tuple[int, int, int, bytes]], RecoveryReport]:
+    async with MessageStore.open(config) as store:
+        records = []
+        for record in store.commit_log.scan(store.commit_log.min_offset):
+            records.append(
+                (record.physical_offset, record.end_offset, record.queue_offset, bytes(record.body))
+            )
+            record.release()
+        for key, queue in store.queues.queues.items():  # every entry points at its record
+            for _q, offset, size, _tags in queue.entries(queue.min_offset, 1 << 30):
+                assert offset + size <= store.max_offset, key
+                assert store.read(offset).topic == key[0]
+        return store.min_offset, store.max_offset, records, store.recovery
+
+
+def kill_during_cut(config: StoreConfig, kind: str, offset: int, step: str) -> None:
+    stderr_path = config.data_dir.parent / f"cut-{step}.stderr"
+    with stderr_path.open("wb") as stderr:
+        child = subprocess.run(
+            [
+                sys.executable,
+                str(CHILD),
+                "--cut",
+                str(config.data_dir),
+                str(SEGMENT),
+                kind,
+                str(offset),
+                step,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            timeout=LINE_TIMEOUT,
+            check=False,
+        )
+    assert child.returncode == -signal.SIGKILL, (
+        child.stdout,
+        stderr_path.read_text(errors="replace")[-4000:],
+    )
+
+
+@pytest.mark.parametrize("step", CUT_STEPS)
+def test_sigkill_at_each_step_of_a_truncation(tmp_path: Path, step: str) -> None:
+    config = config_for(tmp_path / "store", SEGMENT)
+    records = trio.run(write_log, config, 700)
+    assert records[-1][1] > 4 * SEGMENT, "the cut must delete several segments"
+    cut = records[len(records) // 4][0]
+    kill_during_cut(config, "truncate", cut, step)
+    start, end, kept, report = trio.run(log_after_recovery, config)
+    assert (start, end) == (0, cut)
+    assert kept == [r for r in records if r[0] < cut]
+    assert not report.durable_lost, report
+    assert not config.cut_intent_path.exists()
+
+
+@pytest.mark.parametrize("step", CUT_STEPS)
+def test_sigkill_at_each_step_of_a_log_restart(tmp_path: Path, step: str) -> None:
+    config = config_for(tmp_path / "store", SEGMENT)
+    trio.run(write_log, config, 200)
+    start_at = 9 * SEGMENT
+    kill_during_cut(config, "restart", start_at, step)
+    start, end, kept, report = trio.run(log_after_recovery, config)
+    assert (start, end, kept) == (start_at, start_at, [])
+    assert not report.durable_lost, report
+    assert not config.cut_intent_path.exists()

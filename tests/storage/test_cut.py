@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import attrs
 import pytest
 
 from storage import Message, MessageStore, StoreConfig
 from storage.cut import CutIntent, CutKind, load_cut_intent
-from storage.mapped_file import segment_name
+from storage.mapped_file import MappedFile, segment_name
+from storage.mapped_file_queue import MappedFileQueue
 from tests.conftest import SMALL_SEGMENT
 from tests.storage.test_raw_append import (
     MasterLog,
@@ -171,3 +173,107 @@ async def test_a_kill_at_any_step_of_a_log_restart_still_restarts_the_log(
         result = await store.put(message(1))
         assert (result.offset, result.queue_offset) == (start, 0)
     assert load_cut_intent(config.cut_intent_path) is None
+
+
+# ---- truncation ------------------------------------------------------------------------
+
+
+async def build_log(
+    config: StoreConfig, count: int = 200
+) -> list[tuple[int, str, int, int, bytes]]:
+    """A flushed log of several segments; returns its records."""
+    async with MessageStore.open(config) as store:
+        await fill(store, count)
+        await store.flush_all()
+        assert len(store.commit_log.files.segments) >= 5
+        return contents(store)
+
+
+def assert_cut_at(store: MessageStore, before: list, cut: int) -> None:
+    assert store.max_offset == cut
+    assert contents(store) == [r for r in before if r[0] < cut]
+    assert_queues_agree_with_the_log(store)
+    assert not store.recovery.durable_lost
+
+
+@pytest.mark.parametrize("step", CUT_STEPS)
+async def test_a_kill_at_any_step_of_a_truncation_still_cuts_there(
+    tmp_path: Path, step: str
+) -> None:
+    config = config_at(tmp_path)
+    before = await build_log(config)
+    cut = before[len(before) // 4][0]  # in the second segment: three or more later ones go
+    with pytest.raises(BaseException) as caught:
+        async with MessageStore.open(config) as store:
+            kill_at(store, step)
+            await store.truncate(cut)
+    assert (
+        caught.group_contains(Killed)
+        if isinstance(caught.value, BaseExceptionGroup)
+        else (isinstance(caught.value, Killed))
+    )
+    async with MessageStore.open(config) as store:
+        assert_cut_at(store, before, cut)
+        result = await store.put(message(999))
+        assert result.offset == cut
+    assert load_cut_intent(config.cut_intent_path) is None
+
+
+@pytest.mark.parametrize("deletions_done", [0, 1, 2])
+async def test_a_kill_between_segment_deletions_of_a_truncation_leaves_no_gap(
+    tmp_path: Path, deletions_done: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails on the old truncate (lowest first): the next start refused the gap."""
+    config = config_at(tmp_path)
+    before = await build_log(config)
+    cut = before[len(before) // 4][0]
+    store_ref: list[MessageStore] = []
+    original_delete = MappedFile.delete
+    deleted: list[str] = []
+
+    def delete_then_die(segment: MappedFile) -> None:
+        if len(deleted) == deletions_done and segment.path.parent == config.commit_log_dir:
+            store_ref[0].abandon()
+            raise Killed(f"after {deletions_done} deletions")
+        original_delete(segment)
+        deleted.append(segment.path.name)
+
+    with pytest.raises(BaseException):  # noqa: B017 - trio wraps the Killed in a group
+        async with MessageStore.open(attrs.evolve(config, preallocate=False)) as store:
+            store_ref.append(store)
+            monkeypatch.setattr(MappedFile, "delete", delete_then_die)
+            await store.truncate(cut)
+    monkeypatch.setattr(MappedFile, "delete", original_delete)
+    assert len(deleted) == deletions_done
+    async with MessageStore.open(config) as store:
+        assert_cut_at(store, before, cut)
+
+
+async def test_mapped_file_queue_truncate_deletes_last_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill after the first deletion of a bare MappedFileQueue.truncate (consume queues
+    use it with no intent file) leaves a contiguous, loadable queue of files."""
+    files = MappedFileQueue(tmp_path / "q", 4096)
+    files.load()
+    for base in range(0, 5 * 4096, 4096):
+        files.append(MappedFile.create(files.directory, base, 4096, warm=False))
+    original_delete = MappedFile.delete
+    calls: list[int] = []
+
+    def delete_once_then_die(segment: MappedFile) -> None:
+        if calls:
+            raise Killed("second deletion")
+        calls.append(segment.base)
+        original_delete(segment)
+
+    monkeypatch.setattr(MappedFile, "delete", delete_once_then_die)
+    with pytest.raises(Killed):
+        files.truncate(4096 + 10)
+    monkeypatch.setattr(MappedFile, "delete", original_delete)
+    assert calls == [4 * 4096]
+    files.close()
+    reopened = MappedFileQueue(tmp_path / "q", 4096)
+    reopened.load()
+    assert [s.base for s in reopened.segments] == [0, 4096, 2 * 4096, 3 * 4096]
+    reopened.close()
