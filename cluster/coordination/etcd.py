@@ -93,6 +93,10 @@ class EtcdCompacted(EtcdError):
         self.compact_revision = compact_revision
 
 
+class EtcdStreamEnded(EtcdError):
+    """The server ended a watch stream (e.g. it shut down); the watch reconnects."""
+
+
 class EtcdLeaseNotFound(EtcdError):
     """The lease does not exist (expired or revoked)."""
 
@@ -396,35 +400,45 @@ class EtcdClient:
         """The endpoint the next request goes to first."""
         return self.endpoints[self._current]
 
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self.endpoints)
+
     async def _call(self, path: str, body: dict[str, Any], timeout_s: float | None) -> Any:
-        """POST ``body`` to ``path``; returns the decoded JSON answer or raises a typed error."""
+        """POST ``body`` to ``path``; returns the decoded JSON answer or raises a typed error.
+
+        A refused or timed-out connect tries the next endpoint (nothing was sent), each
+        connect bounded by a share of the deadline so one black-holed member cannot use
+        it all. After a timeout the next call starts at the next endpoint, since a member
+        cut off from its quorum keeps timing out."""
         limit_s = self.request_timeout_s if timeout_s is None else timeout_s
-        sent = False
+        timeout = httpx.Timeout(None, connect=limit_s / len(self.endpoints))
+        sending = False
+        failures: list[str] = []
         with trio.move_on_after(limit_s):
-            tried = 0
-            while True:
+            while len(failures) < len(self.endpoints):
                 url = self.endpoint + path
+                request = self._http.build_request("POST", url, json=body, timeout=timeout)
                 try:
-                    request = self._http.build_request("POST", url, json=body)
-                    sent = True
+                    sending = True
                     answer = await self._http.send(request)
-                except httpx.ConnectError as error:
-                    sent = False
-                    tried += 1
-                    self._current = (self._current + 1) % len(self.endpoints)
-                    if tried >= len(self.endpoints):
-                        raise EtcdUnavailable(
-                            f"cannot reach etcd at {list(self.endpoints)}: {error}; "
-                            "is etcd running (tidelog cluster up starts one)?"
-                        ) from error
+                except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                    sending = False
+                    failures.append(f"{url}: {error!r}")
+                    self._rotate()
                     continue
                 except httpx.TransportError as error:
+                    self._rotate()
                     raise EtcdTimeout(
-                        f"etcd {path} at {url} broke off: {error}; outcome unknown"
+                        f"etcd {path} at {url} broke off: {error!r}; outcome unknown"
                     ) from error
                 return _decode(path, answer)
-        if not sent:
+            raise EtcdUnavailable(
+                f"cannot reach etcd ({'; '.join(failures)}); is etcd running "
+                "(tidelog cluster up starts one) and are the endpoints right?"
+            )
+        if not sending:
             raise EtcdUnavailable(f"cannot reach etcd at {list(self.endpoints)} in {limit_s}s")
+        self._rotate()
         raise EtcdTimeout(f"etcd {path} gave no answer in {limit_s}s; outcome unknown")
 
     async def get(self, key: str, *, timeout_s: float | None = None) -> KeyValue | None:
@@ -550,8 +564,8 @@ class EtcdClient:
             )
             try:
                 response = await self._http.send(request, stream=True)
-            except httpx.ConnectError:
-                self._current = (self._current + 1) % len(self.endpoints)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                self._rotate()
                 continue
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -735,7 +749,3 @@ class Watch:
                     prev_kv=KeyValue.from_json(prev) if prev else None,
                 )
             )
-
-
-class EtcdStreamEnded(EtcdError):
-    """The server ended a watch stream (e.g. it shut down); the watch reconnects."""

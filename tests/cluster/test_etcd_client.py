@@ -321,3 +321,13 @@ async def test_a_paused_etcd_times_out_with_unknown_outcome(
             member.signal(signal.SIGCONT)
         stored = await etcd.get(key_prefix + "k", timeout_s=5)
         assert stored is not None and stored.value in (b"before", b"during")
+
+
+async def test_etcd_raises_a_short_ttl_to_its_minimum(etcd_endpoints: list[str]) -> None:
+    """Why CoordinationSettings refuses lease_ttl_s below MIN_LEASE_TTL_S."""
+    from cluster.coordination.settings import MIN_LEASE_TTL_S
+
+    async with EtcdClient(etcd_endpoints) as etcd:
+        lease = await etcd.lease_grant(1)
+        assert lease.ttl_s == MIN_LEASE_TTL_S
+        await etcd.lease_revoke(lease.id)
