@@ -15,6 +15,7 @@ from storage.errors import (
     StorageError,
     StorageFailedError,
 )
+from storage.lock import DataDirLockedError
 from storage.record import Message, StoredRecord
 from storage.store import GetResult, MessageStore
 
@@ -23,6 +24,7 @@ __all__ = [
     "BatchAppendResult",
     "CommitLog",
     "CorruptSegmentError",
+    "DataDirLockedError",
     "DiskFullError",
     "GetResult",
     "InvalidMessageError",

@@ -32,6 +32,7 @@ from storage.cut import (
 from storage.dispatcher import Dispatcher
 from storage.errors import CorruptSegmentError, StorageFailedError
 from storage.flush import AsyncFlusher, GroupCommitFlusher
+from storage.lock import lock_data_dir
 from storage.mapped_file import MappedFile
 from storage.mapped_file_queue import remove_segment_files
 from storage.record import Message, StoredRecord
@@ -83,6 +84,8 @@ class MessageStore:
     @classmethod
     @asynccontextmanager
     async def open(cls, config: StoreConfig) -> AsyncIterator[MessageStore]:
+        # Before anything in the directory is read or written (storage.lock).
+        data_dir_lock = await trio.to_thread.run_sync(lock_data_dir, config.data_dir)
         store = cls(config)
         try:
             await store._recover()
@@ -102,6 +105,7 @@ class MessageStore:
         finally:
             store.commit_log.close()
             store.queues.close()
+            data_dir_lock.release()
 
     async def _recover(self) -> None:
         config = self.config

@@ -25,7 +25,7 @@ import pytest
 import trio
 from crash_child import config_for, message_for
 
-from storage import MessageStore, StoreConfig
+from storage import DataDirLockedError, MessageStore, StoreConfig
 from storage.checkpoint import load_checkpoint
 from storage.mapped_file import segment_name
 from storage.record import HEADER_SIZE, ScanStop, check_record
@@ -383,3 +383,95 @@ def test_sigkill_at_each_step_of_a_log_restart(tmp_path: Path, step: str) -> Non
     assert (start, end, kept) == (start_at, start_at, [])
     assert not report.durable_lost, report
     assert not config.cut_intent_path.exists()
+
+
+# ---- a second process on the same data dir ----------------------------------------------------
+
+
+def test_a_second_process_on_the_data_dir_is_refused_and_the_first_keeps_acking(
+    tmp_path: Path,
+) -> None:
+    """Two stores on one directory lost acked data (recovery ran on the live log). Now the
+    second opener is refused, naming the holder's PID, and touches nothing."""
+    config = config_for(tmp_path / "store", SEGMENT)
+    stderr_path = tmp_path / "holder.stderr"
+    acks: dict[int, Ack] = {}
+    with stderr_path.open("wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), str(config.data_dir), str(SEGMENT), "0", "2"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        lines: queue.Queue[bytes | None] = queue.Queue()
+        pump = threading.Thread(target=_pump, args=(lines, child.stdout), daemon=True)
+        pump.start()
+        try:
+            ready = lines.get(timeout=LINE_TIMEOUT)
+            assert ready is not None and ready.startswith(b"READY "), ready
+            while len(acks) < 200:
+                line = lines.get(timeout=LINE_TIMEOUT)
+                assert line is not None, "the holder exited"
+                _parse(line, acks)
+            segments_before = {p.name for p in config.commit_log_dir.iterdir()}
+
+            async def second_open() -> None:
+                async with MessageStore.open(config):
+                    raise AssertionError("a second process opened a locked data dir")
+
+            refused = subprocess.run(
+                [sys.executable, "-c", SECOND_OPENER, str(config.data_dir), str(SEGMENT)],
+                capture_output=True,
+                timeout=LINE_TIMEOUT,
+                check=False,
+                cwd=Path(__file__).parent,
+            )
+            assert refused.returncode == 3, refused
+            assert (
+                f"data dir {config.data_dir} is in use by another process (pid {child.pid})"
+                in refused.stdout.decode()
+            )
+            with pytest.raises(DataDirLockedError):  # and in this process too
+                trio.run(second_open)
+            # Nothing the holder had was deleted (it may have rolled into more since).
+            assert segments_before <= {p.name for p in config.commit_log_dir.iterdir()}
+            wanted = len(acks) + 200
+            while len(acks) < wanted:  # the holder keeps acking durable writes
+                line = lines.get(timeout=LINE_TIMEOUT)
+                assert line is not None, "the holder exited after the second open"
+                _parse(line, acks)
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=LINE_TIMEOUT)
+            while (line := lines.get(timeout=LINE_TIMEOUT)) is not None:
+                _parse(line, acks)
+        except BaseException:
+            print(stderr_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            pump.join(LINE_TIMEOUT)
+            assert child.stdout is not None
+            child.stdout.close()
+    checked, report = trio.run(check_store, config, acks)
+    assert not report.durable_lost
+    assert checked.records >= len(acks)
+
+
+SECOND_OPENER = """
+import sys
+from pathlib import Path
+import trio
+from crash_child import config_for
+from storage import DataDirLockedError, MessageStore
+
+async def main():
+    async with MessageStore.open(config_for(Path(sys.argv[1]), int(sys.argv[2]))):
+        sys.exit(0)
+
+try:
+    trio.run(main)
+except DataDirLockedError as refused:
+    print(refused)
+    sys.exit(3)
+"""
