@@ -24,6 +24,7 @@ from cluster.coordination.etcd import (
     WatchEvent,
     prefix_range_end,
 )
+from cluster.coordination.settings import MIN_LEASE_TTL_S
 from tools.launcher import EtcdCluster, free_loopback_port
 
 
@@ -325,8 +326,6 @@ async def test_a_paused_etcd_times_out_with_unknown_outcome(
 
 async def test_etcd_raises_a_short_ttl_to_its_minimum(etcd_endpoints: list[str]) -> None:
     """Why CoordinationSettings refuses lease_ttl_s below MIN_LEASE_TTL_S."""
-    from cluster.coordination.settings import MIN_LEASE_TTL_S
-
     async with EtcdClient(etcd_endpoints) as etcd:
         lease = await etcd.lease_grant(1)
         assert lease.ttl_s == MIN_LEASE_TTL_S

@@ -1,0 +1,476 @@
+"""The HA loop of one node: holds a lease, publishes the member record, follows or becomes
+the group's master through etcd transactions, fences itself, and records the in-sync set.
+
+Patroni's shape: every node runs this loop; etcd transactions are the only arbiter;
+every decision is delegated to :mod:`cluster.coordination.decisions` and this module only
+reads etcd, calls those functions and performs the answer through :class:`NodeActions`.
+
+Tasks (all in the nursery of :meth:`HaLoop.run`):
+
+* keepalive: renews the lease every ``keepalive_interval_s`` and feeds the send time of
+  each success to the :class:`LeaseFence`; re-grants a lost lease.
+* watchdog: while master, wakes at the fencing deadline and fences the node if no
+  keepalive moved it.
+* watch: wakes the main loop when the group's leader or state key changes or a member
+  comes or goes.
+* main loop: re-lists the cluster's keys and takes one step.
+
+Without etcd nothing changes role except the master stepping down at its deadline
+(consistency over availability). A transaction that timed out is read back before
+anything is done on its behalf.
+
+Concurrency: the node's ack path may call :meth:`HaLoop.may_acknowledge` and
+:meth:`HaLoop.counted_in_sync` from any task of the same trio run; everything else
+belongs to the loop's own tasks.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Protocol
+
+import attrs
+import trio
+
+from cluster.coordination.decisions import (
+    Candidate,
+    InSyncRecord,
+    LeaseFence,
+    PendingOutcome,
+    election_view,
+    state_after_election,
+)
+from cluster.coordination.etcd import (
+    Compare,
+    CompareTarget,
+    DeleteOp,
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    EtcdLeaseNotFound,
+    EtcdTimeout,
+    EventType,
+    KeyValue,
+    PutOp,
+)
+from cluster.coordination.keys import (
+    GroupState,
+    LeaderValue,
+    MemberInfo,
+    RecordError,
+)
+from cluster.coordination.settings import CoordinationSettings
+from storage.backoff import Backoff
+
+__all__ = ["GroupView", "HaLoop", "HaRole", "NodeActions"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeActions(Protocol):
+    """What the HA loop asks of our node. Each call is a decision already taken."""
+
+    def member_info(self) -> MemberInfo:
+        """The node's current record: addresses, last epoch, log end, start flags."""
+        ...
+
+    def in_sync_members(self) -> frozenset[str]:
+        """As master: the nodes the replication layer judges in sync now (itself
+        included); the loop records changes in etcd before shrinks count."""
+        ...
+
+    async def become_master(self, state: GroupState) -> None:
+        """Persist ``state.epoch`` as a new term (epoch file, fsync), then serve as master.
+        Called again with the same epoch after :meth:`fence` when the lease turned out
+        to be still held: resume acknowledging."""
+        ...
+
+    async def become_slave(self, leader: LeaderValue) -> None:
+        """Follow ``leader`` (truncating a divergent tail by the epoch walk)."""
+        ...
+
+    def fence(self, reason: str) -> None:
+        """Stop acknowledging at once and answer writes NOT_MASTER. Synchronous: nothing
+        may run between the decision and its effect."""
+        ...
+
+
+class HaRole(enum.Enum):
+    CANDIDATE = "candidate"
+    """No master known, or not eligible: waiting."""
+    SLAVE = "slave"
+    MASTER = "master"
+    FENCED = "fenced"
+    """Was master, stopped acknowledging (deadline passed or leadership lost)."""
+
+
+@attrs.frozen
+class GroupView:
+    """One linearizable listing of the cluster's keys, as the step needs it."""
+
+    revision: int
+    leader: LeaderValue | None
+    leader_kv: KeyValue | None
+    state: GroupState | None
+    state_kv: KeyValue | None
+    members: dict[str, MemberInfo]
+
+
+@attrs.define
+class HaLoop:
+    """The HA loop of node ``actions.member_info().node`` in ``settings.group``."""
+
+    settings: CoordinationSettings
+    actions: NodeActions
+    etcd: EtcdClient
+    bootstrap_min_insync_replicas: int = 1
+    """``min_insync_replicas`` written by the very first election of the group."""
+    role: HaRole = HaRole.CANDIDATE
+    epoch: int = 0
+    master: str | None = None
+    lease_id: int = 0
+    fence_state: LeaseFence = attrs.field(init=False)
+    in_sync: InSyncRecord | None = None
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _lease_ready: trio.Event = attrs.field(factory=trio.Event)
+    _role_changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.fence_state = LeaseFence(self.settings.lease_ttl_s, self.settings.fencing_margin_s)
+
+    @property
+    def node(self) -> str:
+        return self.actions.member_info().node
+
+    @property
+    def _leader_key(self) -> str:
+        return self.settings.keys.leader(self.settings.group)
+
+    @property
+    def _state_key(self) -> str:
+        return self.settings.keys.state(self.settings.group)
+
+    # ------------------------------------------------------------ for the ack path
+
+    def may_acknowledge(self) -> bool:
+        """True while this node is master and its fencing deadline has not passed."""
+        return self.role is HaRole.MASTER and self.fence_state.may_acknowledge(trio.current_time())
+
+    def counted_in_sync(self) -> frozenset[str]:
+        """The set an ack must reach (recorded plus pending), or empty when not master."""
+        return self.in_sync.counted if self.in_sync is not None else frozenset()
+
+    async def wait_role_change(self) -> None:
+        """Return at the next role or master change (for tests and status views)."""
+        await self._role_changed.wait()
+
+    # -------------------------------------------------------------------- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. Cancelling is a crash as far as etcd is concerned: the
+        lease is left to expire (use :meth:`resign` first for a clean hand-over)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive_task)
+            await self._lease_ready.wait()
+            nursery.start_soon(self._watch_task)
+            nursery.start_soon(self._watchdog_task)
+            task_status.started()
+            await self._main_task()
+
+    async def resign(self) -> None:
+        """Step down cleanly: fence, then delete the leader key and revoke the lease so
+        the others elect at once instead of after the TTL."""
+        if self.role in (HaRole.MASTER, HaRole.FENCED):
+            self._set_role(HaRole.FENCED, self.master)
+            self.actions.fence("resigning")
+        if self.lease_id:
+            await self.etcd.txn(
+                [Compare(self._leader_key, CompareTarget.LEASE, self.lease_id)],
+                [DeleteOp(self._leader_key)],
+            )
+            await self.etcd.lease_revoke(self.lease_id)
+
+    def _set_role(self, role: HaRole, master: str | None) -> None:
+        if (role, master) != (self.role, self.master):
+            log.info(
+                "ha role node=%s role=%s master=%s epoch=%s",
+                self.node,
+                role.value,
+                master,
+                self.epoch,
+            )
+            self.role, self.master = role, master
+            self._role_changed.set()
+            self._role_changed = trio.Event()
+
+    async def _main_task(self) -> None:
+        backoff = Backoff(
+            self.settings.keepalive_interval_s / 4, self.settings.keepalive_interval_s
+        )
+        while True:
+            self._wake = trio.Event()
+            try:
+                await self.step()
+                backoff.reset()
+            except EtcdError as error:
+                log.warning("ha step failed node=%s error=%r", self.node, error)
+                await trio.sleep(backoff.next_delay_s())
+                continue
+            with trio.move_on_after(self.settings.keepalive_interval_s):
+                await self._wake.wait()
+
+    # ------------------------------------------------------------------ the lease
+
+    async def _keepalive_task(self) -> None:
+        retry = Backoff(0.05, self.settings.keepalive_interval_s)
+        while True:
+            sent_s = trio.current_time()
+            try:
+                if not self.lease_id:
+                    lease = await self.etcd.lease_grant(self.settings.lease_ttl_s)
+                    self.lease_id = lease.id
+                    await self._register()
+                else:
+                    await self.etcd.lease_keepalive_once(self.lease_id)
+            except EtcdLeaseNotFound:
+                log.warning("ha lease lost node=%s lease=%s", self.node, self.lease_id)
+                self._step_down("the lease expired")
+                self.lease_id = 0
+                self.fence_state = LeaseFence(
+                    self.settings.lease_ttl_s, self.settings.fencing_margin_s
+                )
+                continue
+            except EtcdError as error:
+                log.info("ha keepalive failed node=%s error=%r", self.node, error)
+                await trio.sleep(retry.next_delay_s())
+                continue
+            retry.reset()
+            self.fence_state.keepalive_succeeded(sent_s)
+            self._lease_ready.set()
+            await trio.sleep_until(sent_s + self.settings.keepalive_interval_s)
+
+    async def _register(self) -> None:
+        info = self.actions.member_info()
+        await self.etcd.put(
+            self.settings.keys.member(info.node), info.encode(), lease=self.lease_id
+        )
+
+    def _step_down(self, reason: str) -> None:
+        if self.role is HaRole.MASTER:
+            self.actions.fence(reason)
+            self._set_role(HaRole.FENCED, self.master)
+            self.in_sync = None
+
+    async def _watchdog_task(self) -> None:
+        """Fence at the deadline: a master that cannot renew must assume it lost the lease."""
+        while True:
+            if self.role is not HaRole.MASTER:
+                await self._role_changed.wait()
+                continue
+            deadline_s = self.fence_state.deadline_s
+            with trio.move_on_at(deadline_s):
+                await self._role_changed.wait()
+                continue
+            if not self.fence_state.may_acknowledge(trio.current_time()):
+                log.warning(
+                    "ha fencing node=%s epoch=%s reason=no keepalive since deadline",
+                    self.node,
+                    self.epoch,
+                )
+                self._step_down("the lease deadline passed without a successful keepalive")
+
+    # ------------------------------------------------------------------ the watch
+
+    async def _watch_task(self) -> None:
+        keys = self.settings.keys
+        while True:
+            try:
+                async with self.etcd.watch(
+                    keys.prefix, prefix=True, idle_timeout_s=self.settings.lease_ttl_s * 5
+                ) as watch:
+                    async for event in watch:
+                        ref = keys.parse(event.kv.key)
+                        if ref is None:
+                            continue
+                        if (
+                            ref.kind in ("leader", "state") and ref.name == self.settings.group
+                        ) or (
+                            ref.kind == "member"
+                            and (event.type is EventType.DELETE or event.kv.version == 1)
+                        ):
+                            self._wake.set()
+            except EtcdCompacted:
+                self._wake.set()  # the main loop re-lists anyway; watch again from now
+
+    # ------------------------------------------------------------------- one step
+
+    async def read_view(self) -> GroupView:
+        """One linearizable listing of the cluster prefix, decoded."""
+        keys = self.settings.keys
+        listing = await self.etcd.range(keys.prefix, prefix=True)
+        leader = state = None
+        leader_kv = state_kv = None
+        members: dict[str, MemberInfo] = {}
+        for kv in listing.kvs:
+            ref = keys.parse(kv.key)
+            if ref is None:
+                continue
+            try:
+                if ref.kind == "leader" and ref.name == self.settings.group:
+                    leader, leader_kv = LeaderValue.decode(kv.key, kv.value), kv
+                elif ref.kind == "state" and ref.name == self.settings.group:
+                    state, state_kv = GroupState.decode(kv.key, kv.value), kv
+                elif ref.kind == "member":
+                    info = MemberInfo.decode(kv.key, kv.value)
+                    if info.group == self.settings.group:
+                        members[info.node] = info
+            except RecordError as error:
+                log.error("ha ignores a malformed record error=%s", error)
+                if ref.kind == "state":
+                    raise  # never elect on a state we cannot read
+        return GroupView(listing.revision, leader, leader_kv, state, state_kv, members)
+
+    async def step(self) -> None:
+        """Read etcd once and act: follow, campaign, keep or give up mastership."""
+        await self._lease_ready.wait()
+        me = self.actions.member_info()
+        view = await self.read_view()
+        if view.members.get(me.node) != me:
+            await self._register()
+        if view.leader is not None and view.leader_kv is not None:
+            await self._with_leader(me, view)
+        else:
+            if self.role is HaRole.MASTER:
+                self._step_down("the leader key is gone")
+            await self._without_leader(me, view)
+
+    async def _with_leader(self, me: MemberInfo, view: GroupView) -> None:
+        assert view.leader is not None and view.leader_kv is not None
+        mine = view.leader.node == me.node
+        if mine and view.leader_kv.lease == self.lease_id:
+            state = view.state
+            if (
+                self.role is not HaRole.MASTER
+                and state is not None
+                and state.master == me.node
+                and state.epoch == view.leader.epoch
+            ):
+                await self._take_office(state)
+            if self.role is HaRole.MASTER:
+                await self._record_in_sync(view)
+            return
+        if mine:
+            # a leader key of an earlier life of this node: let it go now
+            await self.etcd.txn(
+                [Compare(self._leader_key, CompareTarget.LEASE, view.leader_kv.lease)],
+                [DeleteOp(self._leader_key)],
+            )
+            return
+        self._step_down(f"{view.leader.node} leads epoch {view.leader.epoch}")
+        if (
+            self.role is not HaRole.SLAVE
+            or self.master != view.leader.node
+            or (self.epoch != view.leader.epoch)
+        ):
+            self.epoch = view.leader.epoch
+            await self.actions.become_slave(view.leader)
+            self._set_role(HaRole.SLAVE, view.leader.node)
+
+    async def _without_leader(self, me: MemberInfo, view: GroupView) -> None:
+        candidates = [
+            Candidate.from_member(me if node == me.node else info)
+            for node, info in view.members.items()
+        ]
+        if me.node not in view.members:
+            candidates.append(Candidate.from_member(me))
+        election = election_view(view.state, candidates)
+        if self.role is HaRole.SLAVE:
+            self._set_role(HaRole.CANDIDATE, None)
+        if not election.may_campaign(me.node):
+            log.debug(
+                "ha not campaigning node=%s best=%s refused=%s",
+                me.node,
+                election.best,
+                election.refused.get(me.node),
+            )
+            return
+        new_state = state_after_election(
+            view.state,
+            election,
+            me.node,
+            min_insync_replicas=self.bootstrap_min_insync_replicas,
+        )
+        await self._campaign(me, view, new_state)
+
+    async def _campaign(self, me: MemberInfo, view: GroupView, new_state: GroupState) -> None:
+        leader = LeaderValue(me.node, new_state.epoch, me.client_address, me.ha_address)
+        state_compare = (
+            Compare.mod_revision(self._state_key, view.state_kv.mod_revision)
+            if view.state_kv is not None
+            else Compare.create_revision(self._state_key, 0)
+        )
+        try:
+            result = await self.etcd.txn(
+                [Compare.create_revision(self._leader_key, 0), state_compare],
+                [
+                    PutOp(self._leader_key, leader.encode(), lease=self.lease_id),
+                    PutOp(self._state_key, new_state.encode()),
+                ],
+            )
+            won = result.succeeded
+        except EtcdTimeout:
+            stored = await self.etcd.get(self._leader_key)
+            won = (
+                stored is not None
+                and stored.lease == self.lease_id
+                and (LeaderValue.decode(stored.key, stored.value).epoch == new_state.epoch)
+            )
+        log.info("ha campaign node=%s epoch=%s won=%s", me.node, new_state.epoch, won)
+        if won:
+            await self._take_office(new_state)
+
+    async def _take_office(self, state: GroupState) -> None:
+        """Won (or found the lease still ours after a fence): persist the epoch, serve."""
+        self.epoch = state.epoch
+        self.in_sync = InSyncRecord(
+            self.actions.member_info().node, state.in_sync, state.min_insync_replicas
+        )
+        await self.actions.become_master(state)
+        self._set_role(HaRole.MASTER, self.actions.member_info().node)
+
+    async def _record_in_sync(self, view: GroupView) -> None:
+        """As master: record the replication layer's judgement of the in-sync set by CAS
+        on the state's revision (shrinks count once committed, expansions at once)."""
+        assert self.in_sync is not None and view.state is not None and view.state_kv is not None
+        if view.state.in_sync != self.in_sync.recorded or view.state.epoch != self.epoch:
+            if view.state.epoch != self.epoch or view.state.master != self.in_sync.master:
+                self._step_down(f"the group state moved to epoch {view.state.epoch}")
+                return
+            self.in_sync.observed(view.state.in_sync)
+        proposed = self.in_sync.propose(self.actions.in_sync_members())
+        if proposed is None:
+            return
+        new_state = attrs.evolve(view.state, in_sync=proposed)
+        try:
+            result = await self.etcd.txn(
+                [
+                    Compare.mod_revision(self._state_key, view.state_kv.mod_revision),
+                    Compare(self._leader_key, CompareTarget.LEASE, self.lease_id),
+                ],
+                [PutOp(self._state_key, new_state.encode())],
+            )
+        except EtcdTimeout:
+            log.info("ha in-sync record timed out node=%s; reading back", self.node)
+            stored = await self.etcd.get(self._state_key)
+            if stored is not None:
+                self.in_sync.observed(GroupState.decode(stored.key, stored.value).in_sync)
+            return
+        outcome = PendingOutcome.COMMITTED if result.succeeded else PendingOutcome.REFUSED
+        self.in_sync.resolve(outcome)
+        log.info(
+            "ha in-sync recorded node=%s in_sync=%s outcome=%s",
+            self.node,
+            sorted(proposed),
+            outcome.value,
+        )

@@ -1,0 +1,237 @@
+"""The HA loop against a real etcd, with a test double of OUR node's actions (etcd stays
+real): one master elected, a crashed master replaced by an in-sync slave, a node that
+crashed does not campaign, a master cut off from etcd fences itself, a clean hand-over."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from cluster.coordination.etcd import EtcdClient
+from cluster.coordination.ha_loop import HaLoop, HaRole
+from cluster.coordination.keys import GroupState, LeaderValue, MemberInfo
+from cluster.coordination.settings import CoordinationSettings
+from tools.launcher import EtcdCluster
+
+WAIT_S = 30
+"""A bound on waits for events; never a figure the tests assert."""
+
+
+@attrs.define
+class FakeNode:
+    """A test double of the node's side of the HA loop: it records what it was told."""
+
+    name: str
+    group: str = "g1"
+    epoch: int = 0
+    log_end: int = 0
+    clean_start: bool = True
+    caught_up: bool = False
+    judged_in_sync: frozenset[str] = frozenset()
+    role: str = "none"
+    following: str | None = None
+    fenced: list[str] = attrs.field(factory=list)
+    terms: list[int] = attrs.field(factory=list)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def member_info(self) -> MemberInfo:
+        return MemberInfo(
+            self.name,
+            self.group,
+            f"{self.name}.client:1",
+            f"{self.name}.ha:2",
+            self.epoch,
+            self.log_end,
+            self.clean_start,
+            self.caught_up,
+        )
+
+    def in_sync_members(self) -> frozenset[str]:
+        return self.judged_in_sync | {self.name}
+
+    async def become_master(self, state: GroupState) -> None:
+        self.epoch = state.epoch
+        self.terms.append(state.epoch)
+        self.role, self.following = "master", None
+        self._notify()
+
+    async def become_slave(self, leader: LeaderValue) -> None:
+        self.epoch = leader.epoch
+        self.role, self.following = "slave", leader.node
+        self._notify()
+
+    def fence(self, reason: str) -> None:
+        self.fenced.append(reason)
+        self.role = "fenced"
+        self._notify()
+
+    async def until(self, what: str, check: Callable[[], bool]) -> None:
+        with trio.fail_after(WAIT_S):
+            while not check():
+                await self._changed.wait()
+
+
+def settings_for(endpoints: list[str]) -> CoordinationSettings:
+    return CoordinationSettings(etcd_endpoints=endpoints, cluster=f"t{uuid.uuid4().hex[:10]}")
+
+
+@attrs.define
+class RunningNode:
+    fake: FakeNode
+    loop: HaLoop
+    scope: trio.CancelScope
+
+    def crash(self) -> None:
+        """Stop the loop without a word to etcd: its lease runs out on its own."""
+        self.scope.cancel()
+
+
+@asynccontextmanager
+async def running(
+    settings: CoordinationSettings, *fakes: FakeNode
+) -> AsyncIterator[list[RunningNode]]:
+    nodes: list[RunningNode] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run_one(fake: FakeNode, task_status: trio.TaskStatus[RunningNode]) -> None:
+            with trio.CancelScope() as scope:
+                async with (
+                    EtcdClient(
+                        settings.etcd_endpoints, request_timeout_s=settings.request_timeout_s
+                    ) as etcd,
+                    trio.open_nursery() as own,
+                ):
+                    loop = HaLoop(settings, fake, etcd)
+                    await own.start(loop.run)
+                    task_status.started(RunningNode(fake, loop, scope))
+
+        for fake in fakes:
+            nodes.append(await nursery.start(run_one, fake))
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for_state(
+    settings: CoordinationSettings, check: Callable[[GroupState], bool]
+) -> GroupState:
+    """Watch the group's state key until ``check`` holds (an etcd event, not a poll)."""
+    key = settings.keys.state(settings.group)
+    async with EtcdClient(settings.etcd_endpoints) as etcd:
+        with trio.fail_after(WAIT_S):
+            stored = await etcd.range(key)
+            if stored.kvs and check(state := GroupState.decode(key, stored.kvs[0].value)):
+                return state
+            async with etcd.watch(key, start_revision=stored.revision + 1) as watch:
+                async for event in watch:
+                    if event.kv.value and check(state := GroupState.decode(key, event.kv.value)):
+                        return state
+    raise AssertionError("the watch ended")
+
+
+def masters(nodes: list[RunningNode]) -> list[str]:
+    return [n.fake.name for n in nodes if n.fake.role == "master"]
+
+
+async def test_one_master_is_elected_and_the_others_follow(etcd_endpoints: list[str]) -> None:
+    settings = settings_for(etcd_endpoints)
+    fakes = [FakeNode(f"n{i}", judged_in_sync=frozenset({"n1", "n2", "n3"})) for i in (1, 2, 3)]
+    async with running(settings, *fakes) as nodes:
+        for fake in fakes:
+            await fake.until("a role", lambda f=fake: f.role in ("master", "slave"))
+        (master,) = masters(nodes)
+        for fake in fakes:
+            await fake.until(
+                "all follow", lambda f=fake: f.role == "master" or f.following == master
+            )
+        assert masters(nodes) == [master]
+        state = await wait_for_state(settings, lambda s: len(s.in_sync) == 3)
+        assert (state.epoch, state.master) == (1, master)
+        (winner,) = (n for n in nodes if n.fake.name == master)
+        assert winner.loop.may_acknowledge()
+        assert winner.loop.counted_in_sync() == {"n1", "n2", "n3"}
+        assert all(not n.fake.fenced for n in nodes)
+
+
+async def test_a_crashed_master_is_replaced_by_an_in_sync_slave(etcd_endpoints: list[str]) -> None:
+    settings = settings_for(etcd_endpoints)
+    everyone = frozenset({"n1", "n2", "n3"})
+    fakes = [FakeNode(f"n{i}", log_end=100, judged_in_sync=everyone) for i in (1, 2, 3)]
+    async with running(settings, *fakes) as nodes:
+        await wait_for_state(settings, lambda s: s.in_sync == everyone)
+        (old,) = (n for n in nodes if n.fake.role == "master")
+        survivors = [n for n in nodes if n is not old]
+        for survivor in survivors:
+            survivor.fake.judged_in_sync = everyone - {old.fake.name}
+            survivor.fake.log_end = 200 if survivor is survivors[1] else 150
+        old.crash()
+        state = await wait_for_state(settings, lambda s: s.epoch == 2)
+        assert state.master == survivors[1].fake.name  # the longest log
+        assert state.in_sync == everyone - {old.fake.name}
+        for survivor in survivors:
+            await survivor.fake.until(
+                "the new master",
+                lambda f=survivor.fake: f.role == "master" or f.following == state.master,
+            )
+        assert survivors[1].fake.terms == [2]
+        assert survivors[1].loop.may_acknowledge()
+
+
+async def test_a_node_restarted_after_a_crash_does_not_campaign(etcd_endpoints: list[str]) -> None:
+    settings = settings_for(etcd_endpoints)
+    recorded = GroupState(3, "gone", frozenset({"gone", "crashed", "clean"}), 1)
+    async with EtcdClient(etcd_endpoints) as etcd:
+        await etcd.put(settings.keys.state(settings.group), recorded.encode())
+    crashed = FakeNode("crashed", epoch=3, log_end=500, clean_start=False)
+    clean = FakeNode("clean", epoch=3, log_end=100)
+    async with running(settings, crashed, clean):
+        state = await wait_for_state(settings, lambda s: s.epoch == 4)
+        assert state.master == "clean"
+        assert state.in_sync == {"clean"}  # the crashed node must be re-admitted
+        await crashed.until("following", lambda: crashed.following == "clean")
+        assert crashed.terms == []
+
+
+async def test_a_master_cut_off_from_etcd_fences_itself(private_etcd: EtcdCluster) -> None:
+    settings = settings_for(private_etcd.endpoints)
+    (member,) = private_etcd.members
+    fake = FakeNode("solo")
+    async with running(settings, fake) as (node,):
+        await fake.until("master", lambda: fake.role == "master")
+        assert node.loop.may_acknowledge()
+        member.signal(signal.SIGSTOP)
+        try:
+            await fake.until("fenced", lambda: bool(fake.fenced))
+            assert not node.loop.may_acknowledge()
+            assert node.loop.role is HaRole.FENCED
+        finally:
+            member.signal(signal.SIGCONT)
+        # etcd is back: the node leads again, in its old term or a new one
+        await fake.until("master again", lambda: fake.role == "master")
+        assert node.loop.may_acknowledge()
+        assert fake.terms[0] == 1 and fake.terms == sorted(fake.terms)
+
+
+async def test_a_resigning_master_hands_over_without_waiting_for_its_lease(
+    etcd_endpoints: list[str],
+) -> None:
+    settings = settings_for(etcd_endpoints)
+    both = frozenset({"a", "b"})
+    fakes = [FakeNode("a", judged_in_sync=both), FakeNode("b", judged_in_sync=both)]
+    async with running(settings, *fakes) as nodes:
+        await wait_for_state(settings, lambda s: s.in_sync == both)
+        (old,) = (n for n in nodes if n.fake.role == "master")
+        (other,) = (n for n in nodes if n is not old)
+        await old.loop.resign()
+        old.crash()
+        state = await wait_for_state(settings, lambda s: s.epoch == 2)
+        assert state.master == other.fake.name
+        assert old.fake.fenced == ["resigning"]
