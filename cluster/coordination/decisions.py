@@ -5,9 +5,18 @@ Three decisions live here because each is easy to get subtly wrong and each fail
 loses acknowledged data:
 
 * **Election** (:func:`election_view`): who may campaign for a group's leadership and
-  who is best. Only live members of the *recorded* in-sync set whose last epoch is the
-  current one may campaign; a node whose last start was a crash campaigns only after a
-  master re-admitted it (KIP-966). The best is the longest log, then the priority.
+  who is best. Only live members of the *recorded* in-sync set may campaign; a node
+  whose last start was a crash campaigns only after a master re-admitted it (KIP-966).
+  The best is the highest last epoch, then the longest log, then the priority.
+
+  Why a member whose last epoch is *older* than the recorded one stays eligible: a
+  master elected in epoch ``e + 1`` may die before any slave received a record of
+  ``e + 1``; requiring the current epoch would then leave nobody eligible, for good.
+  It is safe because every ack waits for every member of the counted in-sync set
+  (:class:`InSyncRecord`): a member still in the recorded set holds every acked
+  record, whatever its epoch, and the rank prefers the newer epoch anyway. A member
+  claiming an epoch *newer* than the recorded state cannot exist unless etcd's state
+  was lost or rolled back, so it is refused loudly.
 * **Fencing** (:class:`LeaseFence`): a master's self-fencing deadline, the send time of
   its last successful keepalive + TTL - margin. A paused process cannot know that its
   lease expired, so it must stop acknowledging on its own clock.
@@ -75,7 +84,7 @@ class Ineligible(enum.Enum):
     """Why a live member may not campaign."""
 
     NOT_IN_SYNC = "not in the recorded in-sync set"
-    STALE_EPOCH = "its last epoch is older than the group's"
+    EPOCH_AHEAD = "its last epoch is newer than the recorded state's (etcd state lost?)"
     CRASHED_NOT_CAUGHT_UP = "restarted after a crash and not yet re-admitted to the in-sync set"
     NO_STATE = "the group has no recorded state and this node did not start clean"
 
@@ -98,8 +107,8 @@ def _refusal(state: GroupState | None, candidate: Candidate) -> Ineligible | Non
         return None if candidate.clean_start else Ineligible.NO_STATE
     if candidate.node not in state.in_sync:
         return Ineligible.NOT_IN_SYNC
-    if candidate.epoch != state.epoch:
-        return Ineligible.STALE_EPOCH
+    if candidate.epoch > state.epoch:
+        return Ineligible.EPOCH_AHEAD
     if not (candidate.clean_start or candidate.caught_up):
         return Ineligible.CRASHED_NOT_CAUGHT_UP
     return None
@@ -142,8 +151,8 @@ def state_after_election(
 
     The epoch goes up by one (above every live member's epoch when there was no
     state). The new in-sync set is the winner plus the other eligible members: they
-    are in the current epoch and their logs are prefixes of the winner's, so they hold
-    every acked record; anyone else must be re-admitted by the new master.
+    hold every acked record (acks waited for them) and the new master truncates any
+    tail of theirs it does not hold; anyone else must be re-admitted by the new master.
     """
     names = {candidate.node for candidate in view.eligible}
     if winner not in names:

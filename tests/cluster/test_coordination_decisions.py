@@ -30,7 +30,7 @@ NODES = ["n1", "n2", "n3", "n4", "n5"]
 @st.composite
 def groups(draw: st.DrawFn) -> tuple[GroupState, list[Candidate], int]:
     """A recorded state, the live members, and the highest acked offset: every member
-    of the recorded in-sync set in the current epoch holds it (acks waited for them)."""
+    of the recorded in-sync set that did not crash holds it (acks waited for them)."""
     epoch = draw(st.integers(1, 6))
     in_sync = draw(st.frozensets(st.sampled_from(NODES), min_size=1))
     master = draw(st.sampled_from(sorted(in_sync)))
@@ -39,17 +39,17 @@ def groups(draw: st.DrawFn) -> tuple[GroupState, list[Candidate], int]:
     live_names = draw(st.lists(st.sampled_from(NODES), unique=True))
     live = []
     for node in live_names:
-        node_epoch = draw(st.integers(0, epoch))
-        current_member = node in in_sync and node_epoch == epoch
-        low = acked if current_member else 0
+        node_epoch = draw(st.integers(0, epoch + 1))
+        clean_start, caught_up = draw(st.booleans()), draw(st.booleans())
+        holds_acked = node in in_sync and (clean_start or caught_up)
         live.append(
             Candidate(
                 node=node,
                 epoch=node_epoch,
-                log_end=draw(st.integers(low, 2000)),
+                log_end=draw(st.integers(acked if holds_acked else 0, 2000)),
                 priority=draw(st.integers(0, 2)),
-                clean_start=draw(st.booleans()),
-                caught_up=draw(st.booleans()),
+                clean_start=clean_start,
+                caught_up=caught_up,
             )
         )
     return state, live, acked
@@ -65,7 +65,7 @@ def test_election_picks_one_eligible_member_with_every_acked_record(
     assert not {c.node for c in view.eligible} & set(view.refused)
     for candidate in view.eligible:
         assert candidate.node in state.in_sync
-        assert candidate.epoch == state.epoch
+        assert candidate.epoch <= state.epoch
         assert candidate.clean_start or candidate.caught_up
     campaigners = [c.node for c in live if view.may_campaign(c.node)]
     assert len(campaigners) <= 1
@@ -97,7 +97,7 @@ def test_whoever_campaigns_on_a_partial_view_is_in_the_recorded_set(
         seen = data.draw(st.lists(st.sampled_from(live), unique_by=lambda c: c.node))
         view = election_view(state, [me, *(c for c in seen if c.node != me.node)])
         if view.may_campaign(me.node):
-            assert me.node in state.in_sync and me.epoch == state.epoch
+            assert me.node in state.in_sync and me.epoch <= state.epoch
             assert me.clean_start or me.caught_up
             assert me.log_end >= acked
 
@@ -106,19 +106,26 @@ def test_refusal_reasons() -> None:
     state = GroupState(5, "n1", frozenset({"n1", "n2", "n3", "n4"}), 1)
     live = [
         Candidate("n2", 5, 100, clean_start=False, caught_up=False),
-        Candidate("n3", 4, 900),
+        Candidate("n3", 6, 900),
         Candidate("n4", 5, 50),
         Candidate("n5", 5, 999),
     ]
     view = election_view(state, live)
     assert view.refused == {
         "n2": Ineligible.CRASHED_NOT_CAUGHT_UP,
-        "n3": Ineligible.STALE_EPOCH,
+        "n3": Ineligible.EPOCH_AHEAD,
         "n5": Ineligible.NOT_IN_SYNC,
     }
     assert view.best == "n4"
     caught_up = [Candidate("n2", 5, 100, clean_start=False, caught_up=True), *live[1:]]
     assert election_view(state, caught_up).best == "n2"
+
+
+def test_a_newer_epoch_beats_a_longer_log_and_an_older_epoch_stays_eligible() -> None:
+    """The master of epoch 3 died before any slave saw epoch 3: its slaves still lead."""
+    state = GroupState(3, "dead", frozenset({"dead", "a", "b"}), 1)
+    assert election_view(state, [Candidate("a", 2, 100), Candidate("b", 2, 90)]).best == "a"
+    assert election_view(state, [Candidate("a", 2, 100), Candidate("b", 3, 90)]).best == "b"
 
 
 def test_ties_go_to_priority_then_to_the_lowest_name() -> None:

@@ -235,3 +235,17 @@ async def test_a_resigning_master_hands_over_without_waiting_for_its_lease(
         state = await wait_for_state(settings, lambda s: s.epoch == 2)
         assert state.master == other.fake.name
         assert old.fake.fenced == ["resigning"]
+
+
+async def test_slaves_take_over_from_a_master_that_died_before_they_saw_its_epoch(
+    etcd_endpoints: list[str],
+) -> None:
+    settings = settings_for(etcd_endpoints)
+    recorded = GroupState(3, "dead", frozenset({"dead", "a", "b"}), 1)
+    async with EtcdClient(etcd_endpoints) as etcd:
+        await etcd.put(settings.keys.state(settings.group), recorded.encode())
+    a, b = FakeNode("a", epoch=2, log_end=70), FakeNode("b", epoch=2, log_end=90)
+    async with running(settings, a, b):
+        state = await wait_for_state(settings, lambda s: s.epoch == 4)
+        assert state.master == "b" and state.in_sync == {"a", "b"}
+        await a.until("following b", lambda: a.following == "b")
