@@ -35,12 +35,28 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
-import attrs
 import trio
 
-from cluster.client import TidelogError, open_client
 from cluster.node.acks import AckPolicy, ReplicatedAcks, StandaloneAcks
 from cluster.node.config import NodeConfig
+from cluster.node.role import (
+    Role,
+    RoleError,
+    Slave,
+    Stale,
+    become_stale,
+    configured,
+    describe,
+)
+from cluster.node.role import promote as promoted_role
+from cluster.node.role import repoint as repointed_role
+from cluster.node.status import (
+    MasterReplicationStatus,
+    NodeStatus,
+    SlaveReplicationStatus,
+    to_wire,
+)
+from cluster.node.topic_sync import TopicSync
 from cluster.node.topics import TopicExistsError, TopicRegistry
 from cluster.protocol import SCHEMAS, Request, Status, make_response
 from cluster.server import (
@@ -51,7 +67,7 @@ from cluster.server import (
     RequestHandler,
     Wakeups,
 )
-from replication.epochs import EpochEntry, EpochFile, EpochHistory
+from replication.epochs import EpochFile, EpochHistory
 from replication.master import HAService
 from replication.slave import SlaveReplication
 from replication.state import begin_term
@@ -65,13 +81,6 @@ __all__ = [
     "begin_term",
     "serve_until_signalled",
 ]
-
-TOPIC_SYNC_INTERVAL = 1.0
-"""How often a slave fetches the master's topic list (seconds): a topic created on the
-master is pullable from the slave within this, or at once on a pull naming it."""
-TOPIC_SYNC_TIMEOUT = 2.0
-"""Bound on one topic fetch, so a pull naming an unknown topic never hangs on a dead
-master."""
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +142,24 @@ class Node:
         self.ha: HAService | None = None
         self.ha_address: tuple[str, int] | None = None
         self.slave: SlaveReplication | None = None
-        self.role = config.replication.role
-        """The role now: the configured one until a ``promote``."""
-        self.master_client = config.replication.master_client or None
-        """A slave's master client address: the ``NOT_MASTER`` hint and where topics
-        are fetched from (changed by ``repoint``)."""
+        replication = config.replication
+        self.role: Role = configured(
+            replication.role,
+            ha_port=replication.ha_port,
+            master_ha=replication.master_ha,
+            master_client=replication.master_client or None,
+        )
+        """The role now (:mod:`cluster.node.role`): the configured one until a transition.
+        Changed only under ``_role_lock`` (promote, repoint) or by :meth:`_observe_stale`.
+        :attr:`slave`, :attr:`ha` and :attr:`acks` are the I/O objects that serve it."""
         self.epoch_file = EpochFile.in_dir(config.data_dir)
         self.history = EpochHistory()
         self._standalone: StandaloneAcks | None = None
         self._replication_nursery: trio.Nursery | None = None
         self._replication_scope = trio.CancelScope()
         self._topic_sync_scope = trio.CancelScope()
-        self._topic_sync_lock = trio.Lock()
+        self.topic_sync: TopicSync | None = None
+        """A slave's topic sync (:mod:`cluster.node.topic_sync`); None on a master."""
         self._role_lock = trio.Lock()
 
     def request_shutdown(self) -> None:
@@ -201,7 +216,7 @@ class Node:
                 log.info(
                     "node_ready name=%s role=%s host=%s port=%d topics=%d log_end=%d epoch=%s",
                     config.node.name,
-                    self.role,
+                    self.role.name,
                     *self.address,
                     len(self.topics),
                     store.commit_log.max_offset,
@@ -228,16 +243,18 @@ class Node:
         replication = config.replication
         self._standalone = StandaloneAcks(store)
         self.acks = self._standalone
-        if replication.is_slave:
+        role = self.role
+        if isinstance(role, Slave):
+            self.topic_sync = TopicSync(topics, self._master_client)
             self.slave = SlaveReplication(
                 store,
                 config.node.name,
-                replication.master_ha,
+                role.master_ha,
                 replication.settings,
                 history=self.history,
                 epoch_file=self.epoch_file,
             )
-        elif replication.serves_slaves:
+        elif role.serves_slaves:
             self.ha = self._ha_service(store)
             self.acks = ReplicatedAcks(self._standalone, self.ha, replication.min_insync_replicas)
         return NodeRequestHandler(
@@ -262,23 +279,19 @@ class Node:
         does not know the new master's client address, and its own writes could be cut
         on every slave, so it must take none.
         """
-        if self.slave is not None:
-            where = self.master_client
-            raise RequestError(
-                Status.NOT_MASTER,
-                f"this node is a slave; resend to the master at {where}"
-                if where
-                else "this node is a slave and knows no master client address; "
-                "resend to the master",
-                master=where,
+        refusal = self._observe_stale().write_refusal(self.epoch)
+        if refusal is not None:
+            raise RequestError(Status.NOT_MASTER, refusal.message, master=refusal.master)
+
+    def _observe_stale(self) -> Role:
+        """The role, after taking in what the HA service learned: a slave that proved a
+        newer master exists makes this master :class:`~cluster.node.role.Stale`."""
+        if self.ha is not None and self.ha.stale is not None and not isinstance(self.role, Stale):
+            self.role = become_stale(self.role, self.ha.stale)
+            log.error(
+                "node_stale name=%s reason=%s writes=refused", self.config.node.name, self.ha.stale
             )
-        if self.ha is not None and self.ha.stale is not None:
-            raise RequestError(
-                Status.NOT_MASTER,
-                f"this master (epoch {self.epoch}) is stale, a newer master exists "
-                f"({self.ha.stale}); nothing was written: resend to the new master",
-                master=None,
-            )
+        return self.role
 
     async def promote(self, ha_port: int) -> dict[str, Any]:
         """Turn this slave into a master without a restart; return the new epoch and HA
@@ -286,16 +299,17 @@ class Node:
         record the old master had sent, start a new term and save it, open the HA port,
         and only then switch the ack policy and take writes."""
         async with self._role_lock:
+            try:
+                master = promoted_role(self._observe_stale(), ha_port, self.epoch)
+            except RoleError as exc:
+                raise RequestError(Status.BAD_REQUEST, str(exc)) from None
             slave = self.slave
-            if slave is None:
-                raise RequestError(
-                    Status.BAD_REQUEST,
-                    f"this node is already a master (epoch {self.epoch}); promote only a slave",
-                )
+            assert slave is not None, "a slave role runs its follower"
             assert self.store is not None and self.handler is not None
             assert self._standalone is not None and self._replication_nursery is not None
             await slave.stop()
             self._topic_sync_scope.cancel()
+            self.topic_sync = None
             commit_log = self.store.commit_log
             commit_log.discard_raw_pending()
             entry = begin_term(self.history, commit_log.max_offset)
@@ -310,8 +324,7 @@ class Node:
             self.handler.set_acks(self.acks)
             await self._register_logged_topics()
             self.slave = None
-            self.master_client = None
-            self.role = "master"
+            self.role = master
             log.warning(
                 "node_promoted name=%s epoch=%d epoch_start=%d ha_port=%d",
                 self.config.node.name,
@@ -328,8 +341,8 @@ class Node:
     async def _register_logged_topics(self) -> None:
         """Register every topic the log holds records of but the registry lacks.
 
-        A slave learns topics from the master's list every :data:`TOPIC_SYNC_INTERVAL`;
-        a topic created just before the master was lost may have records here and no
+        A slave learns topics from the master's list once a second (its topic sync); a
+        topic created just before the master was lost may have records here and no
         entry. A new master must accept writes to it, so its queue count is taken from
         the log: one past the highest queue id with records (a lower bound of the old
         master's count when its last queues were empty).
@@ -349,21 +362,20 @@ class Node:
     async def repoint(self, master_ha: str, master_client: str | None) -> dict[str, Any]:
         """Make this slave follow another master (after a promotion elsewhere)."""
         async with self._role_lock:
-            if self.slave is None:
-                raise RequestError(
-                    Status.BAD_REQUEST,
-                    "this node is a master; repoint only a slave (a master follows no one)",
-                )
+            try:
+                slave_role = repointed_role(self.role, master_ha, master_client)
+            except RoleError as exc:
+                raise RequestError(Status.BAD_REQUEST, str(exc)) from None
+            assert self.slave is not None, "a slave role runs its follower"
             self.slave.repoint(master_ha)
-            if master_client is not None:
-                self.master_client = master_client
+            self.role = slave_role
             log.warning(
                 "node_repointed name=%s master_ha=%s master_client=%s",
                 self.config.node.name,
                 master_ha,
-                self.master_client,
+                slave_role.master_client,
             )
-            return {"master_ha": master_ha, "master_client": self.master_client}
+            return {"master_ha": master_ha, "master_client": slave_role.master_client}
 
     @staticmethod
     async def _replication_tasks(
@@ -381,93 +393,77 @@ class Node:
         assert self.ha is not None
         await self.ha.serve(self.config.ha_host, port, task_status=task_status)
 
-    async def _sync_topics(self) -> None:
-        """A slave's topic list follows the master's: fetched at start and every
-        :data:`TOPIC_SYNC_INTERVAL` (and on demand, see :class:`NodeRequestHandler`).
+    def _master_client(self) -> str | None:
+        """Where a slave's master takes client requests now (None: unknown, or not a slave)."""
+        return self.role.master_client if isinstance(self.role, Slave) else None
 
-        Topics are not in the replicated log, so without this a consumer pulling from a
-        slave would get ``UNKNOWN_TOPIC`` for topics whose records the slave holds.
-        """
+    async def _sync_topics(self) -> None:
+        """Keep the topic registry in step with the master's until promoted."""
+        assert self.topic_sync is not None
         with self._topic_sync_scope:
-            while True:
-                await self.sync_topics_now()
-                await trio.sleep(TOPIC_SYNC_INTERVAL)
+            await self.topic_sync.run()
 
     async def sync_topics_now(self) -> None:
-        """Fetch the master's topics (``list_topics`` on ``master_client``) and create
-        the ones missing here. Bounded by :data:`TOPIC_SYNC_TIMEOUT`; a master that is
-        down is logged, not raised: the next round tries again."""
-        master = self.master_client
-        if self.slave is None or master is None or self.topics is None:
-            return
-        async with self._topic_sync_lock:
-            topics: list[dict[str, Any]] = []
-            with trio.move_on_after(TOPIC_SYNC_TIMEOUT) as timer:
-                try:
-                    async with open_client(master, connect_timeout=TOPIC_SYNC_TIMEOUT) as client:
-                        topics = (await client.checked("list_topics"))["topics"]
-                except (OSError, TidelogError) as exc:
-                    log.warning("topic_sync_failed master=%s error=%r", master, exc)
-                    return
-            if timer.cancelled_caught:
-                log.warning("topic_sync_timeout master=%s", master)
-                return
-            for topic in topics:
-                if self.topics.get(topic["topic"]) is None:
-                    try:
-                        await self.topics.create(topic["topic"], topic["queues"])
-                    except TopicExistsError:
-                        continue
-                    log.info("topic_synced topic=%s queues=%d", topic["topic"], topic["queues"])
+        """One topic sync round now (a read named a topic this slave does not know)."""
+        if self.topic_sync is not None and isinstance(self.role, Slave):
+            await self.topic_sync.sync_now()
 
-    def _replication_status(self) -> dict[str, Any] | None:
+    def _replication_status(self) -> MasterReplicationStatus | SlaveReplicationStatus | None:
         """``status.replication``: None for a master without an HA port."""
+        role = self._observe_stale()
         if self.slave is not None:
             slave = self.slave.status()
-            return {
-                "role": self.role,
-                "epoch": self.epoch,
-                **attrs.asdict(slave, recurse=False),
-                "last_truncation": list(slave.last_truncation) if slave.last_truncation else None,
-            }
-        if isinstance(self.acks, ReplicatedAcks) and self.ha is not None:
+            return SlaveReplicationStatus(
+                role=role.name,
+                epoch=self.epoch,
+                master_ha=slave.master_ha,
+                connected=slave.connected,
+                acked_offset=slave.acked_offset,
+                master_offset=slave.master_offset,
+                reconnects=slave.reconnects,
+                last_truncation=slave.last_truncation,
+            )
+        if role.serves_slaves and self.ha is not None:
+            assert isinstance(self.acks, ReplicatedAcks), describe(role)
             host, port = self.ha_address or (self.config.ha_host, self.config.replication.ha_port)
             current = self.history.current
-            return {
-                "role": self.role,
-                "ha_address": f"{host}:{port}",
-                "epoch": self.epoch,
-                "epoch_start": current.start_offset if current is not None else None,
-                "stale": self.ha.stale,
-                **self.acks.status(),
-            }
+            return MasterReplicationStatus.of(
+                self.acks.ack_status(),
+                role=role.name,
+                ha_address=f"{host}:{port}",
+                epoch=self.epoch,
+                epoch_start=current.start_offset if current is not None else None,
+                stale=self.ha.stale,
+            )
         return None
 
-    def status(self) -> dict[str, Any]:
-        """The ``status`` op's result: the protocol's fields, then node and store detail."""
+    def node_status(self) -> NodeStatus:
+        """The ``status`` op's result, typed (see :func:`status` for the wire map)."""
         assert self.store is not None and self.topics is not None and self.server is not None
-        assert self.acks is not None
         store = self.store.status()
         host, port = self.address or (self.config.node.host, self.config.node.port)
-        stale = self.ha is not None and self.ha.stale is not None
-        return {
-            "role": self.role,
-            "writable": self.slave is None
-            and not stale
+        role = self._observe_stale()
+        return NodeStatus(
+            role=role.name,
+            writable=role.write_refusal(self.epoch) is None
             and not store["failed"]
             and not self.server.handler.disk_full,
-            "min_offset": store["log_min_offset"],
-            "max_offset": store["log_max_offset"],
-            "flushed_offset": store["flushed_offset"],
-            "replication": self._replication_status(),
-            "node": self.config.node.name,
-            "address": f"{host}:{port}",
-            "epoch": self.epoch,
-            "topics": len(self.topics),
-            "connections": self.server.connections,
-            "uptime_ms": int((trio.current_time() - self._started_at) * 1000),
-            "store": store,
-        }
+            min_offset=store["log_min_offset"],
+            max_offset=store["log_max_offset"],
+            flushed_offset=store["flushed_offset"],
+            replication=self._replication_status(),
+            node=self.config.node.name,
+            address=f"{host}:{port}",
+            epoch=self.epoch,
+            topics=len(self.topics),
+            connections=self.server.connections,
+            uptime_ms=int((trio.current_time() - self._started_at) * 1000),
+            store=store,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` op's result as the wire map."""
+        return to_wire(self.node_status())
 
 
 async def serve_until_signalled(

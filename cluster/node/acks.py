@@ -17,31 +17,14 @@ from typing import Any, Protocol
 
 import trio
 
+from cluster.node.status import AckStatus, ConnectedSlave, SlaveLagStatus, to_wire
 from cluster.protocol import Acks, Status
 from cluster.server.errors import RequestError
 from replication.insync import SlaveLag
-from replication.master import HAService, LagReport, lag_status
+from replication.master import HAService
 from storage import MessageStore
 
 __all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "StandaloneAcks"]
-
-
-def lag_wire(report: LagReport) -> dict[str, list[dict[str, Any]]]:
-    """``in_sync`` and ``out_of_sync`` lists for a status reply: name, ack offset, lag in
-    bytes and in ms (since the slave was last caught up)."""
-
-    def one(lag: SlaveLag) -> dict[str, Any]:
-        return {
-            "name": lag.name,
-            "ack_offset": lag.ack_offset,
-            "lag_bytes": lag.lag_bytes,
-            "lag_ms": round(lag.lag_ms, 1),
-        }
-
-    return {
-        "in_sync": [one(lag) for lag in report.in_sync],
-        "out_of_sync": [one(lag) for lag in report.out_of_sync],
-    }
 
 
 class AckPolicy(Protocol):
@@ -170,16 +153,26 @@ class ReplicatedAcks:
     def read_limit(self) -> int | None:
         return self._ha.confirm_offset
 
-    def status(self) -> dict[str, Any]:
-        """The replication part of a master's ``status`` (the node adds its addresses):
-        every connected slave under ``slaves``, and under ``in_sync`` / ``out_of_sync``
-        the same slaves split by the in-sync decision, with their lag in bytes and ms."""
-        return {
-            **lag_wire(lag_status(self._ha.slave_lags())),
-            "min_insync_replicas": self.min_insync_replicas,
-            "confirm_offset": self._ha.confirm_offset,
-            "slaves": [
-                {"name": name, "ack_offset": offset}
+    def ack_status(self) -> AckStatus:
+        """Every connected slave under ``slaves``, and under ``in_sync`` /
+        ``out_of_sync`` the same slaves split by the in-sync decision, with their lag
+        in bytes and ms."""
+        lags = self._ha.slave_lags()
+        return AckStatus(
+            in_sync=tuple(_lag(lag) for lag in lags if lag.in_sync),
+            out_of_sync=tuple(_lag(lag) for lag in lags if not lag.in_sync),
+            min_insync_replicas=self.min_insync_replicas,
+            confirm_offset=self._ha.confirm_offset,
+            slaves=tuple(
+                ConnectedSlave(name, offset)
                 for name, offset in sorted(self._ha.ack_offsets.items())
-            ],
-        }
+            ),
+        )
+
+    def status(self) -> dict[str, Any]:
+        """:meth:`ack_status` as the wire map (the replication part of ``status``)."""
+        return to_wire(self.ack_status())
+
+
+def _lag(lag: SlaveLag) -> SlaveLagStatus:
+    return SlaveLagStatus(lag.name, lag.ack_offset, lag.lag_bytes, lag.lag_ms)
