@@ -132,6 +132,8 @@ class HaLoop:
     lease_id: int = 0
     fence_state: LeaseFence = attrs.field(init=False)
     in_sync: InSyncRecord | None = None
+    _vacant_since_s: float | None = None
+    """When this node first saw the leader key missing (None while there is a leader)."""
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _lease_ready: trio.Event = attrs.field(factory=trio.Event)
     _role_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -347,6 +349,7 @@ class HaLoop:
 
     async def _with_leader(self, me: MemberInfo, view: GroupView) -> None:
         assert view.leader is not None and view.leader_kv is not None
+        self._vacant_since_s = None
         mine = view.leader.node == me.node
         if mine and view.leader_kv.lease == self.lease_id:
             state = view.state
@@ -387,6 +390,14 @@ class HaLoop:
         election = election_view(view.state, candidates)
         if self.role is HaRole.SLAVE:
             self._set_role(HaRole.CANDIDATE, None)
+        now_s = trio.current_time()
+        if self._vacant_since_s is None:
+            self._vacant_since_s = now_s
+        if now_s - self._vacant_since_s < self.settings.keepalive_interval_s:
+            # wait one interval: every live member publishes its final log end (the
+            # master is gone, nothing more arrives) and late starters register, so the
+            # best is judged on a fresh view
+            return
         if not election.may_campaign(me.node):
             log.debug(
                 "ha not campaigning node=%s best=%s refused=%s",
