@@ -1,4 +1,4 @@
-"""The node and its client server, in-process on port 0, spoken to over raw TCP.
+"""The client server, served by an in-process node on port 0, spoken to over raw TCP.
 
 Requests are built with ``cluster.protocol`` (or by hand, for hostile frames) and
 answers read with its ``ResponseDecoder``: nothing here depends on the client library.
@@ -8,11 +8,8 @@ it can, on ``trio.testing.wait_all_tasks_blocked``), never on sleeps.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import resource
-import signal
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -27,17 +24,13 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.node import Node, serve_until_signalled
+from cluster.node import Node
 from cluster.node.config import NodeConfig
 from cluster.node.topics import (
     InvalidTopicNameError,
     QueueCountError,
     Topic,
     TopicExistsError,
-    TopicRegistry,
-    TopicRegistryCorruptError,
-    check_queue_count,
-    check_topic_name,
 )
 from cluster.protocol import (
     HEADER,
@@ -725,38 +718,6 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
         assert [m["body"] for m in page["messages"]] == [b"%d" % i for i in range(count)]
 
 
-async def test_restart_on_the_same_data_dir_keeps_topics_and_messages(tmp_path: Path) -> None:
-    config = node_config(tmp_path)
-    async with running(config) as node, client(node) as c:
-        await c.ok("create_topic", topic="keep", queues=2)
-        await c.ok("create_topic", topic="empty", queues=5)
-        for i in range(30):
-            await c.ok("send", topic="keep", body=b"m%d" % i, queue=i % 2, tags=f"t{i}")
-    assert json.loads((tmp_path / "topics.json").read_text())["version"] == 1
-    async with running(config) as node, client(node) as c:
-        listed = await c.ok("list_topics")
-        assert listed["topics"] == [{"topic": "empty", "queues": 5}, {"topic": "keep", "queues": 2}]
-        page = await c.ok("pull", topic="keep", queue=1, offset=0, max_messages=100)
-        assert [m["body"] for m in page["messages"]] == [b"m%d" % i for i in range(1, 30, 2)]
-        assert [m["tags"] for m in page["messages"]] == [f"t{i}" for i in range(1, 30, 2)]
-        more = await c.ok("send", topic="keep", body=b"after", queue=0)
-        assert more["queue_offset"] == 15
-
-
-async def test_serve_until_signalled_shuts_down_on_sigterm(tmp_path: Path) -> None:
-    ready: list[tuple[str, int]] = []
-
-    def on_ready(host: str, port: int) -> None:
-        ready.append((host, port))
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    with trio.fail_after(ANSWER_TIMEOUT):
-        await serve_until_signalled(node_config(tmp_path), on_ready=on_ready)
-    assert len(ready) == 1 and ready[0][1] > 0
-    checkpoint = tmp_path / "store" / "checkpoint"
-    assert checkpoint.exists()
-
-
 # ---- sans-IO pieces ---------------------------------------------------------------------------
 
 
@@ -851,74 +812,6 @@ async def test_wakeups_end_parked_waits_early() -> None:
     assert ended == [True]
     with wakeups.deadline(trio.current_time() + 3600):  # after wake_all: already over
         await trio.sleep_forever()
-
-
-# ---- the topic registry -----------------------------------------------------------------------
-
-
-def test_topic_validation() -> None:
-    assert check_topic_name("a.b_c-1") == "a.b_c-1"
-    for bad in ("", ".", "..", "-x", "a/b", "x" * 128, 5):
-        with pytest.raises(InvalidTopicNameError):
-            check_topic_name(bad)
-    assert check_queue_count(1024) == 1024
-    for bad_count in (0, 1025, True, "3"):
-        with pytest.raises(QueueCountError):
-            check_queue_count(bad_count)
-
-
-async def test_topic_registry_persists_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "topics.json"
-    registry = await TopicRegistry.open(path)
-    assert registry.list() == [] and not path.exists()
-    made = await registry.create("b", 2)
-    await registry.create("a", 1)
-    assert registry.get("b") == made and made.created_us > 0
-    with pytest.raises(TopicExistsError) as caught:
-        await registry.create("b", 5)
-    assert caught.value.topic.queues == 2
-    with pytest.raises(InvalidTopicNameError):
-        await registry.create("..", 1)
-    with pytest.raises(QueueCountError):
-        await registry.create("c", 0)
-    assert [t.name for t in registry.list()] == ["a", "b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["topics.json"]  # no tmp left
-    reopened = await TopicRegistry.open(path)
-    assert reopened.list() == registry.list()
-
-
-async def test_concurrent_creates_of_one_name_make_one_topic(tmp_path: Path) -> None:
-    registry = await TopicRegistry.open(tmp_path / "topics.json")
-    outcomes: list[str] = []
-
-    async def create(queues: int) -> None:
-        try:
-            await registry.create("same", queues)
-            outcomes.append("created")
-        except TopicExistsError:
-            outcomes.append("exists")
-
-    async with trio.open_nursery() as nursery:
-        for queues in (1, 2, 3):
-            nursery.start_soon(create, queues)
-    assert sorted(outcomes) == ["created", "exists", "exists"]
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        "not json",
-        '{"version": 2, "topics": []}',
-        '{"version": 1, "topics": [{"name": "..", "queues": 1, "created_us": 0}]}',
-        '{"version": 1, "topics": [{"name": "a"}]}',
-        "[]",
-    ],
-)
-async def test_a_corrupt_registry_refuses_to_start(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "topics.json"
-    path.write_text(content)
-    with pytest.raises(TopicRegistryCorruptError, match=r"topics\.json"):
-        await TopicRegistry.open(path)
 
 
 # ---- a model of request sequences -------------------------------------------------------------
