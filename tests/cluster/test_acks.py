@@ -1,0 +1,53 @@
+"""The ack policies' own contract: what is refused before an append, and timeouts in ms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.node.acks import AckPolicy, StandaloneAcks
+from cluster.protocol import Acks, Status
+from cluster.server import RequestError
+from storage import Message, MessageStore
+from tests.replication.test_ha_stream import config_at
+
+
+class SlowDisk:
+    """The one store call the standalone policy makes, answering 'not yet durable'
+    and recording the timeout it was given (seconds, the store's unit)."""
+
+    def __init__(self) -> None:
+        self.timeouts_s: list[float] = []
+
+    async def wait_durable(self, offset: int, timeout: float) -> bool:
+        self.timeouts_s.append(timeout)
+        return False
+
+
+def test_replicated_is_refused_before_anything_is_appended() -> None:
+    policy = StandaloneAcks(SlowDisk())  # type: ignore[arg-type]
+    policy.admit(Acks.LEADER)
+    policy.admit(Acks.DURABLE)
+    with pytest.raises(RequestError) as refused:
+        policy.admit(Acks.REPLICATED)
+    assert refused.value.status is Status.SLAVE_NOT_AVAILABLE
+    assert "nothing was written" in refused.value.message
+    assert policy.read_limit() is None
+
+
+async def test_the_timeout_is_in_milliseconds_end_to_end() -> None:
+    disk = SlowDisk()
+    policy: AckPolicy = StandaloneAcks(disk)  # type: ignore[arg-type]
+    status, error = await policy.wait(Acks.DURABLE, 100, 250)
+    assert status is Status.FLUSH_DISK_TIMEOUT
+    assert error is not None and "within 250 ms" in error
+    assert disk.timeouts_s == [0.25]
+
+
+async def test_durable_is_answered_once_fsynced(tmp_path: Path) -> None:
+    async with MessageStore.open(config_at(tmp_path)) as store:
+        result = await store.put(Message.create("t", b"kept", 0))
+        policy = StandaloneAcks(store)
+        assert await policy.wait(Acks.DURABLE, result.end_offset, 10_000) == (Status.OK, None)
+        assert store.commit_log.flushed_offset >= result.end_offset
