@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from tools.cli_client import add_client_commands
+from tools.cli_client import add_client_commands, address_argument
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +152,7 @@ def storage_ratios(f: dict[str, float]) -> dict[str, float]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
-    return run_demo(args.dir, args.rounds, args.acks)
+    return run_demo(args.dir, args.rounds, args.acks_per_round)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -179,12 +184,63 @@ def cmd_node(args: argparse.Namespace) -> int:
     def ready(host: str, port: int) -> None:
         print(
             f"tidelog node {config.node.name} listening on {host}:{port} "
-            f"(data: {config.node.data_dir})",
+            f"(data: {config.node.data_dir}); Ctrl-C or SIGTERM stops it",
             flush=True,
         )
 
-    trio.run(lambda: serve_until_signalled(config, on_ready=ready))
+    try:
+        trio.run(lambda: serve_until_signalled(config, on_ready=ready))
+    except BaseException as exc:  # an OS refusal (port, data dir) becomes a sentence
+        refusal = sole_os_error(exc)
+        if refusal is None:
+            raise
+        print(f"tidelog node: {node_start_problem(refusal, config)}", file=sys.stderr)
+        return 1
+    print(
+        f"tidelog node {config.node.name} stopped cleanly: log flushed, checkpoint written "
+        f"(data: {config.node.data_dir})",
+        flush=True,
+    )
     return 0
+
+
+def sole_os_error(exc: BaseException) -> OSError | None:
+    """The one ``OSError`` behind ``exc`` (trio wraps failures in exception groups)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
+
+
+def node_start_problem(error: OSError, config: Any) -> str:
+    """What stopped a node from starting, with the setting to change."""
+    if error.errno == errno.EADDRINUSE:
+        ports = [("--port", config.node.host, config.node.port)]  # or node.port in a config
+        if config.replication.ha_port is not None and config.replication.ha_port > 0:
+            ha_host = config.replication.ha_host or config.node.host
+            ports.append(("--ha-port", ha_host, config.replication.ha_port))
+        busy = [(flag, host, port) for flag, host, port in ports if port and _port_busy(host, port)]
+        flag, host, port = (busy or ports)[0]
+        return (
+            f"port {port} on {host} is already in use (set by {flag}): another node or "
+            f"program listens there. Stop it, or choose another {flag} (0 picks a free one)."
+        )
+    where = error.filename or config.node.data_dir
+    return (
+        f"cannot use the data directory {config.node.data_dir}: {error.strerror} ({where}). "
+        "Choose a writable directory with --data-dir."
+        if error.filename is not None
+        else f"cannot start: {error}"
+    )
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,9 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="tidelog: a replicated commit-log cluster (mmap CommitLog, group commit, "
         "sendfile replication).",
     )
-    parser.add_argument(
-        "--log-level", default="WARNING", help="stdlib logging level (default: WARNING)"
-    )
+    parser.add_argument("--log-level", type=log_level, default=None, help=LOG_LEVEL_HELP)
+    parser.add_argument("--version", action="version", version=f"tidelog {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     node = commands.add_parser(
@@ -233,14 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="crash a durable writer with SIGKILL and show that recovery keeps every ack",
-        description="Start a writer process that appends with durable (group-commit) acks, "
-        "SIGKILL it mid-stream, tear the unacknowledged tail, recover, and check every "
-        "acknowledged record byte for byte. Repeats for several crashes on the same log.",
+        help="SIGKILL a node and then a master mid-stream; show every acknowledged message kept",
+        description="Part 1: one node takes sends with acks=durable and is SIGKILLed "
+        "mid-stream; the bytes after the last ack are overwritten with garbage; the node "
+        "restarts and every acknowledged message is read back byte for byte (--rounds "
+        "crashes on the same log). Part 2: a master and two slaves take sends with "
+        "acks=replicated; the master is SIGKILLed, slave-1 is promoted, slave-2 follows it, "
+        "and every replicated ack is checked on both survivors. Real processes, sockets, files.",
     )
-    demo.add_argument("--dir", type=Path, default=None, help="keep the data here (default: temp)")
+    demo.add_argument(
+        "--dir", type=Path, default=None, help="keep the data here (default: a temp dir, removed)"
+    )
     demo.add_argument("--rounds", type=int, default=3, help="crashes to survive (default 3)")
-    demo.add_argument("--acks", type=int, default=3000, help="acks per round (default 3000)")
+    demo.add_argument(
+        "--acks-per-round",
+        "--acks",
+        dest="acks_per_round",
+        type=positive_int,
+        default=3000,
+        metavar="N",
+        help="acknowledged messages before each SIGKILL (default 3000; a count, unlike "
+        "produce --acks, which is a level)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput and latency")
@@ -293,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         node_bench = bench_kinds.add_parser(kind, help=text, description=text + ".")
         node_bench.add_argument(
-            "--bootstrap", help="measure this node (default: start one in a temp dir)"
+            "--bootstrap",
+            "-b",
+            type=address_argument,
+            help="measure this node, host:port (default: start one in a temp dir)",
         )
         node_bench.add_argument(
             "--acks",
@@ -310,18 +382,73 @@ def build_parser() -> argparse.ArgumentParser:
         node_bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
         node_bench.add_argument("--json", action="store_true", help="one JSON object")
         node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
+    add_log_level_everywhere(parser)
     return parser
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str) -> str:
+    """``--log-level``: one of :data:`LOG_LEVELS`, any case."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown level {value!r}; use one of {', '.join(LOG_LEVELS)} (any case)"
+        )
+    return value.upper()
+
+
+def add_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` after any subcommand too (``tidelog node --log-level INFO``);
+    the subcommand's copy has no default, so it never hides the top-level one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                subparser.add_argument(
+                    "--log-level", type=log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
+                )
+                add_log_level_everywhere(subparser)
+
+
+LOG_LEVEL_HELP = (
+    "stdlib logging level: DEBUG, INFO, WARNING, ERROR, CRITICAL "
+    "(default: INFO for `node`, WARNING for the rest); also accepted after the command"
+)
+
+
+def version() -> str:
+    try:
+        return metadata.version("tidelog")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: run `pip install -e .`)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "node" else "WARNING")
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    return args.handler(args)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: the user asked to stop; 128 + SIGINT, as shells expect
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None and not group.subgroup(Exception):
+            return 130
+        raise
+    except BrokenPipeError:  # `tidelog consume ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
 
 
 if __name__ == "__main__":

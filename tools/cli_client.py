@@ -7,6 +7,8 @@ one JSON document (``consume --json``: one object per line) for machines.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import os
 import sys
@@ -16,7 +18,11 @@ from typing import Any
 
 import trio
 
-from cluster.client import Client, SendResult, TidelogError, open_client
+from cluster.client import Client, ConsumedMessage, SendResult, TidelogError, open_client
+from cluster.client.consumer import consumed_message
+from cluster.protocol import Status
+from cluster.protocol.address import parse_address
+from storage.names import TOPIC_RULE
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -26,15 +32,45 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def address_argument(value: str) -> str:
+    """``-b``/``--bootstrap``: a ``host:port`` the parser checks before anything connects."""
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def start_argument(value: str) -> str | int:
+    """``consume --from``: ``earliest``, ``latest`` or a queue offset (0 or more)."""
+    if value in ("earliest", "latest"):
+        return value
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not earliest, latest or a queue offset (a whole number, 0 or more)"
+    )
+
+
+def client_error_text(exc: TidelogError, args: argparse.Namespace) -> str:
+    """One paragraph: the node's status and words, and the command that helps."""
+    text = f"{exc.status.value}: {exc.message}" if exc.status else exc.message
+    topic = getattr(args, "topic", None) or getattr(args, "name", None)
+    if exc.status is Status.UNKNOWN_TOPIC and topic:
+        text += f"; to create it: tidelog topic create {topic} -b {args.bootstrap}"
+    return text
+
+
 def _run(args: argparse.Namespace, command: Any) -> int:
     async def main() -> int:
         async with open_client(args.bootstrap) as client:
-            return await command(client, args)
+            result: int = await command(client, args)
+            return result
 
     try:
         return trio.run(main)
     except TidelogError as exc:
-        print(f"tidelog: {exc}", file=sys.stderr)
+        print(f"tidelog: {client_error_text(exc, args)}", file=sys.stderr)
         return 2
 
 
@@ -85,6 +121,64 @@ def _bodies(args: argparse.Namespace) -> Iterator[bytes]:
         yield line.rstrip(b"\n")
 
 
+class InputLineError(ValueError):
+    """A ``produce --jsonl`` line that is not a message object: refused, nothing sent."""
+
+
+JSONL_FIELDS = frozenset({"body", "body_base64", "key", "queue", "tags", "props"})
+
+
+def message_from_json_line(line: bytes, number: int) -> dict[str, Any]:
+    """One ``--jsonl`` line -> the keyword arguments of ``Producer.send`` (body first).
+
+    ``{"body": "text"}`` or ``{"body_base64": "..."}`` (binary), plus optional ``key``,
+    ``queue``, ``tags`` and ``props`` (string to string): what ``consume --json`` prints.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise InputLineError(f"line {number}: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InputLineError(f"line {number}: a JSON object is needed, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - JSONL_FIELDS)
+    if unknown:
+        raise InputLineError(
+            f"line {number}: unknown field(s) {', '.join(unknown)}; "
+            f"use {', '.join(sorted(JSONL_FIELDS))}"
+        )
+    if ("body" in obj) == ("body_base64" in obj):
+        raise InputLineError(f"line {number}: give exactly one of body, body_base64")
+    if "body" in obj:
+        if not isinstance(obj["body"], str):
+            raise InputLineError(f"line {number}: body must be a string (binary: body_base64)")
+        body = obj["body"].encode()
+    else:
+        try:
+            body = base64.b64decode(obj["body_base64"], validate=True)
+        except (binascii.Error, TypeError) as exc:
+            raise InputLineError(f"line {number}: body_base64 is not base64 ({exc})") from None
+    message: dict[str, Any] = {"body": body}
+    for field in ("key", "queue", "tags", "props"):
+        if obj.get(field) is not None:
+            message[field] = obj[field]
+    return message
+
+
+def _messages(args: argparse.Namespace) -> Iterator[dict[str, Any] | InputLineError]:
+    """What to send: a ``send`` keyword dict per message, or the error of a bad line."""
+    if not args.jsonl:
+        for body in _bodies(args):
+            yield {"body": body}
+        return
+    for number, line in enumerate(sys.stdin.buffer, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield message_from_json_line(line, number)
+        except InputLineError as exc:
+            yield exc
+
+
 class _Progress:
     """A one-line progress indicator on stderr, for terminals only."""
 
@@ -119,9 +213,12 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
     limiter = trio.Semaphore(args.in_flight)
     start = time.perf_counter()
 
-    async def one(body: bytes) -> None:
+    async def one(message: dict[str, Any]) -> None:
         try:
-            result: SendResult = await producer.send(args.topic, body, key=args.key)
+            message.setdefault("key", args.key)
+            result: SendResult = await producer.send(args.topic, **message)
+        except (TidelogError, TypeError, ValueError) as exc:  # refused before sending
+            result = SendResult("failed", getattr(exc, "status", None), args.topic, error=str(exc))
         finally:
             limiter.release()
         counts[result.outcome] += 1
@@ -131,9 +228,14 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
         progress.update(sum(counts.values()))
 
     async with trio.open_nursery() as nursery:
-        for body in _bodies(args):
+        for message in _messages(args):
+            if isinstance(message, InputLineError):
+                counts["failed"] += 1
+                reason = f"bad input: {message}"
+                errors[reason] = errors.get(reason, 0) + 1
+                continue
             await limiter.acquire()
-            nursery.start_soon(one, body)
+            nursery.start_soon(one, message)
     progress.close()
     elapsed = time.perf_counter() - start
     summary = dict(
@@ -146,7 +248,7 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(
-            f"sent {sum(counts.values())} messages to {args.topic} (acks={args.acks}) in "
+            f"{sum(counts.values())} messages for {args.topic} (acks={args.acks}) in "
             f"{elapsed:.2f}s: {counts['ok']} ok, {counts['failed']} failed, "
             f"{counts['unknown']} unknown outcome"
         )
@@ -159,44 +261,89 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _consume(client: Client, args: argparse.Namespace) -> int:
-    queues = [args.queue] if args.queue is not None else None
-    if args.start in ("earliest", "latest"):
-        start: Any = args.start
+    described = await client.admin.describe_topic(args.topic)
+    queues = [args.queue] if args.queue is not None else list(range(described["queues"]))
+    bounds = {entry["queue"]: entry for entry in described["offsets"]}
+    if isinstance(args.start, int):
+        start: Any = dict.fromkeys(queues, args.start)
+    elif args.start == "latest":
+        start = {queue: bounds.get(queue, {}).get("max_offset", 0) for queue in queues}
     else:
-        described = await client.admin.describe_topic(args.topic)
-        chosen = queues or range(described["queues"])
-        start = dict.fromkeys(chosen, int(args.start))
-    ends: dict[int, int] = {}
-    if not args.follow:
-        for entry in await client.admin.offsets(args.topic, args.queue):
-            ends[entry["queue"]] = entry["max_offset"]
+        start = {queue: bounds.get(queue, {}).get("min_offset", 0) for queue in queues}
+    if args.follow:
+        return await _follow(client, args, queues, start)
     seen = 0
-    async with client.consumer(args.topic, queues=queues, start=start, wait_ms=args.wait_ms) as c:
-        if not args.follow and all(c.positions[q] >= ends.get(q, 0) for q in c.positions):
-            return 0
-        async for message in c:
-            seen += 1
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "queue": message.queue,
-                            "queue_offset": message.queue_offset,
-                            "offset": message.offset,
-                            "store_us": message.store_us,
-                            "tags": message.tags,
-                            "props": dict(message.props),
-                            "body": message.body.decode("utf-8", "replace"),
-                        }
-                    )
-                )
-            else:
-                print(message.body.decode("utf-8", "replace"))
-            if (args.count and seen >= args.count) or (
-                not args.follow and all(c.positions[q] >= ends.get(q, 0) for q in c.positions)
-            ):
+    unconfirmed = 0
+    for queue in queues:
+        offset = start[queue]
+        while not (args.count and seen >= args.count):
+            page = await client.checked(
+                "pull", topic=args.topic, queue=queue, offset=offset, max_messages=1024
+            )
+            for pulled in page["messages"]:
+                message = consumed_message(args.topic, queue, pulled)
+                if args.tag is None or message.tags == args.tag:
+                    seen += 1
+                    print(_shown(message, args))
+                    if args.count and seen >= args.count:
+                        break
+            if not page["messages"]:
+                unconfirmed += max(0, page["max_offset"] - page["next_offset"])
+                break
+            offset = page["next_offset"]
+    if unconfirmed and not (args.count and seen >= args.count):
+        print(
+            f"tidelog: {unconfirmed} more message(s) are stored but not readable yet: "
+            "consumers read only up to the confirm offset, which waits for the in-sync "
+            "slaves (see `tidelog status`, replication.in_sync)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _follow(
+    client: Client, args: argparse.Namespace, queues: list[int], start: dict[int, int]
+) -> int:
+    """``--follow``: long polls on every queue until Ctrl-C (or ``--count``)."""
+    seen = 0
+    consumer = client.consumer(args.topic, queues=queues, start=start, wait_ms=args.wait_ms)
+    async with consumer:
+        async for message in consumer:
+            if args.tag is None or message.tags == args.tag:
+                seen += 1
+                print(_shown(message, args), flush=True)
+            if args.count and seen >= args.count:
                 break
     return 0
+
+
+def message_json(message: ConsumedMessage) -> dict[str, Any]:
+    """A consumed message as JSON: ``body`` when it is UTF-8 text, else ``body_base64``
+    (so binary bodies survive; ``produce --jsonl`` reads both back)."""
+    shown: dict[str, Any] = {
+        "queue": message.queue,
+        "queue_offset": message.queue_offset,
+        "offset": message.offset,
+        "store_us": message.store_us,
+        "tags": message.tags,
+        "props": dict(message.props),
+    }
+    try:
+        shown["body"] = message.body.decode("utf-8")
+    except UnicodeDecodeError:
+        shown["body_base64"] = base64.b64encode(message.body).decode("ascii")
+    return shown
+
+
+def _shown(message: ConsumedMessage, args: argparse.Namespace) -> str:
+    if args.json:
+        return json.dumps(message_json(message))
+    body = message.body.decode("utf-8", "replace")
+    if not args.meta:
+        return body
+    tags = f" tags={message.tags}" if message.tags else ""
+    props = "".join(f" {k}={v}" for k, v in sorted(message.props.items()))
+    return f"queue={message.queue} offset={message.queue_offset}{tags}{props}  {body}"
 
 
 # ---- status ------------------------------------------------------------------------------
@@ -210,8 +357,23 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         return 0
     width = max(len(k) for k in _flatten(status))
     for key, value in _flatten(status).items():
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {human_value(value)}")
     return 0
+
+
+def human_value(value: Any) -> str:
+    """A status value for people: no Python reprs (None, True, lists of dicts)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return "; ".join(human_value(item) for item in value) if value else "none"
+    if isinstance(value, dict):
+        name = value.get("name")
+        rest = ", ".join(f"{k} {human_value(v)}" for k, v in value.items() if k != "name")
+        return f"{name} ({rest})" if name is not None else rest
+    return str(value)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -232,6 +394,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     common.add_argument(
         "--bootstrap",
         "-b",
+        type=address_argument,
         default=os.environ.get("TIDELOG_BOOTSTRAP", "127.0.0.1:7600"),
         help="node address host:port (env TIDELOG_BOOTSTRAP; default 127.0.0.1:7600)",
     )
@@ -240,7 +403,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     topic = commands.add_parser("topic", help="create, list and describe topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True, metavar="ACTION")
     create = topic_commands.add_parser("create", parents=[common], help="create a topic")
-    create.add_argument("name")
+    create.add_argument("name", metavar="NAME", help=f"the topic: {TOPIC_RULE}")
     create.add_argument("--queues", type=int, default=4, help="number of queues (default 4)")
     create.add_argument("--exist-ok", action="store_true", help="succeed if it already exists")
     create.set_defaults(handler=lambda a: _run(a, _topic_create))
@@ -249,7 +412,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     describe = topic_commands.add_parser(
         "describe", parents=[common], help="queues and offsets of a topic"
     )
-    describe.add_argument("name")
+    describe.add_argument("name", metavar="NAME", help="the topic")
     describe.set_defaults(handler=lambda a: _run(a, _topic_describe))
 
     produce = commands.add_parser(
@@ -273,23 +436,36 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--in-flight", type=int, default=256, help="messages in flight at once")
     produce.add_argument("--linger-ms", type=float, default=0.0, help="batching delay")
     produce.add_argument("--timeout-ms", type=int, default=5000, help="ack timeout per message")
+    produce.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='stdin lines are JSON objects: {"body": "text"} or {"body_base64": "..."}, '
+        "optional key, queue, tags, props (what consume --json prints); a bad line is "
+        "refused alone",
+    )
     produce.set_defaults(handler=lambda a: _run(a, _produce))
 
     consume = commands.add_parser(
         "consume",
         parents=[common],
         help="print messages of a topic",
-        description="Print message bodies (or JSON lines with --json) from a starting offset; "
-        "stops once caught up unless --follow.",
+        description="Print message bodies (with --meta: queue, offset, tags; with --json: one "
+        "object per line, binary bodies as body_base64) from a starting offset; stops once "
+        "caught up unless --follow (Ctrl-C stops it).",
     )
     consume.add_argument("topic")
     consume.add_argument("--queue", type=int, help="only this queue (default: all)")
     consume.add_argument(
         "--from",
         dest="start",
+        type=start_argument,
         default="earliest",
         help="earliest (default), latest, or a queue offset",
     )
+    consume.add_argument(
+        "--meta", action="store_true", help="prefix each body with its queue, offset, tags, props"
+    )
+    consume.add_argument("--tag", help="only messages with exactly these tags")
     consume.add_argument("--follow", "-f", action="store_true", help="keep waiting for more")
     consume.add_argument("--count", type=int, default=0, help="stop after N messages")
     consume.add_argument("--wait-ms", type=int, default=1000, help="long-poll wait per pull")

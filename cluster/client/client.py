@@ -31,6 +31,8 @@ __all__ = ["Client", "ClientConfig", "open_client"]
 log = logging.getLogger(__name__)
 
 _WRITES = frozenset({"send", "send_batch", "create_topic"})
+_HOPELESS = ("connection refused", "cannot resolve")
+"""Failures that waiting will not cure, so a client's first connect reports them at once."""
 
 
 @attrs.frozen(kw_only=True)
@@ -40,7 +42,7 @@ class ClientConfig:
     """Seconds to wait for any answer (writes add their own ``timeout_ms`` on top)."""
     connect_timeout: float = 5.0
     """Seconds a reconnect keeps trying. The first connection of a client gives up at once
-    when every address refuses: nothing listens there, and waiting will not change that."""
+    when every address refuses or does not resolve: waiting will not change that."""
     reconnect_backoff: float = 0.05
     reconnect_backoff_max: float = 2.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -98,7 +100,7 @@ class Client:
                 log.debug("connected address=%s", address)
                 return connection
             if not self._connected_once and all(
-                why.startswith("connection refused") for why in errors.values()
+                why.startswith(_HOPELESS) for why in errors.values()
             ):
                 raise ConnectFailedError("; ".join(errors.values()))
             if trio.current_time() + backoff.peek_s() > deadline:

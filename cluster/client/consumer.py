@@ -16,7 +16,7 @@ from cluster.protocol import Status
 if TYPE_CHECKING:
     from cluster.client.client import Client
 
-__all__ = ["ConsumedMessage", "Consumer"]
+__all__ = ["ConsumedMessage", "Consumer", "consumed_message"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,21 @@ class ConsumedMessage:
     store_us: int
     tags: str | None = None
     props: Mapping[str, str] = attrs.field(factory=dict)
+
+
+def consumed_message(topic: str, queue: int, m: Mapping[str, Any]) -> ConsumedMessage:
+    """One message of a ``pull`` answer, as the consumer hands it out."""
+    return ConsumedMessage(
+        topic,
+        queue,
+        m["queue_offset"],
+        m["offset"],
+        m["body"],
+        m["born_us"],
+        m["store_us"],
+        m.get("tags"),
+        m.get("props") or {},
+    )
 
 
 class Consumer:
@@ -123,17 +138,7 @@ class Consumer:
                     await out.send(batch)
 
     def _message(self, queue: int, m: Mapping[str, Any]) -> ConsumedMessage:
-        return ConsumedMessage(
-            self.topic,
-            queue,
-            m["queue_offset"],
-            m["offset"],
-            m["body"],
-            m["born_us"],
-            m["store_us"],
-            m.get("tags"),
-            m.get("props") or {},
-        )
+        return consumed_message(self.topic, queue, m)
 
     async def __aenter__(self) -> Consumer:
         self._context: AbstractAsyncContextManager[
