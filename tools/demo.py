@@ -52,6 +52,8 @@ async def produce_until_killed(node: NodeProcess, first_seq: int, acks_wanted: i
                 result = await producer.send(TOPIC, body, queue=seq % QUEUES)
                 if result.outcome != "ok":
                     return  # the node is gone: unknown outcome, not counted
+                assert result.queue is not None and result.queue_offset is not None
+                assert result.offset is not None  # an ok answer carries every offset
                 end = result.offset + HEADER_SIZE + len(TOPIC) + len(body)
                 acked[seq] = (result.queue, result.queue_offset, result.offset, end)
                 if len(acked) >= acks_wanted:
@@ -194,6 +196,7 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
                     result = await producer.send(TOPIC, body_for(seq), queue=seq % QUEUES)
                     if result.outcome != "ok":
                         return
+                    assert result.queue is not None and result.queue_offset is not None
                     acked[(result.queue, result.queue_offset)] = body_for(seq)
                     if len(acked) >= acks_wanted:
                         enough.set()
@@ -214,14 +217,20 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
         await wait_until("slave-2 in sync with the new master", in_sync(first.address, 1))
         async with open_client(first.address) as client:
             more = await client.producer(acks="replicated").send(TOPIC, b"after failover")
+        print(f"  a write after the failover: {more.outcome} (acks=replicated)")
+        after = 1 if more.ok else 0
         lost = 0
         for node in (first, second):
             stored = await read_all(node.address)
             missing = [key for key, body in acked.items() if stored.get(key) != body]
             lost += len(missing)
-            print(f"  {node.name}: {len(stored)} messages readable, "
-                  f"{len(missing)} acknowledged ones missing")  # fmt: skip
-        print(f"  a write after the failover: {more.outcome} (acks=replicated)")
+            unacked = len(stored) - (len(acked) - len(missing)) - after
+            print(
+                f"  {node.name}: {len(stored)} messages readable = "
+                f"{len(acked) - len(missing)} acknowledged + {after} written after the "
+                f"failover + {unacked} in flight when the master died (stored, never "
+                f"acknowledged); {len(missing)} acknowledged ones missing"
+            )
         return 0 if not lost and more.ok else 1
     finally:
         for node in nodes:
@@ -233,6 +242,17 @@ def _config(root: Path) -> Path:
     path = root / "node.toml"
     path.write_text(f"[store]\nsegment_size = {SEGMENT}\nmax_message_size = {SEGMENT // 2}\n")
     return path
+
+
+NEXT_STEPS = """
+where the data went: {where}
+try next (README, "Running a node"; `tidelog COMMAND --help` for every option):
+  tidelog node --data-dir /tmp/tidelog-node --port 7600      # in a second terminal
+  tidelog topic create orders --queues 4
+  printf 'one\\ntwo\\n' | tidelog produce orders --acks durable
+  tidelog consume orders --meta
+  tidelog status
+(run from the repository: .venv/bin/tidelog, or `source .venv/bin/activate` first)"""
 
 
 def run_demo(directory: Path | None, rounds: int, acks_per_round: int) -> int:
@@ -251,3 +271,7 @@ def run_demo(directory: Path | None, rounds: int, acks_per_round: int) -> int:
     finally:
         if directory is None:
             shutil.rmtree(root, ignore_errors=True)
+            where = f"{root}, a temporary directory, now removed (keep it: --dir DIR)"
+        else:
+            where = f"{root} (single/: part 1's node; cluster/: master m, slave-1, slave-2)"
+        print(NEXT_STEPS.format(where=where))

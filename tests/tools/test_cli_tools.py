@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ def _tidelog(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_demo_survives_crashes_and_says_so() -> None:
-    run = _tidelog("demo", "--rounds", "2", "--acks", "300")
+    run = _tidelog("demo", "--rounds", "2", "--acks-per-round", "300")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(", 0 lost; clean stop exit code 0") == 2, run.stdout
     assert "verdict: every acknowledged message survived" in run.stdout
@@ -26,6 +27,22 @@ def test_demo_survives_crashes_and_says_so() -> None:
     assert run.stdout.count("0 acknowledged ones missing") == 2, run.stdout
     assert "a write after the failover: ok" in run.stdout
     assert "verdict: every replicated ack survived the loss of the master" in run.stdout
+    # The counts on screen add up, and the demo says where its data went and what next.
+    for line in run.stdout.splitlines():
+        if "messages readable = " in line:
+            numbers = re.findall(
+                r"(\d+) (?:messages readable|acknowledged \+|written|in flight)", line
+            )
+            readable, acked, after, in_flight = map(int, numbers)
+            assert readable == acked + after + in_flight, line
+    assert "where the data went:" in run.stdout and "now removed" in run.stdout
+    assert "tidelog node --data-dir" in run.stdout
+
+
+def test_demo_keeps_the_old_acks_flag() -> None:
+    run = _tidelog("demo", "--help")
+    assert "--acks-per-round" in run.stdout and "--acks N" in run.stdout
+    assert "Part 2" in run.stdout  # the help describes both halves of the demo
 
 
 def test_bench_storage_reports_every_figure_with_its_floor() -> None:
