@@ -70,3 +70,5 @@ def test_help_names_every_command() -> None:
     kinds = _tidelog("bench", "--help")
     for kind in ("storage", "produce", "consume", "replication"):
         assert kind in kinds.stdout
+    produce = _tidelog("bench", "produce", "--help")
+    assert "--bootstrap BOOTSTRAP, -b BOOTSTRAP" in produce.stdout

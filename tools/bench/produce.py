@@ -1,4 +1,4 @@
-"""`tidelog bench produce` and `tidelog bench consume`: a real node over loopback.
+"""`tidelog bench produce` (and the harness `bench consume` runs in): a real node over loopback.
 
 The node runs as its own process (so client and node each get a core, as on
 two machines), started here unless ``--bootstrap`` names one. Each figure comes
@@ -16,7 +16,6 @@ price of replication, not of a different setup.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import struct
@@ -31,6 +30,7 @@ import trio
 
 from cluster.client import Client, open_client
 from cluster.protocol import Status
+from tools.bench.consume import bench_consume_on
 from tools.bench.stats import percentile
 from tools.process import NodeProcess, node_status, wait_until
 
@@ -125,29 +125,6 @@ async def bench_produce_on(
                 progress(f"{tag}: unbatched, {IN_FLIGHT} in flight")
                 rate = await _in_flight(client, topic, body, acks, seconds, batched=False)
                 figures[f"pipelined_{IN_FLIGHT}_{tag}_msgs_per_s"] = rate
-    return figures
-
-
-async def bench_consume_on(address: str, seconds: float, progress: ProgressFn) -> dict[str, float]:
-    """Read back everything in the bench topics with large pulls; messages/s."""
-    figures: dict[str, float] = {}
-    async with open_client(address) as client:
-        for size in SIZES:
-            topic = f"bench-{size}"
-            progress(f"consume {topic}")
-            count, start = 0, time.perf_counter()
-            for entry in await client.admin.offsets(topic):
-                offset = entry["min_offset"]
-                while offset < entry["max_offset"] and time.perf_counter() - start < seconds * 4:
-                    response = await client.checked(
-                        "pull", topic=topic, queue=entry["queue"], offset=offset,
-                        max_messages=1024, max_bytes=8 << 20,
-                    )  # fmt: skip
-                    count += len(response["messages"])
-                    offset = response["next_offset"]
-            elapsed = time.perf_counter() - start
-            figures[f"consume_{size}B_msgs_per_s"] = count / elapsed if count else math.nan
-            figures[f"consume_{size}B_messages"] = count
     return figures
 
 
@@ -312,7 +289,7 @@ async def run_bench(
             figures.update(await storage_ceiling(root, seconds))
         else:
             figures.update(await bench_produce_on(bootstrap, seconds / 2, progress, ("leader",)))
-            figures.update(await bench_consume_on(bootstrap, seconds, progress))
+            figures.update(await bench_consume_on(bootstrap, seconds, progress, SIZES))
         return figures
     finally:
         for process in reversed(processes):  # slaves first: the master's exit is clean
