@@ -28,6 +28,7 @@ from storage.errors import (
     InvalidMessageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
+    SegmentMissingError,
     StorageFailedError,
 )
 from storage.mapped_file import MappedFile
@@ -474,6 +475,8 @@ class CommitLog:
             segments = list(self.files.between(self.flushed_offset, target))
             try:
                 await self._sync_thread.run(lambda: _sync_all(segments))
+            except SegmentMissingError as exc:
+                raise self.fail_missing(str(exc)) from exc
             except OSError as exc:
                 self.failure = StorageFailedError(
                     f"fdatasync of the commit log failed ({exc.strerror}); nothing past offset "
@@ -489,6 +492,25 @@ class CommitLog:
             self.flushed_offset = target
             self.flush_count += 1
             return target
+
+    def fail_missing(self, problem: str) -> StorageFailedError:
+        """A segment file vanished under the log: take no more writes (the same state as
+        a failed fsync), say loudly what is missing; return the failure to raise."""
+        if self.failure is None:
+            self.failure = StorageFailedError(
+                f"{problem}; records written to it are lost at the next start, so this "
+                "node takes no more writes: restore the file or this node from a replica "
+                "before restarting (the store refuses to start while a segment is missing)"
+            )
+            log.error("segment_missing problem=%r flushed=%d", problem, self.flushed_offset)
+        return self.failure
+
+    async def verify_files(self) -> None:
+        """Check that every segment file is still the one mapped (the flush services call
+        it periodically); a missing one fails the log (:meth:`fail_missing`)."""
+        problem = await trio.to_thread.run_sync(self.files.verify)
+        if problem is not None:
+            raise self.fail_missing(problem)
 
     async def truncate(self, offset: int) -> None:
         """Cut the log at ``offset`` (a record boundary); replication uses it for divergent tails.
@@ -539,8 +561,13 @@ class CommitLog:
 
 
 def _sync_all(segments: list[MappedFile]) -> None:
+    """fdatasync each segment, then check its file is still linked and whole: an fsync
+    of a deleted file succeeds, and acknowledging it would be a lie."""
     for segment in segments:
         segment.sync()
+        problem = segment.gone()
+        if problem is not None:
+            raise SegmentMissingError(problem)
 
 
 def _awaits_more(view: memoryview, pos: int, end: int, segment_size: int) -> bool:

@@ -28,6 +28,10 @@ class CorruptSegmentError(StorageError):
     """A segment file on disk is not what the log expects (wrong size, bad name, bad bytes)."""
 
 
+class SegmentMissingError(CorruptSegmentError):
+    """A segment file the log needs was deleted, replaced or cut short outside the store."""
+
+
 class OffsetOutOfRangeError(StorageError):
     """An offset that is not (or no longer) in the log or queue."""
 

@@ -28,6 +28,8 @@ class MessageStoreLike(Protocol):
 
     async def flush_all(self) -> None: ...
 
+    def segments_changed(self) -> bool: ...
+
 
 class GroupCommitFlusher:
     """``await wait_durable(offset, deadline)``: True once ``offset`` is on disk.
@@ -99,7 +101,7 @@ class AsyncFlusher:
             await trio.sleep(self.interval)
             now = trio.current_time()
             try:
-                if now - last_thorough >= self.thorough_interval:
+                if now - last_thorough >= self.thorough_interval or self.store.segments_changed():
                     await self.store.flush_all()
                     last_thorough = now
                 elif commit_log.dirty_bytes and commit_log.dirty_bytes >= self.least_bytes:

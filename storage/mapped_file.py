@@ -145,6 +145,33 @@ class MappedFile:
         """
         os.fdatasync(self._fd)
 
+    def gone(self) -> str | None:
+        """Why the file behind the map is no longer the segment's file, or None.
+
+        One ``fstat`` (no path lookup), cheap enough to follow every fsync: a segment
+        deleted while mapped keeps taking writes that vanish at the next start.
+        """
+        stat = os.fstat(self._fd)
+        if stat.st_nlink == 0:
+            return f"{self.path} was deleted while in use"
+        if stat.st_size != self.size:
+            return f"{self.path} is {stat.st_size} bytes, not {self.size}: it was cut short"
+        return None
+
+    def replaced(self) -> str | None:
+        """:meth:`gone`, or the path now names another file (deleted and recreated)."""
+        problem = self.gone()
+        if problem is not None:
+            return problem
+        try:
+            on_path = os.stat(self.path)
+        except FileNotFoundError:
+            return f"{self.path} was deleted while in use"
+        mine = os.fstat(self._fd)
+        if (on_path.st_dev, on_path.st_ino) != (mine.st_dev, mine.st_ino):
+            return f"{self.path} was replaced by another file while in use"
+        return None
+
     def zero_from(self, pos: int) -> None:
         """Zero [pos, size): stale bytes past a cut could otherwise pass for records later.
 

@@ -161,6 +161,14 @@ class MappedFileQueue:
             fsync_directory(self.directory)
         return doomed
 
+    def verify(self) -> str | None:
+        """Blocking: the first segment whose file was deleted, replaced or cut short."""
+        for segment in self.segments:
+            problem = segment.replaced()
+            if problem is not None:
+                return problem
+        return None
+
     def close(self) -> None:
         for segment in self.segments:
             segment.close()
@@ -191,3 +199,12 @@ def remove_segment_files(directory: Path, *, from_base: int, keep_lowest: bool) 
         fsync_directory(directory)
         removed.append(path)
     return removed
+
+
+def segment_bases(directory: Path) -> list[int]:
+    """Blocking: the bases of the segment files in ``directory``, sorted."""
+    if not directory.exists():
+        return []
+    return sorted(
+        base for path in directory.iterdir() if (base := parse_segment_name(path)) is not None
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -81,15 +82,26 @@ def find_log_end(files: MappedFileQueue, start: int) -> LogEnd:
 
 
 async def recover_commit_log(
-    commit_log: CommitLog, start: int, cut_at: int | None = None
+    commit_log: CommitLog,
+    start: int,
+    cut_at: int | None = None,
+    before_cut: Callable[[int], None] | None = None,
 ) -> LogEnd:
     """Load the segments, find the end, cut there and fsync what is kept. ``cut_at`` is
-    an unfinished cut's offset: the log ends there at the latest."""
+    an unfinished cut's offset: the log ends there at the latest. ``before_cut(end)``
+    (blocking) runs before whole segments past the end are deleted."""
     files = commit_log.files
     await trio.to_thread.run_sync(files.load)
     end = await trio.to_thread.run_sync(find_log_end, files, start)
     if cut_at is not None and end.offset > cut_at:
         end = LogEnd(cut_at, "an unfinished cut", end.records_checked)
+    last = files.last
+    if (
+        before_cut is not None
+        and last is not None
+        and last.base >= max(end.offset, files.min_offset + 1)
+    ):
+        await trio.to_thread.run_sync(before_cut, end.offset)
     await trio.to_thread.run_sync(files.truncate, end.offset)
     # Data that survived a process crash may still be only in the page cache: sync it
     # before the checkpoint claims it is on disk.
@@ -134,13 +146,14 @@ async def recover(
     checkpoint_queues: int | None,
     clean: bool,
     cut_at: int | None = None,
+    before_cut: Callable[[int], None] | None = None,
 ) -> tuple[Dispatcher, RecoveryReport]:
     """Run both recoveries; the checkpoint offsets are None when there is no checkpoint,
     ``cut_at`` is the offset of a cut a crash interrupted (the caller clamped the
     checkpoint offsets to it)."""
     started = time.perf_counter()
     start = checkpoint_log if checkpoint_log is not None else 0
-    end = await recover_commit_log(commit_log, start, cut_at)
+    end = await recover_commit_log(commit_log, start, cut_at, before_cut)
     durable_lost = checkpoint_log is not None and end.offset < checkpoint_log
     if durable_lost:
         log.error(

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from storage.errors import StorageFailedError
+
 if TYPE_CHECKING:
     from storage.store import MessageStore
 
@@ -60,10 +62,16 @@ class RetentionService:
         interval = self.store.config.retention_check_interval_ms / 1000
         while True:
             await trio.sleep(interval)
-            await self.apply()
+            try:
+                await self.apply()
+            except StorageFailedError:
+                return  # logged where it failed; nothing is deleted from a failed store
 
     async def apply(self) -> int:
         config = self.store.config
+        # A segment deleted behind the store's back fails it here, loudly, instead of
+        # ending the node on a FileNotFoundError below.
+        await self.store.commit_log.verify_files()
         files = self.store.commit_log.files
         paths = [segment.path for segment in files.segments]
 
@@ -84,10 +92,7 @@ class RetentionService:
         )
         if not count:
             return 0
-        deleted = await self.store.commit_log.delete_oldest(count)
-        await trio.to_thread.run_sync(
-            self.store.queues.advance_min, self.store.commit_log.min_offset
-        )
+        deleted = await self.store.delete_oldest_segments(count)
         self.deleted += deleted
         log.info(
             "retention_deleted segments=%d log_min_offset=%d disk_used_ratio=%.3f",

@@ -30,11 +30,11 @@ from storage.cut import (
     save_cut_intent,
 )
 from storage.dispatcher import Dispatcher
-from storage.errors import CorruptSegmentError, StorageFailedError
+from storage.errors import CorruptSegmentError, SegmentMissingError, StorageFailedError
 from storage.flush import AsyncFlusher, GroupCommitFlusher
 from storage.lock import lock_data_dir
-from storage.mapped_file import MappedFile
-from storage.mapped_file_queue import remove_segment_files
+from storage.mapped_file import MappedFile, fsync_directory, segment_name
+from storage.mapped_file_queue import remove_segment_files, segment_bases
 from storage.record import Message, StoredRecord
 from storage.recovery import RecoveryReport, recover
 from storage.retention import RetentionService
@@ -78,6 +78,8 @@ class MessageStore:
         self._flush_all_lock = trio.Lock()
         """One flush_all at a time: they share checkpoint.tmp (the async flusher's and the
         shutdown's used to race: FileNotFoundError on the rename). Cuts hold it too."""
+        self.checkpointed_last_segment: int | None = None
+        """The last segment the checkpoint on disk names (see :meth:`segments_changed`)."""
         self.after_cut_step: Callable[[str], None] = _no_step_hook
         """Called after each step of a truncation or log restart; crash tests kill there."""
 
@@ -117,6 +119,8 @@ class MessageStore:
             )
             await trio.to_thread.run_sync(self._finish_cut_on_disk, intent)
         checkpoint = await trio.to_thread.run_sync(load_checkpoint, config.checkpoint_path)
+        if checkpoint is not None:
+            await trio.to_thread.run_sync(self._check_segments_present, checkpoint, intent)
         log_flushed = checkpoint.commit_log_flushed if checkpoint else None
         queues_flushed = checkpoint.consume_queue_flushed if checkpoint else None
         if intent is not None:  # nothing past the cut counts, whatever the checkpoint says
@@ -131,12 +135,53 @@ class MessageStore:
             queues_flushed,
             clean=bool(checkpoint and checkpoint.clean and intent is None),
             cut_at=intent.offset if intent is not None else None,
+            before_cut=self._save_recovery_cut,
         )
         # From here until a clean shutdown the checkpoint says "not clean".
         await self._save_checkpoint(clean=False)
-        if intent is not None:
+        if config.cut_intent_path.exists():  # ours, or recovery's own (before_cut)
             await trio.to_thread.run_sync(clear_cut_intent, config.cut_intent_path)
-            log.warning("cut_finished kind=%s offset=%d", intent.kind.name, intent.offset)
+            if intent is not None:
+                log.warning("cut_finished kind=%s offset=%d", intent.kind.name, intent.offset)
+
+    def _save_recovery_cut(self, offset: int) -> None:
+        """Blocking: recovery is about to delete whole segments past a torn end: record
+        it, so a kill before the checkpoint names the new last segment is no false loss."""
+        save_cut_intent(self.config.cut_intent_path, CutIntent(CutKind.TRUNCATE, offset))
+
+    def _check_segments_present(self, checkpoint: Checkpoint, intent: CutIntent | None) -> None:
+        """Blocking, before loading: every segment the checkpoint names must be on disk.
+
+        Files below its first segment are retention's (it records the new start before
+        deleting): their deletion is finished here. A missing one is a loss that no
+        recovery can hide: refuse to start, naming it.
+        """
+        config = self.config
+        size = config.segment_size
+        on_disk = segment_bases(config.commit_log_dir)
+        required = checkpoint.required_segments(size)
+        if intent is not None:  # an unfinished cut removes what lies past it
+            cut = intent.offset if intent.kind is CutKind.TRUNCATE else required.start
+            required = range(required.start, max(required.start + size, cut), size)
+            if intent.kind is CutKind.RESTART:
+                required = range(0)
+        if required and on_disk:
+            retention_leftovers = [b for b in on_disk if b < required.start]
+            for base in retention_leftovers:  # lowest first: the rest stays contiguous
+                path = config.commit_log_dir / segment_name(base)
+                log.warning("deleting_segment path=%s reason=retention_unfinished", path)
+                path.unlink()
+                fsync_directory(config.commit_log_dir)
+        missing = [config.commit_log_dir / segment_name(b) for b in required if b not in on_disk]
+        if missing:
+            shown = ", ".join(str(path) for path in missing[:5])
+            raise SegmentMissingError(
+                f"refusing to start: {len(missing)} commit-log segment file(s) missing: {shown}"
+                f"{' ...' if len(missing) > 5 else ''}; the checkpoint says the log spans "
+                f"segments {required.start} to {required.stop - size}. They were deleted or "
+                "lost outside tidelog: put them back, or restore this node from a replica "
+                "(move the data dir away to start empty)"
+            )
 
     def _finish_cut_on_disk(self, intent: CutIntent) -> None:
         """Blocking, before anything is loaded: redo the file deletions of a cut a crash
@@ -327,19 +372,60 @@ class MessageStore:
             await self._flush_all_locked(clean=clean)
 
     async def _flush_all_locked(self, *, clean: bool) -> None:
+        await self.commit_log.verify_files()
         dispatched = self.dispatcher.offset
         log_flushed = await self.commit_log.flush()
         await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
         await self._save_checkpoint(clean=clean, queues_flushed=min(dispatched, log_flushed))
 
-    async def _save_checkpoint(self, *, clean: bool, queues_flushed: int | None = None) -> None:
+    async def _save_checkpoint(
+        self,
+        *,
+        clean: bool,
+        queues_flushed: int | None = None,
+        first_segment: int | None = None,
+    ) -> None:
+        """Write the checkpoint; ``first_segment`` overrides the log's first segment
+        (retention records the new one before deleting the old ones)."""
         log_flushed = self.commit_log.flushed_offset
+        files = self.commit_log.files
+        first, last = files.first, files.last
+        last_base = last.base if last is not None else None
+        if first_segment is None and first is not None:
+            first_segment = first.base
         checkpoint = Checkpoint(
             commit_log_flushed=log_flushed,
             consume_queue_flushed=log_flushed if queues_flushed is None else queues_flushed,
             clean=clean,
+            first_segment=first_segment if last_base is not None else None,
+            last_segment=last_base,
         )
         await trio.to_thread.run_sync(save_checkpoint, self.config.checkpoint_path, checkpoint)
+        self.checkpointed_last_segment = last_base
+
+    def segments_changed(self) -> bool:
+        """Whether the log rolled into a segment the checkpoint does not name yet (the
+        async flusher then writes one soon, so a lost active segment is noticed at start)."""
+        last = self.commit_log.files.last
+        return last is not None and last.base != self.checkpointed_last_segment
+
+    async def delete_oldest_segments(self, count: int) -> int:
+        """Retention: delete the ``count`` oldest segments (never the active one) and move
+        the consume queues' starts along. The checkpoint names the new first segment
+        before anything is deleted, so a kill in between is finished at the next start."""
+        async with self._flush_all_lock:
+            segments = self.commit_log.files.segments
+            count = min(count, len(segments) - 1)
+            if count <= 0:
+                return 0
+            await self._save_checkpoint(
+                clean=False,
+                queues_flushed=min(self.dispatcher.offset, self.commit_log.flushed_offset),
+                first_segment=segments[count].base,
+            )
+            deleted = await self.commit_log.delete_oldest(count)
+        await trio.to_thread.run_sync(self.queues.advance_min, self.commit_log.min_offset)
+        return deleted
 
     def abandon(self) -> None:
         """Simulate a crash (for tests and the crash harness): leaving :meth:`open` after
