@@ -25,6 +25,7 @@ from storage.allocator import SegmentAllocator
 from storage.config import StoreConfig
 from storage.errors import (
     CorruptSegmentError,
+    DiskFullError,
     InvalidMessageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
@@ -148,6 +149,9 @@ class CommitLog:
         """(topic, queue id) -> queue offset the next record of that queue gets."""
         self.flushed_offset = 0
         self.failure: StorageFailedError | None = None
+        self.disk_full: DiskFullError | None = None
+        """Set by retention while the disk is above its watermark: own appends are refused
+        (replicated ones are not: a slave follows its master)."""
         self._topics: dict[str, bytes] = {}
         self._spares: collections.deque[MappedFile] = collections.deque()
         self._flush_lock = trio.Lock()
@@ -203,8 +207,8 @@ class CommitLog:
 
     async def append(self, message: Message) -> AppendResult:
         """Append one record; raises before writing anything if it is invalid."""
-        if self.failure is not None:
-            raise self.failure
+        if self.failure is not None or self.disk_full is not None:
+            raise self._refusal()
         topic, size = self._measure(message)
         last = self.files.last
         if last is None or last.wrote + size + BLANK_MIN > last.size:
@@ -230,8 +234,8 @@ class CommitLog:
         Every message is validated and every segment the batch needs is taken
         before the first byte is written.
         """
-        if self.failure is not None:
-            raise self.failure
+        if self.failure is not None or self.disk_full is not None:
+            raise self._refusal()
         measure = self._measure
         measured = [measure(m) for m in messages]
         await self._make_room([size for _topic, size in measured])
@@ -259,6 +263,11 @@ class CommitLog:
             pos += size
         segment.wrote = pos
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
+
+    def _refusal(self) -> StorageFailedError | DiskFullError:
+        refusal = self.failure or self.disk_full
+        assert refusal is not None
+        return refusal
 
     def _needs_roll(self, size: int) -> bool:
         last = self.files.last

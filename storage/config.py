@@ -45,7 +45,13 @@ class StoreConfig:
     """Zero-fill, sync and pre-fault new segments before they become active."""
     retention_hours: float = attrs.field(default=72.0, validator=_positive)
     disk_max_used_ratio: float = attrs.field(default=0.90, validator=_ratio)
-    """Above this share of the disk in use, the oldest segments go first, whatever their age."""
+    """Above this share of the disk in use, writes are refused (DISK_FULL) until space is
+    freed: retention never deletes what ``retention_hours`` still keeps (Kafka's choice),
+    unless ``delete_unexpired_under_pressure`` says so."""
+    delete_unexpired_under_pressure: bool = False
+    """Above ``disk_max_used_ratio``, delete the oldest segments whatever their age (each
+    deletion logged as a warning) instead of refusing writes: for logs where losing old
+    data is better than refusing new data."""
     retention_check_interval_ms: int = attrs.field(default=10_000, validator=_positive)
 
     def __attrs_post_init__(self) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from storage.errors import StorageFailedError
+from storage.errors import DiskFullError, StorageFailedError
 
 if TYPE_CHECKING:
     from storage.store import MessageStore
@@ -31,23 +31,30 @@ def segments_to_delete(
     total_bytes: int,
     max_used_ratio: float,
     segment_size: int,
+    delete_unexpired: bool,
 ) -> int:
     """How many of the oldest segments to delete (``ages_seconds`` oldest first).
 
-    Expired segments go first, in order; then, while the disk is fuller than
-    ``max_used_ratio``, more of the oldest go. The last (active) segment never does.
+    Expired segments go first, in order; then, only with ``delete_unexpired``, while
+    the disk is fuller than ``max_used_ratio``, more of the oldest go. The last
+    (active) segment never does.
     """
     deletable = max(0, len(ages_seconds) - 1)
     count = 0
     while count < deletable and ages_seconds[count] > retention_seconds:
         count += 1
     while (
-        count < deletable
-        and total_bytes
-        and ((used_bytes - count * segment_size) / total_bytes > max_used_ratio)
+        delete_unexpired
+        and count < deletable
+        and over_ratio(used_bytes - count * segment_size, total_bytes, max_used_ratio)
     ):
         count += 1
     return count
+
+
+def over_ratio(used_bytes: int, total_bytes: int, max_used_ratio: float) -> bool:
+    """Whether a disk with these figures is fuller than allowed (unknown figures: no)."""
+    return bool(total_bytes) and used_bytes / total_bytes > max_used_ratio
 
 
 class RetentionService:
@@ -68,12 +75,14 @@ class RetentionService:
                 return  # logged where it failed; nothing is deleted from a failed store
 
     async def apply(self) -> int:
-        config = self.store.config
+        """One round: delete what the decision says, then refuse or resume writes by
+        what the disk holds afterwards."""
+        store = self.store
+        config = store.config
         # A segment deleted behind the store's back fails it here, loudly, instead of
         # ending the node on a FileNotFoundError below.
-        await self.store.commit_log.verify_files()
-        files = self.store.commit_log.files
-        paths = [segment.path for segment in files.segments]
+        await store.commit_log.verify_files()
+        paths = [segment.path for segment in store.commit_log.files.segments]
 
         def facts() -> tuple[list[float], int, int]:
             now = time.time()
@@ -82,22 +91,57 @@ class RetentionService:
             return ages, usage.used, usage.total
 
         ages, used, total = await trio.to_thread.run_sync(facts)
+        retention_seconds = config.retention_hours * 3600
         count = segments_to_delete(
             ages,
-            retention_seconds=config.retention_hours * 3600,
+            retention_seconds=retention_seconds,
             used_bytes=used,
             total_bytes=total,
             max_used_ratio=config.disk_max_used_ratio,
             segment_size=config.segment_size,
+            delete_unexpired=config.delete_unexpired_under_pressure,
         )
-        if not count:
-            return 0
-        deleted = await self.store.delete_oldest_segments(count)
+        deleted = await store.delete_oldest_segments(count) if count else 0
         self.deleted += deleted
-        log.info(
-            "retention_deleted segments=%d log_min_offset=%d disk_used_ratio=%.3f",
-            deleted,
-            self.store.commit_log.min_offset,
-            used / total if total else 0.0,
-        )
+        unexpired = [
+            str(p)
+            for p, age in zip(paths[:deleted], ages, strict=False)
+            if age <= retention_seconds
+        ]
+        if unexpired:
+            log.warning(
+                "retention_deleted_unexpired segments=%s reason=disk_pressure "
+                "disk_used_ratio=%.3f max_used_ratio=%.3f",
+                ",".join(unexpired),
+                used / total,
+                config.disk_max_used_ratio,
+            )
+        if deleted:
+            log.info(
+                "retention_deleted segments=%d log_min_offset=%d disk_used_ratio=%.3f",
+                deleted,
+                store.commit_log.min_offset,
+                used / total if total else 0.0,
+            )
+        self._refuse_or_resume(used - deleted * config.segment_size, total)
         return deleted
+
+    def _refuse_or_resume(self, used: int, total: int) -> None:
+        commit_log = self.store.commit_log
+        ratio = self.store.config.disk_max_used_ratio
+        if over_ratio(used, total, ratio):
+            if commit_log.disk_full is None:
+                commit_log.disk_full = DiskFullError(
+                    f"the disk of {self.store.config.data_dir} is {used / total:.1%} full, "
+                    f"above disk_max_used_ratio {ratio}: writes are refused until space is "
+                    "freed (retention deletes only expired data; "
+                    "delete_unexpired_under_pressure deletes older data instead)"
+                )
+                log.error(
+                    "disk_full action=refuse_writes disk_used_ratio=%.3f max_used_ratio=%.3f",
+                    used / total,
+                    ratio,
+                )
+        elif commit_log.disk_full is not None:
+            commit_log.disk_full = None
+            log.warning("disk_full_cleared action=accept_writes disk_used_ratio=%.3f", used / total)

@@ -457,5 +457,6 @@ class MessageStore:
             "fsyncs": commit_log.flush_count,
             "queues": len(self.queues.queues),
             "failed": commit_log.failure is not None,
+            "disk_full": commit_log.disk_full is not None,
             "failure": str(commit_log.failure) if commit_log.failure else None,
         }

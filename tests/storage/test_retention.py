@@ -1,10 +1,16 @@
-"""The retention decision: a pure function of segment ages and disk use."""
+"""Retention: the decision (a pure function of segment ages and disk use) and the
+service on a real store (a full disk refuses writes unless configured to delete)."""
 
 from __future__ import annotations
 
+import logging
+
+import attrs
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from storage import DiskFullError, Message, MessageStore, StoreConfig
 from storage.retention import segments_to_delete
 
 SEGMENT = 1 << 20
@@ -24,6 +30,7 @@ def decide(ages: list[float], used: int, total: int, ratio: float) -> int:
         total_bytes=total,
         max_used_ratio=ratio,
         segment_size=SEGMENT,
+        delete_unexpired=True,
     )
 
 
@@ -113,3 +120,88 @@ def test_examples() -> None:
     assert decide([0.0] * 5, 95 * SEGMENT, 100 * SEGMENT, 0.9) == 4  # capped: one stays
     assert decide([0.0] * 10, 95 * SEGMENT, 100 * SEGMENT, 0.9) == 5
     assert decide([hour + 1, 0.0, 0.0], 50, 100, 0.9) == 1
+
+
+@given(ages_st, disk_st, ratio_st)
+def test_without_delete_unexpired_only_the_expired_prefix_goes_however_full(
+    ages: list[float], disk: tuple[int, int], ratio: float
+) -> None:
+    used, total = disk
+    count = segments_to_delete(
+        ages,
+        retention_seconds=RETENTION,
+        used_bytes=used,
+        total_bytes=total,
+        max_used_ratio=ratio,
+        segment_size=SEGMENT,
+        delete_unexpired=False,
+    )
+    assert count == expired_prefix(ages)
+
+
+# ---- the service on a real disk --------------------------------------------------------------
+
+
+def full_disk(config: StoreConfig, **changes: object) -> StoreConfig:
+    """A watermark any real disk is above, and no background rounds (the test runs them)."""
+    return attrs.evolve(
+        config,
+        disk_max_used_ratio=1e-9,
+        retention_check_interval_ms=10**7,
+        flush_interval_ms=10**7,
+        flush_thorough_interval_ms=10**7,
+        **changes,
+    )
+
+
+async def fill(store: MessageStore, count: int) -> list[int]:
+    return [(await store.put(Message.create("t", b"x" * 3000, 0))).offset for _ in range(count)]
+
+
+async def test_a_full_disk_refuses_writes_and_deletes_nothing_unexpired_by_default(
+    store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: retention deleted acked, unexpired data at the watermark, logged at INFO."""
+    config = full_disk(store_config)
+    async with MessageStore.open(config) as store:
+        offsets = await fill(store, 80)
+        segments = [s.path for s in store.commit_log.files.segments]
+        assert len(segments) >= 3
+        with caplog.at_level(logging.INFO):
+            assert await store.retention.apply() == 0
+        assert [s.path for s in store.commit_log.files.segments] == segments
+        assert store.read(offsets[0]).physical_offset == offsets[0]
+        assert any(
+            r.levelno == logging.ERROR and "disk_full action=refuse_writes" in r.getMessage()
+            for r in caplog.records
+        )
+        with pytest.raises(DiskFullError, match="above disk_max_used_ratio"):
+            await store.put(Message.create("t", b"refused", 0))
+        with pytest.raises(DiskFullError):
+            await store.put_batch([Message.create("t", b"refused", 0)])
+        assert store.status()["disk_full"]
+        assert store.max_offset == offsets[-1] + store.read(offsets[-1]).size
+        store.config = attrs.evolve(config, disk_max_used_ratio=1.0)  # space was freed
+        await store.retention.apply()
+        assert not store.status()["disk_full"]
+        await store.put(Message.create("t", b"accepted again", 0))
+
+
+async def test_forced_deletion_under_pressure_only_when_configured_and_logged(
+    store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = full_disk(store_config, delete_unexpired_under_pressure=True)
+    async with MessageStore.open(config) as store:
+        await fill(store, 80)
+        segments = [s.path for s in store.commit_log.files.segments]
+        with caplog.at_level(logging.WARNING):
+            deleted = await store.retention.apply()
+        assert deleted == len(segments) - 1  # all but the active one
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "retention_deleted_unexpired" in r.getMessage()
+        ]
+        assert len(warnings) == 1
+        assert all(str(path) in warnings[0] for path in segments[:-1])
+        assert store.min_offset == store.commit_log.files.segments[0].base
