@@ -126,6 +126,9 @@ class InputLineError(ValueError):
 
 
 JSONL_FIELDS = frozenset({"body", "body_base64", "key", "queue", "tags", "props"})
+JSONL_IGNORED = frozenset({"queue_offset", "offset", "store_us"})
+"""Where ``consume --json`` found a message: accepted and ignored, so its output can be
+produced again as it is."""
 
 
 def message_from_json_line(line: bytes, number: int) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def message_from_json_line(line: bytes, number: int) -> dict[str, Any]:
         raise InputLineError(f"line {number}: not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise InputLineError(f"line {number}: a JSON object is needed, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - JSONL_FIELDS)
+    unknown = sorted(set(obj) - JSONL_FIELDS - JSONL_IGNORED)
     if unknown:
         raise InputLineError(
             f"line {number}: unknown field(s) {', '.join(unknown)}; "
