@@ -14,7 +14,8 @@ Where each part lives (this module only re-exports them):
 - ``wording``: received values described in CBOR terms for error sentences;
 - ``schema``: the validation engine and the per-op schema table;
 - ``messages``: the ``TypedDict`` of every op's validated request;
-- ``codec``: hardened CBOR decoding with a work bound, framing, :func:`encode_frame`;
+- ``codec``: hardened CBOR decoding, framing, :func:`encode_frame`;
+- ``cbor_items``: counting a frame's CBOR items before decoding (the decode-work bound);
 - ``errors``: :class:`ProtocolError`;
 - ``requests`` and ``responses``: building envelopes;
 - ``address``: the one ``host:port`` parser.
@@ -38,6 +39,8 @@ from cluster.protocol.limits import (
     DEFAULT_WAIT_MS,
     HEADER,
     MAX_BATCH_MESSAGES,
+    MAX_DEPTH,
+    MAX_FRAME_ITEMS,
     MAX_FRAME_SIZE_LIMIT,
     MAX_OFFSET,
     MAX_PULL_BYTES,
@@ -92,6 +95,8 @@ __all__ = [
     "DEFAULT_WAIT_MS",
     "HEADER",
     "MAX_BATCH_MESSAGES",
+    "MAX_DEPTH",
+    "MAX_FRAME_ITEMS",
     "MAX_FRAME_SIZE_LIMIT",
     "MAX_OFFSET",
     "MAX_PULL_BYTES",

@@ -11,11 +11,13 @@ from typing import Any, Final, Generic, TypeVar
 
 import cbor2
 
+from cluster.protocol.cbor_items import count_items
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     MAX_DEPTH,
+    MAX_FRAME_ITEMS,
     MAX_FRAME_SIZE_LIMIT,
     MAX_REQUEST_ID,
     MIN_MAX_FRAME_SIZE,
@@ -23,7 +25,14 @@ from cluster.protocol.limits import (
     SUPPORTED_VERSIONS,
 )
 from cluster.protocol.messages import Request
-from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, validate
+from cluster.protocol.schema import (
+    KNOWN_TOPIC_PLANS,
+    PLANS,
+    SCHEMAS,
+    Invalid,
+    KnownTopics,
+    apply_steps,
+)
 from cluster.protocol.statuses import STATUS_BY_VALUE, Status
 from cluster.protocol.wording import clip, describe, plural
 
@@ -154,13 +163,18 @@ class _FrameReader(Generic[_T], abc.ABC):
     lets ``tell()`` prove that the body held exactly one CBOR item.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, max_items: int | None = None
+    ) -> None:
         if not MIN_MAX_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise ValueError(
                 f"max_frame_size must be between {MIN_MAX_FRAME_SIZE} and "
                 f"{MAX_FRAME_SIZE_LIMIT}, got {max_frame_size}"
             )
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be at least 1 (or None: no bound), got {max_items}")
         self._max = max_frame_size
+        self._max_items = max_items
         self._buf = bytearray()
         self._pos = 0
         self._cbor = _new_cbor_decoder()
@@ -215,6 +229,12 @@ class _FrameReader(Generic[_T], abc.ABC):
                 Status.MALFORMED_FRAME,
                 "frame body is empty; a frame must hold one CBOR map after its length prefix",
             )
+        max_items = self._max_items
+        # A body of n bytes holds at most n items: only larger bodies need counting.
+        if max_items is not None and size > max_items:
+            items = count_items(buf, max_items, start, start + size)
+            if items > max_items:
+                return self._too_many_items(max_items)
         body = io.BytesIO(memoryview(buf)[start : start + size])
         cbor = self._cbor
         cbor.fp = body
@@ -241,6 +261,15 @@ class _FrameReader(Generic[_T], abc.ABC):
     @abc.abstractmethod
     def _interpret(self, obj: Any) -> _T | ProtocolError:
         """Turn one decoded CBOR item into a request (server) or response (client)."""
+
+    def _too_many_items(self, max_items: int) -> ProtocolError:
+        return self._error(
+            Status.MALFORMED_FRAME,
+            f"frame body holds more than {max_items} CBOR data items (each container, map "
+            "key and value, and array element counts); decoding it would hold up every other "
+            "client, so it was not decoded: send fewer messages per batch or fewer "
+            "properties per message",
+        )
 
     def _die(self, size: int) -> ProtocolError:
         error = ProtocolError(
@@ -296,7 +325,16 @@ class FrameDecoder(_FrameReader[Request]):
     item is a request dict, or a non-fatal ``ProtocolError`` to answer with
     ``encode_frame(err.response())`` before reading on. A fatal ``ProtocolError``
     (oversized length prefix) is raised: answer it, then close the connection.
+
+    A body with more than ``max_items`` CBOR data items is answered
+    ``MALFORMED_FRAME`` without being decoded (see :mod:`cluster.protocol.cbor_items`).
     """
+
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, max_items: int = MAX_FRAME_ITEMS
+    ) -> None:
+        super().__init__(max_frame_size, max_items=max_items)
+        self._known_topics = KnownTopics()
 
     def _interpret(self, obj: Any) -> Request | ProtocolError:
         req_id = obj.get("id") if type(obj) is dict else None
@@ -323,11 +361,18 @@ class FrameDecoder(_FrameReader[Request]):
                 req_id=req_id,
                 field="op",
             )
+        topic = obj.get("topic")
+        known = type(topic) is str and topic in self._known_topics
+        schema, steps = KNOWN_TOPIC_PLANS[op] if known else entry
         out: Any = {"op": op, "id": req_id}
         try:
-            validate(entry, obj, out)
+            apply_steps(steps, obj, out)
+            if schema.check is not None:
+                schema.check(out)
         except Invalid as exc:
             return self._error(exc.status, exc.sentence(op), req_id=req_id, field=exc.path)
+        if not known and "topic" in out:
+            self._known_topics.add(out["topic"])
         return out  # a Request: the schema guarantees its keys and their types
 
     def _bad_version(self, version: Any, req_id: int) -> ProtocolError:
@@ -357,6 +402,7 @@ class ResponseDecoder(_FrameReader[dict[str, Any]]):
     Only the envelope (``v``, ``id``, ``status``) is checked; op fields are the
     server's to get right. A response with an unknown status comes back as a
     non-fatal ``ProtocolError`` carrying its id, so the caller fails that request.
+    Responses come from the server the client chose, so their item count is not bounded.
     """
 
     def _interpret(self, obj: Any) -> dict[str, Any] | ProtocolError:

@@ -19,6 +19,7 @@ __all__ = [
     "HEADER",
     "MAX_BATCH_MESSAGES",
     "MAX_DEPTH",
+    "MAX_FRAME_ITEMS",
     "MAX_FRAME_SIZE_LIMIT",
     "MAX_OFFSET",
     "MAX_PULL_BYTES",
@@ -54,6 +55,11 @@ MAX_PULL_BYTES: Final = 8 * 1024 * 1024
 MAX_TIMEOUT_MS: Final = 600_000
 MAX_WAIT_MS: Final = 60_000
 
+MAX_FRAME_ITEMS: Final = 131_072
+"""CBOR data items in one request frame (each container, map key and value, array element).
+
+Decoding costs per item: this bounds the time one frame holds the server's event loop.
+A full batch (4096 messages with every field and 10 properties each) holds 126,989."""
 MAX_DEPTH: Final = 16
 """CBOR nesting levels in a frame: requests nest four deep (envelope, messages, message,
 props); the rest is headroom."""

@@ -15,6 +15,7 @@ from cluster import protocol as p
 from cluster.protocol import (
     HEADER,
     MAX_BATCH_MESSAGES,
+    MAX_FRAME_ITEMS,
     MAX_OFFSET,
     MAX_QUEUES,
     SCHEMAS,
@@ -27,6 +28,7 @@ from cluster.protocol import (
     encode_request,
     make_request,
 )
+from cluster.protocol.cbor_items import count_items
 
 SMALL_LIMIT = 1024
 """The smallest frame limit a decoder accepts; hypothesis streams use it to reach the fatal path."""
@@ -824,3 +826,127 @@ def test_split_pipelined_stream_yields_the_same_frames(
     pieces, alive = feed_in_chunks(data, cuts)
     assert alive
     assert pieces == whole
+
+
+# ---- the decode-work bound: CBOR items per frame --------------------------------------------
+
+
+def items_of(value: Any) -> int:
+    """The reference count: every container, map key and value, and array element."""
+    if isinstance(value, list):
+        return 1 + sum(items_of(v) for v in value)
+    if isinstance(value, dict):
+        return 1 + sum(items_of(k) + items_of(v) for k, v in value.items())
+    return 1
+
+
+@given(cbor_values)
+def test_count_items_matches_the_reference_count(value: Any) -> None:
+    body = cbor2.dumps(value)
+    total = items_of(value)
+    assert count_items(body, total) == total
+    if total > 1:
+        assert count_items(body, total - 1) > total - 1
+
+
+@pytest.mark.parametrize(
+    ("body", "total"),
+    [
+        (b"\x9f\x01\x9f\x02\x03\xff\xff", 5),  # [_ 1, [_ 2, 3]]
+        (b"\xbf\x61a\x01\xff", 3),  # {_ "a": 1}
+        (b"\x5f\x41a\x41b\xff", 3),  # (_ h'61', h'62')
+        (b"\x82\xc1\x01\x02", 4),  # [1(1), 2]: a tag's content counts
+    ],
+    ids=["indefinite-arrays", "indefinite-map", "chunked-bytes", "tag"],
+)
+def test_count_items_of_indefinite_lengths_and_tags(body: bytes, total: int) -> None:
+    assert count_items(body, 100) == total
+
+
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_count_items_of_any_bytes_stops(data: bytes, limit: int) -> None:
+    assert count_items(data, limit) >= 0  # never raises, never loops
+
+
+def test_counting_stops_at_the_limit_not_at_the_end() -> None:
+    """The work is bounded by the limit: a huge body is never walked to its end."""
+    one_byte_items = b"\x9f" + b"\x80" * 1_000_000 + b"\xff"  # [_ [], [], ...]
+    assert count_items(one_byte_items, 1000) == 1001
+    announced = b"\x9b" + (2**63).to_bytes(8, "big") + b"\x00" * 1000  # refused at the header
+    assert count_items(announced, 1000) == 1 + 2**63
+
+
+def status_with_padding(padding: int) -> bytes:
+    """A status request whose unknown key ``x`` holds ``padding`` one-byte items."""
+    body = cbor2.dumps(envelope("status", 3, x=[0] * padding))
+    assert items_of(cbor2.loads(body)) == 1 + 2 * 4 + padding  # the map, its 4 keys and values
+    return raw_frame(body)
+
+
+def test_frame_item_limit_is_inclusive_and_the_stream_goes_on() -> None:
+    at_limit = MAX_FRAME_ITEMS - 9
+    assert only(status_with_padding(at_limit)) == {"op": "status", "id": 3}
+    error, after = decode_all(status_with_padding(at_limit + 1) + encode_request("status", 4))
+    assert isinstance(error, ProtocolError)
+    assert error.status is Status.MALFORMED_FRAME
+    assert not error.fatal
+    assert error.req_id == 0
+    assert f"more than {MAX_FRAME_ITEMS} CBOR data items" in error.message
+    assert "fewer messages per batch" in error.message
+    assert_protocol_words(error.message)
+    assert after == {"op": "status", "id": 4}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xbf\x61x\x9f" + b"\x80" * (16 * 1024 * 1024 - 6) + b"\xff\xff",  # 16 MiB of []
+        b"\xa1\x61x\x9b" + (2**40).to_bytes(8, "big") + b"\xa0" * 200_000,  # announced 2^40
+        b"\xa1\x61x\x5f" + b"\x40" * 200_000 + b"\xff",  # 200,000 empty byte-string chunks
+    ],
+    ids=["16MiB-of-empty-arrays", "announced-count", "chunks"],
+)
+def test_a_frame_of_tiny_items_is_refused_undecoded(body: bytes) -> None:
+    """Issue 8, point 6: such a frame held the server's loop for seconds while it decoded."""
+    decoder = FrameDecoder()
+    decoder.feed(raw_frame(body))
+    with no_cbor_decoding(decoder):
+        error = decoder.next_frame()
+    assert isinstance(error, ProtocolError)
+    assert error.status is Status.MALFORMED_FRAME
+    assert "CBOR data items" in error.message
+
+
+class no_cbor_decoding:
+    """Fails the test if the decoder hands the frame to cbor2: the refusal must come first."""
+
+    def __init__(self, decoder: FrameDecoder) -> None:
+        self.decoder = decoder
+
+    def __enter__(self) -> None:
+        self.saved = self.decoder._cbor
+
+        class Refuse:
+            fp: Any = None
+
+            def decode(self) -> Any:
+                raise AssertionError("the frame was decoded")
+
+        self.decoder._cbor = Refuse()  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        self.decoder._cbor = self.saved
+
+
+def test_a_full_batch_with_every_field_fits_the_item_limit() -> None:
+    props = {f"p{i}": "v" for i in range(10)}
+    messages = [
+        {"body": b"x", "queue": 1, "tags": "t", "props": props, "born_us": 1} for _ in range(4096)
+    ]
+    assert len(messages) == MAX_BATCH_MESSAGES
+    request = make_request("send_batch", 1, topic="t", messages=messages, acks="durable")
+    request["timeout_ms"] = 5000
+    assert items_of(request) <= MAX_FRAME_ITEMS
+    decoded = only(encode_frame(request))
+    assert decoded["op"] == "send_batch"
+    assert len(decoded["messages"]) == MAX_BATCH_MESSAGES
