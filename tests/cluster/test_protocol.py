@@ -950,3 +950,18 @@ def test_a_full_batch_with_every_field_fits_the_item_limit() -> None:
     decoded = only(encode_frame(request))
     assert decoded["op"] == "send_batch"
     assert len(decoded["messages"]) == MAX_BATCH_MESSAGES
+
+
+def test_known_topic_names_are_bounded_per_decoder_and_never_skip_the_rule() -> None:
+    decoder = FrameDecoder()
+    capacity = decoder._known_topics.capacity
+    for index in range(capacity + 50):
+        decoder.feed(encode_request("describe_topic", index, topic=f"t{index}"))
+        assert decoder.next_frame() == {"op": "describe_topic", "id": index, "topic": f"t{index}"}
+    assert len(decoder._known_topics) == capacity
+    decoder.feed(frame_of(envelope("describe_topic", 1, topic="-t0")))
+    error = decoder.next_frame()
+    assert isinstance(error, ProtocolError)
+    assert error.status is Status.INVALID_TOPIC
+    assert "-t0" not in decoder._known_topics
+    assert FrameDecoder()._known_topics == set()  # each connection's decoder starts afresh
