@@ -52,6 +52,16 @@ def start_argument(value: str) -> str | int:
     )
 
 
+def positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
 def client_error_text(exc: TidelogError, args: argparse.Namespace) -> str:
     """One paragraph: the node's status and words, and the command that helps."""
     text = f"{exc.status.value}: {exc.message}" if exc.status else exc.message
@@ -352,7 +362,35 @@ def _shown(message: ConsumedMessage, args: argparse.Namespace) -> str:
 # ---- status ------------------------------------------------------------------------------
 
 
+async def _watch(client: Client, args: argparse.Namespace) -> int:
+    """``status --watch S``: one line every S seconds with the write rate, until Ctrl-C."""
+    previous: tuple[float, int] | None = None
+    while True:
+        status = await client.admin.status()
+        now = trio.current_time()
+        log_end = int(status.get("max_offset", 0))
+        rate = (log_end - previous[1]) / (now - previous[0]) if previous else 0.0
+        previous = (now, log_end)
+        replication = status.get("replication") or {}
+        line = {
+            "time": time.strftime("%H:%M:%S"),
+            "role": status.get("role"),
+            "log_end": log_end,
+            "write_bytes_per_s": round(rate),
+            "confirm_offset": replication.get("confirm_offset"),
+            "in_sync": len(replication.get("in_sync") or []),
+            "connections": status.get("connections"),
+        }
+        if args.json:
+            print(json.dumps(line), flush=True)
+        else:
+            print("  ".join(f"{k}={human_value(v)}" for k, v in line.items()), flush=True)
+        await trio.sleep(args.watch)
+
+
 async def _status(client: Client, args: argparse.Namespace) -> int:
+    if args.watch:
+        return await _watch(client, args)
     status = await client.admin.status()
     status = {k: v for k, v in status.items() if k not in ("v", "id", "status")}
     if args.json:
@@ -475,4 +513,10 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     consume.set_defaults(handler=lambda a: _run(a, _consume))
 
     status = commands.add_parser("status", parents=[common], help="role, offsets, flush state")
+    status.add_argument(
+        "--watch",
+        type=positive_seconds,
+        metavar="S",
+        help="print one line every S seconds, with the write rate, until Ctrl-C",
+    )
     status.set_defaults(handler=lambda a: _run(a, _status))

@@ -90,7 +90,8 @@ async def test_sends_made_in_the_same_moment_share_one_request(
             for i in range(16):
                 nursery.start_soon(send, i)
     assert (ops(requests, "send_batch"), ops(requests, "send")) == (1, 0)
-    assert sorted(r.queue_offset for r in results) == list(range(16))
+    assert sorted(r.queue_offset or 0 for r in results) == list(range(16))
+    assert None not in {r.queue_offset for r in results}
     assert all(r.ok for r in results)
 
 
@@ -118,7 +119,8 @@ async def test_a_full_batch_leaves_without_waiting_for_linger(
             assert len(done) == 8
             assert (ops(requests, "send_batch"), ops(requests, "send")) == (2, 0)
             nursery.cancel_scope.cancel()
-        assert sorted(r.queue_offset for r in done) == list(range(8))
+        assert sorted(r.queue_offset or 0 for r in done) == list(range(8))
+        assert None not in {r.queue_offset for r in done}
 
 
 async def test_linger_gathers_sends_from_different_moments(

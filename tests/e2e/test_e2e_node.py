@@ -37,6 +37,7 @@ async def test_every_ack_level_round_trips(node: NodeProcess) -> None:
         replicated = await producer.send("acks", b"nobody", queue=0, acks="replicated")
         assert (leader.outcome, durable.outcome) == ("ok", "ok")
         assert (leader.queue_offset, durable.queue_offset) == (0, 1)
+        assert durable.offset is not None and leader.offset is not None
         assert durable.offset > leader.offset
         # No slaves: refused before anything is written, so resending is safe.
         assert replicated.outcome == "failed"
@@ -71,6 +72,7 @@ async def test_concurrent_pipelined_producers_get_dense_offsets(node: NodeProces
         assert all(r.outcome == "ok" for _b, r in results)
         by_queue: dict[int, list[int]] = {}
         for _body, result in results:
+            assert result.queue is not None and result.queue_offset is not None
             by_queue.setdefault(result.queue, []).append(result.queue_offset)
         for queue_offsets in by_queue.values():
             assert sorted(queue_offsets) == list(range(len(queue_offsets)))
@@ -78,7 +80,8 @@ async def test_concurrent_pipelined_producers_get_dense_offsets(node: NodeProces
         for index in range(tasks):
             mine = [r for b, r in results if b.startswith(f"{index}:".encode())]
             assert len({r.queue for r in mine}) == 1
-            assert [r.queue_offset for r in mine] == sorted(r.queue_offset for r in mine)
+            in_order = [r.queue_offset or 0 for r in mine]  # every one is set (asserted above)
+            assert in_order == sorted(in_order)
         physical = [r.offset for _b, r in results]
         assert len(set(physical)) == len(physical)
 
@@ -148,6 +151,8 @@ async def test_sigkill_keeps_every_durable_ack(tmp_path: Path) -> None:
                     result = await producer.send("crash", body, queue=index % 3)
                     if result.outcome != "ok":
                         return  # unknown once the node is gone: not counted
+                    assert result.queue is not None and result.queue_offset is not None
+                    assert result.offset is not None  # an ok answer carries every offset
                     acked[body] = (result.queue, result.queue_offset, result.offset)
                     if len(acked) >= 400:
                         enough.set()
