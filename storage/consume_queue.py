@@ -57,10 +57,15 @@ class ConsumeQueue:
         first, last = self.files.first, self.files.last
         if first is None or last is None:
             return
-        lo = _first_entry(first)
+        # The first files may hold no entry (their entries were lost in a crash, or a
+        # truncation emptied them): the queue starts in the first file that has one.
+        segments = self.files.segments
+        start_index, lo = 0, _first_entry(first)
+        while lo is None and start_index < len(segments) - 1:
+            start_index += 1
+            lo = _first_entry(segments[start_index])
         # The last file may hold no entry yet (a crash came between creating it and
         # writing its first entry): the queue ends in the last file that has one.
-        segments = self.files.segments
         end_index, hi = len(segments) - 1, _end_entry(last)
         while hi is None and end_index > 0:
             end_index -= 1
@@ -71,7 +76,7 @@ class ConsumeQueue:
         if end_index < len(segments) - 1:  # appends go to the last file: drop the empty ones
             self.files.truncate(segments[end_index].base + hi)
         end_segment = self.files.segments[-1]
-        self.min_offset = (first.base + lo) // ENTRY_SIZE
+        self.min_offset = (segments[start_index].base + lo) // ENTRY_SIZE
         self.max_offset = (end_segment.base + hi) // ENTRY_SIZE
         end_segment.wrote = end_segment.flushed = hi
         for segment in self.files.segments[:-1]:

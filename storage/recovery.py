@@ -117,6 +117,7 @@ async def recover_queues(
     """Make the consume queues match the log; return the dispatcher, whether queues were
     rebuilt from scratch, and how many entries were written."""
     await trio.to_thread.run_sync(queues.load)
+    retired = _retired_queues(queues, commit_log.min_offset)
     rebuild = redispatch_from is None or (not queues.queues and commit_log.max_offset > 0)
     if not rebuild:
         start = min(redispatch_from, commit_log.max_offset)
@@ -131,12 +132,47 @@ async def recover_queues(
         await trio.to_thread.run_sync(queues.delete_all)
         dispatcher = Dispatcher(commit_log, queues, commit_log.min_offset)
         count = await dispatcher.catch_up_strict()
+        await _restore_retired(queues, retired)
     # Retention may have deleted log segments whose entries are still in the queues' first
     # files: without this, a reopened queue's min offset points below the log's start.
     await trio.to_thread.run_sync(queues.advance_min, commit_log.min_offset)
     await trio.to_thread.run_sync(sync_segments, queues.dirty_segments())
     commit_log.next_queue_offsets = {key: q.max_offset for key, q in queues.queues.items()}
     return dispatcher, rebuild, count
+
+
+def _retired_queues(
+    queues: ConsumeQueueStore, log_min_offset: int
+) -> dict[tuple[str, int], tuple[int, tuple[int, int, int]]]:
+    """Queues whose every record retention deleted: (topic, queue id) -> (queue offset of
+    the last entry, the entry). The log holds nothing of them, so a rebuild from the log
+    alone would restart them at 0 and move consumers' offsets backwards."""
+    retired = {}
+    for key, queue in queues.queues.items():
+        if queue.max_offset > queue.min_offset:
+            last = queue.get(queue.max_offset - 1)
+            if last[0] + last[1] <= log_min_offset:
+                retired[key] = (queue.max_offset - 1, last)
+    return retired
+
+
+async def _restore_retired(
+    queues: ConsumeQueueStore, retired: dict[tuple[str, int], tuple[int, tuple[int, int, int]]]
+) -> None:
+    """Put back the last entry of each retired queue the rebuild did not recreate: the
+    queue then reopens empty at the offset after it (advance_min skips the entry)."""
+    for (topic, queue_id), (queue_offset, (log_offset, size, tags)) in retired.items():
+        if queues.get(topic, queue_id) is not None:
+            continue  # it has records in the log: those carry its offsets
+        queue = queues.get_or_create(topic, queue_id)
+        await queue.add_file(queue_offset)
+        queue.put(queue_offset, log_offset, size, tags)
+        log.info(
+            "consume_queue_kept_offset topic=%s queue=%d next_offset=%d reason=retention",
+            topic,
+            queue_id,
+            queue_offset + 1,
+        )
 
 
 async def recover(

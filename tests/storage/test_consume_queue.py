@@ -284,3 +284,49 @@ async def test_consume_queue_put_get_conflicts_and_reload(tmp_path: Path) -> Non
     assert [s.base for s in again.files.segments] == [4 * ENTRY_SIZE]  # whole file dropped
     assert not (tmp_path / "t" / "0" / segment_name(0)).exists()
     again.files.close()
+
+
+async def test_load_with_an_all_empty_first_file_starts_at_the_first_entry(
+    tmp_path: Path,
+) -> None:
+    """Before: the queue reopened empty, at its last file's start."""
+    queue = ConsumeQueue(tmp_path, "t", 0, entries_per_file=4)
+    queue.load()
+    for n in range(10):
+        if queue.needs_file(n):
+            await queue.add_file(n)
+        queue.put(n, 1000 * n, 100 + n, n)
+    first = queue.files.segments[0]
+    first.view[:] = bytes(first.size)  # its entries never reached the disk
+    queue.files.close()
+    again = ConsumeQueue(tmp_path, "t", 0, entries_per_file=4)
+    again.load()
+    assert (again.min_offset, again.max_offset) == (4, 10)
+    assert list(again.entries(0, 100))[:1] == [(4, 4000, 104, 4)]
+    again.files.close()
+
+
+async def test_a_rebuild_keeps_the_offsets_of_a_queue_retention_emptied(
+    store_config: StoreConfig,
+) -> None:
+    """Before: the rebuilt queue restarted at 0, so consumer offsets went backwards."""
+    config = quiet(store_config)
+    gone, kept = ("gone", 0), ("kept", 0)
+    async with MessageStore.open(config) as store:
+        for i in range(12):
+            await store.put(message(i, gone))
+        for i in range(100):
+            await store.put(message(i, kept, size=2000))
+        first_kept = store.commit_log.files.segments[2].base
+        assert store.queues.get(*gone).get(11)[0] < first_kept  # all of "gone" goes
+        assert await store.delete_oldest_segments(2) == 2
+        assert store.queue_offsets(*gone) == (12, 12)
+    config.checkpoint_path.unlink()  # no checkpoint: the queues are rebuilt from the log
+    async with MessageStore.open(config) as store:
+        assert store.recovery.queues_rebuilt
+        assert store.queue_offsets(*gone) == (12, 12)
+        result = await store.put(message(99, gone))
+        assert result.queue_offset == 12
+    async with MessageStore.open(config) as store:  # and it stays so on the next start
+        assert store.queue_offsets(*gone) == (12, 13)
+        assert store.get_messages(*gone, 0).records[0][0] == 12
