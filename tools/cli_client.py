@@ -67,8 +67,15 @@ def client_error_text(exc: TidelogError, args: argparse.Namespace) -> str:
     text = f"{exc.status.value}: {exc.message}" if exc.status else exc.message
     topic = getattr(args, "topic", None) or getattr(args, "name", None)
     if exc.status is Status.UNKNOWN_TOPIC and topic:
-        text += f"; to create it: tidelog topic create {topic} -b {args.bootstrap}"
+        text += _create_hint(text, topic, args)
     return text
+
+
+def _create_hint(text: str, topic: str, args: argparse.Namespace) -> str:
+    """The command that creates a missing topic, unless the node's words already name it."""
+    if "tidelog topic create" in text:
+        return ""
+    return f"; to create it: tidelog topic create {topic} -b {args.bootstrap}"
 
 
 def _run(args: argparse.Namespace, command: Any) -> int:
@@ -267,6 +274,8 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
         )
         for reason, n in errors.items():
             print(f"  {n} x {reason}")
+        if any(reason.startswith(Status.UNKNOWN_TOPIC.value) for reason in errors):
+            print(f"  {_create_hint('', args.topic, args).lstrip('; ')}")
     return 0 if counts["ok"] == sum(counts.values()) else 1
 
 

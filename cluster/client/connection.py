@@ -158,6 +158,9 @@ class Connection:
                 "a write may or may not have been applied"
             )
         answer = slot.answer
+        if log.isEnabledFor(logging.DEBUG):  # the request log: tidelog --log-level debug
+            shown = answer.get("status") if isinstance(answer, dict) else answer
+            log.debug("request op=%s id=%d address=%s answer=%s", op, req_id, self.address, shown)
         if isinstance(answer, BaseException):
             raise answer
         if isinstance(answer, ProtocolError):

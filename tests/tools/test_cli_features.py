@@ -81,3 +81,9 @@ def test_status_watch_prints_lines_until_ctrl_c(node: NodeProcess) -> None:
 def test_status_watch_refuses_a_silly_interval() -> None:
     run = tidelog("status", "--watch", "0")
     assert run.returncode == 2 and "positive number of seconds" in run.stderr
+
+
+def test_debug_level_logs_every_request(node: NodeProcess) -> None:
+    run = tidelog("topic", "list", "--log-level", "debug", "-b", node.address)
+    assert run.returncode == 0
+    assert "request op=list_topics" in run.stderr and "answer=OK" in run.stderr

@@ -184,6 +184,9 @@ def test_unknown_topic_names_the_command_that_creates_it(node: NodeProcess) -> N
     run = tidelog("consume", "nope", "-b", node.address)
     assert run.returncode == 2
     assert_one_paragraph(run.stderr, "UNKNOWN_TOPIC", "tidelog topic create nope")
+    produced = tidelog("produce", "nope", "-b", node.address, stdin="x\n")
+    assert produced.returncode == 1 and "Traceback" not in produced.stderr
+    assert "UNKNOWN_TOPIC" in produced.stdout and "tidelog topic create nope" in produced.stdout
 
 
 def test_ctrl_c_stops_a_following_consumer_quietly(node: NodeProcess) -> None:
