@@ -242,9 +242,7 @@ class Producer:
     ) -> list[SendResult]:
         """Send one batch, retrying retryable statuses; one result per message."""
         timeout = self.timeout_ms / 1000 + self.client.config.request_timeout
-        backoff = Backoff(
-            max(self.retry_backoff, 1e-3), max(self.retry_backoff, RETRY_BACKOFF_MAX_S)
-        )
+        backoff: Backoff | None = None  # made on the first retry: most sends never retry
         for attempt in range(self.retries + 1):
             try:
                 connection = await self.client.connection(self.master)
@@ -270,6 +268,9 @@ class Producer:
                     self.master = hint
                     continue
                 log.info("send_retry topic=%s status=%s attempt=%d", topic, status, attempt + 1)
+                if backoff is None:
+                    first_s = max(self.retry_backoff, 1e-3)
+                    backoff = Backoff(first_s, max(first_s, RETRY_BACKOFF_MAX_S))
                 await trio.sleep(backoff.next_delay_s())
                 continue
             error = response.get("error")
