@@ -139,7 +139,32 @@ def _pack_record(
 
 
 class CommitLog:
-    """The log of one node; :class:`storage.store.MessageStore` recovers and owns it."""
+    """The log of one node: every record of every topic, in one offset space, in the
+    segments of :attr:`files`; :class:`storage.store.MessageStore` recovers and owns it.
+
+    Invariants (between any two awaits):
+
+    - The segments are contiguous (segment ``i`` starts at ``first.base + i *
+      segment_size``) and every byte in ``[min_offset, max_offset)`` belongs to a whole,
+      CRC-valid record or to a segment's closing filler; there is no partial record
+      below :attr:`max_offset` (a slave's partial one waits past it, :attr:`raw_pending`).
+    - Every segment but the last is full (``wrote == size``, ended by a filler); the last
+      keeps ``BLANK_MIN`` bytes free for its filler.
+    - ``flushed_offset <= max_offset``; bytes below ``flushed_offset`` were fdatasynced.
+    - Once :attr:`failure` is set it stays set: no write and no fsync happen again.
+
+    Concurrency (one trio thread; blocking work goes to threads): any number of tasks
+    may call :meth:`append` and :meth:`append_batch` at once (the write part is
+    synchronous; taking segments is serialised by ``_take_lock`` and re-checked after
+    each await). :meth:`append_raw` is for one replication stream at a time and never
+    overlaps own appends (a slave takes none; a promoted one first calls
+    :meth:`discard_raw_pending`). :meth:`truncate` and :meth:`restart_at` hold both
+    locks, so they wait for a segment take or a flush in flight; the store must still
+    not let appends run during them (its queue bookkeeping follows the cut).
+    :meth:`flush` callers share one fsync. Reads (:meth:`read`, :meth:`scan`) may run at
+    any time; a record's body view stays valid after a cut (the map lives until the
+    last view is released).
+    """
 
     def __init__(self, config: StoreConfig, allocator: SegmentAllocator) -> None:
         self.config = config
@@ -223,6 +248,7 @@ class CommitLog:
         table = self.next_queue_offsets
         queue_offset = table.get(key, 0)
         now_us = time.time_ns() // 1000
+        assert pos + size + BLANK_MIN <= last.size, (pos, size, last.size)
         _pack_record(last.view, pos, size, offset, message, topic, queue_offset, now_us)
         table[key] = queue_offset + 1
         last.wrote = pos + size
@@ -261,6 +287,7 @@ class CommitLog:
             offsets.append(base + pos)
             queue_offsets.append(queue_offset)
             pos += size
+        assert pos <= limit, (pos, limit)
         segment.wrote = pos
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
 
@@ -528,10 +555,14 @@ class CommitLog:
         a crash would leave a gap between segments that stops the next start.
         """
         async with self._take_lock, self._flush_lock:
+            assert self.min_offset <= offset <= self.max_offset, (
+                f"cut at {offset} outside the log [{self.min_offset}, {self.max_offset}]"
+            )
             self._drop_spares()
             self.raw_pending = 0  # files.truncate zeroes those bytes
             await trio.to_thread.run_sync(self.files.truncate, offset)
             self.flushed_offset = min(self.flushed_offset, self.max_offset)
+            assert self.max_offset == offset or not self.files.segments, (offset, self.max_offset)
 
     async def restart_at(self, base: int) -> None:
         """Discard every segment and leave an empty log whose next record lands at ``base``

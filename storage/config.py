@@ -12,7 +12,7 @@ from storage.record import BLANK_MIN, HEADER_SIZE
 MiB = 1 << 20
 
 
-def _positive(_inst: object, attribute: attrs.Attribute, value: int) -> None:
+def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 

@@ -35,7 +35,19 @@ class QueueConflictError(CorruptSegmentError):
 
 
 class ConsumeQueue:
-    """Entries ``[min_offset, max_offset)`` of one queue."""
+    """Entries ``[min_offset, max_offset)`` of one (topic, queue id): the index that turns
+    a consumer's queue offset into a commit-log offset.
+
+    Invariants: entries are dense (every queue offset in the range has one, pointing at
+    the record with that queue offset); their log offsets increase with the queue
+    offset; entry ``n`` is at byte ``n * ENTRY_SIZE`` of the queue's files; appends go to
+    the last file only. Entries past the commit log's end never stay (truncation and
+    recovery cut them); entries below its start are skipped by :meth:`advance_min`.
+
+    Written only by the store's dispatcher (one task, in log order) and, blocking, by
+    recovery and the store's cuts while the dispatcher is idle; read (:meth:`get`,
+    :meth:`entries`) by any task at any time on the loop.
+    """
 
     def __init__(self, root: Path, topic: str, queue_id: int, entries_per_file: int) -> None:
         self.topic = topic

@@ -45,6 +45,14 @@ class MappedFile:
     Positions are relative to the segment. ``wrote`` is how far bytes have been
     written into the map (and so are visible in the file: there is no separate
     write buffer); ``flushed`` is how far they are known to be on disk.
+
+    Invariants: the file is exactly ``size`` bytes, fully allocated, named by ``base``
+    (:func:`segment_name`); ``0 <= flushed <= wrote <= size`` except while recovery
+    or a cut sets both; bytes past ``wrote`` are zeros or a slave's pending partial
+    record. The object does no locking: its owner (a :class:`MappedFileQueue` of the
+    commit log or of one consume queue) decides who writes; the blocking methods
+    (create, open, sync, zero_from, delete, the identity checks) run in worker threads,
+    never on the event loop.
     """
 
     __slots__ = ("_fd", "_map", "base", "flushed", "path", "size", "view", "wrote")

@@ -18,7 +18,19 @@ log = logging.getLogger(__name__)
 
 
 class MappedFileQueue:
-    """Segments of ``segment_size`` bytes in ``directory``, in offset order."""
+    """Segments of ``segment_size`` bytes in ``directory``, in offset order.
+
+    Invariants: the segments are contiguous (asserted by :meth:`append` and after
+    :meth:`truncate`), every base a multiple of ``segment_size``, and the files on disk
+    are these segments plus at most prepared ones past the last. Every change on disk
+    keeps that true at each step: :meth:`truncate` deletes from the end and makes
+    each deletion durable before the next, :meth:`delete_first` from the front, so a
+    kill never leaves a gap that :meth:`load` would refuse.
+
+    Not thread-safe and not locked: the owner (CommitLog, or one ConsumeQueue) runs one
+    change at a time, blocking ones in a worker thread while the loop does not touch
+    the segment list; lookups (:meth:`find`, :meth:`between`) run on the loop.
+    """
 
     def __init__(self, directory: Path, segment_size: int) -> None:
         self.directory = directory

@@ -119,7 +119,7 @@ async def recover_queues(
     await trio.to_thread.run_sync(queues.load)
     retired = _retired_queues(queues, commit_log.min_offset)
     rebuild = redispatch_from is None or (not queues.queues and commit_log.max_offset > 0)
-    if not rebuild:
+    if redispatch_from is not None and not rebuild:
         start = min(redispatch_from, commit_log.max_offset)
         await trio.to_thread.run_sync(queues.truncate_from_log_offset, start)
         dispatcher = Dispatcher(commit_log, queues, max(start, commit_log.min_offset))

@@ -11,14 +11,13 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from storage.commit_log import CommitLog
+from storage.config import StoreConfig
 from storage.errors import DiskFullError, StorageFailedError
-
-if TYPE_CHECKING:
-    from storage.store import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,20 @@ def over_ratio(used_bytes: int, total_bytes: int, max_used_ratio: float) -> bool
     return bool(total_bytes) and used_bytes / total_bytes > max_used_ratio
 
 
+class RetentionStore(Protocol):
+    """What retention needs of the store (a Protocol: ``storage.store`` imports this
+    module, never the other way round)."""
+
+    config: StoreConfig
+    commit_log: CommitLog
+
+    async def delete_oldest_segments(self, count: int) -> int: ...
+
+
 class RetentionService:
     """Every ``retention_check_interval_ms``, delete what :func:`segments_to_delete` says."""
 
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(self, store: RetentionStore) -> None:
         self.store = store
         self.deleted = 0
 

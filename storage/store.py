@@ -58,7 +58,25 @@ class GetResult:
 
 
 class MessageStore:
-    """Use :meth:`open`; the constructor alone does no I/O and starts nothing."""
+    """One node's storage: the commit log, its consume queues and dispatcher, the
+    checkpoint, and the services (allocation, group commit, async flush, retention).
+
+    Use :meth:`open`; the constructor alone does no I/O and starts nothing. Open holds
+    the data dir's lock (storage.lock) until it returns.
+
+    Invariants: the dispatcher's offset never passes the log's end, and every record
+    below it has its consume-queue entry; the checkpoint on disk never claims more than
+    is fsynced, and names every segment that must exist (a start refuses when one is
+    missing); a cut intent file exists exactly while a truncation or log restart is
+    under way (a start finishes it). Once the commit log failed, no write and no
+    acknowledgement happen until a restart.
+
+    Concurrency (one trio thread): :meth:`put`, :meth:`put_batch`, reads and
+    :meth:`wait_durable` from any number of tasks at once. :meth:`append_replicated` from
+    one replication stream, never alongside own puts. :meth:`truncate` and
+    :meth:`restart_log_at` from the only writer (a slave's follower) with no put or
+    replicated append in flight: asserted. :meth:`flush_all` from anyone (serialised).
+    """
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
@@ -78,6 +96,8 @@ class MessageStore:
         self._flush_all_lock = trio.Lock()
         """One flush_all at a time: they share checkpoint.tmp (the async flusher's and the
         shutdown's used to race: FileNotFoundError on the rename). Cuts hold it too."""
+        self._cutting = False
+        """True while a truncation or log restart runs (writes must not start then)."""
         self.checkpointed_last_segment: int | None = None
         """The last segment the checkpoint on disk names (see :meth:`segments_changed`)."""
         self.after_cut_step: Callable[[str], None] = _no_step_hook
@@ -205,12 +225,14 @@ class MessageStore:
 
     async def put(self, message: Message) -> AppendResult:
         """Append one message and index it. Durability: see :meth:`wait_durable`."""
+        assert not self._cutting, "no write may start while the log is being cut"
         result = await self.commit_log.append(message)
         await self.dispatcher.catch_up()
         return result
 
     async def put_batch(self, messages: Sequence[Message]) -> BatchAppendResult:
         """Append many messages in one pass (all or nothing) and index them."""
+        assert not self._cutting, "no write may start while the log is being cut"
         result = await self.commit_log.append_batch(messages)
         await self.dispatcher.catch_up()
         return result
@@ -222,6 +244,7 @@ class MessageStore:
         The dispatcher reads the same bytes the master's did, so the consume queues match
         the master's. On corrupt data the valid records before it are indexed too.
         """
+        assert not self._cutting, "no write may start while the log is being cut"
         try:
             end = await self.commit_log.append_raw(offset, data)
         except CorruptSegmentError:
@@ -244,7 +267,7 @@ class MessageStore:
         start after a kill at any step finishes the cut (docs/format.md).
         """
         await self.dispatcher.catch_up()
-        async with self._flush_all_lock:
+        async with self._flush_all_lock, self._cut():
             intent = CutIntent(CutKind.TRUNCATE, offset)
             await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
             self._cut_step("intent_saved")
@@ -287,7 +310,7 @@ class MessageStore:
                 "nodes use the same segment_size"
             )
         await self.dispatcher.catch_up()
-        async with self._flush_all_lock:
+        async with self._flush_all_lock, self._cut():
             intent = CutIntent(CutKind.RESTART, start_offset)
             await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
             self._cut_step("intent_saved")
@@ -313,6 +336,15 @@ class MessageStore:
     def max_offset(self) -> int:
         """The log's end: where the next record goes."""
         return self.commit_log.max_offset
+
+    @asynccontextmanager
+    async def _cut(self) -> AsyncIterator[None]:
+        assert not self._cutting, "one cut at a time"
+        self._cutting = True
+        try:
+            yield
+        finally:
+            self._cutting = False
 
     def _cut_step(self, step: str) -> None:
         """A cut reached ``step`` (tests kill the process here to prove each is safe)."""

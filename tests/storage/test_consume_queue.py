@@ -318,7 +318,8 @@ async def test_a_rebuild_keeps_the_offsets_of_a_queue_retention_emptied(
         for i in range(100):
             await store.put(message(i, kept, size=2000))
         first_kept = store.commit_log.files.segments[2].base
-        assert store.queues.get(*gone).get(11)[0] < first_kept  # all of "gone" goes
+        gone_queue = store.queues.get(*gone)
+        assert gone_queue is not None and gone_queue.get(11)[0] < first_kept  # all of it goes
         assert await store.delete_oldest_segments(2) == 2
         assert store.queue_offsets(*gone) == (12, 12)
     config.checkpoint_path.unlink()  # no checkpoint: the queues are rebuilt from the log

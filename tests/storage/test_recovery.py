@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -21,7 +22,7 @@ from storage.recovery import LogEnd, find_log_end
 Key = tuple[str, int]
 
 
-def quiet(config: StoreConfig, **changes: object) -> StoreConfig:
+def quiet(config: StoreConfig, **changes: Any) -> StoreConfig:
     """No background flush (the test decides what is flushed) and any other changes."""
     return attrs.evolve(
         config, flush_interval_ms=10**7, flush_thorough_interval_ms=10**7, **changes

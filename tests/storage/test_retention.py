@@ -4,6 +4,7 @@ service on a real store (a full disk refuses writes unless configured to delete)
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import attrs
 import pytest
@@ -142,7 +143,7 @@ def test_without_delete_unexpired_only_the_expired_prefix_goes_however_full(
 # ---- the service on a real disk --------------------------------------------------------------
 
 
-def full_disk(config: StoreConfig, **changes: object) -> StoreConfig:
+def full_disk(config: StoreConfig, **changes: Any) -> StoreConfig:
     """A watermark any real disk is above, and no background rounds (the test runs them)."""
     return attrs.evolve(
         config,

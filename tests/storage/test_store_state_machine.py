@@ -689,6 +689,7 @@ if os.environ.get("HYPOTHESIS_PROFILE") == "chaos":  # hours, not the suite's 30
     TestStoreStateMachine = pytest.mark.timeout(0)(TestStoreStateMachine)
 
 _profile = settings.default  # the profile tests/conftest.py loaded (ci or chaos)
+assert _profile is not None
 _scale = 3 if _profile.max_examples < 100 else 1
 """ci's examples take well under a second: three times as many, three times as long, still
 fit its budget (about 35 s on 2 cores). chaos is long enough as it is."""
