@@ -16,7 +16,7 @@ from cluster.coordination.etcd import EtcdClient
 from cluster.coordination.ha_loop import HaLoop, HaRole
 from cluster.coordination.keys import GroupState, LeaderValue, MemberInfo
 from cluster.coordination.settings import CoordinationSettings
-from tools.launcher import EtcdCluster
+from tools.launcher import EtcdCluster, TcpProxy
 
 WAIT_S = 30
 """A bound on waits for events; never a figure the tests assert."""
@@ -33,6 +33,9 @@ class FakeNode:
     clean_start: bool = True
     caught_up: bool = False
     judged_in_sync: frozenset[str] = frozenset()
+    priority: int = 0
+    timeline: list[str] = attrs.field(factory=list)
+    """What happened to this node, in order; tests may share one list between nodes."""
     role: str = "none"
     following: str | None = None
     fenced: list[str] = attrs.field(factory=list)
@@ -53,6 +56,7 @@ class FakeNode:
             self.log_end,
             self.clean_start,
             self.caught_up,
+            self.priority,
         )
 
     def in_sync_members(self) -> frozenset[str]:
@@ -61,6 +65,7 @@ class FakeNode:
     async def become_master(self, state: GroupState) -> None:
         self.epoch = state.epoch
         self.terms.append(state.epoch)
+        self.timeline.append(f"{self.name} master {state.epoch}")
         self.role, self.following = "master", None
         self._notify()
 
@@ -71,6 +76,7 @@ class FakeNode:
 
     def fence(self, reason: str) -> None:
         self.fenced.append(reason)
+        self.timeline.append(f"{self.name} fenced")
         self.role = "fenced"
         self._notify()
 
@@ -97,8 +103,9 @@ class RunningNode:
 
 @asynccontextmanager
 async def running(
-    settings: CoordinationSettings, *fakes: FakeNode
+    settings: CoordinationSettings, *fakes: FakeNode, endpoints: dict[str, list[str]] | None = None
 ) -> AsyncIterator[list[RunningNode]]:
+    """Run one HA loop per fake node; ``endpoints`` routes a node to etcd another way."""
     nodes: list[RunningNode] = []
     async with trio.open_nursery() as nursery:
 
@@ -106,7 +113,8 @@ async def running(
             with trio.CancelScope() as scope:
                 async with (
                     EtcdClient(
-                        settings.etcd_endpoints, request_timeout_s=settings.request_timeout_s
+                        (endpoints or {}).get(fake.name, settings.etcd_endpoints),
+                        request_timeout_s=settings.request_timeout_s,
                     ) as etcd,
                     trio.open_nursery() as own,
                 ):
@@ -249,3 +257,30 @@ async def test_slaves_take_over_from_a_master_that_died_before_they_saw_its_epoc
         state = await wait_for_state(settings, lambda s: s.epoch == 4)
         assert state.master == "b" and state.in_sync == {"a", "b"}
         await a.until("following b", lambda: a.following == "b")
+
+
+async def test_a_master_partitioned_from_etcd_fences_before_another_is_elected(
+    etcd_endpoints: list[str],
+) -> None:
+    settings = settings_for(etcd_endpoints)
+    etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
+    proxy = TcpProxy("127.0.0.1", etcd_port)
+    timeline: list[str] = []
+    both = frozenset({"a", "b"})
+    a = FakeNode("a", priority=1, judged_in_sync=both, timeline=timeline)
+    b = FakeNode("b", judged_in_sync=both, timeline=timeline)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        through_proxy = {"a": [f"http://127.0.0.1:{proxy.port}"]}
+        async with running(settings, a, b, endpoints=through_proxy) as (node_a, _):
+            await wait_for_state(settings, lambda s: s.master == "a" and s.in_sync == both)
+            proxy.partition()
+            state = await wait_for_state(settings, lambda s: s.epoch == 2)
+            assert state.master == "b"
+            assert not node_a.loop.may_acknowledge()
+            await b.until("master", lambda: b.role == "master")
+            assert timeline.index("a fenced") < timeline.index("b master 2")
+            proxy.heal()
+            await a.until("following b", lambda: a.following == "b")
+            assert a.terms == [1]
+        nursery.cancel_scope.cancel()

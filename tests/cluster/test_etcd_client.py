@@ -25,7 +25,7 @@ from cluster.coordination.etcd import (
     prefix_range_end,
 )
 from cluster.coordination.settings import MIN_LEASE_TTL_S
-from tools.launcher import EtcdCluster, free_loopback_port
+from tools.launcher import EtcdCluster, TcpProxy, free_loopback_port
 
 
 async def test_put_get_range_delete(etcd_endpoints: list[str], key_prefix: str) -> None:
@@ -194,45 +194,11 @@ async def test_watch_from_now_starts_after_the_current_revision(
         assert event.kv.key == key_prefix + "new"
 
 
-class CuttableProxy:
-    """A TCP proxy to etcd whose open connections the test can cut (a broken stream)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.cut_scope = trio.CancelScope()
-        self.connections = 0
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
-
-    def cut(self) -> None:
-        self.cut_scope.cancel()
-        self.cut_scope = trio.CancelScope()
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        self.connections += 1
-        with self.cut_scope:
-            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-            async with client, upstream, trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, upstream)
-                nursery.start_soon(self._pump, upstream, client)
-
-    @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        async for data in source:
-            await sink.send_all(data)
-
-
 async def test_watch_resumes_after_the_stream_is_cut(
     etcd_endpoints: list[str], key_prefix: str
 ) -> None:
     etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
-    proxy = CuttableProxy(etcd_port)
+    proxy = TcpProxy("127.0.0.1", etcd_port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         async with (
