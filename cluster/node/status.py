@@ -140,9 +140,8 @@ def to_wire(
 def _wire(value: object) -> object:
     """Attrs values to maps (field order kept), tuples and lists to lists, maps copied."""
     if attrs.has(type(value)):
-        return {
-            field.name: _wire(getattr(value, field.name)) for field in attrs.fields(type(value))
-        }
+        fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(type(value))  # type: ignore[arg-type]
+        return {field.name: _wire(getattr(value, field.name)) for field in fields}
     if isinstance(value, tuple | list):
         return [_wire(item) for item in value]
     if isinstance(value, dict):

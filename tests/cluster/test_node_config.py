@@ -57,6 +57,7 @@ def test_every_store_field_but_data_dir_is_configurable(tmp_path: Path) -> None:
         "retention_hours": 1.5,
         "disk_max_used_ratio": 0.5,
         "retention_check_interval_ms": 99,
+        "delete_unexpired_under_pressure": True,
     }
     assert set(values) == names, "a StoreConfig field is missing from this test"
     lines = "\n".join(

@@ -1,0 +1,55 @@
+"""The node's request handler: the server's ops plus the role gate and the admin ops."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from cluster.node.acks import AckPolicy
+from cluster.protocol import SCHEMAS, PromoteRequest, RepointRequest, Request, make_response
+from cluster.server import Deferred, Reply, RequestHandler, Wakeups
+
+if TYPE_CHECKING:
+    from cluster.node.lifecycle import Node
+
+__all__ = ["NodeRequestHandler"]
+
+
+class NodeRequestHandler(RequestHandler):
+    """The node's request handler: the common ops, plus the role checks and admin ops
+    that need the :class:`Node` (whose role can change while it serves).
+
+    Writes are checked before the op runs, using the protocol's own list of writes
+    (``OpSchema.writes``): a slave or a stale master answers ``NOT_MASTER`` and nothing
+    reaches the store or the topic registry (not even ``auto_create``), so the refusal
+    is safe to resend. On a slave, a read naming a topic it does not know yet first
+    asks the master for its topic list (the topic may be younger than the last sync).
+    """
+
+    def __init__(self, *args: Any, node: Node, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._node = node
+        self._ops["promote"] = self._promote
+        self._ops["repoint"] = self._repoint
+
+    def set_acks(self, acks: AckPolicy) -> None:
+        """Switch the ack policy (on promotion); requests already waiting keep theirs."""
+        self._acks = acks
+
+    async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
+        op = request["op"]
+        if SCHEMAS[op].writes:
+            self._node.check_writable()
+        elif op in _TOPIC_READS and self._topics.get(request["topic"]) is None:  # type: ignore[typeddict-item]
+            await self._node.sync_topics_now()
+        return await super().handle(request, polls)
+
+    async def _promote(self, req: PromoteRequest, _polls: Wakeups) -> Reply:
+        return make_response(req["id"], **await self._node.promote(req["ha_port"]))
+
+    async def _repoint(self, req: RepointRequest, _polls: Wakeups) -> Reply:
+        result = await self._node.repoint(req["master_ha"], req["master_client"])
+        return make_response(req["id"], **result)
+
+
+_TOPIC_READS: Final = frozenset({"pull", "get_offsets", "describe_topic"})
+"""Reads naming a topic: on a slave, an unknown one triggers a topic sync first."""
