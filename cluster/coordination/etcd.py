@@ -23,7 +23,7 @@ import base64
 import enum
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -71,6 +71,8 @@ GRPC_UNAVAILABLE = 14
 COMPACTED_MESSAGE = "required revision has been compacted"
 TIMED_OUT_MESSAGE = "request timed out"
 LEASE_NOT_FOUND_MESSAGE = "requested lease not found"
+MAX_WATCH_MESSAGE_CHARS = 64 << 20
+"""A watch message larger than this is garbage, not a message still arriving."""
 
 
 class EtcdError(Exception):
@@ -625,7 +627,7 @@ class Watch:
     next_revision: int
     idle_timeout_s: float
     _response: httpx.Response | None = None
-    _lines: Any = None
+    _chunks: AsyncIterator[str] | None = None
     _pending: list[WatchEvent] = attrs.field(factory=list)
     _decoder: json.JSONDecoder = attrs.field(factory=json.JSONDecoder)
     _buffer: str = ""
@@ -691,25 +693,41 @@ class Watch:
             await trio.sleep(self._backoff.next_delay_s())
             return
         self._buffer = ""
-        self._lines = self._response.aiter_text()
+        self._chunks = self._response.aiter_text()
 
     async def _next_message(self) -> dict[str, Any]:
         """The next complete JSON object of the stream (chunks split and join messages)."""
         while True:
-            stripped = self._buffer.lstrip()
-            if stripped:
-                try:
-                    message, end = self._decoder.raw_decode(stripped)
-                except ValueError:
-                    pass
-                else:
-                    self._buffer = stripped[end:]
-                    return dict(message)
+            message = self._complete_message()
+            if message is not None:
+                return message
+            if len(self._buffer) > MAX_WATCH_MESSAGE_CHARS:
+                raise EtcdRequestError(
+                    f"etcd watch sent {len(self._buffer)} characters without a complete "
+                    f"JSON message: {self._buffer[:200]!r}",
+                    None,
+                    None,
+                )
+            assert self._chunks is not None
             try:
-                chunk = await self._lines.__anext__()
+                chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 raise EtcdStreamEnded("etcd closed the watch stream") from None
-            self._buffer = stripped + chunk
+            self._buffer += chunk
+
+    def _complete_message(self) -> dict[str, Any] | None:
+        """Take one whole JSON object off the buffer, or None if it holds only a part."""
+        self._buffer = self._buffer.lstrip()
+        if not self._buffer:
+            return None
+        try:
+            message, end = self._decoder.raw_decode(self._buffer)
+        except ValueError:
+            return None  # incomplete: wait for the next chunk
+        self._buffer = self._buffer[end:]
+        if not isinstance(message, dict):
+            raise EtcdRequestError(f"etcd watch sent a non-object {message!r}", None, None)
+        return message
 
     def _handle(self, message: dict[str, Any]) -> None:
         if "error" in message:

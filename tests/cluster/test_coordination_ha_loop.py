@@ -80,9 +80,10 @@ class FakeNode:
         self.role = "fenced"
         self._notify()
 
-    async def until(self, what: str, check: Callable[[], bool]) -> None:
+    async def until(self, what: str, check: Callable[[FakeNode], bool]) -> None:
+        """Wait (on this node's actions, not on time) until ``check(self)`` holds."""
         with trio.fail_after(WAIT_S):
-            while not check():
+            while not check(self):
                 await self._changed.wait()
 
 
@@ -154,12 +155,10 @@ async def test_one_master_is_elected_and_the_others_follow(etcd_endpoints: list[
     fakes = [FakeNode(f"n{i}", judged_in_sync=frozenset({"n1", "n2", "n3"})) for i in (1, 2, 3)]
     async with running(settings, *fakes) as nodes:
         for fake in fakes:
-            await fake.until("a role", lambda f=fake: f.role in ("master", "slave"))
+            await fake.until("a role", lambda f: f.role in ("master", "slave"))
         (master,) = masters(nodes)
         for fake in fakes:
-            await fake.until(
-                "all follow", lambda f=fake: f.role == "master" or f.following == master
-            )
+            await fake.until("all follow", lambda f: f.role == "master" or f.following == master)
         assert masters(nodes) == [master]
         state = await wait_for_state(settings, lambda s: len(s.in_sync) == 3)
         assert (state.epoch, state.master) == (1, master)
@@ -187,7 +186,7 @@ async def test_a_crashed_master_is_replaced_by_an_in_sync_slave(etcd_endpoints: 
         for survivor in survivors:
             await survivor.fake.until(
                 "the new master",
-                lambda f=survivor.fake: f.role == "master" or f.following == state.master,
+                lambda f: f.role == "master" or f.following == state.master,
             )
         assert survivors[1].fake.terms == [2]
         assert survivors[1].loop.may_acknowledge()
@@ -204,7 +203,7 @@ async def test_a_node_restarted_after_a_crash_does_not_campaign(etcd_endpoints: 
         state = await wait_for_state(settings, lambda s: s.epoch == 4)
         assert state.master == "clean"
         assert state.in_sync == {"clean"}  # the crashed node must be re-admitted
-        await crashed.until("following", lambda: crashed.following == "clean")
+        await crashed.until("following", lambda f: f.following == "clean")
         assert crashed.terms == []
 
 
@@ -213,17 +212,17 @@ async def test_a_master_cut_off_from_etcd_fences_itself(private_etcd: EtcdCluste
     (member,) = private_etcd.members
     fake = FakeNode("solo")
     async with running(settings, fake) as (node,):
-        await fake.until("master", lambda: fake.role == "master")
+        await fake.until("master", lambda f: f.role == "master")
         assert node.loop.may_acknowledge()
         member.signal(signal.SIGSTOP)
         try:
-            await fake.until("fenced", lambda: bool(fake.fenced))
+            await fake.until("fenced", lambda f: bool(f.fenced))
             assert not node.loop.may_acknowledge()
             assert node.loop.role is HaRole.FENCED
         finally:
             member.signal(signal.SIGCONT)
         # etcd is back: the node leads again, in its old term or a new one
-        await fake.until("master again", lambda: fake.role == "master")
+        await fake.until("master again", lambda f: f.role == "master")
         assert node.loop.may_acknowledge()
         assert fake.terms[0] == 1 and fake.terms == sorted(fake.terms)
 
@@ -256,7 +255,7 @@ async def test_slaves_take_over_from_a_master_that_died_before_they_saw_its_epoc
     async with running(settings, a, b):
         state = await wait_for_state(settings, lambda s: s.epoch == 4)
         assert state.master == "b" and state.in_sync == {"a", "b"}
-        await a.until("following b", lambda: a.following == "b")
+        await a.until("following b", lambda f: f.following == "b")
 
 
 async def test_a_master_partitioned_from_etcd_fences_before_another_is_elected(
@@ -278,9 +277,9 @@ async def test_a_master_partitioned_from_etcd_fences_before_another_is_elected(
             state = await wait_for_state(settings, lambda s: s.epoch == 2)
             assert state.master == "b"
             assert not node_a.loop.may_acknowledge()
-            await b.until("master", lambda: b.role == "master")
+            await b.until("master", lambda f: f.role == "master")
             assert timeline.index("a fenced") < timeline.index("b master 2")
             proxy.heal()
-            await a.until("following b", lambda: a.following == "b")
+            await a.until("following b", lambda f: f.following == "b")
             assert a.terms == [1]
         nursery.cancel_scope.cancel()

@@ -296,3 +296,26 @@ async def test_etcd_raises_a_short_ttl_to_its_minimum(etcd_endpoints: list[str])
         lease = await etcd.lease_grant(1)
         assert lease.ttl_s == MIN_LEASE_TTL_S
         await etcd.lease_revoke(lease.id)
+
+
+async def test_watch_messages_split_across_many_reads(
+    etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    """A chunk is not a message: through a proxy forwarding 7 bytes at a time, every
+    watch message arrives in pieces and must still be parsed whole."""
+    etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
+    proxy = TcpProxy("127.0.0.1", etcd_port, chunk_bytes=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        async with EtcdClient([f"http://127.0.0.1:{proxy.port}"], request_timeout_s=5) as etcd:
+            start = await etcd.put(key_prefix + "k", b"{not json} " * 20)
+            async with etcd.watch(key_prefix, prefix=True, start_revision=start.revision) as watch:
+                await etcd.put(key_prefix + "k", b"second")
+                await etcd.delete(key_prefix + "k")
+                events = [await _next_event(watch) for _ in range(3)]
+        assert [(e.type, e.kv.value) for e in events] == [
+            (EventType.PUT, b"{not json} " * 20),
+            (EventType.PUT, b"second"),
+            (EventType.DELETE, b""),
+        ]
+        nursery.cancel_scope.cancel()

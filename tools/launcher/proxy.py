@@ -8,6 +8,7 @@ like a dropped route (clients see timeouts, not refusals); ``heal()`` ends it;
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import attrs
@@ -29,6 +30,9 @@ class TcpProxy:
     target_host: str
     target_port: int
     port: int = 0
+    chunk_bytes: int = CHUNK_BYTES
+    """The largest piece forwarded at once: small values split every message the
+    peers exchange across many reads (tests of stream parsers)."""
     connections: int = 0
     partitioned: bool = False
     _open: set[trio.CancelScope] = attrs.field(factory=set)
@@ -80,15 +84,11 @@ class TcpProxy:
             nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
             nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
 
-    @staticmethod
     async def _pump(
-        source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope
+        self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope
     ) -> None:
         """Copy one direction; when either side ends or fails, end both."""
-        try:
-            while data := await source.receive_some(CHUNK_BYTES):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(self.chunk_bytes):
                 await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            both.cancel()
+        both.cancel()
