@@ -1,0 +1,205 @@
+"""Network-namespace faults with real processes: a TCP echo server in one namespace,
+clients in others; each fault is shown to hold and to heal, and teardown to leave
+nothing behind. Needs root with iproute2 and iptables (CI runs as root)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tools.faults import netns
+from tools.faults.netns import (
+    NamespaceUnavailable,
+    NetnsBandwidth,
+    NetnsLoss,
+    NetnsNetwork,
+    NetnsPartition,
+    NetnsReset,
+    NodeNet,
+    check_available,
+)
+from tools.faults.topology import isolate, one_way
+
+try:
+    check_available()
+    UNAVAILABLE = ""
+except NamespaceUnavailable as error:
+    UNAVAILABLE = str(error)
+
+needs_netns = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE)
+
+PORT = 7000  # every namespace has its own port space: no collision is possible
+
+ECHO_SERVER = """
+import socket, sys, threading
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+def echo(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+CLIENT = """
+import socket, sys, time
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+payload = bytes(range(256)) * (size // 256)
+started = time.monotonic()
+try:
+    conn = socket.create_connection((host, port), timeout=1.0)
+    conn.settimeout(10.0)
+    conn.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    print("ok" if received == payload else "short", time.monotonic() - started)
+except ConnectionRefusedError:
+    print("refused", 0)
+except ConnectionResetError:
+    print("reset", 0)
+except (TimeoutError, socket.timeout):
+    print("timeout", 0)
+"""
+
+UDP_SENDER = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    sock.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@asynccontextmanager
+async def network(*names: str) -> AsyncIterator[NetnsNetwork]:
+    async with NetnsNetwork.open(names) as net:
+        yield net
+    assert_nothing_left(net.run_id)
+
+
+def assert_nothing_left(run_id: str) -> None:
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert run_id not in namespaces
+    assert run_id not in links
+
+
+@asynccontextmanager
+async def echo_server(net: NetnsNetwork, node: str) -> AsyncIterator[NodeNet]:
+    process = subprocess.Popen(
+        net.command(node, [sys.executable, "-c", ECHO_SERVER, str(PORT)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(30):
+            ready = await trio.to_thread.run_sync(process.stdout.readline, abandon_on_cancel=True)
+        assert ready.strip() == "ready"
+        yield net.node(node)
+    finally:
+        process.kill()  # by its own PID: `ip netns exec` execs the command
+        process.wait()
+
+
+async def client(
+    net: NetnsNetwork, node: str, server: NodeNet, size: int = 1024
+) -> tuple[str, float]:
+    output = await net.in_node(
+        node, [sys.executable, "-c", CLIENT, server.address, str(PORT), str(size)]
+    )
+    outcome, elapsed_s = output.split()
+    return outcome, float(elapsed_s)
+
+
+@needs_netns
+async def test_isolating_a_node_cuts_it_off_and_heal_restores_it() -> None:
+    async with network("a", "b", "c") as net, echo_server(net, "a") as server:
+        assert (await client(net, "b", server))[0] == "ok"
+        async with NetnsPartition(net, isolate(["a", "b", "c"], "a")):
+            assert (await client(net, "b", server))[0] == "timeout"
+            assert (await client(net, "c", server))[0] == "timeout"
+            assert await net.dropped_packets("a") > 0
+        assert (await client(net, "b", server))[0] == "ok"
+        assert (await client(net, "c", server))[0] == "ok"
+
+
+@needs_netns
+async def test_a_partition_between_others_leaves_a_link_alone() -> None:
+    async with network("a", "b", "c") as net, echo_server(net, "a") as server:
+        async with NetnsPartition(net, one_way(["c"], ["a"])):
+            assert (await client(net, "c", server))[0] == "timeout"
+            assert (await client(net, "b", server))[0] == "ok"
+        assert (await client(net, "c", server))[0] == "ok"
+
+
+@needs_netns
+async def test_reset_refuses_tcp_and_heals() -> None:
+    async with network("a", "b") as net, echo_server(net, "a") as server:
+        async with NetnsReset(net, receivers=["a"], senders=["b"]):
+            assert (await client(net, "b", server))[0] == "refused"
+        assert (await client(net, "b", server))[0] == "ok"
+
+
+@needs_netns
+async def test_loss_drops_some_but_not_all_packets() -> None:
+    async with network("a", "b") as net:
+        loss = NetnsLoss(net, ["a"], senders=["b"], probability=0.5)
+        await loss.inject()
+        await net.in_node(
+            "b", [sys.executable, "-c", UDP_SENDER, net.node("a").address, "9", "400"]
+        )
+        dropped = await net.dropped_packets("a")
+        assert 0 < dropped < 400  # both ends have probability 2 * 0.5**400
+        await loss.heal()
+        rules = await net.in_node("a", ["iptables", "-S", netns.CHAIN])
+        assert rules.strip() == f"-N {netns.CHAIN}"  # heal deleted exactly what it added
+
+
+@needs_netns
+async def test_bandwidth_cap_slows_a_transfer_and_heals() -> None:
+    size, bits_per_s = 200 * 1024, 2_000_000
+    async with network("a", "b") as net, echo_server(net, "a") as server:
+        async with NetnsBandwidth(net, ["b"], bits_per_s=bits_per_s):
+            outcome, elapsed_s = await client(net, "b", server, size)
+            assert outcome == "ok"
+            assert elapsed_s >= 0.6 * size * 8 / bits_per_s
+        assert "tbf" not in await net.in_node("b", ["tc", "qdisc", "show", "dev", "eth0"])
+        assert (await client(net, "b", server, size))[0] == "ok"
+
+
+class FailsOnSecondNode(NetnsNetwork):
+    async def _build_node(self, node: NodeNet) -> None:
+        if node.index == 1:
+            raise RuntimeError("injected setup failure")
+        await super()._build_node(node)
+
+
+@needs_netns
+async def test_a_failed_setup_deletes_what_it_created() -> None:
+    with pytest.raises(RuntimeError, match="injected"):
+        await FailsOnSecondNode.create(["a", "b"], run_id="h8fail01")
+    assert_nothing_left("h8fail01")
+
+
+def test_unavailable_namespaces_point_at_the_proxy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(NamespaceUnavailable, match="proxy backend"):
+        check_available()
+
+
+def test_bad_node_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="must match"):
+        NetnsNetwork(["Bad Name"])
+    with pytest.raises(ValueError, match="unique"):
+        NetnsNetwork(["a", "a"])
