@@ -664,19 +664,24 @@ class Watch:
             await self._connect()
             return
         try:
-            message = await self._next_message()
-        except (httpx.TransportError, EtcdStreamEnded) as error:
-            log.info(
-                "etcd watch stream broke key=%s next_revision=%s error=%r",
-                self.key,
-                self.next_revision,
-                error,
-            )
-            await self.aclose()
-            self.reconnects += 1
-            await trio.sleep(self._backoff.next_delay_s())
-            return
-        self._handle(message)
+            self._handle(await self._next_message())
+        except (httpx.TransportError, EtcdStreamEnded, EtcdUnavailable, EtcdTimeout) as error:
+            # a broken stream, or the member lost its own backend or quorum (an error
+            # message inside the stream): resume from next_revision, elsewhere if possible
+            await self._reconnect_later("stream broke", error)
+
+    async def _reconnect_later(self, what: str, error: Exception) -> None:
+        log.info(
+            "etcd watch %s key=%s next_revision=%s error=%r",
+            what,
+            self.key,
+            self.next_revision,
+            error,
+        )
+        await self.aclose()
+        self.client._rotate()
+        self.reconnects += 1
+        await trio.sleep(self._backoff.next_delay_s())
 
     async def _connect(self) -> None:
         body: dict[str, Any] = _range_body(self.key, self.prefix)
@@ -687,10 +692,8 @@ class Watch:
             self._response = await self.client._open_watch_stream(
                 {"create_request": body}, self.idle_timeout_s
             )
-        except (EtcdUnavailable, httpx.TransportError) as error:
-            log.info("etcd watch cannot connect key=%s error=%r", self.key, error)
-            self.reconnects += 1
-            await trio.sleep(self._backoff.next_delay_s())
+        except (EtcdUnavailable, EtcdTimeout, httpx.TransportError) as error:
+            await self._reconnect_later("cannot connect", error)
             return
         self._buffer = ""
         self._chunks = self._response.aiter_text()

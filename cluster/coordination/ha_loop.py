@@ -304,6 +304,10 @@ class HaLoop:
                             self._wake.set()
             except EtcdCompacted:
                 self._wake.set()  # the main loop re-lists anyway; watch again from now
+            except EtcdError as error:
+                log.warning("ha watch failed node=%s error=%r; watching again", self.node, error)
+                self._wake.set()
+                await trio.sleep(self.settings.keepalive_interval_s)
 
     # ------------------------------------------------------------------- one step
 

@@ -44,3 +44,14 @@ def private_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def etcd_three(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A three-member etcd of the test's own, to test etcd's own faults."""
+    cluster = EtcdCluster(tmp_path / "etcd3", size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

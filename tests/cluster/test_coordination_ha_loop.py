@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from cluster.coordination.etcd import EtcdClient
+from cluster.coordination.etcd import EtcdClient, EtcdError
 from cluster.coordination.ha_loop import HaLoop, HaRole
 from cluster.coordination.keys import GroupState, LeaderValue, MemberInfo
 from cluster.coordination.settings import CoordinationSettings
@@ -132,17 +132,28 @@ async def running(
 async def wait_for_state(
     settings: CoordinationSettings, check: Callable[[GroupState], bool]
 ) -> GroupState:
-    """Watch the group's state key until ``check`` holds (an etcd event, not a poll)."""
+    """Watch the group's state key until ``check`` holds (an etcd event, not a poll);
+    etcd errors (e.g. while etcd elects a leader of its own) start the watch over."""
     key = settings.keys.state(settings.group)
     async with EtcdClient(settings.etcd_endpoints) as etcd:
         with trio.fail_after(WAIT_S):
-            stored = await etcd.range(key)
-            if stored.kvs and check(state := GroupState.decode(key, stored.kvs[0].value)):
+            while True:
+                try:
+                    return await _watch_state(etcd, key, check)
+                except EtcdError:
+                    await trio.sleep(0.05)  # retry pace while etcd recovers
+
+
+async def _watch_state(
+    etcd: EtcdClient, key: str, check: Callable[[GroupState], bool]
+) -> GroupState:
+    stored = await etcd.range(key)
+    if stored.kvs and check(state := GroupState.decode(key, stored.kvs[0].value)):
+        return state
+    async with etcd.watch(key, start_revision=stored.revision + 1) as watch:
+        async for event in watch:
+            if event.kv.value and check(state := GroupState.decode(key, event.kv.value)):
                 return state
-            async with etcd.watch(key, start_revision=stored.revision + 1) as watch:
-                async for event in watch:
-                    if event.kv.value and check(state := GroupState.decode(key, event.kv.value)):
-                        return state
     raise AssertionError("the watch ended")
 
 
@@ -283,3 +294,38 @@ async def test_a_master_partitioned_from_etcd_fences_before_another_is_elected(
             await a.until("following b", lambda f: f.following == "b")
             assert a.terms == [1]
         nursery.cancel_scope.cancel()
+
+
+async def test_etcd_losing_its_leader_then_everything_changes_no_role_until_it_returns(
+    etcd_three: EtcdCluster,
+) -> None:
+    settings = settings_for(etcd_three.endpoints)
+    both = frozenset({"a", "b"})
+    a = FakeNode("a", priority=1, judged_in_sync=both)
+    b = FakeNode("b", judged_in_sync=both)
+    async with running(settings, a, b) as (node_a, node_b):
+        await wait_for_state(settings, lambda s: s.master == "a" and s.in_sync == both)
+        await b.until("following a", lambda f: f.following == "a")
+
+        etcd_leader = etcd_three.leader()
+        await trio.to_thread.run_sync(etcd_leader.kill)
+        # two of three members keep a quorum: the group keeps its master and epoch
+        state = await wait_for_state(settings, lambda s: s.master == "a")
+        assert state.epoch == 1
+        await trio.to_thread.run_sync(etcd_three.stop)
+
+        # without etcd: the master fences itself; the slave stays a slave
+        await a.until("fenced", lambda f: bool(f.fenced))
+        assert not node_a.loop.may_acknowledge()
+        assert b.role == "slave" and b.terms == [] and node_b.loop.role is HaRole.SLAVE
+
+        for member in etcd_three.members:
+            await trio.to_thread.run_sync(lambda m=member: etcd_three.restart(m, wait=False))
+        await trio.to_thread.run_sync(etcd_three.wait_healthy, etcd_three.members, 30)
+        # etcd is back: one master again, in a term no older than before
+        with trio.fail_after(WAIT_S):
+            while not (node_a.loop.may_acknowledge() or node_b.loop.may_acknowledge()):
+                await node_a.loop.wait_role_change()
+        leaders = [n for n in (node_a, node_b) if n.loop.role is HaRole.MASTER]
+        assert len(leaders) == 1
+        assert all(f.terms == sorted(f.terms) for f in (a, b))
