@@ -27,6 +27,7 @@ __all__ = [
     "PauseThenKill",
     "ProcessTarget",
     "Restart",
+    "sigkill",
     "wait_exited",
     "wait_stopped",
 ]
@@ -129,6 +130,11 @@ async def _until_stopped(pid: int, pidfd: int) -> None:
 
 async def _until_running(pid: int, pidfd: int) -> None:
     await wait_stopped(pid, stopped=False)
+
+
+async def sigkill(target: ProcessTarget) -> int:
+    """SIGKILL the target and return its PID once it has exited."""
+    return await _signal(target, signal.SIGKILL, _until_exited)
 
 
 class Kill(Fault):
