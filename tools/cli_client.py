@@ -243,7 +243,7 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
             limiter.release()
         counts[result.outcome] += 1
         if not result.ok:
-            reason = f"{result.status or 'no answer'}: {result.error}"
+            reason = f"{result.status}: {result.error}" if result.status else f"{result.error}"
             errors[reason] = errors.get(reason, 0) + 1
         progress.update(sum(counts.values()))
 
@@ -299,9 +299,20 @@ async def _consume(client: Client, args: argparse.Namespace) -> int:
     for queue in queues:
         offset = start[queue]
         while not (args.count and seen >= args.count):
-            page = await client.checked(
+            page = await client.call(
                 "pull", topic=args.topic, queue=queue, offset=offset, max_messages=1024
             )
+            if page["status"] is Status.OFFSET_OUT_OF_RANGE:  # as the library's consumer does
+                print(
+                    f"tidelog: queue {queue} holds offsets {page.get('min_offset')} to "
+                    f"{page.get('max_offset')}, not {offset}: reading from "
+                    f"{page.get('min_offset')}",
+                    file=sys.stderr,
+                )
+                offset = page.get("min_offset", 0)
+                continue
+            if page["status"] is not Status.OK:
+                raise TidelogError(page["status"], page.get("error", ""), page)
             for pulled in page["messages"]:
                 message = consumed_message(args.topic, queue, pulled)
                 if args.tag is None or message.tags == args.tag:

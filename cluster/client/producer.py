@@ -251,11 +251,11 @@ class Producer:
                     log.info("send_master_unreachable master=%s error=%s", self.master, exc)
                     self.master = None  # back to the bootstrap addresses
                     continue
-                return [SendResult("failed", None, topic, error=str(exc))] * len(messages)
+                return [SendResult("failed", None, topic, error=exc.message)] * len(messages)
             try:
                 response = await self._request(connection, timeout, topic, acks, messages)
             except (ConnectionLostError, RequestTimeoutError) as exc:
-                return [self._unknown(topic, str(exc))] * len(messages)
+                return [self._unknown(topic, exc.message)] * len(messages)
             except ProtocolError as exc:  # rejected by this client before sending
                 return [SendResult("failed", exc.status, topic, error=str(exc))] * len(messages)
             status = response["status"]

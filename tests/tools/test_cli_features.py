@@ -87,3 +87,15 @@ def test_debug_level_logs_every_request(node: NodeProcess) -> None:
     run = tidelog("topic", "list", "--log-level", "debug", "-b", node.address)
     assert run.returncode == 0
     assert "request op=list_topics" in run.stderr and "answer=OK" in run.stderr
+
+
+def test_consume_from_an_offset_past_the_end_reads_from_the_earliest(node: NodeProcess) -> None:
+    """The same reset the library's consumer makes, said on stderr."""
+    b = node.address
+    assert tidelog("topic", "create", "r", "--queues", "1", "-b", b).returncode == 0
+    assert tidelog("produce", "r", "-b", b, stdin="a\nb\n").returncode == 0
+    run = tidelog("consume", "r", "--from", "7", "-b", b)
+    assert run.returncode == 0 and run.stdout.split() == ["a", "b"]
+    assert "queue 0 holds offsets 0 to 2, not 7" in run.stderr
+    later = tidelog("consume", "r", "--from", "1", "-b", b)
+    assert later.stdout.split() == ["b"] and later.stderr == ""
