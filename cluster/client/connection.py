@@ -73,9 +73,9 @@ class Connection:
         if self._answered_any:
             return ""
         return (
-            f" before answering anything; is {self.address} a node's client port? "
-            "(a master's replication port, --ha-port, closes client connections like this: "
-            "use the node's --port)"
+            f". {self.address} hung up before answering anything: is it a node's client "
+            "port (--port)? A master's replication port (--ha-port) hangs up on clients "
+            "like this"
         )
 
     async def _read_loop(self) -> None:
