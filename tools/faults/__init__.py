@@ -1,0 +1,179 @@
+"""Fault injection for chaos runs: the vocabulary a nemesis schedule speaks and the faults
+behind each word.
+
+Every fault has a clean undo: ``await fault.inject()`` / ``await fault.heal()``, or
+``async with fault:`` (healed even when the body fails). Backends:
+
+- process (:mod:`tools.faults.process`): kill, pause, pause-then-kill, restart;
+- proxy (:mod:`tools.faults.proxy`): a loopback TCP proxy per chosen link; needs no root;
+  partitions (and the node-to-etcd partition), delay and jitter, bandwidth, resets;
+- netns (:mod:`tools.faults.netns`): one network namespace per node on a private bridge
+  (``10.213.0.0/24``); partitions by grudge (:mod:`tools.faults.topology`), loss, resets,
+  bandwidth; needs root, else :class:`NamespaceUnavailable` points at the proxy backend;
+- disk (:mod:`tools.faults.disk`): power loss, bit flip and truncation, ENOSPC.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from tools.faults.base import Composite, Fault, describe
+from tools.faults.disk import (
+    BitFlip,
+    FileSync,
+    FillDisk,
+    PowerLoss,
+    SmallTmpfs,
+    Truncate,
+    apply_power_loss,
+    power_loss_image,
+    read_sync_log,
+)
+from tools.faults.netns import (
+    NamespaceUnavailable,
+    NetnsBandwidth,
+    NetnsLoss,
+    NetnsNetwork,
+    NetnsPartition,
+    NetnsReset,
+    check_available,
+)
+from tools.faults.process import (
+    Kill,
+    NodeProcessTarget,
+    Pause,
+    PauseThenKill,
+    ProcessTarget,
+    Restart,
+)
+from tools.faults.proxy import (
+    FaultProxy,
+    ProxyBandwidth,
+    ProxyPartition,
+    ProxyReset,
+    ProxySlow,
+)
+
+__all__ = [
+    "FAULTS",
+    "NEMESIS_GROUPS",
+    "BitFlip",
+    "Composite",
+    "Fault",
+    "FaultKind",
+    "FaultProxy",
+    "FileSync",
+    "FillDisk",
+    "Kill",
+    "NamespaceUnavailable",
+    "NetnsBandwidth",
+    "NetnsLoss",
+    "NetnsNetwork",
+    "NetnsPartition",
+    "NetnsReset",
+    "NodeProcessTarget",
+    "Pause",
+    "PauseThenKill",
+    "PowerLoss",
+    "ProcessTarget",
+    "ProxyBandwidth",
+    "ProxyPartition",
+    "ProxyReset",
+    "ProxySlow",
+    "Restart",
+    "SmallTmpfs",
+    "Truncate",
+    "apply_power_loss",
+    "check_available",
+    "describe",
+    "fault_kind",
+    "parse_nemesis",
+    "power_loss_image",
+    "read_sync_log",
+]
+
+
+@attrs.frozen
+class FaultKind:
+    """One word of the nemesis vocabulary: what it does, which fault classes implement it
+    (per backend), and whether it needs root."""
+
+    name: str
+    summary: str
+    implementations: tuple[type[Fault], ...]
+    needs_root: bool = False
+
+
+FAULTS: dict[str, FaultKind] = {
+    kind.name: kind
+    for kind in (
+        FaultKind(
+            "kill",
+            "SIGKILL a node, restart it on the same data at heal",
+            (Kill, Restart, PauseThenKill),
+        ),
+        FaultKind("pause", "SIGSTOP a node, SIGCONT at heal", (Pause,)),
+        FaultKind(
+            "partition",
+            "cut links between nodes: isolate one, master+one, halves, bridge, ring, one way",
+            (NetnsPartition, ProxyPartition),
+        ),
+        FaultKind(
+            "partition-etcd", "cut a node from etcd (through its etcd proxy)", (ProxyPartition,)
+        ),
+        FaultKind("loss", "drop a share of packets at random", (NetnsLoss,), needs_root=True),
+        FaultKind(
+            "reset",
+            "answer TCP with RST: open connections break, new ones fail",
+            (NetnsReset, ProxyReset),
+        ),
+        FaultKind(
+            "slow",
+            "added delay and jitter, or a bandwidth cap",
+            (ProxySlow, ProxyBandwidth, NetnsBandwidth),
+        ),
+        FaultKind(
+            "power-loss", "SIGKILL and lose what was not fdatasynced, page by page", (PowerLoss,)
+        ),
+        FaultKind(
+            "corrupt",
+            "flip a bit in or truncate a stopped minority replica's file",
+            (BitFlip, Truncate),
+        ),
+        FaultKind("enospc", "fill the node's (small tmpfs) disk", (FillDisk,), needs_root=True),
+    )
+}
+
+NEMESIS_GROUPS: dict[str, tuple[str, ...]] = {
+    "network": ("partition", "partition-etcd", "loss", "reset", "slow"),
+    "disk": ("corrupt", "enospc"),
+    "process": ("kill", "pause"),
+}
+"""Shorthands accepted by :func:`parse_nemesis` (``--nemesis kill,disk``)."""
+
+
+def fault_kind(name: str) -> FaultKind:
+    try:
+        return FAULTS[name]
+    except KeyError:
+        raise ValueError(f"unknown fault {name!r}; known faults: {', '.join(FAULTS)}") from None
+
+
+def parse_nemesis(spec: str) -> tuple[str, ...]:
+    """``"kill,pause,disk"`` -> the fault names, groups expanded, order kept, no repeats;
+    an unknown word is an error naming the known ones."""
+    names: list[str] = []
+    for word in (part.strip() for part in spec.split(",")):
+        if not word:
+            continue
+        if word in NEMESIS_GROUPS:
+            expanded = NEMESIS_GROUPS[word]
+        elif word in FAULTS:
+            expanded = (word,)
+        else:
+            known = ", ".join([*FAULTS, *NEMESIS_GROUPS])
+            raise ValueError(f"unknown nemesis {word!r} in {spec!r}; choose from: {known}")
+        names.extend(name for name in expanded if name not in names)
+    if not names:
+        raise ValueError(f"no fault named in nemesis {spec!r}; choose from: {', '.join(FAULTS)}")
+    return tuple(names)
