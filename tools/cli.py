@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="tidelog: a replicated commit-log cluster (mmap CommitLog, group commit, "
         "sendfile replication).",
     )
-    parser.add_argument("--log-level", type=log_level, default=None, help=LOG_LEVEL_HELP)
+    parser.add_argument(
+        "--log-level", type=log_level, default=None, metavar="LEVEL", help=LOG_LEVEL_HELP
+    )
     parser.add_argument("--version", action="version", version=f"tidelog {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -411,7 +413,11 @@ def add_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in action.choices.values():
                 subparser.add_argument(
-                    "--log-level", type=log_level, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
+                    "--log-level",
+                    type=log_level,
+                    default=argparse.SUPPRESS,
+                    metavar="LEVEL",
+                    help=LOG_LEVEL_HELP,
                 )
                 add_log_level_everywhere(subparser)
 
