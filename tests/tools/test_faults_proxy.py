@@ -22,6 +22,13 @@ class Target:
 
     def __init__(self) -> None:
         self.received = b""
+        self._arrived = trio.Event()
+
+    async def wait_received(self, expected: bytes) -> None:
+        with trio.fail_after(10):
+            while self.received != expected:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
 
     async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async def handle(stream: trio.SocketStream) -> None:
@@ -30,6 +37,7 @@ class Target:
                     await stream.send_all(GREETING)
                     async for data in stream:
                         self.received += data
+                        self._arrived.set()
                         await stream.send_all(data)
                 except trio.BrokenResourceError:
                     return
