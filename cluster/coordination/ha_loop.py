@@ -184,8 +184,8 @@ class HaLoop:
         """Step down cleanly: fence, then delete the leader key and revoke the lease so
         the others elect at once instead of after the TTL."""
         if self.role in (HaRole.MASTER, HaRole.FENCED):
-            self._set_role(HaRole.FENCED, self.master)
             self.actions.fence("resigning")
+            self._set_role(HaRole.FENCED, self.master)
         if self.lease_id:
             await self.etcd.txn(
                 [Compare(self._leader_key, CompareTarget.LEASE, self.lease_id)],
@@ -217,6 +217,12 @@ class HaLoop:
                 backoff.reset()
             except EtcdError as error:
                 log.warning("ha step failed node=%s error=%r", self.node, error)
+                await trio.sleep(backoff.next_delay_s())
+                continue
+            except RecordError as error:
+                # a state this release cannot read (written by a newer one?): change no
+                # role on it; the fence still guards a master whose lease runs out
+                log.error("ha step refused the group state node=%s error=%s", self.node, error)
                 await trio.sleep(backoff.next_delay_s())
                 continue
             with trio.move_on_after(self.settings.keepalive_interval_s):

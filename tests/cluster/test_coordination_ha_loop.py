@@ -37,6 +37,8 @@ class FakeNode:
     timeline: list[str] = attrs.field(factory=list)
     """What happened to this node, in order; tests may share one list between nodes."""
     role: str = "none"
+    info_calls: int = 0
+    """How often the loop asked for the member record (it does at every step)."""
     following: str | None = None
     fenced: list[str] = attrs.field(factory=list)
     terms: list[int] = attrs.field(factory=list)
@@ -47,6 +49,9 @@ class FakeNode:
         self._changed = trio.Event()
 
     def member_info(self) -> MemberInfo:
+        self.info_calls += 1
+        if self.info_calls % 5 == 0:
+            self._notify()
         return MemberInfo(
             self.name,
             self.group,
@@ -329,3 +334,17 @@ async def test_etcd_losing_its_leader_then_everything_changes_no_role_until_it_r
         leaders = [n for n in (node_a, node_b) if n.loop.role is HaRole.MASTER]
         assert len(leaders) == 1
         assert all(f.terms == sorted(f.terms) for f in (a, b))
+
+
+async def test_an_unreadable_group_state_changes_no_role(etcd_endpoints: list[str]) -> None:
+    settings = settings_for(etcd_endpoints)
+    key = settings.keys.state(settings.group)
+    async with EtcdClient(etcd_endpoints) as etcd:
+        await etcd.put(key, b'{"format": 99, "kind": "group_state"}')
+        fake = FakeNode("a")
+        async with running(settings, fake):
+            await fake.until("several steps", lambda f: f.info_calls >= 20)
+            assert fake.role == "none" and fake.terms == []
+            await etcd.put(key, GroupState(1, None, frozenset({"a"})).encode())
+            await fake.until("master", lambda f: f.role == "master")
+            assert fake.terms == [2]
