@@ -181,7 +181,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"tidelog node: {exc}", file=sys.stderr)
         return 2
 
+    started: list[bool] = []
+
     def ready(host: str, port: int) -> None:
+        started.append(True)
         print(
             f"tidelog node {config.node.name} listening on {host}:{port} "
             f"(data: {config.node.data_dir}); Ctrl-C or SIGTERM stops it",
@@ -190,11 +193,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: serve_until_signalled(config, on_ready=ready))
-    except BaseException as exc:  # an OS refusal (port, data dir) becomes a sentence
-        refusal = sole_os_error(exc)
+    except BaseException as exc:  # a refusal (port, data dir, lock) becomes a sentence
+        refusal = sole_refusal(exc)
         if refusal is None:
             raise
-        print(f"tidelog node: {node_start_problem(refusal, config)}", file=sys.stderr)
+        verdict = "stopped" if started else "cannot start"
+        print(f"tidelog node: {verdict}: {node_problem(refusal, config)}", file=sys.stderr)
         return 1
     print(
         f"tidelog node {config.node.name} stopped cleanly: log flushed, checkpoint written "
@@ -204,15 +208,22 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def sole_os_error(exc: BaseException) -> OSError | None:
-    """The one ``OSError`` behind ``exc`` (trio wraps failures in exception groups)."""
+def sole_refusal(exc: BaseException) -> Exception | None:
+    """The one error behind ``exc`` (trio wraps failures in exception groups) when it is
+    the system's or the store's refusal, which its message explains; else None (a bug,
+    whose traceback is wanted)."""
+    from cluster.node.topics import TopicError
+    from storage.errors import StorageError
+
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None
+    return exc if isinstance(exc, OSError | StorageError | TopicError) else None
 
 
-def node_start_problem(error: OSError, config: Any) -> str:
-    """What stopped a node from starting, with the setting to change."""
+def node_problem(error: Exception, config: Any) -> str:
+    """What stopped a node, with the setting to change."""
+    if not isinstance(error, OSError):
+        return str(error)
     if error.errno == errno.EADDRINUSE:
         ports = [("--port", config.node.host, config.node.port)]  # or node.port in a config
         if config.replication.ha_port is not None and config.replication.ha_port > 0:
@@ -229,7 +240,7 @@ def node_start_problem(error: OSError, config: Any) -> str:
         f"cannot use the data directory {config.node.data_dir}: {error.strerror} ({where}). "
         "Choose a writable directory with --data-dir."
         if error.filename is not None
-        else f"cannot start: {error}"
+        else str(error)
     )
 
 

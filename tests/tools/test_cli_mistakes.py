@@ -113,6 +113,16 @@ def test_data_dir_under_a_file_is_named(tmp_path: Path) -> None:
     assert_one_paragraph(error_lines(run.stderr), str(data_dir), "--data-dir")
 
 
+def test_a_data_dir_in_use_by_another_node_is_named(tmp_path: Path) -> None:
+    first = NodeProcess(tmp_path / "d").start()
+    try:
+        run = tidelog("node", "--data-dir", str(tmp_path / "d"), "--port", "0")
+    finally:
+        first.kill()
+    assert run.returncode == 1
+    assert_one_paragraph(error_lines(run.stderr), "in use by another process", "cannot start")
+
+
 def test_a_node_says_when_it_stopped_cleanly(tmp_path: Path) -> None:
     """At the default level a node logs its life, its shutdown included."""
     process = subprocess.Popen(
