@@ -187,6 +187,7 @@ class CheckResult:
 
     valid: bool
     events: int
+    end_s: float  # time of the last event
     ack_levels: tuple[str, ...]
     kinds: tuple[KindSummary, ...]
     queues: tuple[QueueStats, ...]
@@ -381,6 +382,7 @@ def check(events: Sequence[Event]) -> CheckResult:
     return CheckResult(
         valid=not any(k.error and k.count for k in kinds),
         events=len(events),
+        end_s=events[-1].time_s if events else 0.0,
         ack_levels=tuple(sorted({s.acks for s in sends.values()})),
         kinds=kinds,
         queues=_queue_stats(sends, all_reads, drains, complete, lost),
