@@ -22,6 +22,7 @@ from tools.faults.netns import (
     NetnsReset,
     NodeNet,
     check_available,
+    open_tcp_stream_in,
 )
 from tools.faults.topology import isolate, one_way
 
@@ -176,6 +177,67 @@ async def test_bandwidth_cap_slows_a_transfer_and_heals() -> None:
             assert elapsed_s >= 0.6 * size * 8 / bits_per_s
         assert "tbf" not in await net.in_node("b", ["tc", "qdisc", "show", "dev", "eth0"])
         assert (await client(net, "b", server, size))[0] == "ok"
+
+
+UDP_RECEIVER = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+sock.recv(16)
+print("received", flush=True)
+"""
+
+
+@needs_netns
+async def test_one_way_partition_drops_one_direction_only() -> None:
+    async with network("a", "c") as net, NetnsPartition(net, one_way(["c"], ["a"])):
+        # a stops hearing c
+        await net.in_node("c", [sys.executable, "-c", UDP_SENDER, net.node("a").address, "9", "20"])
+        assert await net.dropped_packets("a") == 20
+        receiver = subprocess.Popen(
+            net.command("c", [sys.executable, "-c", UDP_RECEIVER, "9000"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert receiver.stdout is not None
+            with trio.fail_after(30):
+                ready = await trio.to_thread.run_sync(
+                    receiver.stdout.readline, abandon_on_cancel=True
+                )
+                assert ready.strip() == "ready"
+                await net.in_node(
+                    "a", [sys.executable, "-c", UDP_SENDER, net.node("c").address, "9000", "20"]
+                )
+                assert (
+                    await trio.to_thread.run_sync(receiver.stdout.readline, abandon_on_cancel=True)
+                ).strip() == "received"
+        finally:
+            receiver.kill()
+            receiver.wait()
+        assert await net.dropped_packets("c") == 0
+
+
+@needs_netns
+async def test_the_harness_connects_from_inside_a_namespace() -> None:
+    async with network("a", "client") as net, echo_server(net, "a") as server:
+        stream = await open_tcp_stream_in(net, "client", server.address, PORT)
+        async with stream:
+            await stream.send_all(b"from the harness")
+            received = b""
+            with trio.fail_after(10):
+                while len(received) < 16:
+                    received += await stream.receive_some()
+            assert received == b"from the harness"
+            async with NetnsPartition(net, isolate(["a", "client"], "a")):
+                await stream.send_all(b"lost?")
+                with trio.move_on_after(1.0) as silent:
+                    await stream.receive_some()
+                assert silent.cancelled_caught
+                assert await net.dropped_packets("a") > 0
+            with trio.fail_after(30):  # TCP retransmits once healed
+                assert await stream.receive_some() == b"lost?"
 
 
 class FailsOnSecondNode(NetnsNetwork):

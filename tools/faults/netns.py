@@ -19,12 +19,15 @@ and stopped by their PID before :meth:`NetnsNetwork.destroy`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -44,6 +47,8 @@ __all__ = [
     "NetnsReset",
     "NodeNet",
     "check_available",
+    "open_tcp_stream_in",
+    "socket_in",
 ]
 
 log = logging.getLogger(__name__)
@@ -399,3 +404,73 @@ class NetnsBandwidth(Fault):
     async def _heal(self) -> None:
         for node in self.nodes:
             await self.network.remove_cap(node)
+
+
+# -- sockets inside a namespace, for the harness itself ----------------------------------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"setns failed: {os.strerror(error)}")
+
+
+def _socket_in_namespace(namespace: str, family: int, kind: int) -> socket.socket:
+    """Blocking, on a dedicated thread: switch this thread into ``namespace``, make the
+    socket (it stays in that namespace for life), switch back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                return socket.socket(family, kind)
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+
+
+async def socket_in(
+    network: NetnsNetwork, node: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> trio.socket.SocketType:
+    """A trio socket living in ``node``'s namespace, so the harness (producers, consumers,
+    checkers) can talk to nodes on the private subnet from its own process. It is made on
+    a short-lived thread of its own, never on trio's shared worker threads, so no thread
+    is left in a foreign namespace."""
+    namespace = network.node(node).namespace
+    outcome: list[socket.socket | BaseException] = []
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def make() -> None:
+        try:
+            outcome.append(_socket_in_namespace(namespace, family, kind))
+        except BaseException as error:
+            outcome.append(error)
+        trio.from_thread.run_sync(done.set, trio_token=token)
+
+    threading.Thread(target=make, name=f"socket-in-{namespace}", daemon=True).start()
+    await done.wait()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return trio.socket.from_stdlib_socket(result)
+
+
+async def open_tcp_stream_in(
+    network: NetnsNetwork, node: str, host: str, port: int
+) -> trio.SocketStream:
+    """Connect from inside ``node``'s namespace (for example a client namespace)."""
+    sock = await socket_in(network, node)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
