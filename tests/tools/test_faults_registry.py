@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
 
-from tools.faults import FAULTS, NEMESIS_GROUPS, fault_kind, parse_nemesis
+import pytest
+import trio
+
+from tests.tools.test_faults_proxy import Target, connect, receive_exactly
+from tools.faults import (
+    FAULTS,
+    NEMESIS_GROUPS,
+    FaultProxy,
+    Kill,
+    NodeProcessTarget,
+    ProxyPartition,
+    fault_kind,
+    kill_while_partitioned,
+    parse_nemesis,
+)
 
 VOCABULARY = (
     "kill", "pause", "partition", "partition-etcd", "loss", "reset", "slow",
@@ -39,3 +54,34 @@ def test_parse_nemesis_expands_groups_and_refuses_unknown_words() -> None:
         parse_nemesis(" , ")
     with pytest.raises(ValueError, match="known faults"):
         fault_kind("meteor")
+
+
+class Child:
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 5.0) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+async def test_kill_while_partitioned_heals_the_process_then_the_network() -> None:
+    child = Child()
+    child.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            target = Target()
+            proxy = FaultProxy("127.0.0.1", await nursery.start(target.serve))
+            await nursery.start(proxy.serve)
+            stream = await connect(proxy.port)
+            fault = kill_while_partitioned(ProxyPartition(proxy), Kill(NodeProcessTarget(child)))
+            async with fault:
+                assert child.process is not None and child.process.wait() == -9
+                await stream.send_all(b"held")
+                with trio.fail_after(10):
+                    await proxy.wait_held()
+            assert child.process.poll() is None  # restarted
+            assert await receive_exactly(stream, 4) == b"held"
+            nursery.cancel_scope.cancel()
+    finally:
+        assert child.process is not None
+        child.process.kill()
+        child.process.wait()

@@ -5,8 +5,9 @@ Every fault has a clean undo: ``await fault.inject()`` / ``await fault.heal()``,
 ``async with fault:`` (healed even when the body fails). Backends:
 
 - process (:mod:`tools.faults.process`): kill, pause, pause-then-kill, restart;
-- proxy (:mod:`tools.faults.proxy`): a loopback TCP proxy per chosen link; needs no root;
-  partitions (and the node-to-etcd partition), delay and jitter, bandwidth, resets;
+- proxy (:mod:`tools.faults.proxy`, :mod:`tools.faults.mesh`): a loopback TCP proxy per
+  chosen link; needs no root; partitions by grudge over a mesh of proxies, the
+  node-to-etcd partition, delay and jitter, bandwidth, resets;
 - netns (:mod:`tools.faults.netns`): one network namespace per node on a private bridge
   (``10.213.0.0/24``); partitions by grudge (:mod:`tools.faults.topology`), loss, resets,
   bandwidth; needs root, else :class:`NamespaceUnavailable` points at the proxy backend;
@@ -29,6 +30,7 @@ from tools.faults.disk import (
     power_loss_image,
     read_sync_log,
 )
+from tools.faults.mesh import MeshPartition, ProxyMesh
 from tools.faults.netns import (
     NamespaceUnavailable,
     NetnsBandwidth,
@@ -65,6 +67,7 @@ __all__ = [
     "FileSync",
     "FillDisk",
     "Kill",
+    "MeshPartition",
     "NamespaceUnavailable",
     "NetnsBandwidth",
     "NetnsLoss",
@@ -77,6 +80,7 @@ __all__ = [
     "PowerLoss",
     "ProcessTarget",
     "ProxyBandwidth",
+    "ProxyMesh",
     "ProxyPartition",
     "ProxyReset",
     "ProxySlow",
@@ -87,6 +91,7 @@ __all__ = [
     "check_available",
     "describe",
     "fault_kind",
+    "kill_while_partitioned",
     "parse_nemesis",
     "power_loss_image",
     "read_sync_log",
@@ -116,7 +121,7 @@ FAULTS: dict[str, FaultKind] = {
         FaultKind(
             "partition",
             "cut links between nodes: isolate one, master+one, halves, bridge, ring, one way",
-            (NetnsPartition, ProxyPartition),
+            (NetnsPartition, MeshPartition, ProxyPartition),
         ),
         FaultKind(
             "partition-etcd", "cut a node from etcd (through its etcd proxy)", (ProxyPartition,)
@@ -177,3 +182,8 @@ def parse_nemesis(spec: str) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"no fault named in nemesis {spec!r}; choose from: {', '.join(FAULTS)}")
     return tuple(names)
+
+
+def kill_while_partitioned(partition: Fault, kill: Fault) -> Composite:
+    """Partition first, then kill inside it; heal restarts the node, then the network."""
+    return Composite([partition, kill], kind="kill-while-partitioned")
