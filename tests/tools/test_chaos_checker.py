@@ -203,6 +203,30 @@ def test_recovered_and_indeterminate_are_not_errors() -> None:
     assert result.kind("indeterminate").count == 2
 
 
+def test_vanished_read() -> None:
+    """An unknown send read by a consumer, then gone from the final log: read past confirm."""
+    history = _clean_base()
+    history.send("producer-1", Q, "producer-1:1", outcome="info", error="FLUSH_SLAVE_TIMEOUT")
+    history.poll("consumer-0", Q, 3, [(3, "producer-1:1")])
+    _finish(history)
+    result = _caught("vanished_read", history)
+    assert result.kind("lost").count == 0  # never acked: only the read is wrong
+    assert (
+        "consumer-0 read producer-1:1 at offset 3"
+        in result.kind("vanished_read").examples[0].summary
+    )
+
+
+def test_vanished_read_is_not_judged_after_the_master_disk_was_lost() -> None:
+    history = _clean_base()
+    history.send("producer-1", Q, "producer-1:1", outcome="info", error="timeout")
+    history.poll("consumer-0", Q, 3, [(3, "producer-1:1")])
+    history.nemesis("f1", "disk", "start", ["n1"], disk_lost=True)
+    history.nemesis("f1", "disk", "stop", ["n1"])
+    _finish(history)
+    assert check(history.events).valid
+
+
 def test_poll_skip() -> None:
     history = _clean_base()
     history.send("producer-0", Q, "producer-0:2", 3)
@@ -427,6 +451,22 @@ def _failed_message(events: list[Event]) -> str | None:
     return next((e.value["message"] for e in events if e.f == "send" and e.type == "fail"), None)
 
 
+def _inject_vanished(events: list[Event]) -> bool:
+    read = [
+        (e.value["queue"], m[1])
+        for e in events
+        if e.f == "poll" and e.type == "ok"
+        for m in e.value["messages"]
+    ]
+    if not read:
+        return False
+    queue, message = read[-1]
+    for i, e in enumerate(events):
+        if e.f == "drain" and e.type == "ok" and e.value["queue"] == queue:
+            _replace(events, i, messages=[m for m in e.value["messages"] if m[1] != message])
+    return True
+
+
 def _inject_poll_skip(events: list[Event]) -> bool:
     for i, e in enumerate(events):
         if e.f == "poll" and e.type == "ok" and len(e.value["messages"]) >= 2:
@@ -509,6 +549,7 @@ INJECTIONS: dict[str, Injection] = {
     "offset_mismatch": _inject_offset_mismatch,
     "unexpected": lambda events: _append_to_master_drain(events, lambda _: "phantom:1"),
     "aborted_read": lambda events: _append_to_master_drain(events, _failed_message),
+    "vanished_read": _inject_vanished,
     "poll_skip": _inject_poll_skip,
     "nonmonotonic_poll": _inject_nonmonotonic_poll,
     "nonmonotonic_send": lambda events: _swap_offsets(events, same_producer=True),

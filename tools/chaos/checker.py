@@ -13,7 +13,9 @@ Pure: :func:`check` takes the events of :mod:`tools.chaos.history` and returns a
 - ``duplicate``: one message read at two queue offsets. ``inconsistent_offsets``: one
   offset holding two messages (reads and acks). ``offset_mismatch``: read at another offset
   than its ack said. ``unexpected``: read but never sent to that queue. ``aborted_read``:
-  its send certainly failed, yet it was read. ``recovered`` (not an error): an unknown send
+  its send certainly failed, yet it was read. ``vanished_read``: a consumer read a message
+  the master's final log lacks (it read past the confirm offset, or the log lost it; not
+  judged once the master's disk was destroyed). ``recovered`` (not an error): an unknown send
   later read; ``indeterminate`` (not an error): an unknown send never read.
 - ``poll_skip`` / ``nonmonotonic_poll``: a consumer's reads of a queue jump forward past an
   offset / go back or repeat. ``nonmonotonic_send``: a producer's acked offsets on a queue
@@ -60,6 +62,7 @@ ERROR_KINDS: Final = (
     "offset_mismatch",
     "unexpected",
     "aborted_read",
+    "vanished_read",
     "poll_skip",
     "nonmonotonic_poll",
     "nonmonotonic_send",
@@ -367,7 +370,9 @@ def check(events: Sequence[Event]) -> CheckResult:
     masters = _master_changes(events)
     faults = _fault_windows(ops)
     disk_lost_s = _master_disk_lost_s(ops, masters)
-    lost = _check_lost(sends, drains, complete, disk_lost_s, findings)
+    present, replicas = _final_logs(drains, complete, findings)
+    lost = _check_lost(sends, present, replicas, complete, disk_lost_s, findings)
+    _check_vanished(poll_reads, present, disk_lost_s, findings)
     _check_digests(ops, findings)
     if not any(send.offset is not None for send in sends.values()):
         findings.add("nothing_acked", None, "no send was acknowledged: the run tested nothing")
@@ -641,29 +646,62 @@ def _master_disk_lost_s(ops: Iterable[_Op], masters: Sequence[MasterChange]) -> 
     return None
 
 
-def _check_lost(
-    sends: dict[str, _Send],
+def _final_logs(
     drains: dict[tuple[str, str, str], list[_Read]],
     complete: set[tuple[str, str, str]],
-    disk_lost_s: float | None,
     findings: _Findings,
-) -> list[LostPoint]:
-    acked_queues = sorted({s.queue for s in sends.values() if s.offset is not None})
+) -> tuple[dict[str, set[str]], dict[str, list[tuple[str, set[str]]]]]:
+    """Per queue: the messages of the master's finished drains, and each replica's."""
     present: dict[str, set[str]] = {}
     replicas: dict[str, list[tuple[str, set[str]]]] = defaultdict(list)
     for (role, node, queue), reads in sorted(drains.items()):
         if (role, node, queue) not in complete:
-            if role == "master":
-                continue
-            findings.add(
-                "replica_unchecked", queue, f"the drain of {queue} on {node} never finished"
-            )
+            if role != "master":
+                findings.add(
+                    "replica_unchecked", queue, f"the drain of {queue} on {node} never finished"
+                )
             continue
         messages = {read.message for read in reads}
         if role == "master":
             present[queue] = present.get(queue, set()) | messages
         else:
             replicas[queue].append((node, messages))
+    return present, replicas
+
+
+def _check_vanished(
+    poll_reads: Sequence[_Read],
+    present: dict[str, set[str]],
+    disk_lost_s: float | None,
+    findings: _Findings,
+) -> None:
+    """A consumer saw a message the final log does not hold: it read past the confirm offset."""
+    if disk_lost_s is not None:
+        return  # the master's disk was destroyed: its loss is judged as lost_excused
+    seen: set[tuple[str, str]] = set()
+    for read in poll_reads:
+        final = present.get(read.queue)
+        if final is None or read.message in final or (read.queue, read.message) in seen:
+            continue
+        seen.add((read.queue, read.message))
+        findings.add(
+            "vanished_read",
+            read.queue,
+            f"{read.process} read {read.message} at offset {read.offset} from "
+            f"{read.node or 'an unknown node'}, but the final log of {read.queue} lacks it",
+            read.line,
+        )
+
+
+def _check_lost(
+    sends: dict[str, _Send],
+    present: dict[str, set[str]],
+    replicas: dict[str, list[tuple[str, set[str]]]],
+    complete: set[tuple[str, str, str]],
+    disk_lost_s: float | None,
+    findings: _Findings,
+) -> list[LostPoint]:
+    acked_queues = sorted({s.queue for s in sends.values() if s.offset is not None})
     masters_of = {
         queue: sorted(n for (r, n, q) in complete if r == "master" and q == queue)
         for queue in acked_queues
