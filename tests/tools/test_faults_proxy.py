@@ -95,13 +95,20 @@ async def test_blackhole_holds_bytes_and_heal_delivers_them() -> None:
 async def test_one_way_partition_lets_the_other_way_through() -> None:
     async with trio.open_nursery() as nursery:
         target, proxy = await start(nursery)
-        async with ProxyPartition(proxy, directions="to_target"):
-            stream = await connect(proxy.port)  # the greeting comes back: from_target flows
+        stream = await connect(proxy.port)
+        async with ProxyPartition(proxy, directions="from_target"):
             await stream.send_all(b"one way")
+            await target.wait_received(b"one way")  # the client's bytes get through...
             with trio.fail_after(10):
-                await proxy.wait_held()
-            assert target.received == b""
+                await proxy.wait_held()  # ...the echo does not
         assert await receive_exactly(stream, 7) == b"one way"
+        async with ProxyPartition(proxy, directions="to_target"):
+            late = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            await late.send_all(b"late")
+            with trio.fail_after(10):
+                await proxy.wait_held(2)  # not even passed on to the target
+            assert target.received == b"one way"
+        assert await receive_exactly(late, len(GREETING) + 4) == GREETING + b"late"
         nursery.cancel_scope.cancel()
 
 

@@ -128,8 +128,8 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._released = trio.Event()
         self._released.set()
-        self.held_chunks = 0
-        self._chunk_held = trio.Event()
+        self.holds = 0
+        self._held_now = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -232,12 +232,17 @@ class FaultProxy:
         self.slowness.clear()
         self.rate_bytes_per_s.clear()
 
-    async def wait_held(self, chunks: int = 1) -> None:
-        """Return once at least ``chunks`` chunks have been stopped by a hold (a test's
-        proof that bytes reached the proxy and were not forwarded)."""
-        while self.held_chunks < chunks:
-            self._chunk_held = trio.Event()
-            await self._chunk_held.wait()
+    def _note_hold(self) -> None:
+        self.holds += 1
+        self._held_now.set()
+
+    async def wait_held(self, holds: int = 1) -> None:
+        """Return once a hold has stopped something ``holds`` times: a chunk not forwarded
+        or a new connection not passed on (a test's proof that the proxy got the bytes and
+        kept them)."""
+        while self.holds < holds:
+            self._held_now = trio.Event()
+            await self._held_now.wait()
 
     # -- forwarding -----------------------------------------------------------------------
 
@@ -256,6 +261,10 @@ class FaultProxy:
                 self._links.discard(link)
 
     async def _forward(self, link: _Link) -> None:
+        if Direction.TO_TARGET in self.held:
+            self._note_hold()
+        while Direction.TO_TARGET in self.held:
+            await self._released.wait()  # a held SYN would not reach the target either
         try:
             upstream = await trio.open_tcp_stream(self.target_host, self.target_port)
         except OSError as error:
@@ -312,8 +321,7 @@ class FaultProxy:
                 async for due, data in chunks:
                     await trio.sleep_until(due)
                     if direction in self.held:
-                        self.held_chunks += 1
-                        self._chunk_held.set()
+                        self._note_hold()
                     while direction in self.held:
                         await self._released.wait()
                     await self._send_capped(sink, data, direction)
