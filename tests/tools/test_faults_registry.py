@@ -18,6 +18,8 @@ from tools.faults import (
     ProxyPartition,
     fault_kind,
     kill_while_partitioned,
+    netns,
+    network_backend,
     parse_nemesis,
 )
 
@@ -85,3 +87,15 @@ async def test_kill_while_partitioned_heals_the_process_then_the_network() -> No
         assert child.process is not None
         child.process.kill()
         child.process.wait()
+
+
+def test_the_network_backend_falls_back_to_the_proxy_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert network_backend("proxy").name == "proxy"
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    backend = network_backend()
+    assert backend.name == "proxy"
+    assert "root" in backend.reason
+    with pytest.raises(ValueError, match="'netns' or 'proxy'"):
+        network_backend("carrier-pigeon")

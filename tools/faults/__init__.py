@@ -74,6 +74,7 @@ __all__ = [
     "NetnsNetwork",
     "NetnsPartition",
     "NetnsReset",
+    "NetworkBackend",
     "NodeProcessTarget",
     "Pause",
     "PauseThenKill",
@@ -92,6 +93,7 @@ __all__ = [
     "describe",
     "fault_kind",
     "kill_while_partitioned",
+    "network_backend",
     "parse_nemesis",
     "power_loss_image",
     "read_sync_log",
@@ -187,3 +189,24 @@ def parse_nemesis(spec: str) -> tuple[str, ...]:
 def kill_while_partitioned(partition: Fault, kill: Fault) -> Composite:
     """Partition first, then kill inside it; heal restarts the node, then the network."""
     return Composite([partition, kill], kind="kill-while-partitioned")
+
+
+@attrs.frozen
+class NetworkBackend:
+    """Which network backend a run uses and why; a run records this in its manifest."""
+
+    name: str  # "netns" or "proxy"
+    reason: str
+
+
+def network_backend(prefer: str = "netns") -> NetworkBackend:
+    """Namespaces when asked for and available, else the proxy backend with the reason."""
+    if prefer not in ("netns", "proxy"):
+        raise ValueError(f"network backend must be 'netns' or 'proxy', got {prefer!r}")
+    if prefer == "proxy":
+        return NetworkBackend("proxy", "chosen")
+    try:
+        check_available()
+    except NamespaceUnavailable as error:
+        return NetworkBackend("proxy", str(error))
+    return NetworkBackend("netns", "root with iproute2 and iptables")
