@@ -123,11 +123,17 @@ class ServerSection:
         default=DEFAULT_MAX_FRAME_SIZE, validator=_between(MIN_MAX_FRAME_SIZE, MAX_FRAME_SIZE_LIMIT)
     )
     max_connections: int = attrs.field(default=10_000, validator=_between(1, 1_000_000))
+    """At most this many client connections; lowered at start to what the process's
+    open-file limit (``ulimit -n``) leaves after a reserve for the node's own files."""
     max_inflight_per_connection: int = attrs.field(default=1024, validator=_between(1, 65_536))
     """Requests of one connection being served or answered but not yet sent; past it the
     server stops reading that connection (TCP backpressure) instead of buffering."""
     shutdown_grace_ms: int = attrs.field(default=5000, validator=_between(0, 600_000))
     """How long a shutdown lets in-flight requests finish before closing connections."""
+    idle_timeout_ms: int = attrs.field(default=600_000, validator=_between(100, 86_400_000))
+    """A connection with no request in flight that sends nothing for this long is closed
+    (as Kafka's ``connections.max.idle.ms``): idle clients do not hold file descriptors
+    forever. Clients reconnect on their next request."""
 
 
 @attrs.frozen(kw_only=True)

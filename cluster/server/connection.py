@@ -48,6 +48,7 @@ class Connection:
         self._handler = server.handler
         self._decoder = FrameDecoder(settings.max_frame_size)
         self._max_inflight = settings.max_inflight_per_connection
+        self._idle_timeout_s = settings.idle_timeout_ms / 1000
         self._slots = trio.Semaphore(self._max_inflight)
         self.polls = Wakeups()
         self.peer = peer_name(stream)
@@ -84,7 +85,7 @@ class Connection:
     async def _read_loop(self) -> None:
         decoder = self._decoder
         try:
-            while data := await self._stream.receive_some(RECEIVE_SIZE):
+            while data := await self._receive():
                 decoder.feed(data)
                 for item in decoder:
                     await self._admit()
@@ -96,6 +97,17 @@ class Connection:
             self._fatal = True
         except GONE:
             self._abort()
+
+    async def _receive(self) -> bytes:
+        """The next bytes, or ``b""`` at EOF, or when the connection has been idle (no
+        request in flight, nothing received) for ``idle_timeout_ms``: it is then closed
+        like one the client ended."""
+        while True:
+            with trio.move_on_after(self._idle_timeout_s):
+                return await self._stream.receive_some(RECEIVE_SIZE)
+            if not self.inflight:
+                log.info("connection_idle peer=%s idle_s=%g", self.peer, self._idle_timeout_s)
+                return b""
 
     async def _admit(self) -> None:
         """Take an in-flight slot; with none free, stop reading until a response is sent."""

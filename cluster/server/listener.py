@@ -1,11 +1,19 @@
 """The client port's listener: accepts connections, caps their number, shuts down
 gracefully (stop accepting, answer new requests ``SHUTTING_DOWN``, let in-flight ones
-finish within the grace period, close)."""
+finish within the grace period, close).
+
+The cap is ``max_connections`` lowered to what the open-file limit affords
+(:mod:`cluster.server.limits`). An accept that fails (``EMFILE`` when descriptors run
+out anyway, or any other ``OSError``) never ends the node: the first failure of a burst
+is logged, accepting backs off, and the recovery is logged once.
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import partial
+import os
+import resource
+from typing import Final
 
 import trio
 
@@ -13,11 +21,19 @@ from cluster.node.config import ServerSection
 from cluster.protocol import Status, encode_frame, error_response
 from cluster.server.connection import Connection
 from cluster.server.handler import RequestHandler
+from cluster.server.limits import connection_budget
 from cluster.server.streams import GONE, linger, peer_name
+from storage.backoff import Backoff
 
 __all__ = ["ClientServer"]
 
 log = logging.getLogger(__name__)
+
+MAX_REFUSALS_IN_FLIGHT: Final = 16
+"""Refused connections being told why at once (each holds its descriptor for up to the
+linger time); past this, a refused connection is closed without the error frame."""
+ACCEPT_BACKOFF_INITIAL_S: Final = 0.01
+ACCEPT_BACKOFF_MAX_S: Final = 1.0
 
 
 class ClientServer:
@@ -36,6 +52,12 @@ class ClientServer:
         self._idle = trio.Event()
         self.draining = False
         self.refused = 0
+        self._refusing = 0
+        self.accept_failures = 0
+        """Accepts that failed (``EMFILE`` and the like), since start."""
+        self.max_connections = settings.max_connections
+        """The cap in force: the configured one, lowered at :meth:`serve` if the
+        open-file limit cannot afford it."""
         self.address: tuple[str, int] | None = None
 
     @property
@@ -52,18 +74,13 @@ class ClientServer:
         """Listen, report the bound ``(host, port)``, serve until :meth:`stop`; then stop
         accepting, let in-flight requests finish within ``shutdown_grace_ms`` (new ones
         are answered ``SHUTTING_DOWN``) and close every connection."""
+        self._apply_fd_budget()
         listeners, address = await self._listen()
         try:
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptor:
-                    acceptor.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            self._accept,
-                            listeners,
-                            handler_nursery=connections,
-                        )
-                    )
+                    for listener in listeners:
+                        acceptor.start_soon(self._accept_loop, listener, connections)
                     task_status.started(address)
                     await self._stop.wait()
                     acceptor.cancel_scope.cancel()
@@ -88,8 +105,49 @@ class ClientServer:
         log.info("server_listening host=%s port=%d", host, port)
         return listeners, (host, port)
 
+    def _apply_fd_budget(self) -> None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget = connection_budget(
+            self.settings.max_connections,
+            None if soft == resource.RLIM_INFINITY else soft,
+            _open_fds(),
+        )
+        self.max_connections = budget.max_connections
+        if budget.lowered_because is not None:
+            log.warning(
+                "max_connections_lowered configured=%d now=%d reason=%r",
+                self.settings.max_connections,
+                budget.max_connections,
+                budget.lowered_because,
+            )
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept until cancelled; failures back off and are logged once per burst."""
+        backoff = Backoff(ACCEPT_BACKOFF_INITIAL_S, ACCEPT_BACKOFF_MAX_S)
+        failures = 0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                failures += 1
+                self.accept_failures += 1
+                if failures == 1:
+                    log.error(
+                        "accept_failing error=%r connections=%d: backing off until it "
+                        "succeeds (if it is EMFILE, raise ulimit -n or lower max_connections)",
+                        exc,
+                        len(self._connections),
+                    )
+                await trio.sleep(backoff.next_delay_s())
+                continue
+            if failures:
+                log.warning("accept_recovered failures=%d", failures)
+                failures = 0
+                backoff.reset()
+            connections.start_soon(self._accept, stream)
+
     async def _accept(self, stream: trio.SocketStream) -> None:
-        if len(self._connections) >= self.settings.max_connections:
+        if len(self._connections) >= self.max_connections:
             await self._refuse(stream)
             return
         connection = Connection(stream, self)
@@ -103,7 +161,17 @@ class ClientServer:
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         self.refused += 1
-        limit = self.settings.max_connections
+        if self._refusing >= MAX_REFUSALS_IN_FLIGHT:
+            await trio.aclose_forcefully(stream)  # a flood: keep the descriptors
+            return
+        self._refusing += 1
+        try:
+            await self._tell_refused(stream)
+        finally:
+            self._refusing -= 1
+
+    async def _tell_refused(self, stream: trio.SocketStream) -> None:
+        limit = self.max_connections
         log.warning("connection_refused peer=%s limit=%d", peer_name(stream), limit)
         response = error_response(
             0,
@@ -145,3 +213,11 @@ class ClientServer:
             len(self._connections),
             scope.cancelled_caught,
         )
+
+
+def _open_fds() -> int:
+    """Descriptors this process has open now (0 where the OS does not tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0

@@ -656,6 +656,20 @@ async def test_connections_beyond_the_limit_get_one_error_frame(tmp_path: Path) 
         assert node.server.refused == 1
 
 
+async def test_an_idle_connection_is_closed_but_a_long_poll_is_not(tmp_path: Path) -> None:
+    """Issue 8 point 4: idle clients must not hold descriptors forever. A connection
+    waiting for its long poll's answer is not idle, however long it sends nothing."""
+    async with running(node_config(tmp_path, server={"idle_timeout_ms": 200})) as node:
+        async with client(node) as idle, client(node) as polling:
+            await idle.ok("status")
+            await polling.ok("create_topic", topic="t", queues=1)
+            answer = await polling.ok("pull", topic="t", queue=0, offset=0, wait_ms=800)
+            assert answer["messages"] == []
+            assert await idle.recv() is None  # the node closed it: EOF, no error frame
+        async with client(node) as later:
+            await later.ok("status")
+
+
 async def test_a_client_that_does_not_read_gets_backpressure(tmp_path: Path) -> None:
     config = node_config(tmp_path, server={"max_inflight_per_connection": 2})
     async with running(config) as node, client(node) as slow, client(node) as producer:
