@@ -336,6 +336,15 @@ def test_malformed_send_value_names_its_line() -> None:
         check(history.events)
 
 
+def test_a_timeout_recorded_as_fail_is_refused() -> None:
+    history = HistoryBuilder()
+    history.send("producer-0", Q, "producer-0:0", outcome="fail", error="FLUSH_SLAVE_TIMEOUT")
+    with pytest.raises(
+        HistoryError, match=r"history line 2: send failed with 'FLUSH_SLAVE_TIMEOUT'"
+    ):
+        check(history.events)
+
+
 def test_results_json_round_trips(tmp_path) -> None:
     history = _clean_base()
     history.send("producer-1", Q, "producer-1:1", 3)

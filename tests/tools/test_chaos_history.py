@@ -131,3 +131,18 @@ def test_a_completion_without_invoke_is_refused(tmp_path: Path) -> None:
         HistoryError, match="history line 1: ok of process 'p' completes no open invoke"
     ):
         read_history(path)
+
+
+@pytest.mark.parametrize(
+    "error", ["FLUSH_SLAVE_TIMEOUT", "FLUSH_DISK_TIMEOUT", "TimeoutError: read timed out"]
+)
+def test_a_timeout_is_never_recorded_as_fail(tmp_path: Path, error: str) -> None:
+    with HistoryWriter(tmp_path / "history.jsonl") as writer:
+        _send_invoke(writer)
+        with pytest.raises(HistoryError, match="record it as 'info'"):
+            writer.append(
+                time_s=1.0, type="fail", process="producer-0", f="send", value={}, error=error
+            )
+        writer.append(
+            time_s=1.0, type="fail", process="producer-0", f="send", value={}, error="NOT_MASTER"
+        )

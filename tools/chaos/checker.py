@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import attrs
 
-from tools.chaos.history import Event, HistoryError
+from tools.chaos.history import Event, HistoryError, is_uncertain_error
 
 __all__ = [
     "ERROR_KINDS",
@@ -342,6 +342,15 @@ def _sends(ops: Iterable[_Op]) -> dict[str, _Send]:
         message = _field(op.invoke, "message", str)
         acks = _field(op.invoke, "acks", str)
         offset = None
+        if (
+            op.completion is not None
+            and op.completion.type == "fail"
+            and is_uncertain_error(op.completion.error)
+        ):
+            raise HistoryError(
+                f"history line {op.completion.line}: send failed with {op.completion.error!r}, "
+                "whose outcome is unknown: it must be recorded as info"
+            )
         if op.completion is not None and op.completion.type == "ok":
             offset = _field(op.completion, "offset", int)
         if message in sends:

@@ -20,7 +20,8 @@ crashes mid-operation never completes it (the checker treats it like ``info``) a
 under a new process name. ``fail`` means the operation *certainly* did not take effect
 (a retryable status: nothing applied). Anything uncertain (a timeout, a lost connection,
 ``FLUSH_DISK_TIMEOUT``, ``FLUSH_SLAVE_TIMEOUT``, ``STORAGE_FAILED``) is ``info``: **a timeout
-is always info, never fail**. The one lone event is ``f="master"`` (type ``info``).
+is always info, never fail** (the writer and reader refuse a ``fail`` whose error is an
+outcome-unknown status or mentions a timeout). The one lone event is ``f="master"`` (type ``info``).
 
 A queue is named ``"topic:queue_id"``. A message is a unique string the producer makes
 from its process name and a counter (``"producer-3:17"``); nobody sends one value twice.
@@ -71,6 +72,8 @@ from typing import IO, Any, Final
 
 import attrs
 
+from cluster.protocol.statuses import STATUS_BY_VALUE
+
 __all__ = [
     "ACK_LEVELS",
     "COMPLETION_TYPES",
@@ -81,6 +84,8 @@ __all__ = [
     "HistoryWriter",
     "event_from_json",
     "event_to_json",
+    "is_uncertain_error",
+    "iter_history",
     "read_history",
 ]
 
@@ -172,6 +177,21 @@ def _check_fields(raw: dict[str, Any], line: int) -> None:
             raise bad(f"{key} must be a string or null, got {raw[key]!r}")
     if raw["f"] == "master" and raw["type"] != "info":
         raise bad("a master observation is a lone 'info' event")
+    if raw["type"] == "fail" and is_uncertain_error(raw["error"]):
+        raise bad(
+            f"a 'fail' with error {raw['error']!r}, whose outcome is unknown: "
+            "record it as 'info' (fail means certainly not applied)"
+        )
+
+
+def is_uncertain_error(error: str | None) -> bool:
+    """A status or exception text after which a write may or may not have been applied."""
+    if error is None:
+        return False
+    status = STATUS_BY_VALUE.get(error)
+    if status is not None:
+        return status.outcome_unknown
+    return "timeout" in error.lower() or "timed out" in error.lower()
 
 
 def read_history(path: str | os.PathLike[str]) -> list[Event]:
