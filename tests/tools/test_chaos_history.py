@@ -63,6 +63,8 @@ def test_the_writer_refuses_time_going_back_and_bad_events(tmp_path: Path) -> No
             writer.append(time_s=1.0, type="ok", process="producer-0", f="send", value={})
         with pytest.raises(HistoryError, match="type must be one of"):
             writer.append(time_s=3.0, type="timeout", process="producer-0", f="send", value={})
+        with pytest.raises(HistoryError, match="completes no open invoke"):
+            writer.append(time_s=3.0, type="ok", process="consumer-0", f="poll", value={})
     assert len(read_history(tmp_path / "history.jsonl")) == 1
 
 

@@ -253,8 +253,11 @@ def _check_pairing(event: Event, open_ops: dict[str, Event]) -> None:
 class HistoryWriter:
     """Append-only writer of ``history.jsonl``: one flushed line per event.
 
-    Assigns ``index`` itself and refuses time going backwards. Not safe to call from
-    several threads at once; a trio runner calls it from its one event-loop thread.
+    Assigns ``index`` itself and refuses what the reader would refuse (time going back, a
+    completion without its invoke), so a runner bug stops the run at once. Not safe to
+    call from several threads at once: a trio runner calls :meth:`append` from its one
+    event-loop thread (a flush to the page cache, no fsync) and :meth:`close` (which
+    fsyncs) from a worker thread.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -262,6 +265,7 @@ class HistoryWriter:
         self._file: IO[str] = open(self.path, "x", encoding="utf-8")  # noqa: SIM115
         self._next_index = 0
         self._last_time_s = 0.0
+        self._open_ops: dict[str, Event] = {}
 
     def append(
         self,
@@ -280,6 +284,7 @@ class HistoryWriter:
         event = Event(self._next_index, float(time_s), type, process, f, value, node, error)
         text = event_to_json(event)
         event_from_json(text, event.line)  # the same rules as the reader, before writing
+        _check_pairing(event, self._open_ops)
         self._file.write(text + "\n")
         self._file.flush()
         self._next_index += 1
