@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import attrs
 import trio
 
 from replication.epochs import EpochHistory, leader_is_stale
+from replication.errors import leaves
 from replication.insync import InSyncSet, SlaveLag
 from replication.settings import ReplicationSettings
 from replication.state import StreamRefused, StreamStart, next_confirm_offset, stream_start
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
 from replication.wire import (
+    CHUNK_CONFIRM,
     AckDecoder,
     AckKind,
     HAProtocolError,
@@ -41,12 +46,82 @@ from replication.wire import (
     set_no_delay,
 )
 from storage.concurrency import lone_error_unwrapped
+from storage.errors import OffsetOutOfRangeError
 from storage.store import MessageStore
 from storage.waiters import OffsetWaiters
 
-__all__ = ["HAConnection", "HAService", "LagReport", "MasterStatus", "lag_status"]
+__all__ = ["HAConnection", "HAService", "LagReport", "MasterStatus", "lag_status", "warm_pages"]
 
 log = logging.getLogger(__name__)
+
+
+def warm_pages(fd: int, file_offset: int, count: int, scratch: bytearray) -> None:
+    """Blocking (run it in a worker thread): read ``count`` bytes of ``fd`` at
+    ``file_offset`` into ``scratch`` so they are in the page cache before ``sendfile``.
+
+    Why a thread read and not ``posix_fadvise(WILLNEED)``: the advice only queues a
+    readahead the kernel may shrink, delay or drop, and ``sendfile`` (like ``pread`` on
+    the copy path) then waits for the disk *on the event loop's thread*, stalling every
+    client of the node for each cold page. A read in a worker thread is certain: the
+    loop only ever sends cached pages. The price -- one copy into ``scratch`` -- is paid
+    only for cold ranges (a sender more than ``cold_distance_bytes`` behind the log end,
+    catching up from disk); the hot tail, written through the page cache moments ago,
+    still goes out zero-copy.
+    """
+    view = memoryview(scratch)[:count]
+    try:
+        while view:
+            got = os.preadv(fd, [view], file_offset)
+            if got == 0:
+                return  # short file: the send that follows reports it
+            view = view[got:]
+            file_offset += got
+    finally:
+        view.release()
+
+
+class _SegmentPin:
+    """The master's sender's own descriptor of the segment it streams from.
+
+    Opened by path (in a worker thread), never borrowed from the store: retention may
+    delete the segment and close the store's descriptor while a chunk is in flight, and
+    a borrowed number could then be reused by another file, sending its bytes to the
+    slave. An own descriptor keeps the deleted file's inode, and so its bytes, alive
+    until the sender moves on. One sender task owns an instance.
+    """
+
+    def __init__(self) -> None:
+        self._base = -1
+        self._fd = -1
+
+    async def fd_for(self, base: int, path: Path) -> int:
+        if base != self._base:
+            self.close()
+            try:
+                self._fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise HAProtocolError(
+                    f"segment {path.name} was deleted (retention) before it could be "
+                    "streamed: the slave resyncs from the log start on its next connection"
+                ) from exc
+            self._base = base
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._base = -1, -1
+
+    def __enter__(self) -> _SegmentPin:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class _StaleMaster(Exception):
@@ -102,9 +177,12 @@ class HAConnection:
         on_hello: Callable[[HAConnection], None] | None = None,
         on_ack: Callable[[str, int], None] | None = None,
         on_stale: Callable[[str], None] | None = None,
+        confirm_source: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.confirm_source = confirm_source
+        """The master's confirm offset now: the stream carries it to the slave."""
         self.history = history
         """The master's epoch history (shared with the node, read at each hello); None
         turns every epoch check off."""
@@ -119,6 +197,8 @@ class HAConnection:
         self._buffer = (
             None if settings.use_sendfile else bytearray(HEADER_SIZE + settings.max_chunk)
         )
+        self._warm_buffer = bytearray(settings.max_chunk)
+        self._wake = trio.Event()
 
     async def run(self, sock: trio.socket.SocketType) -> None:
         """Serve one slave until it goes away or the stream breaks. The caller closes
@@ -180,11 +260,14 @@ class HAConnection:
         except StreamRefused as exc:
             raise HAProtocolError(str(exc)) from exc
         if start.resync:
-            raise HAProtocolError(
-                f"slave {hello.name} is at {hello.max_offset}, outside the master's log "
-                f"[{log_start}, {end}]"
+            log.warning(
+                "ha_slave_resync slave=%s slave_offset=%d stream_from=%d reason=%s",
+                hello.name,
+                hello.max_offset,
+                start.offset,
+                "behind_master_log_start" if not start.diverged else "tail_not_provable",
             )
-        if start.diverged:
+        elif start.diverged:
             log.warning(
                 "ha_slave_diverged slave=%s slave_offset=%d truncate_to=%d "
                 "slave_epochs=%s master_epochs=%s",
@@ -196,43 +279,78 @@ class HAConnection:
             )
         return start
 
+    def wake(self) -> None:
+        """Wake the sender: records arrived or the confirm offset moved (any task)."""
+        self._wake.set()
+
+    async def _idle(self, until: float) -> None:
+        """Park the caught-up sender until :meth:`wake`, ``until`` or the poll interval
+        (the net under an arrival whose wake-up was folded into another's)."""
+        poll_s = self.settings.poll_interval_ms / 1000
+        with trio.move_on_at(min(until, trio.current_time() + poll_s)):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
     async def _stream(self, sock: trio.socket.SocketType) -> None:
         """Send committed bytes forever: one chunk per turn, within one segment and below
-        the log end; park on the dispatcher's arrival event when caught up, and send an
-        empty chunk (the heartbeat) after ``heartbeat_ms`` without one."""
-        settings = self.settings
-        files = self.store.commit_log.files
-        heartbeat_s = settings.heartbeat_ms / 1000
-        poll_s = settings.poll_interval_ms / 1000
+        the log end; a confirm frame whenever the confirm offset moved; park when caught
+        up, and send an empty chunk (the heartbeat) after ``heartbeat_ms`` without one.
+
+        Every byte goes out by this task (one sender on the socket, the transfer
+        module's rule)."""
+        heartbeat_s = self.settings.heartbeat_ms / 1000
         last_sent = trio.current_time()
-        while True:
-            end = self.store.commit_log.max_offset
-            offset = self.send_offset
-            if offset >= end:
-                idle_until = last_sent + heartbeat_s
-                if trio.current_time() >= idle_until:
-                    # Sent by this task like every chunk: one sender on the socket.
-                    await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+        sent_confirm = -1
+        with _SegmentPin() as pin:
+            while True:
+                confirm = self.confirm_source()
+                if confirm != sent_confirm:
+                    frame = ChunkHeader(offset=confirm, length=0, flags=CHUNK_CONFIRM)
+                    await send_all(sock, frame.pack())
+                    sent_confirm = confirm
                     last_sent = trio.current_time()
                     continue
-                with trio.move_on_at(min(idle_until, trio.current_time() + poll_s)):
-                    await self.store.wait_for_arrival()
-                continue
-            segment = files.find(offset)  # at a full segment's end: the next one
-            count = min(segment.end, end, offset + settings.max_chunk) - offset
-            header = ChunkHeader(offset=offset, length=count).pack()
-            await send_file_range(
-                sock,
-                segment.fd,
-                offset - segment.base,
-                count,
-                header,
-                use_sendfile=settings.use_sendfile,
-                max_call=settings.max_chunk,
-                buffer=self._buffer,
-            )
-            self.send_offset = offset + count
-            last_sent = trio.current_time()
+                end = self.store.commit_log.max_offset
+                offset = self.send_offset
+                if offset >= end:
+                    if trio.current_time() >= last_sent + heartbeat_s:
+                        await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+                        last_sent = trio.current_time()
+                    else:
+                        await self._idle(last_sent + heartbeat_s)
+                    continue
+                await self._send_chunk(sock, pin, offset, end)
+                last_sent = trio.current_time()
+
+    async def _send_chunk(
+        self, sock: trio.socket.SocketType, pin: _SegmentPin, offset: int, end: int
+    ) -> None:
+        """One chunk from ``offset``: within one segment, below ``end``."""
+        settings = self.settings
+        try:
+            segment = self.store.commit_log.files.find(offset)  # at a full segment's end: the next
+        except OffsetOutOfRangeError as exc:
+            raise HAProtocolError(
+                f"slave {self.name} at {offset} is behind the master's log start now "
+                f"(retention): it resyncs from the log start on its next connection ({exc})"
+            ) from exc
+        fd = await pin.fd_for(segment.base, segment.path)
+        count = min(segment.end, end, offset + settings.max_chunk) - offset
+        file_offset = offset - segment.base
+        if end - offset > settings.cold_distance_bytes:
+            await trio.to_thread.run_sync(warm_pages, fd, file_offset, count, self._warm_buffer)
+        header = ChunkHeader(offset=offset, length=count).pack()
+        await send_file_range(
+            sock,
+            fd,
+            file_offset,
+            count,
+            header,
+            use_sendfile=settings.use_sendfile,
+            max_call=settings.max_chunk,
+            buffer=self._buffer,
+        )
+        self.send_offset = offset + count
 
     async def _read_acks(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
         """Record acks until the slave closes its side (then end the whole connection) or
@@ -380,6 +498,7 @@ class HAService:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._confirmed.expire_deadlines)
                 nursery.start_soon(self._watch_in_sync)
+                nursery.start_soon(self._relay_arrivals)
                 task_status.started(bound)
                 while True:
                     sock, peer = await listener.accept()
@@ -393,17 +512,24 @@ class HAService:
             on_hello=self._register,
             on_ack=self._on_ack,
             on_stale=self._on_stale,
+            confirm_source=lambda: self.confirm_offset,
         )
         with sock:
+            # except*: a stream error can arrive grouped with the cancellation of a
+            # replaced connection or of the whole service; the errors end here, the
+            # cancellation goes on to its scope.
             try:
                 set_no_delay(sock)
                 await connection.run(sock)
-            except (OSError, HAProtocolError, TransferError) as exc:
+            except* (OSError, HAProtocolError, TransferError) as group:
+                errors = ", ".join(repr(exc) for exc in leaves(group))
                 log.warning(
-                    "ha_connection_failed slave=%s peer=%s error=%r", connection.name, peer, exc
+                    "ha_connection_failed slave=%s peer=%s error=%s", connection.name, peer, errors
                 )
-            except Exception:  # one slave's bug must not take the others' streams down
-                log.exception("ha_connection_crashed slave=%s peer=%s", connection.name, peer)
+            except* Exception as group:  # one slave's bug must not take the others' down
+                log.error(
+                    "ha_connection_crashed slave=%s peer=%s", connection.name, peer, exc_info=group
+                )
             finally:
                 self._unregister(connection)
 
@@ -458,7 +584,9 @@ class HAService:
         assert after <= self.store.commit_log.max_offset or after == before, (
             f"confirm offset {after} past the log end {self.store.commit_log.max_offset}"
         )
-        self._confirmed.advance(after)
+        if after > before:
+            self._confirmed.advance(after)
+            self._wake_senders()  # the slaves' read limit follows the confirm offset
 
     def _log_membership(self, names: frozenset[str], in_sync: dict[str, int]) -> None:
         for name in sorted(self._in_sync_names - names):
@@ -473,6 +601,16 @@ class HAService:
                 )
         for name in sorted(names - self._in_sync_names):
             log.info("ha_slave_in_sync slave=%s ack_offset=%d", name, in_sync[name])
+
+    def _wake_senders(self) -> None:
+        for connection in self.connections.values():
+            connection.wake()
+
+    async def _relay_arrivals(self) -> None:
+        """One waiter on the store's arrivals for every sender: wake them all."""
+        while True:
+            await self.store.wait_for_arrival()
+            self._wake_senders()
 
     async def _watch_in_sync(self) -> None:
         """Re-judge the set as time passes: dropping a silent laggard is what lets the

@@ -37,6 +37,8 @@ folded into another task's (that one sets the event, but possibly before we wait
 MAX_CHUNK: Final = 1 << 20
 """Data bytes per chunk: the size the transfer benchmark found to be the knee (see
 ``transfer.DEFAULT_MAX_CALL``), and the slave's receive buffer size."""
+DEFAULT_COLD_DISTANCE_BYTES: Final = 64 << 20
+"""Bytes behind the log end past which a range is taken as no longer in the page cache."""
 SLAVE_ACK_MODES: Final = ("write", "durable")
 """``write``: ack what is applied (page cache); ``durable``: ack only what is fsynced."""
 
@@ -92,6 +94,12 @@ class ReplicationSettings:
     """Master: how long a caught-up sender waits before looking at the log again."""
     slave_ack: str = attrs.field(default="write", validator=_slave_ack_mode)
     """Slave: ``write`` acks what is applied, ``durable`` only what its fsync covers."""
+    cold_distance_bytes: int = attrs.field(
+        default=DEFAULT_COLD_DISTANCE_BYTES, validator=_not_negative
+    )
+    """Master: a sender further than this behind the log end reads each chunk in a
+    worker thread first (cold pages), so ``sendfile`` never waits for the disk on the
+    event loop (see :func:`replication.master.warm_pages`)."""
 
     def __attrs_post_init__(self) -> None:
         check_liveness(self.heartbeat_ms, self.peer_timeout_ms)

@@ -12,20 +12,24 @@ or after every adopted one). Liveness: the slave re-sends its ack every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import attrs
 import trio
 
 from replication.epochs import EpochEntry, EpochFile, EpochHistory, EpochHistoryError
+from replication.errors import leaves
 from replication.settings import ReplicationSettings
 from replication.state import FollowPlan, follow_plan
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, receive_chunk_into
 from replication.wire import (
+    CHUNK_CONFIRM,
     HAProtocolError,
     MasterHello,
     epochs_text,
     pack_ack,
+    pack_refusal,
     pack_slave_hello,
     read_master_hello,
     send_all,
@@ -33,11 +37,14 @@ from replication.wire import (
 )
 from storage.backoff import Backoff
 from storage.concurrency import lone_error_unwrapped
+from storage.errors import CorruptSegmentError, StorageError, StorageFailedError
 from storage.store import MessageStore
 
 __all__ = [
     "RECONNECT_BACKOFF_MAX_S",
     "RECONNECT_BACKOFF_MIN_S",
+    "STREAM_ERRORS",
+    "BadStreamError",
     "HAClient",
     "SlaveReplication",
     "SlaveStatus",
@@ -52,6 +59,16 @@ RECONNECT_BACKOFF_MAX_S = 2.0
 is not hammered, and one that is back is found within two seconds."""
 
 
+class BadStreamError(HAProtocolError):
+    """The master's bytes failed this slave's validation (a record that does not check,
+    a chunk that does not continue the log): the slave refused them, told the master,
+    and reconnects; nothing of the bad chunk is visible."""
+
+
+STREAM_ERRORS = (OSError, HAProtocolError, TransferError, StorageError)
+"""What ends one connection of the follow loop without ending the loop (the node stays up)."""
+
+
 class HAClient:
     """The slave's end of one connection: reports its log end, carries out the master's
     plan, then applies chunks in order and acknowledges its visible end after each.
@@ -62,9 +79,15 @@ class HAClient:
     takes part in the epoch protocol and saves the history after every change (without
     a file it only changes in memory). Without one it behaves as before epochs.
 
+    Reads on a slave stop at :meth:`read_limit`: the master's confirm offset as the
+    stream carries it (:data:`~replication.wire.CHUNK_CONFIRM` frames), capped at what
+    this log holds, so a consumer of a slave never sees a record a failover could take
+    back.
+
     Invariants: :attr:`acked_offset` never passes the end of what was received and
-    applied (asserted per chunk) and never moves back within a connection. One
-    :meth:`run` at a time; the attributes are read by the node's status from any task.
+    applied (asserted per chunk) and never moves back within a connection;
+    :meth:`read_limit` never exceeds the log's end. One :meth:`run` at a time; the
+    attributes are read by the node's status from any task.
     """
 
     def __init__(
@@ -88,13 +111,32 @@ class HAClient:
         self.acked_offset = -1
         self.last_truncation: tuple[int, int] | None = None
         """(old end, new end) of the last divergent tail this client cut, or None."""
+        self.last_restart: tuple[int, int] | None = None
+        """(old end, new start) of the last full resync (the log restarted at the
+        master's log start because this slave was behind it or new), or None."""
+        self.master_confirm = 0
+        """The master's confirm offset as last heard in the stream (not capped)."""
         self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
 
+    def read_limit(self) -> int:
+        """How far consumers of this slave may read: the master's confirm offset, never
+        beyond what this log holds (0 until a master has said)."""
+        limit = min(self.master_confirm, self.store.commit_log.max_offset)
+        assert limit <= self.store.commit_log.max_offset
+        return limit
+
     async def _send_ack(self, sock: trio.socket.SocketType, offset: int) -> None:
         async with self._ack_lock:
             await send_all(sock, pack_ack(offset))
+
+    async def _refuse(self, sock: trio.socket.SocketType, offset: int) -> None:
+        """Tell the master the bytes at ``offset`` were refused (best effort: the
+        connection closes right after, which the master sees anyway)."""
+        with trio.move_on_after(self.settings.heartbeat_ms / 1000), contextlib.suppress(OSError):
+            async with self._ack_lock:
+                await send_all(sock, pack_refusal(offset))
 
     async def _heartbeat(self, sock: trio.socket.SocketType) -> None:
         """Repeat the current ack every ``heartbeat_ms``, whatever the apply loop does:
@@ -155,14 +197,11 @@ class HAClient:
             raise HAProtocolError(str(exc)) from exc
 
     async def _carry_out(self, plan: FollowPlan, end: int) -> tuple[int, list[EpochEntry]]:
-        """Cut (or refuse a restart), adopt what the log already reaches; return the
-        start and the epochs still pending."""
+        """Restart or cut the log as planned, adopt what the log already reaches; return
+        the start and the epochs still pending."""
         if plan.restart:
-            raise HAProtocolError(
-                f"slave {self.name} is at {end}, behind the master's log which starts at "
-                f"{plan.start}: it must be re-seeded"
-            )
-        if plan.cut_to is not None:
+            await self._restart_log(end, plan.start)
+        elif plan.cut_to is not None:
             await self._cut_divergent_tail(end, plan.cut_to)
         pending = list(plan.adopt)
         await self._adopt_epochs(pending, plan.start)
@@ -176,9 +215,19 @@ class HAClient:
             if header is None:
                 log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
                 return
+            if header.flags & CHUNK_CONFIRM:
+                self.master_confirm = header.offset
+                continue
             if header.length == 0:  # the master's heartbeat: it is alive, nothing to apply
                 continue
-            end = await self.store.append_replicated(header.offset, view[: header.length])
+            try:
+                end = await self.store.append_replicated(header.offset, view[: header.length])
+            except CorruptSegmentError as exc:
+                await self._refuse(sock, header.offset)
+                raise BadStreamError(
+                    f"slave {self.name} refused the master's {header.length} B at "
+                    f"{header.offset}: {exc}; told the master, reconnecting"
+                ) from exc
             assert end <= header.offset + header.length, (
                 f"applied up to {end}, past the received {header.offset + header.length}"
             )
@@ -222,6 +271,29 @@ class HAClient:
             epochs_text(self.master_history.entries if self.master_history else ()),
         )
 
+    async def _restart_log(self, end: int, start: int) -> None:
+        """The full resync: drop the whole log (nothing of it is provably the master's,
+        or the master no longer holds what follows it) and restart it empty at the
+        master's log start; the history restarts empty too and adopts every epoch of
+        the master's. Log first, then history, as for a cut."""
+        try:
+            await self.store.restart_log_at(start)
+        except ValueError as exc:
+            raise HAProtocolError(
+                f"slave {self.name} cannot restart its log at the master's log start {start}: {exc}"
+            ) from exc
+        if self.history is not None:
+            self.history.truncate(0)
+            await self._save_history()
+        self.last_restart = (end, start)
+        log.warning(
+            "ha_slave_resync slave=%s old_end=%d new_start=%d reason=%s",
+            self.name,
+            end,
+            start,
+            "behind_master_log_start" if end < start else "log_not_provably_the_masters",
+        )
+
     async def _adopt_epochs(self, pending: list[EpochEntry], end: int) -> None:
         """Append (and save) the pending epochs that start at or below ``end``, removing
         them from ``pending``: an epoch is adopted once the log reaches where it starts,
@@ -262,6 +334,14 @@ class SlaveStatus:
     master_offset: int | None
     reconnects: int
     last_truncation: tuple[int, int] | None
+    confirm_offset: int
+    """The master's confirm offset as this slave holds it: reads stop here."""
+    last_restart: tuple[int, int] | None
+    """(old end, new start) of the last full resync, or None."""
+    last_error: str | None
+    """Why the last connection ended (None while the first one lasts)."""
+    halted: str | None
+    """Why this slave stopped following for good (its store failed), or None."""
 
 
 class SlaveReplication:
@@ -272,6 +352,14 @@ class SlaveReplication:
     every connection: the history it adopts or cuts is the one the node saves and, on
     promotion, extends. :meth:`run` runs in one task; :meth:`repoint`, :meth:`stop` and
     :meth:`status` may be called from any other task of the same trio loop.
+
+    Invariants: :meth:`run` ends only by :meth:`stop` or cancellation and never raises
+    anything else, whatever a connection was doing when it ended (a stream error, a
+    refused chunk, a storage error and a stop can arrive together). A connection that
+    fails is logged, its reason kept in :attr:`last_error`, and retried with backoff. A
+    failed fsync (:class:`~storage.StorageFailedError`) halts following for good
+    (:attr:`halted`): the node stays up and read-only, as a master does, until an
+    operator restarts it.
     """
 
     def __init__(
@@ -288,6 +376,8 @@ class SlaveReplication:
         self.client = HAClient(store, name, settings, history=history, epoch_file=epoch_file)
         self.connected = False
         self.reconnects = 0
+        self.last_error: str | None = None
+        self.halted: str | None = None
         self._attempt = trio.CancelScope()
         self._scope = trio.CancelScope()
         self._done = trio.Event()
@@ -297,6 +387,10 @@ class SlaveReplication:
         host, _, port = self.master_ha.rpartition(":")
         return host, int(port)
 
+    def read_limit(self) -> int:
+        """How far consumers of this slave may read (see :meth:`HAClient.read_limit`)."""
+        return self.client.read_limit()
+
     def repoint(self, master_ha: str) -> None:
         """Follow ``master_ha`` from now on: the current connection is dropped and the
         next one (to the new address, at once, no backoff) resumes from the log's end;
@@ -304,9 +398,15 @@ class SlaveReplication:
         self.master_ha = master_ha
         self._attempt.cancel()
 
-    async def stop(self) -> None:
-        """End the follow loop and wait until it has (no chunk is being applied then)."""
+    def request_stop(self) -> None:
+        """Start ending the follow loop (from any task, at any moment); :meth:`stop`
+        also waits for it."""
         self._scope.cancel()
+
+    async def stop(self) -> None:
+        """End the follow loop and wait until it has (no chunk is being applied then).
+        Safe at any moment, also before :meth:`run` started or after it ended."""
+        self.request_stop()
         await self._done.wait()
 
     async def run(self) -> None:
@@ -316,6 +416,7 @@ class SlaveReplication:
             with self._scope:
                 await self._follow()
         finally:
+            self.connected = False
             self._done.set()
 
     async def _follow(self) -> None:
@@ -323,35 +424,62 @@ class SlaveReplication:
         while True:
             self.client.master_offset = None
             self._attempt = trio.CancelScope()
-            try:
-                with self._attempt:
-                    await self._run_once()
-                problem = "master closed the stream"
-            except (OSError, HAProtocolError, TransferError) as exc:
-                problem = repr(exc)
+            start = self.client.store.commit_log.max_offset
+            failure = await self._one_connection()
+            progressed = self.client.store.commit_log.max_offset != start
             self.reconnects += 1
+            if isinstance(failure, StorageFailedError):
+                await self._halt(failure)
             if self._attempt.cancelled_caught:
                 log.info("ha_repointed master=%s", self.master_ha)
                 backoff.reset()
                 continue
-            if self.client.master_offset is not None:
-                backoff.reset()  # it was connected: the next failure is new
+            self.last_error = "master closed the stream" if failure is None else repr(failure)
+            if progressed:
+                backoff.reset()  # it applied something: the next failure is a new one
             delay_s = backoff.next_delay_s()
             log.warning(
                 "ha_reconnect master=%s reason=%s in_s=%.2f attempt=%d",
                 self.master_ha,
-                problem,
+                self.last_error,
                 delay_s,
                 self.reconnects,
             )
             await trio.sleep(delay_s)
 
-    async def _run_once(self) -> None:
+    async def _one_connection(self) -> BaseException | None:
+        """Run one connection; return what ended it (None: the master closed it).
+
+        A connection's tasks can fail together: an ack sent into a reset socket while
+        a stop cancels the apply loop arrives as a group of the stream error and
+        ``Cancelled``. The stream errors are taken here; a ``Cancelled`` goes on to the
+        scope that was cancelled (the stop's or the repoint's), so a stop is never
+        mistaken for a failure and a failure never escapes the loop.
+        """
+        failures: list[BaseException] = []
         try:
-            self.connected = True
-            await self.client.run(*self._address)
+            with self._attempt:
+                self.connected = True
+                await self.client.run(*self._address)
+        except* STREAM_ERRORS as group:
+            failures.extend(leaves(group))
+        except* Exception as group:  # a bug in one connection must not take the node down
+            log.exception("ha_follow_crashed master=%s", self.master_ha, exc_info=group)
+            failures.extend(leaves(group))
         finally:
             self.connected = False
+        for failure in failures:
+            if isinstance(failure, StorageFailedError):
+                return failure
+        return failures[0] if failures else None
+
+    async def _halt(self, failure: StorageFailedError) -> None:
+        """The store can no longer make anything durable: stop following for good (until
+        a restart) and stay up read-only, as a master whose fsync failed does."""
+        self.halted = f"store failed: {failure}"
+        self.last_error = repr(failure)
+        log.critical("ha_follow_halted master=%s reason=%s", self.master_ha, failure)
+        await trio.sleep_forever()
 
     def status(self) -> SlaveStatus:
         client = self.client
@@ -362,4 +490,8 @@ class SlaveReplication:
             master_offset=client.master_offset,
             reconnects=self.reconnects,
             last_truncation=client.last_truncation,
+            confirm_offset=client.read_limit(),
+            last_restart=client.last_restart,
+            last_error=self.last_error,
+            halted=self.halted,
         )

@@ -231,3 +231,41 @@ async def test_repoint_and_a_stale_master_stops_taking_writes(
 
     for node in (c, b, a):
         assert node.stop() == 0, node.stderr
+
+
+async def test_promote_while_applying_a_dead_masters_stream_keeps_the_slave_up(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """Issue 7 point 7: the master dies while the slave still applies its buffered stream
+    (its acks now meet a reset socket) and the slave is promoted at once. Stopping the
+    follow loop must be clean whatever is in flight: the promoted node serves writes.
+    The exact race (a stream error and the stop together) is pinned in-process by
+    ``tests/replication/test_follower.py``; this runs the scenario with real processes."""
+    for attempt in range(3):
+        data = tmp_path / str(attempt)
+        master = _start(stack, data / "m", "m", ["--ha-port", "0"])
+        ha_address = (await node_status(master.address))["replication"]["ha_address"]
+        slave = NodeProcess(
+            data / "s",
+            name="s",
+            extra_args=_slave_args(ha_address, master.address),
+            env={"TIDELOG_REPLICATION_SLAVE_ACK": "durable"},  # a slower apply: a backlog
+        )
+        stack.callback(slave.kill)
+        slave.start()
+        body = bytes(60_000)
+        async with open_client(master.address) as client:
+            await client.admin.create_topic("rep", 1)
+            await _wait_caught_up(master, slave)
+            for _ in range(400):
+                await _send(client, body, "leader")
+        master.kill()
+        async with open_client(slave.address) as client:
+            behind = (await node_status(slave.address))["max_offset"]
+            promoted = await client.checked("promote")
+            assert promoted["epoch"] == 2
+            await _send(client, b"after the promotion", "durable")
+        status = await node_status(slave.address)
+        assert promoted["epoch_start"] >= behind
+        assert status["role"] == "master" and status["writable"] is True
+        assert slave.stop() == 0, slave.stderr

@@ -488,8 +488,8 @@ async def run_lag_bench(
 async def lag_slave(port: int, directory: Path) -> None:
     """Child side of the lag bench: a plain HA slave until the master goes away."""
     from replication.slave import HAClient
-    from replication.wire import HAProtocolError
     from replication.transfer import TransferError
+    from replication.wire import HAProtocolError
     from storage import MessageStore
 
     async with MessageStore.open(_lag_store_config(directory)) as store:
