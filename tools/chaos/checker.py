@@ -629,19 +629,23 @@ def _fault_windows(ops: Iterable[_Op]) -> list[FaultWindow]:
     windows = []
     for fault_id, op in starts.items():
         stop = stops.get(fault_id)
-        targets = op.invoke.value.get("targets") or []
+        targets = _field(op.invoke, "targets", list)
         windows.append(
             FaultWindow(
                 fault_id=fault_id,
                 fault=_field(op.invoke, "fault", str),
                 targets=tuple(str(t) for t in targets),
                 start_s=op.invoke.time_s,
-                stop_s=None if stop is None else (stop.end_s or stop.invoke.time_s),
+                stop_s=None if stop is None else _end_or_invoke_s(stop),
                 line=op.invoke.line,
             )
         )
     windows.sort(key=lambda w: (w.start_s, w.line))
     return windows
+
+
+def _end_or_invoke_s(op: _Op) -> float:
+    return op.invoke.time_s if op.end_s is None else op.end_s
 
 
 def _master_disk_lost_s(ops: Iterable[_Op], masters: Sequence[MasterChange]) -> float | None:
@@ -650,7 +654,7 @@ def _master_disk_lost_s(ops: Iterable[_Op], masters: Sequence[MasterChange]) -> 
         if op.invoke.f != "nemesis" or op.invoke.value.get("disk_lost") is not True:
             continue
         master = _master_at(masters, op.invoke.time_s)
-        if master is not None and master in (op.invoke.value.get("targets") or []):
+        if master is not None and master in _field(op.invoke, "targets", list):
             return op.invoke.time_s
     return None
 
