@@ -130,6 +130,16 @@ class ServerSection:
     server stops reading that connection (TCP backpressure) instead of buffering."""
     shutdown_grace_ms: int = attrs.field(default=5000, validator=_between(0, 600_000))
     """How long a shutdown lets in-flight requests finish before closing connections."""
+    max_connection_response_bytes: int = attrs.field(
+        default=32 << 20, validator=_between(64 << 10, 1 << 32)
+    )
+    """Answers of one connection queued but not yet sent, in bytes: past it the server
+    stops reading that connection's requests until the client reads (backpressure), so
+    a client that pipelines large pulls and never reads cannot grow the node's memory."""
+    max_buffered_response_bytes: int = attrs.field(
+        default=512 << 20, validator=_between(64 << 10, 1 << 40)
+    )
+    """The same bound for all connections together."""
     idle_timeout_ms: int = attrs.field(default=600_000, validator=_between(100, 86_400_000))
     """A connection with no request in flight that sends nothing for this long is closed
     (as Kafka's ``connections.max.idle.ms``): idle clients do not hold file descriptors

@@ -54,6 +54,8 @@ class Connection:
         self.peer = peer_name(stream)
         self._out = bytearray()
         self._out_count = 0
+        self._unsent = 0
+        """Bytes of answers queued or being sent (see :meth:`ClientServer.over_response_bytes`)."""
         self._wake = trio.Event()
         self._reading = True
         self._fatal = False
@@ -77,6 +79,7 @@ class Connection:
             if self._fatal:
                 await self._linger()
         finally:
+            self._release_unsent(self._unsent)  # never to be sent now
             await trio.aclose_forcefully(self._stream)
             log.debug("connection_closed peer=%s", self.peer)
 
@@ -110,7 +113,11 @@ class Connection:
                 return b""
 
     async def _admit(self) -> None:
-        """Take an in-flight slot; with none free, stop reading until a response is sent."""
+        """Take an in-flight slot; with none free, or with too many answer bytes waiting
+        to be sent (this connection's or the node's), stop reading until some are sent."""
+        while self._server.over_response_bytes(self._unsent):
+            log.debug("backpressure peer=%s unsent_bytes=%d", self.peer, self._unsent)
+            await self._server.wait_response_bytes_sent()
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
@@ -160,6 +167,8 @@ class Connection:
             frame = encode_frame(response_for_error(response.get("id", 0), exc, "encode"))
         self._out += frame
         self._out_count += 1
+        self._unsent += len(frame)
+        self._server.response_bytes_queued(len(frame))
         self._wake.set()
 
     async def _write_loop(self) -> None:
@@ -170,6 +179,7 @@ class Connection:
                     data, count = self._out, self._out_count
                     self._out, self._out_count = bytearray(), 0
                     await self._stream.send_all(data)
+                    self._release_unsent(len(data))
                     self._retire(count)
                 elif not self._reading and not self.inflight:
                     return
@@ -178,6 +188,10 @@ class Connection:
                     await self._wake.wait()
         except GONE:
             self._abort()
+
+    def _release_unsent(self, count: int) -> None:
+        self._unsent -= count
+        self._server.response_bytes_sent(count)
 
     def _retire(self, count: int) -> None:
         if self._aborted:  # _abort already retired everything outstanding

@@ -50,6 +50,9 @@ class ClientServer:
         self._connections: set[Connection] = set()
         self._inflight = 0
         self._idle = trio.Event()
+        self.response_bytes = 0
+        """Answer bytes queued or being sent, over all connections."""
+        self._response_bytes_sent = trio.Event()
         self.draining = False
         self.refused = 0
         self._refusing = 0
@@ -187,6 +190,32 @@ class ClientServer:
             pass  # the refused peer left first: nothing more to tell it
         finally:
             await trio.aclose_forcefully(stream)
+
+    # ---- memory of queued answers -----------------------------------------------------------
+
+    def over_response_bytes(self, connection_unsent: int) -> bool:
+        """A connection with ``connection_unsent`` answer bytes waiting must not take new
+        requests: over its own bound, or the node's."""
+        settings = self.settings
+        return (
+            connection_unsent >= settings.max_connection_response_bytes
+            or self.response_bytes >= settings.max_buffered_response_bytes
+        )
+
+    def response_bytes_queued(self, count: int) -> None:
+        self.response_bytes += count
+
+    def response_bytes_sent(self, count: int) -> None:
+        """``count`` answer bytes left the node (sent, or dropped with their connection)."""
+        if not count:
+            return
+        self.response_bytes -= count
+        assert self.response_bytes >= 0, self.response_bytes
+        self._response_bytes_sent.set()
+        self._response_bytes_sent = trio.Event()
+
+    async def wait_response_bytes_sent(self) -> None:
+        await self._response_bytes_sent.wait()
 
     # ---- in-flight accounting and draining -------------------------------------------------
 

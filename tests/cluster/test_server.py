@@ -684,6 +684,31 @@ async def test_a_client_that_does_not_read_gets_backpressure(tmp_path: Path) -> 
         assert sorted(order[:2]) == [first, second] and order[2] == status
 
 
+async def test_answers_a_client_does_not_read_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Issue 8 point 5: pipelined large pulls that are never read used to pile up in the
+    node (the in-flight bound counts requests, not bytes). Past the byte bound the node
+    stops reading that client; another client is served meanwhile."""
+    cap = 256 << 10
+    config = node_config(tmp_path, server={"max_connection_response_bytes": cap})
+    async with running(config) as node, client(node) as greedy, client(node) as other:
+        await other.ok("create_topic", topic="big", queues=1)
+        body = bytes(16_000)
+        await other.ok(
+            "send_batch", topic="big", messages=[{"body": body} for _ in range(64)], acks="leader"
+        )
+        pulls = 200
+        for _ in range(pulls):
+            await greedy.send("pull", topic="big", queue=0, offset=0, max_messages=64)
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.server is not None
+        one_answer = 64 * 16_100
+        assert node.server.response_bytes <= cap + one_answer
+        await other.ok("status")
+        answers = await greedy.recv_n(pulls)  # reading resumes the rest, none lost
+        assert all(len(a["messages"]) == 64 for a in answers.values())
+        await until(lambda: node.server is not None and node.server.response_bytes == 0)
+
+
 # ---- shutdown and restart ---------------------------------------------------------------------
 
 
