@@ -24,7 +24,7 @@ from replication.insync import SlaveLag
 from replication.master import HAService
 from storage import MessageStore
 
-__all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "StandaloneAcks"]
+__all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "SlaveAcks", "StandaloneAcks"]
 
 
 class AckPolicy(Protocol):
@@ -88,6 +88,36 @@ class StandaloneAcks:
 
     def read_limit(self) -> int | None:
         return None
+
+
+
+class ReadLimited(Protocol):
+    """What bounds a slave's reads: its follower (:class:`replication.slave.SlaveReplication`)."""
+
+    def read_limit(self) -> int:
+        """The master's confirm offset as the stream carried it, capped at the log end."""
+        ...
+
+
+class SlaveAcks:
+    """The policy a slave holds: writes never get this far (the role gate answers
+    ``NOT_MASTER`` first), so admit and wait are the standalone ones; reads stop at the
+    master's confirm offset as the replication stream carries it (issue 7 point 2), so a
+    consumer of a slave never sees a record a failover could take back.
+    """
+
+    def __init__(self, standalone: StandaloneAcks, follower: ReadLimited) -> None:
+        self._standalone = standalone
+        self._follower = follower
+
+    def admit(self, acks: Acks) -> None:
+        self._standalone.admit(acks)
+
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        return await self._standalone.wait(acks, end_offset, timeout_ms)
+
+    def read_limit(self) -> int | None:
+        return self._follower.read_limit()
 
 
 class ReplicatedAcks:

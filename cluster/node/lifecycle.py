@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from cluster.node.acks import AckPolicy, ReplicatedAcks, StandaloneAcks
+from cluster.node.acks import AckPolicy, ReplicatedAcks, SlaveAcks, StandaloneAcks
 from cluster.node.config import NodeConfig
 from cluster.node.handler import NodeRequestHandler
 from cluster.node.role import (
@@ -128,11 +128,12 @@ class Node:
         async with MessageStore.open(config.store) as store:
             self.store = store
             self.history = await trio.to_thread.run_sync(self.epoch_file.load)
-            if config.replication.serves_slaves:
-                # A new term on every start, saved before the first write is served: a
-                # slave that followed an older incarnation of this master can then tell
-                # which of its records this term wrote. A master without an HA port
-                # replicates nothing, so it starts no term (its status shows no epoch).
+            if not config.replication.is_slave:
+                # A new term on every start of a node that takes writes, saved before the
+                # first write is served, with or without an HA port: every record is in
+                # a term of the node that wrote it, so a slave (or a copy of this data
+                # dir started on its own and then made a slave) can always tell which
+                # of its records a master wrote (issue 7 point 1).
                 entry = begin_term(self.history, store.commit_log.max_offset)
                 await self._save_history()
                 log.info("epoch_started epoch=%d start=%d", entry.epoch, entry.start_offset)
@@ -203,6 +204,7 @@ class Node:
                 history=self.history,
                 epoch_file=self.epoch_file,
             )
+            self.acks = SlaveAcks(self._standalone, self.slave)
         elif role.serves_slaves:
             self.ha = self._ha_service(store)
             self.acks = ReplicatedAcks(self._standalone, self.ha, replication.min_insync_replicas)
@@ -371,6 +373,10 @@ class Node:
                 master_offset=slave.master_offset,
                 reconnects=slave.reconnects,
                 last_truncation=slave.last_truncation,
+                confirm_offset=slave.confirm_offset,
+                last_restart=slave.last_restart,
+                last_error=slave.last_error,
+                halted=slave.halted,
             )
         if role.serves_slaves and self.ha is not None:
             assert isinstance(self.acks, ReplicatedAcks), describe(role)

@@ -106,6 +106,16 @@ class SlaveReplicationStatus:
     reconnects: int
     last_truncation: tuple[int, ...] | None
     """Where the last handshake cut this log and how much (None: never cut)."""
+    confirm_offset: int = 0
+    """The master's confirm offset as the stream carried it, capped at this log's end:
+    reads on this slave stop here."""
+    last_restart: tuple[int, ...] | None = None
+    """(old end, new start) of the last full resync: the log restarted at the master's
+    log start because it was behind it or new (None: never)."""
+    last_error: str | None = None
+    """Why the last connection to the master ended (None while the first one lasts)."""
+    halted: str | None = None
+    """Why this slave stopped following for good (its store failed), or None."""
 
 
 @attrs.frozen

@@ -250,7 +250,8 @@ async def test_every_op_round_trips(node: Node) -> None:
 
         status = await c.ok("status")
         assert status["role"] == "master" and status["writable"] is True
-        assert status["replication"] is None and status["epoch"] is None
+        # No HA port: no replication, but a term of its own (every writer has one).
+        assert status["replication"] is None and status["epoch"] == 1
         assert status["node"] == "node-1" and status["topics"] == 1
         assert status["connections"] == 1 and status["uptime_ms"] >= 0
         assert status["max_offset"] == status["store"]["log_max_offset"] > 0

@@ -49,6 +49,8 @@ async def _wait_caught_up(master: NodeProcess, *slaves: NodeProcess) -> int:
             status = await node_status(slave.address)
             if status["max_offset"] != end or not status["replication"]["connected"]:
                 return False
+            if status["replication"]["confirm_offset"] != end:  # the slave's read limit
+                return False
         return (await node_status(master.address))["replication"]["confirm_offset"] == end
 
     await wait_until(f"slaves to reach the master's log end {end}", caught_up)
@@ -269,3 +271,56 @@ async def test_promote_while_applying_a_dead_masters_stream_keeps_the_slave_up(
         assert promoted["epoch_start"] >= behind
         assert status["role"] == "master" and status["writable"] is True
         assert slave.stop() == 0, slave.stderr
+
+
+async def test_a_slave_serves_reads_only_up_to_the_masters_confirm_offset(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """Issue 7 point 2: while one slave is frozen (in sync, so the confirm offset waits
+    for it), the other slave holds newer records but must not serve them: a failover
+    could take them back. The confirm offset travels in the stream; reads stop there."""
+    import signal
+
+    master = NodeProcess(
+        tmp_path / "m",
+        name="m",
+        extra_args=["--ha-port", "0"],
+        env={"TIDELOG_REPLICATION_MAX_LAG_MS": "600000"},  # the frozen slave stays in sync
+    )
+    stack.callback(master.kill)
+    master.start()
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
+    reader = _start(stack, tmp_path / "r", "r", _slave_args(ha_address, master.address))
+    frozen = _start(stack, tmp_path / "f", "f", _slave_args(ha_address, master.address))
+    async with open_client(master.address) as client:
+        await client.admin.create_topic("rep", 1)
+        for i in range(10):
+            await _send(client, b"confirmed %d" % i, "durable")
+        confirmed_end = await _wait_caught_up(master, reader, frozen)
+
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        stack.callback(lambda: frozen.process and frozen.process.send_signal(signal.SIGCONT))
+        for i in range(10):
+            await _send(client, b"unconfirmed %d" % i, "leader")
+    end = (await node_status(master.address))["max_offset"]
+
+    async def reader_has_everything() -> bool:
+        return (await node_status(reader.address))["max_offset"] == end
+
+    await wait_until("the reader slave to hold every record", reader_has_everything)
+    assert (await node_status(master.address))["replication"]["confirm_offset"] == confirmed_end
+    status = await node_status(reader.address)
+    assert status["replication"]["confirm_offset"] == confirmed_end < status["max_offset"]
+    async with open_client(reader.address) as client:
+        page = await client.checked("pull", topic="rep", queue=0, offset=0, max_messages=100)
+    bodies = [bytes(m["body"]) for m in page["messages"]]
+    assert bodies == [b"confirmed %d" % i for i in range(10)]
+
+    frozen.process.send_signal(signal.SIGCONT)
+    await _wait_caught_up(master, reader, frozen)
+    async with open_client(reader.address) as client:
+        page = await client.checked("pull", topic="rep", queue=0, offset=0, max_messages=100)
+    assert len(page["messages"]) == 20
+    for node in (reader, frozen, master):
+        assert node.stop() == 0, node.stderr
