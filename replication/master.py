@@ -91,26 +91,31 @@ class _SegmentPin:
     """
 
     def __init__(self) -> None:
-        self._base = -1
-        self._fd = -1
+        self.base = -1
+        self.end = -1
+        self.fd = -1
 
-    async def fd_for(self, base: int, path: Path) -> int:
-        if base != self._base:
-            self.close()
-            try:
-                self._fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
-            except FileNotFoundError as exc:
-                raise HAProtocolError(
-                    f"segment {path.name} was deleted (retention) before it could be "
-                    "streamed: the slave resyncs from the log start on its next connection"
-                ) from exc
-            self._base = base
-        return self._fd
+    def covers(self, offset: int) -> bool:
+        """Whether the pinned segment holds ``offset`` (deleted or not)."""
+        return self.base <= offset < self.end
+
+    async def pin(self, base: int, end: int, path: Path) -> int:
+        """Pin the segment ``[base, end)`` at ``path``; return its descriptor."""
+        self.close()
+        try:
+            self.fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise HAProtocolError(
+                f"segment {path.name} was deleted (retention) before it could be "
+                "streamed: the slave resyncs from the log start on its next connection"
+            ) from exc
+        self.base, self.end = base, end
+        return self.fd
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._base = -1, -1
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.base, self.end = -1, -1, -1
 
     def __enter__(self) -> _SegmentPin:
         return self
@@ -327,16 +332,18 @@ class HAConnection:
     ) -> None:
         """One chunk from ``offset``: within one segment, below ``end``."""
         settings = self.settings
-        try:
-            segment = self.store.commit_log.files.find(offset)  # at a full segment's end: the next
-        except OffsetOutOfRangeError as exc:
-            raise HAProtocolError(
-                f"slave {self.name} at {offset} is behind the master's log start now "
-                f"(retention): it resyncs from the log start on its next connection ({exc})"
-            ) from exc
-        fd = await pin.fd_for(segment.base, segment.path)
-        count = min(segment.end, end, offset + settings.max_chunk) - offset
-        file_offset = offset - segment.base
+        if not pin.covers(offset):
+            try:
+                segment = self.store.commit_log.files.find(offset)  # at a full end: the next
+            except OffsetOutOfRangeError as exc:
+                raise HAProtocolError(
+                    f"slave {self.name} at {offset} is behind the master's log start now "
+                    f"(retention): it resyncs from the log start on its next connection ({exc})"
+                ) from exc
+            await pin.pin(segment.base, segment.end, segment.path)
+        fd = pin.fd
+        count = min(pin.end, end, offset + settings.max_chunk) - offset
+        file_offset = offset - pin.base
         if end - offset > settings.cold_distance_bytes:
             await trio.to_thread.run_sync(warm_pages, fd, file_offset, count, self._warm_buffer)
         header = ChunkHeader(offset=offset, length=count).pack()
