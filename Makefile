@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/tidelog demo
 
-## test: install and run the whole suite, lint included
+## test: install and run the whole suite, lint and type check included
 test: $(STAMP)
+	bash .ci/system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
