@@ -395,8 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
         node_bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
         node_bench.add_argument("--json", action="store_true", help="one JSON object")
         node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
+    add_chaos_commands(commands)
     add_log_level_everywhere(parser)
     return parser
+
+
+def add_chaos_commands(commands: Any) -> None:
+    """``tidelog chaos ...``: judge a chaos run from its history."""
+    from tools.chaos.cli import add_check_arguments
+
+    chaos = commands.add_parser("chaos", help="chaos runs: judge a run's history")
+    kinds = chaos.add_subparsers(dest="chaos_kind", metavar="KIND", required=True)
+    text = (
+        "judge a chaos run from its history.jsonl alone: lost, duplicated or reordered "
+        "messages, replica divergence and recovery times; writes results.json and "
+        "report.html into RUN_DIR; exits 0 when valid, 1 on anomalies, 2 when unreadable"
+    )
+    check = kinds.add_parser("check", help=text.split(":")[0], description=text + ".")
+    add_check_arguments(check)
+    check.set_defaults(handler=cmd_chaos_check)
+
+
+def cmd_chaos_check(args: argparse.Namespace) -> int:
+    from tools.chaos.cli import run_check
+
+    return run_check(args.run_dir, as_json=args.json, write_html=not args.no_report)
 
 
 def positive_int(value: str) -> int:
