@@ -35,10 +35,18 @@ class EpochFileError(Exception):
 
 @attrs.frozen
 class EpochEntry:
-    """Epoch ``epoch`` began at physical offset ``start_offset``."""
+    """Epoch ``epoch`` began at physical offset ``start_offset``.
+
+    ``led`` says this node was the master of that term (it began it) rather than
+    learning it from a master's stream. It is not part of the entry's identity (two
+    histories holding the same term compare equal whoever led it), but it decides what
+    a slave's history proves: only a term learned from a master shows that a master of
+    that epoch exists (see :func:`followed_epoch`).
+    """
 
     epoch: int
     start_offset: int
+    led: bool = attrs.field(default=False, eq=False, kw_only=True)
 
 
 class EpochHistory:
@@ -52,7 +60,7 @@ class EpochHistory:
     def __init__(self, entries: Iterable[EpochEntry] = ()) -> None:
         self._entries: list[EpochEntry] = []
         for entry in entries:
-            self.append(entry.epoch, entry.start_offset)
+            self.append(entry.epoch, entry.start_offset, led=entry.led)
 
     @property
     def entries(self) -> tuple[EpochEntry, ...]:
@@ -73,8 +81,9 @@ class EpochHistory:
         pairs = ", ".join(f"({e.epoch}, {e.start_offset})" for e in self._entries)
         return f"EpochHistory([{pairs}])"
 
-    def append(self, epoch: int, start_offset: int) -> None:
-        """Record that ``epoch`` starts at ``start_offset``; raise if that breaks the order."""
+    def append(self, epoch: int, start_offset: int, *, led: bool = False) -> None:
+        """Record that ``epoch`` starts at ``start_offset`` (``led``: this node began it);
+        raise if that breaks the order."""
         if epoch < 0 or start_offset < 0:
             raise EpochHistoryError(f"epoch {epoch} at {start_offset}: both must be >= 0")
         last = self.current
@@ -87,7 +96,7 @@ class EpochHistory:
                 f"epoch {epoch} starts at {start_offset}, before epoch {last.epoch} "
                 f"(at {last.start_offset})"
             )
-        self._entries.append(EpochEntry(epoch, start_offset))
+        self._entries.append(EpochEntry(epoch, start_offset, led=led))
 
     def truncate(self, end_offset: int) -> None:
         """Forget the epochs that start at or past ``end_offset`` (the log was cut there).
@@ -128,17 +137,32 @@ class EpochHistory:
         return self._entries[0].start_offset if self._entries else log_end
 
 
-def leader_is_stale(local: EpochHistory, leader: EpochHistory) -> bool:
-    """A follower that knows a newer epoch than the leader's current one has seen a newer
-    master: this leader lost its term and must not serve (one master per epoch)."""
-    mine, theirs = local.current, leader.current
-    return mine is not None and (theirs is None or mine.epoch > theirs.epoch)
+def followed_epoch(history: EpochHistory) -> int | None:
+    """The newest epoch this node learned from a master's stream (not one it led), or
+    None: what a slave's history proves about which masters exist."""
+    learned = [e.epoch for e in history.entries if not e.led]
+    return learned[-1] if learned else None
+
+
+def leader_is_stale(followed: int | None, leader: EpochHistory) -> bool:
+    """A follower that learned a newer epoch than the leader's current one from some
+    master has seen a newer master: this leader lost its term and must not serve (one
+    master per epoch). Terms the follower led itself prove nothing of the kind: a
+    demoted master, or a copy of a data dir started on its own, is in a term of its own
+    that no master holds, and its records there are a divergent tail to cut."""
+    theirs = leader.current
+    return followed is not None and (theirs is None or followed > theirs.epoch)
 
 
 def largest_common_epoch(local: EpochHistory, leader: EpochHistory) -> int | None:
-    """The newest epoch in both histories, or None."""
-    common = {e.epoch for e in local.entries} & {e.epoch for e in leader.entries}
-    return max(common, default=None)
+    """The newest term in both histories, or None. A term is the pair (epoch, start
+    offset): two nodes that each began an epoch of the same number on their own (a copy
+    of a data dir started alone, a master restarted meanwhile) hold different terms,
+    told apart by where they start."""
+    common = {(e.epoch, e.start_offset) for e in local.entries} & {
+        (e.epoch, e.start_offset) for e in leader.entries
+    }
+    return max((epoch for epoch, _start in common), default=None)
 
 
 def divergence_point(
@@ -183,9 +207,14 @@ def divergence_point(
 # ---- the file ----------------------------------------------------------------------------
 
 EPOCH_FILE_MAGIC = 0x7D1E_E901
+EPOCH_FILE_MAGIC_V2 = 0x7D1E_E902
+"""Layout 2: each entry also carries a flags byte (bit 0: this node led the term).
+Written only when some entry is led, so a history of learned terms keeps layout 1."""
 """Magic of the epoch file; the low byte is the layout version (1)."""
 _HEADER = struct.Struct("<III")  # magic, count, crc
 _ENTRY = struct.Struct("<IQ")  # epoch, start offset
+_ENTRY_V2 = struct.Struct("<IQB")  # epoch, start offset, flags
+_LED = 0x01
 MAX_EPOCH = 0xFFFF_FFFF
 MAX_OFFSET = 0xFFFF_FFFF_FFFF_FFFF
 FILE_NAME = "epochs"
@@ -196,10 +225,17 @@ def encode_history(history: EpochHistory) -> bytes:
     for entry in history.entries:
         if entry.epoch > MAX_EPOCH or entry.start_offset > MAX_OFFSET:
             raise EpochHistoryError(f"{entry} does not fit the file's u32 epoch / u64 offset")
-    entries = b"".join(_ENTRY.pack(e.epoch, e.start_offset) for e in history.entries)
+    if any(e.led for e in history.entries):
+        magic = EPOCH_FILE_MAGIC_V2
+        entries = b"".join(
+            _ENTRY_V2.pack(e.epoch, e.start_offset, _LED if e.led else 0) for e in history.entries
+        )
+    else:
+        magic = EPOCH_FILE_MAGIC
+        entries = b"".join(_ENTRY.pack(e.epoch, e.start_offset) for e in history.entries)
     count = struct.pack("<I", len(history))
     crc = crc32c(entries, crc32c(count))
-    return _HEADER.pack(EPOCH_FILE_MAGIC, len(history), crc) + entries
+    return _HEADER.pack(magic, len(history), crc) + entries
 
 
 def decode_history(raw: bytes, path: Path) -> EpochHistory:
@@ -208,16 +244,23 @@ def decode_history(raw: bytes, path: Path) -> EpochHistory:
     if len(raw) < _HEADER.size:
         raise EpochFileError(f"{path}: {len(raw)} bytes, shorter than the header; {advice}")
     magic, count, crc = _HEADER.unpack_from(raw)
-    if magic != EPOCH_FILE_MAGIC:
+    if magic not in (EPOCH_FILE_MAGIC, EPOCH_FILE_MAGIC_V2):
         raise EpochFileError(f"{path}: bad magic 0x{magic:08x}, not an epoch file; {advice}")
-    expected = _HEADER.size + count * _ENTRY.size
+    layout = _ENTRY if magic == EPOCH_FILE_MAGIC else _ENTRY_V2
+    expected = _HEADER.size + count * layout.size
     if len(raw) != expected:
         raise EpochFileError(
             f"{path}: {len(raw)} bytes but {count} entries need {expected}; {advice}"
         )
     if crc32c(raw[_HEADER.size :], crc32c(raw[4:8])) != crc:
         raise EpochFileError(f"{path}: CRC mismatch (torn or corrupt file); {advice}")
-    entries = (EpochEntry(*fields) for fields in _ENTRY.iter_unpack(raw[_HEADER.size :]))
+    if layout is _ENTRY:
+        entries = (EpochEntry(*fields) for fields in _ENTRY.iter_unpack(raw[_HEADER.size :]))
+    else:
+        entries = (
+            EpochEntry(epoch, start, led=bool(flags & _LED))
+            for epoch, start, flags in _ENTRY_V2.iter_unpack(raw[_HEADER.size :])
+        )
     try:
         return EpochHistory(entries)
     except EpochHistoryError as exc:

@@ -244,13 +244,12 @@ class HAConnection:
     def _stale_reason(self, hello: SlaveHello) -> str | None:
         """Why this master is stale, judging by the slave's history; None if it is not
         (or if this master runs without epochs)."""
-        if self.history is None or not leader_is_stale(hello.history, self.history):
+        if self.history is None or not leader_is_stale(hello.followed_epoch, self.history):
             return None
-        theirs = hello.epochs[-1]
         mine = self.history.current
         return (
-            f"reason=slave_epoch_newer slave={hello.name} slave_epoch={theirs.epoch} "
-            f"slave_epoch_start={theirs.start_offset} "
+            f"reason=slave_epoch_newer slave={hello.name} slave_epoch={hello.followed_epoch} "
+            f"slave_epochs={epochs_text(hello.epochs)} "
             f"master_epoch={mine.epoch if mine is not None else None}"
         )
 

@@ -162,7 +162,7 @@ def begin_term(history: EpochHistory, log_end: int) -> EpochEntry:
     """
     history.truncate(log_end + 1)
     current = history.current
-    history.append(current.epoch + 1 if current is not None else 1, log_end)
+    history.append(current.epoch + 1 if current is not None else 1, log_end, led=True)
     entry = history.current
     assert entry is not None and entry.start_offset == log_end
     return entry

@@ -28,7 +28,7 @@ from typing import Final
 import attrs
 import trio
 
-from replication.epochs import EpochEntry, EpochHistory, EpochHistoryError
+from replication.epochs import EpochEntry, EpochHistory, EpochHistoryError, followed_epoch
 from replication.transfer import recv_exactly_into
 
 __all__ = [
@@ -69,9 +69,11 @@ SLAVE_HELLO_MAGIC: Final = 0x544C4853  # "TLHS": tidelog hello from a slave
 MASTER_HELLO_MAGIC: Final = 0x544C484D  # "TLHM": tidelog hello from the master
 ACK_MAGIC: Final = 0x544C4841  # "TLHA": tidelog HA ack
 
-_SLAVE_HELLO = struct.Struct("!IHHQHH")
-"""magic u32, version u16, reserved u16, slave log end u64, name length u16, epoch count
-u16; then the name, then the epoch entries."""
+_SLAVE_HELLO = struct.Struct("!IHHQHHI")
+"""magic u32, version u16, flags u16, slave log end u64, name length u16, epoch count
+u16, followed epoch u32 (valid when flags has :data:`_FOLLOWED`); then the name, then
+the epoch entries."""
+_FOLLOWED = 0x0001
 _MASTER_HELLO = struct.Struct("!IHHQQH")
 """magic u32, version u16, reserved u16, master log end u64, stream start u64, epoch
 count u16; then the epoch entries."""
@@ -122,6 +124,9 @@ class SlaveHello:
     max_offset: int
     epochs: tuple[EpochEntry, ...] = ()
     """The slave's epoch history, oldest first (empty for an epoch-unaware slave)."""
+    followed_epoch: int | None = None
+    """The newest epoch the slave learned from a master (not one it led itself): what
+    its history proves about which masters exist (see ``epochs.leader_is_stale``)."""
 
     @property
     def history(self) -> EpochHistory:
@@ -201,23 +206,30 @@ def pack_slave_hello(name: str, max_offset: int, history: EpochHistory | None = 
         raise ValueError(f"slave name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
     epochs = pack_epochs(history)
     count = len(epochs) // EPOCH_ENTRY_SIZE
-    fixed = _SLAVE_HELLO.pack(SLAVE_HELLO_MAGIC, HA_VERSION, 0, max_offset, len(raw), count)
+    followed = followed_epoch(history) if history is not None else None
+    flags, followed_field = (0, 0) if followed is None else (_FOLLOWED, followed)
+    fixed = _SLAVE_HELLO.pack(
+        SLAVE_HELLO_MAGIC, HA_VERSION, flags, max_offset, len(raw), count, followed_field
+    )
     return fixed + raw + epochs
 
 
-def _slave_hello_fields(fixed: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """(slave log end, name length, epoch count) of a slave hello's checked fixed part."""
-    magic, version, _reserved, max_offset, name_len, count = _SLAVE_HELLO.unpack(fixed)
+def _slave_hello_fields(
+    fixed: bytes | bytearray | memoryview,
+) -> tuple[int, int, int, int | None]:
+    """(slave log end, name length, epoch count, followed epoch) of a slave hello's
+    checked fixed part."""
+    magic, version, flags, max_offset, name_len, count, followed = _SLAVE_HELLO.unpack(fixed)
     _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave hello")
     if not 0 < name_len <= MAX_NAME:
         raise HAProtocolError(f"slave name length {name_len} outside 1..{MAX_NAME}")
     _check_epoch_count(count, "slave hello")
-    return max_offset, name_len, count
+    return max_offset, name_len, count, followed if flags & _FOLLOWED else None
 
 
 def slave_hello_remaining(fixed: bytes | bytearray | memoryview) -> int:
     """How many bytes follow the fixed part ``fixed`` of a slave hello (checks it)."""
-    _max_offset, name_len, count = _slave_hello_fields(fixed)
+    _max_offset, name_len, count, _followed = _slave_hello_fields(fixed)
     return name_len + count * EPOCH_ENTRY_SIZE
 
 
@@ -226,7 +238,7 @@ def unpack_slave_hello(data: bytes | bytearray | memoryview) -> SlaveHello:
     view = memoryview(data)
     if len(view) < SLAVE_HELLO_FIXED:
         raise HAProtocolError(f"slave hello of {len(view)} B is shorter than its fixed part")
-    max_offset, name_len, count = _slave_hello_fields(view[:SLAVE_HELLO_FIXED])
+    max_offset, name_len, count, followed = _slave_hello_fields(view[:SLAVE_HELLO_FIXED])
     name_end = SLAVE_HELLO_FIXED + name_len
     if len(view) < name_end:
         raise HAProtocolError(f"slave hello of {len(view)} B ends inside the name")
@@ -234,7 +246,7 @@ def unpack_slave_hello(data: bytes | bytearray | memoryview) -> SlaveHello:
         name = bytes(view[SLAVE_HELLO_FIXED:name_end]).decode()
     except UnicodeDecodeError as exc:
         raise HAProtocolError(f"slave name is not UTF-8: {exc}") from exc
-    return SlaveHello(name, max_offset, unpack_epochs(view[name_end:], count))
+    return SlaveHello(name, max_offset, unpack_epochs(view[name_end:], count), followed)
 
 
 # ---- master hello -----------------------------------------------------------------------------

@@ -324,3 +324,47 @@ async def test_a_slave_serves_reads_only_up_to_the_masters_confirm_offset(
     assert len(page["messages"]) == 20
     for node in (reader, frozen, master):
         assert node.stop() == 0, node.stderr
+
+
+async def test_a_copy_that_wrote_on_its_own_is_cut_when_it_follows_the_master(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """Issue 7 point 1, the scenario of the issue: copy a running master's data dir,
+    start the copy alone and write to it, then point it at the master as a slave. The
+    copy's writes are in a term of its own (every writer begins one), so the master
+    trusts only what the histories prove: the copy's tail is cut, it ends byte-identical
+    to the master, and the master never counted the differing range as confirmed (the
+    old copy wrote in the master's epoch and was taken at its word)."""
+    import shutil
+
+    master = _start(stack, tmp_path / "m", "m", ["--ha-port", "0"])
+    ha_address = (await node_status(master.address))["replication"]["ha_address"]
+    async with open_client(master.address) as client:
+        await client.admin.create_topic("rep", 1)
+        for i in range(10):
+            await _send(client, b"shared %d" % i, "durable")
+        copied_end = (await node_status(master.address))["max_offset"]
+        shutil.copytree(master.data_dir, tmp_path / "c", ignore=shutil.ignore_patterns("lock"))
+        for i in range(10):
+            await _send(client, b"master only %d" % i, "durable")
+
+    copy = _start(stack, tmp_path / "c", "c", [])
+    async with open_client(copy.address) as client:
+        for i in range(5):
+            await _send(client, b"copy only %d" % i, "durable")
+    copy_status = await node_status(copy.address)
+    copy_end = copy_status["max_offset"]
+    assert copy_status["epoch"] == 2  # a term of its own, though it has no HA port
+    assert copy.stop() == 0, copy.stderr
+
+    copy = _start(stack, copy.data_dir, "c", _slave_args(ha_address, master.address))
+    end = await _wait_caught_up(master, copy)
+    status = await node_status(copy.address)
+    assert status["replication"]["last_truncation"] == [copy_end, copied_end]
+    master_status = await node_status(master.address)
+    assert master_status["replication"]["stale"] is None  # the copy proves no newer master
+    assert master_status["writable"] is True
+    for node in (copy, master):
+        assert node.stop() == 0, node.stderr
+    assert _log_prefix(copy, end) == _log_prefix(master, end)
+    assert b"copy only" not in _log_prefix(copy, end)

@@ -25,6 +25,7 @@ from replication.epochs import (
     decode_history,
     divergence_point,
     encode_history,
+    followed_epoch,
     leader_is_stale,
 )
 
@@ -192,9 +193,13 @@ def test_no_common_epoch() -> None:
 
 
 def test_stale_leader() -> None:
-    assert leader_is_stale(history((1, 0), (3, 5)), history((1, 0), (2, 4)))
-    assert not leader_is_stale(history((1, 0), (2, 4)), history((1, 0), (2, 4)))
-    assert not leader_is_stale(EpochHistory(), history((1, 0)))
+    assert leader_is_stale(followed_epoch(history((1, 0), (3, 5))), history((1, 0), (2, 4)))
+    assert not leader_is_stale(followed_epoch(history((1, 0), (2, 4))), history((1, 0), (2, 4)))
+    assert not leader_is_stale(followed_epoch(EpochHistory()), history((1, 0)))
+    # A term the follower led itself proves no newer master exists: it is its own tail.
+    own = EpochHistory([EpochEntry(1, 0), EpochEntry(3, 5, led=True)])
+    assert followed_epoch(own) == 1
+    assert not leader_is_stale(followed_epoch(own), history((1, 0), (2, 4)))
 
 
 # ---- the history -----------------------------------------------------------------------------
@@ -301,3 +306,24 @@ def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.undo()
     epoch_file.save(new)
     assert epoch_file.load() == new
+
+
+def test_led_terms_survive_the_file_and_a_history_without_them_keeps_layout_1(
+    tmp_path: Path,
+) -> None:
+    led = EpochHistory([EpochEntry(1, 0), EpochEntry(2, 4096, led=True)])
+    epoch_file = EpochFile.in_dir(tmp_path)
+    epoch_file.save(led)
+    loaded = epoch_file.load()
+    assert loaded == led and [e.led for e in loaded.entries] == [False, True]
+    assert int.from_bytes(epoch_file.path.read_bytes()[:4], "little") == EPOCH_FILE_MAGIC + 1
+    epoch_file.save(history((1, 0)))
+    assert int.from_bytes(epoch_file.path.read_bytes()[:4], "little") == EPOCH_FILE_MAGIC
+
+
+def test_terms_of_one_epoch_number_begun_apart_are_not_common() -> None:
+    """A copy of a data dir started on its own begins epoch 2 where the copy ends; the
+    master, restarted meanwhile, began its own epoch 2 elsewhere: only epoch 1 is shared."""
+    copy = EpochHistory([EpochEntry(1, 0), EpochEntry(2, 100, led=True)])
+    master = history((1, 0), (2, 160))
+    assert divergence_point(copy, 180, master, 300) == 100

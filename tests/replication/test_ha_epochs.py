@@ -202,7 +202,7 @@ async def test_slave_with_records_but_no_history_is_refused(tmp_path: Path) -> N
 def test_hellos_round_trip_with_and_without_epochs() -> None:
     full = history((1, 0), (2, 150), (7, (1 << 64) - 1))
     hello = unpack_slave_hello(pack_slave_hello("s-ü", 1234, full))
-    assert hello == SlaveHello("s-ü", 1234, full.entries)
+    assert hello == SlaveHello("s-ü", 1234, full.entries, followed_epoch=7)
     assert hello.history == full
     assert unpack_slave_hello(pack_slave_hello("s", 0)) == SlaveHello("s", 0)
     assert len(pack_slave_hello("s", 0)) == SLAVE_HELLO_FIXED + 1
@@ -240,7 +240,8 @@ def test_malformed_epochs_and_master_hello_are_rejected() -> None:
     with pytest.raises(HAProtocolError, match="version"):
         unpack_slave_hello(good)
     too_many = bytearray(pack_slave_hello("s", 0))
-    too_many[SLAVE_HELLO_FIXED - 2 : SLAVE_HELLO_FIXED] = (MAX_EPOCH_ENTRIES + 1).to_bytes(2, "big")
+    count_at = SLAVE_HELLO_FIXED - 6  # the u16 count, before the u32 followed epoch
+    too_many[count_at : count_at + 2] = (MAX_EPOCH_ENTRIES + 1).to_bytes(2, "big")
     with pytest.raises(HAProtocolError, match="more than"):
         unpack_slave_hello(too_many)
     out_of_order = pack_epochs(history((2, 0))) + pack_epochs(history((1, 5)))
