@@ -8,11 +8,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
-from tools.faults import netns
+from tools.faults import kill_while_partitioned, netns
 from tools.faults.netns import (
     NamespaceUnavailable,
     NetnsBandwidth,
@@ -24,6 +25,7 @@ from tools.faults.netns import (
     check_available,
     open_tcp_stream_in,
 )
+from tools.faults.process import Kill
 from tools.faults.topology import isolate, one_way
 
 try:
@@ -265,3 +267,77 @@ def test_bad_node_names_are_refused() -> None:
         NetnsNetwork(["Bad Name"])
     with pytest.raises(ValueError, match="unique"):
         NetnsNetwork(["a", "a"])
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class NamespacedNode:
+    """A real ``tidelog node`` inside a namespace, as a process-fault target."""
+
+    def __init__(self, net: NetnsNetwork, node: str, data_dir: Path) -> None:
+        self.net, self.node, self.data_dir = net, node, data_dir
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.net.node(self.node).address}:{PORT}"
+
+    @property
+    def pid(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None
+        return self.process.pid
+
+    async def restart(self) -> None:
+        if self.process is not None:
+            await trio.to_thread.run_sync(self.process.wait)
+        argv = [
+            sys.executable, "-m", "tools.cli", "--log-level", "WARNING", "node", "--name",
+            self.node, "--host", self.net.node(self.node).address, "--port", str(PORT),
+            "--data-dir", str(self.data_dir),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            self.net.command(self.node, argv), stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
+        assert self.process.stdout is not None
+        with trio.fail_after(60):
+            line = await trio.to_thread.run_sync(
+                self.process.stdout.readline, abandon_on_cancel=True
+            )
+        assert "listening on" in line, line
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+async def status_from(net: NetnsNetwork, node: str, address: str) -> str | None:
+    """`tidelog status` run inside ``node``'s namespace; None when it got no answer
+    within a few seconds (the process is then killed by trio)."""
+    argv = [sys.executable, "-m", "tools.cli", "status", "--json", "--bootstrap", address]
+    with trio.move_on_after(5):
+        result = await trio.run_process(
+            net.command(node, argv), capture_stdout=True, capture_stderr=True, check=False, cwd=REPO
+        )
+        return result.stdout.decode() if result.returncode == 0 else None
+    return None
+
+
+@needs_netns
+async def test_a_real_node_killed_while_partitioned_comes_back_reachable(tmp_path: Path) -> None:
+    async with network("a", "client") as net:
+        node = NamespacedNode(net, "a", tmp_path / "a")
+        try:
+            await node.restart()
+            assert await status_from(net, "client", node.address) is not None
+            partition = NetnsPartition(net, isolate(["a", "client"], "a"))
+            async with kill_while_partitioned(partition, Kill(node)):
+                assert node.pid is None
+                assert await status_from(net, "client", node.address) is None
+                assert await net.dropped_packets("a") > 0
+            assert node.pid is not None  # restarted on the same data, then healed
+            assert await status_from(net, "client", node.address) is not None
+        finally:
+            node.stop()
