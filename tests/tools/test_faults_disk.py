@@ -21,6 +21,7 @@ from tools.faults.disk import (
     PAGE_BYTES,
     SECTOR_BYTES,
     BitFlip,
+    FileSync,
     FillDisk,
     PowerLoss,
     SmallTmpfs,
@@ -95,6 +96,16 @@ def test_unsynced_pages_are_each_wholly_kept_or_reverted_and_both_happen() -> No
                 assert page == bytes(PAGE_BYTES)
                 seen.add("reverted")
     assert seen == {"kept", "reverted"}
+
+
+def test_drop_unrecorded_removes_files_whose_entry_was_never_durable(tmp_path: Path) -> None:
+    (tmp_path / "created-and-recorded").write_bytes(b"\x07" * PAGE_BYTES)
+    (tmp_path / "never-recorded").write_bytes(b"\x07" * PAGE_BYTES)
+    syncs = {"created-and-recorded": FileSync("created-and-recorded", synced_upto=0)}
+    changed = apply_power_loss(tmp_path, syncs, seed=1, drop_unrecorded=True)
+    assert not (tmp_path / "never-recorded").exists()
+    assert changed["never-recorded"] == PAGE_BYTES
+    assert (tmp_path / "created-and-recorded").stat().st_size == PAGE_BYTES
 
 
 def test_a_torn_page_mixes_sectors_of_both_states() -> None:

@@ -29,7 +29,10 @@ stay; each 4 KiB page holding unsynced bytes becomes, at random from the seed, e
 current content or its content as of the last sync (zeros for fresh pages); optionally
 one page written as "current" is torn at a 512-byte sector boundary (a prefix of its
 sectors new, the rest old). Files with no record at all were never synced: every page is
-current or zeros.
+current or zeros, or, with ``drop_unrecorded``, the file is gone (its directory entry was
+never made durable). So a node that creates a file and fsyncs its directory records
+``{"op": "sync", "path": ..., "synced_upto": 0}``: the file exists durably, none of its
+bytes do yet.
 """
 
 from __future__ import annotations
@@ -153,10 +156,12 @@ def apply_power_loss(
     seed: int,
     tear: bool = False,
     skip: Iterable[Path] = (),
+    drop_unrecorded: bool = False,
 ) -> dict[str, int]:
     """Blocking: rewrite every file under ``data_dir`` as a power loss could leave it
-    (see the module doc). Returns, per file, how many bytes changed. ``skip`` names files
-    left alone (the sync log itself when it lives in the data directory)."""
+    (see the module doc). Returns, per file, how many bytes changed (a dropped file counts
+    all its bytes). ``skip`` names files left alone (the sync log itself when it lives in
+    the data directory)."""
     rng = random.Random(seed)
     skipped = {Path(path).resolve() for path in skip}
     changed: dict[str, int] = {}
@@ -166,6 +171,10 @@ def apply_power_loss(
         name = file.relative_to(data_dir).as_posix()
         record = syncs.get(name)
         if record is not None and record.replaced:
+            continue
+        if drop_unrecorded and (record is None or record.deleted):
+            changed[name] = file.stat().st_size
+            file.unlink()
             continue
         current = file.read_bytes()
         synced_upto = 0 if record is None or record.deleted else record.synced_upto
@@ -198,10 +207,11 @@ class PowerLoss(Fault):
         *,
         seed: int,
         tear: bool = False,
+        drop_unrecorded: bool = False,
     ) -> None:
         super().__init__()
         self.target, self.data_dir, self.sync_log = target, Path(data_dir), Path(sync_log)
-        self.seed, self.tear = seed, tear
+        self.seed, self.tear, self.drop_unrecorded = seed, tear, drop_unrecorded
         self.changed: dict[str, int] = {}
 
     def fields(self) -> dict[str, object]:
@@ -212,7 +222,12 @@ class PowerLoss(Fault):
         syncs = read_sync_log(self.sync_log)
         self.changed = await trio.to_thread.run_sync(
             lambda: apply_power_loss(
-                self.data_dir, syncs, seed=self.seed, tear=self.tear, skip=[self.sync_log]
+                self.data_dir,
+                syncs,
+                seed=self.seed,
+                tear=self.tear,
+                skip=[self.sync_log],
+                drop_unrecorded=self.drop_unrecorded,
             )
         )
 
