@@ -41,7 +41,7 @@ def test_the_vocabulary_is_complete_and_each_implementation_names_its_word() -> 
         assert kind.implementations, name
         for implementation in kind.implementations:
             spoken = implementation.kind
-            assert spoken == name or SUB_KINDS.get(spoken) == name or name == "partition-etcd"
+            assert spoken == name or SUB_KINDS.get(spoken) == name
     assert all(word in FAULTS for group in NEMESIS_GROUPS.values() for word in group)
 
 

@@ -49,6 +49,7 @@ from tools.faults.process import (
     Restart,
 )
 from tools.faults.proxy import (
+    EtcdPartition,
     FaultProxy,
     ProxyBandwidth,
     ProxyPartition,
@@ -61,6 +62,7 @@ __all__ = [
     "NEMESIS_GROUPS",
     "BitFlip",
     "Composite",
+    "EtcdPartition",
     "Fault",
     "FaultKind",
     "FaultProxy",
@@ -126,7 +128,7 @@ FAULTS: dict[str, FaultKind] = {
             (NetnsPartition, MeshPartition, ProxyPartition),
         ),
         FaultKind(
-            "partition-etcd", "cut a node from etcd (through its etcd proxy)", (ProxyPartition,)
+            "partition-etcd", "cut a node from etcd (through its etcd proxy)", (EtcdPartition,)
         ),
         FaultKind("loss", "drop a share of packets at random", (NetnsLoss,), needs_root=True),
         FaultKind(

@@ -33,6 +33,7 @@ from tools.faults.base import Fault, describe
 
 __all__ = [
     "Direction",
+    "EtcdPartition",
     "FaultProxy",
     "PartitionMode",
     "ProxyBandwidth",
@@ -384,6 +385,15 @@ class ProxyPartition(_ProxyFault):
             await self.proxy.accept_again()
         else:
             self.proxy.hold(self.proxy.held - self.directions)
+
+
+class EtcdPartition(ProxyPartition):
+    """Cut one node from etcd: a partition of the proxy the node reaches etcd through
+    (the node's ``--etcd`` endpoint points at the proxy). The node keeps talking to its
+    peers and clients; only its lease renewals and watches go silent (``blackhole``) or
+    fail fast (``refuse``)."""
+
+    kind = "partition-etcd"
 
 
 class ProxySlow(_ProxyFault):
