@@ -36,6 +36,9 @@ class SegmentAllocator:
         self.warm = warm
         self.ahead = ahead
         self._pending: dict[int, _Pending] = {}
+        self._dropped: dict[int, _Pending] = {}
+        """Creations dropped while still running: a new one of the same base waits for
+        them, or the dropped one's deletion could remove the new file."""
         self._nursery: trio.Nursery | None = None
         self.created = 0
         self.last_create_seconds = 0.0
@@ -83,15 +86,20 @@ class SegmentAllocator:
     def drop_prepared(self) -> None:
         """Delete every prepared segment: after a truncate they would lie past the log's end,
         and a crash would leave a gap that stops the next start."""
-        for pending in self._pending.values():
+        for base, pending in self._pending.items():
             pending.dropped = True
             if pending.segment is not None:
                 pending.segment.delete()
                 pending.segment = None
+            elif not pending.done.is_set():
+                self._dropped[base] = pending
         self._pending.clear()
 
     async def _create(self, base: int, pending: _Pending) -> None:
         try:
+            earlier = self._dropped.get(base)
+            if earlier is not None and earlier is not pending:
+                await earlier.done.wait()  # it deletes its file first
             pending.segment = await self._create_now(base)
             if pending.dropped:
                 pending.segment.delete()
@@ -99,6 +107,8 @@ class SegmentAllocator:
         except Exception as exc:  # handed to the taker, who reports it (e.g. DiskFullError)
             pending.error = exc
         finally:
+            if self._dropped.get(base) is pending:
+                del self._dropped[base]
             pending.done.set()
 
     async def _create_now(self, base: int) -> MappedFile:

@@ -8,6 +8,7 @@ module at all: the CommitLog packs straight into the map.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -25,6 +26,7 @@ WARM_CHUNK = 1 << 20
 """madvise and zeroing work in 1 MiB steps: CPython holds the GIL during madvise, so big
 calls would freeze the event loop; small ones let it run between steps."""
 _ZEROS = bytes(WARM_CHUNK)
+_CREATIONS = itertools.count()
 
 
 def segment_name(base_offset: int) -> str:
@@ -96,7 +98,8 @@ class MappedFile:
         segment writes all of it (24 ms).
         """
         path = directory / segment_name(base)
-        tmp = path.with_suffix(".tmp")
+        # Unique: a dropped creation of the same base may still be running in a thread.
+        tmp = directory / f"{path.name}.{os.getpid()}.{next(_CREATIONS)}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             try:
@@ -208,8 +211,16 @@ class MappedFile:
             self._fd = -1
 
     def delete(self) -> None:
+        """Close and unlink, unless the path names another file by now (a segment of the
+        same base created since): that one is not ours to delete."""
+        mine = os.fstat(self._fd) if self._fd >= 0 else None
         self.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            on_path = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if mine is None or (on_path.st_dev, on_path.st_ino) == (mine.st_dev, mine.st_ino):
+            self.path.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"<MappedFile {self.path.name} wrote={self.wrote} flushed={self.flushed}>"

@@ -194,7 +194,7 @@ def remove_segment_files(directory: Path, *, from_base: int, keep_lowest: bool) 
     if not directory.exists():
         return []
     for tmp in directory.glob("*.tmp"):
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)  # a dropped creation may rename it meanwhile
     found = sorted(
         (base, path)
         for path in directory.iterdir()
@@ -207,7 +207,7 @@ def remove_segment_files(directory: Path, *, from_base: int, keep_lowest: bool) 
         if base < from_base:
             break
         log.info("deleting_segment path=%s reason=cut from=%d", path, from_base)
-        path.unlink()
+        path.unlink(missing_ok=True)
         fsync_directory(directory)
         removed.append(path)
     return removed

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from storage import Message, MessageStore, StoreConfig
 from storage.errors import CorruptSegmentError, OffsetOutOfRangeError
 from storage.mapped_file import PAGE_SIZE, MappedFile, parse_segment_name, segment_name
 from storage.mapped_file_queue import MappedFileQueue
@@ -315,3 +316,32 @@ def test_delete_first_never_deletes_the_last_segment(tmp_path: Path) -> None:
         assert files.min_offset == 2 * SIZE
     finally:
         files.close()
+
+
+def test_delete_leaves_a_newer_file_of_the_same_name_alone(tmp_path: Path) -> None:
+    """A dropped segment still being created must never delete the one made since."""
+    old = MappedFile.create(tmp_path, SIZE, SIZE, warm=False)
+    new = MappedFile.create(tmp_path, SIZE, SIZE, warm=False)  # renamed over the old one
+    new.view[:4] = b"new!"
+    old.delete()
+    assert (tmp_path / segment_name(SIZE)).read_bytes()[:4] == b"new!"
+    new.delete()
+    assert not (tmp_path / segment_name(SIZE)).exists()
+
+
+async def test_a_truncate_while_the_next_segment_is_prepared_loses_no_segment(
+    store_config: StoreConfig,
+) -> None:
+    """A truncate drops the allocator's segment, perhaps still in creation; the one
+    prepared after the cut has the same base. Each creation must keep its own file, or
+    the store later finds its active segment deleted (and fails). The interleaving is
+    up to the threads: the deterministic part is the test above."""
+    for _ in range(5):
+        async with MessageStore.open(store_config) as store:
+            for i in range(3):
+                await store.put(Message.create("t", b"x" * 1000, i % 2))
+            await store.truncate(store.max_offset)  # the allocator is still preparing
+            for i in range(200):  # through several roll-overs into prepared segments
+                await store.put(Message.create("t", b"y" * 1000, i % 2))
+            await store.flush_all()  # checks every segment's file
+            assert store.commit_log.failure is None
