@@ -4,6 +4,7 @@ nothing behind. Needs root with iproute2 and iptables (CI runs as root)."""
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -251,9 +252,10 @@ class FailsOnSecondNode(NetnsNetwork):
 
 @needs_netns
 async def test_a_failed_setup_deletes_what_it_created() -> None:
+    run_id = f"fail{secrets.token_hex(3)}"
     with pytest.raises(RuntimeError, match="injected"):
-        await FailsOnSecondNode.create(["a", "b"], run_id="h8fail01")
-    assert_nothing_left("h8fail01")
+        await FailsOnSecondNode.create(["a", "b"], run_id=run_id)
+    assert_nothing_left(run_id)
 
 
 def test_unavailable_namespaces_point_at_the_proxy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
