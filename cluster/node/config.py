@@ -140,6 +140,12 @@ class ServerSection:
         default=512 << 20, validator=_between(64 << 10, 1 << 40)
     )
     """The same bound for all connections together."""
+    max_buffered_request_bytes: int = attrs.field(
+        default=256 << 20, validator=_between(64 << 10, 1 << 40)
+    )
+    """Bytes of large request frames being received, all connections together: a frame
+    over 64 KiB reserves its size before its body is read, and waits (its connection is
+    not read) while the budget is spent."""
     idle_timeout_ms: int = attrs.field(default=600_000, validator=_between(100, 86_400_000))
     """A connection with no request in flight that sends nothing for this long is closed
     (as Kafka's ``connections.max.idle.ms``): idle clients do not hold file descriptors

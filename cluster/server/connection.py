@@ -8,11 +8,12 @@ With the slots taken, the reader stops reading and TCP pushes back on the client
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from cluster.protocol import (
+    HEADER,
     MAX_FRAME_SIZE_LIMIT,
     FrameDecoder,
     ProtocolError,
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
+
+RESERVE_FRAMES_OVER: Final = 64 * 1024
+"""Frames up to this size are read without a reservation (one receive's worth)."""
 
 
 class Connection:
@@ -55,6 +59,10 @@ class Connection:
         self._out = bytearray()
         self._out_count = 0
         self._unsent = 0
+        self._header = bytearray()
+        self._body_left = 0
+        """Bytes of the frame being received still to come (-1: past a fatal prefix)."""
+        self._reserved = 0
         """Bytes of answers queued or being sent (see :meth:`ClientServer.over_response_bytes`)."""
         self._wake = trio.Event()
         self._reading = True
@@ -80,6 +88,7 @@ class Connection:
                 await self._linger()
         finally:
             self._release_unsent(self._unsent)  # never to be sent now
+            self._release_request_bytes()
             await trio.aclose_forcefully(self._stream)
             log.debug("connection_closed peer=%s", self.peer)
 
@@ -89,6 +98,7 @@ class Connection:
         decoder = self._decoder
         try:
             while data := await self._receive():
+                await self._reserve_for(data)
                 decoder.feed(data)
                 for item in decoder:
                     await self._admit()
@@ -111,6 +121,43 @@ class Connection:
             if not self.inflight:
                 log.info("connection_idle peer=%s idle_s=%g", self.peer, self._idle_timeout_s)
                 return b""
+
+    async def _reserve_for(self, data: bytes) -> None:
+        """Follow the frame boundaries in ``data``; a frame over
+        :data:`RESERVE_FRAMES_OVER` whose body is not all here yet reserves its size in
+        the node's request budget before more is read, and gives it back once its
+        last byte arrived. At most one grant is held: the frame being received."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._body_left:
+                take = min(self._body_left, end - pos)
+                self._body_left -= take
+                pos += take
+                if not self._body_left:
+                    self._release_request_bytes()
+                continue
+            if self._body_left < 0:  # past a fatal length prefix: the decoder ends this
+                return
+            header = self._header
+            take = min(HEADER.size - len(header), end - pos)
+            header += data[pos : pos + take]
+            pos += take
+            if len(header) < HEADER.size:
+                return
+            (size,) = HEADER.unpack(header)
+            header.clear()
+            if size > self._decoder.max_frame_size:
+                self._body_left = -1
+                return
+            self._body_left = size
+            if size > RESERVE_FRAMES_OVER and size > end - pos:
+                await self._server.request_bytes.acquire(size)
+                self._reserved = size
+
+    def _release_request_bytes(self) -> None:
+        if self._reserved:
+            self._server.request_bytes.release(self._reserved)
+            self._reserved = 0
 
     async def _admit(self) -> None:
         """Take an in-flight slot; with none free, or with too many answer bytes waiting

@@ -19,6 +19,7 @@ import trio
 
 from cluster.node.config import ServerSection
 from cluster.protocol import Status, encode_frame, error_response
+from cluster.server.budget import ByteBudget
 from cluster.server.connection import Connection
 from cluster.server.handler import RequestHandler
 from cluster.server.limits import connection_budget
@@ -50,6 +51,8 @@ class ClientServer:
         self._connections: set[Connection] = set()
         self._inflight = 0
         self._idle = trio.Event()
+        self.request_bytes = ByteBudget(settings.max_buffered_request_bytes)
+        """Reserved by connections receiving a large frame (see :class:`Connection`)."""
         self.response_bytes = 0
         """Answer bytes queued or being sent, over all connections."""
         self._response_bytes_sent = trio.Event()

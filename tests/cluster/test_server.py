@@ -710,6 +710,39 @@ async def test_answers_a_client_does_not_read_are_bounded_in_bytes(tmp_path: Pat
         await until(lambda: node.server is not None and node.server.response_bytes == 0)
 
 
+async def test_large_frames_being_received_share_one_byte_budget(tmp_path: Path) -> None:
+    """Issue 8 point 5: many clients each sending most of a large frame used to make the
+    node hold all of them. A large frame reserves its size first; past the node's budget
+    a connection is not read until another frame completes. Every frame is answered."""
+    budget = 1 << 20
+    config = node_config(tmp_path, server={"max_buffered_request_bytes": budget})
+    frame_size = 600_000
+    async with running(config) as node:
+        assert node.server is not None
+        clients = [await Raw.connect(node) for _ in range(3)]
+        try:
+            frames = [encode_request("send", 1, topic="t", body=bytes(frame_size)) for _ in clients]
+            for raw, data in zip(clients, frames, strict=True):
+                await raw.send_raw(data[:100_000])
+            await trio.testing.wait_all_tasks_blocked()
+            reserved = node.server.request_bytes
+            assert 0 < reserved.used <= budget and reserved.waits >= 1
+            answers: list[dict[str, Any] | None] = []
+
+            async def finish(raw: Raw, rest: bytes) -> None:
+                await raw.send_raw(rest)  # blocks while the node does not read this one
+                answers.append(await raw.recv())
+
+            async with trio.open_nursery() as nursery:
+                for raw, data in zip(clients, frames, strict=True):
+                    nursery.start_soon(finish, raw, data[100_000:])
+            assert [answer and answer["id"] for answer in answers] == [1, 1, 1]
+            await until(lambda: reserved.used == 0)
+        finally:
+            for raw in clients:
+                await raw.aclose()
+
+
 # ---- shutdown and restart ---------------------------------------------------------------------
 
 
