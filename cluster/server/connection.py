@@ -42,7 +42,12 @@ class Connection:
     """One client connection: reader, coalescing writer, and tasks for waiting requests.
 
     Every admitted frame gets exactly one response, and holds one of the connection's
-    ``max_inflight_per_connection`` slots until that response is sent.
+    ``max_inflight_per_connection`` slots until that response is sent. Memory is bounded
+    in bytes too: no request is admitted while this connection's unsent answers reach
+    ``max_connection_response_bytes`` or the node's ``max_buffered_response_bytes``, and a
+    large frame is read only with a grant from the node's request-byte budget. The
+    reader, the writer and the waiting requests are tasks of this connection's nursery;
+    only the owning :class:`ClientServer` calls :meth:`run`.
     """
 
     def __init__(self, stream: trio.SocketStream, server: ClientServer) -> None:
