@@ -59,13 +59,18 @@ class Connection:
         nursery.start_soon(self._run)
 
     async def _run(self) -> None:
-        with self._cancel:
-            try:
-                await self._read_loop()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
-        self._fail(f"connection to {self.address} closed")
-        await self._stream.aclose()
+        """Read until the connection ends; the socket is closed however it ends (a
+        cancelled nursery too: its Cancelled passes through ``self._cancel``, so the close
+        must sit in ``finally``, forcefully since we are cancelled)."""
+        try:
+            with self._cancel:
+                try:
+                    await self._read_loop()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
+        finally:
+            self._fail(f"connection to {self.address} closed")
+            await trio.aclose_forcefully(self._stream)
 
     def _not_a_node_hint(self) -> str:
         """A peer that drops us before its first answer is rarely a tidelog client port:
