@@ -209,7 +209,12 @@ class HAConnection:
         """Serve one slave until it goes away or the stream breaks. The caller closes
         ``sock`` afterwards (a failed chunk send leaves it unusable anyway)."""
         with self.cancel_scope:
-            hello = await read_slave_hello(sock)
+            timeout_ms = self.settings.peer_timeout_ms
+            hello: SlaveHello | None = None
+            with trio.move_on_after(timeout_ms / 1000):
+                hello = await read_slave_hello(sock)
+            if hello is None:
+                raise HAProtocolError(f"no slave hello within {timeout_ms:.0f} ms")
             end = self.store.commit_log.max_offset
             stale = self._stale_reason(hello)
             if stale is not None:

@@ -337,8 +337,17 @@ async def recv_exactly(sock: trio.socket.SocketType, size: int, what: str) -> by
     return buf
 
 
+_MAGIC_AND_VERSION: Final = struct.Struct("!IH")
+
+
 async def read_slave_hello(sock: trio.socket.SocketType) -> SlaveHello:
-    fixed = await recv_exactly(sock, SLAVE_HELLO_FIXED, "slave hello")
+    """The magic and version are checked as soon as they arrive: a peer that is not a
+    slave (a client that dialled the replication port) is refused at once, even if
+    what it sent is shorter than a hello."""
+    head = await recv_exactly(sock, _MAGIC_AND_VERSION.size, "slave hello")
+    magic, version = _MAGIC_AND_VERSION.unpack(head)
+    _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave hello")
+    fixed = head + await recv_exactly(sock, SLAVE_HELLO_FIXED - len(head), "slave hello")
     rest = await recv_exactly(sock, slave_hello_remaining(fixed), "slave hello")
     return unpack_slave_hello(fixed + rest)
 

@@ -4,6 +4,7 @@ streams from (issue 7 point 4), a slave behind the master's log start resyncing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -162,3 +163,21 @@ async def test_a_sender_far_behind_reads_cold_ranges_in_a_worker_thread(
     # Only the cold part: the last `cold_distance_bytes` went without the thread read.
     assert len(threads) * settings.max_chunk <= end - SEGMENT + settings.max_chunk
     assert MASTER_HELLO_SIZE  # the hello layout is the one the sockets use
+
+
+async def test_a_peer_that_is_not_a_slave_is_refused_at_once(tmp_path: Path) -> None:
+    """A client that dialled the replication port sends a frame shorter than a hello:
+    the master closes at once on the wrong magic instead of waiting for more bytes
+    (which left the client hanging until its own timeout)."""
+    async with MessageStore.open(big_config(tmp_path / "master")) as master:
+        service = HAService(master, SETTINGS)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(service.serve, "127.0.0.1", 0)
+            sock = trio.socket.socket()
+            with sock:
+                await sock.connect(("127.0.0.1", port))
+                await sock.send(b"\x00\x00\x00\x0cstatus")  # 10 bytes, not a hello
+                # Closed, nothing said (a reset when our bytes were left unread).
+                with trio.fail_after(5), contextlib.suppress(ConnectionResetError):
+                    assert await sock.recv(100) == b""
+            nursery.cancel_scope.cancel()
