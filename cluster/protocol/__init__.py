@@ -60,6 +60,7 @@ from cluster.protocol.messages import (
     DescribeTopicRequest,
     GetOffsetsRequest,
     ListTopicsRequest,
+    MetadataRequest,
     PromoteRequest,
     PullRequest,
     ReadRequest,
@@ -68,6 +69,7 @@ from cluster.protocol.messages import (
     SendBatchRequest,
     SendRequest,
     StatusRequest,
+    SwitchoverRequest,
 )
 from cluster.protocol.requests import encode_request, make_request, queue_for_key
 from cluster.protocol.responses import (
@@ -118,6 +120,7 @@ __all__ = [
     "FrameDecoder",
     "GetOffsetsRequest",
     "ListTopicsRequest",
+    "MetadataRequest",
     "OpSchema",
     "PromoteRequest",
     "ProtocolError",
@@ -130,6 +133,7 @@ __all__ = [
     "SendRequest",
     "Status",
     "StatusRequest",
+    "SwitchoverRequest",
     "batch_results",
     "describe",
     "encode_frame",

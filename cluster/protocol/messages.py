@@ -12,6 +12,7 @@ __all__ = [
     "DescribeTopicRequest",
     "GetOffsetsRequest",
     "ListTopicsRequest",
+    "MetadataRequest",
     "PromoteRequest",
     "PullRequest",
     "ReadRequest",
@@ -20,6 +21,7 @@ __all__ = [
     "SendBatchRequest",
     "SendRequest",
     "StatusRequest",
+    "SwitchoverRequest",
 ]
 
 
@@ -115,6 +117,19 @@ class RepointRequest(TypedDict):
     master_client: str | None
 
 
+class MetadataRequest(TypedDict):
+    op: Literal["metadata"]
+    id: int
+
+
+class SwitchoverRequest(TypedDict):
+    op: Literal["switchover"]
+    id: int
+    group: str
+    to: str | None
+    timeout_ms: int
+
+
 Request: TypeAlias = (
     SendRequest
     | SendBatchRequest
@@ -127,5 +142,7 @@ Request: TypeAlias = (
     | StatusRequest
     | PromoteRequest
     | RepointRequest
+    | MetadataRequest
+    | SwitchoverRequest
 )
 """A validated request: ``op``, ``id`` and every field of the op's schema."""

@@ -42,13 +42,16 @@ def error_response(req_id: int, status: Status, error: str, **details: Any) -> d
     return make_response(req_id, status, error=error, **details)
 
 
-def not_master_response(req_id: int, master: str | None) -> dict[str, Any]:
-    """``NOT_MASTER`` with the master hint ("host:port", or None while none is known)."""
+def not_master_response(
+    req_id: int, master: str | None, epoch: int | None = None
+) -> dict[str, Any]:
+    """``NOT_MASTER`` with the master hint ("host:port", or None while none is known) and
+    the epoch the hint belongs to (None: unknown), so a client keeps the newest hint."""
     if master is None:
         error = "this node is not the master and knows no master yet; retry after a pause"
     else:
         error = f"this node is not the master; resend to {master}"
-    return error_response(req_id, Status.NOT_MASTER, error, master=master)
+    return error_response(req_id, Status.NOT_MASTER, error, master=master, epoch=epoch)
 
 
 def send_result(queue: int, queue_offset: int, offset: int, store_us: int) -> dict[str, int]:

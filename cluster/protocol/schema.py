@@ -321,6 +321,22 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                 },
                 doc="admin: make this slave follow another master",
             ),
+            OpSchema(
+                "metadata",
+                {},
+                doc="the group as this node sees it: master, epoch, members, topics",
+            ),
+            OpSchema(
+                "switchover",
+                {
+                    "group": Field((str,), required=True, doc="the group to hand over"),
+                    "to": Field((str,), doc="the node to hand over to (default: the best)"),
+                    "timeout_ms": _int_field(
+                        10_000, 1, 600_000, "how long to wait for the target and the election"
+                    ),
+                },
+                doc="admin (master, with etcd): hand mastership over without losing a write",
+            ),
         )
     }
 )

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from cluster.node.role import (
     ROLE_KINDS,
+    Candidate,
+    Fenced,
     Master,
     Role,
     RoleError,
@@ -18,8 +20,12 @@ from cluster.node.role import (
     become_stale,
     configured,
     describe,
+    elected,
+    fence,
+    follow,
     promote,
     repoint,
+    vacate,
 )
 
 hosts = st.sampled_from(["127.0.0.1", "localhost", "node-2.example", "[::1]"])
@@ -34,11 +40,13 @@ roles: st.SearchStrategy[Role] = st.one_of(
     st.builds(Master, ha_ports),
     st.builds(Slave, addresses, st.none() | addresses),
     st.builds(Stale, ha_ports, evidence),
+    st.just(Candidate()),
+    st.builds(Fenced, ha_ports, evidence),
 )
 
 
 def test_the_strategy_covers_every_role() -> None:
-    assert set(ROLE_KINDS) == {Standalone, Master, Slave, Stale}
+    assert set(ROLE_KINDS) == {Standalone, Master, Slave, Stale, Candidate, Fenced}
 
 
 @given(roles, ha_ports, epochs)
@@ -67,8 +75,8 @@ def test_only_a_slave_is_repointed(role: Role, master_ha: str, master_client: st
 def test_only_a_master_serving_slaves_becomes_stale(role: Role, proof: str) -> None:
     if isinstance(role, Master):
         assert become_stale(role, proof) == Stale(role.ha_port, proof)
-    elif isinstance(role, Stale):
-        assert become_stale(role, proof) is role  # the first evidence stays
+    elif isinstance(role, Stale | Fenced):
+        assert become_stale(role, proof) is role  # the first evidence (or the fence) stays
     else:
         with pytest.raises(RoleError, match="only a master serving slaves") as refused:
             become_stale(role, proof)
@@ -85,6 +93,12 @@ def test_exactly_the_writable_roles_take_writes(role: Role, epoch: int | None) -
         assert "slave" in refusal.message
         if role.master_client:
             assert role.master_client in refusal.message
+    elif isinstance(role, Candidate):
+        assert refusal is not None and refusal.master is None
+        assert "no master is elected" in refusal.message
+    elif isinstance(role, Fenced):
+        assert refusal is not None and refusal.master is None
+        assert f"epoch {epoch}" in refusal.message and role.reason in refusal.message
     else:
         assert refusal is not None and refusal.master is None
         assert f"epoch {epoch}" in refusal.message and role.evidence in refusal.message
@@ -92,8 +106,11 @@ def test_exactly_the_writable_roles_take_writes(role: Role, epoch: int | None) -
 
 @given(roles)
 def test_status_names_and_what_each_role_serves(role: Role) -> None:
-    assert role.name == ("slave" if isinstance(role, Slave) else "master")
-    assert role.serves_slaves == isinstance(role, Master | Stale)
+    if isinstance(role, Candidate | Fenced):
+        assert role.name == ("candidate" if isinstance(role, Candidate) else "fenced")
+    else:
+        assert role.name == ("slave" if isinstance(role, Slave) else "master")
+    assert role.serves_slaves == isinstance(role, Master | Stale | Fenced)
 
 
 @given(roles, st.lists(st.tuples(st.sampled_from("prs"), addresses, ha_ports, evidence)))
@@ -148,3 +165,78 @@ def test_the_configured_role(ha_port: int, master_ha: str, master_client: str | 
     assert slave == Slave(master_ha, master_client or None)
     master = configured("master", ha_port=ha_port, master_ha="", master_client=None)
     assert master == (Master(ha_port) if ha_port >= 0 else Standalone())
+
+
+# ---- the HA loop's transitions (with etcd) ---------------------------------------------------
+
+
+@given(roles, ha_ports)
+def test_any_role_with_an_ha_port_can_be_elected(role: Role, ha_port: int) -> None:
+    if isinstance(role, Standalone):
+        with pytest.raises(RoleError, match="without an HA port"):
+            elected(role, ha_port)
+        return
+    assert elected(role, ha_port) == Master(ha_port)
+
+
+@given(roles, evidence)
+def test_only_a_master_is_fenced_and_the_first_reason_stays(role: Role, reason: str) -> None:
+    if isinstance(role, Master | Stale):
+        fenced = fence(role, reason)
+        assert fenced == Fenced(role.ha_port, reason)
+        assert fenced.write_refusal(3) is not None  # fenced means no write is taken
+    elif isinstance(role, Fenced):
+        assert fence(role, reason) is role
+    else:
+        with pytest.raises(RoleError, match="only a master can be fenced") as refused:
+            fence(role, reason)
+        assert describe(role) in str(refused.value)
+
+
+@given(roles, addresses, st.none() | addresses)
+def test_an_acknowledging_master_never_follows(
+    role: Role, master_ha: str, master_client: str | None
+) -> None:
+    """A master must be fenced before it follows: it could otherwise ack a write the
+    new master never sees."""
+    if isinstance(role, Master | Standalone):
+        with pytest.raises(RoleError, match="fence it before"):
+            follow(role, master_ha, master_client)
+        return
+    assert follow(role, master_ha, master_client) == Slave(master_ha, master_client)
+
+
+@given(roles)
+def test_only_a_slave_or_candidate_waits_for_an_election(role: Role) -> None:
+    if isinstance(role, Slave | Candidate):
+        assert vacate(role) == Candidate()
+    else:
+        with pytest.raises(RoleError, match="waits for an election"):
+            vacate(role)
+
+
+@given(
+    roles,
+    st.lists(st.tuples(st.sampled_from("efvs"), addresses, ha_ports, evidence), max_size=30),
+)
+def test_ha_loop_sequences_never_ack_while_following(
+    role: Role, steps: list[tuple[str, str, int, str]]
+) -> None:
+    """Whatever the loop decides in whatever order: a refused change leaves the role as
+    it was, and only a master (elected, not fenced since) takes writes."""
+    for kind, address, port, reason in steps:
+        before = role
+        try:
+            if kind == "e":
+                role = elected(role, port)
+            elif kind == "f":
+                role = fence(role, reason)
+            elif kind == "v":
+                role = vacate(role)
+            else:
+                role = follow(role, address, address)
+        except RoleError:
+            assert role is before
+        assert isinstance(role, ROLE_KINDS)
+        takes_writes = role.write_refusal(1) is None
+        assert takes_writes == isinstance(role, Master | Standalone)
