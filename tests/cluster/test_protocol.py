@@ -138,6 +138,12 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("status", {}, {}),
     ("promote", {}, {"ha_port": 0}),
     ("repoint", {"master_ha": "h:1"}, {"master_ha": "h:1", "master_client": None}),
+    ("metadata", {}, {}),
+    (
+        "switchover",
+        {"group": "g1", "to": "node-2"},
+        {"group": "g1", "to": "node-2", "timeout_ms": 10_000},
+    ),
 ]
 
 
