@@ -172,6 +172,10 @@ def cmd_node(args: argparse.Namespace) -> int:
             "replication.master_ha": args.master_ha,
             "replication.master_client": args.master_client,
             "replication.min_insync_replicas": args.min_insync_replicas,
+            "coordination.etcd": args.etcd,
+            "coordination.cluster": args.cluster,
+            "coordination.group": args.group,
+            "coordination.priority": args.priority,
         }.items()
         if value is not None
     }
@@ -295,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="master: connected slaves needed for acks=replicated (default 1)",
     )
+    node.add_argument(
+        "--etcd",
+        help="etcd endpoints http://host:port[,...]: the group elects its master (automatic "
+        "failover); needs --ha-port, refuses --role/--master-ha/--master-client; the name "
+        "defaults to the data directory's name",
+    )
+    node.add_argument("--cluster", help="with --etcd: the cluster's name (default tidelog)")
+    node.add_argument("--group", help="with --etcd: this node's broker group (default g1)")
+    node.add_argument(
+        "--priority", type=int, help="with --etcd: higher wins ties in elections (default 0)"
+    )
     node.set_defaults(handler=cmd_node)
 
     add_client_commands(commands)
@@ -414,12 +429,77 @@ def add_chaos_commands(commands: Any) -> None:
     check = kinds.add_parser("check", help=text.split(":")[0], description=text + ".")
     add_check_arguments(check)
     check.set_defaults(handler=cmd_chaos_check)
+    text = (
+        "run producers and consumers against a local cluster (or --bootstrap) while a "
+        "nemesis drawn from the seed injects faults; then heal, drain every node, write "
+        "history.jsonl, run.json, results.json and report.html into the run folder and "
+        "exit with the checker's verdict (0 valid, 1 anomalies)"
+    )
+    run = kinds.add_parser("run", help=text.split(";")[0], description=text + ".")
+    run.add_argument("--duration", type=float, default=120.0, help="seconds of workload (default 120)")
+    run.add_argument(
+        "--nemesis",
+        default="kill,pause,partition",
+        help="fault kinds, comma separated, or 'none' (default kill,pause,partition)",
+    )
+    run.add_argument(
+        "--acks", choices=("leader", "durable", "replicated"), default="replicated"
+    )
+    run.add_argument("--seed", type=int, default=7, help="draws the schedule and the workload")
+    run.add_argument("--out", help="run folder (default chaos-runs/DATE-seedN)")
+    run.add_argument(
+        "--bootstrap", help="host:port[,host:port...] of a running cluster (no nemesis)"
+    )
+    run.add_argument("--producers", type=positive_int, default=4)
+    run.add_argument("--queues", type=positive_int, default=4)
+    run.set_defaults(handler=cmd_chaos_run)
+    from tools.chaos.scenarios import SCENARIOS
+
+    text = "run one fixed failover scenario, judged by the checker, measuring unavailability"
+    scenario = kinds.add_parser("scenario", help=text, description=text + ".")
+    scenario.add_argument("name", metavar="NAME", choices=sorted(SCENARIOS), help=", ".join(sorted(SCENARIOS)))
+    scenario.add_argument("--acks", choices=("leader", "durable", "replicated"), default="replicated")
+    scenario.add_argument("--seed", type=int, default=7)
+    scenario.add_argument("--out", help="run folder (default chaos-runs/DATE-NAME)")
+    scenario.set_defaults(handler=cmd_chaos_scenario)
 
 
 def cmd_chaos_check(args: argparse.Namespace) -> int:
     from tools.chaos.cli import run_check
 
     return run_check(args.run_dir, as_json=args.json, write_html=not args.no_report)
+
+
+def cmd_chaos_run(args: argparse.Namespace) -> int:
+    from tools.chaos.runner import run_chaos, settings_from_args
+
+    try:
+        settings = settings_from_args(
+            duration_s=args.duration,
+            nemesis=args.nemesis,
+            acks=args.acks,
+            seed=args.seed,
+            out=args.out,
+            bootstrap=args.bootstrap,
+            producers=args.producers,
+            queues=args.queues,
+        )
+        return trio.run(lambda: run_chaos(settings)).exit_code
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_chaos_scenario(args: argparse.Namespace) -> int:
+    from tools.chaos.scenarios import run_scenario
+
+    try:
+        return trio.run(
+            lambda: run_scenario(args.name, acks=args.acks, seed=args.seed, out=args.out)
+        ).exit_code
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def positive_int(value: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import attrs
 
+from cluster.coordination.settings import CoordinationSettings
 from cluster.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_FRAME_SIZE_LIMIT,
@@ -46,6 +47,7 @@ from storage.config import StoreConfig
 __all__ = [
     "ENV_PREFIX",
     "ConfigError",
+    "CoordinationSection",
     "NodeConfig",
     "NodeSection",
     "ReplicationSection",
@@ -271,6 +273,60 @@ class ReplicationSection:
         return self.role == "master" and self.ha_port >= 0
 
 
+_COORDINATION_DEFAULTS: Final = CoordinationSettings()
+
+
+@attrs.frozen(kw_only=True)
+class CoordinationSection:
+    """Automatic failover through etcd (see :mod:`cluster.coordination`).
+
+    ``etcd`` empty (the default): no etcd, the role is the configured one
+    (``[replication] role``, promote and repoint by hand). Set, the role comes from the
+    group's election: the static role keys are then refused (they contradict it), the
+    node needs an HA port, and ``[replication] min_insync_replicas`` is what the group's
+    first election records.
+    """
+
+    etcd: str = ""
+    """Comma-separated etcd endpoints, ``http://host:port[,http://host:port...]``."""
+    cluster: str = _COORDINATION_DEFAULTS.cluster
+    group: str = _COORDINATION_DEFAULTS.group
+    lease_ttl_s: int = _COORDINATION_DEFAULTS.lease_ttl_s
+    keepalive_interval_s: float = _COORDINATION_DEFAULTS.keepalive_interval_s
+    request_timeout_s: float = _COORDINATION_DEFAULTS.request_timeout_s
+    fencing_margin_s: float = _COORDINATION_DEFAULTS.fencing_margin_s
+    priority: int = attrs.field(default=0, validator=_between(-1000, 1000))
+    """Breaks ties between equally good candidates: higher wins."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.enabled:
+            self.settings  # noqa: B018 -- builds and so validates the whole section
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd.strip())
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.etcd.split(",") if part.strip())
+
+    @property
+    def settings(self) -> CoordinationSettings:
+        """The HA loop's settings (ValueError naming the key when one is wrong)."""
+        try:
+            return CoordinationSettings(
+                etcd_endpoints=self.endpoints,
+                cluster=self.cluster,
+                group=self.group,
+                lease_ttl_s=self.lease_ttl_s,
+                keepalive_interval_s=self.keepalive_interval_s,
+                request_timeout_s=self.request_timeout_s,
+                fencing_margin_s=self.fencing_margin_s,
+            )
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+
 def _store_for(data_dir: Path, **fields: Any) -> StoreConfig:
     return StoreConfig(data_dir=data_dir / STORE_SUBDIR, **fields)
 
@@ -284,6 +340,7 @@ class NodeConfig:
     server: ServerSection = attrs.field(factory=ServerSection)
     topics: TopicsSection = attrs.field(factory=TopicsSection)
     replication: ReplicationSection = attrs.field(factory=ReplicationSection)
+    coordination: CoordinationSection = attrs.field(factory=CoordinationSection)
 
     def __attrs_post_init__(self) -> None:
         expected = self.node.data_dir / STORE_SUBDIR
@@ -292,6 +349,14 @@ class NodeConfig:
                 f"store.data_dir must be {expected} (<node.data_dir>/{STORE_SUBDIR}), "
                 f"got {self.store.data_dir}"
             )
+        problem = coordination_conflict(self.coordination, self.replication)
+        if problem is not None:
+            raise ValueError(problem)
+
+    @property
+    def coordinated(self) -> bool:
+        """The role comes from etcd's election (``[coordination] etcd`` is set)."""
+        return self.coordination.enabled
 
     @classmethod
     def create(
@@ -303,6 +368,7 @@ class NodeConfig:
         server: Mapping[str, Any] | None = None,
         topics: Mapping[str, Any] | None = None,
         replication: Mapping[str, Any] | None = None,
+        coordination: Mapping[str, Any] | None = None,
     ) -> NodeConfig:
         """A config from Python values (tests, embedding); no environment, no file."""
         node_section = NodeSection(data_dir=data_dir, **(node or {}))
@@ -312,6 +378,7 @@ class NodeConfig:
             server=ServerSection(**(server or {})),
             topics=TopicsSection(**(topics or {})),
             replication=ReplicationSection(**(replication or {})),
+            coordination=CoordinationSection(**(coordination or {})),
         )
 
     @property
@@ -328,6 +395,36 @@ class NodeConfig:
         return self.node.data_dir / TOPICS_FILE
 
 
+def coordination_conflict(
+    coordination: CoordinationSection, replication: ReplicationSection
+) -> str | None:
+    """Why these two sections contradict each other, or None. With etcd the election
+    decides the role, so the static role keys cannot be set, and the node needs an HA
+    port (slaves stream from whoever is elected)."""
+    if not coordination.enabled:
+        return None
+    static = [
+        flag
+        for flag, is_set in (
+            ("replication.role=slave (--role)", replication.role == "slave"),
+            ("replication.master_ha (--master-ha)", bool(replication.master_ha)),
+            ("replication.master_client (--master-client)", bool(replication.master_client)),
+        )
+        if is_set
+    ]
+    if static:
+        return (
+            f"coordination.etcd (--etcd) and {', '.join(static)} contradict each other: with "
+            "etcd the group elects its master; drop the static role setting(s) or --etcd"
+        )
+    if replication.ha_port < 0:
+        return (
+            "coordination.etcd (--etcd) needs replication.ha_port (--ha-port; 0 picks a free "
+            "port): every node may become master and serve slaves"
+        )
+    return None
+
+
 # ---- the schema the loader reads: section -> key -> type --------------------------------------
 
 
@@ -342,6 +439,7 @@ _SECTIONS: Final[dict[str, dict[str, type]]] = {
     "server": _field_types(ServerSection),
     "topics": _field_types(TopicsSection),
     "replication": _field_types(ReplicationSection),
+    "coordination": _field_types(CoordinationSection),
 }
 _ALL_KEYS: Final = [f"{section}.{key}" for section, keys in _SECTIONS.items() for key in keys]
 
@@ -532,12 +630,37 @@ def load_node_config(
         _from_overrides(overrides or {}),
     ]
     values, sources = _typed(layers)
+    coordination = _build("coordination", CoordinationSection, values["coordination"], sources)
+    if coordination.enabled and "node.name" not in sources:
+        # With etcd the name identifies the member: the default "node-1" would collide
+        # across nodes, so an unset name defaults to the data directory's name.
+        values["node"]["name"] = _name_from_dir(values["node"].get("data_dir", Path("data")))
     node = _build("node", NodeSection, values["node"], sources)
     store = _build("store", lambda **kw: _store_for(node.data_dir, **kw), values["store"], sources)
+    replication = _build("replication", ReplicationSection, values["replication"], sources)
+    problem = coordination_conflict(coordination, replication)
+    if problem is None and coordination.enabled and "replication.role" in sources:
+        problem = (
+            f"coordination.etcd (--etcd) and replication.role={replication.role} (--role, "
+            f"from {sources['replication.role']}) contradict each other: with etcd the group "
+            "elects its master; drop the role setting or --etcd"
+        )
+    if problem is not None:
+        source = sources.get("coordination.etcd", "defaults")
+        raise ConfigError(source, "coordination.etcd", problem)
     return NodeConfig(
         node=node,
         store=store,
         server=_build("server", ServerSection, values["server"], sources),
         topics=_build("topics", TopicsSection, values["topics"], sources),
-        replication=_build("replication", ReplicationSection, values["replication"], sources),
+        replication=replication,
+        coordination=coordination,
     )
+
+
+def _name_from_dir(data_dir: Path) -> str:
+    """A member name from the data directory's last component (its resolved name when
+    that is ``.``), cut to the node-name rule; ``node-1`` if nothing usable is left."""
+    raw = Path(data_dir).resolve().name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", raw).lstrip("._-")[:64]
+    return cleaned or "node-1"
