@@ -638,13 +638,14 @@ def load_node_config(
     node = _build("node", NodeSection, values["node"], sources)
     store = _build("store", lambda **kw: _store_for(node.data_dir, **kw), values["store"], sources)
     replication = _build("replication", ReplicationSection, values["replication"], sources)
-    problem = coordination_conflict(coordination, replication)
-    if problem is None and coordination.enabled and "replication.role" in sources:
+    problem = None
+    if coordination.enabled and "replication.role" in sources and not replication.master_ha:
         problem = (
             f"coordination.etcd (--etcd) and replication.role={replication.role} (--role, "
             f"from {sources['replication.role']}) contradict each other: with etcd the group "
             "elects its master; drop the role setting or --etcd"
         )
+    problem = problem or coordination_conflict(coordination, replication)
     if problem is not None:
         source = sources.get("coordination.etcd", "defaults")
         raise ConfigError(source, "coordination.etcd", problem)
