@@ -1,0 +1,602 @@
+"""``tidelog chaos run``: a local cluster (or ``--bootstrap``), the workload and the nemesis,
+then heal, quiesce, the final drain and digests, ``run.json``, and the checker's verdict.
+
+The run folder gets ``history.jsonl`` (:mod:`tools.chaos.history`), ``run.json`` (seed, git
+revision, settings, versions, the schedule, the command that reproduces it),
+``results.json`` and ``report.html`` (:func:`tools.chaos.cli.run_check`). The exit code is
+the checker's: 0 valid, 1 anomalies, 2 unreadable.
+
+The runner talks to the cluster through :class:`ChaosCluster` only, so the cluster behind
+it is one adapter: :class:`StaticCluster` (a master and two slaves started with
+:class:`tools.process.NodeProcess`, their replication links through fault proxies) or one
+over a remote cluster given by ``--bootstrap`` (no faults, no digests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, Protocol, TextIO
+
+import attrs
+import trio
+
+from cluster.client import TidelogError, open_client
+from tools.chaos.cli import run_check
+from tools.chaos.history import HistoryWriter
+from tools.chaos.live import ProgressView
+from tools.chaos.nemesis import Nemesis, ScheduledFault, draw_schedule, observe_master
+from tools.chaos.workload import (
+    NodeView,
+    Recorder,
+    WorkloadSettings,
+    consume,
+    digest,
+    drain,
+    produce,
+)
+from tools.faults import (
+    Fault,
+    Kill,
+    MeshPartition,
+    NodeProcessTarget,
+    Pause,
+    ProxyMesh,
+    parse_nemesis,
+)
+from tools.faults.topology import isolate
+from tools.launcher.etcd import free_loopback_port
+from tools.process import NodeProcess
+
+__all__ = [
+    "ChaosCluster",
+    "RemoteCluster",
+    "RunOutcome",
+    "RunSettings",
+    "StaticCluster",
+    "run_chaos",
+]
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S: Final = 1.0
+QUIESCE_TIMEOUT_S: Final = 30.0
+DRAIN_TIMEOUT_S: Final = 60.0
+RECOVERY_WAIT_S: Final = 30.0
+"""After the last heal, how long sends may take to succeed again before the run ends."""
+STOP_GRACE_S: Final = 15.0
+"""How long producers get to finish the send in flight once asked to stop."""
+
+
+class ChaosCluster(Protocol):
+    """What a chaos run needs of a cluster. Calls come from tasks of one trio run.
+
+    ``names`` is fixed for the run; ``address``/``data_dir`` may change only across a
+    restart. ``fault(kind, targets, seed)`` builds (not injects) a fault of a kind listed
+    in ``supported_faults``.
+    """
+
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    def address(self, name: str) -> str: ...
+
+    def data_dir(self, name: str) -> Path | None: ...
+
+    def supported_faults(self) -> frozenset[str]: ...
+
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault: ...
+
+    async def master(self) -> tuple[str | None, int | None]: ...
+
+    async def status(self, name: str) -> dict[str, Any] | None: ...
+
+
+async def _status_of(address: str) -> dict[str, Any] | None:
+    """The node's status, or None when it does not answer within STATUS_TIMEOUT_S."""
+    with trio.move_on_after(STATUS_TIMEOUT_S):
+        try:
+            async with open_client(
+                address, request_timeout=STATUS_TIMEOUT_S, connect_timeout=STATUS_TIMEOUT_S
+            ) as client:
+                return await client.admin.status()
+        except (TidelogError, OSError):
+            return None
+    return None
+
+
+async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
+    """The node answering as a writable master (the highest epoch if several do)."""
+    found: list[tuple[int, str]] = []
+
+    async def ask(name: str) -> None:
+        status = await cluster.status(name)
+        if status and status.get("role") == "master" and status.get("writable"):
+            found.append((int(status.get("epoch") or 0), name))
+
+    async with trio.open_nursery() as nursery:
+        for name in cluster.names:
+            nursery.start_soon(ask, name)
+    if not found:
+        return None, None
+    epoch, name = max(found)
+    return name, epoch
+
+
+class StaticCluster:
+    """A master and slaves as ``tidelog node`` processes with static roles, each slave's
+    replication link to the master through a fault proxy (so ``partition`` cuts it).
+
+    There is no automatic failover: a killed master is restarted at heal on the same data
+    and ports. Use as ``async with StaticCluster.started(root, nursery) as cluster``; every
+    process is killed by its PID on exit, even on failure.
+    """
+
+    FAULTS: Final = frozenset({"kill", "pause", "partition"})
+
+    def __init__(self, root: Path, *, replicas: int = 3, min_insync_replicas: int = 1) -> None:
+        assert replicas >= 2, replicas
+        self.root = root
+        self._names = [f"n{i}" for i in range(1, replicas + 1)]
+        self.min_insync_replicas = min_insync_replicas
+        self.nodes: dict[str, NodeProcess] = {}
+        self.mesh: ProxyMesh | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def started(
+        cls, root: Path, nursery: trio.Nursery, **options: Any
+    ) -> AsyncIterator[StaticCluster]:
+        cluster = cls(root, **options)
+        try:
+            await cluster._start(nursery)
+            yield cluster
+        finally:
+            cluster.kill_all()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        master, *slaves = self._names
+        ha_port = free_loopback_port()
+        self.mesh = ProxyMesh(
+            {master: ("127.0.0.1", ha_port)}, links=[(slave, master) for slave in slaves]
+        )
+        await self.mesh.start(nursery)
+        master_args = [
+            "--ha-port", str(ha_port), "--min-insync-replicas", str(self.min_insync_replicas),
+        ]  # fmt: skip
+        self.nodes[master] = NodeProcess(self.root / master, name=master, extra_args=master_args)
+        await trio.to_thread.run_sync(self.nodes[master].start)
+        for slave in slaves:
+            args = [
+                "--role", "slave", "--master-ha", self.mesh.address(slave, master),
+                "--master-client", self.nodes[master].address,
+            ]  # fmt: skip
+            self.nodes[slave] = NodeProcess(self.root / slave, name=slave, extra_args=args)
+            await trio.to_thread.run_sync(self.nodes[slave].start)
+
+    def kill_all(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+
+    @property
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    def address(self, name: str) -> str:
+        return self.nodes[name].address
+
+    def data_dir(self, name: str) -> Path | None:
+        return self.nodes[name].data_dir
+
+    def supported_faults(self) -> frozenset[str]:
+        return self.FAULTS
+
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
+        if kind == "kill":
+            (target,) = targets
+            return Kill(NodeProcessTarget(self.nodes[target]))
+        if kind == "pause":
+            (target,) = targets
+            return Pause(NodeProcessTarget(self.nodes[target]))
+        if kind == "partition":
+            assert self.mesh is not None
+            return MeshPartition(self.mesh, isolate(self._names, *targets))
+        raise ValueError(
+            f"fault {kind!r} is not available on a static cluster; "
+            f"it supports {', '.join(sorted(self.FAULTS))}"
+        )
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes[name]
+        if node.process is None or node.process.poll() is not None:
+            return None
+        return await _status_of(node.address)
+
+    async def master(self) -> tuple[str | None, int | None]:
+        return await _master_of(self)
+
+
+class RemoteCluster:
+    """A running cluster given by ``--bootstrap``: the workload and the drain, no faults
+    (the harness did not start its processes) and no digests (no data dirs)."""
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        self.addresses = list(addresses)
+        self._names = list(addresses)
+
+    @property
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    def address(self, name: str) -> str:
+        return name
+
+    def data_dir(self, name: str) -> Path | None:
+        return None
+
+    def supported_faults(self) -> frozenset[str]:
+        return frozenset()
+
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
+        raise ValueError(
+            "a --bootstrap cluster was not started by this run: the nemesis cannot act on it"
+        )
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        return await _status_of(name)
+
+    async def master(self) -> tuple[str | None, int | None]:
+        return await _master_of(self)
+
+
+@attrs.frozen
+class RunSettings:
+    """Everything that defines a run; ``run.json`` records it and :meth:`command` rebuilds
+    the command line that reproduces it."""
+
+    duration_s: float = 120.0
+    nemesis: tuple[str, ...] = ("kill", "pause", "partition")
+    acks: str = "replicated"
+    seed: int = 7
+    out: Path | None = None
+    bootstrap: tuple[str, ...] = ()
+    replicas: int = 3
+    producers: int = 4
+    queues: int = 4
+    min_insync_replicas: int = 1
+    quiet_s: tuple[float, float] = (2.0, 5.0)
+    hold_s: tuple[float, float] = (2.0, 6.0)
+    scenario: str | None = None
+    fixed_schedule: tuple[ScheduledFault, ...] = ()
+    """A scenario's own schedule, used instead of one drawn from the seed."""
+
+    def command(self, out: Path) -> str:
+        if self.scenario is not None:
+            return shlex.join(
+                ["tidelog", "chaos", "scenario", self.scenario, "--acks", self.acks,
+                 "--seed", str(self.seed), "--out", str(out)]
+            )  # fmt: skip
+        words = [
+            "tidelog", "chaos", "run", "--duration", f"{self.duration_s:g}",
+            "--nemesis", ",".join(self.nemesis) if self.nemesis else "none",
+            "--acks", self.acks, "--seed", str(self.seed), "--out", str(out),
+            "--producers", str(self.producers), "--queues", str(self.queues),
+        ]  # fmt: skip
+        if self.bootstrap:
+            words += ["--bootstrap", ",".join(self.bootstrap)]
+        return shlex.join(words)
+
+    def workload(self) -> WorkloadSettings:
+        return WorkloadSettings(queues=self.queues, producers=self.producers, acks=self.acks)
+
+
+@attrs.frozen
+class RunOutcome:
+    """What a run produced: its folder, the checker's exit code, and the run's figures."""
+
+    run_dir: Path
+    exit_code: int
+    figures: dict[str, Any]
+
+
+def _git_revision() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("tidelog", "trio", "hypothesis", "plotly"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def default_run_dir(seed: int) -> Path:
+    return Path("chaos-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
+
+
+def write_manifest(
+    run_dir: Path,
+    settings: RunSettings,
+    schedule: Sequence[ScheduledFault],
+    extra: dict[str, Any],
+) -> Path:
+    """``run.json``: seed, revision, settings, versions, schedule, the reproducing command."""
+    manifest = {
+        "seed": settings.seed,
+        "git_revision": _git_revision(),
+        "settings": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in attrs.asdict(settings, recurse=False).items()
+        },
+        "versions": _versions(),
+        "schedule": [planned.to_json() for planned in schedule],
+        "command": settings.command(run_dir),
+        "argv": sys.argv,
+        **extra,
+    }
+    path = run_dir / "run.json"
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+async def _create_topic(bootstrap: Sequence[str], topic: str, queues: int) -> None:
+    """Create the run's topic on the master (following NOT_MASTER), waiting for one."""
+    with trio.fail_after(QUIESCE_TIMEOUT_S):
+        while True:
+            try:
+                async with open_client(list(bootstrap), request_timeout=5.0) as client:
+                    response = await client.call("create_topic", topic=topic, queues=queues)
+                    hint = response.get("master")
+                    if hint and response["status"].value == "NOT_MASTER":
+                        async with open_client(hint) as master:
+                            await master.admin.create_topic(topic, queues, exist_ok=True)
+                        return
+                    if response["status"].value in ("OK", "TOPIC_EXISTS"):
+                        return
+            except TidelogError as exc:
+                log.info("create_topic_retry error=%s", exc)
+            await trio.sleep(0.2)
+
+
+async def quiesce(cluster: ChaosCluster, timeout_s: float = QUIESCE_TIMEOUT_S) -> dict[str, Any]:
+    """Wait (bounded) for a master whose replicas all hold its log up to its confirm offset
+    and whose confirm offset reached its log end; returns what was seen last."""
+    seen: dict[str, Any] = {"master": None, "settled": False}
+    with trio.move_on_after(timeout_s):
+        while True:
+            master, _epoch = await cluster.master()
+            if master is not None:
+                statuses = {name: await cluster.status(name) for name in cluster.names}
+                mine = statuses[master] or {}
+                end = int(mine.get("max_offset", 0))
+                confirm = int((mine.get("replication") or {}).get("confirm_offset", end))
+                ends = {n: (s or {}).get("max_offset") for n, s in statuses.items()}
+                seen = {"master": master, "end": end, "confirm": confirm, "ends": ends}
+                if confirm >= end and all(e == end for e in ends.values()):
+                    seen["settled"] = True
+                    return seen
+            await trio.sleep(0.1)
+    return seen
+
+
+async def run_chaos(
+    settings: RunSettings,
+    *,
+    out: TextIO | None = None,
+    cluster_factory: Callable[[Path, trio.Nursery], Any] | None = None,
+    before_drain: Callable[[ChaosCluster], Awaitable[None]] | None = None,
+    live: bool = True,
+) -> RunOutcome:
+    """Run one chaos run and judge it; see the module doc.
+
+    ``cluster_factory(root, nursery)`` returns an async context manager yielding a
+    :class:`ChaosCluster` (default: a :class:`StaticCluster`); ``before_drain`` acts on the
+    cluster after quiescing (tests use it to destroy data and prove the checker fails).
+    """
+    out = out or sys.stdout
+    run_dir = Path(settings.out) if settings.out else default_run_dir(settings.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    schedule = list(settings.fixed_schedule)
+    kinds = tuple(dict.fromkeys(planned.kind for planned in schedule)) or settings.nemesis
+    if not schedule and kinds:
+        schedule = draw_schedule(
+            settings.seed,
+            settings.duration_s,
+            kinds,
+            quiet_s=settings.quiet_s,
+            hold_s=settings.hold_s,
+        )
+    workload = settings.workload()
+    extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    writer = HistoryWriter(run_dir / "history.jsonl")
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        if settings.bootstrap:
+            cluster: ChaosCluster = RemoteCluster(settings.bootstrap)
+            extra["cluster"] = "bootstrap"
+        else:
+            factory = cluster_factory or (
+                lambda root, n: StaticCluster.started(
+                    root,
+                    n,
+                    replicas=settings.replicas,
+                    min_insync_replicas=settings.min_insync_replicas,
+                )
+            )
+            cluster = await stack.enter_async_context(factory(run_dir / "nodes", nursery))
+            extra["cluster"] = type(cluster).__name__
+        unsupported = sorted(set(kinds) - cluster.supported_faults())
+        if unsupported:
+            writer.close()
+            raise ValueError(
+                f"nemesis {', '.join(unsupported)} not available on this cluster "
+                f"({extra['cluster']}); it supports "
+                f"{', '.join(sorted(cluster.supported_faults())) or 'no faults'}"
+            )
+        bootstrap = [cluster.address(name) for name in cluster.names]
+        await _create_topic(bootstrap, workload.topic, workload.queues)
+        recorder = Recorder(writer)
+        figures = await _run_phases(
+            recorder, cluster, bootstrap, workload, schedule, settings, live, out
+        )
+        if before_drain is not None:
+            await before_drain(cluster)
+        await _final_reads(recorder, cluster, workload, figures)
+        writer.close()
+        nursery.cancel_scope.cancel()
+    extra["figures"] = figures
+    write_manifest(run_dir, settings, schedule, extra)
+    exit_code = await trio.to_thread.run_sync(lambda: run_check(run_dir, out=out))
+    return RunOutcome(run_dir, exit_code, figures)
+
+
+async def _run_phases(
+    recorder: Recorder,
+    cluster: ChaosCluster,
+    bootstrap: Sequence[str],
+    workload: WorkloadSettings,
+    schedule: Sequence[ScheduledFault],
+    settings: RunSettings,
+    live: bool,
+    out: TextIO,
+) -> dict[str, Any]:
+    """Workload, nemesis, observer and progress view for ``duration_s``; then heal."""
+    names = {cluster.address(name): name for name in cluster.names}
+    nemesis = Nemesis(recorder, cluster, schedule)
+    current_master: list[str | None] = [None]
+    view = ProgressView(recorder, nemesis, current_master, settings.duration_s, out, enabled=live)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observe_master, recorder, cluster, current_master)
+        nursery.start_soon(view.run)
+        with trio.CancelScope() as workers_scope:
+            async with trio.open_nursery() as workers:
+                for index in range(workload.producers):
+                    workers.start_soon(
+                        produce, recorder, bootstrap, workload, index, settings.seed, names, stop
+                    )
+                if workload.consumers:
+                    for queue in range(workload.queues):
+                        workers.start_soon(
+                            consume, recorder, bootstrap, workload, queue, names, stop
+                        )
+                try:
+                    with trio.move_on_after(settings.duration_s):
+                        await nemesis.run()
+                        await trio.sleep_forever()
+                finally:
+                    await nemesis.heal_all()
+                await _until_sends_succeed(recorder, workload.producers)
+                stop.set()  # each worker finishes its operation in flight, then returns
+                workers_scope.deadline = trio.current_time() + STOP_GRACE_S
+        nursery.cancel_scope.cancel()
+    view.finish()
+    stats = recorder.stats
+    return {
+        "duration_s": round(recorder.now_s(), 3),
+        "sends": stats.invoked,
+        "acked": stats.acked,
+        "failed": stats.failed,
+        "unknown": stats.unknown,
+        "faults_started": len(nemesis.done) + len(nemesis.active),
+        "faults": [planned.kind for planned in schedule],
+        "nemesis_errors": nemesis.errors,
+    }
+
+
+async def _until_sends_succeed(recorder: Recorder, producers: int) -> None:
+    """After the heal, let the workload run until sends succeed again (bounded), so the
+    last fault's recovery is measured instead of cut off by the end of the run."""
+    target = recorder.stats.acked + producers
+    with trio.move_on_after(RECOVERY_WAIT_S):
+        while recorder.stats.acked < target:
+            await trio.sleep(0.05)
+
+
+async def _final_reads(
+    recorder: Recorder, cluster: ChaosCluster, workload: WorkloadSettings, figures: dict[str, Any]
+) -> None:
+    """Quiesce, then drain every queue on every node and digest every node's log."""
+    settled = await quiesce(cluster)
+    figures["quiesce"] = settled
+    master = settled.get("master")
+    current, _epoch = await cluster.master()
+    master = current or master
+    # The observer has stopped: record the master the drain relies on.
+    recorder.record("info", "observer", "master", {"master": master, "epoch": _epoch})
+    nodes = [
+        NodeView(
+            name,
+            cluster.address(name),
+            "master" if name == master else "replica",
+            cluster.data_dir(name),
+        )
+        for name in sorted(cluster.names, key=lambda n: n != master)
+    ]
+    await drain(recorder, nodes, workload.topic, workload.queues, timeout_s=DRAIN_TIMEOUT_S)
+    if master is None:
+        return
+    master_status = await cluster.status(master) or {}
+    confirm = int((master_status.get("replication") or {}).get("confirm_offset", 0))
+    start = int(master_status.get("min_offset", 0))
+    ends: dict[str, int] = {}
+    for name in cluster.names:
+        status = await cluster.status(name) or {}
+        ends[name] = int(status.get("max_offset", 0))
+    await digest(recorder, nodes, confirm, start, lambda name: ends[name])
+
+
+def settings_from_args(
+    *,
+    duration_s: float,
+    nemesis: str,
+    acks: str,
+    seed: int,
+    out: str | None,
+    bootstrap: str | None,
+    producers: int = 4,
+    queues: int = 4,
+) -> RunSettings:
+    """Validated settings from the command line; a bad value raises ValueError naming it."""
+    if duration_s <= 0:
+        raise ValueError(f"--duration must be positive seconds, got {duration_s:g}")
+    kinds = () if nemesis in ("", "none") else parse_nemesis(nemesis)
+    addresses = tuple(a for a in (bootstrap or "").split(",") if a)
+    if addresses and kinds:
+        raise ValueError(
+            "--bootstrap runs against a cluster this run did not start: the nemesis cannot "
+            "act on it; add --nemesis none"
+        )
+    return RunSettings(
+        duration_s=duration_s,
+        nemesis=kinds,
+        acks=acks,
+        seed=seed,
+        out=Path(out) if out else None,
+        bootstrap=addresses,
+        producers=producers,
+        queues=queues,
+    )
