@@ -59,6 +59,8 @@ from cluster.coordination.keys import (
     LeaderValue,
     MemberInfo,
     RecordError,
+    SwitchoverValue,
+    TopicRecord,
 )
 from cluster.coordination.settings import CoordinationSettings
 from storage.backoff import Backoff
@@ -115,6 +117,9 @@ class GroupView:
     state: GroupState | None
     state_kv: KeyValue | None
     members: dict[str, MemberInfo]
+    topics: dict[str, TopicRecord] = attrs.field(factory=dict)
+    switchover_target: str | None = None
+    """The node a planned switchover hands the group to, while its key lives."""
 
 
 @attrs.define
@@ -132,6 +137,9 @@ class HaLoop:
     lease_id: int = 0
     fence_state: LeaseFence = attrs.field(init=False)
     in_sync: InSyncRecord | None = None
+    view: GroupView | None = None
+    """The last listing read (for ``metadata`` and the topics every node applies)."""
+    _viewed: trio.Event = attrs.field(factory=trio.Event)
     _vacant_since_s: float | None = None
     """When this node first saw the leader key missing (None while there is a leader)."""
     _wake: trio.Event = attrs.field(factory=trio.Event)
@@ -162,6 +170,12 @@ class HaLoop:
     def counted_in_sync(self) -> frozenset[str]:
         """The set an ack must reach (recorded plus pending), or empty when not master."""
         return self.in_sync.counted if self.in_sync is not None else frozenset()
+
+    async def next_view(self) -> GroupView:
+        """The next listing read after this call (topics, members, switchover key)."""
+        await self._viewed.wait()
+        assert self.view is not None
+        return self.view
 
     async def wait_role_change(self) -> None:
         """Return at the next role or master change (for tests and status views)."""
@@ -302,10 +316,15 @@ class HaLoop:
                         if ref is None:
                             continue
                         if (
-                            ref.kind in ("leader", "state") and ref.name == self.settings.group
-                        ) or (
-                            ref.kind == "member"
-                            and (event.type is EventType.DELETE or event.kv.version == 1)
+                            (
+                                ref.kind in ("leader", "state", "switchover")
+                                and ref.name == self.settings.group
+                            )
+                            or ref.kind == "topic"
+                            or (
+                                ref.kind == "member"
+                                and (event.type is EventType.DELETE or event.kv.version == 1)
+                            )
                         ):
                             self._wake.set()
             except EtcdCompacted:
@@ -324,6 +343,8 @@ class HaLoop:
         leader = state = None
         leader_kv = state_kv = None
         members: dict[str, MemberInfo] = {}
+        topics: dict[str, TopicRecord] = {}
+        switchover_target: str | None = None
         for kv in listing.kvs:
             ref = keys.parse(kv.key)
             if ref is None:
@@ -337,11 +358,28 @@ class HaLoop:
                     info = MemberInfo.decode(kv.key, kv.value)
                     if info.group == self.settings.group:
                         members[info.node] = info
+                elif ref.kind == "topic":
+                    topics[ref.name] = TopicRecord.decode(kv.key, kv.value)
+                elif ref.kind == "switchover" and ref.name == self.settings.group:
+                    switchover_target = SwitchoverValue.decode(kv.key, kv.value).target
             except RecordError as error:
                 log.error("ha ignores a malformed record error=%s", error)
                 if ref.kind == "state":
                     raise  # never elect on a state we cannot read
-        return GroupView(listing.revision, leader, leader_kv, state, state_kv, members)
+        view = GroupView(
+            listing.revision,
+            leader,
+            leader_kv,
+            state,
+            state_kv,
+            members,
+            topics=topics,
+            switchover_target=switchover_target,
+        )
+        self.view = view
+        self._viewed.set()
+        self._viewed = trio.Event()
+        return view
 
     async def step(self) -> None:
         """Read etcd once and act: follow, campaign, keep or give up mastership."""
@@ -397,7 +435,8 @@ class HaLoop:
         ]
         if me.node not in view.members:
             candidates.append(Candidate.from_member(me))
-        election = election_view(view.state, candidates)
+        preferred = view.switchover_target
+        election = election_view(view.state, candidates, preferred=preferred)
         if self.role is HaRole.SLAVE:
             self._set_role(HaRole.CANDIDATE, None)
         now_s = trio.current_time()
@@ -407,6 +446,14 @@ class HaLoop:
             # wait one interval: every live member publishes its final log end (the
             # master is gone, nothing more arrives) and late starters register, so the
             # best is judged on a fresh view
+            return
+        if (
+            preferred is not None
+            and preferred != me.node
+            and preferred in view.members
+            and preferred not in election.refused
+        ):
+            log.debug("ha deferring node=%s to switchover target=%s", me.node, preferred)
             return
         if not election.may_campaign(me.node):
             log.debug(

@@ -5,6 +5,7 @@ Everything of one cluster lives under ``/tidelog/<cluster>/``::
     members/<node>          leased by the node: MemberInfo (addresses, log end, epoch, ...)
     groups/<g>/leader       leased by the master: LeaderValue; created only if absent
     groups/<g>/state        not leased, changed only by compare-and-swap: GroupState
+    groups/<g>/switchover   leased briefly by a master handing over: SwitchoverValue
     topics/<t>              TopicRecord: topics live in etcd so a failover never forgets one
 
 Values are JSON objects with a ``format`` version so later releases can read older
@@ -32,6 +33,7 @@ __all__ = [
     "LeaderValue",
     "MemberInfo",
     "RecordError",
+    "SwitchoverValue",
     "TopicRecord",
     "check_name",
 ]
@@ -98,6 +100,10 @@ class ClusterKeys:
     def state(self, group: str) -> str:
         return self.group_prefix(group) + "state"
 
+    def switchover(self, group: str) -> str:
+        """Names the node a planned switchover hands the group to (leased, short-lived)."""
+        return self.group_prefix(group) + "switchover"
+
     def topic(self, topic: str) -> str:
         if not is_valid_topic_name(topic):
             raise ValueError(f"topic name {topic!r} is invalid: use {TOPIC_RULE}")
@@ -112,7 +118,9 @@ class ClusterKeys:
         match parts:
             case ["members", node] if _NAME.fullmatch(node):
                 return KeyRef("member", node)
-            case ["groups", group, ("leader" | "state") as kind] if _NAME.fullmatch(group):
+            case ["groups", group, ("leader" | "state" | "switchover") as kind] if _NAME.fullmatch(
+                group
+            ):
                 return KeyRef(kind, group)
             case ["topics", topic] if is_valid_topic_name(topic):
                 return KeyRef("topic", topic)
@@ -328,3 +336,19 @@ class TopicRecord:
             queues=_field(key, body, "queues", int),
             created_us=_field(key, body, "created_us", int),
         )
+
+
+@attrs.frozen
+class SwitchoverValue:
+    """The value of ``groups/<g>/switchover``: the node a master hands over to. While it
+    exists (its own short lease) the other members defer to ``target`` in the election."""
+
+    target: str = attrs.field(validator=lambda _i, _a, v: check_name("node", v))
+
+    def encode(self) -> bytes:
+        return _encode("switchover", attrs.asdict(self))
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> SwitchoverValue:
+        body = _decode("switchover", key, raw)
+        return _build(key, cls, target=_field(key, body, "target", str))
