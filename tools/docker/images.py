@@ -1,0 +1,219 @@
+"""The images of the docker clusters: a base image and tidelog's image on top of it.
+
+The Dockerfile's default base is the official Python slim image. Where it is neither
+present nor pullable (no registry reachable), ``ensure_base_image`` makes a Debian base
+with ``debootstrap --variant=minbase`` (python3 and its venv module included) and
+``docker import``. ``build_image`` builds ``docker/Dockerfile`` with no network: the
+wheels of tidelog's dependencies are built on the host (``pip wheel``) and sent in the
+build context, which is a copy of the source tree made in a temporary folder (so nothing
+is written into the repository).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from tools.docker.engine import Engine, EngineError
+
+__all__ = [
+    "DEFAULT_BASE_IMAGE",
+    "DEFAULT_IMAGE",
+    "LOCAL_BASE_IMAGE",
+    "BuildResult",
+    "build_image",
+    "build_wheels",
+    "debian_mirror",
+    "ensure_base_image",
+    "image_size_bytes",
+    "repository_root",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_IMAGE = "python:3.11-slim"
+LOCAL_BASE_IMAGE = "tidelog-base:bookworm"
+DEFAULT_IMAGE = "tidelog:dev"
+_SOURCE_PARTS = ("pyproject.toml", "README.md", "storage", "replication", "cluster", "tools", "docker")
+_DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+@attrs.frozen
+class BuildResult:
+    """An image that was built: its tag, id, size and how long the build took."""
+
+    tag: str
+    image_id: str
+    size_bytes: int
+    build_s: float
+    base_image: str
+
+
+def repository_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _docker(engine: Engine, *args: str, timeout_s: float = 600.0, stdin: bytes | None = None) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, env=engine.env, timeout=timeout_s,
+        input=stdin, check=False,
+    )
+    if done.returncode != 0:
+        raise EngineError(
+            f"`docker {' '.join(args)}` failed with exit code {done.returncode}: "
+            f"{done.stderr.decode(errors='replace').strip()[-3000:]}"
+        )
+    return done.stdout.decode(errors="replace")
+
+
+def image_exists(engine: Engine, image: str) -> bool:
+    done = subprocess.run(
+        ["docker", "image", "inspect", image], capture_output=True, env=engine.env,
+        timeout=60, check=False,
+    )
+    return done.returncode == 0
+
+
+def image_size_bytes(engine: Engine, image: str) -> int:
+    return int(_docker(engine, "image", "inspect", "--format", "{{.Size}}", image).strip())
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses on this host (``TIDELOG_DOCKER_DEBIAN_MIRROR`` wins),
+    so debootstrap reaches the same place apt does."""
+    override = os.environ.get("TIDELOG_DOCKER_DEBIAN_MIRROR")
+    if override:
+        return override
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for pattern in (r"^URIs:\s*(\S+/debian)\s*$", r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+/debian)\s"):
+            match = re.search(pattern, text, re.MULTILINE)
+            if match:
+                return match.group(1)
+    return _DEFAULT_MIRROR
+
+
+def ensure_base_image(engine: Engine, wanted: str = DEFAULT_BASE_IMAGE) -> str:
+    """``wanted`` when it is here or can be pulled; else the debootstrap base (made once)."""
+    if image_exists(engine, wanted):
+        return wanted
+    pulled = subprocess.run(
+        ["docker", "pull", wanted], capture_output=True, env=engine.env, timeout=300, check=False
+    )
+    if pulled.returncode == 0:
+        return wanted
+    log.info("base_pull_failed image=%s using=%s", wanted, LOCAL_BASE_IMAGE)
+    if not image_exists(engine, LOCAL_BASE_IMAGE):
+        make_debootstrap_base(engine, LOCAL_BASE_IMAGE)
+    return LOCAL_BASE_IMAGE
+
+
+def make_debootstrap_base(engine: Engine, tag: str, suite: str = "bookworm") -> None:
+    """A minimal Debian with python3 and python3-venv, imported as image ``tag``."""
+    if not shutil.which("debootstrap"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "debootstrap"], capture_output=True, check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600,
+        )
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tidelog-rootfs-") as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        argv = [
+            "debootstrap", "--variant=minbase", "--include=python3,python3-venv",
+            suite, str(rootfs), debian_mirror(),
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
+        if done.returncode != 0:
+            raise EngineError(f"`{' '.join(argv)}` failed: {(done.stdout + done.stderr)[-3000:]}")
+        for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (rootfs / leftover).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        imported = subprocess.run(
+            ["docker", "import", "--change", "CMD [\"/bin/bash\"]", "-", tag],
+            stdin=tar.stdout, capture_output=True, env=engine.env, timeout=600, check=False,
+        )
+        tar.stdout.close()
+        tar.wait()
+        if imported.returncode != 0 or tar.returncode != 0:
+            raise EngineError(f"docker import of {rootfs} failed: {imported.stderr.decode()[-2000:]}")
+    log.info("base_made image=%s took_s=%.1f", tag, time.monotonic() - started)
+
+
+def build_wheels(dest: Path, root: Path | None = None) -> list[Path]:
+    """Wheels of tidelog's dependencies (and the build backend) for a build with no
+    network, built or downloaded on the host by pip."""
+    root = root or repository_root()
+    dest.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(root), "setuptools>=77"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
+    if done.returncode != 0:
+        raise EngineError(f"pip wheel failed: {done.stderr.strip()[-3000:]}")
+    for own in dest.glob("tidelog-*.whl"):
+        own.unlink()  # the image builds tidelog's own wheel from the source it is sent
+    return sorted(dest.glob("*.whl"))
+
+
+def _copy_sources(root: Path, context: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "wheels", ".mypy_cache")
+    for part in _SOURCE_PARTS:
+        source = root / part
+        if source.is_dir():
+            shutil.copytree(source, context / part, ignore=ignore)
+        else:
+            shutil.copy2(source, context / part)
+
+
+def build_image(
+    engine: Engine,
+    tag: str = DEFAULT_IMAGE,
+    base_image: str | None = None,
+    no_cache: bool = False,
+    root: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> BuildResult:
+    """Build ``docker/Dockerfile`` as ``tag`` on ``base_image`` (default: the official
+    Python slim image, or the debootstrap base where that cannot be pulled)."""
+    root = root or repository_root()
+    base = base_image or ensure_base_image(engine)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tidelog-build-") as scratch:
+        context = Path(scratch)
+        _copy_sources(root, context)
+        build_wheels(context / "docker" / "wheels", root)
+        env = dict(engine.env)
+        env.setdefault("DOCKER_BUILDKIT", "0")  # the classic builder: no buildx plugin needed
+        argv = [
+            "docker", "build", "--network", "none", "--file", str(context / "docker" / "Dockerfile"),
+            "--build-arg", f"BASE_IMAGE={base}", "--tag", tag, *(["--no-cache"] if no_cache else []),
+            *extra_args, str(context),
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
+        if done.returncode != 0:
+            raise EngineError(
+                f"docker build failed with exit code {done.returncode}: "
+                f"{(done.stdout + done.stderr).strip()[-4000:]}"
+            )
+    image_id = _docker(engine, "image", "inspect", "--format", "{{.Id}}", tag).strip()
+    result = BuildResult(
+        tag=tag, image_id=image_id, size_bytes=image_size_bytes(engine, tag),
+        build_s=time.monotonic() - started, base_image=base,
+    )
+    log.info("image_built tag=%s size_bytes=%d took_s=%.1f base=%s", tag, result.size_bytes, result.build_s, base)
+    return result
