@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
-from cluster.protocol import SCHEMAS, PromoteRequest, RepointRequest, Request, make_response
-from cluster.server import Deferred, Reply, RequestHandler, Wakeups
+from cluster.protocol import (
+    SCHEMAS,
+    CreateTopicRequest,
+    MetadataRequest,
+    PromoteRequest,
+    RepointRequest,
+    Request,
+    Status,
+    SwitchoverRequest,
+    make_response,
+)
+from cluster.server import Deferred, Reply, RequestError, RequestHandler, Wakeups
 
 if TYPE_CHECKING:
     from cluster.node.lifecycle import Node
@@ -30,6 +40,10 @@ class NodeRequestHandler(RequestHandler):
         self._node = node
         self._ops["promote"] = self._promote
         self._ops["repoint"] = self._repoint
+        self._ops["metadata"] = self._metadata
+        self._ops["switchover"] = self._switchover
+        self._plain_create_topic = self._ops["create_topic"]
+        self._ops["create_topic"] = self._create_topic_anywhere
 
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs."""
@@ -45,6 +59,29 @@ class NodeRequestHandler(RequestHandler):
 
     async def _promote(self, req: PromoteRequest, _polls: Wakeups) -> Reply:
         return make_response(req["id"], **await self._node.promote(req["ha_port"]))
+
+    async def _metadata(self, req: MetadataRequest, _polls: Wakeups) -> Reply:
+        return make_response(req["id"], **self._node.metadata())
+
+    async def _switchover(self, req: SwitchoverRequest, _polls: Wakeups) -> Reply:
+        coordinator = self._node.coordinator
+        if coordinator is None:
+            raise RequestError(
+                Status.BAD_REQUEST,
+                "switchover needs automatic failover (start the nodes with --etcd); without "
+                "etcd use promote and repoint",
+            )
+        result = await coordinator.switchover(req["group"], req["to"], req["timeout_ms"])
+        return make_response(req["id"], **result)
+
+    async def _create_topic_anywhere(self, req: CreateTopicRequest, polls: Wakeups) -> Reply:
+        """With etcd a topic is recorded there first (every node applies it, so a
+        failover never forgets one); without, in the local registry only."""
+        coordinator = self._node.coordinator
+        if coordinator is None:
+            return await self._plain_create_topic(req, polls)  # type: ignore[return-value]
+        name, queues = await coordinator.create_topic(req["topic"], req["queues"])
+        return make_response(req["id"], topic=name, queues=queues)
 
     async def _repoint(self, req: RepointRequest, _polls: Wakeups) -> Reply:
         result = await self._node.repoint(req["master_ha"], req["master_client"])

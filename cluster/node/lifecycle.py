@@ -39,8 +39,11 @@ import trio
 
 from cluster.node.acks import AckPolicy, ReplicatedAcks, SlaveAcks, StandaloneAcks
 from cluster.node.config import NodeConfig
+from cluster.node.coordinated import CoordinatedAcks, Coordinator
 from cluster.node.handler import NodeRequestHandler
 from cluster.node.role import (
+    Candidate,
+    Fenced,
     Role,
     RoleError,
     Slave,
@@ -110,6 +113,10 @@ class Node:
         self.topic_sync: TopicSync | None = None
         """A slave's topic sync (:mod:`cluster.node.topic_sync`); None on a master."""
         self._role_lock = trio.Lock()
+        self.coordinator: Coordinator | None = None
+        """With etcd (``[coordination] etcd``): runs the HA loop that decides the role."""
+        if config.coordinated:
+            self.role = Candidate()
 
     def request_shutdown(self) -> None:
         """Stop gracefully (see :meth:`run`); safe to call at any time, more than once."""
@@ -128,7 +135,7 @@ class Node:
         async with MessageStore.open(config.store) as store:
             self.store = store
             self.history = await trio.to_thread.run_sync(self.epoch_file.load)
-            if not config.replication.is_slave:
+            if not config.replication.is_slave and not config.coordinated:
                 # A new term on every start of a node that takes writes, saved before the
                 # first write is served, with or without an HA port: every record is in
                 # a term of the node that wrote it, so a slave (or a copy of this data
@@ -163,6 +170,8 @@ class Node:
                     replication.start_soon(self.slave.run)
                     replication.start_soon(self._sync_topics)
                 self.address = await nursery.start(serve_clients)
+                if config.coordinated:
+                    await self._start_coordination(replication)
                 log.info(
                     "node_ready name=%s role=%s host=%s port=%d topics=%d log_end=%d epoch=%s",
                     config.node.name,
@@ -174,8 +183,20 @@ class Node:
                 )
                 task_status.started(self.address)
                 await self._shutdown.wait()
+                if self.coordinator is not None:
+                    await self.coordinator.shutdown()
                 self.server.stop()
         log.info("node_stopped name=%s", config.node.name)
+
+    async def _start_coordination(self, nursery: trio.Nursery) -> None:
+        """Join the group through etcd (:mod:`cluster.node.coordinated`): the HA loop
+        decides from now on whether this node is master or whom it follows."""
+        from cluster.coordination.etcd import EtcdClient
+
+        settings = self.config.coordination.settings
+        etcd = EtcdClient(settings.etcd_endpoints, request_timeout_s=settings.request_timeout_s)
+        self.coordinator = Coordinator(self, etcd)
+        nursery.start_soon(self.coordinator.run)
 
     @property
     def epoch(self) -> int | None:
@@ -232,12 +253,21 @@ class Node:
         """
         refusal = self._observe_stale().write_refusal(self.epoch)
         if refusal is not None:
-            raise RequestError(Status.NOT_MASTER, refusal.message, master=refusal.master)
+            master, epoch = refusal.master, self.epoch
+            if self.coordinator is not None:
+                master, epoch = self.coordinator.hint()
+                if master == self.coordinator.client_address:
+                    master = None  # this node's own (fenced) leadership: no hint
+            raise RequestError(Status.NOT_MASTER, refusal.message, master=master, epoch=epoch)
 
     def _observe_stale(self) -> Role:
         """The role, after taking in what the HA service learned: a slave that proved a
         newer master exists makes this master :class:`~cluster.node.role.Stale`."""
-        if self.ha is not None and self.ha.stale is not None and not isinstance(self.role, Stale):
+        if (
+            self.ha is not None
+            and self.ha.stale is not None
+            and not isinstance(self.role, Stale | Fenced)
+        ):
             self.role = become_stale(self.role, self.ha.stale)
             log.error(
                 "node_stale name=%s reason=%s writes=refused", self.config.node.name, self.ha.stale
@@ -379,7 +409,7 @@ class Node:
                 halted=slave.halted,
             )
         if role.serves_slaves and self.ha is not None:
-            assert isinstance(self.acks, ReplicatedAcks), describe(role)
+            assert isinstance(self.acks, ReplicatedAcks | CoordinatedAcks), describe(role)
             host, port = self.ha_address or (self.config.ha_host, self.config.replication.ha_port)
             current = self.history.current
             return MasterReplicationStatus.of(
@@ -403,7 +433,8 @@ class Node:
             role=role.name,
             writable=role.write_refusal(self.epoch) is None
             and commit_log.failure is None
-            and not self.server.handler.disk_full,
+            and not self.server.handler.disk_full
+            and (self.coordinator is None or self.coordinator.loop.may_acknowledge()),
             min_offset=commit_log.min_offset,
             max_offset=commit_log.max_offset,
             flushed_offset=commit_log.flushed_offset,
@@ -415,7 +446,44 @@ class Node:
             connections=self.server.connections,
             uptime_ms=int((trio.current_time() - self._started_at) * 1000),
             store=store,
+            coordination=self.coordinator.status() if self.coordinator is not None else None,
         )
+
+    def metadata(self) -> dict[str, Any]:
+        """The ``metadata`` op's result: the group as this node sees it. With etcd from
+        the HA loop's last view; without, the static view (this node, and the master
+        it is configured to follow)."""
+        if self.coordinator is not None:
+            return self.coordinator.metadata()
+        assert self.topics is not None
+        host, port = self.address or (self.config.node.host, self.config.node.port)
+        me = f"{host}:{port}"
+        role = self._observe_stale()
+        ha = f"{self.ha_address[0]}:{self.ha_address[1]}" if self.ha_address else None
+        if isinstance(role, Slave):
+            master = {"name": None, "client": role.master_client, "ha": role.master_ha}
+        elif role.write_refusal(self.epoch) is None:
+            master = {"name": self.config.node.name, "client": me, "ha": ha}
+        else:
+            master = None
+        return {
+            "cluster": None,
+            "group": None,
+            "epoch": self.epoch,
+            "master": master,
+            "members": [
+                {
+                    "name": self.config.node.name,
+                    "client": me,
+                    "ha": ha,
+                    "role": role.name,
+                    "epoch": self.epoch,
+                    "log_end": self.store.commit_log.max_offset if self.store else 0,
+                    "in_sync": True,
+                }
+            ],
+            "topics": [{"name": t.name, "queues": t.queues} for t in self.topics.list()],
+        }
 
     def status(self) -> dict[str, Any]:
         """The ``status`` op's result as the wire map."""

@@ -136,6 +136,9 @@ class NodeStatus:
     uptime_ms: int
     store: dict[str, Any]
     """The store's own status map, passed through as it reports it."""
+    coordination: dict[str, Any] | None = None
+    """With etcd: the HA loop's view (role, epoch, master, lease deadline remaining,
+    recorded and counted in-sync sets, etcd reachable); None without etcd."""
 
 
 def to_wire(
