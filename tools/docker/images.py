@@ -44,7 +44,15 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 LOCAL_BASE_IMAGE = "tidelog-base:bookworm"
 DEFAULT_IMAGE = "tidelog:dev"
-_SOURCE_PARTS = ("pyproject.toml", "README.md", "storage", "replication", "cluster", "tools", "docker")
+_SOURCE_PARTS = (
+    "pyproject.toml",
+    "README.md",
+    "storage",
+    "replication",
+    "cluster",
+    "tools",
+    "docker",
+)
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -63,10 +71,16 @@ def repository_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def _docker(engine: Engine, *args: str, timeout_s: float = 600.0, stdin: bytes | None = None) -> str:
+def _docker(
+    engine: Engine, *args: str, timeout_s: float = 600.0, stdin: bytes | None = None
+) -> str:
     done = subprocess.run(
-        ["docker", *args], capture_output=True, env=engine.env, timeout=timeout_s,
-        input=stdin, check=False,
+        ["docker", *args],
+        capture_output=True,
+        env=engine.env,
+        timeout=timeout_s,
+        input=stdin,
+        check=False,
     )
     if done.returncode != 0:
         raise EngineError(
@@ -78,8 +92,11 @@ def _docker(engine: Engine, *args: str, timeout_s: float = 600.0, stdin: bytes |
 
 def image_exists(engine: Engine, image: str) -> bool:
     done = subprocess.run(
-        ["docker", "image", "inspect", image], capture_output=True, env=engine.env,
-        timeout=60, check=False,
+        ["docker", "image", "inspect", image],
+        capture_output=True,
+        env=engine.env,
+        timeout=60,
+        check=False,
     )
     return done.returncode == 0
 
@@ -126,15 +143,22 @@ def make_debootstrap_base(engine: Engine, tag: str, suite: str = "bookworm") -> 
     """A minimal Debian with python3 and python3-venv, imported as image ``tag``."""
     if not shutil.which("debootstrap"):
         subprocess.run(
-            ["apt-get", "install", "-y", "debootstrap"], capture_output=True, check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600,
+            ["apt-get", "install", "-y", "debootstrap"],
+            capture_output=True,
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            timeout=600,
         )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tidelog-rootfs-") as scratch:
         rootfs = Path(scratch) / "rootfs"
         argv = [
-            "debootstrap", "--variant=minbase", "--include=python3,python3-venv",
-            suite, str(rootfs), debian_mirror(),
+            "debootstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv",
+            suite,
+            str(rootfs),
+            debian_mirror(),
         ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
         if done.returncode != 0:
@@ -146,13 +170,19 @@ def make_debootstrap_base(engine: Engine, tag: str, suite: str = "bookworm") -> 
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         assert tar.stdout is not None
         imported = subprocess.run(
-            ["docker", "import", "--change", "CMD [\"/bin/bash\"]", "-", tag],
-            stdin=tar.stdout, capture_output=True, env=engine.env, timeout=600, check=False,
+            ["docker", "import", "--change", 'CMD ["/bin/bash"]', "-", tag],
+            stdin=tar.stdout,
+            capture_output=True,
+            env=engine.env,
+            timeout=600,
+            check=False,
         )
         tar.stdout.close()
         tar.wait()
         if imported.returncode != 0 or tar.returncode != 0:
-            raise EngineError(f"docker import of {rootfs} failed: {imported.stderr.decode()[-2000:]}")
+            raise EngineError(
+                f"docker import of {rootfs} failed: {imported.stderr.decode()[-2000:]}"
+            )
     log.info("base_made image=%s took_s=%.1f", tag, time.monotonic() - started)
 
 
@@ -161,7 +191,17 @@ def build_wheels(dest: Path, root: Path | None = None) -> list[Path]:
     network, built or downloaded on the host by pip."""
     root = root or repository_root()
     dest.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(root), "setuptools>=77"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--wheel-dir",
+        str(dest),
+        str(root),
+        "setuptools>=77",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, check=False)
     if done.returncode != 0:
         raise EngineError(f"pip wheel failed: {done.stderr.strip()[-3000:]}")
@@ -200,11 +240,23 @@ def build_image(
         env = dict(engine.env)
         env.setdefault("DOCKER_BUILDKIT", "0")  # the classic builder: no buildx plugin needed
         argv = [
-            "docker", "build", "--network", "none", "--file", str(context / "docker" / "Dockerfile"),
-            "--build-arg", f"BASE_IMAGE={base}", "--tag", tag, *(["--no-cache"] if no_cache else []),
-            *extra_args, str(context),
+            "docker",
+            "build",
+            "--network",
+            "none",
+            "--file",
+            str(context / "docker" / "Dockerfile"),
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "--tag",
+            tag,
+            *(["--no-cache"] if no_cache else []),
+            *extra_args,
+            str(context),
         ]
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=1800, check=False
+        )
         if done.returncode != 0:
             raise EngineError(
                 f"docker build failed with exit code {done.returncode}: "
@@ -212,8 +264,17 @@ def build_image(
             )
     image_id = _docker(engine, "image", "inspect", "--format", "{{.Id}}", tag).strip()
     result = BuildResult(
-        tag=tag, image_id=image_id, size_bytes=image_size_bytes(engine, tag),
-        build_s=time.monotonic() - started, base_image=base,
+        tag=tag,
+        image_id=image_id,
+        size_bytes=image_size_bytes(engine, tag),
+        build_s=time.monotonic() - started,
+        base_image=base,
     )
-    log.info("image_built tag=%s size_bytes=%d took_s=%.1f base=%s", tag, result.size_bytes, result.build_s, base)
+    log.info(
+        "image_built tag=%s size_bytes=%d took_s=%.1f base=%s",
+        tag,
+        result.size_bytes,
+        result.build_s,
+        base,
+    )
     return result

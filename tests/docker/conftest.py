@@ -1,0 +1,104 @@
+"""Fixtures of the docker tests: the engine (ours, started by PID, or one that already
+runs), the tidelog image built with no network, and a helper that removes by id whatever
+a test created even when it fails.
+
+The engine must start: where it cannot, every docker test fails with the reason (never a
+skip), so a machine without docker cannot pass the suite unnoticed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tools.docker.engine import Engine, EngineError
+from tools.docker.images import BuildResult, build_image
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Engine]:
+    engine = Engine()
+    try:
+        engine.start()
+    except (EngineError, OSError, subprocess.SubprocessError) as error:
+        pytest.fail(
+            "the docker tests need a Docker engine and could not start one "
+            f"(run as root with apt access, or start dockerd first): {error}",
+            pytrace=False,
+        )
+    try:
+        yield engine
+    finally:
+        if engine.started_here:
+            engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tidelog_image(docker_engine: Engine) -> BuildResult:
+    try:
+        return build_image(docker_engine, tag=f"tidelog:test-{os.getpid()}")
+    except EngineError as error:
+        pytest.fail(f"the tidelog image did not build: {error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def image_cleanup(docker_engine: Engine, tidelog_image: BuildResult) -> Iterator[None]:
+    """Untag the session's image at the end (its layers stay cached for the next run)."""
+    yield
+    subprocess.run(
+        ["docker", "image", "rm", tidelog_image.tag],
+        env=docker_engine.env,
+        capture_output=True,
+        check=False,
+    )
+
+
+def free_host_ports(count: int) -> list[int]:
+    """Ports that were free on 127.0.0.1 a moment ago, all different."""
+    sockets = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind(("127.0.0.1", 0))
+            sockets.append(probe)
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def free_subnet(engine: Engine) -> str:
+    """A /24 of 10.213.0.0/16 that no docker network of this engine uses."""
+    taken: set[str] = set()
+    names = subprocess.run(
+        ["docker", "network", "ls", "--quiet"],
+        env=engine.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if names:
+        inspected = json.loads(
+            subprocess.run(
+                ["docker", "network", "inspect", *names],
+                env=engine.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for network in inspected:
+            for config in (network.get("IPAM") or {}).get("Config") or []:
+                if config.get("Subnet"):
+                    taken.add(config["Subnet"])
+    pool = ipaddress.ip_network("10.213.0.0/16")
+    for subnet in pool.subnets(new_prefix=24):
+        if subnet.network_address.packed[2] >= 8 and str(subnet) not in taken:
+            return str(subnet)
+    raise EngineError("no free /24 left in 10.213.0.0/16")
