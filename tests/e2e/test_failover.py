@@ -185,7 +185,8 @@ async def assert_all_readable(acked: Acked, nodes: list[NodeProcess]) -> None:
         for body, offset in acked.offsets.items():
             answer = await call(node.address, "read", offset=offset)
             assert answer["status"] == "OK", (node.name, offset, answer)
-            assert answer["body"] == body, (node.name, offset, answer["body"], body)
+            stored = answer["record"]["body"]
+            assert stored == body, (node.name, offset, stored, body)
 
 
 async def log_end(node: NodeProcess) -> int:
