@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+def _tenths(ms: float) -> float:
+    return round(ms, 1)
+
+
 @attrs.frozen
 class SlaveLagStatus:
     """One connected slave as the in-sync decision sees it."""
@@ -30,7 +34,7 @@ class SlaveLagStatus:
     name: str
     ack_offset: int
     lag_bytes: int
-    lag_ms: float = attrs.field(converter=lambda ms: round(ms, 1))
+    lag_ms: float = attrs.field(converter=_tenths)
 
 
 @attrs.frozen

@@ -71,7 +71,7 @@ class Group:
                 "--ha-port",
                 "0",
                 *self.extra_args,
-            ],  # fmt: skip
+            ],
         )
         self.stack.callback(process.kill)
         self.nodes[name] = process.start()
