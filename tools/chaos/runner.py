@@ -157,12 +157,14 @@ class StaticCluster:
     ) -> AsyncIterator[StaticCluster]:
         cluster = cls(root, **options)
         try:
-            await cluster._start(nursery)
+            await cluster.start(nursery)
             yield cluster
         finally:
             cluster.kill_all()
 
-    async def _start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the proxies (in ``nursery``) and the nodes; prefer :meth:`started`, which
+        also kills them at exit. A caller of this must call :meth:`kill_all` itself."""
         master, *slaves = self._names
         ha_port = free_loopback_port()
         self.mesh = ProxyMesh(

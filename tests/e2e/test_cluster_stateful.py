@@ -1,0 +1,383 @@
+"""A hypothesis state machine over a real local cluster (a master and two slaves as
+processes): sends at every ack level, polls, kills, restarts, pauses, resumes and waits for
+a master, in any order hypothesis picks. After every step: never two masters acknowledging
+in one epoch, and every ``replicated`` ack is readable at its offset whenever a master is
+up. At teardown the faults are healed, every node drained and digested, and the whole
+history judged by the chaos checker.
+
+hypothesis-trio is abandoned, so one trio loop runs in a helper thread started in
+``initialize`` and rules call into it with ``trio.from_thread.run``. Profiles: ``ci`` (the
+default) runs a few short examples; ``HYPOTHESIS_PROFILE=chaos`` runs long ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from cluster.client import Client, TidelogError, open_client
+from cluster.protocol import Status
+from tools.chaos.checker import check
+from tools.chaos.history import ACK_LEVELS, HistoryWriter, read_history
+from tools.chaos.runner import StaticCluster, quiesce
+from tools.chaos.workload import NodeView, Recorder, digest, drain
+from tools.faults import Fault
+
+T = TypeVar("T")
+TOPIC = "state"
+QUEUES = 2
+NODES = ("n1", "n2", "n3")
+MASTER = "n1"  # a static cluster: n1 leads whenever it runs
+MASTER_WAIT_S = 20.0
+
+
+class LoopThread:
+    """One trio run in a daemon thread, holding a nursery for the cluster's proxies.
+
+    Invariant: ``token`` is set once :meth:`start` returns; :meth:`call` runs an async
+    function in that loop from the test's thread and returns its result.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def start(self) -> LoopThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the trio loop thread did not start within 10 s")
+        return self
+
+    def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return trio.from_thread.run(function, *args, trio_token=self.token)
+
+    def close(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        self._thread.join(10)
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    """The model: which nodes are killed or paused, every replicated ack, per-queue poll
+    positions. Rules act on the real cluster and record into one history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: LoopThread | None = None
+        self.cluster: StaticCluster | None = None
+        self.faults: dict[str, Fault] = {}  # node -> its active kill or pause
+        self.fault_ids: dict[str, str] = {}
+        self.replicated: dict[tuple[str, int], str] = {}  # (queue, offset) -> message
+        self.verified: set[tuple[str, int]] = set()
+        self.poll_offsets = [0] * QUEUES
+        self.sent = 0
+        self.fault_count = 0
+
+    # --- setup and the loop --------------------------------------------------------------
+
+    @initialize()
+    def start_cluster(self) -> None:
+        self.loop = LoopThread().start()
+        self.root = Path(tempfile.mkdtemp(prefix="tidelog-stateful-"))
+        self.cluster = StaticCluster(self.root / "nodes")
+        self.loop.call(self._start)
+
+    async def _start(self) -> None:
+        assert self.cluster is not None and self.loop is not None and self.loop.nursery
+        await self.cluster.start(self.loop.nursery)
+        self.writer = HistoryWriter(self.root / "history.jsonl")
+        self.recorder = Recorder(self.writer)
+        async with open_client(self.cluster.address(MASTER)) as client:
+            await client.admin.create_topic(TOPIC, QUEUES)
+
+    def teardown(self) -> None:
+        try:
+            if self.loop is not None and self.cluster is not None:
+                self.loop.call(self._heal_and_judge)
+        finally:
+            if self.cluster is not None:
+                self.cluster.kill_all()
+            if self.loop is not None:
+                self.loop.close()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _up(self, name: str) -> bool:
+        return name not in self.faults
+
+    def _master_up(self) -> bool:
+        return self._up(MASTER)
+
+    async def _client_call(self, address: str, op: str, **fields: Any) -> dict[str, Any]:
+        async with open_client(address, request_timeout=3.0, connect_timeout=1.0) as client:
+            return await client.call(op, **fields)
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @rule(acks=st.sampled_from(ACK_LEVELS), queue=st.integers(0, QUEUES - 1))
+    def send(self, acks: str, queue: int) -> None:
+        assert self.loop is not None
+        self.loop.call(self._send, acks, queue)
+
+    async def _send(self, acks: str, queue: int) -> None:
+        assert self.cluster is not None
+        message = f"producer-0:{self.sent}"
+        self.sent += 1
+        name = f"{TOPIC}:{queue}"
+        value: dict[str, Any] = {"queue": name, "message": message, "acks": acks}
+        self.recorder.record("invoke", "producer-0", "send", value)
+        addresses = [self.cluster.address(n) for n in NODES if self._up(n)]
+        if not addresses:
+            self.recorder.record("fail", "producer-0", "send", value, error="no node running")
+            return
+        async with open_client(addresses, request_timeout=2.0, connect_timeout=1.0) as client:
+            producer = client.producer(acks=acks, batch_size=1, timeout_ms=1000, retries=1)
+            result = await producer.send(TOPIC, message.encode(), queue=queue)
+        error = result.status.value if result.status is not None else result.error
+        if result.outcome == "ok":
+            assert result.queue_offset is not None
+            done = {**value, "offset": result.queue_offset, "physical_offset": result.offset}
+            self.recorder.record("ok", "producer-0", "send", done)
+            if acks == "replicated":
+                self.replicated[name, result.queue_offset] = message
+        elif result.outcome == "failed":
+            self.recorder.record("fail", "producer-0", "send", value, error=error)
+        else:
+            if result.queue_offset is not None:
+                value = {**value, "offset": result.queue_offset}
+            self.recorder.record("info", "producer-0", "send", value, error=error)
+
+    @rule(queue=st.integers(0, QUEUES - 1))
+    def poll(self, queue: int) -> None:
+        assert self.loop is not None
+        self.loop.call(self._poll, queue)
+
+    async def _poll(self, queue: int) -> None:
+        assert self.cluster is not None
+        process = f"consumer-{queue}"
+        value = {"queue": f"{TOPIC}:{queue}", "offset": self.poll_offsets[queue]}
+        self.recorder.record("invoke", process, "poll", value)
+        up = [n for n in NODES if self._up(n)]
+        if not up:
+            self.recorder.record("fail", process, "poll", value, error="no node running")
+            return
+        node = up[0]
+        try:
+            response = await self._client_call(
+                self.cluster.address(node), "pull", topic=TOPIC, queue=queue,
+                offset=self.poll_offsets[queue], max_messages=32, wait_ms=0,
+            )  # fmt: skip
+        except TidelogError as exc:
+            self.recorder.record("info", process, "poll", value, node=node, error=str(exc))
+            return
+        if response["status"] is not Status.OK:
+            self.recorder.record(
+                "fail", process, "poll", value, node=node, error=response["status"].value
+            )
+            return
+        messages = [[m["queue_offset"], m["body"].decode()] for m in response["messages"]]
+        self.recorder.record("ok", process, "poll", {**value, "messages": messages}, node=node)
+        if messages:
+            self.poll_offsets[queue] = messages[-1][0] + 1
+
+    def _nemesis(self, action: str, kind: str, name: str) -> dict[str, Any]:
+        return {
+            "fault": kind,
+            "action": action,
+            "fault_id": f"{kind}-{name}-{self.fault_count}",
+            "targets": [name],
+            "disk_lost": False,
+        }
+
+    @precondition(lambda self: len(self.faults) < len(NODES))
+    @rule(data=st.data(), kind=st.sampled_from(["kill", "pause"]))
+    def inject(self, data: st.DataObject, kind: str) -> None:
+        assert self.loop is not None
+        name = data.draw(st.sampled_from([n for n in NODES if self._up(n)]), label="node")
+        self.loop.call(self._inject, kind, name)
+
+    async def _inject(self, kind: str, name: str) -> None:
+        assert self.cluster is not None
+        self.fault_count += 1
+        value = self._nemesis("start", kind, name)
+        self.recorder.record("invoke", "nemesis", "nemesis", value)
+        fault = self.cluster.fault(kind, [name], 0)
+        await fault.inject()
+        self.faults[name] = fault
+        self.fault_ids[name] = value["fault_id"]
+        self.recorder.record("ok", "nemesis", "nemesis", value)
+
+    @precondition(lambda self: bool(self.faults))
+    @rule(data=st.data())
+    def heal(self, data: st.DataObject) -> None:
+        """Restart a killed node or resume a paused one."""
+        assert self.loop is not None
+        name = data.draw(st.sampled_from(sorted(self.faults)), label="node")
+        self.loop.call(self._heal, name)
+
+    async def _heal(self, name: str) -> None:
+        fault = self.faults.pop(name)
+        value = {**self._nemesis("stop", fault.kind, name), "fault_id": self.fault_ids[name]}
+        self.recorder.record("invoke", "nemesis", "nemesis", value)
+        await fault.heal()
+        self.recorder.record("ok", "nemesis", "nemesis", value)
+
+    @precondition(lambda self: MASTER not in self.faults)
+    @rule()
+    def wait_for_master(self) -> None:
+        assert self.loop is not None
+        assert self.loop.call(self._wait_for_master) == MASTER
+
+    async def _wait_for_master(self) -> str | None:
+        assert self.cluster is not None
+        with trio.move_on_after(MASTER_WAIT_S):
+            while True:
+                master, _epoch = await self.cluster.master()
+                if master is not None:
+                    return master
+                await trio.sleep(0.05)
+        return None
+
+    # --- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def one_master_per_epoch(self) -> None:
+        if self.loop is None or self.cluster is None:
+            return
+        masters = self.loop.call(self._acknowledging_masters)
+        epochs = [epoch for epoch, _name in masters]
+        assert len(epochs) == len(set(epochs)), f"two masters acknowledging in one epoch: {masters}"
+
+    async def _acknowledging_masters(self) -> list[tuple[int, str]]:
+        assert self.cluster is not None
+        found: list[tuple[int, str]] = []
+        for name in NODES:
+            if not self._up(name):
+                continue  # a paused node cannot answer, a killed one is gone
+            status = await self.cluster.status(name)
+            if status and status.get("role") == "master" and status.get("writable"):
+                found.append((int(status["epoch"]), name))
+        return found
+
+    @invariant()
+    def replicated_acks_are_readable(self) -> None:
+        if self.loop is None or self.cluster is None or not self._master_up():
+            return
+        self.loop.call(self._check_replicated)
+
+    async def _check_replicated(self) -> None:
+        assert self.cluster is not None
+        pending = sorted(set(self.replicated) - self.verified)
+        if not pending:
+            return
+        async with open_client(self.cluster.address(MASTER), request_timeout=5.0) as client:
+            for queue, offset in pending:
+                await self._read_at(client, queue, offset)
+
+    async def _read_at(self, client: Client, queue: str, offset: int) -> None:
+        response = await client.call(
+            "pull", topic=TOPIC, queue=int(queue.split(":")[1]), offset=offset,
+            max_messages=1, wait_ms=0,
+        )  # fmt: skip
+        assert response["status"] is Status.OK, response
+        got = [(m["queue_offset"], m["body"].decode()) for m in response["messages"]]
+        expected = self.replicated[queue, offset]
+        assert got[:1] == [(offset, expected)], f"{queue}@{offset}: acked {expected}, read {got}"
+        self.verified.add((queue, offset))
+
+    # --- teardown: heal, drain, judge ----------------------------------------------------
+
+    async def _heal_and_judge(self) -> None:
+        assert self.cluster is not None
+        for name in sorted(self.faults):
+            await self._heal(name)
+        seen = await quiesce(self.cluster)
+        master = seen.get("master")
+        assert master == MASTER, f"no master after healing everything: {seen}"
+        nodes = [
+            NodeView(n, self.cluster.address(n), "master" if n == master else "replica", self.cluster.data_dir(n))
+            for n in NODES
+        ]  # fmt: skip
+        await drain(self.recorder, nodes, TOPIC, QUEUES, timeout_s=30.0)
+        status = await self.cluster.status(MASTER) or {}
+        confirm = int(status["replication"]["confirm_offset"])
+        ends = {n: int((await self.cluster.status(n) or {}).get("max_offset", 0)) for n in NODES}
+        await digest(self.recorder, nodes, confirm, int(status["min_offset"]), ends.__getitem__)
+        self.writer.close()
+        result = check(read_history(self.writer.path))
+        errors = {summary.kind: summary.examples[:2] for summary in result.errors()}
+        if not any(queue.acked for queue in result.queues):
+            errors.pop("nothing_acked", None)  # no send, or every one inside a fault
+        assert not errors, f"checker found anomalies (history {self.writer.path}): {errors}"
+
+
+if os.environ.get("HYPOTHESIS_PROFILE") == "chaos":
+    ClusterMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=100)
+else:
+    ClusterMachine.TestCase.settings = settings(max_examples=10, stateful_step_count=20)
+
+TestCluster = ClusterMachine.TestCase
+
+
+def test_a_pinned_sequence_of_faults_keeps_every_replicated_ack() -> None:
+    """The rules in one fixed order that covers every fault on master and slave, with the
+    invariants after each step, as a regression test that needs no search."""
+    machine = ClusterMachine()
+    machine.start_cluster()
+    assert machine.loop is not None
+    loop = machine.loop
+
+    def step(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        loop.call(function, *args)
+        machine.one_master_per_epoch()
+        machine.replicated_acks_are_readable()
+
+    try:
+        for acks in ACK_LEVELS:
+            step(machine._send, acks, 0)
+        step(machine._inject, "kill", "n2")
+        step(machine._send, "replicated", 1)  # one slave is enough (min in-sync 1)
+        step(machine._inject, "pause", "n3")
+        step(machine._send, "replicated", 0)  # no slave answers: failed or unknown
+        step(machine._heal, "n3")
+        step(machine._heal, "n2")
+        step(machine._inject, "kill", MASTER)
+        step(machine._send, "durable", 1)  # nobody takes writes in a static cluster
+        step(machine._heal, MASTER)
+        assert loop.call(machine._wait_for_master) == MASTER
+        step(machine._inject, "pause", MASTER)
+        step(machine._send, "leader", 0)
+        step(machine._heal, MASTER)
+        for queue in range(QUEUES):
+            step(machine._send, "replicated", queue)
+            step(machine._poll, queue)
+        assert machine.replicated and machine.verified == set(machine.replicated)
+    finally:
+        machine.teardown()
