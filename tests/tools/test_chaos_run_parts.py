@@ -129,5 +129,7 @@ def test_a_static_cluster_refuses_faults_it_cannot_make(tmp_path: Path) -> None:
     cluster = StaticCluster(tmp_path)
     assert required_kinds(cluster, "kill-master") == frozenset()
     assert required_kinds(cluster, "kill-etcd-leader") == {"kill-etcd-leader"}
-    with pytest.raises(ValueError, match="not available on a static cluster; it supports kill"):
+    with pytest.raises(
+        ValueError, match="not available on a static cluster; it supports corrupt, kill"
+    ):
         cluster.fault("power-loss", ["n1"], 0)

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from cluster.client import TidelogError, open_client
+from cluster.client.errors import lone_error_as_itself
 from tools.chaos.cli import run_check
 from tools.chaos.history import HistoryWriter
 from tools.chaos.live import ProgressView
@@ -44,6 +45,7 @@ from tools.chaos.workload import (
     produce,
 )
 from tools.faults import (
+    BitFlip,
     Fault,
     Kill,
     MeshPartition,
@@ -52,6 +54,7 @@ from tools.faults import (
     ProxyMesh,
     parse_nemesis,
 )
+from tools.faults.process import sigkill
 from tools.faults.topology import isolate
 from tools.launcher.etcd import free_loopback_port
 from tools.process import NodeProcess
@@ -131,6 +134,45 @@ async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
     return name, epoch
 
 
+class CorruptReplica(Fault):
+    """Stop a replica, flip one seeded bit in the written part of its newest commit-log
+    segment, and restart it on that data at heal: a corrupted minority replica must never
+    serve or lead with the bad record (the checker's digests and drains see it if it does).
+    """
+
+    kind = "corrupt"
+
+    def __init__(self, node: NodeProcess, *, seed: int) -> None:
+        super().__init__()
+        self.node = node
+        self.target = NodeProcessTarget(node)
+        self.seed = seed
+        self.flip: BitFlip | None = None
+
+    def fields(self) -> dict[str, object]:
+        return {"node": self.node.name, **(self.flip.fields() if self.flip else {})}
+
+    async def _inject(self) -> None:
+        status = await _status_of(self.node.address)
+        if not status:
+            raise RuntimeError(f"{self.node.name} does not answer: cannot learn its log end")
+        end = int(status["max_offset"])
+        await sigkill(self.target)
+        directory = self.node.data_dir / "store" / "commitlog"
+        bases = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        base = max((b for b in bases if b < end), default=None)
+        if base is None:
+            await self.target.restart()
+            raise RuntimeError(f"{self.node.name} holds no written record to corrupt")
+        self.flip = BitFlip(
+            directory / f"{base:020d}", seed=self.seed, start=0, end=end - base, target=self.target
+        )
+        await self.flip.inject()
+
+    async def _heal(self) -> None:
+        await self.target.restart()
+
+
 class StaticCluster:
     """A master and slaves as ``tidelog node`` processes with static roles, each slave's
     replication link to the master through a fault proxy (so ``partition`` cuts it).
@@ -140,7 +182,7 @@ class StaticCluster:
     process is killed by its PID on exit, even on failure.
     """
 
-    FAULTS: Final = frozenset({"kill", "pause", "partition"})
+    FAULTS: Final = frozenset({"kill", "pause", "partition", "corrupt"})
 
     def __init__(self, root: Path, *, replicas: int = 3, min_insync_replicas: int = 1) -> None:
         assert replicas >= 2, replicas
@@ -208,6 +250,11 @@ class StaticCluster:
         if kind == "pause":
             (target,) = targets
             return Pause(NodeProcessTarget(self.nodes[target]))
+        if kind == "corrupt":
+            (target,) = targets
+            if target == self._names[0]:
+                raise ValueError(f"corrupt acts on a minority replica, not the master {target}")
+            return CorruptReplica(self.nodes[target], seed=seed)
         if kind == "partition":
             assert self.mesh is not None
             return MeshPartition(self.mesh, isolate(self._names, *targets))
@@ -434,6 +481,31 @@ async def run_chaos(
     workload = settings.workload()
     extra: dict[str, Any] = {"run_dir": str(run_dir)}
     writer = HistoryWriter(run_dir / "history.jsonl")
+    with lone_error_as_itself():
+        figures = await _run_cluster(
+            settings, run_dir, kinds, schedule, workload, writer, extra, out,
+            cluster_factory, before_drain, live,
+        )  # fmt: skip
+    extra["figures"] = figures
+    write_manifest(run_dir, settings, schedule, extra)
+    exit_code = await trio.to_thread.run_sync(lambda: run_check(run_dir, out=out))
+    return RunOutcome(run_dir, exit_code, figures)
+
+
+async def _run_cluster(
+    settings: RunSettings,
+    run_dir: Path,
+    kinds: Sequence[str],
+    schedule: Sequence[ScheduledFault],
+    workload: WorkloadSettings,
+    writer: HistoryWriter,
+    extra: dict[str, Any],
+    out: TextIO,
+    cluster_factory: Callable[[Path, trio.Nursery], Any] | None,
+    before_drain: Callable[[ChaosCluster], Awaitable[None]] | None,
+    live: bool,
+) -> dict[str, Any]:
+    """Start the cluster, run the phases, drain; returns the run's figures."""
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         if settings.bootstrap:
@@ -469,10 +541,7 @@ async def run_chaos(
         await _final_reads(recorder, cluster, workload, figures)
         writer.close()
         nursery.cancel_scope.cancel()
-    extra["figures"] = figures
-    write_manifest(run_dir, settings, schedule, extra)
-    exit_code = await trio.to_thread.run_sync(lambda: run_check(run_dir, out=out))
-    return RunOutcome(run_dir, exit_code, figures)
+    return figures
 
 
 async def _run_phases(

@@ -21,7 +21,7 @@ from typing import Any, Final, TextIO
 import attrs
 
 from tools.chaos.nemesis import ScheduledFault
-from tools.chaos.runner import ChaosCluster, RunOutcome, RunSettings, run_chaos
+from tools.chaos.runner import ChaosCluster, RunOutcome, RunSettings, StaticCluster, run_chaos
 
 __all__ = ["SCENARIOS", "Scenario", "run_scenario", "scenario_settings"]
 
@@ -166,6 +166,13 @@ async def run_scenario(
     """Run scenario ``name``; prints the checker's verdict and the unavailability figures."""
     stream = stream or sys.stdout
     settings = scenario_settings(name, acks=acks, seed=seed, out=out)
+    missing = SCENARIOS[name].kinds - StaticCluster.FAULTS
+    if cluster_factory is None and missing:
+        raise ValueError(
+            f"scenario {name} needs {', '.join(sorted(missing))}, which the static local "
+            "cluster (no etcd, no automatic failover) cannot do; run it on a cluster with "
+            f"failover. Scenarios that run here: {', '.join(static_scenarios())}"
+        )
     print(f"scenario {name}: {SCENARIOS[name].summary}", file=stream)
     outcome = await run_chaos(settings, out=stream, cluster_factory=cluster_factory, live=False)
     print(unavailability_summary(outcome.run_dir), file=stream)
@@ -189,3 +196,8 @@ def unavailability_summary(run_dir: Path) -> str:
 def required_kinds(cluster: ChaosCluster, name: str) -> frozenset[str]:
     """The kinds scenario ``name`` needs that ``cluster`` lacks (empty: it can run)."""
     return SCENARIOS[name].kinds - cluster.supported_faults()
+
+
+def static_scenarios() -> list[str]:
+    """The scenarios the static local cluster can run."""
+    return [name for name, scenario in SCENARIOS.items() if scenario.kinds <= StaticCluster.FAULTS]
