@@ -140,6 +140,8 @@ class HaLoop:
     view: GroupView | None = None
     """The last listing read (for ``metadata`` and the topics every node applies)."""
     _viewed: trio.Event = attrs.field(factory=trio.Event)
+    _resigned_lease: int = 0
+    """The lease given up by :meth:`resign`: no campaign with it (it is being revoked)."""
     _vacant_since_s: float | None = None
     """When this node first saw the leader key missing (None while there is a leader)."""
     _wake: trio.Event = attrs.field(factory=trio.Event)
@@ -201,6 +203,7 @@ class HaLoop:
             self.actions.fence("resigning")
             self._set_role(HaRole.FENCED, self.master)
         if self.lease_id:
+            self._resigned_lease = self.lease_id
             await self.etcd.txn(
                 [Compare(self._leader_key, CompareTarget.LEASE, self.lease_id)],
                 [DeleteOp(self._leader_key)],
@@ -439,6 +442,8 @@ class HaLoop:
         election = election_view(view.state, candidates, preferred=preferred)
         if self.role is HaRole.SLAVE:
             self._set_role(HaRole.CANDIDATE, None)
+        if self.lease_id and self.lease_id == self._resigned_lease:
+            return  # resigned: campaign only with the next lease
         now_s = trio.current_time()
         if self._vacant_since_s is None:
             self._vacant_since_s = now_s

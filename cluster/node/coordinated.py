@@ -429,6 +429,9 @@ class Coordinator:
     def metadata(self) -> dict[str, Any]:
         view = self.loop.view
         leader = view.leader if view is not None else None
+        if self.loop.role is HaRole.MASTER and (leader is None or leader.node != self.name):
+            # elected after the last listing was read: this node knows it leads
+            leader = LeaderValue(self.name, self.loop.epoch, self.client_address, self.ha_address)
         state = view.state if view is not None else None
         in_sync = state.in_sync if state is not None else frozenset()
         members = []

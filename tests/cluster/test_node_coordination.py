@@ -1,0 +1,97 @@
+"""A node with ``[coordination] etcd`` in this process, against a real etcd: it is elected,
+saves its epoch before it serves, refuses ``replicated`` without recorded in-sync
+slaves before appending, and a fence takes effect before the call returns."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cluster.coordination.ha_loop import HaRole
+from cluster.node import Node
+from cluster.node.config import NodeConfig
+from cluster.node.coordinated import CoordinatedAcks
+from replication.epochs import EpochFile
+from tests.e2e.test_failover import call
+
+
+def _cluster_name(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60]
+
+
+@pytest.fixture
+async def node(
+    tmp_path: Path, etcd_endpoints: list[str], request: pytest.FixtureRequest
+) -> AsyncIterator[Node]:
+    config = NodeConfig.create(
+        tmp_path / "solo",
+        node={"name": "solo", "port": 0},
+        replication={"ha_port": 0},
+        coordination={"etcd": ",".join(etcd_endpoints), "cluster": _cluster_name(request)},
+    )
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        assert node.coordinator is not None
+        with trio.fail_after(10):
+            while node.coordinator.loop.role is not HaRole.MASTER:
+                await node.coordinator.loop.wait_role_change()
+        yield node
+        node.request_shutdown()
+
+
+async def test_the_epoch_is_saved_before_the_first_write(node: Node) -> None:
+    assert node.coordinator is not None
+    epoch = node.coordinator.loop.epoch
+    saved = await trio.to_thread.run_sync(EpochFile.in_dir(node.config.data_dir).load)
+    assert saved.current is not None and saved.current.epoch == epoch
+    assert node.role.name == "master" and isinstance(node.acks, CoordinatedAcks)
+    address = f"{node.address[0]}:{node.address[1]}" if node.address else ""
+    created = await call(address, "create_topic", topic="t", queues=1)
+    assert created["status"] == "OK"
+    answer = await call(address, "send", topic="t", body=b"x", queue=0, acks="leader")
+    assert answer["status"] == "OK"
+
+
+async def test_replicated_is_refused_before_append_without_recorded_slaves(node: Node) -> None:
+    assert node.address is not None and node.store is not None
+    address = f"{node.address[0]}:{node.address[1]}"
+    await call(address, "create_topic", topic="t", queues=1)
+    end = node.store.commit_log.max_offset
+    answer = await call(address, "send", topic="t", body=b"x", queue=0, acks="replicated")
+    assert answer["status"] == "SLAVE_NOT_AVAILABLE", answer
+    assert "recorded in-sync" in answer["error"]
+    assert node.store.commit_log.max_offset == end
+
+
+async def test_a_fence_refuses_writes_at_once_and_freezes_reads(node: Node) -> None:
+    assert node.address is not None and node.coordinator is not None
+    address = f"{node.address[0]}:{node.address[1]}"
+    await call(address, "create_topic", topic="t", queues=1)
+    assert (await call(address, "send", topic="t", body=b"a", queue=0))["status"] == "OK"
+    acks = node.acks
+    assert isinstance(acks, CoordinatedAcks)
+    limit = acks.read_limit()
+    node.coordinator.fence("a test fenced it")
+    assert node.role.name == "fenced"
+    refused = await call(address, "send", topic="t", body=b"b", queue=0, acks="leader")
+    assert refused["status"] == "NOT_MASTER"
+    assert "a test fenced it" in refused["error"]
+    assert acks.read_limit() == limit
+    status = await call(address, "status")
+    assert status["writable"] is False and status["role"] == "fenced"
+
+
+async def test_metadata_names_this_node_as_master(node: Node) -> None:
+    assert node.address is not None and node.coordinator is not None
+    address = f"{node.address[0]}:{node.address[1]}"
+    answer = await call(address, "metadata")
+    assert answer["status"] == "OK"
+    assert answer["master"]["name"] == "solo" and answer["master"]["client"] == address
+    assert answer["epoch"] == node.coordinator.loop.epoch
+    assert [m["name"] for m in answer["members"]] == ["solo"]
+    assert answer["members"][0]["ha"] == node.coordinator.ha_address
