@@ -16,17 +16,20 @@ streams from what the two histories prove the slave shares
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import trio
 
+from replication.auth import NO_PROOF, new_nonce, proof, proof_matches, transcript
 from replication.epochs import EpochHistory, leader_is_stale
 from replication.errors import leaves
 from replication.insync import InSyncSet, SlaveLag
@@ -35,16 +38,26 @@ from replication.state import StreamRefused, StreamStart, next_confirm_offset, s
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
 from replication.wire import (
     CHUNK_CONFIRM,
+    HA_VERSION,
     AckDecoder,
     AckKind,
+    HAAuthError,
     HAProtocolError,
+    OldVersionError,
     SlaveHello,
     epochs_text,
+    pack_challenge,
+    pack_handshake_refusal,
     pack_master_hello,
-    read_slave_hello,
+    pack_old_version_refusal,
+    pack_proof,
+    read_proof_and_slave_hello,
+    read_slave_challenge,
     send_all,
     set_no_delay,
+    unpack_slave_hello,
 )
+from storage.backoff import Backoff
 from storage.concurrency import lone_error_unwrapped
 from storage.errors import OffsetOutOfRangeError
 from storage.store import MessageStore
@@ -53,6 +66,16 @@ from storage.waiters import OffsetWaiters
 __all__ = ["HAConnection", "HAService", "LagReport", "MasterStatus", "lag_status", "warm_pages"]
 
 log = logging.getLogger(__name__)
+
+ACCEPT_BACKOFF_INITIAL_S = 0.01
+ACCEPT_BACKOFF_MAX_S = 1.0
+"""A failing accept (``EMFILE``) is retried after 10 ms, doubling up to a second."""
+HA_FD_SHARE = 8
+"""The HA peers may hold at most 1/8 of the descriptors left at start: they come out of
+the reserve the client port leaves for the node's own files (128, see
+``cluster/server/limits.py``), so a flood of both ports still leaves most of it."""
+FDS_PER_PEER = 2
+"""A peer's socket, and the segment its sender pins."""
 
 
 def warm_pages(fd: int, file_offset: int, count: int, scratch: bytearray) -> None:
@@ -129,6 +152,20 @@ class _SegmentPin:
         self.close()
 
 
+def _open_fds() -> int:
+    """Descriptors this process has open now (0 where the OS does not tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def _address_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 class _StaleMaster(Exception):
     """Fails the confirm-offset waiters once the master is stale (turned into False)."""
 
@@ -160,6 +197,12 @@ class MasterStatus:
     slaves: dict[str, int]
     lags: LagReport
     stale: str | None
+    auth: str = "none"
+    """``cluster_secret`` when peers must prove the secret, ``none`` when the port is open."""
+    auth_refusals: int = 0
+    """Peers refused by the handshake (no or another secret, older version) since start."""
+    last_auth_refusal: str | None = None
+    """The newest of them: the peer's address, the name it claimed and why."""
 
 
 class HAConnection:
@@ -183,8 +226,13 @@ class HAConnection:
         on_ack: Callable[[str, int], None] | None = None,
         on_stale: Callable[[str], None] | None = None,
         confirm_source: Callable[[], int] = lambda: 0,
+        master_name: str = "master",
     ) -> None:
         self.store = store
+        self.master_name = master_name
+        """This master's name in the handshake (covered by the proofs, logged by slaves)."""
+        self.claimed_name: str | None = None
+        """The name the peer's challenge gave (not yet proven: for logs only)."""
         self.settings = settings
         self.confirm_source = confirm_source
         """The master's confirm offset now: the stream carries it to the slave."""
@@ -210,11 +258,15 @@ class HAConnection:
         ``sock`` afterwards (a failed chunk send leaves it unusable anyway)."""
         with self.cancel_scope:
             timeout_ms = self.settings.peer_timeout_ms
-            hello: SlaveHello | None = None
+            handshake: tuple[SlaveHello, bytes] | None = None
             with trio.move_on_after(timeout_ms / 1000):
-                hello = await read_slave_hello(sock)
-            if hello is None:
-                raise HAProtocolError(f"no slave hello within {timeout_ms:.0f} ms")
+                handshake = await self._authenticate(sock)
+            if handshake is None:
+                raise HAProtocolError(
+                    f"no authenticated slave hello within {timeout_ms:.0f} ms"
+                    + (f" (peer named itself {self.claimed_name})" if self.claimed_name else "")
+                )
+            hello, transcript_bytes = handshake
             end = self.store.commit_log.max_offset
             stale = self._stale_reason(hello)
             if stale is not None:
@@ -233,7 +285,14 @@ class HAConnection:
                 self.on_hello(self)
             if self.on_ack is not None:
                 self.on_ack(hello.name, start.offset)
-            await send_all(sock, pack_master_hello(end, start.offset, self.history))
+            master_hello = pack_master_hello(end, start.offset, self.history)
+            secret = self.settings.cluster_secret
+            mine = (
+                NO_PROOF
+                if secret is None
+                else proof(secret, "master", transcript_bytes, master_hello)
+            )
+            await send_all(sock, pack_proof(mine) + master_hello)
             log.info(
                 "ha_slave_connected slave=%s slave_offset=%d stream_from=%d master_offset=%d",
                 hello.name,
@@ -245,6 +304,58 @@ class HAConnection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
                     await self._stream(sock)
+
+    async def _authenticate(self, sock: trio.socket.SocketType) -> tuple[SlaveHello, bytes]:
+        """The handshake up to a hello this master may believe: the slave's challenge,
+        ours, then the slave's proof over both and over its hello, checked before the
+        hello is parsed into anything that decides. Returns the hello and the
+        transcript (our proof covers it too). A peer that fails is told why (a refusal
+        frame) and :class:`HAAuthError` ends the connection."""
+        secret = self.settings.cluster_secret
+        try:
+            challenge = await read_slave_challenge(sock)
+        except OldVersionError:
+            await send_all(sock, pack_old_version_refusal())
+            raise
+        self.claimed_name = challenge.name
+        if secret is not None and not challenge.authenticated:
+            await self._refuse(
+                sock,
+                f"slave {challenge.name} has no cluster secret and this master requires "
+                "one: set the same [replication] cluster_secret (or cluster_secret_file, "
+                "or TIDELOG_REPLICATION_CLUSTER_SECRET) on every node",
+            )
+        if secret is None and challenge.authenticated:
+            log.warning(
+                "ha_auth_mismatch slave=%s: the slave holds a cluster secret and this master "
+                "none, so the slave will refuse it: set the same cluster_secret here",
+                challenge.name,
+            )
+        nonce = new_nonce()
+        await send_all(
+            sock, pack_challenge(self.master_name, nonce, secret is not None, master=True)
+        )
+        theirs, raw_hello = await read_proof_and_slave_hello(sock)
+        handshake = transcript(HA_VERSION, challenge.nonce, nonce, challenge.name, self.master_name)
+        if secret is not None and not proof_matches(secret, "slave", handshake, raw_hello, theirs):
+            await self._refuse(
+                sock,
+                f"authentication failed: the proof of slave {challenge.name} does not match "
+                "this master's cluster secret (the secrets differ): set the same "
+                "cluster_secret on master and slaves",
+            )
+        hello = unpack_slave_hello(raw_hello)
+        if hello.name != challenge.name:
+            await self._refuse(
+                sock, f"the hello names {hello.name!r}, the challenge {challenge.name!r}"
+            )
+        return hello, handshake
+
+    async def _refuse(self, sock: trio.socket.SocketType, reason: str) -> NoReturn:
+        """Tell the peer why (best effort, bounded), then end with :class:`HAAuthError`."""
+        with trio.move_on_after(self.settings.heartbeat_ms / 1000), contextlib.suppress(OSError):
+            await send_all(sock, pack_handshake_refusal(reason))
+        raise HAAuthError(reason)
 
     def _stale_reason(self, hello: SlaveHello) -> str | None:
         """Why this master is stale, judging by the slave's history; None if it is not
@@ -425,9 +536,21 @@ class HAService:
         settings: ReplicationSettings | None = None,
         *,
         history: EpochHistory | None = None,
+        name: str = "master",
     ) -> None:
         self.store = store
+        self.name = name
+        """This master's name in the handshake."""
         self.settings = settings = settings if settings is not None else ReplicationSettings()
+        self.auth_refusals = 0
+        self.last_auth_refusal: str | None = None
+        self.accept_failures = 0
+        """Accepts that failed (``EMFILE`` and the like) since start."""
+        self.peers_refused = 0
+        """Connections closed on arrival because :attr:`max_peers` were open."""
+        self.max_peers = settings.max_peers
+        """The peer cap in force (the setting, lowered to the open-file limit at start)."""
+        self._peers = 0
         self.insync = InSyncSet(settings.max_lag_bytes, settings.max_lag_ms)
         self._in_sync_names: frozenset[str] = frozenset()
         self._membership_changed = trio.Event()
@@ -488,6 +611,9 @@ class HAService:
             slaves=dict(self.ack_offsets),
             lags=lag_status(self.slave_lags()),
             stale=self.stale,
+            auth="none" if self.settings.cluster_secret is None else "cluster_secret",
+            auth_refusals=self.auth_refusals,
+            last_auth_refusal=self.last_auth_refusal,
         )
 
     async def serve(
@@ -506,16 +632,91 @@ class HAService:
             listener.listen()
             bound = listener.getsockname()[1]
             log.info("ha_listening host=%s port=%d", host, bound)
+            self._apply_fd_budget()
+            if self.settings.cluster_secret is None:
+                log.warning(
+                    "ha_unauthenticated host=%s port=%d: no cluster secret, so anyone who can "
+                    "reach this port can pose as a slave (stop acks, confirm writes it never "
+                    "stored): set [replication] cluster_secret or cluster_secret_file (the "
+                    "same on every node), or keep the port on a network only the cluster "
+                    "reaches",
+                    host,
+                    bound,
+                )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._confirmed.expire_deadlines)
                 nursery.start_soon(self._watch_in_sync)
                 nursery.start_soon(self._relay_arrivals)
                 task_status.started(bound)
-                while True:
-                    sock, peer = await listener.accept()
-                    nursery.start_soon(self._handle, sock, peer)
+                await self._accept_loop(listener, nursery)
+
+    def _apply_fd_budget(self) -> None:
+        """Lower :attr:`max_peers` to what the open-file limit affords: each peer holds a
+        socket and, while streaming, a segment descriptor."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        affordable = max(1, (soft - _open_fds()) // HA_FD_SHARE // FDS_PER_PEER)
+        if affordable < self.max_peers:
+            log.warning(
+                "ha_max_peers_lowered configured=%d now=%d reason=%r",
+                self.settings.max_peers,
+                affordable,
+                f"the open-file limit is {soft} (ulimit -n): raise it to hold "
+                f"{self.settings.max_peers} replication peers",
+            )
+            self.max_peers = affordable
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accept until cancelled. A failed accept (``EMFILE`` when descriptors run out)
+        backs off and is logged once per burst: it never ends the node. A connection past
+        :attr:`max_peers` is closed at once (logged once per burst too)."""
+        backoff = Backoff(ACCEPT_BACKOFF_INITIAL_S, ACCEPT_BACKOFF_MAX_S)
+        failures = refused = 0
+        while True:
+            try:
+                sock, peer = await listener.accept()
+            except OSError as exc:
+                failures += 1
+                self.accept_failures += 1
+                if failures == 1:
+                    log.error(
+                        "ha_accept_failing error=%r peers=%d: backing off until it succeeds "
+                        "(if it is EMFILE, raise ulimit -n)",
+                        exc,
+                        self._peers,
+                    )
+                await trio.sleep(backoff.next_delay_s())
+                continue
+            if failures:
+                log.warning("ha_accept_recovered failures=%d", failures)
+                failures = 0
+                backoff.reset()
+            if self._peers >= self.max_peers:
+                sock.close()
+                self.peers_refused += 1
+                refused += 1
+                if refused == 1:
+                    log.warning(
+                        "ha_peers_full max_peers=%d peer=%s: closing new replication "
+                        "connections until one ends",
+                        self.max_peers,
+                        peer,
+                    )
+                continue
+            if refused:
+                log.info("ha_peers_accepting_again refused=%d", refused)
+                refused = 0
+            self._peers += 1
+            nursery.start_soon(self._handle, sock, peer)
 
     async def _handle(self, sock: trio.socket.SocketType, peer: Any) -> None:
+        try:
+            await self._serve_peer(sock, peer)
+        finally:
+            self._peers -= 1
+
+    async def _serve_peer(self, sock: trio.socket.SocketType, peer: Any) -> None:
         connection = HAConnection(
             self.store,
             self.settings,
@@ -524,6 +725,7 @@ class HAService:
             on_ack=self._on_ack,
             on_stale=self._on_stale,
             confirm_source=lambda: self.confirm_offset,
+            master_name=self.name,
         )
         with sock:
             # except*: a stream error can arrive grouped with the cancellation of a
@@ -532,6 +734,14 @@ class HAService:
             try:
                 set_no_delay(sock)
                 await connection.run(sock)
+            except* HAAuthError as group:
+                reason = "; ".join(str(exc) for exc in leaves(group))
+                self.auth_refusals += 1
+                self.last_auth_refusal = (
+                    f"peer={_address_text(peer)} claimed_name={connection.claimed_name} "
+                    f"reason={reason}"
+                )
+                log.warning("ha_peer_refused %s", self.last_auth_refusal)
             except* (OSError, HAProtocolError, TransferError) as group:
                 errors = ", ".join(repr(exc) for exc in leaves(group))
                 log.warning(

@@ -11,12 +11,14 @@ from typing import Any, Final
 
 import attrs
 
+from replication.auth import check_secret
 from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS
 
 __all__ = [
     "DEFAULT_HEARTBEAT_MS",
     "DEFAULT_MAX_LAG_BYTES",
     "DEFAULT_MAX_LAG_MS",
+    "DEFAULT_MAX_PEERS",
     "DEFAULT_PEER_TIMEOUT_MS",
     "DEFAULT_POLL_INTERVAL_MS",
     "MAX_CHUNK",
@@ -39,6 +41,10 @@ MAX_CHUNK: Final = 1 << 20
 ``transfer.DEFAULT_MAX_CALL``), and the slave's receive buffer size."""
 DEFAULT_COLD_DISTANCE_BYTES: Final = 64 << 20
 """Bytes behind the log end past which a range is taken as no longer in the page cache."""
+DEFAULT_MAX_PEERS: Final = 64
+"""Connections the master's HA port holds at once (slaves and handshakes in progress);
+lowered at start to what the open-file limit leaves. A pair or a small group needs a
+handful; the rest is headroom for reconnects overlapping old connections."""
 SLAVE_ACK_MODES: Final = ("write", "durable")
 """``write``: ack what is applied (page cache); ``durable``: ack only what is fsynced."""
 
@@ -62,6 +68,11 @@ def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
 def _not_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} must not be negative, got {value}")
+
+
+def _secret(_inst: Any, _attribute: attrs.Attribute, value: bytes | None) -> None:
+    if value is not None:
+        check_secret(value)
 
 
 def _slave_ack_mode(_inst: Any, _attribute: attrs.Attribute, value: str) -> None:
@@ -100,6 +111,14 @@ class ReplicationSettings:
     """Master: a sender further than this behind the log end reads each chunk in a
     worker thread first (cold pages), so ``sendfile`` never waits for the disk on the
     event loop (see :func:`replication.master.warm_pages`)."""
+
+    cluster_secret: bytes | None = attrs.field(default=None, validator=_secret, repr=False)
+    """Both ends: the secret every member of the cluster holds; each end of a stream
+    proves it to the other (:mod:`replication.auth`) before anything it says counts.
+    None: no authentication (any peer that reaches the HA port is believed; logged as a
+    warning at start). Kept out of ``repr`` so it never reaches a log."""
+    max_peers: int = attrs.field(default=DEFAULT_MAX_PEERS, validator=_positive)
+    """Master: HA connections held at once; more are closed as they arrive."""
 
     def __attrs_post_init__(self) -> None:
         check_liveness(self.heartbeat_ms, self.peer_timeout_ms)

@@ -25,15 +25,15 @@ from replication.state import FollowPlan, follow_plan
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, receive_chunk_into
 from replication.wire import (
     CHUNK_CONFIRM,
+    HAAuthError,
     HAProtocolError,
     MasterHello,
     epochs_text,
     pack_ack,
     pack_refusal,
-    pack_slave_hello,
-    read_master_hello,
     send_all,
     set_no_delay,
+    slave_handshake,
 )
 from storage.backoff import Backoff
 from storage.concurrency import lone_error_unwrapped
@@ -116,6 +116,8 @@ class HAClient:
         master's log start because this slave was behind it or new), or None."""
         self.master_confirm = 0
         """The master's confirm offset as last heard in the stream (not capped)."""
+        self.master_name: str | None = None
+        """The name the master gave in the handshake."""
         self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
@@ -166,12 +168,14 @@ class HAClient:
             await sock.connect((host, port))
             set_no_delay(sock)
             end = self.store.commit_log.max_offset
-            await send_all(sock, pack_slave_hello(self.name, end, self.history))
             timeout_ms = self.settings.peer_timeout_ms
-            with trio.move_on_after(timeout_ms / 1000) as hello_wait:
-                master = await read_master_hello(sock)
-            if hello_wait.cancelled_caught:
-                raise HAProtocolError(f"master did not answer the hello within {timeout_ms:.0f} ms")
+            master: MasterHello | None = None
+            with trio.move_on_after(timeout_ms / 1000):
+                master = await self._handshake(sock, end)
+            if master is None:
+                raise HAProtocolError(
+                    f"master did not complete the handshake within {timeout_ms:.0f} ms"
+                )
             self.master_offset = master.max_offset
             self.master_history = master.history
             start, pending = await self._carry_out(self._plan(master, end), end)
@@ -187,6 +191,16 @@ class HAClient:
                     nursery.start_soon(self._heartbeat, sock)
                     await self._apply(sock, pending)
                     nursery.cancel_scope.cancel()
+
+    async def _handshake(self, sock: trio.socket.SocketType, end: int) -> MasterHello:
+        """Authenticate both ways, send the hello, and return the master's hello once its
+        proof checks (:mod:`replication.auth`): with a secret, nothing a master says is
+        believed before it proved it holds the same secret, and a master without one is
+        refused (:class:`~replication.wire.HAAuthError`)."""
+        master, self.master_name = await slave_handshake(
+            sock, self.name, end, self.history, self.settings.cluster_secret
+        )
+        return master
 
     def _plan(self, master: MasterHello, end: int) -> FollowPlan:
         try:
@@ -412,6 +426,13 @@ class SlaveReplication:
     async def run(self) -> None:
         """Replicate until stopped or cancelled. Each attempt resumes from the store's
         end (the client says where it stands), so a broken stream loses nothing."""
+        if self.client.settings.cluster_secret is None:
+            log.warning(
+                "ha_unauthenticated master=%s: no cluster secret, so this slave follows "
+                "whoever answers at that address: set [replication] cluster_secret or "
+                "cluster_secret_file (the same on every node)",
+                self.master_ha,
+            )
         try:
             with self._scope:
                 await self._follow()
@@ -435,6 +456,8 @@ class SlaveReplication:
                 backoff.reset()
                 continue
             self.last_error = "master closed the stream" if failure is None else repr(failure)
+            if isinstance(failure, HAAuthError):
+                log.error("ha_auth_refused master=%s reason=%s", self.master_ha, failure)
             if progressed:
                 backoff.reset()  # it applied something: the next failure is a new one
             delay_s = backoff.next_delay_s()

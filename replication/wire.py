@@ -2,6 +2,13 @@
 
 One connection per slave, in order (see ``docs/protocol.md`` for the byte layouts):
 
+0. Authentication (:mod:`replication.auth`): slave -> master a *slave challenge*
+   (magic, version, flags, a nonce, its name); master -> slave a *master challenge*
+   (the same fields) or a *refusal* (text); slave -> master its *proof* frame directly
+   followed by its hello; the master checks the proof before it looks at the hello,
+   then answers with its own proof frame directly followed by its hello (or a
+   refusal), which the slave checks before it trusts anything the master says. An end
+   without a cluster secret sends a zero proof, which an end with one never accepts.
 1. slave -> master: a *slave hello*: magic, version, the slave's log end, its name and
    its epoch history (count, then u32 epoch + u64 start offset per entry).
 2. master -> slave: a *master hello*: magic, version, the master's log end, where the
@@ -28,6 +35,15 @@ from typing import Final
 import attrs
 import trio
 
+from replication.auth import (
+    NO_PROOF,
+    NONCE_SIZE,
+    PROOF_SIZE,
+    new_nonce,
+    proof,
+    proof_matches,
+    transcript,
+)
 from replication.epochs import EpochEntry, EpochHistory, EpochHistoryError, followed_epoch
 from replication.transfer import recv_exactly_into
 
@@ -42,32 +58,59 @@ __all__ = [
     "Ack",
     "AckDecoder",
     "AckKind",
+    "Challenge",
+    "HAAuthError",
     "HAProtocolError",
     "MasterHello",
+    "OldVersionError",
     "SlaveHello",
     "epochs_text",
     "master_hello_remaining",
     "pack_ack",
+    "pack_challenge",
     "pack_epochs",
+    "pack_handshake_refusal",
     "pack_master_hello",
+    "pack_old_version_refusal",
+    "pack_proof",
     "pack_refusal",
     "pack_slave_hello",
+    "read_master_challenge",
     "read_master_hello",
+    "read_proof_and_master_hello",
+    "read_proof_and_slave_hello",
+    "read_slave_challenge",
     "read_slave_hello",
     "send_all",
     "set_no_delay",
+    "slave_handshake",
     "slave_hello_remaining",
     "unpack_epochs",
     "unpack_master_hello",
     "unpack_slave_hello",
 ]
 
-HA_VERSION: Final = 3
+HA_VERSION: Final = 4
 """2: the hellos carry epoch histories. 3: the master's hello names where the stream
-starts, acks may be refusals, and confirm-offset chunks exist."""
-SLAVE_HELLO_MAGIC: Final = 0x544C4853  # "TLHS": tidelog hello from a slave
+starts, acks may be refusals, and confirm-offset chunks exist. 4: the cluster
+authentication (challenges, proofs, refusals) comes first."""
+SLAVE_HELLO_MAGIC: Final = 0x544C4853  # "TLHS": tidelog hello (and challenge) from a slave
 MASTER_HELLO_MAGIC: Final = 0x544C484D  # "TLHM": tidelog hello from the master
 ACK_MAGIC: Final = 0x544C4841  # "TLHA": tidelog HA ack
+MASTER_CHALLENGE_MAGIC: Final = 0x544C484E  # "TLHN": the master's nonce
+PROOF_MAGIC: Final = 0x544C4850  # "TLHP": a proof of the cluster secret
+REFUSAL_MAGIC: Final = 0x544C4858  # "TLHX": the master refuses this peer, with the reason
+
+_CHALLENGE = struct.Struct(f"!IHH{NONCE_SIZE}sH")
+"""magic u32, version u16, flags u16 (:data:`_AUTH`), nonce, name length u16; then the
+name (1..255 UTF-8 bytes)."""
+_AUTH = 0x0001
+"""Challenge flag: this end holds a cluster secret and will prove it."""
+_PROOF = struct.Struct(f"!IHH{PROOF_SIZE}s")
+"""magic u32, version u16, reserved u16, HMAC-SHA256 proof: 40 bytes."""
+_REFUSAL = struct.Struct("!IHH")
+"""magic u32, version u16, reason length u16; then the reason (UTF-8)."""
+MAX_REFUSAL_TEXT: Final = 1024
 
 _SLAVE_HELLO = struct.Struct("!IHHQHHI")
 """magic u32, version u16, flags u16, slave log end u64, name length u16, epoch count
@@ -98,6 +141,21 @@ CHUNK_CONFIRM: Final = 0x0001
 
 class HAProtocolError(Exception):
     """The peer sent something that is not this protocol (or not this version): close."""
+
+
+class HAAuthError(HAProtocolError):
+    """The handshake refused a peer: a missing or different cluster secret, or an older
+    protocol version. The message says which end lacks what and what to change."""
+
+
+@attrs.frozen
+class Challenge:
+    """One end's opening of the authentication: who it says it is and its nonce."""
+
+    name: str
+    nonce: bytes
+    authenticated: bool
+    """The end holds a cluster secret and will send a real proof."""
 
 
 class AckKind(enum.IntEnum):
@@ -195,6 +253,54 @@ def unpack_epochs(data: bytes | bytearray | memoryview, count: int) -> tuple[Epo
     except EpochHistoryError as exc:
         raise HAProtocolError(f"epoch history out of order: {exc}") from exc
     return entries
+
+
+# ---- authentication frames --------------------------------------------------------------------
+
+
+def pack_challenge(name: str, nonce: bytes, authenticated: bool, *, master: bool) -> bytes:
+    raw = name.encode()
+    if not 0 < len(raw) <= MAX_NAME:
+        raise ValueError(f"an HA peer name must be 1..{MAX_NAME} UTF-8 bytes, got {len(raw)}")
+    assert len(nonce) == NONCE_SIZE
+    magic = MASTER_CHALLENGE_MAGIC if master else SLAVE_HELLO_MAGIC
+    flags = _AUTH if authenticated else 0
+    return _CHALLENGE.pack(magic, HA_VERSION, flags, nonce, len(raw)) + raw
+
+
+def pack_proof(proof: bytes) -> bytes:
+    assert len(proof) == PROOF_SIZE
+    return _PROOF.pack(PROOF_MAGIC, HA_VERSION, 0, proof)
+
+
+def pack_handshake_refusal(reason: str) -> bytes:
+    """The master's last word to a peer it refuses during the handshake."""
+    text = reason.encode()[:MAX_REFUSAL_TEXT]
+    return _REFUSAL.pack(REFUSAL_MAGIC, HA_VERSION, len(text)) + text
+
+
+def pack_old_version_refusal() -> bytes:
+    """What the master answers a slave of an older protocol: the fixed part of a
+    master hello of this version, which every older slave refuses with "unsupported
+    master hello version ...: run the same tidelog version on master and slaves"."""
+    return _MASTER_HELLO.pack(MASTER_HELLO_MAGIC, HA_VERSION, 0, 0, 0, 0)
+
+
+def _challenge_fields(
+    fixed: bytes | bytearray | memoryview, want: int, what: str
+) -> tuple[bytes, bool, int]:
+    magic, version, flags, nonce, name_len = _CHALLENGE.unpack(fixed)
+    _check_magic(magic, version, want, what)
+    if not 0 < name_len <= MAX_NAME:
+        raise HAProtocolError(f"{what} name length {name_len} outside 1..{MAX_NAME}")
+    return bytes(nonce), bool(flags & _AUTH), name_len
+
+
+def _decode_name(raw: bytes | bytearray, what: str) -> str:
+    try:
+        return bytes(raw).decode()
+    except UnicodeDecodeError as exc:
+        raise HAProtocolError(f"{what} name is not UTF-8: {exc}") from exc
 
 
 # ---- slave hello ------------------------------------------------------------------------------
@@ -338,6 +444,126 @@ async def recv_exactly(sock: trio.socket.SocketType, size: int, what: str) -> by
 
 
 _MAGIC_AND_VERSION: Final = struct.Struct("!IH")
+
+
+class OldVersionError(HAAuthError):
+    """The peer speaks an older HA protocol (its version is in :attr:`version`)."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+async def read_slave_challenge(sock: trio.socket.SocketType) -> Challenge:
+    """The slave's opening. The magic and version are checked as soon as they arrive: a
+    peer that is not a slave (a client that dialled the replication port) is refused at
+    once, and a slave of an older protocol raises :class:`OldVersionError` (the caller
+    answers it with :func:`pack_old_version_refusal`)."""
+    head = await recv_exactly(sock, _MAGIC_AND_VERSION.size, "slave challenge")
+    magic, version = _MAGIC_AND_VERSION.unpack(head)
+    if magic == SLAVE_HELLO_MAGIC and version < HA_VERSION:
+        raise OldVersionError(
+            f"slave speaks HA protocol {version}, this master {HA_VERSION} (cluster "
+            "authentication): run the same tidelog version on master and slaves",
+            version,
+        )
+    _check_magic(magic, version, SLAVE_HELLO_MAGIC, "slave challenge")
+    fixed = head + await recv_exactly(sock, _CHALLENGE.size - len(head), "slave challenge")
+    nonce, authenticated, name_len = _challenge_fields(fixed, SLAVE_HELLO_MAGIC, "slave")
+    name = _decode_name(await recv_exactly(sock, name_len, "slave challenge"), "slave")
+    return Challenge(name, nonce, authenticated)
+
+
+async def _read_magic_or_refusal(sock: trio.socket.SocketType, what: str) -> bytearray:
+    """The next frame's magic; a refusal frame instead raises :class:`HAAuthError` with
+    the master's reason. EOF is the master closing without a word."""
+    head = bytearray(_MAGIC_AND_VERSION.size)
+    got = await recv_exactly_into(sock, memoryview(head))
+    if got == 0:
+        raise HAProtocolError(
+            f"master closed the connection instead of sending its {what}: it refused this "
+            "slave (stale master, unverifiable log, or an older tidelog; its log says which)"
+        )
+    if got < len(head):
+        raise HAProtocolError(f"stream ended after {got} bytes of the master's {what}")
+    magic, _version = _MAGIC_AND_VERSION.unpack(head)
+    if magic == REFUSAL_MAGIC:
+        rest = await recv_exactly(sock, _REFUSAL.size - len(head), "master's refusal")
+        _magic, _version, length = _REFUSAL.unpack(head + rest)
+        text = await recv_exactly(sock, min(length, MAX_REFUSAL_TEXT), "master's refusal")
+        raise HAAuthError(f"master refused this slave: {bytes(text).decode(errors='replace')}")
+    return head
+
+
+async def read_master_challenge(sock: trio.socket.SocketType) -> Challenge:
+    head = await _read_magic_or_refusal(sock, "challenge")
+    fixed = head + await recv_exactly(sock, _CHALLENGE.size - len(head), "master challenge")
+    nonce, authenticated, name_len = _challenge_fields(
+        fixed, MASTER_CHALLENGE_MAGIC, "master challenge"
+    )
+    name = _decode_name(await recv_exactly(sock, name_len, "master challenge"), "master")
+    return Challenge(name, nonce, authenticated)
+
+
+def _proof_of(frame: bytes | bytearray) -> bytes:
+    magic, version, _reserved, proof = _PROOF.unpack(frame)
+    _check_magic(magic, version, PROOF_MAGIC, "proof")
+    return bytes(proof)
+
+
+async def read_proof_and_slave_hello(sock: trio.socket.SocketType) -> tuple[bytes, bytes]:
+    """The slave's proof and the raw bytes of the hello it covers (parsed, bounded and
+    checked for shape here; trusted only once the caller verified the proof)."""
+    proof = _proof_of(await recv_exactly(sock, _PROOF.size, "slave proof"))
+    fixed = await recv_exactly(sock, SLAVE_HELLO_FIXED, "slave hello")
+    rest = await recv_exactly(sock, slave_hello_remaining(fixed), "slave hello")
+    return proof, bytes(fixed + rest)
+
+
+async def read_proof_and_master_hello(sock: trio.socket.SocketType) -> tuple[bytes, bytes]:
+    """The master's proof and the raw bytes of the hello it covers (or
+    :class:`HAAuthError` if the master refused this slave instead)."""
+    head = await _read_magic_or_refusal(sock, "hello")
+    frame = head + await recv_exactly(sock, _PROOF.size - len(head), "master proof")
+    proof = _proof_of(frame)
+    fixed = await recv_exactly(sock, MASTER_HELLO_SIZE, "master hello")
+    rest = await recv_exactly(sock, master_hello_remaining(fixed), "master epochs")
+    return proof, bytes(fixed + rest)
+
+
+async def slave_handshake(
+    sock: trio.socket.SocketType,
+    name: str,
+    end: int,
+    history: EpochHistory | None = None,
+    secret: bytes | None = None,
+) -> tuple[MasterHello, str]:
+    """The slave's side of the handshake (no deadline: the caller's): authenticate both
+    ways, send the hello, and return the master's hello and name once its proof checks
+    (:mod:`replication.auth`). With a ``secret``, nothing a master says is believed before
+    it proved it holds the same one, and a master without one is refused
+    (:class:`HAAuthError`)."""
+    nonce = new_nonce()
+    await send_all(sock, pack_challenge(name, nonce, secret is not None, master=False))
+    challenge = await read_master_challenge(sock)
+    if secret is not None and not challenge.authenticated:
+        raise HAAuthError(
+            f"master {challenge.name} has no cluster secret and this slave has one: it "
+            "cannot prove it belongs to the cluster, so this slave does not follow it; "
+            "set the same [replication] cluster_secret on the master"
+        )
+    handshake = transcript(HA_VERSION, nonce, challenge.nonce, name, challenge.name)
+    hello = pack_slave_hello(name, end, history)
+    mine = NO_PROOF if secret is None else proof(secret, "slave", handshake, hello)
+    await send_all(sock, pack_proof(mine) + hello)
+    theirs, raw_hello = await read_proof_and_master_hello(sock)
+    if secret is not None and not proof_matches(secret, "master", handshake, raw_hello, theirs):
+        raise HAAuthError(
+            f"authentication failed: the proof of master {challenge.name} does not match "
+            "this slave's cluster secret (the secrets differ): set the same "
+            "cluster_secret on master and slaves"
+        )
+    return unpack_master_hello(raw_hello), challenge.name
 
 
 async def read_slave_hello(sock: trio.socket.SocketType) -> SlaveHello:

@@ -34,10 +34,12 @@ from cluster.protocol import (
     MIN_MAX_FRAME_SIZE,
 )
 from cluster.protocol.address import parse_address
+from replication.auth import check_secret, read_secret_file
 from replication.settings import (
     DEFAULT_HEARTBEAT_MS,
     DEFAULT_MAX_LAG_BYTES,
     DEFAULT_MAX_LAG_MS,
+    DEFAULT_MAX_PEERS,
     DEFAULT_PEER_TIMEOUT_MS,
     SLAVE_ACK_MODES,
     ReplicationSettings,
@@ -228,9 +230,26 @@ class ReplicationSection:
     """Slave: ``write`` acks what it has applied (in its page cache), ``durable`` only
     what its own fsync covers, so an acknowledged write survives the master and the
     slave losing power together (at one fsync per applied chunk)."""
+    cluster_secret: str = attrs.field(default="", repr=False)
+    """The secret every node of the cluster shares (at least 16 bytes): both ends of a
+    replication stream prove they hold it before either believes the other. Prefer
+    ``cluster_secret_file`` or ``TIDELOG_REPLICATION_CLUSTER_SECRET`` to writing it in
+    a config file others can read. Empty (with no file): the HA port believes anyone
+    who reaches it, and the node logs a warning saying so."""
+    cluster_secret_file: str = ""
+    """A file holding the cluster secret (surrounding whitespace ignored), read at start."""
+    max_peers: int = attrs.field(default=DEFAULT_MAX_PEERS, validator=_between(1, 10_000))
+    """Master: replication connections held at once (slaves and handshakes); lowered to
+    what the open-file limit leaves; more are closed as they arrive."""
 
     def __attrs_post_init__(self) -> None:
         # Cross-field rules; each message starts with the key to blame (see _build).
+        if self.cluster_secret and self.cluster_secret_file:
+            raise ValueError(
+                "cluster_secret_file and cluster_secret are both set: keep one (the file "
+                "keeps the secret out of the config and the environment)"
+            )
+        self._secret()  # a missing file or a short secret stops the start, naming the key
         if self.peer_timeout_ms <= self.heartbeat_ms:
             raise ValueError(
                 f"peer_timeout_ms must exceed heartbeat_ms ({self.heartbeat_ms}), got "
@@ -251,6 +270,20 @@ class ReplicationSection:
             name = "master_ha" if self.master_ha else "master_client"
             raise ValueError(f"{name} is only for a slave (role=slave); a master leaves it empty")
 
+    def _secret(self) -> bytes | None:
+        """The cluster secret from wherever it is configured; ValueError naming the key."""
+        if self.cluster_secret_file:
+            try:
+                return read_secret_file(self.cluster_secret_file)
+            except ValueError as exc:
+                raise ValueError(f"cluster_secret_file is unusable: {exc}") from None
+        if not self.cluster_secret:
+            return None
+        try:
+            return check_secret(self.cluster_secret.encode())
+        except ValueError as exc:
+            raise ValueError(f"cluster_secret is unusable: {exc}") from None
+
     @property
     def is_slave(self) -> bool:
         return self.role == "slave"
@@ -265,6 +298,8 @@ class ReplicationSection:
             max_lag_ms=self.max_lag_ms,
             use_sendfile=self.use_sendfile,
             slave_ack=self.slave_ack,
+            cluster_secret=self._secret(),
+            max_peers=self.max_peers,
         )
 
     @property

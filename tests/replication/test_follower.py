@@ -19,8 +19,7 @@ from replication.epochs import EpochFile, EpochHistory
 from replication.master import HAService
 from replication.settings import ReplicationSettings
 from replication.slave import SlaveReplication
-from replication.transfer import recv_exactly_into
-from replication.wire import MASTER_HELLO_SIZE, pack_ack, pack_slave_hello
+from replication.wire import pack_ack, slave_handshake
 from storage import Message, MessageStore
 from storage.errors import CorruptSegmentError
 from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
@@ -194,8 +193,7 @@ async def test_the_slave_read_limit_is_the_masters_confirm_offset(tmp_path: Path
             sock = trio.socket.socket()
             with sock:
                 await sock.connect(("127.0.0.1", int(address.rpartition(":")[2])))
-                await sock.send(pack_slave_hello("b", first))
-                await recv_exactly_into(sock, memoryview(bytearray(MASTER_HELLO_SIZE)))
+                await slave_handshake(sock, "b", first)
                 await fill(master, messages(20, seed=74))
                 end = master.commit_log.max_offset
                 while fast.commit_log.max_offset < end:

@@ -15,18 +15,17 @@ import trio
 from replication.master import HAService
 from replication.settings import MAX_CHUNK, ReplicationSettings
 from replication.slave import HAClient
-from replication.transfer import receive_chunk_into, recv_exactly_into
+from replication.transfer import receive_chunk_into
 from replication.wire import (
     ACK_SIZE,
     CHUNK_CONFIRM,
-    MASTER_HELLO_SIZE,
     Ack,
     AckDecoder,
     AckKind,
     HAProtocolError,
     pack_ack,
     pack_refusal,
-    pack_slave_hello,
+    slave_handshake,
 )
 from storage import Message, MessageStore, StoreConfig
 from tests.conftest import SMALL_SEGMENT
@@ -216,9 +215,8 @@ async def test_confirm_offset_is_the_slowest_connected_slave(tmp_path: Path) -> 
             sock = trio.socket.socket()
             with sock:
                 await sock.connect(("127.0.0.1", port))
-                await sock.send(pack_slave_hello("s2", 0))
-                hello = bytearray(MASTER_HELLO_SIZE)
-                assert await recv_exactly_into(sock, memoryview(hello)) == MASTER_HELLO_SIZE
+                hello, _master_name = await slave_handshake(sock, "s2", 0)
+                assert hello.stream_from == 0
                 assert service.ack_offsets["s2"] == 0
                 assert service.confirm_offset == end  # never moves back
                 await fill(master, messages(40, seed=6))

@@ -22,8 +22,7 @@ from replication.transfer import receive_chunk_into
 from replication.wire import (
     CHUNK_CONFIRM,
     MASTER_HELLO_SIZE,
-    pack_slave_hello,
-    read_master_hello,
+    slave_handshake,
 )
 from storage import Message, MessageStore, StoreConfig
 from tests.replication.test_ha_stream import assert_identical
@@ -64,8 +63,7 @@ async def test_retention_cannot_pull_a_segment_from_under_the_sender(tmp_path: P
             with sock:
                 sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
                 await sock.connect(("127.0.0.1", port))
-                await sock.send(pack_slave_hello("s", 0))
-                assert (await read_master_hello(sock)).stream_from == 0
+                assert (await slave_handshake(sock, "s", 0))[0].stream_from == 0
                 await trio.testing.wait_all_tasks_blocked(0.05)  # the sender is stuck
                 connection = service.connections["s"]
                 assert connection.send_offset < first.wrote  # mid-segment

@@ -23,14 +23,12 @@ from cluster.server import RequestError
 from replication.master import HAService
 from replication.settings import ReplicationSettings
 from replication.slave import HAClient
-from replication.transfer import recv_exactly_into
 from replication.wire import (
-    MASTER_HELLO_SIZE,
     HAProtocolError,
-    pack_master_hello,
-    pack_slave_hello,
+    slave_handshake,
 )
 from storage import MessageStore
+from tests.replication.test_ha_auth import answer_as_master
 from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
 MAX_LAG_MS = 500
@@ -184,9 +182,8 @@ async def test_master_drops_a_silent_slave(
             with sock:
                 await sock.connect(("127.0.0.1", port))
                 end = master.commit_log.max_offset
-                await sock.send(pack_slave_hello("mute", end))
-                hello = bytearray(MASTER_HELLO_SIZE)
-                assert await recv_exactly_into(sock, memoryview(hello)) == MASTER_HELLO_SIZE
+                hello, _master_name = await slave_handshake(sock, "mute", end)
+                assert hello.stream_from == end
                 start = trio.current_time()
                 assert "mute" in service.ack_offsets
                 while "mute" in service.ack_offsets:  # never acks, never heartbeats
@@ -209,8 +206,7 @@ async def test_slave_gives_up_a_silent_master(
             async def mute_master() -> None:
                 sock, _ = await listener.accept()
                 with sock:
-                    await sock.recv(4096)
-                    await sock.send(pack_master_hello(0, 0))
+                    await answer_as_master(sock, 0, 0)
                     await trio.sleep_forever()
 
             async with trio.open_nursery() as nursery:
