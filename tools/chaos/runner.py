@@ -14,6 +14,7 @@ over a remote cluster given by ``--bootstrap`` (no faults, no digests).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -227,8 +228,11 @@ class StaticCluster:
             await trio.to_thread.run_sync(self.nodes[slave].start)
 
     def kill_all(self) -> None:
-        for node in self.nodes.values():
+        """Kill every node by its PID and keep each one's stderr beside its data dir."""
+        for name, node in self.nodes.items():
             node.kill()
+            with contextlib.suppress(OSError):
+                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
 
     @property
     def names(self) -> Sequence[str]:
@@ -443,7 +447,14 @@ async def quiesce(cluster: ChaosCluster, timeout_s: float = QUIESCE_TIMEOUT_S) -
                 end = int(mine.get("max_offset", 0))
                 confirm = int((mine.get("replication") or {}).get("confirm_offset", end))
                 ends = {n: (s or {}).get("max_offset") for n, s in statuses.items()}
-                seen = {"master": master, "end": end, "confirm": confirm, "ends": ends}
+                replication = {n: (s or {}).get("replication") for n, s in statuses.items()}
+                seen = {
+                    "master": master,
+                    "end": end,
+                    "confirm": confirm,
+                    "ends": ends,
+                    "replication": replication,
+                }
                 if confirm >= end and all(e == end for e in ends.values()):
                     seen["settled"] = True
                     return seen
