@@ -1,0 +1,133 @@
+"""Issue 8 point 4, replication port: a real master under ``ulimit -n 256`` meets 400
+connections to its HA port that never say a word, keeps serving clients (its own files
+included) and ends every silent peer within the peer timeout.
+
+On the old code the flood took the last descriptors: ``accept`` raised EMFILE out of
+the HA listener and the node died at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cluster.client import open_client
+from cluster.protocol import Status
+from tests.cluster.test_server import open_files_limit
+from tools.process import READY
+
+NODE_NOFILE = 256
+FLOOD = 400
+PEER_TIMEOUT_MS = 2_000
+CLOSE_TIMEOUT_S = 20
+
+
+@pytest.fixture
+def limited_master(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    """A master with an HA port whose open-file limit is :data:`NODE_NOFILE` (set in the
+    child before it runs), its client ``host:port`` and its stderr lines; killed by PID."""
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NODE_NOFILE, NODE_NOFILE))
+
+    command = [
+        sys.executable, "-m", "tools.cli", "--log-level", "INFO", "node",
+        "--name", "limited", "--port", "0", "--ha-port", "0",
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    env = {"TIDELOG_REPLICATION_PEER_TIMEOUT_MS": str(PEER_TIMEOUT_MS)}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit_files,
+        env={**os.environ, **env},
+    )
+    stderr: list[str] = []
+    assert process.stdout is not None and process.stderr is not None
+    threading.Thread(target=lambda: stderr.extend(process.stderr or ()), daemon=True).start()
+    try:
+        for line in process.stdout:
+            if match := READY.search(line):
+                break
+        else:
+            pytest.fail("the node did not start:\n" + "".join(stderr))
+        yield process, f"{match['host']}:{match['port']}", stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+async def _closed_by_master(sock: trio.socket.SocketType) -> bool:
+    """Whether the master ended this connection (EOF or reset) before the deadline."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            while await sock.recv(4096):
+                continue
+        except OSError:
+            return True
+        return True
+    return False
+
+
+async def test_a_silent_flood_of_the_ha_port_under_a_low_fd_limit(
+    limited_master: tuple[subprocess.Popen[str], str, list[str]],
+) -> None:
+    process, address, stderr = limited_master
+    async with open_client(address) as client:
+        ha_address = (await client.admin.status())["replication"]["ha_address"]
+    host, _, port = ha_address.rpartition(":")
+    with open_files_limit(FLOOD + 200):
+        flood: list[trio.socket.SocketType] = []
+        try:
+            for _ in range(FLOOD):
+                sock = trio.socket.socket()
+                with contextlib.suppress(OSError):  # a full backlog may refuse or reset
+                    await sock.connect((host, int(port)))
+                flood.append(sock)
+
+            # With the flood open, the node serves clients and writes its own files.
+            async with open_client(address) as client:
+                await client.admin.create_topic("while-flooded", 1)
+                sent = await client.call(
+                    "send", topic="while-flooded", body=b"kept", queue=0, acks="durable"
+                )
+                assert sent["status"] is Status.OK, sent
+                status = await client.admin.status()
+                assert status["writable"] is True
+            assert process.poll() is None, "".join(stderr)
+
+            # Every silent peer is ended: at once past the cap, after the peer timeout
+            # (no hello) below it.
+            closed = [False] * len(flood)
+
+            async def watch(index: int, sock: trio.socket.SocketType) -> None:
+                closed[index] = await _closed_by_master(sock)
+
+            async with trio.open_nursery() as nursery:
+                for index, sock in enumerate(flood):
+                    nursery.start_soon(watch, index, sock)
+            assert all(closed), f"{closed.count(False)} silent peers were never closed"
+        finally:
+            for sock in flood:
+                sock.close()
+
+    async with open_client(address) as client:
+        assert (await client.admin.status())["writable"] is True
+    process.terminate()
+    assert process.wait(timeout=30) == 0, "".join(stderr)
+    log = "".join(stderr)
+    assert "ha_max_peers_lowered" in log and "ha_peers_full" in log
+    assert "no authenticated slave hello within" in log
+    assert "Traceback" not in log
