@@ -9,12 +9,14 @@ end checks that nothing of the project is left.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,8 @@ import trio
 
 from cluster.client import TidelogError, open_client
 from tests.docker.conftest import free_host_ports, free_subnet
+from tools.chaos.runner import RunSettings, run_chaos
+from tools.docker.chaos import DockerChaosCluster
 from tools.docker.cluster import ClusterSettings, DockerCluster
 from tools.docker.engine import Engine, EngineError
 from tools.docker.images import BuildResult
@@ -307,3 +311,33 @@ async def test_compose_cluster_fails_over_and_keeps_every_acked_message(
     assert cluster.address(survivor) == address
     await trio.to_thread.run_sync(cluster.wait_healthy, survivor)
     await _read_all(addresses[survivor], acked)
+
+
+async def test_short_docker_chaos_run_is_judged_valid(
+    docker_engine: Engine, tidelog_image: BuildResult, tmp_path: Path
+) -> None:
+    """A seeded chaos run whose nemesis partitions containers (DOCKER-USER rules), judged
+    by the same checker as local runs; the project is removed at the end."""
+    ports = free_host_ports(4)
+    settings = ClusterSettings(
+        project=f"tidelog-chaos-{os.getpid()}",
+        image=tidelog_image.tag,
+        subnet=free_subnet(docker_engine),
+        node_ports=(ports[0], ports[1], ports[2]),
+        etcd_port=ports[3],
+    )
+    docker_cluster = DockerCluster(docker_engine, settings)
+    run = RunSettings(duration_s=20.0, nemesis=("partition",), seed=11, out=tmp_path / "run")
+    try:
+        outcome = await run_chaos(
+            run,
+            cluster_factory=lambda _root, _nursery: DockerChaosCluster.started(docker_cluster),
+            live=False,
+            out=io.StringIO(),
+        )
+    finally:
+        leftovers = await trio.to_thread.run_sync(docker_cluster.leftovers)
+    assert leftovers == [], "the chaos run left containers, networks or volumes"
+    assert outcome.figures["faults_started"] >= 1
+    assert outcome.figures["acked"] > 0
+    assert outcome.exit_code == 0, (tmp_path / "run" / "results.json").read_text()[:3000]

@@ -48,12 +48,25 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="base image (default: python:3.11-slim, or a debootstrap base when that cannot be pulled)",
     )
     build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    chaos = actions.add_parser(
+        "chaos",
+        help="a chaos run on a fresh compose cluster, faults on containers, judged by the checker",
+    )
+    chaos.add_argument("--duration", type=float, default=120.0, help="seconds (default 120)")
+    chaos.add_argument(
+        "--nemesis",
+        default="kill,pause,partition",
+        help="fault kinds (default kill,pause,partition)",
+    )
+    chaos.add_argument("--seed", type=int, default=7)
+    chaos.add_argument("--out", default=None, help="run folder (default: a new one per seed)")
     for name, text in (
         ("up", "start the cluster and wait until healthy"),
         ("status", "containers and nodes"),
         ("down", "remove the cluster and its volumes"),
+        ("chaos", ""),
     ):
-        action = actions.add_parser(name, help=text)
+        action = chaos if name == "chaos" else actions.add_parser(name, help=text)
         action.add_argument(
             "--project", default="tidelog", help="compose project name (default tidelog)"
         )
@@ -101,12 +114,38 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cluster {args.project} healthy in {took_s:.1f} s")
         _print_status(cluster, as_json=args.json)
         return 0
+    if args.docker_action == "chaos":
+        return _chaos(cluster, args)
     if args.docker_action == "down":
         cluster.down()
         print(f"cluster {args.project} removed (containers, network, volumes)")
         return 0
     _print_status(cluster, as_json=args.json)
     return 0
+
+
+def _chaos(cluster: DockerCluster, args: argparse.Namespace) -> int:
+    from tools.chaos.runner import run_chaos, settings_from_args
+    from tools.docker.chaos import DockerChaosCluster
+
+    try:
+        settings = settings_from_args(
+            duration_s=args.duration,
+            nemesis=args.nemesis,
+            acks="replicated",
+            seed=args.seed,
+            out=args.out,
+            bootstrap=None,
+        )
+    except ValueError as error:
+        print(f"tidelog docker chaos: {error}", file=sys.stderr)
+        return 2
+    outcome = trio.run(
+        lambda: run_chaos(
+            settings, cluster_factory=lambda _root, _nursery: DockerChaosCluster.started(cluster)
+        )
+    )
+    return outcome.exit_code
 
 
 def cluster_status(cluster: DockerCluster) -> list[dict[str, Any]]:
