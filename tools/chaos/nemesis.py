@@ -116,6 +116,9 @@ class Nemesis:
         self.active: dict[str, _Active] = {}
         self.done: list[str] = []
         self.errors: list[str] = []
+        self._one_at_a_time = trio.Lock()
+        """The history's ``nemesis`` process has one operation open at a time, so starts
+        and stops of overlapping faults take turns (each still at its own time)."""
 
     async def run(self) -> None:
         """Every fault of the schedule in its own task (scenarios overlap faults)."""
@@ -154,48 +157,56 @@ class Nemesis:
 
     async def _start(self, planned: ScheduledFault) -> None:
         with trio.CancelScope(shield=True):
-            targets = await self._resolve(planned)
-            value = {
-                "fault": planned.kind,
-                "action": "start",
-                "fault_id": planned.fault_id,
-                "targets": targets,
-                "disk_lost": planned.kind in DISK_LOST_KINDS,
-            }
-            self.recorder.record("invoke", "nemesis", "nemesis", value)
-            try:
-                fault = self.cluster.fault(planned.kind, targets, planned.seed)
-                await fault.inject()
-            except Exception as exc:  # a fault that could not start is reported, never fatal
-                log.warning("nemesis_start_failed fault=%s error=%s", planned.fault_id, exc)
-                self.errors.append(f"{planned.fault_id} {planned.kind}: {exc}")
-                self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
-                return
-            self.active[planned.fault_id] = _Active(planned, fault, targets)
-            self.recorder.record("ok", "nemesis", "nemesis", value)
+            async with self._one_at_a_time:
+                await self._start_now(planned)
+
+    async def _start_now(self, planned: ScheduledFault) -> None:
+        targets = await self._resolve(planned)
+        value = {
+            "fault": planned.kind,
+            "action": "start",
+            "fault_id": planned.fault_id,
+            "targets": targets,
+            "disk_lost": planned.kind in DISK_LOST_KINDS,
+        }
+        self.recorder.record("invoke", "nemesis", "nemesis", value)
+        try:
+            fault = self.cluster.fault(planned.kind, targets, planned.seed)
+            await fault.inject()
+        except Exception as exc:  # a fault that could not start is reported, never fatal
+            log.warning("nemesis_start_failed fault=%s error=%s", planned.fault_id, exc)
+            self.errors.append(f"{planned.fault_id} {planned.kind}: {exc}")
+            self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
+            return
+        self.active[planned.fault_id] = _Active(planned, fault, targets)
+        self.recorder.record("ok", "nemesis", "nemesis", value)
 
     async def _stop(self, fault_id: str) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._one_at_a_time:
+                await self._stop_now(fault_id)
+
+    async def _stop_now(self, fault_id: str) -> None:
         active = self.active.pop(fault_id, None)
         if active is None:
             return
-        with trio.CancelScope(shield=True):
-            value = {
-                "fault": active.planned.kind,
-                "action": "stop",
-                "fault_id": fault_id,
-                "targets": active.targets,
-                "disk_lost": False,
-            }
-            self.recorder.record("invoke", "nemesis", "nemesis", value)
-            try:
-                await active.fault.heal()
-            except Exception as exc:
-                log.error("nemesis_heal_failed fault=%s error=%s", fault_id, exc)
-                self.errors.append(f"heal {fault_id} {active.planned.kind}: {exc}")
-                self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
-                return
-            self.done.append(fault_id)
-            self.recorder.record("ok", "nemesis", "nemesis", value)
+        value = {
+            "fault": active.planned.kind,
+            "action": "stop",
+            "fault_id": fault_id,
+            "targets": active.targets,
+            "disk_lost": False,
+        }
+        self.recorder.record("invoke", "nemesis", "nemesis", value)
+        try:
+            await active.fault.heal()
+        except Exception as exc:
+            log.error("nemesis_heal_failed fault=%s error=%s", fault_id, exc)
+            self.errors.append(f"heal {fault_id} {active.planned.kind}: {exc}")
+            self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
+            return
+        self.done.append(fault_id)
+        self.recorder.record("ok", "nemesis", "nemesis", value)
 
 
 async def observe_master(

@@ -194,12 +194,18 @@ async def consume(
     node_names: Mapping[str, str],
     stop: trio.Event,
 ) -> None:
-    """Consumer ``consumer-<queue>``: reads its queue forward from offset 0 until ``stop``."""
+    """Consumer ``consumer-<queue>``: reads its queue forward from offset 0 until ``stop``.
+
+    Consumers start on different nodes (the bootstrap list rotated by the queue), so reads
+    from the master and from each replica are all judged.
+    """
     process = f"consumer-{queue}"
     name = queue_name(settings.topic, queue)
     offset = 0
+    shift = queue % len(bootstrap)
+    rotated = [*bootstrap[shift:], *bootstrap[:shift]]
     async with open_client(
-        list(bootstrap), request_timeout=settings.request_timeout_s, connect_timeout=1.0
+        rotated, request_timeout=settings.request_timeout_s, connect_timeout=1.0
     ) as client:
         while not stop.is_set():
             value = {"queue": name, "offset": offset}
