@@ -365,10 +365,14 @@ class Coordinator:
                 log.warning("ha cannot reach etcd node=%s error=%r; retrying", self.name, error)
                 await trio.sleep(self.settings.keepalive_interval_s)
         self._group_existed = stored is not None
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.loop.run)
-            nursery.start_soon(self._apply_topics)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.loop.run)
+                nursery.start_soon(self._apply_topics)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.etcd.aclose()
 
     async def _apply_topics(self) -> None:
         """Every node creates locally each topic etcd holds (a failover never forgets one)."""
