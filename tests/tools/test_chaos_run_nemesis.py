@@ -1,0 +1,112 @@
+"""The nemesis against real in-process faults (partitions of real loopback proxies): every
+start and stop is recorded as the history contract says, overlapping faults take turns in
+the history, and whatever is active when the run ends is healed and recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tools.chaos.checker import check
+from tools.chaos.history import HistoryWriter, read_history
+from tools.chaos.nemesis import Nemesis, ScheduledFault, observe_master
+from tools.chaos.workload import Recorder
+from tools.faults import Fault, FaultProxy, ProxyPartition
+
+
+class SlowPartition(ProxyPartition):
+    """A partition that takes a while to set up, as a kill waiting for its process to exit
+    does: its start is still open when the next fault is due."""
+
+    async def _inject(self) -> None:
+        await trio.sleep(0.2)
+        await super()._inject()
+
+
+class ProxiedNodes:
+    """Two "nodes" that are loopback proxies (to a closed port: nothing travels anyway);
+    ``partition`` holds a node's proxy. Enough of a ChaosCluster for the nemesis."""
+
+    def __init__(self, proxies: dict[str, FaultProxy]) -> None:
+        self.proxies = proxies
+        self.made: list[Fault] = []
+
+    @property
+    def names(self) -> Sequence[str]:
+        return sorted(self.proxies)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.proxies[name].port}"
+
+    def data_dir(self, name: str) -> Path | None:
+        return None
+
+    def supported_faults(self) -> frozenset[str]:
+        return frozenset({"partition"})
+
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
+        if kind != "partition":
+            raise ValueError(f"no {kind} here")
+        (target,) = targets
+        fault = SlowPartition(self.proxies[target])
+        self.made.append(fault)
+        return fault
+
+    async def master(self) -> tuple[str | None, int | None]:
+        return "a", 1
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+def _nemesis_events(path: Path) -> list[tuple[str, str, str]]:
+    return [
+        (e.type, e.value["fault_id"], e.value["action"])
+        for e in read_history(path)
+        if e.f == "nemesis"
+    ]
+
+
+async def test_overlapping_faults_take_turns_and_all_heal(tmp_path: Path) -> None:
+    proxies = {name: FaultProxy("127.0.0.1", 9, name=name) for name in ("a", "b")}
+    async with trio.open_nursery() as nursery:
+        for proxy in proxies.values():
+            await nursery.start(proxy.serve)
+        cluster = ProxiedNodes(proxies)
+        history = tmp_path / "history.jsonl"
+        with HistoryWriter(history) as writer:
+            recorder = Recorder(writer)
+            schedule = [
+                ScheduledFault("f1", 0.0, "partition", "master", 0.3, 1),
+                ScheduledFault("f2", 0.1, "partition", "slave", 0.1, 2),
+                ScheduledFault("f3", 0.2, "explode", "any", 0.1, 3),
+                ScheduledFault("f4", 0.3, "partition", "slave", 60.0, 4),
+            ]
+            nemesis = Nemesis(recorder, cluster, schedule)
+            master: list[str | None] = [None]
+            nursery.start_soon(observe_master, recorder, cluster, master)
+            with trio.move_on_after(1.5):  # f4 holds 60 s: the run ends while it is active
+                await nemesis.run()
+            nursery.cancel_scope.cancel()
+    events = _nemesis_events(history)
+    # Every invoke is followed by its own completion: one nemesis operation open at a time.
+    assert len(events) == 14 and _paired(events)
+    started = {f for t, f, a in events if t == "ok" and a == "start"}
+    stopped = {f for t, f, a in events if t == "ok" and a == "stop"}
+    assert started == stopped == {"f1", "f2", "f4"}
+    assert ("info", "f3", "start") in events  # an unknown kind is reported, not fatal
+    assert nemesis.errors and "explode" in nemesis.errors[0]
+    assert not nemesis.active and all(not fault.active for fault in cluster.made)
+    assert all(not proxy.held for proxy in proxies.values())
+    assert master == ["a"]
+    windows = {w.fault_id: w for w in check(read_history(history)).faults}
+    assert set(windows) == {"f1", "f2", "f3", "f4"} and windows["f4"].stop_s is not None
+
+
+def _paired(events: list[tuple[str, str, str]]) -> bool:
+    """Each invoke is directly followed by a completion of the same fault and action."""
+    pairs = list(zip(events[::2], events[1::2], strict=True))
+    return all(i[0] == "invoke" and c[0] in ("ok", "info") and i[1:] == c[1:] for i, c in pairs)
