@@ -452,6 +452,12 @@ def add_chaos_commands(commands: Any) -> None:
     )
     run.add_argument("--producers", type=positive_int, default=4)
     run.add_argument("--queues", type=positive_int, default=4)
+    run.add_argument(
+        "--cluster",
+        choices=("static", "failover"),
+        default="static",
+        help="static: a master and slaves with fixed roles; failover: etcd and elected masters",
+    )
     run.set_defaults(handler=cmd_chaos_run)
     from tools.chaos.scenarios import SCENARIOS
 
@@ -461,6 +467,12 @@ def add_chaos_commands(commands: Any) -> None:
     scenario.add_argument("--acks", choices=("leader", "durable", "replicated"), default="replicated")
     scenario.add_argument("--seed", type=int, default=7)
     scenario.add_argument("--out", help="run folder (default chaos-runs/DATE-NAME)")
+    scenario.add_argument(
+        "--cluster",
+        choices=("static", "failover"),
+        default="failover",
+        help="failover (default): etcd and elected masters; static: fixed roles",
+    )
     scenario.set_defaults(handler=cmd_chaos_scenario)
 
 
@@ -483,6 +495,7 @@ def cmd_chaos_run(args: argparse.Namespace) -> int:
             bootstrap=args.bootstrap,
             producers=args.producers,
             queues=args.queues,
+            cluster=args.cluster,
         )
         return trio.run(lambda: run_chaos(settings)).exit_code
     except ValueError as exc:
@@ -495,7 +508,9 @@ def cmd_chaos_scenario(args: argparse.Namespace) -> int:
 
     try:
         return trio.run(
-            lambda: run_scenario(args.name, acks=args.acks, seed=args.seed, out=args.out)
+            lambda: run_scenario(
+                args.name, acks=args.acks, seed=args.seed, out=args.out, cluster=args.cluster
+            )
         ).exit_code
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from tools.chaos.cli import EXIT_VALID
-from tools.chaos.scenarios import SCENARIOS, run_scenario, static_scenarios
+from tools.chaos.scenarios import SCENARIOS, run_scenario, runnable_scenarios
 
 
 async def test_kill_the_master_then_a_slave_loses_nothing_and_recovers(tmp_path: Path) -> None:
     out = io.StringIO()
-    outcome = await run_scenario("kill-master-then-slave", out=tmp_path / "run", stream=out)
+    outcome = await run_scenario(
+        "kill-master-then-slave", out=tmp_path / "run", stream=out, cluster="static"
+    )
     assert outcome.exit_code == EXIT_VALID, out.getvalue()
     results = json.loads((outcome.run_dir / "results.json").read_text())
     assert results["valid"] and not results["lost"]
@@ -32,13 +34,16 @@ async def test_kill_the_master_then_a_slave_loses_nothing_and_recovers(tmp_path:
     assert [f["fault_id"] for f in manifest["schedule"]] == ["f1", "f2"]
 
 
-async def test_a_scenario_that_needs_failover_is_refused_with_what_runs_here(
+async def test_a_scenario_the_cluster_cannot_run_is_refused_with_what_runs_there(
     tmp_path: Path,
 ) -> None:
-    runnable = static_scenarios()
-    assert "kill-master" in runnable and "kill-etcd-leader" not in runnable
-    with pytest.raises(ValueError, match=r"kill-etcd-leader.*cannot do") as info:
-        await run_scenario("kill-etcd-leader", out=tmp_path / "run", stream=io.StringIO())
-    assert ", ".join(runnable) in str(info.value)
+    static = runnable_scenarios("static")
+    assert "kill-master" in static and "kill-etcd-leader" not in static
+    assert "kill-etcd-leader" in runnable_scenarios("failover")
+    with pytest.raises(ValueError, match=r"kill-etcd-leader.*static local cluster") as info:
+        await run_scenario(
+            "kill-etcd-leader", out=tmp_path / "run", stream=io.StringIO(), cluster="static"
+        )
+    assert ", ".join(static) in str(info.value)
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
-    assert set(runnable) < set(SCENARIOS)
+    assert set(static) < set(SCENARIOS)

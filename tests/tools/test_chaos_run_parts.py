@@ -121,6 +121,7 @@ def test_every_scenario_has_a_fixed_schedule_and_its_own_command(tmp_path: Path)
         assert settings.fixed_schedule == scenario.faults
         assert all(p.at_s + p.hold_s < scenario.duration_s for p in scenario.faults)
         assert settings.command(tmp_path / name).startswith(f"tidelog chaos scenario {name} ")
+        assert settings.cluster == "failover"
     with pytest.raises(ValueError, match="unknown scenario 'nope'"):
         scenario_settings("nope")
 

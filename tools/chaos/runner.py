@@ -47,7 +47,10 @@ from tools.chaos.workload import (
 )
 from tools.faults import (
     BitFlip,
+    Composite,
+    EtcdPartition,
     Fault,
+    FaultProxy,
     Kill,
     MeshPartition,
     NodeProcessTarget,
@@ -57,11 +60,12 @@ from tools.faults import (
 )
 from tools.faults.process import sigkill
 from tools.faults.topology import isolate
-from tools.launcher.etcd import free_loopback_port
+from tools.launcher.etcd import EtcdCluster, EtcdMember, free_loopback_port
 from tools.process import NodeProcess
 
 __all__ = [
     "ChaosCluster",
+    "FailoverCluster",
     "RemoteCluster",
     "RunOutcome",
     "RunSettings",
@@ -123,7 +127,13 @@ async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
 
     async def ask(name: str) -> None:
         status = await cluster.status(name)
-        if status and status.get("role") == "master" and status.get("writable"):
+        if not status:
+            return
+        coordination = status.get("coordination")
+        if coordination:  # with etcd: the HA loop's role and fencing deadline decide
+            if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
+                found.append((int(coordination.get("epoch") or 0), name))
+        elif status.get("role") == "master" and status.get("writable"):
             found.append((int(status.get("epoch") or 0), name))
 
     async with trio.open_nursery() as nursery:
@@ -157,6 +167,8 @@ class CorruptReplica(Fault):
         status = await _status_of(self.node.address)
         if not status:
             raise RuntimeError(f"{self.node.name} does not answer: cannot learn its log end")
+        if status.get("role") == "master":
+            raise RuntimeError(f"refusing to corrupt {self.node.name}: it is the master")
         end = int(status["max_offset"])
         await sigkill(self.target)
         directory = self.node.data_dir / "store" / "commitlog"
@@ -277,6 +289,172 @@ class StaticCluster:
         return await _master_of(self)
 
 
+class KillEtcdLeader(Fault):
+    """SIGKILL the member etcd reports as its raft leader; ``heal()`` restarts it on its
+    data (a three-member etcd keeps a quorum meanwhile)."""
+
+    kind = "kill-etcd-leader"
+
+    def __init__(self, etcd: EtcdCluster) -> None:
+        super().__init__()
+        self.etcd = etcd
+        self.member: EtcdMember | None = None
+
+    def fields(self) -> dict[str, object]:
+        return {"member": self.member.name if self.member else None}
+
+    async def _inject(self) -> None:
+        self.member = await trio.to_thread.run_sync(self.etcd.leader)
+        await trio.to_thread.run_sync(self.member.kill)
+
+    async def _heal(self) -> None:
+        assert self.member is not None
+        member = self.member
+        await trio.to_thread.run_sync(lambda: self.etcd.restart(member))
+
+
+class Switchover(Fault):
+    """Ask the master to hand over to ``to`` (the admin ``switchover`` op); it returns once
+    the new master is elected or the op fails. Nothing to heal."""
+
+    kind = "switchover"
+
+    def __init__(self, master_address: str, group: str, to: str | None) -> None:
+        super().__init__()
+        self.master_address, self.group, self.to = master_address, group, to
+
+    def fields(self) -> dict[str, object]:
+        return {"master": self.master_address, "to": self.to}
+
+    async def _inject(self) -> None:
+        fields: dict[str, Any] = {"group": self.group, "timeout_ms": 10_000}
+        if self.to is not None:
+            fields["to"] = self.to
+        async with open_client(self.master_address, request_timeout=15.0) as client:
+            await client.checked("switchover", **fields)
+
+    async def _heal(self) -> None:
+        return None
+
+
+class FailoverCluster:
+    """etcd and ``tidelog node --etcd`` processes that elect their master (automatic
+    failover); each node reaches every etcd member through a fault proxy of its own, so
+    ``partition-etcd`` cuts one node from etcd while it keeps its peers and clients.
+
+    Faults: kill, pause, pause-past-lease (a pause; the scenario holds it past the lease),
+    partition-etcd, kill-etcd-leader (needs ``etcd_members=3``), switchover (targets: the
+    master, then the node to hand over to), corrupt (a non-master). Every process is
+    stopped by its PID at exit, even on failure. Until the shared launcher's LocalCluster
+    exists this is the chaos runner's own.
+    """
+
+    FAULTS: Final = frozenset(
+        {"kill", "pause", "pause-past-lease", "partition-etcd", "kill-etcd-leader", "switchover",
+         "corrupt"}
+    )  # fmt: skip
+    GROUP: Final = "g1"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        replicas: int = 3,
+        etcd_members: int = 3,
+        min_insync_replicas: int = 1,
+    ) -> None:
+        self.root = root
+        self._names = [f"n{i}" for i in range(1, replicas + 1)]
+        self.etcd = EtcdCluster(root / "etcd", size=etcd_members)
+        self.min_insync_replicas = min_insync_replicas
+        self.nodes: dict[str, NodeProcess] = {}
+        self.etcd_proxies: dict[str, list[FaultProxy]] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def started(
+        cls, root: Path, nursery: trio.Nursery, **options: Any
+    ) -> AsyncIterator[FailoverCluster]:
+        cluster = cls(root, **options)
+        try:
+            await cluster.start(nursery)
+            yield cluster
+        finally:
+            cluster.kill_all()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start etcd, the proxies (in ``nursery``) and the nodes; then wait for a master."""
+        await trio.to_thread.run_sync(self.etcd.start)
+        for name in self._names:
+            proxies = []
+            for member in self.etcd.members:
+                proxy = FaultProxy("127.0.0.1", member.client_port, name=f"{name}->{member.name}")
+                await nursery.start(proxy.serve)
+                proxies.append(proxy)
+            self.etcd_proxies[name] = proxies
+            endpoints = ",".join(f"http://127.0.0.1:{proxy.port}" for proxy in proxies)
+            args = [
+                "--etcd", endpoints, "--ha-port", "0",
+                "--min-insync-replicas", str(self.min_insync_replicas),
+            ]  # fmt: skip
+            self.nodes[name] = NodeProcess(self.root / name, name=name, extra_args=args)
+            await trio.to_thread.run_sync(self.nodes[name].start)
+        with trio.fail_after(QUIESCE_TIMEOUT_S):
+            while (await self.master())[0] is None:
+                await trio.sleep(0.1)
+
+    def kill_all(self) -> None:
+        for name, node in self.nodes.items():
+            node.kill()
+            with contextlib.suppress(OSError):
+                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
+        self.etcd.stop()
+
+    @property
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    def address(self, name: str) -> str:
+        return self.nodes[name].address
+
+    def data_dir(self, name: str) -> Path | None:
+        return self.nodes[name].data_dir
+
+    def supported_faults(self) -> frozenset[str]:
+        return self.FAULTS
+
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
+        if kind == "kill":
+            return Kill(NodeProcessTarget(self.nodes[targets[0]]))
+        if kind in ("pause", "pause-past-lease"):
+            return Pause(NodeProcessTarget(self.nodes[targets[0]]))
+        if kind == "partition-etcd":
+            parts = [EtcdPartition(proxy) for proxy in self.etcd_proxies[targets[0]]]
+            return Composite(parts, kind="partition-etcd")
+        if kind == "kill-etcd-leader":
+            if len(self.etcd.members) < 3:
+                raise ValueError("kill-etcd-leader needs a three-member etcd (etcd_members=3)")
+            return KillEtcdLeader(self.etcd)
+        if kind == "switchover":
+            to = targets[1] if len(targets) > 1 else None
+            return Switchover(self.address(targets[0]), self.GROUP, to)
+        if kind == "corrupt":
+            return CorruptReplica(self.nodes[targets[0]], seed=seed)
+        raise ValueError(
+            f"fault {kind!r} is not available on the failover cluster; "
+            f"it supports {', '.join(sorted(self.FAULTS))}"
+        )
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes[name]
+        if node.process is None or node.process.poll() is not None:
+            return None
+        return await _status_of(node.address)
+
+    async def master(self) -> tuple[str | None, int | None]:
+        return await _master_of(self)
+
+
 class RemoteCluster:
     """A running cluster given by ``--bootstrap``: the workload and the drain, no faults
     (the harness did not start its processes) and no digests (no data dirs)."""
@@ -327,6 +505,10 @@ class RunSettings:
     min_insync_replicas: int = 1
     quiet_s: tuple[float, float] = (2.0, 5.0)
     hold_s: tuple[float, float] = (2.0, 6.0)
+    cluster: str = attrs.field(
+        default="static", validator=attrs.validators.in_(("static", "failover"))
+    )
+    """static: a master and slaves with fixed roles; failover: etcd and elected masters."""
     scenario: str | None = None
     fixed_schedule: tuple[ScheduledFault, ...] = ()
     """A scenario's own schedule, used instead of one drawn from the seed."""
@@ -335,13 +517,14 @@ class RunSettings:
         if self.scenario is not None:
             return shlex.join(
                 ["tidelog", "chaos", "scenario", self.scenario, "--acks", self.acks,
-                 "--seed", str(self.seed), "--out", str(out)]
+                 "--seed", str(self.seed), "--cluster", self.cluster, "--out", str(out)]
             )  # fmt: skip
         words = [
             "tidelog", "chaos", "run", "--duration", f"{self.duration_s:g}",
             "--nemesis", ",".join(self.nemesis) if self.nemesis else "none",
             "--acks", self.acks, "--seed", str(self.seed), "--out", str(out),
             "--producers", str(self.producers), "--queues", str(self.queues),
+            "--cluster", self.cluster,
         ]  # fmt: skip
         if self.bootstrap:
             words += ["--bootstrap", ",".join(self.bootstrap)]
@@ -523,8 +706,9 @@ async def _run_cluster(
             cluster: ChaosCluster = RemoteCluster(settings.bootstrap)
             extra["cluster"] = "bootstrap"
         else:
+            kind = FailoverCluster if settings.cluster == "failover" else StaticCluster
             factory = cluster_factory or (
-                lambda root, n: StaticCluster.started(
+                lambda root, n: kind.started(
                     root,
                     n,
                     replicas=settings.replicas,
@@ -661,6 +845,7 @@ def settings_from_args(
     bootstrap: str | None,
     producers: int = 4,
     queues: int = 4,
+    cluster: str = "static",
 ) -> RunSettings:
     """Validated settings from the command line; a bad value raises ValueError naming it."""
     if duration_s <= 0:
@@ -681,4 +866,5 @@ def settings_from_args(
         bootstrap=addresses,
         producers=producers,
         queues=queues,
+        cluster=cluster,
     )

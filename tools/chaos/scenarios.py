@@ -21,7 +21,14 @@ from typing import Any, Final, TextIO
 import attrs
 
 from tools.chaos.nemesis import ScheduledFault
-from tools.chaos.runner import ChaosCluster, RunOutcome, RunSettings, StaticCluster, run_chaos
+from tools.chaos.runner import (
+    ChaosCluster,
+    FailoverCluster,
+    RunOutcome,
+    RunSettings,
+    StaticCluster,
+    run_chaos,
+)
 
 __all__ = ["SCENARIOS", "Scenario", "run_scenario", "scenario_settings"]
 
@@ -124,7 +131,7 @@ def _scenarios() -> dict[str, Scenario]:
         Scenario(
             "switchover",
             "an operator switchover to a caught-up slave: no acked message lost, short pause",
-            (_fault("f1", 3.0, "switchover", "slave", 1.0),),
+            (_fault("f1", 3.0, "switchover", "master+slave", 1.0),),
             12.0,
         ),
     ]
@@ -135,7 +142,12 @@ SCENARIOS: Final = _scenarios()
 
 
 def scenario_settings(
-    name: str, *, acks: str = "replicated", seed: int = 7, out: str | Path | None = None
+    name: str,
+    *,
+    acks: str = "replicated",
+    seed: int = 7,
+    out: str | Path | None = None,
+    cluster: str = "failover",
 ) -> RunSettings:
     """The run settings of scenario ``name`` (unknown name: ValueError listing them)."""
     try:
@@ -151,6 +163,7 @@ def scenario_settings(
         out=run_dir,
         scenario=name,
         fixed_schedule=scenario.faults,
+        cluster=cluster,
     )
 
 
@@ -161,17 +174,18 @@ async def run_scenario(
     seed: int = 7,
     out: str | Path | None = None,
     stream: TextIO | None = None,
+    cluster: str = "failover",
     cluster_factory: Callable[[Path, Any], Any] | None = None,
 ) -> RunOutcome:
     """Run scenario ``name``; prints the checker's verdict and the unavailability figures."""
     stream = stream or sys.stdout
-    settings = scenario_settings(name, acks=acks, seed=seed, out=out)
-    missing = SCENARIOS[name].kinds - StaticCluster.FAULTS
+    settings = scenario_settings(name, acks=acks, seed=seed, out=out, cluster=cluster)
+    missing = SCENARIOS[name].kinds - CLUSTER_FAULTS[cluster]
     if cluster_factory is None and missing:
         raise ValueError(
-            f"scenario {name} needs {', '.join(sorted(missing))}, which the static local "
-            "cluster (no etcd, no automatic failover) cannot do; run it on a cluster with "
-            f"failover. Scenarios that run here: {', '.join(static_scenarios())}"
+            f"scenario {name} needs {', '.join(sorted(missing))}, which the {cluster} local "
+            f"cluster cannot do. Scenarios that run on it: "
+            f"{', '.join(runnable_scenarios(cluster))}"
         )
     print(f"scenario {name}: {SCENARIOS[name].summary}", file=stream)
     outcome = await run_chaos(settings, out=stream, cluster_factory=cluster_factory, live=False)
@@ -198,6 +212,14 @@ def required_kinds(cluster: ChaosCluster, name: str) -> frozenset[str]:
     return SCENARIOS[name].kinds - cluster.supported_faults()
 
 
-def static_scenarios() -> list[str]:
-    """The scenarios the static local cluster can run."""
-    return [name for name, scenario in SCENARIOS.items() if scenario.kinds <= StaticCluster.FAULTS]
+CLUSTER_FAULTS: Final[dict[str, frozenset[str]]] = {
+    "static": StaticCluster.FAULTS,
+    "failover": FailoverCluster.FAULTS,
+}
+"""The fault kinds each kind of local cluster can make."""
+
+
+def runnable_scenarios(cluster: str) -> list[str]:
+    """The scenarios a local cluster of this kind (static or failover) can run."""
+    faults = CLUSTER_FAULTS[cluster]
+    return [name for name, scenario in SCENARIOS.items() if scenario.kinds <= faults]
