@@ -22,13 +22,15 @@ import trio
 
 from cluster.client import open_client
 from cluster.protocol import Status
+from replication.wire import slave_handshake
 from tests.cluster.test_server import open_files_limit
-from tools.process import READY
+from tools.process import READY, wait_until
 
 NODE_NOFILE = 256
 FLOOD = 400
 PEER_TIMEOUT_MS = 2_000
 CLOSE_TIMEOUT_S = 20
+ANSWER_TIMEOUT_S = 15
 
 
 @pytest.fixture
@@ -131,3 +133,83 @@ async def test_a_silent_flood_of_the_ha_port_under_a_low_fd_limit(
     assert "ha_max_peers_lowered" in log and "ha_peers_full" in log
     assert "no authenticated slave hello within" in log
     assert "Traceback" not in log
+
+
+ACCEPT_CHILD = """
+import logging, os, resource, sys
+from pathlib import Path
+
+import trio
+
+from replication.master import HAService
+from replication.settings import ReplicationSettings
+from storage import MessageStore, StoreConfig
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+
+
+async def main() -> None:
+    config = StoreConfig(data_dir=Path(sys.argv[1]), retention_check_interval_ms=3_600_000)
+    async with MessageStore.open(config) as store:
+        settings = ReplicationSettings(heartbeat_ms=1_000, peer_timeout_ms=600_000)
+        service = HAService(store, settings)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(service.serve, "127.0.0.1", 0)
+            # Room for two more descriptors: the third waiting peer meets EMFILE.
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+            print(port, flush=True)
+            await trio.sleep_forever()
+
+
+trio.run(main)
+"""
+
+
+async def test_accept_failing_with_emfile_backs_off_and_recovers(tmp_path: Path) -> None:
+    """The accept error path itself: a master whose descriptors run out while peers wait
+    logs ``ha_accept_failing`` once, keeps running, and accepts a slave again once
+    descriptors are free (the old listener raised EMFILE out of the service)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", ACCEPT_CHILD, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    assert process.stdout is not None and process.stderr is not None
+    threading.Thread(target=lambda: stderr.extend(process.stderr or ()), daemon=True).start()
+    try:
+        port = int(process.stdout.readline() or 0)
+        assert port, "the child did not start:\n" + "".join(stderr)
+        waiting = []
+        for _ in range(6):  # more peers than descriptors: accept fails for the rest
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            waiting.append(sock)
+
+        async def failing_logged() -> bool:
+            return any("ha_accept_failing" in line for line in stderr)
+
+        await wait_until("the accept failure logged", failing_logged)
+        assert process.poll() is None, "".join(stderr)
+        for sock in waiting:
+            sock.close()
+
+        async def recovered() -> bool:
+            return any("ha_accept_recovered" in line for line in stderr)
+
+        await wait_until("accepts recovering", recovered)
+        sock = trio.socket.socket()
+        with sock, trio.fail_after(ANSWER_TIMEOUT_S):
+            await sock.connect(("127.0.0.1", port))
+            hello, _name = await slave_handshake(sock, "after", 0)
+            assert hello.stream_from == 0
+        assert process.poll() is None
+        # Once per burst of failures, not once per failed accept (every 10 ms at first).
+        failing = sum("ha_accept_failing" in line for line in stderr)
+        recovered_lines = sum("ha_accept_recovered" in line for line in stderr)
+        assert failing <= recovered_lines + 1, "".join(stderr)
+    finally:
+        process.kill()
+        process.wait()
