@@ -482,8 +482,16 @@ def cmd_chaos_check(args: argparse.Namespace) -> int:
     return run_check(args.run_dir, as_json=args.json, write_html=not args.no_report)
 
 
+def quiet_late_answers() -> None:
+    """Under faults, answers that arrive after their request timed out are expected: the
+    client's warning about each would drown a chaos run's output."""
+    logging.getLogger("cluster.client.connection").setLevel(logging.ERROR)
+
+
 def cmd_chaos_run(args: argparse.Namespace) -> int:
     from tools.chaos.runner import run_chaos, settings_from_args
+
+    quiet_late_answers()
 
     try:
         settings = settings_from_args(
@@ -505,6 +513,8 @@ def cmd_chaos_run(args: argparse.Namespace) -> int:
 
 def cmd_chaos_scenario(args: argparse.Namespace) -> int:
     from tools.chaos.scenarios import run_scenario
+
+    quiet_late_answers()
 
     try:
         return trio.run(

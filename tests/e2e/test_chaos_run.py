@@ -68,6 +68,10 @@ async def test_a_short_kill_and_pause_run_is_valid(tmp_path: Path) -> None:
     # The master kill made sends unavailable and they recovered after the restart.
     kill = next(r for r in result.recoveries if r.fault == "kill")
     assert kill.recovery_s is not None
+    summary = outcome.figures["summary"]
+    assert summary["lost"] == 0 and summary["acked"] == outcome.figures["acked"]
+    assert summary["faults"] == {"kill": 2, "pause": 2}
+    assert summary["recovery_p99_s"] is not None and "recovery p50" in out.getvalue()
 
 
 async def _wipe_master(cluster: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import platform
 import shlex
 import subprocess
@@ -683,7 +684,59 @@ async def run_chaos(
     extra["figures"] = figures
     write_manifest(run_dir, settings, schedule, extra)
     exit_code = await trio.to_thread.run_sync(lambda: run_check(run_dir, out=out))
+    if (run_dir / "results.json").is_file():
+        figures["summary"] = run_summary(run_dir)
+        print(format_summary(figures["summary"]), file=out)
     return RunOutcome(run_dir, exit_code, figures)
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """The figures a run is quoted by: duration, acked, faults by kind, master changes,
+    lost, recovery p50/p99 (from results.json and run.json)."""
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    manifest_path = run_dir / "run.json"
+    manifest = (
+        json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    )
+    figures = manifest.get("figures", {})
+    faults: dict[str, int] = {}
+    for window in results.get("faults", []):
+        faults[window["fault"]] = faults.get(window["fault"], 0) + 1
+    recoveries = [
+        r["recovery_s"] for r in results.get("recoveries", []) if r["recovery_s"] is not None
+    ]
+    return {
+        "valid": results["valid"],
+        "duration_s": figures.get("duration_s"),
+        "acked": sum(q["acked"] for q in results.get("queues", [])),
+        "faults": faults,
+        "master_changes": max(len(results.get("master_changes", [])) - 1, 0),
+        "lost": len(results.get("lost", [])),
+        "never_recovered": sum(r["recovery_s"] is None for r in results.get("recoveries", [])),
+        "recovery_p50_s": _percentile(recoveries, 0.50),
+        "recovery_p99_s": _percentile(recoveries, 0.99),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def seconds(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f} s"
+
+    faults = ", ".join(f"{kind} {count}" for kind, count in sorted(summary["faults"].items()))
+    return (
+        f"run: {summary['duration_s']} s, {summary['acked']} acked, faults: {faults or 'none'}, "
+        f"{summary['master_changes']} master changes, lost {summary['lost']}, recovery p50 "
+        f"{seconds(summary['recovery_p50_s'])} p99 {seconds(summary['recovery_p99_s'])}"
+    )
 
 
 async def _run_cluster(
