@@ -12,6 +12,13 @@ epoch is newer proves this master stale (:attr:`HAService.stale`, no reply, and
 :meth:`HAService.wait_replicated` answers False from then on); otherwise the master
 streams from what the two histories prove the slave shares
 (:func:`replication.state.stream_start`), which the slave cuts to before the first chunk.
+
+Nothing a peer says counts before it proved the cluster secret
+(:mod:`replication.auth`, ``settings.cluster_secret``): a refused peer cannot make this
+master stale, count for the confirm offset or replace a slave's connection. The port
+survives floods: at most :attr:`HAService.max_peers` connections (lowered to the
+open-file limit), a handshake bounded by ``peer_timeout_ms``, and accept errors
+(``EMFILE``) that back off instead of ending the service.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ cuts a tail the master's history rules out (log first, then history) and then ad
 master's newer epochs, each once its log reaches the epoch's start (so its history never
 names a term it holds no place in, and a later promotion appends an epoch that starts at
 or after every adopted one). Liveness: the slave re-sends its ack every
-``heartbeat_ms`` and gives a master silent for ``peer_timeout_ms`` up.
+``heartbeat_ms`` and gives a master silent for ``peer_timeout_ms`` up. With a cluster
+secret, a master is believed only once it proved the same secret
+(:func:`replication.wire.slave_handshake`).
 """
 
 from __future__ import annotations
