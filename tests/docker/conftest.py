@@ -40,23 +40,21 @@ def docker_engine() -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def tidelog_image(docker_engine: Engine) -> BuildResult:
+def tidelog_image(docker_engine: Engine) -> Iterator[BuildResult]:
+    """The image built from this tree; untagged at the end (its layers stay cached)."""
     try:
-        return build_image(docker_engine, tag=f"tidelog:test-{os.getpid()}")
+        result = build_image(docker_engine, tag=f"tidelog:test-{os.getpid()}")
     except EngineError as error:
         pytest.fail(f"the tidelog image did not build: {error}", pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def image_cleanup(docker_engine: Engine, tidelog_image: BuildResult) -> Iterator[None]:
-    """Untag the session's image at the end (its layers stay cached for the next run)."""
-    yield
-    subprocess.run(
-        ["docker", "image", "rm", tidelog_image.tag],
-        env=docker_engine.env,
-        capture_output=True,
-        check=False,
-    )
+    try:
+        yield result
+    finally:
+        subprocess.run(
+            ["docker", "image", "rm", result.tag],
+            env=docker_engine.env,
+            capture_output=True,
+            check=False,
+        )
 
 
 def free_host_ports(count: int) -> list[int]:

@@ -70,7 +70,6 @@ def solo_cleanup(docker_engine: Engine, solo_label: str) -> Iterator[None]:
 def test_image_runs_tidelog_and_etcd_as_a_non_root_user(
     docker_engine: Engine,
     tidelog_image: BuildResult,
-    image_cleanup: None,
     solo_label: str,
     solo_cleanup: None,
 ) -> None:
@@ -93,7 +92,6 @@ def test_image_runs_tidelog_and_etcd_as_a_non_root_user(
 def test_single_node_turns_healthy_and_stops_cleanly_on_docker_stop(
     docker_engine: Engine,
     tidelog_image: BuildResult,
-    image_cleanup: None,
     solo_label: str,
     solo_cleanup: None,
 ) -> None:

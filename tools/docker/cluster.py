@@ -95,8 +95,9 @@ class DockerCluster:
     engine: Engine
     settings: ClusterSettings = attrs.field(factory=ClusterSettings)
     compose: Path = attrs.field(factory=compose_file)
-    _blocks: list[tuple[str, str]] = attrs.field(factory=list)
+    _blocks: dict[tuple[str, str], list[list[str]]] = attrs.field(factory=dict)
     _isolated: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    _ids: dict[str, str] = attrs.field(factory=dict)
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class DockerCluster:
         """Create and start everything, wait until every container is healthy; returns the
         seconds that took."""
         started = time.monotonic()
+        self._ids.clear()
         self._compose(
             "up",
             "--detach",
@@ -141,6 +143,7 @@ class DockerCluster:
         failed ``up`` left); lifts our iptables rules first. Returns the ids removed."""
         for a, b in list(self._blocks):
             self.unblock(a, b)
+        self._ids.clear()
         self._compose(
             "down", "--volumes", "--remove-orphans", "--timeout", "10", check=False, timeout_s=180
         )
@@ -175,12 +178,17 @@ class DockerCluster:
     # ---- inspection -------------------------------------------------------------------
 
     def container(self, service: str) -> str:
+        """The container id of ``service`` (kept: a killed and restarted container keeps
+        its id; ``up`` and ``down`` forget them)."""
+        if service in self._ids:
+            return self._ids[service]
         ident = self._compose("ps", "--all", "--quiet", service).strip()
         if not ident:
             raise EngineError(
                 f"no container for service {service!r} in project {self.settings.project}"
             )
-        return ident.splitlines()[0]
+        self._ids[service] = ident.splitlines()[0]
+        return self._ids[service]
 
     def inspect(self, service: str) -> dict[str, Any]:
         data: list[dict[str, Any]] = json.loads(self.docker("inspect", self.container(service)))
@@ -268,15 +276,16 @@ class DockerCluster:
 
     def block(self, a: str, b: str) -> None:
         """Drop every packet between containers ``a`` and ``b`` (both ways) with rules in
-        ``DOCKER-USER`` that match only their two addresses."""
-        for rule in _block_rules(self.address(a), self.address(b)):
+        ``DOCKER-USER`` that match only their two addresses (the rules are kept, so
+        ``unblock`` deletes exactly them even if an address changed meanwhile)."""
+        rules = _block_rules(self.address(a), self.address(b))
+        for rule in rules:
             _checked(["iptables", "-I", "DOCKER-USER", *rule], None, 30, True)
-        self._blocks.append((a, b))
+        self._blocks[(a, b)] = rules
 
     def unblock(self, a: str, b: str) -> None:
-        for rule in _block_rules(self.address(a), self.address(b)):
+        for rule in self._blocks.pop((a, b), []):
             _checked(["iptables", "-D", "DOCKER-USER", *rule], None, 30, False)
-        self._blocks.remove((a, b))
 
 
 def _block_rules(address_a: str, address_b: str) -> list[list[str]]:
