@@ -47,3 +47,21 @@ async def test_a_scenario_the_cluster_cannot_run_is_refused_with_what_runs_there
     assert ", ".join(static) in str(info.value)
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
     assert set(static) < set(SCENARIOS)
+
+
+async def test_kill_the_master_fails_over_to_a_new_master_without_loss(tmp_path: Path) -> None:
+    """On etcd with elected masters: the master's SIGKILL makes another node master in a
+    higher epoch, sends recover on it, and every acked message is on every node."""
+    out = io.StringIO()
+    outcome = await run_scenario("kill-master", out=tmp_path / "run", stream=out)
+    assert outcome.exit_code == EXIT_VALID, out.getvalue()
+    results = json.loads((outcome.run_dir / "results.json").read_text())
+    assert results["valid"] and not results["lost"]
+    masters = [m for m in results["master_changes"] if m["master"] is not None]
+    first, last = masters[0], masters[-1]
+    assert last["master"] != first["master"] and last["epoch"] > first["epoch"]
+    (recovery,) = results["recoveries"]
+    assert recovery["fault"] == "kill" and recovery["recovery_s"] is not None
+    assert outcome.figures["quiesce"]["settled"]
+    manifest = json.loads((outcome.run_dir / "run.json").read_text())
+    assert manifest["cluster"] == "FailoverCluster"
