@@ -19,7 +19,8 @@ from tools.chaos.checker import check
 from tools.chaos.cli import EXIT_ANOMALIES, EXIT_VALID
 from tools.chaos.history import read_history
 from tools.chaos.nemesis import draw_schedule
-from tools.chaos.runner import RunSettings, StaticCluster, run_chaos
+from tools.chaos.runner import RunSettings, StaticCluster, run_chaos, settings_from_args
+from tools.process import NodeProcess
 
 SEED = 8
 DURATION_S = 35.0
@@ -102,3 +103,25 @@ async def test_the_verdict_fails_when_acknowledged_data_is_destroyed(tmp_path: P
     assert len(lost) == acked  # every acked message, found from the acks alone
     assert all(point["missing_on"][0] == "n1" for point in lost)
     assert "lost" in out.getvalue() and "FAIL" in out.getvalue()
+
+
+async def test_runs_against_a_running_node_each_judge_their_own_messages(tmp_path: Path) -> None:
+    """``--bootstrap``: the harness did not start the node, so no nemesis and no digests;
+    a second run on the same node must not read the first run's messages as unexpected."""
+    node = NodeProcess(tmp_path / "solo", name="solo")
+    try:
+        await trio.to_thread.run_sync(node.start)
+        for attempt in (1, 2):
+            settings = settings_from_args(
+                duration_s=2, nemesis="none", acks="durable", seed=attempt,
+                out=str(tmp_path / f"run {attempt}"), bootstrap=node.address,
+            )  # fmt: skip
+            out = io.StringIO()
+            outcome = await run_chaos(settings, out=out, live=False)
+            assert outcome.exit_code == EXIT_VALID, out.getvalue()
+            assert outcome.figures["summary"]["acked"] > 0
+            results = _results(outcome.run_dir)
+            topics = {q["queue"].split(":")[0] for q in results["queues"]}
+            assert topics == {f"chaos-run-{attempt}"}
+    finally:
+        node.kill()

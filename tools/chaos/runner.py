@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -531,8 +532,14 @@ class RunSettings:
             words += ["--bootstrap", ",".join(self.bootstrap)]
         return shlex.join(words)
 
-    def workload(self) -> WorkloadSettings:
-        return WorkloadSettings(queues=self.queues, producers=self.producers, acks=self.acks)
+    def workload(self, run_dir: Path) -> WorkloadSettings:
+        """A cluster this run started is fresh; on a ``--bootstrap`` cluster the topic is the
+        run folder's own, so messages of earlier runs never reach the drain."""
+        own = re.sub(r"[^A-Za-z0-9._-]", "-", run_dir.resolve().name)
+        topic = f"chaos-{own}"[:64] if self.bootstrap else "chaos"
+        return WorkloadSettings(
+            topic=topic, queues=self.queues, producers=self.producers, acks=self.acks
+        )
 
 
 @attrs.frozen
@@ -673,7 +680,7 @@ async def run_chaos(
             quiet_s=settings.quiet_s,
             hold_s=settings.hold_s,
         )
-    workload = settings.workload()
+    workload = settings.workload(run_dir)
     extra: dict[str, Any] = {"run_dir": str(run_dir)}
     writer = HistoryWriter(run_dir / "history.jsonl")
     with lone_error_as_itself():
