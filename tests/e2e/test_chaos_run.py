@@ -111,17 +111,19 @@ async def test_runs_against_a_running_node_each_judge_their_own_messages(tmp_pat
     node = NodeProcess(tmp_path / "solo", name="solo")
     try:
         await trio.to_thread.run_sync(node.start)
+        outcomes = []
         for attempt in (1, 2):
             settings = settings_from_args(
                 duration_s=2, nemesis="none", acks="durable", seed=attempt,
                 out=str(tmp_path / f"run {attempt}"), bootstrap=node.address,
             )  # fmt: skip
             out = io.StringIO()
-            outcome = await run_chaos(settings, out=out, live=False)
-            assert outcome.exit_code == EXIT_VALID, out.getvalue()
+            outcomes.append((await run_chaos(settings, out=out, live=False), out.getvalue()))
+        for outcome, text in outcomes:
+            assert outcome.exit_code == EXIT_VALID, text
             assert outcome.figures["summary"]["acked"] > 0
-            results = _results(outcome.run_dir)
-            topics = {q["queue"].split(":")[0] for q in results["queues"]}
+        for attempt, (outcome, _text) in enumerate(outcomes, 1):
+            topics = {q["queue"].split(":")[0] for q in _results(outcome.run_dir)["queues"]}
             assert topics == {f"chaos-run-{attempt}"}
     finally:
         node.kill()
