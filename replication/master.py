@@ -58,6 +58,7 @@ from replication.wire import (
     pack_master_hello,
     pack_old_version_refusal,
     pack_proof,
+    printable,
     read_proof_and_slave_hello,
     read_slave_challenge,
     send_all,
@@ -239,7 +240,7 @@ class HAConnection:
         self.master_name = master_name
         """This master's name in the handshake (covered by the proofs, logged by slaves)."""
         self.claimed_name: str | None = None
-        """The name the peer's challenge gave (not yet proven: for logs only)."""
+        """The name the peer's challenge gave, made printable (not proven: for logs only)."""
         self.settings = settings
         self.confirm_source = confirm_source
         """The master's confirm offset now: the stream carries it to the slave."""
@@ -324,11 +325,11 @@ class HAConnection:
         except OldVersionError:
             await send_all(sock, pack_old_version_refusal())
             raise
-        self.claimed_name = challenge.name
+        self.claimed_name = claimed = printable(challenge.name)
         if secret is not None and not challenge.authenticated:
             await self._refuse(
                 sock,
-                f"slave {challenge.name} has no cluster secret and this master requires "
+                f"slave {claimed} has no cluster secret and this master requires "
                 "one: set the same [replication] cluster_secret (or cluster_secret_file, "
                 "or TIDELOG_REPLICATION_CLUSTER_SECRET) on every node",
             )
@@ -336,7 +337,7 @@ class HAConnection:
             log.warning(
                 "ha_auth_mismatch slave=%s: the slave holds a cluster secret and this master "
                 "none, so the slave will refuse it: set the same cluster_secret here",
-                challenge.name,
+                claimed,
             )
         nonce = new_nonce()
         await send_all(
@@ -347,14 +348,14 @@ class HAConnection:
         if secret is not None and not proof_matches(secret, "slave", handshake, raw_hello, theirs):
             await self._refuse(
                 sock,
-                f"authentication failed: the proof of slave {challenge.name} does not match "
+                f"authentication failed: the proof of slave {claimed} does not match "
                 "this master's cluster secret (the secrets differ): set the same "
                 "cluster_secret on master and slaves",
             )
         hello = unpack_slave_hello(raw_hello)
         if hello.name != challenge.name:
             await self._refuse(
-                sock, f"the hello names {hello.name!r}, the challenge {challenge.name!r}"
+                sock, f"the hello names {hello.name!r}, the challenge {challenge.name!r} (refused)"
             )
         return hello, handshake
 

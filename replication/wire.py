@@ -75,6 +75,7 @@ __all__ = [
     "pack_proof",
     "pack_refusal",
     "pack_slave_hello",
+    "printable",
     "read_master_challenge",
     "read_master_hello",
     "read_proof_and_master_hello",
@@ -204,6 +205,12 @@ class MasterHello:
     @property
     def history(self) -> EpochHistory:
         return EpochHistory(self.epochs)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one log line: what an unauthenticated peer sent (a claimed name,
+    a refusal's reason) must not forge lines or control the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def epochs_text(entries: tuple[EpochEntry, ...]) -> str:
@@ -491,7 +498,8 @@ async def _read_magic_or_refusal(sock: trio.socket.SocketType, what: str) -> byt
         rest = await recv_exactly(sock, _REFUSAL.size - len(head), "master's refusal")
         _magic, _version, length = _REFUSAL.unpack(head + rest)
         text = await recv_exactly(sock, min(length, MAX_REFUSAL_TEXT), "master's refusal")
-        raise HAAuthError(f"master refused this slave: {bytes(text).decode(errors='replace')}")
+        reason = printable(bytes(text).decode(errors="replace"))
+        raise HAAuthError(f"master refused this slave: {reason}")
     return head
 
 

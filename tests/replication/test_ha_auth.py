@@ -302,3 +302,23 @@ def test_the_secret_comes_from_the_environment_or_a_file(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as info:
             load_node_config(None, overrides, environ={})
         assert info.value.key == key
+
+
+async def test_what_an_unauthenticated_peer_says_cannot_forge_log_lines(tmp_path: Path) -> None:
+    """The name a refused peer claims goes into the log and the status: printable only."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        trio.open_nursery() as nursery,
+    ):
+        service, port = await _serve(master, SECRET, nursery)
+        sock = trio.socket.socket()
+        with sock:
+            await sock.connect(("127.0.0.1", port))
+            forged = "evil\nha_slave_connected slave=slave-1\x1b[2J"
+            with trio.fail_after(SHORT_S), pytest.raises(HAAuthError):
+                await slave_handshake(sock, forged, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        refusal = service.status().last_auth_refusal
+        assert refusal is not None and "claimed_name=evil?ha_slave_connected" in refusal
+        assert "\n" not in refusal and "\x1b" not in refusal
+        nursery.cancel_scope.cancel()
