@@ -7,9 +7,12 @@ revision, settings, versions, the schedule, the command that reproduces it),
 the checker's: 0 valid, 1 anomalies, 2 unreadable.
 
 The runner talks to the cluster through :class:`ChaosCluster` only, so the cluster behind
-it is one adapter: :class:`StaticCluster` (a master and two slaves started with
-:class:`tools.process.NodeProcess`, their replication links through fault proxies) or one
-over a remote cluster given by ``--bootstrap`` (no faults, no digests).
+it is one adapter: :class:`StaticCluster` (``--cluster static``: a master and two slaves
+with fixed roles started with :class:`tools.process.NodeProcess`, their replication links
+through fault proxies, so ``partition`` works), :class:`FailoverCluster` (``--cluster
+failover``: etcd and nodes that elect their master, each node's etcd link through fault
+proxies), or :class:`RemoteCluster` over a cluster given by ``--bootstrap`` (no faults, no
+digests).
 """
 
 from __future__ import annotations
