@@ -20,8 +20,9 @@ class Admin:
         self.client = client
 
     async def create_topic(self, topic: str, queues: int, *, exist_ok: bool = False) -> int:
-        """Create ``topic``; returns its queue count. ``exist_ok`` accepts an existing one."""
-        response = await self.client.call("create_topic", topic=topic, queues=queues)
+        """Create ``topic`` on the master; returns its queue count. ``exist_ok`` accepts an
+        existing one."""
+        response = await self.client.call_master("create_topic", topic=topic, queues=queues)
         status = response["status"]
         if status is Status.OK or (status is Status.TOPIC_EXISTS and exist_ok):
             queue_count: int = response.get("queues", queues)

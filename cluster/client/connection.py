@@ -9,7 +9,12 @@ from typing import Any
 import attrs
 import trio
 
-from cluster.client.errors import ConnectionLostError, RequestTimeoutError, TidelogError
+from cluster.client.errors import (
+    ConnectionLostError,
+    NotSentError,
+    RequestTimeoutError,
+    TidelogError,
+)
 from cluster.protocol import ProtocolError, ResponseDecoder, Status, encode_frame, make_request
 
 __all__ = ["Connection"]
@@ -140,11 +145,12 @@ class Connection:
         """Send one request and return its response (any status).
 
         Raises :class:`ConnectionLostError` or :class:`RequestTimeoutError` when no
-        answer comes (outcome unknown), ``ProtocolError`` for a request this
-        client can tell is invalid before sending it.
+        answer comes (outcome unknown), :class:`NotSentError` when the connection was
+        closed before the request was queued (nothing sent), ``ProtocolError`` for a
+        request this client can tell is invalid before sending it.
         """
         if self._closed is not None:
-            raise ConnectionLostError(self._closed)
+            raise NotSentError(self._closed)
         req_id = next(self._ids)
         frame = encode_frame(
             make_request(op, req_id, **fields), max_frame_size=self._max_frame_size

@@ -55,7 +55,9 @@ class Consumer:
     ``start``: ``"earliest"``, ``"latest"``, or a mapping queue -> queue offset.
     The application decides what to commit: :attr:`positions` is, per queue, the
     next offset to read, i.e. everything below it has been yielded. An offset the
-    node no longer has (retention) resets to the earliest one, with a warning.
+    node no longer has (retention) resets to the earliest one, with a warning. When the
+    node it reads from is lost, the client reads on from another node (or the new
+    master) at the same positions; a node behind those positions is waited for.
     One task iterates a consumer; one puller task per queue runs inside it.
     """
 
@@ -78,6 +80,7 @@ class Consumer:
         self.wait_ms = wait_ms
         self._buffer = buffer
         self.positions: dict[int, int] = {}
+        self._start_offsets: dict[int, int] = {}
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[trio.MemoryReceiveChannel[list[ConsumedMessage]]]:
@@ -86,6 +89,7 @@ class Consumer:
         bounds = {entry["queue"]: entry for entry in described["offsets"]}
         for queue in queues:
             self.positions[queue] = self._initial_offset(queue, bounds.get(queue, {}))
+        self._start_offsets = dict(self.positions)
         send, receive = trio.open_memory_channel[list[ConsumedMessage]](self._buffer)
         with lone_error_as_itself():
             async with trio.open_nursery() as nursery:
@@ -119,6 +123,24 @@ class Consumer:
                     wait_ms=self.wait_ms,
                 )
                 status = response["status"]
+                if (
+                    status is Status.OFFSET_OUT_OF_RANGE
+                    and offset != self._start_offsets.get(queue)
+                    and offset > response.get("max_offset", offset)
+                ):
+                    # A position this consumer read up to, past the end of the node it
+                    # reached after a failover: wait for that node (or another) to catch
+                    # up; never reread from the start. (A start position past the end is
+                    # reset below, as a position the node never had.)
+                    log.info(
+                        "consumer_node_behind topic=%s queue=%d offset=%d node_max=%s",
+                        self.topic,
+                        queue,
+                        offset,
+                        response.get("max_offset"),
+                    )
+                    await trio.sleep(min(1.0, self.wait_ms / 1000))
+                    continue
                 if status is Status.OFFSET_OUT_OF_RANGE:
                     reset = response.get("min_offset", 0)
                     log.warning(

@@ -11,6 +11,7 @@ from cluster.protocol import Status
 __all__ = [
     "ConnectFailedError",
     "ConnectionLostError",
+    "NotSentError",
     "RequestTimeoutError",
     "TidelogError",
     "lone_error_as_itself",
@@ -36,12 +37,17 @@ class ConnectionLostError(TidelogError):
         super().__init__(None, message)
 
 
-class ConnectFailedError(ConnectionLostError):
-    """No connection could be made, so nothing was sent: the outcome is known (failed).
+class NotSentError(ConnectionLostError):
+    """The request never left this client (its connection was closed before the request
+    was queued), so nothing was applied: the outcome is known (failed) and it may be resent.
 
     A subclass of :class:`ConnectionLostError` so that code catching "no answer" still
     catches it; code that cares (the producer, retries of reads) tells them apart.
     """
+
+
+class ConnectFailedError(NotSentError):
+    """No connection could be made, so nothing was sent: the outcome is known (failed)."""
 
 
 class RequestTimeoutError(TidelogError):

@@ -9,15 +9,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 import trio
 
-from cluster.client.connection import Connection
-from cluster.client.errors import (
-    ConnectFailedError,
-    ConnectionLostError,
-    RequestTimeoutError,
-    TidelogError,
-)
+from cluster.client.errors import NotSentError, TidelogError
 from cluster.protocol import Acks, ProtocolError, Status, batch_results
-from storage.backoff import Backoff
 
 if TYPE_CHECKING:
     from cluster.client.client import Client
@@ -27,8 +20,6 @@ __all__ = ["Outcome", "Producer", "SendResult"]
 log = logging.getLogger(__name__)
 
 Outcome = Literal["ok", "failed", "unknown"]
-
-RETRY_BACKOFF_MAX_S: Final = 2.0
 
 _ONE_MESSAGE_REFUSED: Final = frozenset(
     {Status.MESSAGE_TOO_LARGE, Status.BAD_REQUEST, Status.FRAME_TOO_LARGE}
@@ -121,7 +112,7 @@ class Producer:
         batch_size: int = 256,
         max_batch_bytes: int = 1 << 20,
         timeout_ms: int = 5000,
-        retries: int = 5,
+        retries: int = 10,
         retry_backoff_ms: float = 50.0,
     ) -> None:
         self.client = client
@@ -133,10 +124,13 @@ class Producer:
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.retry_backoff = retry_backoff_ms / 1000
-        self.master: str | None = None
-        """The master a ``NOT_MASTER`` hint named; None: the client's bootstrap addresses."""
         self._open: dict[tuple[str, Acks], list[_Pending]] = {}
         self._open_bytes: dict[tuple[str, Acks], int] = {}
+
+    @property
+    def master(self) -> str | None:
+        """The master this producer's client sends to (None: not known yet)."""
+        return self.client.master
 
     async def send(
         self,
@@ -240,58 +234,36 @@ class Producer:
     async def _deliver(
         self, topic: str, acks: Acks, messages: list[dict[str, Any]]
     ) -> list[SendResult]:
-        """Send one batch, retrying retryable statuses; one result per message."""
+        """Send one batch to the master (the client follows hints and rediscovers it,
+        resending only what was certainly not applied); one result per message."""
         timeout = self.timeout_ms / 1000 + self.client.config.request_timeout
-        backoff: Backoff | None = None  # made on the first retry: most sends never retry
-        for attempt in range(self.retries + 1):
-            try:
-                connection = await self.client.connection(self.master)
-            except ConnectFailedError as exc:  # never connected: nothing was sent
-                if self.master is not None and attempt < self.retries:
-                    log.info("send_master_unreachable master=%s error=%s", self.master, exc)
-                    self.master = None  # back to the bootstrap addresses
-                    continue
-                return [SendResult("failed", None, topic, error=exc.message)] * len(messages)
-            try:
-                response = await self._request(connection, timeout, topic, acks, messages)
-            except (ConnectionLostError, RequestTimeoutError) as exc:
-                return [self._unknown(topic, exc.message)] * len(messages)
-            except ProtocolError as exc:  # rejected by this client before sending
-                return [SendResult("failed", exc.status, topic, error=str(exc))] * len(messages)
-            status = response["status"]
-            if status.retryable and attempt < self.retries:
-                hint = response.get("master") if status is Status.NOT_MASTER else None
-                if hint and hint != connection.address:
-                    log.info(
-                        "send_redirect topic=%s from=%s to=%s", topic, connection.address, hint
-                    )
-                    self.master = hint
-                    continue
-                log.info("send_retry topic=%s status=%s attempt=%d", topic, status, attempt + 1)
-                if backoff is None:
-                    first_s = max(self.retry_backoff, 1e-3)
-                    backoff = Backoff(first_s, max(first_s, RETRY_BACKOFF_MAX_S))
-                await trio.sleep(backoff.next_delay_s())
-                continue
-            error = response.get("error")
-            if "offsets" in response:
-                entries = batch_results(response)
-            elif len(messages) == 1:
-                entries = [response]
-            else:
-                entries = [{}] * len(messages)
-            return [_result(topic, status, entry, error) for entry in entries]
-        raise AssertionError("unreachable: the last attempt returns")
-
-    async def _request(
-        self,
-        connection: Connection,
-        timeout: float,
-        topic: str,
-        acks: Acks,
-        messages: list[dict[str, Any]],
-    ) -> dict[str, Any]:
         fields: dict[str, Any] = {"topic": topic, "acks": acks.value, "timeout_ms": self.timeout_ms}
         if len(messages) == 1:
-            return await connection.request("send", timeout, **fields, **messages[0])
-        return await connection.request("send_batch", timeout, messages=messages, **fields)
+            op, fields = "send", {**fields, **messages[0]}
+        else:
+            op, fields = "send_batch", {**fields, "messages": messages}
+        try:
+            delivery = await self.client.request_master(
+                op,
+                timeout,
+                resends=self.retries,
+                backoff_initial_s=self.retry_backoff,
+                **fields,
+            )
+        except ProtocolError as exc:  # rejected by this client before sending
+            return [SendResult("failed", exc.status, topic, error=str(exc))] * len(messages)
+        if isinstance(delivery.error, NotSentError):  # nothing was sent
+            return [SendResult("failed", None, topic, error=delivery.error.message)] * len(messages)
+        if delivery.error is not None:
+            return [self._unknown(topic, delivery.error.message)] * len(messages)
+        response = delivery.response
+        assert response is not None
+        status = response["status"]
+        error = response.get("error")
+        if "offsets" in response:
+            entries = batch_results(response)
+        elif len(messages) == 1:
+            entries = [response]
+        else:
+            entries = [{}] * len(messages)
+        return [_result(topic, status, entry, error) for entry in entries]

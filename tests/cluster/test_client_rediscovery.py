@@ -7,10 +7,30 @@ In-process nodes in this test's trio loop; tests synchronise on events and on
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
-from cluster.client import open_client
-from tests.cluster.test_client_producer import serving
+import attrs
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.client import ConsumedMessage, Consumer, open_client
+from cluster.client.routing import (
+    Attempt,
+    ClusterView,
+    Step,
+    best_view,
+    next_step,
+    view_from_metadata,
+    view_from_status,
+)
+from cluster.node import Node
+from cluster.node.config import NodeConfig
+from cluster.protocol import Status
+from cluster.protocol.address import format_address
+from tests.cluster.test_client_producer import STORE, serving
 from tests.cluster.test_node import no_garbage_collection
 from tests.cluster.test_server import until
 
@@ -28,3 +48,263 @@ async def test_leaving_an_open_client_closes_its_socket(tmp_path: Path) -> None:
                 async with open_client(address) as client:
                     await client.admin.status()
             await until(lambda: node.server is not None and node.server.connections == 0)
+
+
+# ---- routing decisions (pure) ---------------------------------------------------------------
+
+STATUSES = st.sampled_from(list(Status))
+ADDRESSES = st.sampled_from(["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])
+
+
+@st.composite
+def attempts(draw: st.DrawFn) -> Attempt:
+    sent = draw(st.booleans())
+    status = draw(st.none() | STATUSES) if sent else None
+    return Attempt(
+        sent=sent,
+        status=status,
+        address=draw(st.none() | ADDRESSES),
+        hint=draw(st.none() | ADDRESSES),
+    )
+
+
+@given(attempts(), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_next_step_resends_only_what_was_certainly_not_applied(
+    attempt: Attempt, resends_left: bool, time_left: bool, followed: bool, may_wait: bool
+) -> None:
+    step = next_step(
+        attempt,
+        resends_left=resends_left,
+        time_left=time_left,
+        followed_hint_last=followed,
+        may_wait_for_nodes=may_wait,
+    )
+    maybe_applied = attempt.sent and (attempt.status is None or not attempt.status.retryable)
+    if maybe_applied or not (resends_left and time_left):
+        assert step is Step.DONE
+    if step is Step.FOLLOW_HINT:
+        assert attempt.status is Status.NOT_MASTER and attempt.hint != attempt.address
+        assert not followed  # two hints in a row: ask the nodes instead
+    if not attempt.sent and resends_left and time_left:
+        assert step is (Step.REDISCOVER if may_wait else Step.DONE)
+
+
+def test_next_step_cases() -> None:
+    here, there = "127.0.0.1:7001", "127.0.0.1:7002"
+    budget = {"resends_left": True, "time_left": True}
+    not_master = Attempt(sent=True, status=Status.NOT_MASTER, address=here, hint=there)
+    assert next_step(not_master, **budget) is Step.FOLLOW_HINT
+    assert next_step(not_master, **budget, followed_hint_last=True) is Step.REDISCOVER
+    no_hint = Attempt(sent=True, status=Status.NOT_MASTER, address=here)
+    assert next_step(no_hint, **budget) is Step.REDISCOVER
+    busy = Attempt(sent=True, status=Status.SLAVE_NOT_AVAILABLE, address=here)
+    assert next_step(busy, **budget) is Step.PAUSE
+    lost = Attempt(sent=True, status=None, address=here)
+    assert next_step(lost, **budget) is Step.DONE
+    refused = Attempt(sent=False, status=None, address=here)
+    assert next_step(refused, **budget) is Step.REDISCOVER
+    assert next_step(refused, **budget, may_wait_for_nodes=False) is Step.DONE
+
+
+VIEWS = st.builds(
+    ClusterView,
+    source=ADDRESSES,
+    epoch=st.none() | st.integers(0, 5),
+    master=st.none() | ADDRESSES,
+    members=st.tuples(ADDRESSES),
+)
+
+
+@given(st.lists(VIEWS, max_size=6), st.randoms())
+def test_best_view_names_the_master_of_the_highest_epoch_whatever_the_order(
+    views: list[ClusterView], rng: random.Random
+) -> None:
+    best = best_view(views)
+    naming = [view for view in views if view.master is not None]
+    if not naming:
+        assert best is None
+        return
+    assert best is not None and best in naming
+    top = max(-1 if view.epoch is None else view.epoch for view in naming)
+    assert (-1 if best.epoch is None else best.epoch) == top
+    shuffled = list(views)
+    rng.shuffle(shuffled)
+    reordered = best_view(shuffled)
+    assert (
+        reordered is not None
+        and (reordered.epoch, reordered.master)
+        == (
+            best.epoch,
+            best.master,
+        )
+    ) or any(  # same epoch, different masters: only possible in made-up views
+        view.epoch == best.epoch and view.master != best.master for view in naming
+    )
+
+
+def test_views_from_metadata_and_status() -> None:
+    answer = {
+        "status": Status.OK,
+        "epoch": 4,
+        "master": {"name": "node-2", "client": "127.0.0.1:7002", "ha": "127.0.0.1:8002"},
+        "members": [
+            {"name": "node-1", "client": "127.0.0.1:7001"},
+            {"name": "node-2", "client": "127.0.0.1:7002"},
+            {"name": "odd", "client": "not an address"},
+        ],
+    }
+    view = view_from_metadata("127.0.0.1:7001", answer)
+    assert view == ClusterView(
+        "127.0.0.1:7001", 4, "127.0.0.1:7002", ("127.0.0.1:7001", "127.0.0.1:7002")
+    )
+    assert view_from_metadata("127.0.0.1:7001", {"master": None}).master is None
+    master = view_from_status("127.0.0.1:7001", {"role": "master", "writable": True, "epoch": 2})
+    assert (master.master, master.epoch) == ("127.0.0.1:7001", 2)
+    assert view_from_status("127.0.0.1:7001", {"role": "slave", "epoch": 2}).master is None
+
+
+# ---- failover against in-process nodes -------------------------------------------------------
+
+
+@attrs.define
+class Running:
+    node: Node
+    address: str
+    stopped: trio.Event
+
+    async def stop(self) -> None:
+        self.node.request_shutdown()
+        await self.stopped.wait()
+
+
+async def start_node(
+    nursery: trio.Nursery, data_dir: Path, *, name: str, **replication: Any
+) -> Running:
+    config = NodeConfig.create(
+        data_dir, node={"port": 0, "name": name}, store=STORE, replication=replication
+    )
+    node = Node(config)
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    host, port = await nursery.start(run)
+    return Running(node, format_address(host, port), stopped)
+
+
+async def master_and_slave(nursery: trio.Nursery, tmp_path: Path) -> tuple[Running, Running]:
+    master = await start_node(nursery, tmp_path / "a", name="node-a", ha_port=0)
+    assert master.node.ha_address is not None
+    slave = await start_node(
+        nursery,
+        tmp_path / "b",
+        name="node-b",
+        role="slave",
+        master_ha=format_address(*master.node.ha_address),
+        master_client=master.address,
+    )
+    return master, slave
+
+
+async def promote(address: str) -> dict[str, Any]:
+    async with open_client(address) as admin:
+        return await admin.checked("promote", ha_port=0)
+
+
+async def test_a_producer_finds_the_new_master_after_the_old_one_is_gone(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        master, slave = await master_and_slave(nursery, tmp_path)
+        async with open_client([slave.address, master.address]) as client:
+            await client.admin.create_topic("t", 1)  # the slave's hint names the master
+            assert client.master == master.address
+            producer = client.producer(acks="replicated", retry_backoff_ms=1)
+            first = await producer.send("t", b"before")
+            assert (first.outcome, first.queue_offset) == ("ok", 0)
+            await master.stop()
+            await promote(slave.address)
+            after = await producer.send("t", b"after", acks="durable")  # no slave left
+            assert (after.outcome, after.status, after.queue_offset) == ("ok", Status.OK, 1)
+            assert client.master == slave.address
+            assert client.rediscoveries >= 1
+        await slave.stop()
+
+
+async def test_a_write_without_an_answer_is_never_resent(tmp_path: Path) -> None:
+    """A master that takes the request and hangs up: the outcome is unknown, and the
+    client does not resend it elsewhere even with resends and a new master to hand."""
+    received = 0
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    hung_up = trio.Event()
+
+    async def swallow(stream: trio.SocketStream) -> None:
+        nonlocal received
+        async with stream:
+            if await stream.receive_some(65536):
+                received += 1
+                hung_up.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, swallow, listeners)
+        silent = format_address(*listeners[0].socket.getsockname()[:2])
+        other = await start_node(nursery, tmp_path / "other", name="other")
+        async with open_client([other.address, silent]) as client:
+            await client.admin.create_topic("t", 1)  # on "other", the first address
+            client.master = silent  # as a hint would have said
+            result = await client.producer(retries=10, retry_backoff_ms=1).send("t", b"m")
+            assert (result.outcome, result.status) == ("unknown", None)
+            assert received == 1
+            described = await client.admin.offsets("t", 0)
+            assert described[0]["max_offset"] == 0  # not resent to the other node
+        await other.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_consumer_continues_at_its_offsets_on_the_new_master(tmp_path: Path) -> None:
+    """A master and two slaves; the consumer reads from the master, which goes away; a
+    slave is promoted and the other follows it; the consumer reads on from the same
+    positions (the new master serves what its slave confirmed)."""
+    async with trio.open_nursery() as nursery:
+        master, slave = await master_and_slave(nursery, tmp_path)
+        assert master.node.ha_address is not None
+        other = await start_node(
+            nursery,
+            tmp_path / "c",
+            name="node-c",
+            role="slave",
+            master_ha=format_address(*master.node.ha_address),
+            master_client=master.address,
+        )
+        async with open_client([master.address, slave.address]) as client:
+            await client.admin.create_topic("t", 1)
+            producer = client.producer(acks="replicated", retry_backoff_ms=1)
+            for i in range(3):
+                assert (await producer.send("t", b"m%d" % i)).ok
+            async with client.consumer("t", start="earliest", wait_ms=200) as consumer:
+                taken = await take(consumer, 3)
+                await master.stop()
+                promoted = await promote(slave.address)
+                async with open_client(other.address) as admin:
+                    await admin.checked(
+                        "repoint", master_ha=promoted["ha_address"], master_client=slave.address
+                    )
+                for i in range(3, 5):
+                    assert (await producer.send("t", b"m%d" % i)).ok
+                taken += await take(consumer, 2)
+                assert consumer.positions == {0: 5}
+        assert [(m.queue_offset, m.body) for m in taken] == [(i, b"m%d" % i) for i in range(5)]
+        await slave.stop()
+        await other.stop()
+
+
+async def take(consumer: Consumer, count: int) -> list[ConsumedMessage]:
+    taken: list[ConsumedMessage] = []
+    with trio.fail_after(30):
+        async for message in consumer:
+            taken.append(message)
+            if len(taken) == count:
+                break
+    return taken
