@@ -149,15 +149,15 @@ def in_sync(address: str, slaves: int) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def read_all(address: str) -> dict[tuple[int, int], bytes]:
-    """Every message of the demo topic on one node: (queue, queue offset) -> body."""
+async def read_all(address: str, topic: str = TOPIC) -> dict[tuple[int, int], bytes]:
+    """Every readable message of ``topic`` on one node: (queue, queue offset) -> body."""
     stored: dict[tuple[int, int], bytes] = {}
-    async with open_client(address) as client:
-        for entry in await client.admin.offsets(TOPIC):
+    async with open_client(address, failover_timeout=0.0) as client:  # this node only
+        for entry in await client.admin.offsets(topic):
             offset = entry["min_offset"]
             while offset < entry["max_offset"]:
                 page = await client.checked(
-                    "pull", topic=TOPIC, queue=entry["queue"], offset=offset, max_messages=1024
+                    "pull", topic=topic, queue=entry["queue"], offset=offset, max_messages=1024
                 )
                 for message in page["messages"]:
                     stored[(entry["queue"], message["queue_offset"])] = message["body"]

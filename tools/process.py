@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,16 @@ READY = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
 
 
 class NodeProcess:
-    """A ``tidelog node`` child. ``start()`` returns once it listens (or raises with its stderr)."""
+    """A ``tidelog node`` child. ``start()`` returns once it listens (or raises with its stderr).
+
+    Invariant: the process this object signals is the one it started (by PID); ``start``
+    may be called again after ``stop``/``kill`` (a restart on the same data directory and
+    client port). Options for the local cluster launcher: ``host`` (``--host``),
+    ``command_prefix`` (e.g. ``ip netns exec NS``), ``log_path`` (stdout and stderr go to
+    that file instead of pipes, so the node outlives a parent that exits: ``cluster up
+    --detach``) and ``new_session`` (a terminal's Ctrl-C reaches the parent only, which
+    then stops the node in order). One owner drives it; not thread-safe.
+    """
 
     def __init__(
         self,
@@ -35,6 +45,10 @@ class NodeProcess:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         log_level: str = "WARNING",
+        host: str | None = None,
+        command_prefix: Sequence[str] = (),
+        log_path: Path | None = None,
+        new_session: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.name = name
@@ -43,22 +57,47 @@ class NodeProcess:
         self.env = env
         self.log_level = log_level
         self.process: subprocess.Popen[str] | None = None
-        self.host = "127.0.0.1"
+        self.bind_host = host
+        self.host = host or "127.0.0.1"
+        self.command_prefix = list(command_prefix)
+        self.log_path = log_path
+        self.new_session = new_session
         self._stderr: list[str] = []
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> NodeProcess:
-        command = [
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self) -> list[str]:
+        host = ["--host", self.bind_host] if self.bind_host else []
+        return [
+            *self.command_prefix,
             sys.executable, "-m", "tools.cli", "--log-level", self.log_level, "node",
             "--name", self.name, "--port", str(self.port), "--data-dir", str(self.data_dir),
-            *self.extra_args,
+            *host, *self.extra_args,
         ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        if self.is_running():
+            raise RuntimeError(f"node {self.name} is already running (pid {self.pid})")
         env = dict(os.environ, **(self.env or {}))
+        self._stderr = []
+        if self.log_path is not None:
+            return self._start_logging_to_file(env, timeout)
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=self.new_session,
         )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         ready = threading.Event()
@@ -80,10 +119,48 @@ class NodeProcess:
                 f"node {self.name} did not start within {timeout}s; stderr:\n"
                 + "".join(self._stderr[-40:])
             )
-        match = READY.search(line_holder[0])
+        self._ready(line_holder[0])
+        return self
+
+    def _ready(self, line: str) -> None:
+        match = READY.search(line)
         assert match is not None
         self.host, self.port = match["host"], int(match["port"])
-        return self
+
+    def _start_logging_to_file(self, env: dict[str, str], timeout: float) -> NodeProcess:
+        """Start with stdout and stderr appended to ``log_path``; wait for the ready line
+        written after this start. A file offers no event: a bounded poll."""
+        assert self.log_path is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            start_at = log_file.tell()
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                text=True,
+                start_new_session=self.new_session,
+            )
+        deadline = time.monotonic() + timeout
+        written = ""
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(start_at)
+                written = log_file.read().decode("utf-8", "replace")
+            for line in written.splitlines():
+                if READY.search(line):
+                    self._ready(line)
+                    return self
+            if not self.is_running():
+                break
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(
+            f"node {self.name} did not start within {timeout}s; its log "
+            f"{self.log_path}:\n" + "\n".join(written.splitlines()[-40:])
+        )
 
     def _drain_stderr(self) -> None:
         assert self.process is not None and self.process.stderr is not None
@@ -92,13 +169,20 @@ class NodeProcess:
 
     @property
     def stderr(self) -> str:
+        if self.log_path is not None:
+            try:
+                return self.log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                return ""
         return "".join(self._stderr)
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: a clean shutdown (flush, checkpoint). Returns the exit code."""
+        """SIGTERM and wait: a clean shutdown (flush, checkpoint). Returns the exit code.
+        A paused (SIGSTOPped) node is resumed first so the SIGTERM can land."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout)
@@ -111,6 +195,19 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes (a long GC pause, a VM stall) until :meth:`resume`."""
+        if not self.is_running():
+            raise RuntimeError(f"node {self.name} is not running")
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.is_running():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> NodeProcess:
         return self.start()

@@ -1,6 +1,7 @@
-"""Local launchers: real child processes (etcd today; the broker group for `tidelog cluster up`
-next) and the loopback TCP proxy that injects network faults between them."""
+"""Local launchers: real child processes (etcd, and the broker group of `tidelog cluster up`:
+LocalCluster) and the loopback TCP proxy that injects network faults between them."""
 
+from tools.launcher.cluster import ClusterLaunchError, LocalCluster, NodeView
 from tools.launcher.etcd import (
     EtcdCluster,
     EtcdLaunchError,
@@ -11,9 +12,12 @@ from tools.launcher.etcd import (
 from tools.launcher.proxy import TcpProxy
 
 __all__ = [
+    "ClusterLaunchError",
     "EtcdCluster",
     "EtcdLaunchError",
     "EtcdMember",
+    "LocalCluster",
+    "NodeView",
     "TcpProxy",
     "etcd_binary",
     "free_loopback_port",

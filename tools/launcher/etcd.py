@@ -108,7 +108,9 @@ class EtcdMember:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def spawn(self, initial_cluster: str, extra_args: Sequence[str]) -> None:
+    def spawn(
+        self, initial_cluster: str, extra_args: Sequence[str], *, new_session: bool = False
+    ) -> None:
         """Start the process (returns at once; the cluster waits for health)."""
         if self.is_running():
             raise EtcdLaunchError(f"etcd member {self.name} is already running (pid {self.pid})")
@@ -128,7 +130,11 @@ class EtcdMember:
         ]  # fmt: skip
         self._log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
         log.info("etcd started name=%s pid=%s client_url=%s", self.name, self.pid, self.client_url)
 
@@ -193,12 +199,15 @@ class EtcdCluster:
     twice and after a failed start.
 
     ``extra_args`` go to every member, e.g. ``("--heartbeat-interval", "50")``.
+    ``new_session``: members run in sessions of their own, so a terminal's Ctrl-C reaches
+    only the caller, which stops them in order (``tidelog cluster up``).
     """
 
     base_dir: Path
     size: int = 1
     extra_args: tuple[str, ...] = ()
     start_timeout_s: float = 20.0
+    new_session: bool = False
     members: list[EtcdMember] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
@@ -221,7 +230,7 @@ class EtcdCluster:
             self._make_members(attempt)
             initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for member in self.members:
-                member.spawn(initial_cluster, self.extra_args)
+                member.spawn(initial_cluster, self.extra_args, new_session=self.new_session)
             try:
                 self.wait_healthy(self.members, self.start_timeout_s)
                 return self
@@ -288,7 +297,7 @@ class EtcdCluster:
         if member.is_running():
             raise EtcdLaunchError(f"etcd member {member.name} is still running (pid {member.pid})")
         initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        member.spawn(initial_cluster, self.extra_args)
+        member.spawn(initial_cluster, self.extra_args, new_session=self.new_session)
         if wait:
             self.wait_healthy([member], self.start_timeout_s)
 

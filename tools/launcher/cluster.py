@@ -1,0 +1,386 @@
+"""A local tidelog cluster: an etcd (unless one is given) and one broker group of N
+``tidelog node --etcd`` processes that elect their master, on free loopback ports.
+
+The library behind ``tidelog cluster up``, the end-to-end tests, ``tidelog bench
+failover`` and the failover demo. Process control (start, stop, kill, restart, pause,
+resume) is synchronous, like :class:`tools.launcher.etcd.EtcdCluster`: a trio caller runs
+``start``/``restart`` in a thread. Questions to the nodes (``statuses``, ``master``,
+``wait_for_master``) are trio coroutines.
+
+Every process is started by this object and stopped by its PID only (SIGTERM, then
+SIGKILL after a bound), also when starting fails; data directories and logs stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from cluster.client import TidelogError, open_client
+from tools.launcher.etcd import EtcdCluster
+from tools.process import NodeProcess
+
+__all__ = ["ClusterLaunchError", "LocalCluster", "NodeView", "node_answer"]
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S = 2.0
+"""A node that does not answer ``status`` within this is shown as not answering."""
+POLL_INTERVAL_S = 0.05
+STATE_FILE = "cluster.json"
+
+
+class ClusterLaunchError(RuntimeError):
+    """The cluster could not be started (or a node restarted), with the reason and log."""
+
+
+async def node_answer(
+    address: str, op: str, timeout_s: float = STATUS_TIMEOUT_S, **fields: Any
+) -> dict[str, Any] | None:
+    """``op``'s answer from the node at ``address`` itself (never another node), or None
+    when it cannot answer (killed, paused, starting)."""
+    with trio.move_on_after(timeout_s):
+        try:
+            async with open_client(
+                address,
+                request_timeout=timeout_s,
+                connect_timeout=timeout_s,
+                failover_timeout=0.0,
+            ) as client:
+                return await client.call(op, **fields)
+        except (TidelogError, OSError):
+            return None
+    return None
+
+
+@attrs.frozen
+class NodeView:
+    """One node as the launcher sees it: its process and its ``status`` answer."""
+
+    name: str
+    address: str
+    pid: int | None
+    running: bool
+    status: Mapping[str, Any] | None
+    """The node's ``status`` answer (None: it did not answer)."""
+
+    @property
+    def coordination(self) -> Mapping[str, Any]:
+        return (self.status or {}).get("coordination") or {}
+
+    @property
+    def role(self) -> str:
+        if not self.running:
+            return "stopped"
+        if self.status is None:
+            return "no answer"
+        return str(self.coordination.get("role") or self.status.get("role"))
+
+    @property
+    def is_master(self) -> bool:
+        """A master that may acknowledge now (not one past its fencing deadline)."""
+        return self.coordination.get("role") == "master" and bool(
+            self.coordination.get("may_acknowledge")
+        )
+
+    @property
+    def epoch(self) -> int | None:
+        return (self.status or {}).get("epoch")
+
+    @property
+    def log_end(self) -> int | None:
+        return (self.status or {}).get("max_offset")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "pid": self.pid,
+            "running": self.running,
+            "role": self.role,
+            "epoch": self.epoch,
+            "log_end": self.log_end,
+            "recorded_in_sync": self.coordination.get("recorded_in_sync"),
+            "may_acknowledge": self.coordination.get("may_acknowledge"),
+        }
+
+
+@attrs.define
+class LocalCluster:
+    """etcd plus ``replicas`` node processes of one group, all under ``root``.
+
+    ``etcd_endpoints``: use this etcd instead of starting one. ``node_args`` go to every
+    node (``--config FILE``, lease settings...); ``command_prefix`` and ``host`` let a
+    caller run nodes in network namespaces. Use as a context manager, or ``start`` /
+    ``stop``; ``stop`` is safe to call twice and after a failed start. One owner drives
+    process control; the coroutines may run from any task of one trio run.
+    """
+
+    root: Path
+    replicas: int = 3
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_members: int = 1
+    cluster_name: str = "tidelog"
+    group: str = "g1"
+    min_insync_replicas: int = 1
+    node_args: tuple[str, ...] = ()
+    host: str | None = None
+    command_prefix: tuple[str, ...] = ()
+    new_session: bool = False
+    log_level: str = "WARNING"
+    start_timeout_s: float = 30.0
+    etcd: EtcdCluster | None = None
+    nodes: dict[str, NodeProcess] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"a cluster needs at least one node, got replicas={self.replicas}")
+        if not 0 <= self.min_insync_replicas < max(self.replicas, 2):
+            raise ValueError(
+                f"min_insync_replicas={self.min_insync_replicas} cannot be met by "
+                f"{self.replicas} node(s): use 0 to {self.replicas - 1}"
+            )
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The etcd client URLs the nodes use."""
+        if self.etcd_endpoints:
+            return list(self.etcd_endpoints)
+        return self.etcd.endpoints if self.etcd is not None else []
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.nodes)
+
+    def address(self, name: str) -> str:
+        return self.nodes[name].address
+
+    @property
+    def addresses(self) -> list[str]:
+        """Client addresses of every node: a client's bootstrap list."""
+        return [node.address for node in self.nodes.values()]
+
+    def start(self) -> LocalCluster:
+        """Start etcd (unless endpoints were given) and every node; returns once each node
+        listens. Everything started is stopped again if any of it fails."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.etcd_endpoints:
+                self.etcd = EtcdCluster(
+                    self.root / "etcd", size=self.etcd_members, new_session=self.new_session
+                ).start()
+            for index in range(1, self.replicas + 1):
+                name = f"node-{index}"
+                self.nodes[name] = self._node(name)
+                self._start_node(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _node(self, name: str) -> NodeProcess:
+        args = [
+            "--etcd", ",".join(self.endpoints),
+            "--cluster", self.cluster_name,
+            "--group", self.group,
+            "--ha-port", "0",
+            "--min-insync-replicas", str(self.min_insync_replicas),
+            *self.node_args,
+        ]  # fmt: skip
+        return NodeProcess(
+            self.root / name,
+            name=name,
+            extra_args=args,
+            log_level=self.log_level,
+            host=self.host,
+            command_prefix=self.command_prefix,
+            log_path=self.root / f"{name}.log",
+            new_session=self.new_session,
+        )
+
+    def _start_node(self, name: str) -> None:
+        try:
+            self.nodes[name].start(self.start_timeout_s)
+        except RuntimeError as exc:
+            raise ClusterLaunchError(str(exc)) from None
+        log.info("node started name=%s pid=%s address=%s", name, self.pid(name), self.address(name))
+
+    def pid(self, name: str) -> int | None:
+        return self.nodes[name].pid
+
+    def running(self, name: str) -> bool:
+        return self.nodes[name].is_running()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one node: a crash, nothing flushed."""
+        self.nodes[name].kill()
+
+    def stop_node(self, name: str, timeout_s: float = 30.0) -> int:
+        """SIGTERM one node and wait: a clean shutdown (a master resigns first)."""
+        return self.nodes[name].stop(timeout_s)
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed node again on its data directory and client port."""
+        if self.nodes[name].is_running():
+            raise ClusterLaunchError(f"{name} is still running (pid {self.pid(name)})")
+        self._start_node(name)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP one node (it keeps its sockets and lease until the lease runs out)."""
+        self.nodes[name].pause()
+
+    def resume(self, name: str) -> None:
+        self.nodes[name].resume()
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after a bound) and the etcd this object
+        started, all by PID. Data and logs stay under ``root``."""
+        for name, node in self.nodes.items():
+            try:
+                node.stop(timeout=15.0)
+            except RuntimeError as exc:  # ignored SIGTERM: killed by stop() already
+                log.warning("node stop name=%s: %s", name, exc)
+        if self.etcd is not None:
+            self.etcd.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ---- questions to the nodes ------------------------------------------------------------
+
+    async def view(self, name: str) -> NodeView:
+        node = self.nodes[name]
+        running = node.is_running()
+        status = await node_answer(node.address, "status") if running else None
+        return NodeView(name, node.address, node.pid, running, status)
+
+    async def views(self) -> list[NodeView]:
+        """Every node's view, asked concurrently, in name order."""
+        found: dict[str, NodeView] = {}
+
+        async def one(name: str) -> None:
+            found[name] = await self.view(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in self.nodes:
+                nursery.start_soon(one, name)
+        return [found[name] for name in self.nodes]
+
+    async def master(self) -> str | None:
+        """The name of the one node that is an acknowledging master now (None: no node,
+        or more than one, says so)."""
+        masters = [view.name for view in await self.views() if view.is_master]
+        return masters[0] if len(masters) == 1 else None
+
+    async def wait_for_master(
+        self, timeout_s: float = 30.0, *, other_than: str | None = None
+    ) -> str:
+        """Wait until exactly one node is an acknowledging master (other than
+        ``other_than``); return its name. Another process's state offers no event to
+        wait on: a bounded poll. Raises TimeoutError naming what each node said."""
+        last: list[NodeView] = []
+        with trio.move_on_after(timeout_s):
+            while True:
+                last = await self.views()
+                masters = [view.name for view in last if view.is_master]
+                if len(masters) == 1 and masters[0] != other_than:
+                    return masters[0]
+                await trio.sleep(POLL_INTERVAL_S)
+        seen = ", ".join(f"{view.name}: {view.role}" for view in last)
+        raise TimeoutError(f"no single master within {timeout_s}s ({seen})")
+
+    # ---- the state file of a detached cluster ------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What ``tidelog cluster status|down`` need to find this cluster again."""
+        etcd = self.etcd
+        return {
+            "format": 1,
+            "root": str(self.root),
+            "cluster": self.cluster_name,
+            "group": self.group,
+            "etcd": {
+                "endpoints": self.endpoints,
+                "managed": etcd is not None,
+                "pids": [m.pid for m in etcd.members if m.pid] if etcd is not None else [],
+            },
+            "nodes": [
+                {
+                    "name": name,
+                    "address": node.address,
+                    "pid": node.pid,
+                    "data_dir": str(node.data_dir),
+                    "log": str(node.log_path),
+                }
+                for name, node in self.nodes.items()
+            ],
+        }
+
+    def write_state(self) -> Path:
+        path = self.root / STATE_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.describe(), indent=2) + "\n")
+        os.replace(temporary, path)
+        return path
+
+
+def read_state(root: Path) -> dict[str, Any]:
+    """A detached cluster's ``cluster.json``; FileNotFoundError/ValueError say what is wrong."""
+    path = root / STATE_FILE
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict) or state.get("format") != 1 or "nodes" not in state:
+        raise ValueError(f"{path} is not a cluster state file this version can read")
+    return state
+
+
+def process_matches(pid: int, *words: str) -> bool:
+    """True when process ``pid`` exists and its command line contains every word: a PID
+    from a state file is signalled only if it is still the process that was started."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return all(word in command for word in words)
+
+
+def stop_pids(pids: Sequence[tuple[int, Sequence[str]]], timeout_s: float = 15.0) -> list[int]:
+    """SIGTERM each (pid, words) whose process still matches, wait up to ``timeout_s``
+    for them to exit, SIGKILL the rest. Returns the PIDs that were signalled."""
+    import signal
+    import time
+
+    signalled = []
+    for pid, words in pids:
+        if process_matches(pid, *words):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in signalled):
+        time.sleep(POLL_INTERVAL_S)
+    for pid in signalled:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return signalled
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
