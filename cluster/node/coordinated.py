@@ -310,6 +310,19 @@ class Coordinator:
 
     async def become_slave(self, leader: LeaderValue) -> None:
         node = self.node
+        current = node.history.current
+        if current is not None and leader.epoch < current.epoch:
+            # etcd names a master of an older epoch than this log holds (etcd's data
+            # lost or restored from a backup?): following it could cut acked records
+            log.error(
+                "node_refuses_older_master name=%s master=%s master_epoch=%d own_epoch=%d: "
+                "restore etcd's data or clear this group's keys",
+                self.name,
+                leader.node,
+                leader.epoch,
+                current.epoch,
+            )
+            return
         async with node._role_lock:
             store, handler = node.store, node.handler
             assert store is not None and handler is not None and node._standalone is not None
