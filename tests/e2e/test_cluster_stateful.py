@@ -1,9 +1,11 @@
-"""A hypothesis state machine over a real local cluster (a master and two slaves as
-processes): sends at every ack level, polls, kills, restarts, pauses, resumes, partitions of
-a node's replication links and heals, and waits for a master, in any order hypothesis picks. After every step: never two masters acknowledging
-in one epoch, and every ``replicated`` ack is readable at its offset whenever a master is
-up. At teardown the faults are healed, every node drained and digested, and the whole
-history judged by the chaos checker.
+"""Hypothesis state machines over a real local cluster: a master and two slaves with fixed
+roles, and (:class:`FailoverClusterMachine`) etcd with three nodes that elect their master,
+with a switchover rule. Rules: sends at every ack level, polls, kills, restarts, pauses,
+resumes, partitions (of a node's replication links, or of a node from etcd) and heals,
+waiting for a master, in any order hypothesis picks. After every step: never two masters
+acknowledging in one epoch, and every ``replicated`` ack is readable at its offset whenever
+a master is up. At teardown the faults are healed, every node drained and digested, and
+the whole history judged by the chaos checker.
 
 hypothesis-trio is abandoned, so one trio loop runs in a helper thread started in
 ``initialize`` and rules call into it with ``trio.from_thread.run``. Profiles: ``ci`` (the
@@ -34,7 +36,7 @@ from cluster.client import Client, TidelogError, open_client
 from cluster.protocol import Status
 from tools.chaos.checker import check
 from tools.chaos.history import ACK_LEVELS, HistoryWriter, read_history
-from tools.chaos.runner import StaticCluster, quiesce
+from tools.chaos.runner import FailoverCluster, StaticCluster, acknowledging_epoch, quiesce
 from tools.chaos.workload import NodeView, Recorder, digest, drain
 from tools.faults import Fault
 
@@ -88,10 +90,15 @@ class ClusterMachine(RuleBasedStateMachine):
     """The model: which nodes are killed or paused, every replicated ack, per-queue poll
     positions. Rules act on the real cluster and record into one history."""
 
+    fixed_master: str | None = MASTER
+    """The static cluster's master; None on the failover cluster, where it is elected."""
+    fault_kinds: tuple[str, ...] = ("kill", "pause", "partition")
+    max_faults = len(NODES)
+
     def __init__(self) -> None:
         super().__init__()
         self.loop: LoopThread | None = None
-        self.cluster: StaticCluster | None = None
+        self.cluster: StaticCluster | FailoverCluster | None = None
         self.faults: dict[str, Fault] = {}  # node -> its active kill or pause
         self.fault_ids: dict[str, str] = {}
         self.replicated: dict[tuple[str, int], str] = {}  # (queue, offset) -> message
@@ -106,15 +113,20 @@ class ClusterMachine(RuleBasedStateMachine):
     def start_cluster(self) -> None:
         self.loop = LoopThread().start()
         self.root = Path(tempfile.mkdtemp(prefix="tidelog-stateful-"))
-        self.cluster = StaticCluster(self.root / "nodes")
+        self.cluster = self._make_cluster(self.root / "nodes")
         self.loop.call(self._start)
+
+    def _make_cluster(self, root: Path) -> StaticCluster | FailoverCluster:
+        return StaticCluster(root)
 
     async def _start(self) -> None:
         assert self.cluster is not None and self.loop is not None and self.loop.nursery
         await self.cluster.start(self.loop.nursery)
         self.writer = HistoryWriter(self.root / "history.jsonl")
         self.recorder = Recorder(self.writer)
-        async with open_client(self.cluster.address(MASTER)) as client:
+        master = await self._wait_for_master()
+        assert master is not None, "no master after the cluster started"
+        async with open_client(self.cluster.address(master)) as client:
             await client.admin.create_topic(TOPIC, QUEUES)
 
     def teardown(self) -> None:
@@ -132,10 +144,10 @@ class ClusterMachine(RuleBasedStateMachine):
     def _up(self, name: str) -> bool:
         """Answers clients: not killed, not paused (a partition cuts replication links only)."""
         fault = self.faults.get(name)
-        return fault is None or fault.kind == "partition"
+        return fault is None or fault.kind in ("partition", "partition-etcd")
 
     def _master_up(self) -> bool:
-        return self._up(MASTER)
+        return self.fixed_master is None or self._up(self.fixed_master)
 
     async def _client_call(self, address: str, op: str, **fields: Any) -> dict[str, Any]:
         async with open_client(address, request_timeout=1.0, connect_timeout=0.5) as client:
@@ -218,10 +230,11 @@ class ClusterMachine(RuleBasedStateMachine):
             "disk_lost": False,
         }
 
-    @precondition(lambda self: len(self.faults) < len(NODES))
-    @rule(data=st.data(), kind=st.sampled_from(["kill", "pause", "partition"]))
-    def inject(self, data: st.DataObject, kind: str) -> None:
+    @precondition(lambda self: len(self.faults) < self.max_faults)
+    @rule(data=st.data(), which=st.integers(0, 2))
+    def inject(self, data: st.DataObject, which: int) -> None:
         assert self.loop is not None
+        kind = self.fault_kinds[which % len(self.fault_kinds)]
         name = data.draw(st.sampled_from([n for n in NODES if n not in self.faults]), label="node")
         self.loop.call(self._inject, kind, name)
 
@@ -251,11 +264,19 @@ class ClusterMachine(RuleBasedStateMachine):
         await fault.heal()
         self.recorder.record("ok", "nemesis", "nemesis", value)
 
-    @precondition(lambda self: self._up(MASTER))
+    @precondition(lambda self: self._electable())
     @rule()
     def wait_for_master(self) -> None:
         assert self.loop is not None
-        assert self.loop.call(self._wait_for_master) == MASTER
+        master = self.loop.call(self._wait_for_master)
+        assert master is not None, "no master within the bound"
+        assert self.fixed_master is None or master == self.fixed_master
+
+    def _electable(self) -> bool:
+        """A master must appear: the static one runs, or (failover) no node is faulted."""
+        if self.fixed_master is not None:
+            return self._up(self.fixed_master)
+        return not self.faults
 
     async def _wait_for_master(self) -> str | None:
         assert self.cluster is not None
@@ -283,9 +304,9 @@ class ClusterMachine(RuleBasedStateMachine):
         for name in NODES:
             if not self._up(name):
                 continue  # a paused node cannot answer, a killed one is gone
-            status = await self.cluster.status(name)
-            if status and status.get("role") == "master" and status.get("writable"):
-                found.append((int(status["epoch"]), name))
+            epoch = acknowledging_epoch(await self.cluster.status(name))
+            if epoch is not None:
+                found.append((epoch, name))
         return found
 
     @invariant()
@@ -299,7 +320,10 @@ class ClusterMachine(RuleBasedStateMachine):
         pending = sorted(set(self.replicated) - self.verified)
         if not pending:
             return
-        async with open_client(self.cluster.address(MASTER), request_timeout=5.0) as client:
+        master = self.fixed_master or (await self.cluster.master())[0]
+        if master is None:
+            return  # no master up now: checked once one is
+        async with open_client(self.cluster.address(master), request_timeout=5.0) as client:
             for queue, offset in pending:
                 await self._read_at(client, queue, offset)
 
@@ -322,13 +346,14 @@ class ClusterMachine(RuleBasedStateMachine):
             await self._heal(name)
         seen = await quiesce(self.cluster)
         master = seen.get("master")
-        assert master == MASTER, f"no master after healing everything: {seen}"
+        assert master is not None, f"no master after healing everything: {seen}"
+        assert self.fixed_master is None or master == self.fixed_master
         nodes = [
             NodeView(n, self.cluster.address(n), "master" if n == master else "replica", self.cluster.data_dir(n))
             for n in NODES
         ]  # fmt: skip
         await drain(self.recorder, nodes, TOPIC, QUEUES, timeout_s=30.0)
-        status = await self.cluster.status(MASTER) or {}
+        status = await self.cluster.status(master) or {}
         confirm = int(status["replication"]["confirm_offset"])
         ends = {n: int((await self.cluster.status(n) or {}).get("max_offset", 0)) for n in NODES}
         await digest(self.recorder, nodes, confirm, int(status["min_offset"]), ends.__getitem__)
@@ -343,9 +368,52 @@ class ClusterMachine(RuleBasedStateMachine):
 if os.environ.get("HYPOTHESIS_PROFILE") == "chaos":
     ClusterMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=100)
 else:
-    ClusterMachine.TestCase.settings = settings(max_examples=5, stateful_step_count=15)
+    ClusterMachine.TestCase.settings = settings(max_examples=4, stateful_step_count=12)
 
 TestCluster = ClusterMachine.TestCase
+
+
+class FailoverClusterMachine(ClusterMachine):
+    """The same rules on etcd with elected masters, plus switchover; at most one node is
+    faulted at a time, so a majority can always elect."""
+
+    fixed_master = None
+    fault_kinds = ("kill", "pause", "partition-etcd")
+    max_faults = 1
+
+    def _make_cluster(self, root: Path) -> StaticCluster | FailoverCluster:
+        return FailoverCluster(root, etcd_members=1)
+
+    @precondition(lambda self: not self.faults)
+    @rule()
+    def switchover(self) -> None:
+        assert self.loop is not None
+        self.loop.call(self._switchover)
+
+    async def _switchover(self) -> None:
+        assert self.cluster is not None
+        master = await self._wait_for_master()
+        assert master is not None, "no master to switch over from"
+        self.fault_count += 1
+        value = self._nemesis("start", "switchover", master)
+        self.recorder.record("invoke", "nemesis", "nemesis", value)
+        try:
+            await self.cluster.fault("switchover", [master], 0).inject()
+        except TidelogError as exc:  # e.g. no caught-up target yet: refused, nothing changed
+            self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
+            return
+        self.recorder.record("ok", "nemesis", "nemesis", value)
+        stop = {**value, "action": "stop"}
+        self.recorder.record("invoke", "nemesis", "nemesis", stop)
+        self.recorder.record("ok", "nemesis", "nemesis", stop)
+
+
+if os.environ.get("HYPOTHESIS_PROFILE") == "chaos":
+    FailoverClusterMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=100)
+else:
+    FailoverClusterMachine.TestCase.settings = settings(max_examples=2, stateful_step_count=12)
+
+TestFailoverCluster = FailoverClusterMachine.TestCase
 
 
 def test_a_pinned_sequence_of_faults_keeps_every_replicated_ack() -> None:
@@ -381,6 +449,44 @@ def test_a_pinned_sequence_of_faults_keeps_every_replicated_ack() -> None:
         step(machine._send, "replicated", 1)  # no slave hears the master: not acked
         step(machine._send, "leader", 1)
         step(machine._heal, MASTER)
+        for queue in range(QUEUES):
+            step(machine._send, "replicated", queue)
+            step(machine._poll, queue)
+        assert machine.replicated and machine.verified == set(machine.replicated)
+    finally:
+        machine.teardown()
+
+
+def test_a_pinned_failover_sequence_keeps_every_replicated_ack() -> None:
+    """On etcd: kill the elected master, a new one takes writes; pause the master past its
+    lease, cut a node from etcd, switch over; invariants after every step."""
+    machine = FailoverClusterMachine()
+    machine.start_cluster()
+    assert machine.loop is not None and machine.cluster is not None
+    loop, cluster = machine.loop, machine.cluster
+
+    def step(function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        loop.call(function, *args)
+        machine.one_master_per_epoch()
+        machine.replicated_acks_are_readable()
+
+    try:
+        for acks in ACK_LEVELS:
+            step(machine._send, acks, 0)
+        first = loop.call(machine._wait_for_master)
+        assert first is not None
+        step(machine._inject, "kill", first)
+        second = loop.call(machine._wait_for_master)
+        assert second is not None and second != first
+        step(machine._send, "replicated", 1)
+        step(machine._heal, first)
+        step(machine._inject, "pause", second)
+        step(machine._send, "replicated", 0)  # a new master is elected meanwhile
+        step(machine._heal, second)
+        step(machine._inject, "partition-etcd", cluster.names[0])
+        step(machine._send, "replicated", 1)
+        step(machine._heal, cluster.names[0])
+        step(machine._switchover)
         for queue in range(QUEUES):
             step(machine._send, "replicated", queue)
             step(machine._poll, queue)

@@ -75,6 +75,7 @@ __all__ = [
     "RunOutcome",
     "RunSettings",
     "StaticCluster",
+    "acknowledging_epoch",
     "run_chaos",
 ]
 
@@ -126,20 +127,31 @@ async def _status_of(address: str) -> dict[str, Any] | None:
     return None
 
 
+def acknowledging_epoch(status: dict[str, Any] | None) -> int | None:
+    """The epoch a node acknowledges writes in, from its ``status`` (None: it does not).
+
+    With etcd the HA loop's role and fencing deadline decide; without, the static role.
+    """
+    if not status:
+        return None
+    coordination = status.get("coordination")
+    if coordination:
+        if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
+            return int(coordination.get("epoch") or 0)
+        return None
+    if status.get("role") == "master" and status.get("writable"):
+        return int(status.get("epoch") or 0)
+    return None
+
+
 async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
     """The node answering as a writable master (the highest epoch if several do)."""
     found: list[tuple[int, str]] = []
 
     async def ask(name: str) -> None:
-        status = await cluster.status(name)
-        if not status:
-            return
-        coordination = status.get("coordination")
-        if coordination:  # with etcd: the HA loop's role and fencing deadline decide
-            if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
-                found.append((int(coordination.get("epoch") or 0), name))
-        elif status.get("role") == "master" and status.get("writable"):
-            found.append((int(status.get("epoch") or 0), name))
+        epoch = acknowledging_epoch(await cluster.status(name))
+        if epoch is not None:
+            found.append((epoch, name))
 
     async with trio.open_nursery() as nursery:
         for name in cluster.names:
