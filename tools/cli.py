@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from tools.cli_client import add_client_commands, address_argument
+from tools.cli_cluster import add_cluster_commands
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(handler=cmd_node)
 
     add_client_commands(commands)
+    add_cluster_commands(commands)
 
     demo = commands.add_parser(
         "demo",

@@ -32,13 +32,24 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_BOOTSTRAP = "127.0.0.1:7600"
+
+
 def address_argument(value: str) -> str:
-    """``-b``/``--bootstrap``: a ``host:port`` the parser checks before anything connects."""
+    """``-b``/``--bootstrap``: ``host:port``, or several comma-separated (any node of a
+    cluster will do; the client finds the master), checked before anything connects."""
     try:
-        parse_address(value)
+        for part in value.split(",") if "," in value else [value]:
+            parse_address(part.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+def bootstrap_addresses(value: str | None) -> list[str]:
+    """The addresses of a ``--bootstrap`` value (None: ``TIDELOG_BOOTSTRAP`` or the default)."""
+    value = value or os.environ.get("TIDELOG_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def start_argument(value: str) -> str | int:
@@ -80,7 +91,7 @@ def _create_hint(text: str, topic: str, args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace, command: Any) -> int:
     async def main() -> int:
-        async with open_client(args.bootstrap) as client:
+        async with open_client(bootstrap_addresses(args.bootstrap)) as client:
             result: int = await command(client, args)
             return result
 
@@ -456,8 +467,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         "--bootstrap",
         "-b",
         type=address_argument,
-        default=os.environ.get("TIDELOG_BOOTSTRAP", "127.0.0.1:7600"),
-        help="node address host:port (env TIDELOG_BOOTSTRAP; default 127.0.0.1:7600)",
+        default=os.environ.get("TIDELOG_BOOTSTRAP", DEFAULT_BOOTSTRAP),
+        help="node address host:port, or several comma-separated: any node of a cluster "
+        f"(env TIDELOG_BOOTSTRAP; default {DEFAULT_BOOTSTRAP})",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
