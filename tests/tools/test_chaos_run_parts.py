@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tools.chaos.nemesis import TARGET_ROLES, draw_schedule
-from tools.chaos.runner import RunSettings, StaticCluster, settings_from_args
+from tools.chaos.runner import RunSettings, StaticCluster, run_chaos, settings_from_args
 from tools.chaos.scenarios import SCENARIOS, required_kinds, scenario_settings
 from tools.chaos.workload import commit_log_digest
 from tools.cli import build_parser
@@ -134,3 +134,14 @@ def test_a_static_cluster_refuses_faults_it_cannot_make(tmp_path: Path) -> None:
         ValueError, match="not available on a static cluster; it supports corrupt, kill"
     ):
         cluster.fault("power-loss", ["n1"], 0)
+
+
+async def test_a_fault_the_cluster_cannot_make_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    settings = RunSettings(
+        duration_s=5, nemesis=("partition",), cluster="failover", out=tmp_path / "run"
+    )
+    with pytest.raises(ValueError, match="partition not available on the failover cluster"):
+        await run_chaos(settings, live=False)
+    assert not (tmp_path / "run").exists()

@@ -472,6 +472,13 @@ class FailoverCluster:
         return await _master_of(self)
 
 
+BUILT_IN_FAULTS: Final[dict[str, frozenset[str]]] = {
+    "static": StaticCluster.FAULTS,
+    "failover": FailoverCluster.FAULTS,
+}
+"""The fault kinds each kind of local cluster (``--cluster``) can make."""
+
+
 class RemoteCluster:
     """A running cluster given by ``--bootstrap``: the workload and the drain, no faults
     (the harness did not start its processes) and no digests (no data dirs)."""
@@ -684,9 +691,11 @@ async def run_chaos(
     """
     out = out or sys.stdout
     run_dir = Path(settings.out) if settings.out else default_run_dir(settings.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     schedule = list(settings.fixed_schedule)
     kinds = tuple(dict.fromkeys(planned.kind for planned in schedule)) or settings.nemesis
+    if cluster_factory is None and not settings.bootstrap:
+        _check_kinds(kinds, BUILT_IN_FAULTS[settings.cluster], f"the {settings.cluster} cluster")
+    run_dir.mkdir(parents=True, exist_ok=True)
     if not schedule and kinds:
         schedule = draw_schedule(
             settings.seed,
@@ -710,6 +719,15 @@ async def run_chaos(
         figures["summary"] = run_summary(run_dir)
         print(format_summary(figures["summary"]), file=out)
     return RunOutcome(run_dir, exit_code, figures)
+
+
+def _check_kinds(kinds: Sequence[str], supported: frozenset[str], cluster: str) -> None:
+    unsupported = sorted(set(kinds) - supported)
+    if unsupported:
+        raise ValueError(
+            f"nemesis {', '.join(unsupported)} not available on {cluster}; it supports "
+            f"{', '.join(sorted(supported)) or 'no faults'}"
+        )
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float | None:
@@ -792,14 +810,11 @@ async def _run_cluster(
             )
             cluster = await stack.enter_async_context(factory(run_dir / "nodes", nursery))
             extra["cluster"] = type(cluster).__name__
-        unsupported = sorted(set(kinds) - cluster.supported_faults())
-        if unsupported:
+        try:
+            _check_kinds(kinds, cluster.supported_faults(), extra["cluster"])
+        except ValueError:
             writer.close()
-            raise ValueError(
-                f"nemesis {', '.join(unsupported)} not available on this cluster "
-                f"({extra['cluster']}); it supports "
-                f"{', '.join(sorted(cluster.supported_faults())) or 'no faults'}"
-            )
+            raise
         bootstrap = [cluster.address(name) for name in cluster.names]
         await _create_topic(bootstrap, workload.topic, workload.queues)
         recorder = Recorder(writer)

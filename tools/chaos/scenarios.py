@@ -22,11 +22,10 @@ import attrs
 
 from tools.chaos.nemesis import ScheduledFault
 from tools.chaos.runner import (
+    BUILT_IN_FAULTS,
     ChaosCluster,
-    FailoverCluster,
     RunOutcome,
     RunSettings,
-    StaticCluster,
     run_chaos,
 )
 
@@ -180,7 +179,7 @@ async def run_scenario(
     """Run scenario ``name``; prints the checker's verdict and the unavailability figures."""
     stream = stream or sys.stdout
     settings = scenario_settings(name, acks=acks, seed=seed, out=out, cluster=cluster)
-    missing = SCENARIOS[name].kinds - CLUSTER_FAULTS[cluster]
+    missing = SCENARIOS[name].kinds - BUILT_IN_FAULTS[cluster]
     if cluster_factory is None and missing:
         raise ValueError(
             f"scenario {name} needs {', '.join(sorted(missing))}, which the {cluster} local "
@@ -212,14 +211,7 @@ def required_kinds(cluster: ChaosCluster, name: str) -> frozenset[str]:
     return SCENARIOS[name].kinds - cluster.supported_faults()
 
 
-CLUSTER_FAULTS: Final[dict[str, frozenset[str]]] = {
-    "static": StaticCluster.FAULTS,
-    "failover": FailoverCluster.FAULTS,
-}
-"""The fault kinds each kind of local cluster can make."""
-
-
 def runnable_scenarios(cluster: str) -> list[str]:
     """The scenarios a local cluster of this kind (static or failover) can run."""
-    faults = CLUSTER_FAULTS[cluster]
+    faults = BUILT_IN_FAULTS[cluster]
     return [name for name, scenario in SCENARIOS.items() if scenario.kinds <= faults]
