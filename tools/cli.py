@@ -318,13 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="SIGKILL a node and then a master mid-stream; show every acknowledged message kept",
+        help="SIGKILL a node, then a master (failover by hand, then on etcd); every ack kept",
         description="Part 1: one node takes sends with acks=durable and is SIGKILLed "
         "mid-stream; the bytes after the last ack are overwritten with garbage; the node "
         "restarts and every acknowledged message is read back byte for byte (--rounds "
         "crashes on the same log). Part 2: a master and two slaves take sends with "
         "acks=replicated; the master is SIGKILLed, slave-1 is promoted, slave-2 follows it, "
-        "and every replicated ack is checked on both survivors. Real processes, sockets, files.",
+        "and every replicated ack is checked on both survivors. Part 3: the same with no "
+        "operator: etcd and three nodes elect their master, it is SIGKILLed, a new one is "
+        "elected, the producers find it on their own, every ack is checked on the survivors "
+        "and the old master comes back as a slave with its divergent tail cut. Real "
+        "processes, sockets, files.",
     )
     demo.add_argument(
         "--dir", type=Path, default=None, help="keep the data here (default: a temp dir, removed)"
@@ -438,15 +442,15 @@ def add_chaos_commands(commands: Any) -> None:
         "exit with the checker's verdict (0 valid, 1 anomalies)"
     )
     run = kinds.add_parser("run", help=text.split(";")[0], description=text + ".")
-    run.add_argument("--duration", type=float, default=120.0, help="seconds of workload (default 120)")
+    run.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of workload (default 120)"
+    )
     run.add_argument(
         "--nemesis",
         default="kill,pause,partition",
         help="fault kinds, comma separated, or 'none' (default kill,pause,partition)",
     )
-    run.add_argument(
-        "--acks", choices=("leader", "durable", "replicated"), default="replicated"
-    )
+    run.add_argument("--acks", choices=("leader", "durable", "replicated"), default="replicated")
     run.add_argument("--seed", type=int, default=7, help="draws the schedule and the workload")
     run.add_argument("--out", help="run folder (default chaos-runs/DATE-seedN)")
     run.add_argument(
@@ -465,8 +469,12 @@ def add_chaos_commands(commands: Any) -> None:
 
     text = "run one fixed failover scenario, judged by the checker, measuring unavailability"
     scenario = kinds.add_parser("scenario", help=text, description=text + ".")
-    scenario.add_argument("name", metavar="NAME", choices=sorted(SCENARIOS), help=", ".join(sorted(SCENARIOS)))
-    scenario.add_argument("--acks", choices=("leader", "durable", "replicated"), default="replicated")
+    scenario.add_argument(
+        "name", metavar="NAME", choices=sorted(SCENARIOS), help=", ".join(sorted(SCENARIOS))
+    )
+    scenario.add_argument(
+        "--acks", choices=("leader", "durable", "replicated"), default="replicated"
+    )
     scenario.add_argument("--seed", type=int, default=7)
     scenario.add_argument("--out", help="run folder (default chaos-runs/DATE-NAME)")
     scenario.add_argument(

@@ -1,5 +1,6 @@
 """`tidelog demo`: durable acks surviving SIGKILL, then replicated acks surviving the
-loss of the master (a real cluster of processes, a failover by promote and repoint).
+loss of the master (a real cluster of processes, a failover by promote and repoint),
+then the same with no operator: etcd, an elected master, an automatic failover.
 
 It shows the promise "acknowledged means kept" end to end, with real processes,
 sockets and files: producers send with ``acks=durable`` while the node is killed
@@ -10,6 +11,7 @@ message must be there, byte for byte, at the queue offset its ack reported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -22,6 +24,7 @@ import trio
 
 from cluster.client import open_client
 from storage.record import HEADER_SIZE
+from tools.launcher import LocalCluster
 from tools.process import NodeProcess, node_status, wait_until
 
 TOPIC = "demo"
@@ -237,6 +240,139 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
             node.kill()
 
 
+async def automatic_failover(root: Path, acks_wanted: int) -> int:
+    """etcd and three nodes electing their master; producers at acks=replicated; the
+    master SIGKILLed with no operator in the loop: a new master is elected, the producers
+    carry on through the client's rediscovery, every ack is checked on the survivors,
+    and the old master comes back as a slave with its divergent tail cut."""
+    config = str(_config(root))
+    cluster = LocalCluster(root / "auto", replicas=3, node_args=("--config", config))
+    timings: list[tuple[str, float]] = []
+    started = time.perf_counter()
+    try:
+        await trio.to_thread.run_sync(cluster.start)
+        first = await cluster.wait_for_master()
+        timings.append(("etcd and 3 nodes up, a master elected", time.perf_counter() - started))
+        print(f"  etcd and 3 nodes started; {first} elected master with no operator")
+        acked: dict[tuple[int, int], bytes] = {}
+        outcomes = {"ok": 0, "unknown": 0, "failed": 0}
+        killed_at: list[float] = []
+        first_ack_after: list[float] = []
+        enough, done = trio.Event(), trio.Event()
+        async with open_client(cluster.addresses) as client:
+            await client.admin.create_topic(TOPIC, QUEUES, exist_ok=True)
+            producer = client.producer(acks="replicated", retries=100, retry_backoff_ms=10)
+            seqs = iter(range(10 * acks_wanted))
+
+            async def send_forever() -> None:
+                for seq in seqs:
+                    result = await producer.send(TOPIC, body_for(seq), queue=seq % QUEUES)
+                    outcomes[result.outcome] += 1
+                    if not result.ok:
+                        continue  # in flight at the kill: unknown, never counted as acked
+                    assert result.queue is not None and result.queue_offset is not None
+                    acked[(result.queue, result.queue_offset)] = body_for(seq)
+                    if killed_at and not first_ack_after:
+                        first_ack_after.append(time.perf_counter())
+                    if len(acked) >= acks_wanted:
+                        enough.set()
+                    if len(acked) >= 2 * acks_wanted:
+                        done.set()
+                        return
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(PRODUCERS):
+                    nursery.start_soon(send_forever)
+                await enough.wait()
+                tail = await _divergent_tail(cluster, first)
+                killed_at.append(time.perf_counter())
+                cluster.kill(first)  # SIGKILL with replicated sends in flight
+                for name in cluster.names:
+                    if name != first:
+                        cluster.resume(name)
+                print(
+                    f"  {len(acked)} acks at acks=replicated; the slaves paused while the master "
+                    f"took {tail} bytes at acks=leader (on it alone); master {first} SIGKILLed"
+                )
+                second = await cluster.wait_for_master(other_than=first)
+                timings.append(("kill -> new master elected", time.perf_counter() - killed_at[0]))
+                await done.wait()
+                nursery.cancel_scope.cancel()
+            new_master = cluster.address(second)
+            followed = client.master == new_master
+        timings.append(("kill -> first replicated ack", first_ack_after[0] - killed_at[0]))
+        print(
+            f"  {second} elected (no operator); the producers found it on their own "
+            f"({'yes' if followed else 'NO'}) and went on: {outcomes['ok']} ok, "
+            f"{outcomes['unknown']} unknown (in flight at the kill), {outcomes['failed']} failed"
+        )
+        lost = 0
+        survivors = [name for name in cluster.names if name != first]
+        for name in survivors:
+            missing = await _missing_acks(cluster.address(name), acked)
+            lost += len(missing)
+            print(f"  {name}: every one of {len(acked)} acks checked, {len(missing)} missing")
+        restarted = time.perf_counter()
+        await trio.to_thread.run_sync(cluster.restart, first)
+
+        async def back_as_slave() -> bool:
+            old, new = await cluster.view(first), await cluster.view(second)
+            return old.role == "slave" and old.log_end is not None and old.log_end == new.log_end
+
+        await wait_until(f"{first} back as a slave, caught up", back_as_slave, timeout=30)
+        timings.append(("restart -> old master a caught-up slave", time.perf_counter() - restarted))
+        old_status = (await cluster.view(first)).status or {}
+        cut = (old_status.get("replication") or {}).get("last_truncation")
+        missing = await _missing_acks(cluster.address(first), acked)
+        lost += len(missing)
+        cut_text = (
+            f"its divergent tail cut (log end {cut[0]} -> {cut[1]}, {cut[0] - cut[1]} bytes)"
+            if cut
+            else "nothing to cut"
+        )
+        print(
+            f"  {first} restarted: a slave of {second} (epoch {old_status.get('epoch')}), "
+            f"{cut_text}; {len(missing)} acks missing on it"
+        )
+        print("  time each step took:")
+        for step, seconds in timings:
+            print(f"    {step:<42} {seconds:6.2f} s")
+        return 0 if not lost and followed else 1
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+async def _divergent_tail(cluster: LocalCluster, master: str) -> int:
+    """SIGSTOP every slave, then send a few messages at acks=leader (appended on the
+    master alone, a level that promises nothing across its loss): the tail the old master
+    will have to cut when it comes back. Returns how many bytes the master appended."""
+    for name in cluster.names:
+        if name != master:
+            cluster.pause(name)
+    address = cluster.address(master)
+    before = (await cluster.view(master)).log_end or 0
+    async with open_client(address, failover_timeout=0.0) as client:
+        producer = client.producer(acks="leader", retries=0)
+        for seq in range(8):
+            await producer.send(TOPIC, b"leader-only %d" % seq, queue=seq % QUEUES)
+    return ((await cluster.view(master)).log_end or 0) - before
+
+
+async def _missing_acks(address: str, acked: dict[tuple[int, int], bytes]) -> list[tuple[int, int]]:
+    """The acks not readable on the node at ``address``, once its confirm offset covers
+    them (a slave serves reads up to it; waited for, bounded)."""
+    missing: list[tuple[int, int]] = []
+
+    async def all_there() -> bool:
+        stored = await read_all(address)
+        missing[:] = [key for key, body in acked.items() if stored.get(key) != body]
+        return not missing
+
+    with contextlib.suppress(TimeoutError):
+        await wait_until(f"every ack readable on {address}", all_there, timeout=30)
+    return missing
+
+
 def _config(root: Path) -> Path:
     """Small segments, so the demo crosses segment roll-overs in each round."""
     path = root / "node.toml"
@@ -252,6 +388,8 @@ try next (README, "Running a node"; `tidelog COMMAND --help` for every option):
   printf 'one\\ntwo\\n' | tidelog produce orders --acks durable
   tidelog consume orders --meta
   tidelog status
+or a cluster that fails over on its own (README, "A local cluster"):
+  tidelog cluster up                                          # in a second terminal
 (run from the repository: .venv/bin/tidelog, or `source .venv/bin/activate` first)"""
 
 
@@ -267,11 +405,22 @@ def run_demo(directory: Path | None, rounds: int, acks_per_round: int) -> int:
         cluster = trio.run(replicated_failover, root / "cluster", acks_per_round)
         verdict = "every replicated ack survived the loss of the master"
         print(f"\nverdict: {verdict if not cluster else 'REPLICATED ACKS LOST'}")
-        return single or cluster
+        print(
+            "\npart 3: automatic failover on etcd; replicated acks, the master SIGKILLed, "
+            "no operator\n"
+        )
+        (root / "failover").mkdir(parents=True, exist_ok=True)
+        automatic = trio.run(automatic_failover, root / "failover", acks_per_round)
+        verdict = "a new master was elected and every replicated ack survived"
+        print(f"\nverdict: {verdict if not automatic else 'FAILOVER FAILED OR ACKS LOST'}")
+        return single or cluster or automatic
     finally:
         if directory is None:
             shutil.rmtree(root, ignore_errors=True)
             where = f"{root}, a temporary directory, now removed (keep it: --dir DIR)"
         else:
-            where = f"{root} (single/: part 1's node; cluster/: master m, slave-1, slave-2)"
+            where = (
+                f"{root} (single/: part 1's node; cluster/: master m, slave-1, slave-2; "
+                "failover/auto/: part 3's etcd and node-1..3 with their logs)"
+            )
         print(NEXT_STEPS.format(where=where))
