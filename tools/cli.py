@@ -134,6 +134,24 @@ def cmd_bench_replication(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_failover(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tools.bench.failover import run_failover_bench
+
+    progress = _progress(not args.json and sys.stderr.isatty())
+    with tempfile.TemporaryDirectory(prefix="tidelog-failover-", dir=args.dir) as directory:
+        figures = trio.run(
+            lambda: run_failover_bench(Path(directory), kills=args.kills, progress=progress)
+        )
+    report_figures(
+        args,
+        "tidelog bench failover: master SIGKILLs under acks=replicated (lease settings below)",
+        figures,
+    )
+    return 0 if figures["acked_lost"] == 0 else 1
+
+
 def storage_ratios(f: dict[str, float]) -> dict[str, float]:
     """The comparisons the storage issue asks for, from one run's figures."""
     return {
@@ -386,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replication.add_argument("--lag-only", action="store_true", help="skip the catch-up runs")
     replication.set_defaults(handler=cmd_bench_replication)
+    failover = bench_kinds.add_parser(
+        "failover",
+        help="repeated master SIGKILLs under acks=replicated: time to the next ack, acks lost",
+        description="Start etcd and three nodes (LocalCluster), keep producers sending at "
+        "acks=replicated, SIGKILL the master --kills times (restarting it as a slave in "
+        "between) and report the time from each kill to the new master's election and to the "
+        "first replicated ack on it (p50/p99), and the acknowledged messages missing on any "
+        "node at the end (must be 0; exit 1 otherwise).",
+    )
+    failover.add_argument("--kills", type=positive_int, default=20, help="master kills (20)")
+    failover.add_argument("--dir", type=Path, default=None, help="where the cluster lives")
+    failover.add_argument("--json", action="store_true", help="one JSON object")
+    failover.set_defaults(handler=cmd_bench_failover)
     for kind, text in (
         (
             "produce",
