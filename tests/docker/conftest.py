@@ -95,8 +95,9 @@ def free_subnet(engine: Engine) -> str:
             for config in (network.get("IPAM") or {}).get("Config") or []:
                 if config.get("Subnet"):
                     taken.add(config["Subnet"])
-    pool = ipaddress.ip_network("10.213.0.0/16")
-    for subnet in pool.subnets(new_prefix=24):
-        if subnet.network_address.packed[2] >= 8 and str(subnet) not in taken:
+    pool = list(ipaddress.ip_network("10.213.0.0/16").subnets(new_prefix=24))[8:]
+    first = os.getpid() % len(pool)  # concurrent runs start their search apart
+    for subnet in pool[first:] + pool[:first]:
+        if str(subnet) not in taken:
             return str(subnet)
     raise EngineError("no free /24 left in 10.213.0.0/16")

@@ -18,6 +18,7 @@ Synchronous: the CLI and pytest fixtures call it outside any event loop.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -259,10 +260,21 @@ class Engine:
             self.docker_host = os.environ.get("DOCKER_HOST", "")
             log.info("engine_found docker_host=%s", self.docker_host or "default")
             return self
-        ensure_engine_installed()
-        self._spawn()
-        self.docker_host, self.started_here = ours, True
+        with self._lock():
+            if not self.answers(ours):  # another process may have started it meanwhile
+                ensure_engine_installed()
+                self._spawn()
+                self.started_here = True
+        self.docker_host = ours
         return self
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One process at a time starts or stops our dockerd (concurrent test runs)."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.state_dir / "engine.lock", "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            yield
 
     def _spawn(self) -> None:
         settings = self.settings
@@ -299,7 +311,7 @@ class Engine:
         deadline = time.monotonic() + settings.start_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                self.stop()
+                self._stop_locked()
                 raise EngineError(
                     f"dockerd exited with code {process.returncode} at start; its log: "
                     f"{settings.log_path}: {_tail(settings.log_path)}"
@@ -307,7 +319,7 @@ class Engine:
             if self.answers(f"unix://{settings.socket}"):
                 return
             time.sleep(0.2)
-        self.stop()
+        self._stop_locked()
         raise EngineError(
             f"dockerd did not answer within {settings.start_timeout_s:.0f} s; its log: "
             f"{settings.log_path}: {_tail(settings.log_path)}"
@@ -318,11 +330,15 @@ class Engine:
         so the state we record now is the host's own."""
         if self.settings.record_path.exists():
             log.warning("engine_leftover record=%s", self.settings.record_path)
-            self.stop()
+            self._stop_locked()
 
     def stop(self) -> None:
         """Stop our dockerd by its PID (SIGTERM, then SIGKILL) and undo its host changes.
         Does nothing for a daemon we did not start."""
+        with self._lock():
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
         path = self.settings.record_path
         if not path.exists():
             return
