@@ -111,6 +111,7 @@ class Consumer:
         self, queue: int, out: trio.MemorySendChannel[list[ConsumedMessage]]
     ) -> None:
         offset = self.positions[queue]
+        unknown_since = 0.0  # when a node first said it does not know the topic
         async with out:
             while True:
                 response = await self.client.call(
@@ -152,8 +153,20 @@ class Consumer:
                     )
                     offset = reset
                     continue
+                if (
+                    status is Status.UNKNOWN_TOPIC
+                    and trio.current_time()
+                    < (unknown_since := unknown_since or trio.current_time())
+                    + self.client.config.failover_timeout
+                ):
+                    # The topic was there when this consumer started: the node reached
+                    # after a failover has not learnt it yet. Wait, within the bound.
+                    log.info("consumer_topic_not_there_yet topic=%s queue=%d", self.topic, queue)
+                    await trio.sleep(min(1.0, self.wait_ms / 1000))
+                    continue
                 if status is not Status.OK:
                     raise TidelogError(status, response.get("error", ""), response)
+                unknown_since = 0.0
                 batch = [self._message(queue, m) for m in response["messages"]]
                 offset = response["next_offset"]
                 if batch:
