@@ -153,17 +153,16 @@ class Consumer:
                     )
                     offset = reset
                     continue
-                if (
-                    status is Status.UNKNOWN_TOPIC
-                    and trio.current_time()
-                    < (unknown_since := unknown_since or trio.current_time())
-                    + self.client.config.failover_timeout
-                ):
+                if status is Status.UNKNOWN_TOPIC:
                     # The topic was there when this consumer started: the node reached
                     # after a failover has not learnt it yet. Wait, within the bound.
-                    log.info("consumer_topic_not_there_yet topic=%s queue=%d", self.topic, queue)
-                    await trio.sleep(min(1.0, self.wait_ms / 1000))
-                    continue
+                    unknown_since = unknown_since or trio.current_time()
+                    if trio.current_time() < unknown_since + self.client.config.failover_timeout:
+                        log.info(
+                            "consumer_topic_not_there_yet topic=%s queue=%d", self.topic, queue
+                        )
+                        await trio.sleep(min(1.0, self.wait_ms / 1000))
+                        continue
                 if status is not Status.OK:
                     raise TidelogError(status, response.get("error", ""), response)
                 unknown_since = 0.0
