@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tools.chaos.nemesis import TARGET_ROLES, draw_schedule
-from tools.chaos.runner import RunSettings, StaticCluster, run_chaos, settings_from_args
+from tools.chaos.runner import (
+    RunSettings,
+    StaticCluster,
+    parse_kinds,
+    run_chaos,
+    settings_from_args,
+)
 from tools.chaos.scenarios import SCENARIOS, required_kinds, scenario_settings
 from tools.chaos.workload import commit_log_digest
 from tools.cli import build_parser
@@ -145,3 +151,14 @@ async def test_a_fault_the_cluster_cannot_make_is_refused_before_anything_starts
     with pytest.raises(ValueError, match="partition not available on the failover cluster"):
         await run_chaos(settings, live=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_nemesis_takes_the_cluster_level_kinds_too() -> None:
+    assert parse_kinds("kill,kill-etcd-leader,process,switchover") == (
+        "kill",
+        "pause",
+        "kill-etcd-leader",
+        "switchover",
+    )
+    with pytest.raises(ValueError, match="unknown nemesis 'bogus'"):
+        parse_kinds("kill-etcd-leader,bogus")

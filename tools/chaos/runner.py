@@ -51,6 +51,7 @@ from tools.chaos.workload import (
     produce,
 )
 from tools.faults import (
+    FAULTS,
     BitFlip,
     Composite,
     EtcdPartition,
@@ -925,6 +926,18 @@ async def _final_reads(
     await digest(recorder, nodes, confirm, start, lambda name: ends[name])
 
 
+def parse_kinds(spec: str) -> tuple[str, ...]:
+    """``--nemesis``: the fault vocabulary (:func:`tools.faults.parse_nemesis`, groups
+    expanded) plus the cluster-level kinds of the local clusters (``kill-etcd-leader``,
+    ``switchover``, ``pause-past-lease``)."""
+    cluster_kinds = frozenset().union(*BUILT_IN_FAULTS.values())
+    words = [word.strip() for word in spec.split(",") if word.strip()]
+    own = [word for word in words if word in cluster_kinds and word not in FAULTS]
+    rest = ",".join(word for word in words if word not in own)
+    parsed = parse_nemesis(rest) if rest else ()
+    return tuple(dict.fromkeys([*parsed, *own]))
+
+
 def settings_from_args(
     *,
     duration_s: float,
@@ -940,7 +953,7 @@ def settings_from_args(
     """Validated settings from the command line; a bad value raises ValueError naming it."""
     if duration_s <= 0:
         raise ValueError(f"--duration must be positive seconds, got {duration_s:g}")
-    kinds = () if nemesis in ("", "none") else parse_nemesis(nemesis)
+    kinds = () if nemesis in ("", "none") else parse_kinds(nemesis)
     addresses = tuple(a for a in (bootstrap or "").split(",") if a)
     if addresses and kinds:
         raise ValueError(
