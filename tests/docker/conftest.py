@@ -42,6 +42,7 @@ def docker_engine() -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def tidelog_image(docker_engine: Engine) -> Iterator[BuildResult]:
     """The image built from this tree; untagged at the end (its layers stay cached)."""
+    _untag_images_of_dead_runs(docker_engine)
     try:
         result = build_image(docker_engine, tag=f"tidelog:test-{os.getpid()}")
     except EngineError as error:
@@ -55,6 +56,26 @@ def tidelog_image(docker_engine: Engine) -> Iterator[BuildResult]:
             capture_output=True,
             check=False,
         )
+
+
+def _untag_images_of_dead_runs(engine: Engine) -> None:
+    """``tidelog:test-<pid>`` tags left by runs that were killed before their cleanup."""
+    tags = subprocess.run(
+        ["docker", "image", "ls", "tidelog", "--format", "{{.Tag}}"],
+        env=engine.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    for tag in tags:
+        pid = tag.removeprefix("test-")
+        if tag.startswith("test-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(
+                ["docker", "image", "rm", f"tidelog:{tag}"],
+                env=engine.env,
+                capture_output=True,
+                check=False,
+            )
 
 
 def free_host_ports(count: int) -> list[int]:
