@@ -448,8 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
         node_bench.add_argument("--json", action="store_true", help="one JSON object")
         node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
     add_chaos_commands(commands)
+    add_docker_commands(commands)
     add_log_level_everywhere(parser)
     return parser
+
+
+def add_docker_commands(commands: Any) -> None:
+    """``tidelog docker engine|build|up|status|down|chaos``: a cluster in containers."""
+    from tools.docker.commands import add_parser
+
+    add_parser(commands).set_defaults(handler=cmd_docker)
+
+
+def cmd_docker(args: argparse.Namespace) -> int:
+    from tools.docker.commands import run
+
+    return run(args)
 
 
 def add_chaos_commands(commands: Any) -> None:
