@@ -33,8 +33,11 @@ class RequestError(Exception):
 
 
 def unknown_topic(name: str) -> RequestError:
+    """The answer names the command that fixes it, for people; the op, for programs."""
     return RequestError(
-        Status.UNKNOWN_TOPIC, f"topic {name!r} does not exist: create it first (create_topic)"
+        Status.UNKNOWN_TOPIC,
+        f"topic {name!r} does not exist: create it with `tidelog topic create {name}` "
+        "(op create_topic)",
     )
 
 

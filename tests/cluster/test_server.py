@@ -396,6 +396,7 @@ async def test_unknown_topic_everywhere(node: Node) -> None:
             answer = await c.call(op, topic="ghost", **fields)
             assert answer["status"] is Status.UNKNOWN_TOPIC, (op, answer)
             assert "ghost" in answer["error"]
+            assert "tidelog topic create ghost" in answer["error"], "name the command that fixes it"
         assert (await c.ok("status"))["max_offset"] == 0
 
 
