@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tools.chaos.history import HistoryError, HistoryWriter, read_history
+from tools.chaos.history import (
+    NOT_SENT_PREFIX,
+    HistoryError,
+    HistoryWriter,
+    is_uncertain_error,
+    read_history,
+)
 
 
 def _send_invoke(writer: HistoryWriter, time_s: float = 0.5) -> None:
@@ -148,3 +154,17 @@ def test_a_timeout_is_never_recorded_as_fail(tmp_path: Path, error: str) -> None
         writer.append(
             time_s=1.0, type="fail", process="producer-0", f="send", value={}, error="NOT_MASTER"
         )
+
+
+def test_a_send_the_client_never_made_may_fail_whatever_its_reason_says(tmp_path: Path) -> None:
+    """A connect that timed out sent nothing: certain, though its words say 'timed out'
+    (a killed container's address answers nothing; such runs used to die here)."""
+    reason = f"{NOT_SENT_PREFIX}cannot connect to 10.213.7.11:7600 (connect timed out)"
+    assert not is_uncertain_error(reason)
+    assert is_uncertain_error("cannot connect to 10.213.7.11:7600 (connect timed out)")
+    with HistoryWriter(tmp_path / "history.jsonl") as writer:
+        _send_invoke(writer)
+        writer.append(
+            time_s=1.0, type="fail", process="producer-0", f="send", value={}, error=reason
+        )
+    assert read_history(tmp_path / "history.jsonl")[-1].error == reason

@@ -184,9 +184,14 @@ def _check_fields(raw: dict[str, Any], line: int) -> None:
         )
 
 
+NOT_SENT_PREFIX = "not sent: "
+"""Marks an error after which the client knows nothing reached a node (e.g. a connect that
+timed out): certain, whatever words the reason uses."""
+
+
 def is_uncertain_error(error: str | None) -> bool:
     """A status or exception text after which a write may or may not have been applied."""
-    if error is None:
+    if error is None or error.startswith(NOT_SENT_PREFIX):
         return False
     status = STATUS_BY_VALUE.get(error)
     if status is not None:

@@ -29,7 +29,7 @@ import trio
 
 from cluster.client import Client, TidelogError, open_client
 from cluster.protocol import Status
-from tools.chaos.history import Event, HistoryWriter
+from tools.chaos.history import NOT_SENT_PREFIX, Event, HistoryWriter
 
 __all__ = [
     "DIGEST_CHUNK_BYTES",
@@ -176,6 +176,8 @@ async def produce(
                 recorder.record("ok", process, "send", done, node=node)
                 recorder.stats.acked += 1
             elif result.outcome == "failed":
+                if result.status is None:  # the client's own refusal: nothing was sent
+                    error = f"{NOT_SENT_PREFIX}{result.error}"
                 recorder.record("fail", process, "send", value, node=node, error=error)
                 recorder.stats.failed += 1
                 await trio.sleep(0.05)  # a refused send: do not spin against a node that is down
