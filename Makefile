@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test chaos lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+## chaos: the long runs: chaos-marked tests, the stateful cluster tests' long profile, a mixed-fault run
+chaos: $(STAMP)
+	bash .ci/system-packages
+	$(BIN)/python -m pytest -m chaos
+	HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest tests/e2e/test_cluster_stateful.py
+	$(BIN)/tidelog chaos run --cluster failover --duration 600 --acks replicated \
+		--nemesis kill,pause,partition-etcd,corrupt --seed 7 --out chaos-runs/seed-7
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -311,6 +311,7 @@ async def test_compose_cluster_fails_over_and_keeps_every_acked_message(
     await _read_all(addresses[survivor], acked)
 
 
+@pytest.mark.chaos
 async def test_short_docker_chaos_run_is_judged_valid(
     docker_engine: Engine, tidelog_image: BuildResult, tmp_path: Path
 ) -> None:
