@@ -90,7 +90,6 @@ class StandaloneAcks:
         return None
 
 
-
 class ReadLimited(Protocol):
     """What bounds a slave's reads: its follower (:class:`replication.slave.SlaveReplication`)."""
 

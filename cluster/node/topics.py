@@ -79,9 +79,7 @@ class Topic:
 def check_topic_name(name: object) -> str:
     """``name`` if it is a valid topic name, else :class:`InvalidTopicNameError`."""
     if not isinstance(name, str) or not is_valid_topic_name(name):
-        raise InvalidTopicNameError(
-            f"invalid topic name {name!r}: use {TOPIC_RULE}"
-        )
+        raise InvalidTopicNameError(f"invalid topic name {name!r}: use {TOPIC_RULE}")
     return name
 
 
