@@ -29,31 +29,10 @@ added a quarter to a whole ``pull`` frame (2.5 -> 3.1 us).
 
 from __future__ import annotations
 
+from cluster.protocol import limits
 from cluster.protocol.codec import FrameDecoder, ResponseDecoder, encode_frame
 from cluster.protocol.errors import ProtocolError
-from cluster.protocol.limits import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_FRAME_SIZE,
-    DEFAULT_MAX_MESSAGES,
-    DEFAULT_TIMEOUT_MS,
-    DEFAULT_WAIT_MS,
-    HEADER,
-    MAX_BATCH_MESSAGES,
-    MAX_DEPTH,
-    MAX_FRAME_ITEMS,
-    MAX_FRAME_SIZE_LIMIT,
-    MAX_OFFSET,
-    MAX_PULL_BYTES,
-    MAX_PULL_MESSAGES,
-    MAX_QUEUES,
-    MAX_REQUEST_ID,
-    MAX_TIMEOUT_MS,
-    MAX_TOPIC_LENGTH,
-    MAX_WAIT_MS,
-    MIN_MAX_FRAME_SIZE,
-    PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
-)
+from cluster.protocol.limits import *  # noqa: F403 -- the names in limits.__all__
 from cluster.protocol.messages import (
     BatchMessage,
     CreateTopicRequest,
@@ -90,28 +69,7 @@ from cluster.protocol.wording import describe
 from storage.names import is_valid_topic_name
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_FRAME_SIZE",
-    "DEFAULT_MAX_MESSAGES",
-    "DEFAULT_TIMEOUT_MS",
-    "DEFAULT_WAIT_MS",
-    "HEADER",
-    "MAX_BATCH_MESSAGES",
-    "MAX_DEPTH",
-    "MAX_FRAME_ITEMS",
-    "MAX_FRAME_SIZE_LIMIT",
-    "MAX_OFFSET",
-    "MAX_PULL_BYTES",
-    "MAX_PULL_MESSAGES",
-    "MAX_QUEUES",
-    "MAX_REQUEST_ID",
-    "MAX_TIMEOUT_MS",
-    "MAX_TOPIC_LENGTH",
-    "MAX_WAIT_MS",
-    "MIN_MAX_FRAME_SIZE",
-    "PROTOCOL_VERSION",
     "SCHEMAS",
-    "SUPPORTED_VERSIONS",
     "Acks",
     "BatchMessage",
     "CreateTopicRequest",
@@ -151,3 +109,4 @@ __all__ = [
     "send_response",
     "send_result",
 ]
+__all__ += limits.__all__
