@@ -14,7 +14,6 @@ The history and the decision are sans-IO; :class:`EpochFile` is the blocking fil
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import attrs
 from crc32c import crc32c
 
-from storage.mapped_file import fsync_directory
+from storage.mapped_file import replace_file_atomically
 
 
 class EpochHistoryError(ValueError):
@@ -289,15 +288,4 @@ class EpochFile:
     def save(self, history: EpochHistory) -> None:
         """Replace the file atomically: write a temporary file, fdatasync it, rename it
         over the old one and fsync the directory, so a crash leaves the old or the new."""
-        data = encode_history(history)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        fsync_directory(self.path.parent)
+        replace_file_atomically(self.path, encode_history(history))

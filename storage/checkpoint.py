@@ -24,7 +24,6 @@ own deletions never look like a loss.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import attrs
 from crc32c import crc32c
 
-from storage.mapped_file import fsync_directory
+from storage.mapped_file import replace_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +121,4 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Blocking: atomically replace the checkpoint file."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, checkpoint.encode())
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_directory(path.parent)
+    replace_file_atomically(path, checkpoint.encode())

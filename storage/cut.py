@@ -19,7 +19,6 @@ Fixed layout (little endian), written to a temporary file, fsynced and renamed::
 from __future__ import annotations
 
 import enum
-import os
 import struct
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import attrs
 from crc32c import crc32c
 
 from storage.errors import CorruptSegmentError
-from storage.mapped_file import fsync_directory
+from storage.mapped_file import fsync_directory, replace_file_atomically
 
 CUT_MAGIC = 0x7D1E_C0C7
 _LAYOUT = struct.Struct("<IIIIQ")
@@ -78,15 +77,7 @@ def load_cut_intent(path: Path) -> CutIntent | None:
 
 def save_cut_intent(path: Path, intent: CutIntent) -> None:
     """Blocking: durably record ``intent`` (temporary file, fsync, rename, fsync the dir)."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, intent.encode())
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_directory(path.parent)
+    replace_file_atomically(path, intent.encode())
 
 
 def clear_cut_intent(path: Path) -> None:

@@ -233,3 +233,22 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file_atomically(path: Path, data: bytes) -> None:
+    """Blocking: make ``data`` the content of ``path`` so a crash leaves the old or the new.
+
+    Writes ``<name>.tmp`` beside it, fdatasyncs it, renames it over ``path`` and fsyncs the
+    directory. A leftover ``.tmp`` (a crash before the rename) is overwritten next time.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_directory(path.parent)

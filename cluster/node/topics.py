@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +18,7 @@ import attrs
 import trio
 
 from cluster.protocol import MAX_QUEUES
+from storage.mapped_file import replace_file_atomically
 from storage.names import TOPIC_RULE, is_valid_topic_name
 
 __all__ = [
@@ -164,15 +164,5 @@ def _load(path: Path) -> dict[str, Topic]:
 def _save(path: Path, topics: list[dict[str, Any]]) -> None:
     """Write tmp, fsync, rename over ``path``, fsync the directory: all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"version": FORMAT_VERSION, "topics": topics}, indent=1).encode()
-    with tmp.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file_atomically(path, data)
