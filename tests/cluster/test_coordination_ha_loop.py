@@ -8,6 +8,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import attrs
 import trio
@@ -325,7 +326,7 @@ async def test_etcd_losing_its_leader_then_everything_changes_no_role_until_it_r
         assert b.role == "slave" and b.terms == [] and node_b.loop.role is HaRole.SLAVE
 
         for member in etcd_three.members:
-            await trio.to_thread.run_sync(lambda m=member: etcd_three.restart(m, wait=False))
+            await trio.to_thread.run_sync(partial(etcd_three.restart, member, wait=False))
         await trio.to_thread.run_sync(etcd_three.wait_healthy, etcd_three.members, 30)
         # etcd is back: one master again, in a term no older than before
         with trio.fail_after(WAIT_S):

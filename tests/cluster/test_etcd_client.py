@@ -113,7 +113,7 @@ async def test_txn_compares_on_revision_version_and_value(
 
 async def _next_event(watch: object) -> WatchEvent:
     with trio.fail_after(15):
-        return await watch.__anext__()  # type: ignore[attr-defined, no-any-return]
+        return await watch.__anext__()  # type: ignore[attr-defined]
 
 
 async def test_lease_expiry_deletes_the_key(etcd_endpoints: list[str], key_prefix: str) -> None:

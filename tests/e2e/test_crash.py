@@ -23,13 +23,13 @@ from typing import IO
 import attrs
 import pytest
 import trio
-from crash_child import config_for, message_for
 
 from storage import DataDirLockedError, MessageStore, StoreConfig
 from storage.checkpoint import load_checkpoint
 from storage.mapped_file import segment_name
 from storage.record import HEADER_SIZE, ScanStop, check_record
 from storage.recovery import RecoveryReport
+from tests.e2e.crash_child import config_for, message_for
 
 CHILD = Path(__file__).with_name("crash_child.py")
 SEGMENT = 64 * 1024

@@ -300,7 +300,12 @@ async def test_a_slave_serves_reads_only_up_to_the_masters_confirm_offset(
 
         assert frozen.process is not None
         frozen.process.send_signal(signal.SIGSTOP)
-        stack.callback(lambda: frozen.process and frozen.process.send_signal(signal.SIGCONT))
+
+        def resume_frozen() -> None:
+            if frozen.process is not None:
+                frozen.process.send_signal(signal.SIGCONT)
+
+        stack.callback(resume_frozen)
         for i in range(10):
             await _send(client, b"unconfirmed %d" % i, "leader")
     end = (await node_status(master.address))["max_offset"]

@@ -22,6 +22,7 @@ from replication.slave import SlaveReplication
 from replication.wire import pack_ack, slave_handshake
 from storage import Message, MessageStore
 from storage.errors import CorruptSegmentError
+from storage.mapped_file import MappedFile
 from tests.replication.test_ha_stream import assert_identical, config_at, fill, messages
 
 SETTINGS = ReplicationSettings(heartbeat_ms=100, peer_timeout_ms=1_000)
@@ -140,7 +141,7 @@ async def test_a_failed_fsync_halts_the_slave_which_stays_up(
 
     real_sync_all = storage.commit_log._sync_all
 
-    def failing_sync_all(segments: list) -> None:  # type: ignore[type-arg]
+    def failing_sync_all(segments: list[MappedFile]) -> None:
         if any("slave" in str(segment.path) for segment in segments):
             raise OSError(errno.EIO, "Input/output error")
         real_sync_all(segments)

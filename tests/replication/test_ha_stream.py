@@ -153,7 +153,7 @@ async def test_slave_restart_resumes_from_its_own_end(tmp_path: Path) -> None:
                 stop = trio.CancelScope()
                 original = slave.append_replicated
 
-                async def append_then_stop(offset: int, data: memoryview) -> int:
+                async def append_then_stop(offset: int, data: bytes | memoryview) -> int:
                     result = await original(offset, data)
                     if slave.commit_log.received_offset >= end // 2:
                         stop.cancel()  # the client dies at its next checkpoint: the ack send

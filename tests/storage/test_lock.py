@@ -39,7 +39,7 @@ async def test_a_second_open_of_the_same_dir_is_refused_and_the_first_keeps_work
         result = await store.put(Message.create("t", b"after", 0))
         assert await store.wait_durable(result.end_offset, 30)
     async with MessageStore.open(store_config) as store:  # released on close
-        assert store.read(result.offset).body == b"after"
+        assert bytes(store.read(result.offset).body) == b"after"
 
 
 def test_the_lock_is_released_and_can_be_taken_again(store_config: StoreConfig) -> None:

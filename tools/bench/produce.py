@@ -40,7 +40,9 @@ IN_FLIGHT = 64
 BATCH = 64
 
 
-async def _sequential(client: Client, topic: str, body: bytes, acks: str, seconds: float):
+async def _sequential(
+    client: Client, topic: str, body: bytes, acks: str, seconds: float
+) -> tuple[float, list[float]]:
     producer = client.producer(acks=acks, batch_size=1)
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds

@@ -54,9 +54,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from crc32c import crc32c
@@ -72,6 +73,9 @@ from replication.transfer import (
 )
 from storage.mapped_file import fsync_directory, segment_name
 from tools.bench.stats import percentile
+
+if TYPE_CHECKING:
+    from storage import StoreConfig
 
 ProgressFn = Callable[[str], None]
 MiB = 1 << 20
@@ -154,7 +158,9 @@ def evict(fds: list[tuple[int, int]]) -> None:
 # ---- the master's send loops -----------------------------------------------------------------
 
 
-def _chunks(fds: list[tuple[int, int]], segment_size: int, chunk: int):
+def _chunks(
+    fds: list[tuple[int, int]], segment_size: int, chunk: int
+) -> Iterator[tuple[int, int, int, bytes]]:
     """(fd, position in the file, length, packed header) for every chunk of the log."""
     for index, (fd, length) in enumerate(fds):
         base = index * segment_size
@@ -407,7 +413,7 @@ async def run_catchup_bench(
 # ---- replication lag under a steady load ---------------------------------------------------
 
 
-def _lag_store_config(directory: Path):
+def _lag_store_config(directory: Path) -> StoreConfig:
     from storage import StoreConfig
 
     return StoreConfig(data_dir=directory, segment_size=64 * MiB)

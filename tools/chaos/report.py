@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import plotly.graph_objects as go  # type: ignore[import-untyped]
-from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
 from tools.chaos.checker import CheckResult
 from tools.chaos.history import Event, event_to_json
