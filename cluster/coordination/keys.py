@@ -155,6 +155,20 @@ def _field(key: str, body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+_SCALARS: Final[dict[str, type]] = {"str": str, "int": int, "bool": bool}
+
+
+def _decode_scalars(cls: type[_R], kind: str, key: str, raw: bytes) -> _R:
+    """Decode a record whose every attrs field is a ``str``, ``int`` or ``bool``: each field
+    read from the JSON body with its declared type checked, in declaration order."""
+    body = _decode(kind, key, raw)
+    fields = {}
+    for field in attrs.fields(cls):  # type: ignore[arg-type]  # _R is always an attrs class
+        assert field.type in _SCALARS, f"{cls.__name__}.{field.name} is not a scalar field"
+        fields[field.name] = _field(key, body, field.name, _SCALARS[field.type])
+    return _build(key, cls, **fields)
+
+
 def _build(key: str, cls: type[_R], **fields: Any) -> _R:
     """``cls(**fields)`` with a refused value reported as a RecordError naming ``key``."""
     try:
@@ -194,20 +208,7 @@ class MemberInfo:
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> MemberInfo:
-        body = _decode("member", key, raw)
-        return _build(
-            key,
-            cls,
-            node=_field(key, body, "node", str),
-            group=_field(key, body, "group", str),
-            client_address=_field(key, body, "client_address", str),
-            ha_address=_field(key, body, "ha_address", str),
-            epoch=_field(key, body, "epoch", int),
-            log_end=_field(key, body, "log_end", int),
-            clean_start=_field(key, body, "clean_start", bool),
-            caught_up=_field(key, body, "caught_up", bool),
-            priority=_field(key, body, "priority", int),
-        )
+        return _decode_scalars(cls, "member", key, raw)
 
 
 @attrs.frozen
@@ -225,15 +226,7 @@ class LeaderValue:
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> LeaderValue:
-        body = _decode("leader", key, raw)
-        return _build(
-            key,
-            cls,
-            node=_field(key, body, "node", str),
-            epoch=_field(key, body, "epoch", int),
-            client_address=_field(key, body, "client_address", str),
-            ha_address=_field(key, body, "ha_address", str),
-        )
+        return _decode_scalars(cls, "leader", key, raw)
 
 
 def _names(value: Iterable[str]) -> frozenset[str]:
@@ -328,14 +321,7 @@ class TopicRecord:
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> TopicRecord:
-        body = _decode("topic", key, raw)
-        return _build(
-            key,
-            cls,
-            name=_field(key, body, "name", str),
-            queues=_field(key, body, "queues", int),
-            created_us=_field(key, body, "created_us", int),
-        )
+        return _decode_scalars(cls, "topic", key, raw)
 
 
 @attrs.frozen
@@ -350,5 +336,4 @@ class SwitchoverValue:
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> SwitchoverValue:
-        body = _decode("switchover", key, raw)
-        return _build(key, cls, target=_field(key, body, "target", str))
+        return _decode_scalars(cls, "switchover", key, raw)
