@@ -256,6 +256,7 @@ async def test_every_op_round_trips(node: Node) -> None:
         assert status["connections"] == 1 and status["uptime_ms"] >= 0
         assert status["max_offset"] == status["store"]["log_max_offset"] > 0
         assert status["min_offset"] == 0
+        assert node.address is not None
         assert status["address"] == "{}:{}".format(*node.address)
 
 
@@ -386,13 +387,14 @@ async def test_pull_offsets_out_of_range(node: Node) -> None:
 
 async def test_unknown_topic_everywhere(node: Node) -> None:
     async with client(node) as c:
-        for op, fields in [
+        cases: list[tuple[str, dict[str, Any]]] = [
             ("send", {"body": b"x"}),
             ("send_batch", {"messages": [{"body": b"x"}]}),
             ("pull", {"queue": 0, "offset": 0}),
             ("get_offsets", {}),
             ("describe_topic", {}),
-        ]:
+        ]
+        for op, fields in cases:
             answer = await c.call(op, topic="ghost", **fields)
             assert answer["status"] is Status.UNKNOWN_TOPIC, (op, answer)
             assert "ghost" in answer["error"]
@@ -539,6 +541,7 @@ async def test_huge_length_prefix_closes_only_that_connection(node: Node) -> Non
         assert [(a["id"], a["status"]) for a in answers] == [(0, Status.FRAME_TOO_LARGE)]
         assert answers[0]["status"].closes_connection
         await hostile.aclose()
+        assert node.server is not None
         await until(lambda: node.server.connections == 1)
         assert (await bystander.ok("status"))["connections"] == 1
 
@@ -556,8 +559,8 @@ async def test_random_bytes_do_not_disturb_the_node(node: Node) -> None:
         # Small frames of random bytes: each one is answered, the connection stays open.
         async with client(node) as noisy:
             await noisy.send_raw(b"".join(HEADER.pack(64) + rng.randbytes(64) for _ in range(20)))
-            answers = [await noisy.recv() for _ in range(20)]
-            assert all(a is not None and a["status"] is not Status.OK for a in answers)
+            replies = [await noisy.recv() for _ in range(20)]
+            assert all(a is not None and a["status"] is not Status.OK for a in replies)
             await noisy.ok("status")
         await bystander.ok("status")
 
@@ -571,6 +574,7 @@ async def test_truncated_frame_then_close_is_cleaned_up(node: Node) -> None:
         await hostile.send_raw(whole[: len(whole) // 2])
         await until(lambda: node.server.connections == 2)
         await hostile.aclose()
+        assert node.server is not None
         await until(lambda: node.server.connections == 1)
         assert (await bystander.ok("status"))["connections"] == 1
 
@@ -625,7 +629,7 @@ def open_files_limit(needed: int) -> Iterator[None]:
 
 async def test_two_thousand_idle_connections_then_a_normal_request(node: Node) -> None:
     idle: list[trio.SocketStream] = []
-    assert node.address is not None
+    assert node.address is not None and node.server is not None
     with open_files_limit(2 * 2000 + 500):
         try:
             for _ in range(2000):
@@ -644,6 +648,7 @@ async def test_two_thousand_idle_connections_then_a_normal_request(node: Node) -
 
 async def test_connections_beyond_the_limit_get_one_error_frame(tmp_path: Path) -> None:
     async with running(node_config(tmp_path, server={"max_connections": 2})) as node:
+        assert node.server is not None
         async with client(node) as a, client(node) as b:
             await a.ok("status")
             await b.ok("status")
@@ -682,7 +687,11 @@ async def test_a_client_that_does_not_read_gets_backpressure(tmp_path: Path) -> 
         # Both slots are held by parked polls: the status frame waits, unread.
         await trio.testing.wait_all_tasks_blocked()
         await producer.ok("send", topic="bp", body=b"go", acks="leader")
-        order = [(await slow.recv())["id"] for _ in range(3)]
+        order = []
+        for _ in range(3):
+            answer = await slow.recv()
+            assert answer is not None
+            order.append(answer["id"])
         assert sorted(order[:2]) == [first, second] and order[2] == status
 
 
@@ -776,6 +785,7 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
         ]
         await all_waiting.wait()
         node.request_shutdown()
+        assert node.server is not None
         await until(lambda: node.server.draining)
         late = await c.send("status")
         refused = await c.recv()
@@ -831,7 +841,7 @@ def test_queue_choice() -> None:
     assert chooser.choose(topic, None, b"k") == queue_for_key(b"k", 4)
     assert [chooser.choose(topic, None, None) for _ in range(5)] == [0, 1, 2, 3, 0]
     assert chooser.choose(Topic("other", 2, 0), None, None) == 0  # per topic
-    batch = [
+    batch: list[dict[str, Any]] = [
         {"queue": None, "key": None},
         {"queue": 0, "key": None},
         {"queue": None, "key": "k"},
@@ -872,7 +882,7 @@ def test_tags_travel_in_a_reserved_property() -> None:
 
 async def test_wakeups_end_parked_waits_early() -> None:
     wakeups = Wakeups()
-    ended = []
+    ended: list[bool] = []
 
     async def park() -> None:
         with wakeups.deadline(trio.current_time() + 3600):
@@ -968,9 +978,8 @@ class Model:
             assert answer["status"] is Status.BAD_REQUEST
             return
         assert answer["status"] is Status.OK, answer
-        single = results is not None
-        results = results if single else batch_results(answer)
-        if not single:
+        if results is None:
+            results = batch_results(answer)
             assert (
                 len({r["queue"] for r, e in zip(results, expected, strict=True) if e is None}) <= 1
             )
