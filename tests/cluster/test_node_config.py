@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -24,7 +25,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def load(path: Path | None = None, env: dict[str, str] | None = None, **flags: object):
+def load(
+    path: Path | None = None, env: dict[str, str] | None = None, **flags: object
+) -> NodeConfig:
     return load_node_config(path, flags, environ=env or {})
 
 
@@ -45,7 +48,7 @@ def test_defaults() -> None:
 
 def test_every_store_field_but_data_dir_is_configurable(tmp_path: Path) -> None:
     names = {f.name for f in attrs.fields(StoreConfig)} - {"data_dir"}
-    values = {
+    values: dict[str, Any] = {
         "segment_size": 1 << 20,
         "max_message_size": 1 << 16,
         "consume_queue_entries": 128,
@@ -66,7 +69,7 @@ def test_every_store_field_but_data_dir_is_configurable(tmp_path: Path) -> None:
     config = load(write(tmp_path, f"[node]\ndata_dir = '{tmp_path}'\n[store]\n{lines}\n"))
     assert config.store == StoreConfig(data_dir=tmp_path / "store", **values)
     with pytest.raises(ConfigError) as caught:
-        load(**{"store.data_dir": "/elsewhere"})
+        load_node_config(None, {"store.data_dir": "/elsewhere"}, environ={})
     assert caught.value.key == "store.data_dir"
 
 

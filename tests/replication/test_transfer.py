@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import trio
@@ -30,6 +31,12 @@ from replication.transfer import (
 
 FILE_SIZE = 300_000  # not a multiple of any page or call size
 PATHS = pytest.mark.parametrize("use_sendfile", [True, False], ids=["sendfile", "copy"])
+
+
+class HasFileno(Protocol):
+    """What trio's wait_writable accepts besides a bare descriptor."""
+
+    def fileno(self) -> int: ...
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def count_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = trio.lowlevel.wait_writable
 
-    async def counting(sock: object) -> None:
+    async def counting(sock: int | HasFileno) -> None:
         calls.append(1)
         await real(sock)
 
@@ -237,7 +244,7 @@ async def test_slow_receiver_forces_eagain_and_the_send_still_completes(
     first_block = trio.Event()
     real_counting = transfer.trio.lowlevel.wait_writable
 
-    async def signalling(sock: object) -> None:
+    async def signalling(sock: int | HasFileno) -> None:
         first_block.set()
         await real_counting(sock)
 
@@ -281,7 +288,7 @@ async def test_cancelled_mid_send_shuts_the_stream_and_the_receiver_sees_a_torn_
     blocked = trio.Event()
     real = trio.lowlevel.wait_writable
 
-    async def signalling(sock: object) -> None:
+    async def signalling(sock: int | HasFileno) -> None:
         blocked.set()
         await real(sock)
 
@@ -360,7 +367,7 @@ async def test_a_second_concurrent_sender_on_one_socket_is_refused(
     blocked = trio.Event()
     real = trio.lowlevel.wait_writable
 
-    async def signalling(sock: object) -> None:
+    async def signalling(sock: int | HasFileno) -> None:
         blocked.set()
         await real(sock)
 
@@ -400,9 +407,9 @@ async def test_bad_arguments_are_refused_before_anything_is_sent(
 ) -> None:
     fd, _ = data_file
     async with unix_pair() as (sender, receiver):
-        for kwargs in ({"file_offset": -1, "count": 1}, {"file_offset": 0, "count": -1}):
+        for file_offset, count in ((-1, 1), (0, -1)):
             with pytest.raises(ValueError):
-                await send_file_range(sender, fd, header=b"", **kwargs)
+                await send_file_range(sender, fd, file_offset=file_offset, count=count, header=b"")
         with pytest.raises(ValueError):
             await send_file_range(sender, fd, 0, 1, b"", max_call=0)
         # the stream is still usable: refused arguments do not shut it down
