@@ -17,6 +17,7 @@ digests).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, ClassVar, Final, Protocol, TextIO
 
 import attrs
 import trio
@@ -204,7 +205,54 @@ class CorruptReplica(Fault):
         await self.target.restart()
 
 
-class StaticCluster:
+class _LocalNodes(abc.ABC):
+    """What the local clusters share: ``tidelog node`` processes named n1..nN under
+    ``root``, their addresses, status and the master among them. The subclass starts
+    them and names its ``FAULTS``."""
+
+    FAULTS: ClassVar[frozenset[str]]
+
+    def __init__(self, root: Path, *, replicas: int, min_insync_replicas: int) -> None:
+        self.root = root
+        self._names = [f"n{i}" for i in range(1, replicas + 1)]
+        self.min_insync_replicas = min_insync_replicas
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def kill_nodes(self) -> None:
+        """Kill every node by its PID and keep each one's stderr beside its data dir."""
+        for name, node in self.nodes.items():
+            node.kill()
+            with contextlib.suppress(OSError):
+                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
+
+    @property
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    def address(self, name: str) -> str:
+        return self.nodes[name].address
+
+    def data_dir(self, name: str) -> Path | None:
+        return self.nodes[name].data_dir
+
+    def supported_faults(self) -> frozenset[str]:
+        return self.FAULTS
+
+    async def status(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes[name]
+        if node.process is None or node.process.poll() is not None:
+            return None
+        return await _status_of(node.address)
+
+    async def master(self) -> tuple[str | None, int | None]:
+        return await _master_of(self)
+
+    @abc.abstractmethod
+    def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
+        """The fault ``kind`` on ``targets``; ValueError for a kind this cluster lacks."""
+
+
+class StaticCluster(_LocalNodes):
     """A master and slaves as ``tidelog node`` processes with static roles, each slave's
     replication link to the master through a fault proxy (so ``partition`` cuts it).
 
@@ -213,14 +261,11 @@ class StaticCluster:
     process is killed by its PID on exit, even on failure.
     """
 
-    FAULTS: Final = frozenset({"kill", "pause", "partition", "corrupt"})
+    FAULTS: ClassVar[frozenset[str]] = frozenset({"kill", "pause", "partition", "corrupt"})
 
     def __init__(self, root: Path, *, replicas: int = 3, min_insync_replicas: int = 1) -> None:
         assert replicas >= 2, replicas
-        self.root = root
-        self._names = [f"n{i}" for i in range(1, replicas + 1)]
-        self.min_insync_replicas = min_insync_replicas
-        self.nodes: dict[str, NodeProcess] = {}
+        super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
         self.mesh: ProxyMesh | None = None
 
     @classmethod
@@ -259,23 +304,7 @@ class StaticCluster:
 
     def kill_all(self) -> None:
         """Kill every node by its PID and keep each one's stderr beside its data dir."""
-        for name, node in self.nodes.items():
-            node.kill()
-            with contextlib.suppress(OSError):
-                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
-
-    @property
-    def names(self) -> Sequence[str]:
-        return self._names
-
-    def address(self, name: str) -> str:
-        return self.nodes[name].address
-
-    def data_dir(self, name: str) -> Path | None:
-        return self.nodes[name].data_dir
-
-    def supported_faults(self) -> frozenset[str]:
-        return self.FAULTS
+        self.kill_nodes()
 
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
         if kind == "kill":
@@ -296,15 +325,6 @@ class StaticCluster:
             f"fault {kind!r} is not available on a static cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
         )
-
-    async def status(self, name: str) -> dict[str, Any] | None:
-        node = self.nodes[name]
-        if node.process is None or node.process.poll() is not None:
-            return None
-        return await _status_of(node.address)
-
-    async def master(self) -> tuple[str | None, int | None]:
-        return await _master_of(self)
 
 
 class KillEtcdLeader(Fault):
@@ -355,7 +375,7 @@ class Switchover(Fault):
         return None
 
 
-class FailoverCluster:
+class FailoverCluster(_LocalNodes):
     """etcd and ``tidelog node --etcd`` processes that elect their master (automatic
     failover); each node reaches every etcd member through a fault proxy of its own, so
     ``partition-etcd`` cuts one node from etcd while it keeps its peers and clients.
@@ -367,7 +387,7 @@ class FailoverCluster:
     exists this is the chaos runner's own.
     """
 
-    FAULTS: Final = frozenset(
+    FAULTS: ClassVar[frozenset[str]] = frozenset(
         {"kill", "pause", "pause-past-lease", "partition-etcd", "kill-etcd-leader", "switchover",
          "corrupt"}
     )  # fmt: skip
@@ -381,11 +401,8 @@ class FailoverCluster:
         etcd_members: int = 3,
         min_insync_replicas: int = 1,
     ) -> None:
-        self.root = root
-        self._names = [f"n{i}" for i in range(1, replicas + 1)]
+        super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
         self.etcd = EtcdCluster(root / "etcd", size=etcd_members)
-        self.min_insync_replicas = min_insync_replicas
-        self.nodes: dict[str, NodeProcess] = {}
         self.etcd_proxies: dict[str, list[FaultProxy]] = {}
 
     @classmethod
@@ -422,24 +439,8 @@ class FailoverCluster:
                 await trio.sleep(0.1)
 
     def kill_all(self) -> None:
-        for name, node in self.nodes.items():
-            node.kill()
-            with contextlib.suppress(OSError):
-                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
+        self.kill_nodes()
         self.etcd.stop()
-
-    @property
-    def names(self) -> Sequence[str]:
-        return self._names
-
-    def address(self, name: str) -> str:
-        return self.nodes[name].address
-
-    def data_dir(self, name: str) -> Path | None:
-        return self.nodes[name].data_dir
-
-    def supported_faults(self) -> frozenset[str]:
-        return self.FAULTS
 
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
         if kind == "kill":
@@ -462,15 +463,6 @@ class FailoverCluster:
             f"fault {kind!r} is not available on the failover cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
         )
-
-    async def status(self, name: str) -> dict[str, Any] | None:
-        node = self.nodes[name]
-        if node.process is None or node.process.poll() is not None:
-            return None
-        return await _status_of(node.address)
-
-    async def master(self) -> tuple[str | None, int | None]:
-        return await _master_of(self)
 
 
 BUILT_IN_FAULTS: Final[dict[str, frozenset[str]]] = {
