@@ -26,10 +26,8 @@ from tools.faults.topology import isolate
 __all__ = ["ContainerKill", "ContainerPartition", "ContainerPause", "DockerChaosCluster"]
 
 
-class ContainerKill(Fault):
-    """SIGKILL a node's container; heal starts it again on the same volume."""
-
-    kind = "kill"
+class _ContainerFault(Fault):
+    """A fault acting on one node's container (a compose service) of ``cluster``."""
 
     def __init__(self, cluster: DockerCluster, service: str) -> None:
         super().__init__()
@@ -37,6 +35,12 @@ class ContainerKill(Fault):
 
     def fields(self) -> dict[str, object]:
         return {"container": self.service}
+
+
+class ContainerKill(_ContainerFault):
+    """SIGKILL a node's container; heal starts it again on the same volume."""
+
+    kind = "kill"
 
     async def _inject(self) -> None:
         await trio.to_thread.run_sync(self.cluster.kill, self.service)
@@ -45,17 +49,10 @@ class ContainerKill(Fault):
         await trio.to_thread.run_sync(self.cluster.start, self.service)
 
 
-class ContainerPause(Fault):
+class ContainerPause(_ContainerFault):
     """Freeze a node's container (cgroup freezer); heal thaws it."""
 
     kind = "pause"
-
-    def __init__(self, cluster: DockerCluster, service: str) -> None:
-        super().__init__()
-        self.cluster, self.service = cluster, service
-
-    def fields(self) -> dict[str, object]:
-        return {"container": self.service}
 
     async def _inject(self) -> None:
         await trio.to_thread.run_sync(self.cluster.pause, self.service)
