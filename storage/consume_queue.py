@@ -178,8 +178,8 @@ class ConsumeQueue:
             keep -= 1
         dropped = self.max_offset - keep
         if dropped:
+            self.max_offset = keep  # first: readers stop before the entries are zeroed
             self.files.truncate(keep * ENTRY_SIZE)
-            self.max_offset = keep
             if keep == self.min_offset:
                 last = self.files.last
                 if last is not None and all(_first_entry(s) is None for s in self.files.segments):

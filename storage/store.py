@@ -30,7 +30,12 @@ from storage.cut import (
     save_cut_intent,
 )
 from storage.dispatcher import Dispatcher
-from storage.errors import CorruptSegmentError, SegmentMissingError, StorageFailedError
+from storage.errors import (
+    CorruptSegmentError,
+    OffsetOutOfRangeError,
+    SegmentMissingError,
+    StorageFailedError,
+)
 from storage.flush import AsyncFlusher, GroupCommitFlusher
 from storage.lock import lock_data_dir
 from storage.mapped_file import MappedFile, fsync_directory, segment_name
@@ -372,6 +377,12 @@ class MessageStore:
         At least one record is returned when one exists, even if larger than
         ``max_bytes``, so a consumer never gets stuck. ``below_offset`` hides
         records ending past it (replication's confirm offset).
+
+        Every record returned is the queue's own (its topic, queue id and queue offset
+        are checked): while a cut runs nothing is served (the log and the queues change
+        in worker threads, and a zeroed entry would read as the record at offset 0), and
+        an entry that does not lead to its record ends the page, or raises
+        :class:`OffsetOutOfRangeError` when it is the first one asked for.
         """
         queue = self.queues.get(topic, queue_id)
         if queue is None:
@@ -379,15 +390,56 @@ class MessageStore:
         records: list[tuple[int, StoredRecord]] = []
         total = 0
         next_offset = max(queue_offset, queue.min_offset)
+        if self._cutting:
+            return GetResult(records, next_offset, queue.min_offset, queue.max_offset)
+        log_end = self.commit_log.max_offset
         for index, offset, size, _tags in queue.entries(next_offset, max_messages):
             if (below_offset is not None and offset + size > below_offset) or (
                 records and total + size > max_bytes
             ):
                 break
-            records.append((index, self.commit_log.read(offset)))
+            record = self._queue_record(topic, queue_id, index, offset, size, log_end)
+            if record is None:
+                if records:
+                    break
+                raise OffsetOutOfRangeError(
+                    f"{topic}/{queue_id}: queue offset {index} has no record in the log "
+                    f"(its entry points at log offset {offset}, size {size}; the log ends at "
+                    f"{log_end}): the queue is being cut or rebuilt; retry the pull"
+                )
+            records.append((index, record))
             total += size
             next_offset = index + 1
         return GetResult(records, next_offset, queue.min_offset, queue.max_offset)
+
+    def _queue_record(
+        self, topic: str, queue_id: int, queue_offset: int, offset: int, size: int, log_end: int
+    ) -> StoredRecord | None:
+        """The record a queue entry points at, or None when it is not that queue's record
+        at that queue offset (an empty entry, one past the log end, or a stale one)."""
+        if not size or offset < self.commit_log.min_offset or offset + size > log_end:
+            return None
+        record = self.commit_log.read(offset)
+        if (record.topic, record.queue_id, record.queue_offset, record.size) != (
+            topic,
+            queue_id,
+            queue_offset,
+            size,
+        ):
+            log.error(
+                "queue_entry_mismatch topic=%s queue=%d queue_offset=%d log_offset=%d "
+                "record_topic=%s record_queue=%d record_queue_offset=%d",
+                topic,
+                queue_id,
+                queue_offset,
+                offset,
+                record.topic,
+                record.queue_id,
+                record.queue_offset,
+            )
+            record.release()
+            return None
+        return record
 
     def read(self, offset: int) -> StoredRecord:
         return self.commit_log.read(offset)
