@@ -20,8 +20,8 @@ import trio
 
 from cluster.client.connection import Connection
 from cluster.protocol import DEFAULT_MAX_FRAME_SIZE
+from tools.faults.proxy import FaultProxy
 from tools.launcher import EtcdCluster
-from tools.launcher.proxy import TcpProxy
 from tools.process import NodeProcess, wait_until
 
 TOPIC = "failover"
@@ -294,7 +294,7 @@ async def test_a_master_cut_from_etcd_steps_down_and_no_ack_is_lost(
     tmp_path: Path, etcd: EtcdCluster, group: Group
 ) -> None:
     host, _, port = etcd.endpoints[0].removeprefix("http://").rpartition(":")
-    proxy = TcpProxy(host, int(port))
+    proxy = FaultProxy(host, int(port))
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         group.start("n1", etcd=f"http://127.0.0.1:{proxy.port}")

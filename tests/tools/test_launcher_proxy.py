@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from tools.launcher import TcpProxy
+from tools.faults.proxy import FaultProxy
 
 
 async def echo_server(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -33,7 +33,7 @@ async def round_trip(stream: trio.SocketStream, payload: bytes) -> bytes:
 async def test_forward_cut_partition_heal() -> None:
     async with trio.open_nursery() as nursery:
         target = await nursery.start(echo_server)
-        proxy = TcpProxy("127.0.0.1", target)
+        proxy = FaultProxy("127.0.0.1", target)
         port = await nursery.start(proxy.serve)
         assert port == proxy.port
 

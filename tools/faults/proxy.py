@@ -113,11 +113,21 @@ class FaultProxy:
     """
 
     def __init__(
-        self, target_host: str, target_port: int, *, port: int = 0, name: str = "", seed: int = 0
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        port: int = 0,
+        name: str = "",
+        seed: int = 0,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.port = port
+        self.chunk_bytes = chunk_bytes
+        """The largest piece forwarded at once: small values split every message the
+        peers exchange across many reads (tests of stream parsers)."""
         self.name = name or f"proxy->{target_host}:{target_port}"
         self.connections = 0
         self.held: frozenset[Direction] = frozenset()
@@ -204,6 +214,16 @@ class FaultProxy:
         """Close every open connection gracefully (FIN); new ones are forwarded."""
         for link in list(self._links):
             link.abort(reset=False)
+
+    def partition(self) -> None:
+        """Silence, like a dropped route: open connections are cut, new ones are accepted
+        but nothing passes either way until :meth:`heal` (clients see timeouts)."""
+        self.cut()
+        self.hold(frozenset(Direction))
+
+    def heal(self) -> None:
+        """End a :meth:`partition` (or any hold): held connections start forwarding."""
+        self.hold(frozenset())
 
     def set_slowness(
         self, directions: frozenset[Direction], delay_s: float, jitter_s: float
@@ -299,7 +319,7 @@ class FaultProxy:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 async with send_channel:
                     last_due = 0.0
-                    while data := await source.receive_some(CHUNK_BYTES):
+                    while data := await source.receive_some(self.chunk_bytes):
                         last_due = max(last_due, trio.current_time() + self._delay_s(direction))
                         await send_channel.send((last_due, data))
             # end of stream: let queued bytes drain, then the deliverer closes the sink

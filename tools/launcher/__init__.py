@@ -1,6 +1,7 @@
 """Local launchers: real child processes (etcd, and the broker group of `tidelog cluster up`:
 LocalCluster) and the loopback TCP proxy that injects network faults between them."""
 
+from tools.faults.proxy import FaultProxy
 from tools.launcher.cluster import ClusterLaunchError, LocalCluster, NodeView
 from tools.launcher.etcd import (
     EtcdCluster,
@@ -9,7 +10,9 @@ from tools.launcher.etcd import (
     etcd_binary,
     free_loopback_port,
 )
-from tools.launcher.proxy import TcpProxy
+
+TcpProxy = FaultProxy
+"""The former name of the launcher's proxy: one proxy (with the fault vocabulary) serves both."""
 
 __all__ = [
     "ClusterLaunchError",
