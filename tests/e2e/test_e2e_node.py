@@ -16,16 +16,14 @@ import trio
 
 from cluster.client import open_client
 from cluster.protocol import Status
+from tests.helpers import running_node
 from tools.process import NodeProcess
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(tmp_path / "node").start()
-    try:
+    with running_node(tmp_path / "node") as process:
         yield process
-    finally:
-        process.kill()
 
 
 async def test_every_ack_level_round_trips(node: NodeProcess) -> None:

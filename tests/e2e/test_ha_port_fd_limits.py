@@ -9,8 +9,6 @@ the HA listener and the node died at once.
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
 import subprocess
 import sys
 import threading
@@ -24,7 +22,8 @@ from cluster.client import open_client
 from cluster.protocol import Status
 from replication.wire import slave_handshake
 from tests.cluster.test_server import open_files_limit
-from tools.process import READY, wait_until
+from tests.helpers import node_with_file_limit
+from tools.process import wait_until
 
 NODE_NOFILE = 256
 FLOOD = 400
@@ -38,37 +37,11 @@ def limited_master(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str,
     """A master with an HA port whose open-file limit is :data:`NODE_NOFILE` (set in the
     child before it runs), its client ``host:port`` and its stderr lines; killed by PID."""
 
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NODE_NOFILE, NODE_NOFILE))
-
-    command = [
-        sys.executable, "-m", "tools.cli", "--log-level", "INFO", "node",
-        "--name", "limited", "--port", "0", "--ha-port", "0",
-        "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
     env = {"TIDELOG_REPLICATION_PEER_TIMEOUT_MS": str(PEER_TIMEOUT_MS)}
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=limit_files,
-        env={**os.environ, **env},
-    )
-    stderr: list[str] = []
-    assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=lambda: stderr.extend(process.stderr or ()), daemon=True).start()
-    try:
-        for line in process.stdout:
-            if match := READY.search(line):
-                break
-        else:
-            pytest.fail("the node did not start:\n" + "".join(stderr))
-        yield process, f"{match['host']}:{match['port']}", stderr
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    with node_with_file_limit(
+        tmp_path / "data", NODE_NOFILE, extra_args=("--ha-port", "0"), env=env
+    ) as started:
+        yield started
 
 
 async def _closed_by_master(sock: trio.socket.SocketType) -> bool:

@@ -8,10 +8,7 @@ meanwhile could not be saved.
 
 from __future__ import annotations
 
-import resource
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import trio
 
 from cluster.protocol import Status
 from tests.cluster.test_server import Raw, open_files_limit
-from tools.process import READY
+from tests.helpers import node_with_file_limit
 
 NODE_NOFILE = 256
 FLOOD = 400
@@ -32,34 +29,8 @@ def limited_node(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, l
     """A ``tidelog node`` whose open-file limit is :data:`NODE_NOFILE` (set in the child
     before it runs), its ``host:port`` and its stderr lines; killed by PID at the end."""
 
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NODE_NOFILE, NODE_NOFILE))
-
-    command = [
-        sys.executable, "-m", "tools.cli", "--log-level", "INFO", "node",
-        "--name", "limited", "--port", "0", "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=limit_files,
-    )
-    stderr: list[str] = []
-    assert process.stdout is not None and process.stderr is not None
-    threading.Thread(target=lambda: stderr.extend(process.stderr or ()), daemon=True).start()
-    try:
-        for line in process.stdout:
-            if match := READY.search(line):
-                break
-        else:
-            pytest.fail("the node did not start:\n" + "".join(stderr))
-        yield process, f"{match['host']}:{match['port']}", stderr
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    with node_with_file_limit(tmp_path / "data", NODE_NOFILE) as started:
+        yield started
 
 
 async def _first_answer(raw: Raw) -> dict[str, object] | None:

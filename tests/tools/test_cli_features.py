@@ -7,30 +7,19 @@ import json
 import select
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import CLI, running_node, tidelog
 from tools.process import NodeProcess
-
-CLI = [sys.executable, "-m", "tools.cli"]
-
-
-def tidelog(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(tmp_path / "node").start()
-    try:
+    with running_node(tmp_path / "node") as process:
         yield process
-    finally:
-        process.kill()
 
 
 def test_consume_meta_and_tag_filter(node: NodeProcess) -> None:

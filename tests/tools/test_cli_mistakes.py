@@ -11,7 +11,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -19,15 +18,8 @@ from typing import IO
 import pytest
 import trio
 
+from tests.helpers import CLI, running_node, tidelog
 from tools.process import NodeProcess, node_status, wait_until
-
-CLI = [sys.executable, "-m", "tools.cli"]
-
-
-def tidelog(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def assert_one_paragraph(text: str, *needles: str) -> None:
@@ -53,11 +45,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    process = NodeProcess(tmp_path / "node").start()
-    try:
+    with running_node(tmp_path / "node") as process:
         yield process
-    finally:
-        process.kill()
 
 
 @pytest.fixture
