@@ -7,6 +7,7 @@ stop, kill or compact it. Every member is stopped by its PID, even when a test f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +16,21 @@ import pytest
 from tools.launcher import EtcdCluster
 
 
-@pytest.fixture(scope="module")
-def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+@contextlib.contextmanager
+def _running(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
+    """``cluster`` started, and stopped by PID on exit even when starting failed halfway
+    (a member may be up while another could not start)."""
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    with _running(EtcdCluster(tmp_path_factory.mktemp("etcd"))) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -38,20 +46,12 @@ def key_prefix(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def private_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd")
-    try:
-        cluster.start()
+    with _running(EtcdCluster(tmp_path / "etcd")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
 def etcd_three(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A three-member etcd of the test's own, to test etcd's own faults."""
-    cluster = EtcdCluster(tmp_path / "etcd3", size=3)
-    try:
-        cluster.start()
+    with _running(EtcdCluster(tmp_path / "etcd3", size=3)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
