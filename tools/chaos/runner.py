@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Final, Protocol, TextIO
+from typing import Any, ClassVar, Final, Protocol, Self, TextIO
 
 import attrs
 import trio
@@ -247,6 +247,27 @@ class _LocalNodes(abc.ABC):
     async def master(self) -> tuple[str | None, int | None]:
         return await _master_of(self)
 
+    @classmethod
+    @asynccontextmanager
+    async def started(
+        cls, root: Path, nursery: trio.Nursery, **options: Any
+    ) -> AsyncIterator[Self]:
+        """The cluster started, every process of it killed by its PID at exit."""
+        cluster = cls(root, **options)
+        try:
+            await cluster.start(nursery)
+            yield cluster
+        finally:
+            cluster.kill_all()
+
+    @abc.abstractmethod
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the cluster's processes (and its proxies, in ``nursery``)."""
+
+    @abc.abstractmethod
+    def kill_all(self) -> None:
+        """Kill every process of the cluster by its PID."""
+
     @abc.abstractmethod
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
         """The fault ``kind`` on ``targets``; ValueError for a kind this cluster lacks."""
@@ -267,18 +288,6 @@ class StaticCluster(_LocalNodes):
         assert replicas >= 2, replicas
         super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
         self.mesh: ProxyMesh | None = None
-
-    @classmethod
-    @asynccontextmanager
-    async def started(
-        cls, root: Path, nursery: trio.Nursery, **options: Any
-    ) -> AsyncIterator[StaticCluster]:
-        cluster = cls(root, **options)
-        try:
-            await cluster.start(nursery)
-            yield cluster
-        finally:
-            cluster.kill_all()
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the proxies (in ``nursery``) and the nodes; prefer :meth:`started`, which
@@ -404,18 +413,6 @@ class FailoverCluster(_LocalNodes):
         super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
         self.etcd = EtcdCluster(root / "etcd", size=etcd_members)
         self.etcd_proxies: dict[str, list[FaultProxy]] = {}
-
-    @classmethod
-    @asynccontextmanager
-    async def started(
-        cls, root: Path, nursery: trio.Nursery, **options: Any
-    ) -> AsyncIterator[FailoverCluster]:
-        cluster = cls(root, **options)
-        try:
-            await cluster.start(nursery)
-            yield cluster
-        finally:
-            cluster.kill_all()
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start etcd, the proxies (in ``nursery``) and the nodes; then wait for a master."""
