@@ -25,6 +25,7 @@ from cluster.coordination.etcd import (
     prefix_range_end,
 )
 from cluster.coordination.settings import MIN_LEASE_TTL_S
+from tools.faults.process import wait_stopped
 from tools.launcher import EtcdCluster, TcpProxy, free_loopback_port
 
 
@@ -282,6 +283,10 @@ async def test_a_paused_etcd_times_out_with_unknown_outcome(
         await etcd.put(key_prefix + "k", b"before")
         member.signal(signal.SIGSTOP)
         try:
+            # SIGSTOP takes effect asynchronously: a put sent before etcd is really stopped
+            # would be answered (seen under load), so wait until /proc says it stopped.
+            assert member.pid is not None
+            await wait_stopped(member.pid)
             with pytest.raises(EtcdTimeout, match="outcome unknown"):
                 await etcd.put(key_prefix + "k", b"during")
         finally:
