@@ -162,8 +162,8 @@ async def produce(
                         node.address, "send", topic=TOPIC, body=body, queue=0, acks=acks,
                         timeout_ms=2000,
                     )  # fmt: skip
-            except Exception:
-                continue
+            except Exception:  # refused, reset, timed out, or any of them grouped by the
+                continue  # nursery: this send was not acknowledged, so try the next node
             sequence += 1
             if answer["status"] == "OK":
                 acked.offsets[body] = answer["offset"]

@@ -7,6 +7,7 @@ was done to whom and when it was undone.
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Sequence
 from types import TracebackType
@@ -23,7 +24,7 @@ def describe(fields: dict[str, object]) -> str:
     return " ".join(f"{key}={value}" for key, value in fields.items())
 
 
-class Fault:
+class Fault(abc.ABC):
     """One fault with a clean undo.
 
     Invariants: ``active`` is true exactly between a successful ``inject()`` and the
@@ -41,11 +42,13 @@ class Fault:
         """What this fault acts on, for the log (subclasses add their targets)."""
         return {}
 
+    @abc.abstractmethod
     async def _inject(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must define _inject")
+        """Make the fault hold (called once per activation)."""
 
+    @abc.abstractmethod
     async def _heal(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must define _heal")
+        """Undo exactly what :meth:`_inject` did."""
 
     async def inject(self) -> None:
         if self.active:

@@ -19,6 +19,7 @@ and stopped by their PID before :meth:`NetnsNetwork.destroy`.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import logging
 import os
@@ -261,8 +262,9 @@ class _RulesFault(Fault):
         self.network = network
         self.added: list[tuple[str, list[str]]] = []
 
+    @abc.abstractmethod
     def rules(self) -> Iterable[tuple[str, list[str]]]:
-        raise NotImplementedError(f"{type(self).__name__} must define rules")
+        """The (namespace, iptables arguments) pairs this fault adds."""
 
     async def _inject(self) -> None:
         try:
