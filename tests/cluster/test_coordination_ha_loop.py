@@ -17,7 +17,8 @@ from cluster.coordination.etcd import EtcdClient, EtcdError
 from cluster.coordination.ha_loop import HaLoop, HaRole
 from cluster.coordination.keys import GroupState, LeaderValue, MemberInfo
 from cluster.coordination.settings import CoordinationSettings
-from tools.launcher import EtcdCluster, TcpProxy
+from tools.faults.proxy import FaultProxy
+from tools.launcher import EtcdCluster
 
 WAIT_S = 30
 """A bound on waits for events; never a figure the tests assert."""
@@ -280,7 +281,7 @@ async def test_a_master_partitioned_from_etcd_fences_before_another_is_elected(
 ) -> None:
     settings = settings_for(etcd_endpoints)
     etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
-    proxy = TcpProxy("127.0.0.1", etcd_port)
+    proxy = FaultProxy("127.0.0.1", etcd_port)
     timeline: list[str] = []
     both = frozenset({"a", "b"})
     a = FakeNode("a", priority=1, judged_in_sync=both, timeline=timeline)

@@ -26,7 +26,8 @@ from cluster.coordination.etcd import (
 )
 from cluster.coordination.settings import MIN_LEASE_TTL_S
 from tools.faults.process import wait_stopped
-from tools.launcher import EtcdCluster, TcpProxy, free_loopback_port
+from tools.faults.proxy import FaultProxy
+from tools.launcher import EtcdCluster, free_loopback_port
 
 
 async def test_put_get_range_delete(etcd_endpoints: list[str], key_prefix: str) -> None:
@@ -199,7 +200,7 @@ async def test_watch_resumes_after_the_stream_is_cut(
     etcd_endpoints: list[str], key_prefix: str
 ) -> None:
     etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
-    proxy = TcpProxy("127.0.0.1", etcd_port)
+    proxy = FaultProxy("127.0.0.1", etcd_port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         async with (
@@ -309,7 +310,7 @@ async def test_watch_messages_split_across_many_reads(
     """A chunk is not a message: through a proxy forwarding 7 bytes at a time, every
     watch message arrives in pieces and must still be parsed whole."""
     etcd_port = int(etcd_endpoints[0].rsplit(":", 1)[1])
-    proxy = TcpProxy("127.0.0.1", etcd_port, chunk_bytes=7)
+    proxy = FaultProxy("127.0.0.1", etcd_port, chunk_bytes=7)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         async with EtcdClient([f"http://127.0.0.1:{proxy.port}"], request_timeout_s=5) as etcd:

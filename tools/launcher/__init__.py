@@ -1,7 +1,6 @@
 """Local launchers: real child processes (etcd, and the broker group of `tidelog cluster up`:
-LocalCluster) and the loopback TCP proxy that injects network faults between them."""
+LocalCluster). The proxy that injects network faults is tools.faults.proxy.FaultProxy."""
 
-from tools.faults.proxy import FaultProxy
 from tools.launcher.cluster import ClusterLaunchError, LocalCluster, NodeView
 from tools.launcher.etcd import (
     EtcdCluster,
@@ -11,9 +10,6 @@ from tools.launcher.etcd import (
     free_loopback_port,
 )
 
-TcpProxy = FaultProxy
-"""The former name of the launcher's proxy: one proxy (with the fault vocabulary) serves both."""
-
 __all__ = [
     "ClusterLaunchError",
     "EtcdCluster",
@@ -21,7 +17,6 @@ __all__ = [
     "EtcdMember",
     "LocalCluster",
     "NodeView",
-    "TcpProxy",
     "etcd_binary",
     "free_loopback_port",
 ]
