@@ -412,6 +412,41 @@ class MessageStore:
             next_offset = index + 1
         return GetResult(records, next_offset, queue.min_offset, queue.max_offset)
 
+    def queue_offset_at_time(self, topic: str, queue_id: int, store_us: int) -> int:
+        """The first queue offset whose record was stored at or after ``store_us``, or the
+        queue's end when every record is older: where "consume from a time" starts.
+
+        A binary search over the queue that reads each probe's store timestamp from the log
+        (RocketMQ's lookup by time): a few reads, no index of its own. Store times follow
+        the master's wall clock, so after a clock step back the answer is approximate, but
+        it is always within the queue's range.
+        """
+        queue = self.queues.get(topic, queue_id)
+        if queue is None:
+            return 0
+        if self._cutting:
+            raise OffsetOutOfRangeError(
+                f"{topic}/{queue_id}: the log is being cut; retry the lookup by time"
+            )
+        low, high = queue.min_offset, queue.max_offset
+        log_end = self.commit_log.max_offset
+        while low < high:
+            middle = (low + high) // 2
+            offset, size, _tags = queue.get(middle)
+            record = self._queue_record(topic, queue_id, middle, offset, size, log_end)
+            if record is None:
+                raise OffsetOutOfRangeError(
+                    f"{topic}/{queue_id}: queue offset {middle} has no record in the log "
+                    "while looking up a time: the queue is being cut or rebuilt; retry"
+                )
+            stored_before = record.store_us < store_us
+            record.release()
+            if stored_before:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
     def _queue_record(
         self, topic: str, queue_id: int, queue_offset: int, offset: int, size: int, log_end: int
     ) -> StoredRecord | None:
