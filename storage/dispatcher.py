@@ -26,6 +26,11 @@ class Dispatcher:
         self.offset = offset
         self._arrival = trio.Event()
         self._busy = False
+        self.records_dispatched = 0
+        """Records :meth:`catch_up` indexed since the store opened (recovery's not
+        counted): what this process appended, for the node's metrics."""
+        self.bytes_dispatched = 0
+        """The log bytes those records (and segment fillers) took."""
 
     async def catch_up(self) -> int:
         """Dispatch every record written so far; return how many this call dispatched.
@@ -38,11 +43,14 @@ class Dispatcher:
             return 0
         self._busy = True
         count = 0
+        start = self.offset
         try:
             while self.offset < self.commit_log.max_offset:
                 count += await self._dispatch(self.commit_log.max_offset)
         finally:
             self._busy = False
+            self.records_dispatched += count
+            self.bytes_dispatched += max(0, self.offset - start)
             if count:
                 self._arrival.set()
                 self._arrival = trio.Event()

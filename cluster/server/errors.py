@@ -17,7 +17,7 @@ from storage import (
     StorageFailedError,
 )
 
-__all__ = ["RequestError", "response_for_error", "unknown_topic"]
+__all__ = ["RequestError", "response_for_error", "status_of", "unknown_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ _STATUS_OF: Final[tuple[tuple[type[Exception], Status], ...]] = (
 )
 
 
+def status_of(exc: Exception) -> Status:
+    """The status a request that raised ``exc`` is answered with (``INTERNAL_ERROR``: a
+    bug); the node's metrics count errors by it."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, TopicExistsError):
+        return Status.TOPIC_EXISTS
+    for kind, status in _STATUS_OF:
+        if isinstance(exc, kind):
+            return status
+    return Status.INTERNAL_ERROR
+
+
 def response_for_error(req_id: int, exc: Exception, op: str = "?") -> Reply:
     """The answer to a request that raised ``exc``. Anything unexpected is a server bug:
     logged with its traceback and answered ``INTERNAL_ERROR`` for this request only."""
@@ -60,9 +73,9 @@ def response_for_error(req_id: int, exc: Exception, op: str = "?") -> Reply:
         return error_response(req_id, exc.status, exc.message, **exc.details)
     if isinstance(exc, TopicExistsError):
         return error_response(req_id, Status.TOPIC_EXISTS, str(exc), queues=exc.topic.queues)
-    for kind, status in _STATUS_OF:
-        if isinstance(exc, kind):
-            return error_response(req_id, status, str(exc))
+    status = status_of(exc)
+    if status is not Status.INTERNAL_ERROR:
+        return error_response(req_id, status, str(exc))
     log.error("internal_error op=%s id=%d error=%r", op, req_id, exc, exc_info=exc)
     return error_response(
         req_id,
