@@ -15,7 +15,11 @@ streams from what the two histories prove the slave shares
 
 Nothing a peer says counts before it proved the cluster secret
 (:mod:`replication.auth`, ``settings.cluster_secret``): a refused peer cannot make this
-master stale, count for the confirm offset or replace a slave's connection. The port
+master stale, count for the confirm offset or replace a slave's connection. A secret
+proves a peer belongs to the *cluster*, not which member it is: with a membership
+(``peer_allowed``, the node wires etcd's member list of its group), a peer whose name is
+not a member is refused at the handshake too, and a slave whose membership ends stops
+counting for the confirm offset. The port
 survives floods: at most :attr:`HAService.max_peers` connections (lowered to the
 open-file limit), a handshake bounded by ``peer_timeout_ms``, and accept errors
 (``EMFILE``) that back off instead of ending the service.
@@ -235,8 +239,11 @@ class HAConnection:
         on_stale: Callable[[str], None] | None = None,
         confirm_source: Callable[[], int] = lambda: 0,
         master_name: str = "master",
+        peer_allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
+        self.peer_allowed = peer_allowed
+        """Whether a slave of that name is a member (None: every authenticated peer is)."""
         self.master_name = master_name
         """This master's name in the handshake (covered by the proofs, logged by slaves)."""
         self.claimed_name: str | None = None
@@ -356,6 +363,14 @@ class HAConnection:
         if hello.name != challenge.name:
             await self._refuse(
                 sock, f"the hello names {hello.name!r}, the challenge {challenge.name!r} (refused)"
+            )
+        if self.peer_allowed is not None and not self.peer_allowed(hello.name):
+            # Before the stale check: a non-member's epoch claim must not stop writes.
+            await self._refuse(
+                sock,
+                f"slave {claimed} is not a member of this master's group (the cluster's "
+                "membership, etcd, has no such node): start it with the same [coordination] "
+                "etcd, cluster and group, or remove what runs under this name",
             )
         return hello, handshake
 
@@ -545,10 +560,15 @@ class HAService:
         *,
         history: EpochHistory | None = None,
         name: str = "master",
+        peer_allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
         self.name = name
         """This master's name in the handshake."""
+        self.peer_allowed = peer_allowed
+        """The membership: whether a slave of that name belongs to this master's group,
+        asked at every handshake and every in-sync judgement (so it must be cheap and
+        not block). None: every peer that proves the cluster secret is a member."""
         self.settings = settings = settings if settings is not None else ReplicationSettings()
         self.auth_refusals = 0
         self.last_auth_refusal: str | None = None
@@ -581,8 +601,12 @@ class HAService:
         return self._confirmed.position
 
     def in_sync_slaves(self) -> dict[str, int]:
-        """The in-sync slaves' ack offsets, by name, judged now."""
-        return self.insync.in_sync(self.store.commit_log.max_offset, trio.current_time())
+        """The in-sync slaves' ack offsets, by name, judged now; only members count."""
+        in_sync = self.insync.in_sync(self.store.commit_log.max_offset, trio.current_time())
+        allowed = self.peer_allowed
+        if allowed is None:
+            return in_sync
+        return {name: offset for name, offset in in_sync.items() if allowed(name)}
 
     async def wait_membership_change(self) -> frozenset[str]:
         """Park until a slave joins or leaves the in-sync set; return the new set's
@@ -734,6 +758,7 @@ class HAService:
             on_stale=self._on_stale,
             confirm_source=lambda: self.confirm_offset,
             master_name=self.name,
+            peer_allowed=self.peer_allowed,
         )
         with sock:
             # except*: a stream error can arrive grouped with the cancellation of a

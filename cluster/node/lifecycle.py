@@ -41,6 +41,8 @@ from cluster.node.acks import AckPolicy, ReplicatedAcks, SlaveAcks, StandaloneAc
 from cluster.node.config import NodeConfig
 from cluster.node.coordinated import CoordinatedAcks, Coordinator
 from cluster.node.handler import NodeRequestHandler
+from cluster.node.health_http import serve_monitoring
+from cluster.node.metrics import NodeMetrics
 from cluster.node.role import (
     Candidate,
     Fenced,
@@ -115,6 +117,9 @@ class Node:
         self._role_lock = trio.Lock()
         self.coordinator: Coordinator | None = None
         """With etcd (``[coordination] etcd``): runs the HA loop that decides the role."""
+        self.metrics = NodeMetrics(self) if config.node.metrics_port >= 0 else None
+        """With ``node.metrics_port``: the Prometheus registry ``/metrics`` serves."""
+        self.metrics_address: tuple[str, int] | None = None
         if config.coordinated:
             self.role = Candidate()
 
@@ -170,6 +175,11 @@ class Node:
                     replication.start_soon(self.slave.run)
                     replication.start_soon(self._sync_topics)
                 self.address = await nursery.start(serve_clients)
+                if self.metrics is not None:  # /metrics and /health, up until clients drained
+                    self.metrics.watch_store(store)
+                    self.metrics_address = await replication.start(
+                        serve_monitoring, self, config.node.host, config.node.metrics_port
+                    )
                 if config.coordinated:
                     await self._start_coordination(replication)
                 log.info(
@@ -241,8 +251,19 @@ class Node:
 
     def _ha_service(self, store: MessageStore) -> HAService:
         """The master's HA endpoint with the ``[replication]`` knobs; one place, so a
-        promoted slave serves its slaves exactly as a configured master would."""
-        return HAService(store, self.config.replication.settings, history=self.history)
+        promoted slave serves its slaves exactly as a configured master would. With etcd,
+        only members of the group may replicate, count for acks or prove it stale."""
+        return HAService(
+            store,
+            self.config.replication.settings,
+            history=self.history,
+            peer_allowed=self._is_group_member if self.config.coordinated else None,
+        )
+
+    def _is_group_member(self, name: str) -> bool:
+        """Whether etcd's last listing holds ``name`` as a member of this node's group."""
+        view = self.coordinator.loop.view if self.coordinator is not None else None
+        return view is not None and name in view.members
 
     def check_writable(self) -> None:
         """Raise ``NOT_MASTER`` unless this node may take writes now.
