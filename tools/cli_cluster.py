@@ -4,7 +4,9 @@ on :class:`tools.launcher.LocalCluster`) and `tidelog admin switchover`.
 ``up`` prints the addresses and a live status (roles, epochs, log ends, lag, in-sync set)
 until Ctrl-C or SIGTERM, then stops every process by its PID. ``up --detach`` leaves the
 cluster running and writes DIR/cluster.json (PIDs, addresses), which ``status`` and
-``down`` read.
+``down`` read. ``up --etcd-members 3`` runs a three-member etcd, so that etcd's own
+faults (its leader killed, a member lost) can be tried; ``status`` shows each member's
+health and which one leads, ``down`` stops every member by its PID.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from tools.launcher.cluster import (
     node_answer,
     pid_alive,
     process_matches,
+    read_group_state,
     read_state,
     stop_pids,
 )
-from tools.launcher.etcd import EtcdLaunchError
+from tools.launcher.etcd import EtcdEndpointHealth, EtcdLaunchError, probe_endpoints
 
 DEFAULT_DIR = Path("tidelog-cluster")
 REFRESH_S = 1.0
@@ -126,6 +129,13 @@ def _refuse_running(root: Path) -> str | None:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     root = args.data.resolve()
+    if args.etcd and args.etcd_members:
+        print(
+            "tidelog cluster up: --etcd-members sizes the etcd `cluster up` starts; with "
+            "--etcd the cluster uses yours as it is: drop one of the two",
+            file=sys.stderr,
+        )
+        return 2
     refusal = _refuse_running(root)
     if refusal:
         print(f"tidelog cluster up: {refusal}", file=sys.stderr)
@@ -134,11 +144,14 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         root,
         replicas=args.replicas,
         etcd_endpoints=tuple(args.etcd.split(",")) if args.etcd else (),
+        etcd_members=args.etcd_members or 1,
         min_insync_replicas=args.min_insync_replicas,
         new_session=True,
     )
     if not args.json:
-        where = "etcd at " + args.etcd if args.etcd else "a local etcd"
+        members = args.etcd_members or 1
+        local = "a local etcd" if members == 1 else f"a local etcd of {members} members"
+        where = "etcd at " + args.etcd if args.etcd else local
         print(f"starting {where} and {args.replicas} nodes (data: {root}) ...", flush=True)
     detached = False
     try:
@@ -178,7 +191,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 def _addresses_text(cluster: LocalCluster, master: str) -> str:
     bootstrap = ",".join(cluster.addresses)
-    lines = [f"etcd:   {', '.join(cluster.endpoints)}"]
+    if cluster.etcd is not None and len(cluster.etcd.members) > 1:
+        lines = [f"{m.name}: {m.client_url}  pid {m.pid}" for m in cluster.etcd.members]
+    else:
+        lines = [f"etcd:   {', '.join(cluster.endpoints)}"]
     for name in cluster.names:
         marker = "  (master)" if name == master else ""
         lines.append(f"{name}: {cluster.address(name)}  pid {cluster.pid(name)}{marker}")
@@ -255,15 +271,72 @@ async def _views_from_state(state: dict[str, Any]) -> list[NodeView]:
     return [found[node["name"]] for node in state["nodes"]]
 
 
+def etcd_rows(state: dict[str, Any], health: list[EtcdEndpointHealth]) -> list[dict[str, Any]]:
+    """One row per etcd endpoint: its member (when `cluster up` started it), PID, whether
+    the process runs, whether it answers a linearizable read, whether it leads."""
+    members = {m["client_url"]: m for m in state["etcd"].get("members", [])}
+    rows = []
+    for probe in health:
+        member = members.get(probe.endpoint, {})
+        pid = member.get("pid")
+        root = str(Path(member["data_dir"]).parent) if member else ""
+        running = pid_alive(pid) and process_matches(pid, "etcd", root) if pid else None
+        rows.append(
+            {
+                "member": member.get("name"),
+                "endpoint": probe.endpoint,
+                "pid": pid,
+                "running": running,
+                "healthy": probe.healthy,
+                "leader": probe.leader,
+                "error": probe.error,
+            }
+        )
+    return rows
+
+
+async def _etcd_view(state: dict[str, Any]) -> tuple[list[EtcdEndpointHealth], Any]:
+    endpoints = state["etcd"]["endpoints"]
+    health = await probe_endpoints(endpoints)
+    group = await read_group_state(endpoints, state.get("cluster", "tidelog"), state["group"])
+    return health, group
+
+
 def cmd_cluster_status(args: argparse.Namespace) -> int:
     state = _state_or_error(args, "status")
     if state is None:
         return 2
     rows = status_rows(trio.run(_views_from_state, state))
+    health, group = trio.run(_etcd_view, state)
+    etcd = etcd_rows(state, health)
+    recorded = (
+        {
+            "epoch": group.epoch,
+            "master": group.master,
+            "in_sync": sorted(group.in_sync),
+            "min_insync_replicas": group.min_insync_replicas,
+        }
+        if group is not None
+        else None
+    )
     if args.json:
-        print(json.dumps({"etcd": state["etcd"], "nodes": rows}))
+        print(
+            json.dumps({"etcd": dict(state["etcd"], health=etcd), "group": recorded, "nodes": rows})
+        )
     else:
-        print(f"etcd: {', '.join(state['etcd']['endpoints'])}")
+        healthy = sum(1 for row in etcd if row["healthy"])
+        print(f"etcd: {healthy} of {len(etcd)} member(s) healthy")
+        print(plain_table([{k: v for k, v in row.items() if k != "error"} for row in etcd]))
+        for row in etcd:
+            if row["error"]:
+                print(f"  {row['endpoint']}: {row['error']}")
+        if recorded is not None:
+            print(
+                f"group {state['group']} in etcd: epoch {recorded['epoch']}, master "
+                f"{recorded['master']}, in-sync {', '.join(recorded['in_sync'])}"
+            )
+        else:
+            print(f"group {state['group']} in etcd: no state recorded, or etcd does not answer")
         print(plain_table(rows))
     return 0 if any(row["role"] not in ("stopped", "no answer") for row in rows) else 1
 
@@ -277,8 +350,9 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
         [(n["pid"], ("tools.cli", n["data_dir"])) for n in state["nodes"] if n.get("pid")]
     )
     etcd = state["etcd"]
+    etcd_pids = etcd.get("pids", []) + [m["pid"] for m in etcd.get("members", []) if m.get("pid")]
     stopped_etcd = (
-        stop_pids([(pid, ("etcd", str(root))) for pid in etcd.get("pids", [])])
+        stop_pids([(pid, ("etcd", str(root))) for pid in sorted(set(etcd_pids))])
         if etcd.get("managed")
         else []
     )
@@ -359,6 +433,14 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         help="use this etcd (http://host:port[,...]) instead of a local one",
     )
     up.add_argument(
+        "--etcd-members",
+        type=_etcd_members,
+        default=None,
+        metavar="N",
+        help="members of the local etcd: 1 (default), 3 or 5; 3 lets you kill etcd's leader "
+        "or a member and watch the cluster keep its master",
+    )
+    up.add_argument(
         "--min-insync-replicas",
         type=int,
         default=1,
@@ -402,6 +484,15 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     )
     switchover.add_argument("--json", action="store_true", help="one JSON object")
     switchover.set_defaults(handler=cmd_admin_switchover)
+
+
+def _etcd_members(value: str) -> int:
+    if value not in ("1", "3", "5"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an etcd size this launcher runs: use 1, 3 or 5 (an odd number, "
+            "so a majority survives the loss of one or two members)"
+        )
+    return int(value)
 
 
 def _count(value: str) -> int:

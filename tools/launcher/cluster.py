@@ -25,10 +25,12 @@ import attrs
 import trio
 
 from cluster.client import TidelogError, open_client
+from cluster.coordination.etcd import EtcdClient, EtcdError
+from cluster.coordination.keys import ClusterKeys, GroupState
 from tools.launcher.etcd import EtcdCluster
 from tools.process import NodeProcess
 
-__all__ = ["ClusterLaunchError", "LocalCluster", "NodeView", "node_answer"]
+__all__ = ["ClusterLaunchError", "LocalCluster", "NodeView", "node_answer", "read_group_state"]
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +119,10 @@ class NodeView:
 class LocalCluster:
     """etcd plus ``replicas`` node processes of one group, all under ``root``.
 
-    ``etcd_endpoints``: use this etcd instead of starting one. ``node_args`` go to every
-    node (``--config FILE``, lease settings...); ``command_prefix`` and ``host`` let a
-    caller run nodes in network namespaces. Use as a context manager, or ``start`` /
+    ``etcd_endpoints``: use this etcd instead of starting one; else ``etcd_members``
+    members are started (3 to test etcd's own faults), each with ``etcd_args``.
+    ``node_args`` go to every node (``--config FILE``, lease settings...);
+    ``command_prefix`` and ``host`` let a caller run nodes in network namespaces. Use as a context manager, or ``start`` /
     ``stop``; ``stop`` is safe to call twice and after a failed start. One owner drives
     process control; the coroutines may run from any task of one trio run.
     """
@@ -128,6 +131,7 @@ class LocalCluster:
     replicas: int = 3
     etcd_endpoints: tuple[str, ...] = ()
     etcd_members: int = 1
+    etcd_args: tuple[str, ...] = ()
     cluster_name: str = "tidelog"
     group: str = "g1"
     min_insync_replicas: int = 1
@@ -143,6 +147,14 @@ class LocalCluster:
     def __attrs_post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"a cluster needs at least one node, got replicas={self.replicas}")
+        if self.etcd_members < 1:
+            raise ValueError(
+                f"etcd needs at least one member, got etcd_members={self.etcd_members}"
+            )
+        if self.etcd_endpoints and self.etcd_members != 1:
+            raise ValueError(
+                "etcd_members applies to the etcd this cluster starts, not to given endpoints"
+            )
         if not 0 <= self.min_insync_replicas < max(self.replicas, 2):
             raise ValueError(
                 f"min_insync_replicas={self.min_insync_replicas} cannot be met by "
@@ -175,7 +187,10 @@ class LocalCluster:
         try:
             if not self.etcd_endpoints:
                 self.etcd = EtcdCluster(
-                    self.root / "etcd", size=self.etcd_members, new_session=self.new_session
+                    self.root / "etcd",
+                    size=self.etcd_members,
+                    extra_args=self.etcd_args,
+                    new_session=self.new_session,
                 ).start()
             for index in range(1, self.replicas + 1):
                 name = f"node-{index}"
@@ -300,6 +315,11 @@ class LocalCluster:
         seen = ", ".join(f"{view.name}: {view.role}" for view in last)
         raise TimeoutError(f"no single master within {timeout_s}s ({seen})")
 
+    async def group_state(self, timeout_s: float = STATUS_TIMEOUT_S) -> GroupState | None:
+        """The group's state record as etcd holds it now (epoch, master, recorded in-sync
+        set), read linearizably; None when there is none yet or etcd does not answer."""
+        return await read_group_state(self.endpoints, self.cluster_name, self.group, timeout_s)
+
     # ---- the state file of a detached cluster ------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
@@ -314,6 +334,16 @@ class LocalCluster:
                 "endpoints": self.endpoints,
                 "managed": etcd is not None,
                 "pids": [m.pid for m in etcd.members if m.pid] if etcd is not None else [],
+                "members": [
+                    {
+                        "name": m.name,
+                        "client_url": m.client_url,
+                        "pid": m.pid,
+                        "data_dir": str(m.data_dir),
+                        "log": str(m.log_path),
+                    }
+                    for m in (etcd.members if etcd is not None else [])
+                ],
             },
             "nodes": [
                 {
@@ -333,6 +363,24 @@ class LocalCluster:
         temporary.write_text(json.dumps(self.describe(), indent=2) + "\n")
         os.replace(temporary, path)
         return path
+
+
+async def read_group_state(
+    endpoints: Sequence[str], cluster: str, group: str, timeout_s: float = STATUS_TIMEOUT_S
+) -> GroupState | None:
+    """``groups/<group>/state`` of ``cluster`` from etcd at ``endpoints`` (None: absent,
+    or no endpoint answered within ``timeout_s``)."""
+    if not endpoints:
+        return None
+    key = ClusterKeys(cluster).state(group)
+    with trio.move_on_after(timeout_s):
+        try:
+            async with EtcdClient(list(endpoints), request_timeout_s=timeout_s) as etcd:
+                stored = await etcd.get(key)
+        except EtcdError:
+            return None
+        return GroupState.decode(stored.key, stored.value) if stored is not None else None
+    return None
 
 
 def read_state(root: Path) -> dict[str, Any]:

@@ -27,13 +27,16 @@ from typing import IO
 
 import attrs
 import httpx
+import trio
 
 __all__ = [
     "EtcdCluster",
+    "EtcdEndpointHealth",
     "EtcdLaunchError",
     "EtcdMember",
     "etcd_binary",
     "free_loopback_port",
+    "probe_endpoints",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,3 +337,60 @@ class EtcdCluster:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@attrs.frozen
+class EtcdEndpointHealth:
+    """One etcd endpoint as ``tidelog cluster status`` shows it.
+
+    ``healthy``: it answered a linearizable read (it has a leader and a quorum);
+    ``leader``: it says it is the raft leader itself; ``error``: why it is not healthy."""
+
+    endpoint: str
+    healthy: bool
+    leader: bool
+    member_id: str | None = None
+    raft_term: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+async def probe_endpoint(endpoint: str, timeout_s: float = 1.0) -> EtcdEndpointHealth:
+    """Ask one endpoint for its status and a linearizable read, within ``timeout_s`` each
+    (a paused or partitioned member answers nothing: unhealthy, never a hang)."""
+    url = endpoint.rstrip("/")
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            with trio.fail_after(timeout_s * 2 + 0.5):
+                status = (await client.post(f"{url}/v3/maintenance/status", json={})).json()
+                read = await client.post(f"{url}/v3/kv/range", json={"key": "AA=="})
+    except (httpx.HTTPError, ValueError, trio.TooSlowError) as exc:
+        return EtcdEndpointHealth(url, False, False, error=f"{type(exc).__name__}: {exc}")
+    header = status.get("header") or {}
+    member_id = header.get("member_id")
+    healthy = read.status_code == 200 and "header" in read.json()
+    return EtcdEndpointHealth(
+        url,
+        healthy,
+        leader=member_id is not None and member_id == status.get("leader"),
+        member_id=member_id,
+        raft_term=int(status["raftTerm"]) if "raftTerm" in status else None,
+        error=None if healthy else f"linearizable read answered {read.status_code}: {read.text}",
+    )
+
+
+async def probe_endpoints(
+    endpoints: Sequence[str], timeout_s: float = 1.0
+) -> list[EtcdEndpointHealth]:
+    """Every endpoint's health, asked concurrently, in the order given."""
+    found: dict[int, EtcdEndpointHealth] = {}
+
+    async def one(index: int, endpoint: str) -> None:
+        found[index] = await probe_endpoint(endpoint, timeout_s)
+
+    async with trio.open_nursery() as nursery:
+        for index, endpoint in enumerate(endpoints):
+            nursery.start_soon(one, index, endpoint)
+    return [found[index] for index in range(len(endpoints))]
