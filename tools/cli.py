@@ -184,6 +184,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             "node.name": args.name,
             "node.host": args.host,
             "node.port": args.port,
+            "node.metrics_port": args.metrics_port,
             "node.data_dir": args.data_dir,
             "replication.role": args.role,
             "replication.ha_host": args.ha_host,
@@ -301,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="node name (default: node-1)")
     node.add_argument("--host", help="listen address (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="client port (default 7600; 0 picks a free one)")
+    node.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve GET /metrics (Prometheus) and GET /health over HTTP on this port "
+        "(0 picks a free one; default: off)",
+    )
     node.add_argument("--data-dir", type=Path, help="where the log lives (default ./data)")
     node.add_argument("--role", choices=("master", "slave"), help="default: master")
     node.add_argument(

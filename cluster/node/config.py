@@ -115,6 +115,9 @@ class NodeSection:
     host: str = attrs.field(default="127.0.0.1", validator=_non_empty)
     port: int = attrs.field(default=7600, validator=_between(0, 65535))
     """0 picks a free port; the node reports the one it bound."""
+    metrics_port: int = attrs.field(default=-1, validator=_between(-1, 65535))
+    """HTTP ``/metrics`` (Prometheus) and ``/health`` on ``host``: -1 (the default) off,
+    0 a free port (logged as ``metrics_listening``)."""
     data_dir: Path = attrs.field(default=Path("data"), converter=Path)
     """Holds ``store/`` (the log) and ``topics.json``."""
 

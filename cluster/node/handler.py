@@ -38,6 +38,8 @@ class NodeRequestHandler(RequestHandler):
     def __init__(self, *args: Any, node: Node, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._node = node
+        if node.metrics is not None:
+            self._acks = node.metrics.timed(self._acks)
         self._ops["promote"] = self._promote
         self._ops["repoint"] = self._repoint
         self._ops["metadata"] = self._metadata
@@ -47,15 +49,20 @@ class NodeRequestHandler(RequestHandler):
 
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs."""
-        self._acks = acks
+        self._acks = acks if self._node.metrics is None else self._node.metrics.timed(acks)
 
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
-        op = request["op"]
-        if SCHEMAS[op].writes:
-            self._node.check_writable()
-        elif op in _TOPIC_READS and self._topics.get(request["topic"]) is None:  # type: ignore[typeddict-item]
-            await self._node.sync_topics_now()
-        return await super().handle(request, polls)
+        try:
+            op = request["op"]
+            if SCHEMAS[op].writes:
+                self._node.check_writable()
+            elif op in _TOPIC_READS and self._topics.get(request["topic"]) is None:  # type: ignore[typeddict-item]
+                await self._node.sync_topics_now()
+            return await super().handle(request, polls)
+        except Exception as exc:
+            if self._node.metrics is not None:
+                self._node.metrics.request_failed(exc)
+            raise
 
     async def _promote(self, req: PromoteRequest, _polls: Wakeups) -> Reply:
         return make_response(req["id"], **await self._node.promote(req["ha_port"]))

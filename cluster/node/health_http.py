@@ -1,0 +1,212 @@
+"""The node's monitoring port: ``GET /metrics`` (Prometheus) and ``GET /health``, over
+a small HTTP/1.1 server on trio streams.
+
+It runs as a task in the node's nursery, like the client server, and answers on the
+event loop: a scrape reads the node's state between two of its steps, never from
+another thread. Each connection carries one request (the answer says
+``Connection: close``); a request must arrive whole within :data:`REQUEST_TIMEOUT_S`
+and fit in :data:`MAX_REQUEST_BYTES`, and at most :data:`MAX_CONNECTIONS` are served at
+once (more are closed at accept), so a slow or hostile peer holds a few file
+descriptors at most and never delays the node's clients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cluster.node.health import Health, judge_health
+
+if TYPE_CHECKING:
+    from cluster.node.lifecycle import Node
+
+__all__ = [
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST_BYTES",
+    "REQUEST_TIMEOUT_S",
+    "HttpAnswer",
+    "node_health",
+    "serve_http",
+    "serve_monitoring",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES: Final = 8192
+"""Request line and headers together; a scrape sends a few hundred bytes."""
+REQUEST_TIMEOUT_S: Final = 10.0
+"""A request not received whole by then is dropped (Prometheus' default scrape timeout)."""
+MAX_CONNECTIONS: Final = 32
+"""Monitoring connections served at once; one more is closed as it is accepted."""
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@attrs.frozen
+class HttpAnswer:
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def text(cls, status: int, text: str) -> HttpAnswer:
+        return cls(status, "text/plain; charset=utf-8", text.encode())
+
+
+Route = Callable[[], HttpAnswer]
+
+
+def node_health(node: Node) -> Health | None:
+    """The node's health now, or None while it has not opened its store yet."""
+    if node.store is None or node.server is None or node.topics is None:
+        return None
+    refusal = node.role.write_refusal(node.epoch)
+    return judge_health(
+        node.node_status(),
+        write_refusal=refusal.message if refusal is not None else None,
+        shutting_down=node.server.draining,
+    )
+
+
+def _health_answer(node: Node) -> HttpAnswer:
+    health = node_health(node)
+    if health is None:
+        body = {"status": "unavailable", "node": node.config.node.name, "reason": "starting"}
+        return HttpAnswer(503, "application/json", json.dumps(body).encode())
+    return HttpAnswer(
+        200 if health.healthy else 503, "application/json", json.dumps(health.to_json()).encode()
+    )
+
+
+def _metrics_answer(node: Node) -> HttpAnswer:
+    assert node.metrics is not None, "the monitoring port runs only with metrics on"
+    return HttpAnswer(200, CONTENT_TYPE_LATEST, node.metrics.exposition())
+
+
+async def serve_monitoring(
+    node: Node, host: str, port: int, *, task_status: trio.TaskStatus[tuple[str, int]]
+) -> None:
+    """Serve ``/metrics`` and ``/health`` of ``node`` on ``host:port`` (0: a free port)
+    until cancelled; report ``(host, port)`` with the port really bound."""
+    routes: dict[str, Route] = {
+        "/metrics": partial(_metrics_answer, node),
+        "/health": partial(_health_answer, node),
+    }
+    await serve_http(host, port, routes, task_status=task_status)
+
+
+async def serve_http(
+    host: str,
+    port: int,
+    routes: Mapping[str, Route],
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer ``GET``/``HEAD`` of each path in ``routes`` on ``host:port`` until cancelled."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("metrics_listening host=%s port=%d paths=%s", host, bound, ",".join(sorted(routes)))
+    slots = trio.Semaphore(MAX_CONNECTIONS)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, routes, slots)
+        task_status.started((host, bound))
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, routes: Mapping[str, Route], slots: trio.Semaphore
+) -> None:
+    async with listener, trio.open_nursery() as connections:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # out of file descriptors: the node's clients come first
+                log.warning("metrics_accept_failed error=%s", exc)
+                await trio.sleep(0.1)
+                continue
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await stream.aclose()
+                continue
+            connections.start_soon(_serve_one, stream, routes, slots)
+
+
+async def _serve_one(
+    stream: trio.SocketStream, routes: Mapping[str, Route], slots: trio.Semaphore
+) -> None:
+    try:
+        async with stream:
+            with trio.move_on_after(REQUEST_TIMEOUT_S):
+                request = await _read_head(stream)
+                answer, head = _route(request, routes)
+                await stream.send_all(_encode(answer, head=head))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return  # the peer went away; nothing to answer
+    finally:
+        slots.release()
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    """The request line and headers, or None when they do not fit the limit."""
+    data = bytearray()
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_REQUEST_BYTES:
+            return None
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _route(request: bytes | None, routes: Mapping[str, Route]) -> tuple[HttpAnswer, bool]:
+    """The answer to ``request`` and whether it is a ``HEAD`` (headers only)."""
+    if request is None:
+        return HttpAnswer.text(431, f"request headers over {MAX_REQUEST_BYTES} bytes\n"), False
+    line = request.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return HttpAnswer.text(400, "expected an HTTP/1.x request line\n"), False
+    method, target, _version = parts
+    head = method == "HEAD"
+    if method not in ("GET", "HEAD"):
+        return HttpAnswer.text(405, f"{method} is not served here: use GET\n"), False
+    route = routes.get(target.split("?", 1)[0])
+    if route is None:
+        paths = ", ".join(sorted(routes))
+        return HttpAnswer.text(404, f"{target} is not served here; the paths are {paths}\n"), head
+    try:
+        return route(), head
+    except Exception as exc:  # a bug in reading the node must not stop the node
+        log.error("metrics_route_failed path=%s error=%r", target, exc, exc_info=exc)
+        return HttpAnswer.text(
+            500, f"internal error answering {target}; the node logged it\n"
+        ), head
+
+
+def _encode(answer: HttpAnswer, *, head: bool) -> bytes:
+    reason = _REASONS.get(answer.status, "")
+    headers = (
+        f"HTTP/1.1 {answer.status} {reason}\r\n"
+        f"Content-Type: {answer.content_type}\r\n"
+        f"Content-Length: {len(answer.body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("latin-1")
+    return headers if head else headers + answer.body
