@@ -470,7 +470,14 @@ class SlaveReplication:
                 delay_s,
                 self.reconnects,
             )
-            await trio.sleep(delay_s)
+            # in the attempt's scope, so a repoint ends the pause too and the new
+            # master is tried at once
+            self._attempt = trio.CancelScope()
+            with self._attempt:
+                await trio.sleep(delay_s)
+            if self._attempt.cancelled_caught:
+                log.info("ha_repointed master=%s", self.master_ha)
+                backoff.reset()
 
     async def _one_connection(self) -> BaseException | None:
         """Run one connection; return what ended it (None: the master closed it).
