@@ -32,6 +32,7 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "REQUEST_TIMEOUT_S",
     "HttpAnswer",
+    "http_get",
     "node_health",
     "serve_http",
     "serve_monitoring",
@@ -163,16 +164,17 @@ async def _serve_one(
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes | None:
-    """The request line and headers, or None when they do not fit the limit."""
+    """The request line and headers, or None when they do not fit the limit (what came
+    before an early EOF is returned as it is: it answers 400 unless it is whole)."""
     data = bytearray()
-    while b"\r\n\r\n" not in data:
+    while (end := data.find(b"\r\n\r\n")) < 0:
         if len(data) > MAX_REQUEST_BYTES:
             return None
         chunk = await stream.receive_some(4096)
         if not chunk:
-            break
+            return bytes(data)
         data += chunk
-    return bytes(data)
+    return bytes(data[:end]) if end <= MAX_REQUEST_BYTES else None
 
 
 def _route(request: bytes | None, routes: Mapping[str, Route]) -> tuple[HttpAnswer, bool]:
@@ -210,3 +212,28 @@ def _encode(answer: HttpAnswer, *, head: bool) -> bytes:
         "Connection: close\r\n\r\n"
     ).encode("latin-1")
     return headers if head else headers + answer.body
+
+
+async def http_get(host: str, port: int, path: str) -> HttpAnswer:
+    """``GET path`` from a monitoring port (ours or any HTTP/1.x server that closes after
+    answering): the launcher, health checks and tests read ``/health`` and ``/metrics``
+    with it. Raises ``OSError`` when nothing listens, ``ValueError`` on a garbled answer;
+    the caller bounds the time (``trio.fail_after``)."""
+    async with await trio.open_tcp_stream(host, port) as stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, separator, body = bytes(data).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if not separator or len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP answer from {host}:{port}{path}: {bytes(data[:80])!r}")
+    content_type = ""
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-type":
+            content_type = value.strip()
+    return HttpAnswer(int(parts[1]), content_type, body)
