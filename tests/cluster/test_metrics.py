@@ -8,6 +8,7 @@ is a real HTTP request. The health decision itself is pure and checked on its ow
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,44 @@ async def test_silent_peers_are_dropped_and_never_hold_more_than_the_limit(
         await stream.aclose()
     await extra.aclose()
     assert (await http_get("127.0.0.1", port, "/ok")).status == 200
+
+
+# ---- the Grafana dashboard ----------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+
+
+async def test_the_dashboard_queries_only_metrics_a_node_exports(tmp_path: Path) -> None:
+    """docs/grafana-dashboard.json cannot drift from the names: every ``tidelog_*`` it
+    queries is in the scrape of a master with a slave, or of that slave."""
+    queried = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for panel in json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"\btidelog_\w+", target["expr"])
+    }
+    exported: set[str] = set()
+    master_config = _monitored(tmp_path / "m", replication={"ha_port": 0})
+    async with running(master_config) as master:
+        assert master.ha_address is not None and master.address is not None
+        slave_config = _monitored(
+            tmp_path / "s",
+            "s1",
+            replication={
+                "role": "slave",
+                "master_ha": "{}:{}".format(*master.ha_address),
+                "master_client": "{}:{}".format(*master.address),
+            },
+        )
+        async with running(slave_config) as slave, client(master) as c:
+            assert master.ha is not None
+            await until(lambda: len(master.ha.in_sync_slaves()) == 1)
+            await c.call("send", topic="missing", body=b"x")  # one error, so its series exists
+            for node in (master, slave):
+                exported |= {
+                    re.sub(r"_(bucket|count|sum)$", "", name) for name, _ in await scrape(node)
+                }
+    coordination_only = {name for name in queried if name.startswith("tidelog_coordination_")}
+    assert queried - coordination_only <= exported, queried - coordination_only - exported
+    source = (DASHBOARD.parents[1] / "cluster" / "node" / "metrics.py").read_text(encoding="utf-8")
+    assert all(f'"{name}"' in source for name in coordination_only)  # etcd-only: by name
