@@ -14,6 +14,7 @@ import mmap
 import os
 from pathlib import Path
 
+from storage import sync_log
 from storage.errors import CorruptSegmentError, DiskFullError
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class MappedFile:
                 ) from exc
             os.rename(tmp, path)
             fsync_directory(directory)
+            if sync_log.ACTIVE is not None:
+                sync_log.ACTIVE.created(path)
             segment = cls(path, base, size, fd)
         except BaseException:
             os.close(fd)
@@ -153,8 +156,17 @@ class MappedFile:
         """fdatasync the file. Linux writes back pages dirtied through the shared map too.
 
         ``mmap.flush()`` (msync) would hold the GIL for the whole call; fdatasync does not.
+        Under fault injection (:mod:`storage.sync_log`) the call may be delayed or fail, and
+        the bytes written before it began are recorded as durable once it returns.
         """
+        fault_log = sync_log.ACTIVE
+        if fault_log is None:
+            os.fdatasync(self._fd)
+            return
+        wrote = self.wrote
+        fault_log.before_sync(self.path)
         os.fdatasync(self._fd)
+        fault_log.synced(self.path, wrote)
 
     def gone(self) -> str | None:
         """Why the file behind the map is no longer the segment's file, or None.
@@ -252,3 +264,5 @@ def replace_file_atomically(path: Path, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_directory(path.parent)
+    if sync_log.ACTIVE is not None:
+        sync_log.ACTIVE.replaced(path)

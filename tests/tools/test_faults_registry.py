@@ -25,7 +25,7 @@ from tools.faults import (
 
 VOCABULARY = (
     "kill", "pause", "partition", "partition-etcd", "loss", "reset", "slow",
-    "power-loss", "corrupt", "enospc",
+    "power-loss", "corrupt", "enospc", "eio", "slow-fsync",
 )  # fmt: skip
 SUB_KINDS = {
     "restart": "kill",
@@ -47,7 +47,7 @@ def test_the_vocabulary_is_complete_and_each_implementation_names_its_word() -> 
 
 def test_parse_nemesis_expands_groups_and_refuses_unknown_words() -> None:
     assert parse_nemesis("kill, pause,power-loss,disk") == (
-        "kill", "pause", "power-loss", "corrupt", "enospc",
+        "kill", "pause", "power-loss", "corrupt", "enospc", "eio", "slow-fsync",
     )  # fmt: skip
     assert parse_nemesis("kill,process") == ("kill", "pause")
     with pytest.raises(ValueError, match=r"'flood'.*choose from: kill"):

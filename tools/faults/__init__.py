@@ -11,7 +11,10 @@ Every fault has a clean undo: ``await fault.inject()`` / ``await fault.heal()``,
 - netns (:mod:`tools.faults.netns`): one network namespace per node on a private bridge
   (``10.213.0.0/24``); partitions by grudge (:mod:`tools.faults.topology`), loss, resets,
   bandwidth; needs root, else :class:`NamespaceUnavailable` points at the proxy backend;
-- disk (:mod:`tools.faults.disk`): power loss, bit flip and truncation, ENOSPC.
+- disk (:mod:`tools.faults.disk`): power loss, bit flip and truncation, ENOSPC, and
+  failing (EIO) or slow fdatasync through the node's fault-injection switch (no
+  device-mapper here: the node itself delays or fails the call, see
+  :mod:`storage.sync_log`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from tools.faults.disk import (
     BitFlip,
     FileSync,
     FillDisk,
+    FsyncError,
     PowerLoss,
+    SlowFsync,
     SmallTmpfs,
     Truncate,
     apply_power_loss,
+    fault_env,
     power_loss_image,
     read_sync_log,
 )
@@ -68,6 +74,7 @@ __all__ = [
     "FaultProxy",
     "FileSync",
     "FillDisk",
+    "FsyncError",
     "Kill",
     "MeshPartition",
     "NamespaceUnavailable",
@@ -88,11 +95,13 @@ __all__ = [
     "ProxyReset",
     "ProxySlow",
     "Restart",
+    "SlowFsync",
     "SmallTmpfs",
     "Truncate",
     "apply_power_loss",
     "check_available",
     "describe",
+    "fault_env",
     "fault_kind",
     "kill_while_partitioned",
     "network_backend",
@@ -150,12 +159,20 @@ FAULTS: dict[str, FaultKind] = {
             (BitFlip, Truncate),
         ),
         FaultKind("enospc", "fill the node's (small tmpfs) disk", (FillDisk,), needs_root=True),
+        FaultKind(
+            "eio",
+            "the node's fdatasync fails with EIO (fault-injection switch); restart at heal",
+            (FsyncError,),
+        ),
+        FaultKind(
+            "slow-fsync", "the node's fdatasync waits first (fault-injection switch)", (SlowFsync,)
+        ),
     )
 }
 
 NEMESIS_GROUPS: dict[str, tuple[str, ...]] = {
     "network": ("partition", "partition-etcd", "loss", "reset", "slow"),
-    "disk": ("corrupt", "enospc"),
+    "disk": ("corrupt", "enospc", "eio", "slow-fsync"),
     "process": ("kill", "pause"),
 }
 """Shorthands accepted by :func:`parse_nemesis` (``--nemesis kill,disk``)."""

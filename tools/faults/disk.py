@@ -20,9 +20,15 @@ named in it has *returned*; the last record for a path wins)::
         durable.
     {"op": "delete", "path": "commitlog/00000000000000000000"}
         unlink of ``path`` made durable (directory fsynced): the file is gone.
+    {"op": "fault", "path": ..., "fsync_delay_ms": 200, "fsync_error": null}
+        an injected delay or error hit an fdatasync of ``path`` (:class:`SlowFsync`,
+        :class:`FsyncError`); it claims nothing and the reader skips it.
 
-``path`` is relative to the node's data directory, with ``/`` separators. Fields beyond
-these are ignored, so the node may add e.g. ``"t_ms"``.
+``path`` is relative to the node's data directory, with ``/`` separators, or absolute
+(the node's :mod:`storage.sync_log` writes absolute paths; records of files outside the
+data directory are ignored). Fields beyond these are ignored, so the node may add e.g.
+``"t_ms"``. The node writes this log only when started with ``TIDELOG_FAULT_SYNC_LOG``
+naming its file; :data:`SYNC_LOG_ENV` and :func:`fault_env` build that setting.
 
 The power-loss transform then rewrites every file of the data directory: synced bytes
 stay; each 4 KiB page holding unsynced bytes becomes, at random from the seed, either its
@@ -37,6 +43,7 @@ bytes do yet.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -47,19 +54,25 @@ from pathlib import Path
 import attrs
 import trio
 
+from storage.sync_log import CONTROL_ENV, SYNC_LOG_ENV
 from tools.faults.base import Fault
 from tools.faults.process import ProcessTarget, sigkill
 
 __all__ = [
+    "CONTROL_ENV",
     "PAGE_BYTES",
     "SECTOR_BYTES",
+    "SYNC_LOG_ENV",
     "BitFlip",
     "FileSync",
     "FillDisk",
+    "FsyncError",
     "PowerLoss",
+    "SlowFsync",
     "SmallTmpfs",
     "Truncate",
     "apply_power_loss",
+    "fault_env",
     "power_loss_image",
     "read_sync_log",
 ]
@@ -123,10 +136,12 @@ class FileSync:
     deleted: bool = False
 
 
-def read_sync_log(path: Path) -> dict[str, FileSync]:
+def read_sync_log(path: Path, data_dir: Path | None = None) -> dict[str, FileSync]:
     """The last record per file. A torn last line (the node died writing it) is ignored:
-    the record is written only after its sync returned, so losing it loses no promise."""
+    the record is written only after its sync returned, so losing it loses no promise.
+    Absolute paths are made relative to ``data_dir`` (those outside it are dropped)."""
     records: dict[str, FileSync] = {}
+    roots = _roots(data_dir)
     if not path.exists():
         return records
     lines = path.read_text().splitlines()
@@ -138,8 +153,15 @@ def read_sync_log(path: Path) -> dict[str, FileSync]:
                 break
             raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from None
         name, op = record.get("path"), record.get("op")
+        if op == "fault":  # an injected fsync delay or error: no durability claim
+            continue
         if not isinstance(name, str) or op not in ("sync", "replace", "delete"):
             raise ValueError(f"{path}:{number}: needs op sync|replace|delete and a path: {record}")
+        if os.path.isabs(name):
+            relative = _relative(name, roots)
+            if relative is None:
+                continue
+            name = relative
         if op == "sync":
             records[name] = FileSync(name, synced_upto=int(record["synced_upto"]))
         elif op == "replace":
@@ -147,6 +169,20 @@ def read_sync_log(path: Path) -> dict[str, FileSync]:
         else:
             records[name] = FileSync(name, deleted=True)
     return records
+
+
+def _roots(data_dir: Path | None) -> tuple[str, ...]:
+    if data_dir is None:
+        return ()
+    return tuple(dict.fromkeys([os.path.abspath(data_dir), str(Path(data_dir).resolve())]))
+
+
+def _relative(name: str, roots: tuple[str, ...]) -> str | None:
+    """``name`` relative to the first root holding it, with ``/`` separators, or None."""
+    for root in roots:
+        if os.path.commonpath([root, name]) == root and name != root:
+            return Path(os.path.relpath(name, root)).as_posix()
+    return None
 
 
 def apply_power_loss(
@@ -219,7 +255,7 @@ class PowerLoss(Fault):
 
     async def _inject(self) -> None:
         await sigkill(self.target)
-        syncs = read_sync_log(self.sync_log)
+        syncs = read_sync_log(self.sync_log, self.data_dir)
         self.changed = await trio.to_thread.run_sync(
             lambda: apply_power_loss(
                 self.data_dir,
@@ -233,6 +269,87 @@ class PowerLoss(Fault):
 
     async def _heal(self) -> None:
         await self.target.restart()
+
+
+def fault_env(sync_log: Path, control: Path | None = None) -> dict[str, str]:
+    """The environment that turns a node's fault injection on: it records its syncs to
+    ``sync_log`` (for :class:`PowerLoss`) and obeys ``control`` (for :class:`SlowFsync`
+    and :class:`FsyncError`). Never for a normal run."""
+    env = {SYNC_LOG_ENV: str(Path(sync_log).absolute())}
+    if control is not None:
+        env[CONTROL_ENV] = str(Path(control).absolute())
+    return env
+
+
+# -- EIO and slow fsync: the node's disk control file ---------------------------------------
+
+
+def _write_control(path: Path, fields: dict[str, object]) -> None:
+    """Blocking: replace the control file whole (the node never reads half of it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fields))
+    os.replace(tmp, path)
+
+
+class _DiskControlFault(Fault):
+    """Write the control file of a node started with :func:`fault_env` (``control``);
+    its next segment fdatasyncs obey it. ``heal()`` removes the file."""
+
+    def __init__(self, control: Path) -> None:
+        super().__init__()
+        self.control = Path(control)
+
+    @abc.abstractmethod
+    def control_fields(self) -> dict[str, object]:
+        """What the fault asks of the node's disk (the control file's fields)."""
+
+    def fields(self) -> dict[str, object]:
+        return {"control": self.control, **self.control_fields()}
+
+    async def _inject(self) -> None:
+        await trio.to_thread.run_sync(_write_control, self.control, self.control_fields())
+
+    async def _heal(self) -> None:
+        await trio.to_thread.run_sync(lambda: self.control.unlink(missing_ok=True))
+
+
+class SlowFsync(_DiskControlFault):
+    """Every segment fdatasync of the node waits ``delay_ms`` first (a slow disk)."""
+
+    kind = "slow-fsync"
+
+    def __init__(self, control: Path, *, delay_ms: int = 200) -> None:
+        super().__init__(control)
+        if delay_ms <= 0:
+            raise ValueError(f"slow-fsync needs a positive delay_ms, got {delay_ms}")
+        self.delay_ms = delay_ms
+
+    def control_fields(self) -> dict[str, object]:
+        return {"fsync_delay_ms": self.delay_ms}
+
+
+class FsyncError(_DiskControlFault):
+    """The node's segment fdatasyncs fail with ``error`` (EIO by default). A node must then
+    refuse writes and acknowledge nothing past its last good sync until restarted, so
+    ``heal()`` removes the control file and, with a ``target``, SIGKILLs and restarts it."""
+
+    kind = "eio"
+
+    def __init__(
+        self, control: Path, *, target: ProcessTarget | None = None, error: str = "EIO"
+    ) -> None:
+        super().__init__(control)
+        self.target, self.error = target, error
+
+    def control_fields(self) -> dict[str, object]:
+        return {"fsync_error": self.error}
+
+    async def _heal(self) -> None:
+        await super()._heal()
+        if self.target is not None:
+            if self.target.pid is not None:
+                await sigkill(self.target)
+            await self.target.restart()
 
 
 # -- ENOSPC: a small tmpfs and a filler ----------------------------------------------------
