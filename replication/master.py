@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import resource
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +47,7 @@ from replication.errors import leaves
 from replication.insync import InSyncSet, SlaveLag
 from replication.settings import ReplicationSettings
 from replication.state import StreamRefused, StreamStart, next_confirm_offset, stream_start
+from replication.tls import HANDSHAKE_ERRORS, TlsSocket, handshake_failure, server_context
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
 from replication.wire import (
     CHUNK_CONFIRM,
@@ -592,6 +594,8 @@ class HAService:
         self.ack_offsets: dict[str, int] = {}
         """Connected slaves' acknowledged log ends, by name (in sync or not)."""
         self.connections: dict[str, HAConnection] = {}
+        self._tls_context: ssl.SSLContext | None = None
+        """Built from ``settings.tls`` when :meth:`serve` starts (None: plain TCP)."""
         self._confirmed = OffsetWaiters()
         self._confirmed.advance(0)  # an empty prefix is always replicated
 
@@ -657,13 +661,23 @@ class HAService:
     ) -> None:
         """Listen and serve slaves until cancelled; ``task_status.started`` gets the bound
         port (useful with port 0)."""
+        tls = self.settings.tls
+        if tls is not None:
+            self._tls_context = await trio.to_thread.run_sync(
+                lambda: server_context(tls, require_client_cert=True)
+            )
         listener = trio.socket.socket()
         with listener:
             listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             await listener.bind((host, port))
             listener.listen()
             bound = listener.getsockname()[1]
-            log.info("ha_listening host=%s port=%d", host, bound)
+            log.info(
+                "ha_listening host=%s port=%d tls=%s",
+                host,
+                bound,
+                "mutual" if self._tls_context is not None else "none",
+            )
             self._apply_fd_budget()
             if self.settings.cluster_secret is None:
                 log.warning(
@@ -766,7 +780,7 @@ class HAService:
             # cancellation goes on to its scope.
             try:
                 set_no_delay(sock)
-                await connection.run(sock)
+                await connection.run(await self._secure(sock))
             except* HAAuthError as group:
                 reason = "; ".join(str(exc) for exc in leaves(group))
                 self.auth_refusals += 1
@@ -786,6 +800,25 @@ class HAService:
                 )
             finally:
                 self._unregister(connection)
+
+    async def _secure(self, sock: trio.socket.SocketType) -> trio.socket.SocketType:
+        """``sock`` itself without TLS; else the mutual-TLS socket over it, the handshake
+        bounded by ``peer_timeout_ms``. A peer whose certificate the CA did not sign (or
+        that has none, or speaks plain TCP) is refused with :class:`HAAuthError`."""
+        if self._tls_context is None:
+            return sock
+        timeout_ms = self.settings.peer_timeout_ms
+        try:
+            with trio.fail_after(timeout_ms / 1000):
+                return await TlsSocket.wrap(sock, self._tls_context, server_side=True)
+        except trio.TooSlowError:
+            raise HAAuthError(f"no TLS handshake within {timeout_ms:.0f} ms") from None
+        except HANDSHAKE_ERRORS as exc:
+            raise HAAuthError(
+                f"TLS handshake failed: {handshake_failure(exc)}: every node needs a "
+                "certificate signed by the cluster's CA ([replication] tls_cert_file, "
+                "tls_key_file, tls_ca_file) and must use TLS on this port"
+            ) from None
 
     def _register(self, connection: HAConnection) -> None:
         assert connection.name is not None

@@ -13,6 +13,7 @@ import attrs
 
 from replication.auth import check_secret
 from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS
+from replication.tls import TlsFiles
 
 __all__ = [
     "DEFAULT_HEARTBEAT_MS",
@@ -75,6 +76,14 @@ def _secret(_inst: Any, _attribute: attrs.Attribute, value: bytes | None) -> Non
         check_secret(value)
 
 
+def _mutual_tls(_inst: Any, _attribute: attrs.Attribute, value: TlsFiles | None) -> None:
+    if value is not None and not (value.cert_file and value.key_file and value.ca_file):
+        raise ValueError(
+            "TLS on the replication port is mutual: set tls_cert_file, tls_key_file and "
+            "tls_ca_file together (each node's certificate and key, signed by the CA)"
+        )
+
+
 def _slave_ack_mode(_inst: Any, _attribute: attrs.Attribute, value: str) -> None:
     if value not in SLAVE_ACK_MODES:
         raise ValueError(f"slave_ack must be one of {', '.join(SLAVE_ACK_MODES)}, got {value!r}")
@@ -119,6 +128,10 @@ class ReplicationSettings:
     warning at start). Kept out of ``repr`` so it never reaches a log."""
     max_peers: int = attrs.field(default=DEFAULT_MAX_PEERS, validator=_positive)
     """Master: HA connections held at once; more are closed as they arrive."""
+    tls: TlsFiles | None = attrs.field(default=None, validator=_mutual_tls)
+    """Both ends: mutual TLS (:mod:`replication.tls`): each end presents its certificate
+    and verifies the other's against the CA; the stream takes the copy path (no
+    ``sendfile``: encryption happens in user space). None: plain TCP."""
 
     def __attrs_post_init__(self) -> None:
         check_liveness(self.heartbeat_ms, self.peer_timeout_ms)

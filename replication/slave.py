@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 
 import attrs
 import trio
@@ -24,6 +25,7 @@ from replication.epochs import EpochEntry, EpochFile, EpochHistory, EpochHistory
 from replication.errors import leaves
 from replication.settings import ReplicationSettings
 from replication.state import FollowPlan, follow_plan
+from replication.tls import HANDSHAKE_ERRORS, TlsSocket, client_context, handshake_failure
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, receive_chunk_into
 from replication.wire import (
     CHUNK_CONFIRM,
@@ -123,6 +125,8 @@ class HAClient:
         self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
+        self._tls_context: ssl.SSLContext | None = None
+        """Built from ``settings.tls`` on the first connection (None: plain TCP)."""
 
     def read_limit(self) -> int:
         """How far consumers of this slave may read: the master's confirm offset, never
@@ -165,14 +169,16 @@ class HAClient:
         """Replicate until the master closes the stream (returns) or it breaks (raises).
         Reconnecting is the caller's loop: each run starts from the store's current end.
         A divergent tail is cut inside the run, with no reconnect."""
-        sock = trio.socket.socket()
-        with sock:
-            await sock.connect((host, port))
-            set_no_delay(sock)
+        raw = trio.socket.socket()
+        with raw:
+            await raw.connect((host, port))
+            set_no_delay(raw)
             end = self.store.commit_log.max_offset
             timeout_ms = self.settings.peer_timeout_ms
             master: MasterHello | None = None
+            sock = raw
             with trio.move_on_after(timeout_ms / 1000):
+                sock = await self._secure(raw, host, port)
                 master = await self._handshake(sock, end)
             if master is None:
                 raise HAProtocolError(
@@ -194,14 +200,48 @@ class HAClient:
                     await self._apply(sock, pending)
                     nursery.cancel_scope.cancel()
 
+    async def _secure(
+        self, sock: trio.socket.SocketType, host: str, port: int
+    ) -> trio.socket.SocketType:
+        """``sock`` itself without TLS; else the mutual-TLS socket over it (this slave's
+        certificate presented, the master's checked against the CA and ``host``). A
+        failed handshake is an :class:`~replication.wire.HAAuthError` saying why."""
+        tls = self.settings.tls
+        if tls is None:
+            return sock
+        if self._tls_context is None:
+            self._tls_context = await trio.to_thread.run_sync(
+                client_context, tls.ca_file, tls.cert_file, tls.key_file
+            )
+        try:
+            return await TlsSocket.wrap(
+                sock, self._tls_context, server_side=False, server_hostname=host
+            )
+        except HANDSHAKE_ERRORS as exc:
+            raise HAAuthError(
+                f"TLS handshake with the master at {host}:{port} failed: "
+                f"{handshake_failure(exc)}: every node needs a certificate signed by the "
+                "cluster's CA, naming the host it is reached at, and TLS on its HA port"
+            ) from None
+
     async def _handshake(self, sock: trio.socket.SocketType, end: int) -> MasterHello:
         """Authenticate both ways, send the hello, and return the master's hello once its
         proof checks (:mod:`replication.auth`): with a secret, nothing a master says is
         believed before it proved it holds the same secret, and a master without one is
-        refused (:class:`~replication.wire.HAAuthError`)."""
-        master, self.master_name = await slave_handshake(
-            sock, self.name, end, self.history, self.settings.cluster_secret
-        )
+        refused (:class:`~replication.wire.HAAuthError`). Over TLS, a master that ends
+        the connection unanswered may have refused this slave's certificate (TLS 1.3
+        verifies the client's after the client's handshake is done): said so."""
+        try:
+            master, self.master_name = await slave_handshake(
+                sock, self.name, end, self.history, self.settings.cluster_secret
+            )
+        except (HAProtocolError, OSError) as exc:
+            if not isinstance(sock, TlsSocket) or isinstance(exc, HAAuthError):
+                raise
+            raise HAAuthError(
+                f"{exc}; over TLS this is also how a master refuses a certificate that "
+                "the cluster's CA did not sign (its log says which: ha_peer_refused)"
+            ) from exc
         return master
 
     def _plan(self, master: MasterHello, end: int) -> FollowPlan:

@@ -71,6 +71,8 @@ import attrs
 import trio
 from crc32c import crc32c
 
+from replication.tls import TlsSocket
+
 __all__ = [
     "DEFAULT_MAX_CALL",
     "HAVE_SENDFILE",
@@ -223,7 +225,9 @@ async def send_file_range(
         )
     _active_senders.add(sock_fd)
     try:
-        if use_sendfile and HAVE_SENDFILE:
+        if isinstance(sock, TlsSocket):  # encrypted in user space: never sendfile
+            await _copy_all_tls(sock, fd, file_offset, count, header, max_call, buffer)
+        elif use_sendfile and HAVE_SENDFILE:
             await _send_header_more(sock, header)
             await _sendfile_all(sock, sock_fd, fd, file_offset, count, max_call)
         else:
@@ -335,6 +339,43 @@ async def _copy_all(
         view.release()
 
 
+async def _copy_all_tls(
+    sock: TlsSocket,
+    fd: int,
+    offset: int,
+    count: int,
+    header: bytes,
+    max_call: int,
+    buffer: bytearray | None,
+) -> None:
+    """The copy path over TLS: ``preadv`` into ``buffer``, each fill sent (encrypted)
+    by the TLS stream; the header shares the first send."""
+    head = len(header)
+    if buffer is None or len(buffer) <= head:
+        buffer = bytearray(head + min(max_call, count))
+    view = memoryview(buffer)
+    view[:head] = header
+    fill = head
+    end = offset + count
+    try:
+        while True:
+            want = min(len(view) - fill, max_call, end - offset)
+            if want:
+                got = _pread_into(fd, view[fill : fill + want], offset)
+                if got == 0:
+                    raise ShortFileError(
+                        f"file ended at {offset}, before the {end - offset} more bytes announced"
+                    )
+                offset += got
+                fill += got
+            await sock.send(view[:fill])  # a checkpoint: cancellable, yields
+            fill = 0
+            if offset >= end:
+                return
+    finally:
+        view.release()
+
+
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     if _HAVE_PREADV:
         return os.preadv(fd, [view], offset)
@@ -351,8 +392,11 @@ async def recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> i
 
     Reads go straight into ``view`` (``readv`` on the socket's fd is ``recv_into``
     without the scheduler round trip trio's wrapper adds to every call; the loop
-    yields on ``EAGAIN`` and every :data:`YIELD_BYTES` instead).
+    yields on ``EAGAIN`` and every :data:`YIELD_BYTES` instead). Over TLS the bytes
+    come through the TLS stream.
     """
+    if isinstance(sock, TlsSocket):
+        return await _recv_exactly_into_tls(sock, view)
     sock_fd = sock.fileno()
     total = len(view)
     got = 0
@@ -372,6 +416,16 @@ async def recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> i
         if since_yield >= YIELD_BYTES and got < total:
             await trio.lowlevel.cancel_shielded_checkpoint()
             since_yield = 0
+    return got
+
+
+async def _recv_exactly_into_tls(sock: TlsSocket, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = await sock.recv_into(view[got:])
+        if n == 0:
+            return got
+        got += n
     return got
 
 
