@@ -31,6 +31,7 @@ __all__ = [
     "HANDSHAKE_ERRORS",
     "TlsFiles",
     "TlsSocket",
+    "check_files",
     "client_context",
     "handshake_failure",
     "server_context",
@@ -62,8 +63,8 @@ def _load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
         context.load_cert_chain(cert_file, key_file or None)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(
-            f"cannot load the TLS certificate {cert_file} with key {key_file or cert_file}: "
-            f"{exc}: both must be PEM files, the key the certificate's own"
+            f"tls_cert_file {cert_file} with tls_key_file {key_file or cert_file} cannot be "
+            f"loaded: {exc}: both must be PEM files, the key the certificate's own"
         ) from None
 
 
@@ -71,16 +72,21 @@ def _load_ca(context: ssl.SSLContext, ca_file: str) -> None:
     try:
         context.load_verify_locations(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"cannot load the TLS CA file {ca_file}: {exc}: it must be PEM") from None
+        raise ValueError(f"tls_ca_file {ca_file} cannot be loaded: {exc}: it must be PEM") from None
 
 
 def server_context(files: TlsFiles, *, require_client_cert: bool) -> ssl.SSLContext:
     """The context of a listening port (blocking: reads the files; call it at start).
     ``require_client_cert``: refuse peers without a certificate signed by ``ca_file``."""
     if not files.cert_file or not files.key_file:
-        raise ValueError("a TLS port needs tls_cert_file and tls_key_file")
+        raise ValueError(
+            "tls_cert_file and tls_key_file must both be set for TLS (this node's "
+            "certificate and its key, PEM)"
+        )
     if require_client_cert and not files.ca_file:
-        raise ValueError("mutual TLS needs tls_ca_file: the CA that signs the peers' certificates")
+        raise ValueError(
+            "tls_ca_file must be set for mutual TLS: the CA that signs the peers' certificates"
+        )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MIN_VERSION
     _load_chain(context, files.cert_file, files.key_file)
@@ -97,7 +103,7 @@ def client_context(
     """The context of a connecting end (blocking: reads the files): trusts ``ca_file``
     only (not the system's CAs: a cluster has its own), presents ``cert_file`` when set."""
     if not ca_file:
-        raise ValueError("a TLS client needs the CA file that signed the node's certificate")
+        raise ValueError("tls_ca_file must be set: the CA that signed the node's certificate")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = MIN_VERSION
     context.check_hostname = check_hostname
@@ -106,6 +112,15 @@ def client_context(
     if cert_file:
         _load_chain(context, cert_file, key_file)
     return context
+
+
+def check_files(files: TlsFiles, *, mutual: bool) -> None:
+    """Load ``files`` as a listening port would (and, when ``mutual``, as a connecting
+    end too), so a wrong path or a key of another certificate stops the start with a
+    :class:`ValueError` that names the key, instead of failing every connection."""
+    server_context(files, require_client_cert=mutual)
+    if mutual:
+        client_context(files.ca_file, files.cert_file, files.key_file)
 
 
 def handshake_failure(exc: BaseException) -> str:

@@ -44,6 +44,7 @@ from replication.settings import (
     SLAVE_ACK_MODES,
     ReplicationSettings,
 )
+from replication.tls import TlsFiles, check_files
 from storage.config import StoreConfig
 
 __all__ = [
@@ -157,6 +158,24 @@ class ServerSection:
     """A connection with no request in flight that sends nothing for this long is closed
     (as Kafka's ``connections.max.idle.ms``): idle clients do not hold file descriptors
     forever. Clients reconnect on their next request."""
+    tls_cert_file: str = ""
+    """Client port: this node's certificate (PEM, chain included); with ``tls_key_file``
+    the port speaks TLS only. Empty: plain TCP."""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    """Client port with TLS: also require client certificates signed by this CA."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls is not None:  # loaded now: a wrong file stops the start, naming the key
+            check_files(self.tls, mutual=False)
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The client port's TLS files, or None for plain TCP."""
+        files = TlsFiles(
+            cert_file=self.tls_cert_file, key_file=self.tls_key_file, ca_file=self.tls_ca_file
+        )
+        return files if files.enabled else None
 
 
 @attrs.frozen(kw_only=True)
@@ -244,9 +263,17 @@ class ReplicationSection:
     max_peers: int = attrs.field(default=DEFAULT_MAX_PEERS, validator=_between(1, 10_000))
     """Master: replication connections held at once (slaves and handshakes); lowered to
     what the open-file limit leaves; more are closed as they arrive."""
+    tls_cert_file: str = ""
+    """HA port: mutual TLS with ``tls_key_file`` and ``tls_ca_file`` (all three, on
+    every node): each end presents its certificate and verifies the other's against
+    the CA. Empty: plain TCP (the cluster secret still authenticates)."""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
     def __attrs_post_init__(self) -> None:
         # Cross-field rules; each message starts with the key to blame (see _build).
+        if self.tls is not None:
+            check_files(self.tls, mutual=True)
         if self.cluster_secret and self.cluster_secret_file:
             raise ValueError(
                 "cluster_secret_file and cluster_secret are both set: keep one (the file "
@@ -303,7 +330,16 @@ class ReplicationSection:
             slave_ack=self.slave_ack,
             cluster_secret=self._secret(),
             max_peers=self.max_peers,
+            tls=self.tls,
         )
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The HA port's TLS files, or None for plain TCP."""
+        files = TlsFiles(
+            cert_file=self.tls_cert_file, key_file=self.tls_key_file, ca_file=self.tls_ca_file
+        )
+        return files if files.enabled else None
 
     @property
     def serves_slaves(self) -> bool:
