@@ -329,6 +329,34 @@ def test_availability_windows_and_recovery_time() -> None:
     assert [f.fault for f in result.faults] == ["kill", "pause"]
 
 
+def test_a_window_opened_by_a_send_in_flight_belongs_to_the_fault_it_failed_under() -> None:
+    """A send invoked before the fault and failing after it opens the fault's window: the
+    fault must not read as "recovered in 0 s" (it did on the old code, the window having
+    gone to the fault before, or to none)."""
+    history = HistoryBuilder(step_s=0.1)
+    history.master("n1", 1)
+    history.send("producer-0", Q, "producer-0:0", 0)
+    history.nemesis("f0", "pause", "start", ["n3"])
+    history.nemesis("f0", "pause", "stop", ["n3"])
+    history.invoke_send("producer-0", Q, "producer-0:1")  # in flight when f1 starts
+    history.nemesis("f1", "kill", "start", ["n1"])
+    history.wait(1.0)
+    history.complete_send("producer-0", Q, "producer-0:1", outcome="info")
+    history.master("n2", 2)
+    history.send("producer-0", Q, "producer-0:2", 1)
+    history.nemesis("f1", "kill", "stop", ["n1"])
+    history.drain(Q, "n2", "master", [(0, "producer-0:0"), (1, "producer-0:2")])
+    result = check(history.events)
+    (window,) = result.unavailability
+    assert window.fault_id == "f1"
+    recoveries = {r.fault_id: r for r in result.recoveries}
+    assert recoveries["f0"].windows == 0 and recoveries["f0"].recovery_s == 0.0
+    assert recoveries["f1"].windows == 1
+    recovery_s = recoveries["f1"].recovery_s
+    assert recovery_s is not None and recovery_s > 1.0
+    assert recovery_s == pytest.approx(window.duration_s)
+
+
 def test_malformed_send_value_names_its_line() -> None:
     history = HistoryBuilder()
     history.add("invoke", "producer-0", "send", {"queue": Q, "acks": "replicated"})

@@ -150,7 +150,7 @@ class UnavailabilityWindow:
     end_s: float | None  # None: no send succeeded afterwards
     first_line: int
     end_line: int | None
-    fault_id: str | None  # the latest fault started at or before start_s
+    fault_id: str | None  # the latest fault started when its first failure was seen
 
     @property
     def duration_s(self) -> float | None:
@@ -850,7 +850,7 @@ def _unavailability(
     ends.sort()
     windows: list[UnavailabilityWindow] = []
     fault_starts = [f.start_s for f in faults]
-    open_at: tuple[float, int] | None = None
+    open_at: tuple[float, int, float] | None = None
     last_ok_s = 0.0
     for end_s, end_line, ok, invoke_s, invoke_line in ends:
         if ok:
@@ -859,20 +859,25 @@ def _unavailability(
                 open_at = None
             last_ok_s = end_s
         elif open_at is None:
-            open_at = (max(invoke_s, last_ok_s), invoke_line)
+            # The window starts with the failing send (it may have been in flight before
+            # the fault began) but belongs to the fault in force when its failure was seen.
+            seen_s = end_s if end_s != float("inf") else invoke_s
+            open_at = (max(invoke_s, last_ok_s), invoke_line, seen_s)
     if open_at is not None:
         windows.append(_window(open_at, None, None, faults, fault_starts))
     return windows
 
 
 def _window(
-    open_at: tuple[float, int],
+    open_at: tuple[float, int, float],
     end_s: float | None,
     end_line: int | None,
     faults: Sequence[FaultWindow],
     fault_starts: Sequence[float],
 ) -> UnavailabilityWindow:
-    position = bisect.bisect_right(fault_starts, open_at[0])
+    """A window from its start to ``end_s``, attributed to the latest fault started when
+    its first failure was seen (``open_at[2]``), not when that send was invoked."""
+    position = bisect.bisect_right(fault_starts, open_at[2])
     fault_id = faults[position - 1].fault_id if position else None
     return UnavailabilityWindow(open_at[0], end_s, open_at[1], end_line, fault_id)
 
