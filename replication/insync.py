@@ -30,6 +30,8 @@ Times are seconds on any monotonic clock (the HA service passes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 __all__ = ["DEFAULT_MAX_LAG_BYTES", "DEFAULT_MAX_LAG_MS", "InSyncSet", "SlaveLag", "SlaveState"]
@@ -67,7 +69,13 @@ class SlaveLag:
 
 
 class InSyncSet:
-    """The in-sync decision for the slaves of one master."""
+    """The in-sync decision for the slaves of one master.
+
+    :attr:`observers` are called (no arguments, synchronously) after every slave's state
+    changed: added, acked, removed. They let a waiter on the event loop (the node's ack
+    path, a switchover) wake on progress instead of polling; an observer must not
+    raise and must not call back into this set's mutators.
+    """
 
     def __init__(
         self, max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES, max_lag_ms: float = DEFAULT_MAX_LAG_MS
@@ -80,14 +88,21 @@ class InSyncSet:
         self.max_lag_bytes = max_lag_bytes
         self.max_lag_ms = max_lag_ms
         self.slaves: dict[str, SlaveState] = {}
+        self.observers: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        for observer in self.observers:
+            observer()
 
     def add(self, name: str, ack_offset: int, master_end: int, now: float) -> None:
         """A slave connected (or reconnected: its old state is replaced)."""
         self.slaves[name] = SlaveState(ack_offset, now, now, master_end)
+        self._changed()
 
     def remove(self, name: str) -> None:
         """A slave disconnected; unknown names are ignored (removal is idempotent)."""
-        self.slaves.pop(name, None)
+        if self.slaves.pop(name, None) is not None:
+            self._changed()
 
     def ack(self, name: str, offset: int, master_end: int, now: float) -> None:
         """Record an ack frame (a heartbeat repeats the last offset). Acks never move a
@@ -103,6 +118,7 @@ class InSyncSet:
         state.ack_offset = offset
         state.last_ack_time = now
         state.end_at_last_ack = master_end
+        self._changed()
 
     def is_in_sync(self, name: str, master_end: int, now: float) -> bool:
         state = self.slaves.get(name)

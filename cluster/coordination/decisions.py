@@ -43,6 +43,7 @@ __all__ = [
     "PendingOutcome",
     "election_view",
     "fencing_deadline_s",
+    "members_to_record",
     "state_after_election",
     "timing_problems",
 ]
@@ -342,3 +343,32 @@ class InSyncRecord:
         return all(
             len(members - {self.master}) >= self.min_insync_replicas for members in self.outcomes()
         )
+
+
+def members_to_record(
+    master: str,
+    in_sync_acks: Mapping[str, int],
+    counted: frozenset[str],
+    acked_floor: int,
+) -> frozenset[str]:
+    """The in-sync set a master should record: itself, every slave of ``in_sync_acks``
+    (the replication layer's judgement, ack offsets by name) that is counted already,
+    and every other one whose ack reached ``acked_floor``.
+
+    Why the floor: a recorded member may be elected, so it must hold every acked
+    record. One counted already does (every ack waited for it). One joining must first
+    prove it: its ack offset is the end of a log prefix the two epoch histories showed
+    it shares with the master, and ``acked_floor`` -- the caller passes the start of the
+    master's term (every record acked in an older term lies below it: the master held
+    them when elected) and the confirm offset (every record acked in this term lies
+    below it) -- bounds every acked record. Without it a slave that reconnected far
+    behind would be recorded at once and could be elected without records that were
+    acknowledged as replicated (Kafka admits a follower to the ISR only once it reached
+    the high watermark for the same reason).
+    """
+    joining = {
+        name
+        for name, ack in in_sync_acks.items()
+        if name != master and (name in counted or ack >= acked_floor)
+    }
+    return frozenset(joining | {master})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -79,7 +80,8 @@ class NodeActions(Protocol):
 
     def in_sync_members(self) -> frozenset[str]:
         """As master: the nodes the replication layer judges in sync now (itself
-        included); the loop records changes in etcd before shrinks count."""
+        included), a node not counted yet only once it holds every acked record; the
+        loop records changes in etcd before shrinks count."""
         ...
 
     async def become_master(self, state: GroupState) -> None:
@@ -131,6 +133,9 @@ class HaLoop:
     etcd: EtcdClient
     bootstrap_min_insync_replicas: int = 1
     """``min_insync_replicas`` written by the very first election of the group."""
+    on_in_sync_change: Callable[[], None] = attrs.field(default=lambda: None)
+    """Called (synchronously) whenever :attr:`in_sync` may have changed, so a write
+    waiting for the counted set re-checks at once instead of polling."""
     role: HaRole = HaRole.CANDIDATE
     epoch: int = 0
     master: str | None = None
@@ -182,6 +187,11 @@ class HaLoop:
     async def wait_role_change(self) -> None:
         """Return at the next role or master change (for tests and status views)."""
         await self._role_changed.wait()
+
+    def wake(self) -> None:
+        """Take a step now instead of at the next keepalive interval (the node calls it
+        when its replication layer's judgement of the in-sync set changed)."""
+        self._wake.set()
 
     # -------------------------------------------------------------------- running
 
@@ -286,6 +296,7 @@ class HaLoop:
             self.actions.fence(reason)
             self._set_role(HaRole.FENCED, self.master)
             self.in_sync = None
+            self.on_in_sync_change()
 
     async def _watchdog_task(self) -> None:
         """Fence at the deadline: a master that cannot renew must assume it lost the lease."""
@@ -509,12 +520,19 @@ class HaLoop:
         self.in_sync = InSyncRecord(
             self.actions.member_info().node, state.in_sync, state.min_insync_replicas
         )
+        self.on_in_sync_change()
         await self.actions.become_master(state)
         self._set_role(HaRole.MASTER, self.actions.member_info().node)
 
     async def _record_in_sync(self, view: GroupView) -> None:
         """As master: record the replication layer's judgement of the in-sync set by CAS
         on the state's revision (shrinks count once committed, expansions at once)."""
+        try:
+            await self._record_in_sync_once(view)
+        finally:
+            self.on_in_sync_change()
+
+    async def _record_in_sync_once(self, view: GroupView) -> None:
         assert self.in_sync is not None and view.state is not None and view.state_kv is not None
         if view.state.in_sync != self.in_sync.recorded or view.state.epoch != self.epoch:
             if view.state.epoch != self.epoch or view.state.master != self.in_sync.master:

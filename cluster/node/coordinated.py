@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from cluster.coordination.decisions import members_to_record
 from cluster.coordination.etcd import (
     Compare,
     EtcdClient,
@@ -55,9 +57,19 @@ __all__ = ["CoordinatedAcks", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
-COUNTED_POLL_S = 0.005
-"""How often a replicated write re-checks the counted in-sync members that the HA
-service does not wait for (a member whose removal is not recorded yet)."""
+
+async def wait_until(
+    progress: trio.lowlevel.ParkingLot, ready: Callable[[], bool], deadline: float
+) -> bool:
+    """True once ``ready()`` holds, False once ``deadline`` passed first. ``ready`` is
+    re-checked each time ``progress`` is unparked (whoever changes what it reads
+    unparks it), so nothing polls."""
+    while not ready():
+        if trio.current_time() >= deadline:
+            return False
+        with trio.move_on_at(deadline):
+            await progress.park()
+    return True
 
 
 class CoordinatedAcks:
@@ -76,10 +88,18 @@ class CoordinatedAcks:
       master might not hold.
     """
 
-    def __init__(self, replicated: ReplicatedAcks, ha: HAService, loop: HaLoop) -> None:
+    def __init__(
+        self,
+        replicated: ReplicatedAcks,
+        ha: HAService,
+        loop: HaLoop,
+        progress: trio.lowlevel.ParkingLot,
+    ) -> None:
         self._replicated = replicated
         self._ha = ha
         self._loop = loop
+        self._progress = progress
+        """Unparked at every ack of ``ha``'s slaves and every change of the loop's record."""
         self._frozen_limit: int | None = None
 
     def freeze(self) -> None:
@@ -134,23 +154,23 @@ class CoordinatedAcks:
     ) -> tuple[Status, str | None]:
         record = self._loop.in_sync
         master = record.master if record is not None else None
-        while True:
-            missing = sorted(
+
+        def missing() -> list[str]:
+            return sorted(
                 name
                 for name in self._loop.counted_in_sync()
                 if name != master and self._ha.ack_offsets.get(name, -1) < end_offset
             )
-            if not missing:
-                return Status.OK, None
-            if trio.current_time() >= deadline:
-                return (
-                    Status.FLUSH_SLAVE_TIMEOUT,
-                    f"appended and fsynced on the master, but the counted in-sync members "
-                    f"{missing} did not acknowledge within {timeout_ms:.0f} ms (their removal "
-                    "is not recorded yet): the write is probably stored; resend only if "
-                    "duplicates are acceptable",
-                )
-            await trio.sleep(COUNTED_POLL_S)
+
+        if await wait_until(self._progress, lambda: not missing(), deadline):
+            return Status.OK, None
+        return (
+            Status.FLUSH_SLAVE_TIMEOUT,
+            f"appended and fsynced on the master, but the counted in-sync members "
+            f"{missing()} did not acknowledge within {timeout_ms:.0f} ms (their removal "
+            "is not recorded yet): the write is probably stored; resend only if "
+            "duplicates are acceptable",
+        )
 
     def read_limit(self) -> int | None:
         if self._frozen_limit is not None:
@@ -177,11 +197,15 @@ class Coordinator:
         self.settings = self.section.settings
         self.etcd = etcd
         self.ha_port = _reserve_port(config.ha_host, config.replication.ha_port)
+        self.progress = trio.lowlevel.ParkingLot()
+        """Unparked whenever a slave's ack or the loop's in-sync record moves: what the
+        ack path and a switchover wait on."""
         self.loop = HaLoop(
             self.settings,
             self,
             etcd,
             bootstrap_min_insync_replicas=config.replication.min_insync_replicas,
+            on_in_sync_change=self._wake_waiters,
         )
         self._ha_scope: trio.CancelScope | None = None
         self._group_existed = True
@@ -244,9 +268,44 @@ class Coordinator:
         return self._caught_up
 
     def in_sync_members(self) -> frozenset[str]:
+        """The replication layer's in-sync slaves that may be recorded
+        (:func:`~cluster.coordination.decisions.members_to_record`): a slave not counted
+        yet joins once its ack reached the start of this term and the confirm offset."""
         ha = self.node.ha
-        slaves = frozenset(ha.in_sync_slaves()) if ha is not None else frozenset()
-        return slaves | {self.name}
+        if ha is None:
+            return frozenset({self.name})
+        current = self.node.history.current
+        term_start = current.start_offset if current is not None else 0
+        return members_to_record(
+            self.name,
+            ha.in_sync_slaves(),
+            self.loop.counted_in_sync(),
+            max(term_start, ha.confirm_offset),
+        )
+
+    def _wake_waiters(self) -> None:
+        self.progress.unpark_all()
+
+    def _on_replication_progress(self) -> None:
+        """A slave of this master connected, acked or left: wake the writes waiting for
+        the counted set, and the HA loop when a slave may join the recorded set (so it
+        counts for ``acks=replicated`` without waiting for the next interval)."""
+        self._wake_waiters()
+        record = self.loop.in_sync
+        if (
+            record is not None
+            and record.pending is None
+            and self.loop.role is HaRole.MASTER
+            and self.in_sync_members() - record.counted
+        ):
+            self.loop.wake()
+
+    async def _wake_on_membership_change(self, ha: HAService) -> None:
+        """A slave dropped out of (or came into) the HA service's in-sync set, with time
+        as well as with acks: record it now, not at the next interval."""
+        while True:
+            await ha.wait_membership_change()
+            self.loop.wake()
 
     async def become_master(self, state: GroupState) -> None:
         node = self.node
@@ -269,7 +328,10 @@ class Coordinator:
             if ha is None or ha.stale is not None:
                 ha = await self._open_ha_port()
             acks = CoordinatedAcks(
-                ReplicatedAcks(node._standalone, ha, state.min_insync_replicas), ha, self.loop
+                ReplicatedAcks(node._standalone, ha, state.min_insync_replicas),
+                ha,
+                self.loop,
+                self.progress,
             )
             node.acks = acks
             handler.set_acks(acks)
@@ -289,6 +351,7 @@ class Coordinator:
         assert node.store is not None and node._replication_nursery is not None
         self._close_ha_port()
         ha = node._ha_service(node.store)
+        ha.insync.observers.append(self._on_replication_progress)
         node.ha = ha
         scope = trio.CancelScope()
         self._ha_scope = scope
@@ -296,7 +359,9 @@ class Coordinator:
 
         async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await ha.serve(host, self.ha_port, task_status=task_status)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._wake_on_membership_change, ha)
+                    await ha.serve(host, self.ha_port, task_status=task_status)
 
         await node._replication_nursery.start(serve)
         node.ha_address = (host, self.ha_port)
@@ -542,28 +607,26 @@ class Coordinator:
         self.fence(f"switching over to {target}")
         try:
             log_end = node.store.commit_log.max_offset
-            while ha.ack_offsets.get(target, -1) < log_end:
-                if trio.current_time() >= deadline:
-                    raise RequestError(
-                        Status.FLUSH_SLAVE_TIMEOUT,
-                        f"switchover: {target} acknowledged {ha.ack_offsets.get(target)} of "
-                        f"{log_end} within {timeout_ms} ms; this node stays master",
-                    )
-                await trio.sleep(COUNTED_POLL_S)
+            if not await wait_until(
+                self.progress, lambda: ha.ack_offsets.get(target, -1) >= log_end, deadline
+            ):
+                raise RequestError(
+                    Status.FLUSH_SLAVE_TIMEOUT,
+                    f"switchover: {target} acknowledged {ha.ack_offsets.get(target)} of "
+                    f"{log_end} within {timeout_ms} ms; this node stays master",
+                )
             await self._name_target(target)
         except BaseException:
             self._resume_after_failed_switchover()
             raise
         await loop.resign()
         log.warning("node_switchover name=%s target=%s log_end=%d", self.name, target, log_end)
-        leader_key = self.settings.keys.leader(self.settings.group)
-        while trio.current_time() < deadline:
-            stored = await self.etcd.get(leader_key)
-            if stored is not None:
-                leader = LeaderValue.decode(stored.key, stored.value)
-                if leader.node != self.name:
+        with trio.move_on_at(deadline):
+            while True:
+                # the loop lists etcd at every change of the leader key (its watch)
+                leader = (await loop.next_view()).leader
+                if leader is not None and leader.node != self.name:
                     return {"master": leader.node, "epoch": leader.epoch, "log_end": log_end}
-            await trio.sleep(self.settings.keepalive_interval_s / 4)
         raise RequestError(
             Status.FLUSH_SLAVE_TIMEOUT,
             f"switchover: this node resigned but no new master was elected within "

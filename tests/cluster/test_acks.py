@@ -9,6 +9,7 @@ import pytest
 from cluster.node.acks import AckPolicy, StandaloneAcks
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
+from replication.insync import InSyncSet
 from storage import Message, MessageStore
 from tests.replication.test_ha_stream import config_at
 
@@ -51,3 +52,18 @@ async def test_durable_is_answered_once_fsynced(tmp_path: Path) -> None:
         policy = StandaloneAcks(store)
         assert await policy.wait(Acks.DURABLE, result.end_offset, 10_000) == (Status.OK, None)
         assert store.commit_log.flushed_offset >= result.end_offset
+
+
+def test_the_in_sync_set_tells_its_observers_of_every_slave_change() -> None:
+    """The node's ack path and switchover wait on these calls instead of polling."""
+    insync = InSyncSet(max_lag_bytes=1000, max_lag_ms=1000)
+    calls: list[dict[str, int]] = []
+    insync.observers.append(
+        lambda: calls.append({n: s.ack_offset for n, s in insync.slaves.items()})
+    )
+    insync.add("s", 0, 100, now=0.0)
+    insync.ack("s", 50, 100, now=0.1)
+    insync.ack("t", 50, 100, now=0.1)  # unknown: no change
+    insync.remove("s")
+    insync.remove("s")  # gone already: no change
+    assert calls == [{"s": 0}, {"s": 50}, {}]

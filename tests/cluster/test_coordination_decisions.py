@@ -18,6 +18,7 @@ from cluster.coordination.decisions import (
     PendingOutcome,
     election_view,
     fencing_deadline_s,
+    members_to_record,
     state_after_election,
     timing_problems,
 )
@@ -358,3 +359,30 @@ class InSyncRecording(RuleBasedStateMachine):
 
 
 TestInSyncRecording = InSyncRecording.TestCase
+
+
+@given(
+    acks=st.dictionaries(st.sampled_from(NODES[1:]), st.integers(0, 1000)),
+    counted=st.frozensets(st.sampled_from(NODES[1:])),
+    acked=st.integers(0, 1000),
+    slack=st.integers(0, 1000),
+)
+def test_a_slave_joins_the_record_only_holding_every_acked_record(
+    acks: dict[str, int], counted: frozenset[str], acked: int, slack: int
+) -> None:
+    """``acked`` is the end of the highest acked record; the floor the master passes is
+    at or above it. Whoever is newly recorded holds it; counted members stay."""
+    master = NODES[0]
+    recorded = members_to_record(master, acks, counted | {master}, acked + slack)
+    assert master in recorded
+    assert recorded - {master} <= set(acks)
+    for name in recorded - {master}:
+        assert name in counted or acks[name] >= acked
+    assert {name for name in acks if name in counted} <= recorded
+
+
+def test_a_slave_far_behind_is_recorded_only_once_it_reached_the_floor() -> None:
+    acks = {"a": 4096, "b": 100}
+    assert members_to_record("m", acks, frozenset({"m"}), 4096) == {"m", "a"}
+    assert members_to_record("m", acks, frozenset({"m", "b"}), 4096) == {"m", "a", "b"}
+    assert members_to_record("m", {**acks, "b": 4096}, frozenset({"m"}), 4096) == {"m", "a", "b"}

@@ -12,10 +12,15 @@ import pytest
 import trio
 
 from cluster.coordination.ha_loop import HaRole
+from cluster.coordination.keys import MemberInfo
 from cluster.node import Node
 from cluster.node.config import NodeConfig
-from cluster.node.coordinated import CoordinatedAcks
-from replication.epochs import EpochFile
+from cluster.node.coordinated import CoordinatedAcks, Coordinator, wait_until
+from replication.epochs import EpochFile, EpochHistory
+from replication.settings import ReplicationSettings
+from replication.slave import SlaveReplication
+from replication.wire import slave_handshake
+from storage import MessageStore, StoreConfig
 from tests.e2e.test_failover import call
 
 
@@ -95,3 +100,75 @@ async def test_metadata_names_this_node_as_master(node: Node) -> None:
     assert answer["epoch"] == node.coordinator.loop.epoch
     assert [m["name"] for m in answer["members"]] == ["solo"]
     assert answer["members"][0]["ha"] == node.coordinator.ha_address
+
+
+async def _join_group(coordinator: Coordinator, name: str) -> None:
+    """Publish a member record for ``name`` (a slave run by the test, not a node), so
+    the master's membership check lets it replicate; return once the master saw it."""
+    info = MemberInfo(
+        node=name,
+        group=coordinator.settings.group,
+        client_address="127.0.0.1:1",
+        ha_address="127.0.0.1:1",
+        epoch=0,
+        log_end=0,
+        clean_start=False,
+    )
+    await coordinator.etcd.put(coordinator.settings.keys.member(name), info.encode())
+    with trio.fail_after(10):
+        while name not in (await coordinator.loop.next_view()).members:
+            pass
+
+
+async def test_a_slave_far_behind_is_recorded_only_once_it_holds_every_acked_record(
+    node: Node, tmp_path: Path, store_config: StoreConfig
+) -> None:
+    """A recorded member may be elected, so it must hold every acked record: a slave that
+    connects far behind counts for the confirm offset at once (acks wait for it) but
+    joins the recorded in-sync set only once its ack reaches the confirm offset. The
+    old rule recorded every slave the replication layer judged in sync."""
+    assert node.address is not None and node.coordinator is not None
+    coordinator, loop = node.coordinator, node.coordinator.loop
+    address = f"{node.address[0]}:{node.address[1]}"
+    await call(address, "create_topic", topic="t", queues=1)
+    (tmp_path / "fast").mkdir()
+    await _join_group(coordinator, "fast")
+    await _join_group(coordinator, "behind")
+    async with MessageStore.open(store_config) as store:
+        follower = SlaveReplication(
+            store,
+            "fast",
+            coordinator.ha_address,
+            ReplicationSettings(),
+            history=EpochHistory(),
+            epoch_file=EpochFile.in_dir(tmp_path / "fast"),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower.run)
+            with trio.fail_after(10):
+                while loop.in_sync is None or "fast" not in loop.in_sync.recorded:
+                    await loop.next_view()
+            for body in (b"a", b"b", b"c"):
+                answer = await call(
+                    address, "send", topic="t", body=body, queue=0, acks="replicated"
+                )
+                assert answer["status"] == "OK", answer
+            ha = node.ha
+            assert ha is not None and ha.confirm_offset > 0
+            behind = trio.socket.socket()
+            with behind:
+                host, port = coordinator.ha_address.rsplit(":", 1)
+                await behind.connect((host, int(port)))
+                await slave_handshake(behind, "behind", 0)
+                with trio.fail_after(10):
+                    assert await wait_until(
+                        coordinator.progress,
+                        lambda: "behind" in ha.in_sync_slaves(),
+                        trio.current_time() + 10,
+                    )
+                assert "behind" not in coordinator.in_sync_members()
+                for _ in range(2):  # a whole step after the membership change
+                    await loop.next_view()
+                assert "behind" not in loop.counted_in_sync()
+                assert "fast" in coordinator.in_sync_members()
+            nursery.cancel_scope.cancel()
