@@ -13,11 +13,12 @@ SIGKILL after a bound), also when starting fails; data directories and logs stay
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,10 @@ class LocalCluster:
             for index in range(1, self.replicas + 1):
                 name = f"node-{index}"
                 self.nodes[name] = self._node(name)
-                self._start_node(name)
+            # side by side: each start waits for its interpreter to load and listen
+            with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as starters:
+                for started in [starters.submit(self._start_node, name) for name in self.nodes]:
+                    started.result()
         except BaseException:
             self.stop()
             raise
@@ -319,6 +323,29 @@ class LocalCluster:
         """The group's state record as etcd holds it now (epoch, master, recorded in-sync
         set), read linearizably; None when there is none yet or etcd does not answer."""
         return await read_group_state(self.endpoints, self.cluster_name, self.group, timeout_s)
+
+    async def wait_group_state(
+        self, what: str, condition: Callable[[GroupState], bool], timeout_s: float = 30.0
+    ) -> GroupState:
+        """Return the group state as soon as etcd records one for which ``condition``
+        holds: read once, then follow etcd's watch of the key from the next revision (no
+        polling, no change missed). TimeoutError naming ``what`` and the last state."""
+        key = ClusterKeys(self.cluster_name).state(self.group)
+        last: GroupState | None = None
+        with trio.move_on_after(timeout_s):
+            async with EtcdClient(self.endpoints, request_timeout_s=STATUS_TIMEOUT_S) as etcd:
+                listing = await etcd.range(key)
+                if listing.kvs:
+                    last = GroupState.decode(key, listing.kvs[0].value)
+                    if condition(last):
+                        return last
+                async with etcd.watch(key, start_revision=listing.revision + 1) as watch:
+                    async for event in watch:
+                        if event.kv.value:
+                            last = GroupState.decode(key, event.kv.value)
+                            if condition(last):
+                                return last
+        raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}; last state {last}")
 
     # ---- the state file of a detached cluster ------------------------------------------------
 
