@@ -44,7 +44,7 @@ from cluster.coordination.keys import (
 )
 from cluster.node.acks import ReplicatedAcks, SlaveAcks
 from cluster.node.role import Fenced, RoleError, Slave, elected, fence, follow
-from cluster.node.topics import TopicExistsError
+from cluster.node.topics import Topic, TopicExistsError
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
 from replication.master import HAService
@@ -479,6 +479,16 @@ class Coordinator:
 
     async def create_topic(self, name: str, queues: int) -> tuple[str, int]:
         """Record the topic in etcd first (created only if absent), then locally."""
+        topic = await self._create_topic(name, queues, exist_ok=False)
+        return topic.name, topic.queues
+
+    async def auto_create_topic(self, name: str, queues: int) -> Topic:
+        """A write named a topic nobody created (``auto_create``): it is recorded in etcd
+        exactly as one the admin op creates, so a failover does not forget it. When etcd
+        has it already (created elsewhere, not applied here yet), etcd's queue count wins."""
+        return await self._create_topic(name, queues, exist_ok=True)
+
+    async def _create_topic(self, name: str, queues: int, *, exist_ok: bool) -> Topic:
         key = self.settings.keys.topic(name)
         record = TopicRecord(name, queues, int(time.time() * 1_000_000))
         result = await self.etcd.txn(
@@ -488,18 +498,19 @@ class Coordinator:
             stored = await self.etcd.get(key)
             if stored is not None:
                 existing = TopicRecord.decode(stored.key, stored.value)
-                raise RequestError(
-                    Status.TOPIC_EXISTS,
-                    f"topic {name!r} exists with {existing.queues} queue(s)",
-                    queues=existing.queues,
-                )
+                if not exist_ok:
+                    raise RequestError(
+                        Status.TOPIC_EXISTS,
+                        f"topic {name!r} exists with {existing.queues} queue(s)",
+                        queues=existing.queues,
+                    )
+                queues = existing.queues
         topics = self.node.topics
         assert topics is not None
         try:
-            topic = await topics.create(name, queues)
+            return await topics.create(name, queues)
         except TopicExistsError as exc:
-            topic = exc.topic
-        return topic.name, topic.queues
+            return exc.topic
 
     def hint(self) -> tuple[str | None, int | None]:
         """The master's client address and epoch as the loop last saw them."""

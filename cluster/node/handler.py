@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
+from cluster.node.topics import Topic
 from cluster.protocol import (
     SCHEMAS,
     CreateTopicRequest,
@@ -89,6 +90,18 @@ class NodeRequestHandler(RequestHandler):
             return await self._plain_create_topic(req, polls)  # type: ignore[return-value]
         name, queues = await coordinator.create_topic(req["topic"], req["queues"])
         return make_response(req["id"], topic=name, queues=queues)
+
+    async def _topic_for_write(self, name: str) -> Topic:
+        """With etcd an auto-created topic goes through etcd like an admin-created one
+        (without, the local registry only)."""
+        coordinator = self._node.coordinator
+        if (
+            coordinator is None
+            or not self._settings.auto_create
+            or self._topics.get(name) is not None
+        ):
+            return await super()._topic_for_write(name)
+        return await coordinator.auto_create_topic(name, self._settings.default_queues)
 
     async def _repoint(self, req: RepointRequest, _polls: Wakeups) -> Reply:
         result = await self._node.repoint(req["master_ha"], req["master_client"])

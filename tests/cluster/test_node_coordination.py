@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cluster.coordination.ha_loop import HaRole
-from cluster.coordination.keys import MemberInfo
+from cluster.coordination.keys import MemberInfo, TopicRecord
 from cluster.node import Node
 from cluster.node.config import NodeConfig
 from cluster.node.coordinated import CoordinatedAcks, Coordinator, wait_until
@@ -37,6 +37,7 @@ async def node(
         node={"name": "solo", "port": 0},
         replication={"ha_port": 0},
         coordination={"etcd": ",".join(etcd_endpoints), "cluster": _cluster_name(request)},
+        topics=getattr(request, "param", {}),  # [topics] settings, by indirect parametrize
     )
     node = Node(config)
     async with trio.open_nursery() as nursery:
@@ -172,3 +173,25 @@ async def test_a_slave_far_behind_is_recorded_only_once_it_holds_every_acked_rec
                 assert "behind" not in loop.counted_in_sync()
                 assert "fast" in coordinator.in_sync_members()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("node", [{"auto_create": True, "default_queues": 3}], indirect=True)
+async def test_an_auto_created_topic_is_recorded_in_etcd(node: Node) -> None:
+    """A topic a write creates lives in etcd like one the admin op creates, so the next
+    master knows it (it used to exist on this node only)."""
+    assert node.address is not None and node.coordinator is not None
+    coordinator = node.coordinator
+    address = f"{node.address[0]}:{node.address[1]}"
+    answer = await call(address, "send", topic="auto", body=b"x", acks="leader")
+    assert answer["status"] == "OK", answer
+    stored = await coordinator.etcd.get(coordinator.settings.keys.topic("auto"))
+    assert stored is not None
+    assert TopicRecord.decode(stored.key, stored.value).queues == 3
+    # recorded elsewhere first (another master, not applied here yet): etcd's count wins
+    record = TopicRecord("elsewhere", 5, 0)
+    await coordinator.etcd.put(coordinator.settings.keys.topic("elsewhere"), record.encode())
+    answer = await call(address, "send", topic="elsewhere", body=b"y", acks="leader")
+    assert answer["status"] == "OK", answer
+    assert node.topics is not None
+    topic = node.topics.get("elsewhere")
+    assert topic is not None and topic.queues == 5
