@@ -232,6 +232,49 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def monitoring_address(value: str) -> tuple[str, int]:
+    """``tidelog health``'s argument: one ``host:port``, checked before anything connects."""
+    from cluster.protocol.address import parse_address
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from cluster.node.health_http import http_get
+
+    host, port = args.address
+
+    async def ask() -> tuple[int, bytes]:
+        with trio.fail_after(args.timeout):
+            answer = await http_get(host, port, "/health")
+        return answer.status, answer.body
+
+    try:
+        code, body = trio.run(ask)
+        health = json.loads(body)
+    except (OSError, ValueError, trio.TooSlowError) as exc:
+        print(
+            f"tidelog health: no health answer from http://{host}:{port}/health ({exc}): "
+            "is a node running there with --metrics-port (or [node] metrics_port) set?",
+            file=sys.stderr,
+        )
+        return 2
+    if args.json:
+        print(json.dumps(health))
+    else:
+        state = "ok" if code == 200 else "unavailable"
+        writable = "writable" if health.get("writable") else "not writable"
+        print(
+            f"{state}: node {health.get('node')} is {health.get('role')} in epoch "
+            f"{health.get('epoch')}, {writable}"
+            + (f"; {health['reason']}" if health.get("reason") else "")
+        )
+    return 0 if code == 200 else 1
+
+
 def sole_refusal(exc: BaseException) -> Exception | None:
     """The one error behind ``exc`` (trio wraps failures in exception groups) when it is
     the system's or the store's refusal, which its message explains; else None (a bug,
@@ -337,6 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--priority", type=int, help="with --etcd: higher wins ties in elections (default 0)"
     )
     node.set_defaults(handler=cmd_node)
+
+    health = commands.add_parser(
+        "health",
+        help="ask a node's monitoring port whether it serves its role (exit 0 yes, 1 no)",
+        description="GET /health from a node started with --metrics-port: print its role, "
+        "epoch and, when it does not serve its role, why. Exit 0 when healthy, 1 when not, "
+        "2 when nothing answers (for health checks and scripts).",
+    )
+    health.add_argument("address", type=monitoring_address, help="the monitoring port, host:port")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--json", action="store_true", help="print the answer as JSON")
+    health.set_defaults(handler=cmd_health)
 
     add_client_commands(commands)
     add_cluster_commands(commands)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.client import Client, open_client
 from cluster.node.health_http import http_get
 from cluster.protocol import Status
+from tests.helpers import tidelog
 from tools.process import NodeProcess, node_status, wait_until
 
 LISTENING = re.compile(r"metrics_listening host=(?P<host>\S+) port=(?P<port>\d+)")
@@ -99,6 +101,13 @@ async def _wait_in_sync(master: Monitored) -> None:
     await wait_until("a slave in sync with the master", in_sync)
 
 
+async def _tidelog_health(node: Monitored) -> subprocess.CompletedProcess[str]:
+    """``tidelog health`` against the node's monitoring port, as a health check runs it."""
+    assert node.monitoring is not None
+    host, port = node.monitoring
+    return await trio.to_thread.run_sync(tidelog, "health", f"{host}:{port}")
+
+
 class Producer:
     """Sends acks=replicated writes until stopped; :meth:`acked` waits for a count."""
 
@@ -164,6 +173,8 @@ async def test_scraping_a_master_and_its_slave_during_a_produce_load(
     assert on_slave[("tidelog_replication_connected", ())] == 1
     assert (await master.health())[0] == 200
     assert (await slave.health())[0] == 200
+    healthy = await _tidelog_health(master)
+    assert healthy.returncode == 0 and healthy.stdout.startswith("ok: node m is master"), healthy
 
     # The master gone, the slave no longer serves its role: 503, naming the master.
     master.process.kill()
@@ -175,6 +186,10 @@ async def test_scraping_a_master_and_its_slave_during_a_produce_load(
     code, body = await slave.health()
     assert code == 503 and body["role"] == "slave" and body["writable"] is False
     assert body["reason"].startswith("not connected to the master at ")
+    unhealthy_cli = await _tidelog_health(slave)
+    assert unhealthy_cli.returncode == 1, unhealthy_cli
+    assert unhealthy_cli.stdout.startswith("unavailable: node s is slave"), unhealthy_cli
+    assert "not connected to the master at " in unhealthy_cli.stdout
     assert slave.process.stop() == 0, slave.process.stderr
 
 
