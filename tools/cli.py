@@ -196,6 +196,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             "coordination.cluster": args.cluster,
             "coordination.group": args.group,
             "coordination.priority": args.priority,
+            "coordination.advertise_host": args.advertise_host,
         }.items()
         if value is not None
     }
@@ -378,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--group", help="with --etcd: this node's broker group (default g1)")
     node.add_argument(
         "--priority", type=int, help="with --etcd: higher wins ties in elections (default 0)"
+    )
+    node.add_argument(
+        "--advertise-host",
+        help="with --etcd: the host other nodes and clients reach this node at, published "
+        "in etcd (default: --host; required when --host is 0.0.0.0 or ::)",
     )
     node.set_defaults(handler=cmd_node)
 

@@ -15,6 +15,7 @@ The ``store`` section holds every :class:`storage.StoreConfig` field except
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -371,6 +372,11 @@ class CoordinationSection:
     fencing_margin_s: float = _COORDINATION_DEFAULTS.fencing_margin_s
     priority: int = attrs.field(default=0, validator=_between(-1000, 1000))
     """Breaks ties between equally good candidates: higher wins."""
+    advertise_host: str = ""
+    """The host other nodes and clients reach this node at, published in etcd with the
+    client and HA ports. Empty (the default): the listen host (``[node] host``, and
+    ``[replication] ha_host`` for the HA port). Required when that is a wildcard
+    (``0.0.0.0``, ``::``), which nobody can connect to."""
 
     def __attrs_post_init__(self) -> None:
         if self.enabled:
@@ -426,6 +432,9 @@ class NodeConfig:
         problem = coordination_conflict(self.coordination, self.replication)
         if problem is not None:
             raise ValueError(problem)
+        unpublishable = advertise_problem(self.node, self.replication, self.coordination)
+        if unpublishable is not None:
+            raise ValueError(unpublishable[1])
 
     @property
     def coordinated(self) -> bool:
@@ -459,6 +468,16 @@ class NodeConfig:
     def ha_host(self) -> str:
         """The HA listener's host: ``replication.ha_host``, else ``node.host``."""
         return self.replication.ha_host or self.node.host
+
+    @property
+    def advertised_host(self) -> str:
+        """The host this node publishes for its client port (etcd, ``metadata``)."""
+        return self.coordination.advertise_host or self.node.host
+
+    @property
+    def advertised_ha_host(self) -> str:
+        """The host this node publishes for its HA port."""
+        return self.coordination.advertise_host or self.ha_host
 
     @property
     def data_dir(self) -> Path:
@@ -497,6 +516,45 @@ def coordination_conflict(
             "port): every node may become master and serve slaves"
         )
     return None
+
+
+def advertise_problem(
+    node: NodeSection, replication: ReplicationSection, coordination: CoordinationSection
+) -> tuple[str, str] | None:
+    """The dotted key and why this node cannot publish where it is reached, or None.
+    With etcd a node publishes its addresses for the others and for clients; a wildcard
+    listen address (all interfaces) names no host anyone can connect to."""
+    if not coordination.enabled:
+        return None
+    advertised = coordination.advertise_host
+    if advertised:
+        if _is_wildcard(advertised):
+            return "coordination.advertise_host", (
+                f"coordination.advertise_host (--advertise-host) is {advertised!r}, a wildcard "
+                "nobody can connect to: give the address other nodes and clients reach this "
+                "node at"
+            )
+        return None
+    for key, flag, host in (
+        ("node.host", "--host", node.host),
+        ("replication.ha_host", "--ha-host", replication.ha_host),
+    ):
+        if host and _is_wildcard(host):
+            return key, (
+                f"{key} ({flag}) is {host!r}, a wildcard listen address, and with "
+                "coordination.etcd this node publishes its address in etcd for other nodes "
+                "and clients, who "
+                "cannot connect to a wildcard: pass --advertise-host "
+                "(coordination.advertise_host) with the address they reach this node at"
+            )
+    return None
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False  # a name: resolved by whoever connects
 
 
 # ---- the schema the loader reads: section -> key -> type --------------------------------------
@@ -723,6 +781,10 @@ def load_node_config(
     if problem is not None:
         source = sources.get("coordination.etcd", "defaults")
         raise ConfigError(source, "coordination.etcd", problem)
+    unpublishable = advertise_problem(node, replication, coordination)
+    if unpublishable is not None:
+        key, problem = unpublishable
+        raise ConfigError(sources.get(key, "defaults"), key, problem)
     return NodeConfig(
         node=node,
         store=store,

@@ -222,12 +222,14 @@ class Coordinator:
 
     @property
     def client_address(self) -> str:
-        host, port = self.node.address or (self.node.config.node.host, 0)
-        return f"{host}:{port}"
+        """Where clients reach this node: the advertised host and the bound port."""
+        _host, port = self.node.address or (self.node.config.node.host, 0)
+        return f"{self.node.config.advertised_host}:{port}"
 
     @property
     def ha_address(self) -> str:
-        return f"{self.node.config.ha_host}:{self.ha_port}"
+        """Where slaves reach this node's HA port once it is master."""
+        return f"{self.node.config.advertised_ha_host}:{self.ha_port}"
 
     def member_info(self) -> MemberInfo:
         store = self.node.store

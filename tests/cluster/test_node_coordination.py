@@ -32,12 +32,17 @@ def _cluster_name(request: pytest.FixtureRequest) -> str:
 async def node(
     tmp_path: Path, etcd_endpoints: list[str], request: pytest.FixtureRequest
 ) -> AsyncIterator[Node]:
+    extra = getattr(request, "param", {})  # more settings by section, indirect parametrize
     config = NodeConfig.create(
         tmp_path / "solo",
-        node={"name": "solo", "port": 0},
+        node={"name": "solo", "port": 0, **extra.get("node", {})},
         replication={"ha_port": 0},
-        coordination={"etcd": ",".join(etcd_endpoints), "cluster": _cluster_name(request)},
-        topics=getattr(request, "param", {}),  # [topics] settings, by indirect parametrize
+        coordination={
+            "etcd": ",".join(etcd_endpoints),
+            "cluster": _cluster_name(request),
+            **extra.get("coordination", {}),
+        },
+        topics=extra.get("topics", {}),
     )
     node = Node(config)
     async with trio.open_nursery() as nursery:
@@ -175,7 +180,9 @@ async def test_a_slave_far_behind_is_recorded_only_once_it_holds_every_acked_rec
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("node", [{"auto_create": True, "default_queues": 3}], indirect=True)
+@pytest.mark.parametrize(
+    "node", [{"topics": {"auto_create": True, "default_queues": 3}}], indirect=True
+)
 async def test_an_auto_created_topic_is_recorded_in_etcd(node: Node) -> None:
     """A topic a write creates lives in etcd like one the admin op creates, so the next
     master knows it (it used to exist on this node only)."""
@@ -195,3 +202,24 @@ async def test_an_auto_created_topic_is_recorded_in_etcd(node: Node) -> None:
     assert node.topics is not None
     topic = node.topics.get("elsewhere")
     assert topic is not None and topic.queues == 5
+
+
+@pytest.mark.parametrize(
+    "node",
+    [{"node": {"host": "0.0.0.0"}, "coordination": {"advertise_host": "127.0.0.1"}}],
+    indirect=True,
+)
+async def test_a_node_listening_on_every_interface_publishes_its_advertised_host(
+    node: Node,
+) -> None:
+    assert node.address is not None and node.coordinator is not None
+    coordinator = node.coordinator
+    assert node.address[0] == "0.0.0.0"
+    address = f"127.0.0.1:{node.address[1]}"
+    answer = await call(address, "metadata")
+    assert answer["master"]["client"] == address
+    assert answer["master"]["ha"] == f"127.0.0.1:{coordinator.ha_port}"
+    stored = await coordinator.etcd.get(coordinator.settings.keys.member("solo"))
+    assert stored is not None
+    info = MemberInfo.decode(stored.key, stored.value)
+    assert (info.client_address, info.ha_address) == (address, answer["master"]["ha"])

@@ -97,3 +97,53 @@ def test_environment_variables_reach_the_section() -> None:
 def test_create_checks_the_same_rule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--ha-port"):
         NodeConfig.create(tmp_path, coordination={"etcd": ETCD})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"node.host": "0.0.0.0"}, "node.host (--host) is '0.0.0.0'"),
+        ({"node.host": "::"}, "node.host (--host) is '::'"),
+        ({"replication.ha_host": "0.0.0.0"}, "replication.ha_host (--ha-host)"),
+        (
+            {"node.host": "0.0.0.0", "coordination.advertise_host": "::"},
+            "coordination.advertise_host (--advertise-host) is '::'",
+        ),
+    ],
+)
+def test_with_etcd_a_wildcard_address_is_not_published(
+    overrides: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_node_config(
+            None, {"coordination.etcd": ETCD, "replication.ha_port": "0", **overrides}, {}
+        )
+    assert named in str(refused.value)
+    assert "--advertise-host" in str(refused.value)
+
+
+def test_the_advertised_host_defaults_to_the_listen_host() -> None:
+    config = load_node_config(
+        None,
+        {"coordination.etcd": ETCD, "replication.ha_port": "0", "node.host": "10.1.2.3"},
+        {},
+    )
+    assert config.advertised_host == config.advertised_ha_host == "10.1.2.3"
+    split = load_node_config(
+        None,
+        {"coordination.etcd": ETCD, "replication.ha_port": "0", "replication.ha_host": "10.9.9.9"},
+        {},
+    )
+    assert (split.advertised_host, split.advertised_ha_host) == ("127.0.0.1", "10.9.9.9")
+
+
+def test_a_wildcard_listener_publishes_the_advertised_host() -> None:
+    config = load_node_config(
+        None,
+        {"coordination.etcd": ETCD, "replication.ha_port": "0", "node.host": "0.0.0.0"},
+        {"TIDELOG_COORDINATION_ADVERTISE_HOST": "node7.example"},
+    )
+    assert config.node.host == "0.0.0.0" and config.ha_host == "0.0.0.0"
+    assert config.advertised_host == config.advertised_ha_host == "node7.example"
+    without_etcd = load_node_config(None, {"node.host": "0.0.0.0"}, {})
+    assert without_etcd.node.host == "0.0.0.0"  # no etcd: nothing is published
