@@ -679,13 +679,13 @@ class HAService:
                 "mutual" if self._tls_context is not None else "none",
             )
             self._apply_fd_budget()
-            if self.settings.cluster_secret is None:
+            if self.settings.cluster_secret is None and self._tls_context is None:
                 log.warning(
                     "ha_unauthenticated host=%s port=%d: no cluster secret, so anyone who can "
                     "reach this port can pose as a slave (stop acks, confirm writes it never "
                     "stored): set [replication] cluster_secret or cluster_secret_file (the "
-                    "same on every node), or keep the port on a network only the cluster "
-                    "reaches",
+                    "same on every node) or mutual TLS (tls_cert_file, tls_key_file, "
+                    "tls_ca_file), or keep the port on a network only the cluster reaches",
                     host,
                     bound,
                 )

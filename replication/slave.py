@@ -468,11 +468,12 @@ class SlaveReplication:
     async def run(self) -> None:
         """Replicate until stopped or cancelled. Each attempt resumes from the store's
         end (the client says where it stands), so a broken stream loses nothing."""
-        if self.client.settings.cluster_secret is None:
+        settings = self.client.settings
+        if settings.cluster_secret is None and settings.tls is None:
             log.warning(
                 "ha_unauthenticated master=%s: no cluster secret, so this slave follows "
                 "whoever answers at that address: set [replication] cluster_secret or "
-                "cluster_secret_file (the same on every node)",
+                "cluster_secret_file (the same on every node), or mutual TLS",
                 self.master_ha,
             )
         try:

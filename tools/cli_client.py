@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import trio
 
 from cluster.client import Client, ConsumedMessage, SendResult, TidelogError, open_client
 from cluster.client.consumer import consumed_message
+from cluster.client.tls import client_tls
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
 from storage.names import TOPIC_RULE
@@ -89,9 +91,24 @@ def _create_hint(text: str, topic: str, args: argparse.Namespace) -> str:
     return f"; to create it: tidelog topic create {topic} -b {args.bootstrap}"
 
 
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context from ``--tls-ca`` (and ``--tls-cert``/``--tls-key``)."""
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise ValueError("--tls-cert and --tls-key need --tls-ca (the CA of the nodes)")
+        return None
+    return client_tls(args.tls_ca, args.tls_cert or "", args.tls_key or "")
+
+
 def _run(args: argparse.Namespace, command: Any) -> int:
+    try:
+        tls = _tls_context(args)
+    except ValueError as exc:
+        print(f"tidelog: {exc}", file=sys.stderr)
+        return 2
+
     async def main() -> int:
-        async with open_client(bootstrap_addresses(args.bootstrap)) as client:
+        async with open_client(bootstrap_addresses(args.bootstrap), tls=tls) as client:
             result: int = await command(client, args)
             return result
 
@@ -472,6 +489,24 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         f"(env TIDELOG_BOOTSTRAP; default {DEFAULT_BOOTSTRAP})",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("TIDELOG_TLS_CA"),
+        help="speak TLS, trusting this CA (PEM) for the nodes' certificates (env TIDELOG_TLS_CA)",
+    )
+    common.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("TIDELOG_TLS_CERT"),
+        help="client certificate (PEM) for nodes that ask for one (env TIDELOG_TLS_CERT)",
+    )
+    common.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("TIDELOG_TLS_KEY"),
+        help="the client certificate's key (PEM) (env TIDELOG_TLS_KEY)",
+    )
 
     topic = commands.add_parser("topic", help="create, list and describe topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True, metavar="ACTION")

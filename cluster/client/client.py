@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -34,6 +35,7 @@ from cluster.client.routing import (
     view_from_metadata,
     view_from_status,
 )
+from cluster.client.tls import TlsHandshakeError, connect_tls
 from cluster.protocol import DEFAULT_MAX_FRAME_SIZE, ProtocolError, Status
 from cluster.protocol.address import parse_address
 from storage.backoff import Backoff
@@ -43,7 +45,7 @@ __all__ = ["Client", "ClientConfig", "Delivery", "open_client"]
 log = logging.getLogger(__name__)
 
 _WRITES = frozenset({"send", "send_batch", "create_topic"})
-_HOPELESS = ("connection refused", "cannot resolve")
+_HOPELESS = ("connection refused", "cannot resolve", "TLS handshake")
 """Failures that waiting will not cure, so a client's first connect reports them at once."""
 
 RETRY_BACKOFF_MAX_S: Final = 0.25
@@ -67,6 +69,9 @@ class ClientConfig:
     while the cluster fails over, before it is reported failed."""
     metadata_timeout: float = 1.0
     """Seconds one node gets to answer ``metadata`` while the master is looked for."""
+    tls: ssl.SSLContext | None = None
+    """Speak TLS to the nodes with this context (:func:`cluster.client.tls.client_tls`
+    makes one from the CA file and an optional client certificate). None: plain TCP."""
 
 
 @attrs.frozen
@@ -146,7 +151,10 @@ class Client:
                 host, port = parse_address(address)
                 try:
                     with trio.fail_after(max(0.01, deadline - trio.current_time())):
-                        stream = await trio.open_tcp_stream(host, port)
+                        tcp = await trio.open_tcp_stream(host, port)
+                        stream: trio.abc.Stream = tcp
+                        if self.config.tls is not None:
+                            stream = await connect_tls(tcp, self.config.tls, host)
                 except (OSError, trio.TooSlowError) as exc:
                     errors[address] = _why_not_connected(address, exc)
                     continue
@@ -396,6 +404,8 @@ def _why_not_connected(address: str, exc: BaseException) -> str:
     """One phrase for a failed connect: refused, unknown host, or what the OS said."""
     if isinstance(exc, trio.TooSlowError):
         return f"no answer from {address} (connect timed out)"
+    if isinstance(exc, TlsHandshakeError):
+        return f"TLS handshake with {address} failed: {exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host of {address}: {exc.strerror}"
     causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else ()

@@ -43,7 +43,7 @@ class Connection:
     Any number of tasks may call :meth:`request` concurrently.
     """
 
-    def __init__(self, stream: trio.SocketStream, address: str, max_frame_size: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: str, max_frame_size: int) -> None:
         self.address = address
         self._stream = stream
         self._decoder = ResponseDecoder(max_frame_size)

@@ -50,7 +50,7 @@ class Connection:
     only the owning :class:`ClientServer` calls :meth:`run`.
     """
 
-    def __init__(self, stream: trio.SocketStream, server: ClientServer) -> None:
+    def __init__(self, stream: trio.abc.Stream, server: ClientServer) -> None:
         settings = server.settings
         self._stream = stream
         self._server = server
@@ -116,7 +116,7 @@ class Connection:
         except GONE:
             self._abort()
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         """The next bytes, or ``b""`` at EOF, or when the connection has been idle (no
         request in flight, nothing received) for ``idle_timeout_ms``: it is then closed
         like one the client ended."""
@@ -127,7 +127,7 @@ class Connection:
                 log.info("connection_idle peer=%s idle_s=%g", self.peer, self._idle_timeout_s)
                 return b""
 
-    async def _reserve_for(self, data: bytes) -> None:
+    async def _reserve_for(self, data: bytes | bytearray) -> None:
         """Follow the frame boundaries in ``data``; a frame over
         :data:`RESERVE_FRAMES_OVER` whose body is not all here yet reserves its size in
         the node's request budget before more is read, and gives it back once its

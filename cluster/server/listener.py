@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import ssl
 from typing import Final
 
 import trio
@@ -24,6 +25,8 @@ from cluster.server.connection import Connection
 from cluster.server.handler import RequestHandler
 from cluster.server.limits import connection_budget
 from cluster.server.streams import GONE, linger, peer_name
+from cluster.server.tls import accept_tls
+from replication.tls import server_context
 from storage.backoff import Backoff
 
 __all__ = ["ClientServer"]
@@ -65,6 +68,8 @@ class ClientServer:
         """The cap in force: the configured one, lowered at :meth:`serve` if the
         open-file limit cannot afford it."""
         self.address: tuple[str, int] | None = None
+        self._tls: ssl.SSLContext | None = None
+        """With ``settings.tls``: every connection speaks TLS (see :mod:`cluster.server.tls`)."""
 
     @property
     def connections(self) -> int:
@@ -81,6 +86,11 @@ class ClientServer:
         accepting, let in-flight requests finish within ``shutdown_grace_ms`` (new ones
         are answered ``SHUTTING_DOWN``) and close every connection."""
         self._apply_fd_budget()
+        tls = self.settings.tls
+        if tls is not None:
+            self._tls = await trio.to_thread.run_sync(
+                lambda: server_context(tls, require_client_cert=bool(tls.ca_file))
+            )
         listeners, address = await self._listen()
         try:
             async with trio.open_nursery() as connections:
@@ -108,7 +118,12 @@ class ClientServer:
             listeners = listeners[:1]
         host, port = listeners[0].socket.getsockname()[:2]
         self.address = (host, port)
-        log.info("server_listening host=%s port=%d", host, port)
+        log.info(
+            "server_listening host=%s port=%d tls=%s",
+            host,
+            port,
+            "none" if self._tls is None else "mutual" if self.settings.tls_ca_file else "server",
+        )
         return listeners, (host, port)
 
     def _apply_fd_budget(self) -> None:
@@ -156,7 +171,13 @@ class ClientServer:
         if len(self._connections) >= self.max_connections:
             await self._refuse(stream)
             return
-        connection = Connection(stream, self)
+        served: trio.abc.Stream = stream
+        if self._tls is not None:
+            secured = await accept_tls(stream, self._tls)
+            if secured is None:
+                return  # a plain-TCP client (told so) or a failed handshake (logged)
+            served = secured
+        connection = Connection(served, self)
         self._connections.add(connection)
         try:
             await connection.run()

@@ -18,7 +18,11 @@ GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 """What a send or receive raises once the peer is gone."""
 
 
-def peer_name(stream: trio.SocketStream) -> str:
+def peer_name(stream: trio.abc.Stream) -> str:
+    while isinstance(stream, trio.SSLStream):  # the client port with TLS
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return "?"
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
@@ -26,9 +30,11 @@ def peer_name(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
-async def linger(stream: trio.SocketStream) -> None:
-    """Half-close, then discard input until EOF or :data:`LINGER_SECONDS` (see there)."""
+async def linger(stream: trio.abc.Stream) -> None:
+    """Half-close (TLS has no half-close: its stream only discards), then discard input
+    until EOF or :data:`LINGER_SECONDS` (see there)."""
     with trio.move_on_after(LINGER_SECONDS), contextlib.suppress(*GONE):  # gone: done
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         while await stream.receive_some(RECEIVE_SIZE):
             continue  # what the client still sends is discarded
