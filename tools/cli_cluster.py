@@ -90,10 +90,10 @@ def plain_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def rich_table(rows: list[dict[str, Any]], title: str) -> Any:
+def rich_table(rows: list[dict[str, Any]], title: str, caption: str | None = None) -> Any:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in rows[0] if rows else ["node"]:
         table.add_column(column.replace("_", " "))
     styles = {"master": "bold green", "slave": "cyan", "stopped": "red", "no answer": "yellow"}
@@ -224,7 +224,8 @@ async def _live_until_stopped(cluster: LocalCluster, as_json: bool) -> None:
         if as_json:
             while True:
                 rows = status_rows(await cluster.views())
-                print(json.dumps({"time": time.time(), "nodes": rows}), flush=True)
+                etcd = [probe.to_json() for probe in await probe_endpoints(cluster.endpoints)]
+                print(json.dumps({"time": time.time(), "nodes": rows, "etcd": etcd}), flush=True)
                 await trio.sleep(REFRESH_S)
         from rich.console import Console
         from rich.live import Live
@@ -234,7 +235,8 @@ async def _live_until_stopped(cluster: LocalCluster, as_json: bool) -> None:
             while True:
                 rows = status_rows(await cluster.views())
                 title = f"tidelog cluster {time.strftime('%H:%M:%S')}  (Ctrl-C stops it)"
-                live.update(rich_table(rows, title), refresh=True)
+                caption = etcd_summary(await probe_endpoints(cluster.endpoints))
+                live.update(rich_table(rows, title, caption), refresh=True)
                 await trio.sleep(REFRESH_S)
 
 
@@ -293,6 +295,14 @@ def etcd_rows(state: dict[str, Any], health: list[EtcdEndpointHealth]) -> list[d
             }
         )
     return rows
+
+
+def etcd_summary(health: list[EtcdEndpointHealth]) -> str:
+    """One line: how many etcd endpoints are healthy and which one leads."""
+    healthy = sum(1 for probe in health if probe.healthy)
+    leader = next((probe.endpoint for probe in health if probe.leader), None)
+    led = f", leader {leader}" if leader else ", no leader answering"
+    return f"etcd: {healthy} of {len(health)} healthy{led}"
 
 
 async def _etcd_view(state: dict[str, Any]) -> tuple[list[EtcdEndpointHealth], Any]:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import tidelog
+from tools.cli_cluster import etcd_summary
 from tools.launcher.cluster import pid_alive, process_matches, read_state, stop_pids
+from tools.launcher.etcd import EtcdEndpointHealth
 
 
 @pytest.fixture
@@ -92,3 +94,14 @@ def test_etcd_members_must_be_an_odd_size_and_not_with_an_external_etcd(data: Pa
     )  # fmt: skip
     assert both.returncode == 2 and "drop one of the two" in both.stderr
     assert not (data / "cluster.json").exists()
+
+
+def test_the_live_view_summarises_etcd_in_one_line() -> None:
+    health = [
+        EtcdEndpointHealth("http://127.0.0.1:1", True, False),
+        EtcdEndpointHealth("http://127.0.0.1:2", True, True),
+        EtcdEndpointHealth("http://127.0.0.1:3", False, False, error="ConnectError"),
+    ]
+    assert etcd_summary(health) == "etcd: 2 of 3 healthy, leader http://127.0.0.1:2"
+    down = [EtcdEndpointHealth("http://127.0.0.1:1", False, False, error="ConnectError")]
+    assert etcd_summary(down) == "etcd: 0 of 1 healthy, no leader answering"
