@@ -189,6 +189,17 @@ class _FrameReader(Generic[_T], abc.ABC):
         """Bytes fed but not yet returned as frames (for back-pressure)."""
         return len(self._buf) - self._pos
 
+    def incomplete_frame_size(self) -> int | None:
+        """The body size announced by the next frame when its length prefix is buffered but
+        not all of its body (None otherwise): what a reader may reserve before reading on."""
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 4:
+            return None
+        (size,) = _unpack_header(buf, pos)
+        return size if avail - 4 < size else None
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; after a fatal error they are dropped (the stream is dead)."""
         if self._fatal is not None:

@@ -64,11 +64,9 @@ class Connection:
         self._out = bytearray()
         self._out_count = 0
         self._unsent = 0
-        self._header = bytearray()
-        self._body_left = 0
-        """Bytes of the frame being received still to come (-1: past a fatal prefix)."""
-        self._reserved = 0
         """Bytes of answers queued or being sent (see :meth:`ClientServer.over_response_bytes`)."""
+        self._reserved = 0
+        """Bytes granted by the node's request budget to the frame being received (0: none)."""
         self._wake = trio.Event()
         self._reading = True
         self._fatal = False
@@ -103,11 +101,13 @@ class Connection:
         decoder = self._decoder
         try:
             while data := await self._receive():
-                await self._reserve_for(data)
                 decoder.feed(data)
+                if self._reserved and decoder.buffered >= HEADER.size + self._reserved:
+                    self._release_request_bytes()  # the reserved frame's last byte arrived
                 for item in decoder:
                     await self._admit()
                     await self._dispatch(item)
+                await self._reserve_for_incomplete_frame()
         except ProtocolError as fatal:
             log.info("connection_fatal peer=%s status=%s", self.peer, fatal.status)
             await self._admit()
@@ -127,37 +127,18 @@ class Connection:
                 log.info("connection_idle peer=%s idle_s=%g", self.peer, self._idle_timeout_s)
                 return b""
 
-    async def _reserve_for(self, data: bytes | bytearray) -> None:
-        """Follow the frame boundaries in ``data``; a frame over
-        :data:`RESERVE_FRAMES_OVER` whose body is not all here yet reserves its size in
-        the node's request budget before more is read, and gives it back once its
-        last byte arrived. At most one grant is held: the frame being received."""
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._body_left:
-                take = min(self._body_left, end - pos)
-                self._body_left -= take
-                pos += take
-                if not self._body_left:
-                    self._release_request_bytes()
-                continue
-            if self._body_left < 0:  # past a fatal length prefix: the decoder ends this
-                return
-            header = self._header
-            take = min(HEADER.size - len(header), end - pos)
-            header += data[pos : pos + take]
-            pos += take
-            if len(header) < HEADER.size:
-                return
-            (size,) = HEADER.unpack(header)
-            header.clear()
-            if size > self._decoder.max_frame_size:
-                self._body_left = -1
-                return
-            self._body_left = size
-            if size > RESERVE_FRAMES_OVER and size > end - pos:
-                await self._server.request_bytes.acquire(size)
-                self._reserved = size
+    async def _reserve_for_incomplete_frame(self) -> None:
+        """Before reading on: a frame over :data:`RESERVE_FRAMES_OVER` whose body is not
+        all here yet reserves its size in the node's request budget, given back once its
+        last byte arrived (see :meth:`_read_loop`). The decoder has every complete frame
+        taken out, so the incomplete one is at its head: at most one grant is held.
+        Checked once per receive, not per frame."""
+        if self._reserved:
+            return
+        size = self._decoder.incomplete_frame_size()
+        if size is not None and size > RESERVE_FRAMES_OVER:
+            await self._server.request_bytes.acquire(size)
+            self._reserved = size
 
     def _release_request_bytes(self) -> None:
         if self._reserved:

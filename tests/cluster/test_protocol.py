@@ -972,3 +972,26 @@ def test_known_topic_names_are_bounded_per_decoder_and_never_skip_the_rule() -> 
     assert error.status is Status.INVALID_TOPIC
     assert "-t0" not in decoder._known_topics
     assert FrameDecoder()._known_topics == set()  # each connection's decoder starts afresh
+
+
+@given(cut=st.integers(min_value=0, max_value=200))
+def test_incomplete_frame_size_names_the_frame_a_reader_waits_for(cut: int) -> None:
+    """What a reader reserves before reading on: the size announced by the next frame
+    whose prefix is here but not all its body; None before the prefix and once complete."""
+    small = p.encode_request("status", 1)
+    large = p.encode_request("send", 2, topic="t", body=bytes(100))
+    stream = small + large
+    decoder = FrameDecoder()
+    decoder.feed(stream[:cut])
+    ids = [frame["id"] for frame in decoder if isinstance(frame, dict)]
+    size = decoder.incomplete_frame_size()
+    if cut < 4:
+        assert (ids, size) == ([], None)
+    elif cut < len(small):
+        assert (ids, size) == ([], len(small) - 4)
+    elif cut < len(small) + 4:
+        assert (ids, size) == ([1], None)
+    elif cut < len(stream):
+        assert (ids, size) == ([1], len(large) - 4)
+    else:
+        assert (ids, size) == ([1, 2], None)
