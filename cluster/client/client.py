@@ -271,7 +271,7 @@ class Client:
         ``failover_timeout``. Raises ``ProtocolError`` for a request this client refuses
         before sending."""
         deadline = trio.current_time() + self.config.failover_timeout
-        backoff = Backoff(max(backoff_initial_s, 1e-3), max(backoff_initial_s, RETRY_BACKOFF_MAX_S))
+        backoff: Backoff | None = None  # made at the first resend: most requests need none
         done = 0
         followed = False
         while True:
@@ -291,6 +291,8 @@ class Client:
                 except (ConnectionLostError, RequestTimeoutError) as exc:
                     return Delivery(None, exc)  # maybe applied: never resent
                 else:
+                    if not response["status"].retryable:  # final: what next_step says too
+                        return Delivery(response)
                     attempt = self._attempt(connection.address, response)
             step = next_step(
                 attempt,
@@ -313,6 +315,9 @@ class Client:
                 attempt.address,
                 attempt.status,
             )
+            if backoff is None:
+                initial_s = max(backoff_initial_s, 1e-3)
+                backoff = Backoff(initial_s, max(backoff_initial_s, RETRY_BACKOFF_MAX_S))
             await trio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - trio.current_time())))
             if step is Step.REDISCOVER:
                 await self._find_master(seen, deadline, backoff)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import math
 from typing import Any
 
 import attrs
@@ -32,6 +34,10 @@ class _Slot:
     answer: object = None
 
 
+_TIMED_OUT = object()
+"""A slot's answer when its deadline passed first (see :meth:`Connection._expire_loop`)."""
+
+
 class Connection:
     """One TCP connection with pipelined requests, answered in any order and matched by id.
 
@@ -41,6 +47,13 @@ class Connection:
     itself (frames queued meanwhile by others go in the same loop), so pipelined
     requests share syscalls and an idle connection costs no task switch.
     Any number of tasks may call :meth:`request` concurrently.
+
+    Request timeouts share one timer task rather than a cancel scope each (a scope with
+    a deadline costs more than the rest of a small request's own work): requests push
+    their deadline on a heap, and the timer answers the ones still waiting at their
+    deadline. Entries of answered requests leave the heap lazily, and the heap is
+    rebuilt when they outnumber the waiting ones, so it stays within twice the requests
+    in flight (plus a constant).
     """
 
     def __init__(self, stream: trio.abc.Stream, address: str, max_frame_size: int) -> None:
@@ -55,6 +68,10 @@ class Connection:
         self._answered_any = False
         self._closed: str | None = None
         self._cancel = trio.CancelScope()
+        self._deadlines: list[tuple[float, int]] = []
+        """A heap of (deadline, request id); ids no longer waiting are dropped lazily."""
+        self._timer = trio.CancelScope()
+        """The timer task's sleep, due at the earliest deadline (see :meth:`_expire_loop`)."""
 
     @property
     def closed(self) -> bool:
@@ -69,10 +86,15 @@ class Connection:
         must sit in ``finally``, forcefully since we are cancelled)."""
         try:
             with self._cancel:
-                try:
-                    await self._read_loop()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._expire_loop)
+                    try:
+                        await self._read_loop()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        self._fail(
+                            f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}"
+                        )
+                    nursery.cancel_scope.cancel()
         finally:
             self._fail(f"connection to {self.address} closed")
             await trio.aclose_forcefully(self._stream)
@@ -112,6 +134,36 @@ class Connection:
             return
         slot.answer = answer
         slot.answered.set()
+
+    # ---- request deadlines ------------------------------------------------------------------
+
+    def _add_deadline(self, deadline: float, req_id: int) -> None:
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._waiting) + 64:  # mostly answered entries: drop them
+            waiting = self._waiting
+            deadlines[:] = [entry for entry in deadlines if entry[1] in waiting]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (deadline, req_id))
+        if deadline < self._timer.deadline:
+            self._timer.deadline = deadline  # wakes the timer earlier
+
+    async def _expire_loop(self) -> None:
+        """Answer each request still waiting at its deadline with a timeout."""
+        deadlines = self._deadlines
+        while True:
+            waiting = self._waiting
+            while deadlines and deadlines[0][1] not in waiting:
+                heapq.heappop(deadlines)
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                _, req_id = heapq.heappop(deadlines)
+                slot = waiting.pop(req_id, None)
+                if slot is not None and not slot.answered.is_set():
+                    slot.answer = _TIMED_OUT
+                    slot.answered.set()
+            with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
+                self._timer = timer
+                await trio.sleep_forever()
 
     async def _send_outbox(self) -> None:
         """Send until the outbox is empty. Shielded: a half-sent frame would corrupt the
@@ -160,15 +212,15 @@ class Connection:
         self._outbox += frame
         if not self._sending:
             await self._send_outbox()
-        with trio.move_on_after(timeout_s):
-            await slot.answered.wait()
         if not slot.answered.is_set():
-            self._waiting.pop(req_id, None)
+            self._add_deadline(trio.current_time() + timeout_s, req_id)
+            await slot.answered.wait()
+        answer = slot.answer
+        if answer is _TIMED_OUT:
             raise RequestTimeoutError(
                 f"no answer to {op!r} from {self.address} within {timeout_s:.1f}s; "
                 "a write may or may not have been applied"
             )
-        answer = slot.answer
         if log.isEnabledFor(logging.DEBUG):  # the request log: tidelog --log-level debug
             shown = answer.get("status") if isinstance(answer, dict) else answer
             log.debug("request op=%s id=%d address=%s answer=%s", op, req_id, self.address, shown)
