@@ -110,3 +110,34 @@ def _paired(events: list[tuple[str, str, str]]) -> bool:
     """Each invoke is directly followed by a completion of the same fault and action."""
     pairs = list(zip(events[::2], events[1::2], strict=True))
     return all(i[0] == "invoke" and c[0] in ("ok", "info") and i[1:] == c[1:] for i, c in pairs)
+
+
+async def test_a_drawn_schedule_never_overlaps_even_when_a_start_is_slow(tmp_path: Path) -> None:
+    """A sequential nemesis (drawn schedules) starts a fault only after the previous one
+    healed; a scenario's nemesis keeps each fault's own time. f1's start (0.2 s) outlasts
+    the gap before f2 is due: in a drawn run two faults would otherwise hold together (two
+    power losses at once took a failover run's quorum down)."""
+    schedule = [
+        ScheduledFault("f1", 0.0, "partition", "master", 0.05, 1),
+        ScheduledFault("f2", 0.1, "partition", "slave", 0.05, 2),
+    ]
+
+    async def order(sequential: bool, name: str) -> list[tuple[str, str, str]]:
+        proxies = {node: FaultProxy("127.0.0.1", 9, name=node) for node in ("a", "b")}
+        async with trio.open_nursery() as nursery:
+            for proxy in proxies.values():
+                await nursery.start(proxy.serve)
+            history = tmp_path / f"{name}.jsonl"
+            with HistoryWriter(history) as writer:
+                nemesis = Nemesis(
+                    Recorder(writer), ProxiedNodes(proxies), schedule, sequential=sequential
+                )
+                await nemesis.run()
+            nursery.cancel_scope.cancel()
+        return [e for e in _nemesis_events(history) if e[0] == "ok"]
+
+    assert await order(True, "drawn") == [
+        ("ok", "f1", "start"), ("ok", "f1", "stop"), ("ok", "f2", "start"), ("ok", "f2", "stop"),
+    ]  # fmt: skip
+    overlapping = await order(False, "scenario")
+    assert overlapping[:2] == [("ok", "f1", "start"), ("ok", "f2", "start")]

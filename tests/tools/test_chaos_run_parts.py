@@ -137,9 +137,10 @@ def test_a_static_cluster_refuses_faults_it_cannot_make(tmp_path: Path) -> None:
     assert required_kinds(cluster, "kill-master") == frozenset()
     assert required_kinds(cluster, "kill-etcd-leader") == {"kill-etcd-leader"}
     with pytest.raises(
-        ValueError, match="not available on a static cluster; it supports corrupt, kill"
+        ValueError, match="not available on a static cluster; it supports corrupt, eio, kill"
     ):
-        cluster.fault("power-loss", ["n1"], 0)
+        cluster.fault("power-loss", ["n1"], 0)  # no failover: its unsynced acks would go
+    assert required_kinds(cluster, "power-loss-master") == {"power-loss"}
 
 
 async def test_a_fault_the_cluster_cannot_make_is_refused_before_anything_starts(

@@ -105,14 +105,24 @@ class Nemesis:
 
     One task calls :meth:`run`; :meth:`heal_all` (shielded, called by :meth:`run` on every
     exit) stops whatever is still active. ``active`` is read by the progress view.
+    ``sequential`` (a drawn schedule): a fault starts no earlier than its time *and* after
+    the previous one healed, so a slow start or heal (a power loss rewriting files, a
+    restart) never makes two drawn faults overlap; otherwise (a scenario) each fault keeps
+    its own time and they may overlap on purpose.
     """
 
     def __init__(
-        self, recorder: Recorder, cluster: ChaosCluster, schedule: Sequence[ScheduledFault]
+        self,
+        recorder: Recorder,
+        cluster: ChaosCluster,
+        schedule: Sequence[ScheduledFault],
+        *,
+        sequential: bool = False,
     ) -> None:
         self.recorder = recorder
         self.cluster = cluster
         self.schedule = list(schedule)
+        self.sequential = sequential
         self.active: dict[str, _Active] = {}
         self.done: list[str] = []
         self.errors: list[str] = []
@@ -123,9 +133,13 @@ class Nemesis:
     async def run(self) -> None:
         """Every fault of the schedule in its own task (scenarios overlap faults)."""
         try:
-            async with trio.open_nursery() as nursery:
+            if self.sequential:
                 for planned in self.schedule:
-                    nursery.start_soon(self._one, planned)
+                    await self._one(planned)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for planned in self.schedule:
+                        nursery.start_soon(self._one, planned)
         finally:
             await self.heal_all()
 

@@ -58,11 +58,15 @@ from tools.faults import (
     EtcdPartition,
     Fault,
     FaultProxy,
+    FsyncError,
     Kill,
     MeshPartition,
     NodeProcessTarget,
     Pause,
+    PowerLoss,
     ProxyMesh,
+    SlowFsync,
+    fault_env,
     parse_nemesis,
 )
 from tools.faults.process import sigkill
@@ -218,6 +222,38 @@ class _LocalNodes(abc.ABC):
         self.min_insync_replicas = min_insync_replicas
         self.nodes: dict[str, NodeProcess] = {}
 
+    def sync_log(self, name: str) -> Path:
+        """Where node ``name`` records its fdatasyncs (beside its data dir, not in it)."""
+        return self.root / f"{name}.sync.jsonl"
+
+    def disk_control(self, name: str) -> Path:
+        """The file the eio and slow-fsync faults write for node ``name``."""
+        return self.root / f"{name}.disk.json"
+
+    def new_node(self, name: str, args: Sequence[str]) -> NodeProcess:
+        """Node ``name`` with its fault-injection switch on (a chaos run is never a normal
+        run): it records its syncs for power loss and obeys its disk control file."""
+        env = fault_env(self.sync_log(name), self.disk_control(name))
+        self.nodes[name] = NodeProcess(self.root / name, name=name, extra_args=args, env=env)
+        return self.nodes[name]
+
+    def disk_fault(self, kind: str, target: str, seed: int) -> Fault | None:
+        """power-loss (torn sectors included), eio or slow-fsync on ``target``; None for
+        other kinds. The node restarts at heal after a power loss or EIO."""
+        if kind not in ("power-loss", "eio", "slow-fsync"):
+            return None
+        node = self.nodes[target]
+        if kind == "power-loss":
+            return PowerLoss(
+                NodeProcessTarget(node), node.data_dir, self.sync_log(target), seed=seed, tear=True
+            )
+        if kind == "eio":
+            return FsyncError(self.disk_control(target), target=NodeProcessTarget(node))
+        if kind == "slow-fsync":
+            delay_ms = 50 + seed % 451  # 50..500 ms, from the fault's own seed
+            return SlowFsync(self.disk_control(target), delay_ms=delay_ms)
+        return None
+
     def kill_nodes(self) -> None:
         """Kill every node by its PID and keep each one's stderr beside its data dir."""
         for name, node in self.nodes.items():
@@ -278,11 +314,16 @@ class StaticCluster(_LocalNodes):
     replication link to the master through a fault proxy (so ``partition`` cuts it).
 
     There is no automatic failover: a killed master is restarted at heal on the same data
-    and ports. Use as ``async with StaticCluster.started(root, nursery) as cluster``; every
-    process is killed by its PID on exit, even on failure.
+    and ports. Disk faults: eio and slow-fsync. No power-loss: with no failover the
+    master comes back as master with only its own disk, so its unsynced acks would be gone
+    by design (power-loss runs on the failover cluster). Use as ``async with
+    StaticCluster.started(root, nursery) as cluster``; every process is killed by its PID
+    on exit, even on failure.
     """
 
-    FAULTS: ClassVar[frozenset[str]] = frozenset({"kill", "pause", "partition", "corrupt"})
+    FAULTS: ClassVar[frozenset[str]] = frozenset(
+        {"kill", "pause", "partition", "corrupt", "eio", "slow-fsync"}
+    )
 
     def __init__(self, root: Path, *, replicas: int = 3, min_insync_replicas: int = 1) -> None:
         assert replicas >= 2, replicas
@@ -301,15 +342,13 @@ class StaticCluster(_LocalNodes):
         master_args = [
             "--ha-port", str(ha_port), "--min-insync-replicas", str(self.min_insync_replicas),
         ]  # fmt: skip
-        self.nodes[master] = NodeProcess(self.root / master, name=master, extra_args=master_args)
-        await trio.to_thread.run_sync(self.nodes[master].start)
+        await trio.to_thread.run_sync(self.new_node(master, master_args).start)
         for slave in slaves:
             args = [
                 "--role", "slave", "--master-ha", self.mesh.address(slave, master),
                 "--master-client", self.nodes[master].address,
             ]  # fmt: skip
-            self.nodes[slave] = NodeProcess(self.root / slave, name=slave, extra_args=args)
-            await trio.to_thread.run_sync(self.nodes[slave].start)
+            await trio.to_thread.run_sync(self.new_node(slave, args).start)
 
     def kill_all(self) -> None:
         """Kill every node by its PID and keep each one's stderr beside its data dir."""
@@ -330,6 +369,10 @@ class StaticCluster(_LocalNodes):
         if kind == "partition":
             assert self.mesh is not None
             return MeshPartition(self.mesh, isolate(self._names, *targets))
+        if kind in self.FAULTS:
+            disk = self.disk_fault(kind, targets[0], seed)
+            if disk is not None:
+                return disk
         raise ValueError(
             f"fault {kind!r} is not available on a static cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
@@ -391,14 +434,16 @@ class FailoverCluster(_LocalNodes):
 
     Faults: kill, pause, pause-past-lease (a pause; the scenario holds it past the lease),
     partition-etcd, kill-etcd-leader (needs ``etcd_members=3``), switchover (targets: the
-    master, then the node to hand over to), corrupt (a non-master). Every process is
+    master, then the node to hand over to), corrupt (a non-master), and the disk faults of
+    every local cluster: power-loss, eio, slow-fsync (each node runs with its
+    fault-injection switch on). Every process is
     stopped by its PID at exit, even on failure. Until the shared launcher's LocalCluster
     exists this is the chaos runner's own.
     """
 
     FAULTS: ClassVar[frozenset[str]] = frozenset(
         {"kill", "pause", "pause-past-lease", "partition-etcd", "kill-etcd-leader", "switchover",
-         "corrupt"}
+         "corrupt", "power-loss", "eio", "slow-fsync"}
     )  # fmt: skip
     GROUP: Final = "g1"
 
@@ -429,8 +474,7 @@ class FailoverCluster(_LocalNodes):
                 "--etcd", endpoints, "--ha-port", "0",
                 "--min-insync-replicas", str(self.min_insync_replicas),
             ]  # fmt: skip
-            self.nodes[name] = NodeProcess(self.root / name, name=name, extra_args=args)
-            await trio.to_thread.run_sync(self.nodes[name].start)
+            await trio.to_thread.run_sync(self.new_node(name, args).start)
         with trio.fail_after(QUIESCE_TIMEOUT_S):
             while (await self.master())[0] is None:
                 await trio.sleep(0.1)
@@ -456,6 +500,9 @@ class FailoverCluster(_LocalNodes):
             return Switchover(self.address(targets[0]), self.GROUP, to)
         if kind == "corrupt":
             return CorruptReplica(self.nodes[targets[0]], seed=seed)
+        disk = self.disk_fault(kind, targets[0], seed)
+        if disk is not None:
+            return disk
         raise ValueError(
             f"fault {kind!r} is not available on the failover cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
@@ -831,7 +878,7 @@ async def _run_phases(
 ) -> dict[str, Any]:
     """Workload, nemesis, observer and progress view for ``duration_s``; then heal."""
     names = {cluster.address(name): name for name in cluster.names}
-    nemesis = Nemesis(recorder, cluster, schedule)
+    nemesis = Nemesis(recorder, cluster, schedule, sequential=not settings.fixed_schedule)
     current_master: list[str | None] = [None]
     view = ProgressView(recorder, nemesis, current_master, settings.duration_s, out, enabled=live)
     stop = trio.Event()
