@@ -143,6 +143,20 @@ def test_a_static_cluster_refuses_faults_it_cannot_make(tmp_path: Path) -> None:
     assert required_kinds(cluster, "power-loss-master") == {"power-loss"}
 
 
+async def test_a_run_folder_that_holds_a_run_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """A second run into the same --out used to die on a FileExistsError traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "history.jsonl").write_text("kept\n")
+    settings = RunSettings(duration_s=5, nemesis=(), out=run_dir)
+    with pytest.raises(ValueError, match=r"already holds a run.*give another --out"):
+        await run_chaos(settings, live=False)
+    assert (run_dir / "history.jsonl").read_text() == "kept\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["history.jsonl"]
+
+
 async def test_a_fault_the_cluster_cannot_make_is_refused_before_anything_starts(
     tmp_path: Path,
 ) -> None:

@@ -732,6 +732,11 @@ async def run_chaos(
     kinds = tuple(dict.fromkeys(planned.kind for planned in schedule)) or settings.nemesis
     if cluster_factory is None and not settings.bootstrap:
         _check_kinds(kinds, BUILT_IN_FAULTS[settings.cluster], f"the {settings.cluster} cluster")
+    if (run_dir / "history.jsonl").exists():
+        raise ValueError(
+            f"{run_dir} already holds a run (history.jsonl): give another --out, or remove "
+            "that folder to run again there"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     if not schedule and kinds:
         schedule = draw_schedule(
