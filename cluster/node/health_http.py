@@ -23,6 +23,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cluster.node.health import Health, judge_health
+from cluster.node.role import describe
 
 if TYPE_CHECKING:
     from cluster.node.lifecycle import Node
@@ -76,10 +77,10 @@ def node_health(node: Node) -> Health | None:
     """The node's health now, or None while it has not opened its store yet."""
     if node.store is None or node.server is None or node.topics is None:
         return None
-    refusal = node.role.write_refusal(node.epoch)
+    refuses = node.role.write_refusal(node.epoch) is not None
     return judge_health(
         node.node_status(),
-        write_refusal=refusal.message if refusal is not None else None,
+        write_refusal=f"{describe(node.role)} takes no writes" if refuses else None,
         shutting_down=node.server.draining,
     )
 
