@@ -203,9 +203,11 @@ class NodeCollector(Collector):
 
 def _node_metrics(name: str, status: NodeStatus) -> Iterator[Metric]:
     info = GaugeMetricFamily(
-        "tidelog_node_info", "The node's name and client address (value 1).", labels=["node"]
+        "tidelog_node_info",
+        "The node's name and client address (value 1).",
+        labels=["node", "address"],
     )
-    info.add_metric([name], 1)
+    info.add_metric([name, status.address], 1)
     yield info
     role = GaugeMetricFamily(
         "tidelog_role",
