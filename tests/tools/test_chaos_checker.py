@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.tools.test_chaos_histories import HistoryBuilder, clean_history
 from tools.chaos.checker import ERROR_KINDS, CheckResult, check
+from tools.chaos.cli import format_verdict
 from tools.chaos.history import Event, HistoryError, read_history
 from tools.chaos.results import write_results
 
@@ -355,6 +356,28 @@ def test_a_window_opened_by_a_send_in_flight_belongs_to_the_fault_it_failed_unde
     recovery_s = recoveries["f1"].recovery_s
     assert recovery_s is not None and recovery_s > 1.0
     assert recovery_s == pytest.approx(window.duration_s)
+
+
+def test_a_fault_that_could_not_start_is_no_fault_window_owner() -> None:
+    """A refused start (the nemesis records it as info) injected nothing: the send failures
+    after it belong to the fault actually in force, and it has no recovery of its own."""
+    history = HistoryBuilder(step_s=0.1)
+    history.master("n1", 1)
+    history.send("producer-0", Q, "producer-0:0", 0)
+    history.nemesis("f1", "kill", "start", ["n1"])
+    refused = {"fault": "corrupt", "action": "start", "fault_id": "f2", "targets": ["n1"]}
+    history.add("invoke", "nemesis", "nemesis", refused)
+    history.add("info", "nemesis", "nemesis", refused, error="refusing to corrupt n1")
+    history.send("producer-0", Q, "producer-0:1", outcome="fail")
+    history.send("producer-0", Q, "producer-0:2", 1)
+    history.nemesis("f1", "kill", "stop", ["n1"])
+    history.drain(Q, "n1", "master", [(0, "producer-0:0"), (1, "producer-0:2")])
+    result = check(history.events)
+    assert [(f.fault_id, f.started) for f in result.faults] == [("f1", True), ("f2", False)]
+    (window,) = result.unavailability
+    assert window.fault_id == "f1"
+    assert [r.fault_id for r in result.recoveries] == ["f1"]
+    assert "1 (+1 that could not start) faults" in format_verdict(result)
 
 
 def test_malformed_send_value_names_its_line() -> None:

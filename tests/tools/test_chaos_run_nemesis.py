@@ -141,3 +141,17 @@ async def test_a_drawn_schedule_never_overlaps_even_when_a_start_is_slow(tmp_pat
     ]  # fmt: skip
     overlapping = await order(False, "scenario")
     assert overlapping[:2] == [("ok", "f1", "start"), ("ok", "f2", "start")]
+
+
+async def test_corrupt_hits_a_slave_and_switchover_goes_master_to_slave(tmp_path: Path) -> None:
+    """Whatever role a drawn schedule gave them (they were refused when it drew the
+    master for a corruption, or a slave as the switchover's source)."""
+    proxies = {node: FaultProxy("127.0.0.1", 9, name=node) for node in ("a", "b")}
+    schedule = [
+        ScheduledFault("f1", 0.0, "corrupt", "master", 0.0, 1),
+        ScheduledFault("f2", 0.0, "switchover", "slave", 0.0, 2),
+    ]
+    with HistoryWriter(tmp_path / "history.jsonl") as writer:
+        nemesis = Nemesis(Recorder(writer), ProxiedNodes(proxies), schedule, sequential=True)
+        targets = [await nemesis._resolve(planned) for planned in schedule]
+    assert targets == [["b"], ["a", "b"]]  # "a" is the master

@@ -132,7 +132,9 @@ class QueueStats:
 
 @attrs.frozen
 class FaultWindow:
-    """A nemesis fault from its start invoke to its stop completion (None: never stopped)."""
+    """A nemesis fault from its start invoke to its stop completion (None: never stopped).
+    ``started`` is False when the fault could not be injected (its start did not succeed):
+    it caused nothing, so no unavailability is laid at its door."""
 
     fault_id: str
     fault: str
@@ -140,6 +142,7 @@ class FaultWindow:
     start_s: float
     stop_s: float | None
     line: int
+    started: bool = True
 
 
 @attrs.frozen
@@ -385,7 +388,8 @@ def check(events: Sequence[Event]) -> CheckResult:
     _check_digests(ops, findings)
     if not any(send.offset is not None for send in sends.values()):
         findings.add("nothing_acked", None, "no send was acknowledged: the run tested nothing")
-    windows = _unavailability(sends.values(), faults)
+    injected = [fault for fault in faults if fault.started]
+    windows = _unavailability(sends.values(), injected)
     kinds = findings.summaries()
     leader_lost = [p for p in lost if p.verdict == "lost_leader"]
     span = (
@@ -403,7 +407,7 @@ def check(events: Sequence[Event]) -> CheckResult:
         lost=tuple(lost),
         rpo=Rpo(len(leader_lost), span),
         faults=tuple(faults),
-        recoveries=_recoveries(faults, windows),
+        recoveries=_recoveries(injected, windows),
         unavailability=tuple(windows),
         master_changes=tuple(masters),
         master_disk_lost_s=disk_lost_s,
@@ -638,6 +642,7 @@ def _fault_windows(ops: Iterable[_Op]) -> list[FaultWindow]:
                 start_s=op.invoke.time_s,
                 stop_s=None if stop is None else _end_or_invoke_s(stop),
                 line=op.invoke.line,
+                started=op.outcome == "ok",
             )
         )
     windows.sort(key=lambda w: (w.start_s, w.line))

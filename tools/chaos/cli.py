@@ -82,7 +82,7 @@ def format_verdict(result: CheckResult) -> str:
     """A plain-text verdict table: one line per check with its count and first example."""
     lines = [
         f"verdict: {'PASS' if result.valid else 'FAIL'}  ({result.events} events, "
-        f"ack levels: {', '.join(result.ack_levels) or 'none'}, {len(result.faults)} faults, "
+        f"ack levels: {', '.join(result.ack_levels) or 'none'}, {_injected(result)} faults, "
         f"{max(len(result.master_changes) - 1, 0)} master changes)",
         "",
         f"{'check':<22} {'result':<6} {'count':>7}  first example",
@@ -108,6 +108,13 @@ def format_verdict(result: CheckResult) -> str:
             f"{unrecovered} never recovered"
         )
     return "\n".join(lines)
+
+
+def _injected(result: CheckResult) -> str:
+    """How many faults were injected, and how many could not be (if any)."""
+    refused = sum(not fault.started for fault in result.faults)
+    injected = len(result.faults) - refused
+    return f"{injected} (+{refused} that could not start)" if refused else str(injected)
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:

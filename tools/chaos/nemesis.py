@@ -40,6 +40,9 @@ DISK_LOST_KINDS: Final = frozenset({"wipe"})
 TARGET_ROLES: Final = ("master", "slave", "any")
 """The roles a drawn schedule picks from; a scenario may also name ``master+slave``."""
 OBSERVE_INTERVAL_S: Final = 0.1
+ROLE_OF_KIND: Final = {"corrupt": "slave", "switchover": "master+slave"}
+"""Kinds whose meaning fixes whom they hit, whatever role the schedule drew: a corrupted
+replica is a minority one (never the master), a switchover goes from the master to a slave."""
 
 
 @attrs.frozen
@@ -161,11 +164,12 @@ class Nemesis:
         names = list(self.cluster.names)
         rng = random.Random(planned.seed)
         others = [name for name in names if name != master]
-        if planned.target == "master" and master is not None:
+        target = ROLE_OF_KIND.get(planned.kind, planned.target)
+        if target == "master" and master is not None:
             return [master]
-        if planned.target == "master+slave" and master is not None and others:
+        if target == "master+slave" and master is not None and others:
             return [master, rng.choice(others)]
-        if planned.target == "slave" and others:
+        if target == "slave" and others:
             return [rng.choice(others)]
         return [rng.choice(names)]
 

@@ -218,7 +218,7 @@ def _decorate_time_axis(figure: go.Figure, result: CheckResult) -> None:
     """Shade fault windows and mark master changes (built in one layout update: fast)."""
     shapes: list[dict[str, Any]] = []
     notes: list[dict[str, Any]] = []
-    for fault in result.faults:
+    for fault in (f for f in result.faults if f.started):
         stop_s = fault.stop_s if fault.stop_s is not None else result.end_s
         shapes.append(
             {

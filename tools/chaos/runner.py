@@ -791,7 +791,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     )
     figures = manifest.get("figures", {})
     faults: dict[str, int] = {}
+    refused = 0
     for window in results.get("faults", []):
+        if not window.get("started", True):
+            refused += 1  # could not be injected: it is no fault of the run
+            continue
         faults[window["fault"]] = faults.get(window["fault"], 0) + 1
     recoveries = [
         r["recovery_s"] for r in results.get("recoveries", []) if r["recovery_s"] is not None
@@ -801,6 +805,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "duration_s": figures.get("duration_s"),
         "acked": sum(q["acked"] for q in results.get("queues", [])),
         "faults": faults,
+        "faults_refused": refused,
         "master_changes": max(len(results.get("master_changes", [])) - 1, 0),
         "lost": len(results.get("lost", [])),
         "never_recovered": sum(r["recovery_s"] is None for r in results.get("recoveries", [])),
@@ -814,8 +819,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.3f} s"
 
     faults = ", ".join(f"{kind} {count}" for kind, count in sorted(summary["faults"].items()))
+    refused = (
+        f" (+{summary['faults_refused']} that could not start)"
+        if summary.get("faults_refused")
+        else ""
+    )
     return (
-        f"run: {summary['duration_s']} s, {summary['acked']} acked, faults: {faults or 'none'}, "
+        f"run: {summary['duration_s']} s, {summary['acked']} acked, faults: {faults or 'none'}"
+        f"{refused}, "
         f"{summary['master_changes']} master changes, lost {summary['lost']}, recovery p50 "
         f"{seconds(summary['recovery_p50_s'])} p99 {seconds(summary['recovery_p99_s'])}"
     )
