@@ -92,6 +92,7 @@ class SyncLog:
     def __init__(self, path: Path, control: Path | None = None) -> None:
         self.path = Path(path)
         self.control = Path(control) if control is not None else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
         self._control_seen: tuple[int, int, int] | None = None

@@ -39,8 +39,10 @@ def test_off_unless_the_environment_names_a_log(tmp_path: Path) -> None:
     assert from_environ({}) is None
     with pytest.raises(ValueError, match=SYNC_LOG_ENV):
         from_environ({CONTROL_ENV: str(tmp_path / "disk.json")})
-    enabled = from_environ({SYNC_LOG_ENV: str(tmp_path / "sync.jsonl")})
+    # The log's folder may not exist yet (a cluster's root before its first node starts).
+    enabled = from_environ({SYNC_LOG_ENV: str(tmp_path / "nodes" / "sync.jsonl")})
     assert enabled is not None and enabled.control is None
+    assert (tmp_path / "nodes" / "sync.jsonl").is_file()
     enabled.close()
 
 
