@@ -1,9 +1,9 @@
 """A steady producer load on a :class:`~tools.launcher.cluster.LocalCluster`, remembering
 every acknowledged message, and the checks that none of them was lost.
 
-The failover tests and the demo drive faults while this runs: they wait on its progress
-(``wait_for``: woken by each ack, no polling) to know the cluster took writes again after
-a fault, and at the end ask :func:`missing_on` whether any acked message is gone.
+The failover tests drive faults while this runs: they wait on its progress (``wait_for``:
+woken by each ack, no polling) to know the cluster took writes again after a fault, and at
+the end ask :func:`missing_on` whether any acked message is gone.
 """
 
 from __future__ import annotations
