@@ -50,7 +50,10 @@ async def accept_tls(
     try:
         with trio.fail_after(timeout_s):
             first = await stream.socket.recv(1, socket.MSG_PEEK)
-            if first and first[0] != TLS_HANDSHAKE_RECORD:
+            if not first:  # connected and left (a port probe): nothing to say
+                await trio.aclose_forcefully(stream)
+                return None
+            if first[0] != TLS_HANDSHAKE_RECORD:
                 log.warning("tls_plain_client peer=%s: answered that this port needs TLS", peer)
                 await _answer_plain_client(stream)
                 return None
