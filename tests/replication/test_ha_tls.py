@@ -121,3 +121,48 @@ async def test_a_tls_slave_refuses_a_master_without_tls(tmp_path: Path, pki: Pki
                 await client.run("127.0.0.1", port)
             nursery.cancel_scope.cancel()
         assert slave.commit_log.max_offset == 0
+
+
+def test_tls_settings_are_checked_at_start_naming_the_key(pki: Pki) -> None:
+    """A partial or unreadable TLS setting stops the node's start, naming the key; the
+    HA port's TLS is mutual, so it needs all three files."""
+    from cluster.node.config import ConfigError, load_node_config
+
+    cert, key = (str(path) for path in pki.ends["master"])
+    ca = str(pki.ca_file)
+    config = load_node_config(
+        None,
+        {
+            "replication.tls_cert_file": cert,
+            "replication.tls_key_file": key,
+            "replication.tls_ca_file": ca,
+            "server.tls_cert_file": cert,
+            "server.tls_key_file": key,
+        },
+        environ={},
+    )
+    assert config.replication.settings.tls == TlsFiles(cert_file=cert, key_file=key, ca_file=ca)
+    assert config.server.tls == TlsFiles(cert_file=cert, key_file=key)
+    assert load_node_config(None, environ={}).replication.settings.tls is None
+    for overrides, key_name, says in [
+        ({"replication.tls_cert_file": cert}, "replication.tls_cert_file", "must both be set"),
+        (
+            {"replication.tls_cert_file": cert, "replication.tls_key_file": key},
+            "replication.tls_ca_file",
+            "mutual TLS",
+        ),
+        (
+            {"server.tls_cert_file": cert, "server.tls_key_file": ca},
+            "server.tls_cert_file",
+            "cannot be loaded",
+        ),
+        (
+            {"server.tls_cert_file": cert, "server.tls_key_file": key, "server.tls_ca_file": key},
+            "server.tls_ca_file",
+            "cannot be loaded",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_node_config(None, overrides, environ={})
+        assert info.value.key == key_name, info.value
+        assert says in str(info.value)
