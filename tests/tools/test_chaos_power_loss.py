@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tools.chaos.cli import EXIT_VALID
+from tools.chaos.history import read_history
 from tools.chaos.scenarios import run_scenario
 
 pytestmark = pytest.mark.chaos
@@ -26,6 +27,10 @@ async def test_the_master_loses_power_and_no_replicated_ack_is_lost(tmp_path: Pa
     assert not outcome.figures["nemesis_errors"]
     masters = [m["master"] for m in results["master_changes"] if m["master"] is not None]
     assert len(set(masters)) >= 2, masters  # a slave took over from the powerless master
+    # The power loss really dropped unsynced bytes (else the run proved nothing).
+    events = read_history(outcome.run_dir / "history.jsonl")
+    (started,) = [e for e in events if e.f == "nemesis" and e.type == "ok" and "details" in e.value]
+    assert started.value["details"]["bytes_changed"] > 0, started.value
     # Every node ran with its fault-injection switch on and recorded its syncs.
     nodes = outcome.run_dir / "nodes"
     assert all((nodes / f"{name}.sync.jsonl").stat().st_size > 0 for name in ("n1", "n2", "n3"))

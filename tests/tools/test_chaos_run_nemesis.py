@@ -98,6 +98,12 @@ async def test_overlapping_faults_take_turns_and_all_heal(tmp_path: Path) -> Non
     stopped = {f for t, f, a in events if t == "ok" and a == "stop"}
     assert started == stopped == {"f1", "f2", "f4"}
     assert ("info", "f3", "start") in events  # an unknown kind is reported, not fatal
+    details = [
+        e.value["details"]
+        for e in read_history(history)
+        if e.f == "nemesis" and e.type == "ok" and e.value["action"] == "start"
+    ]
+    assert len(details) == 3 and all(d["mode"] == "blackhole" for d in details), details
     assert nemesis.errors and "explode" in nemesis.errors[0]
     assert not nemesis.active and all(not fault.active for fault in cluster.made)
     assert all(not proxy.held for proxy in proxies.values())

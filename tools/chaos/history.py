@@ -54,7 +54,8 @@ digest (process ``drainer``, after the drains: the commit-log bytes of each node
 nemesis (process ``nemesis``; a fault is a window from its start to its stop)
     invoke/ok|info {"fault": "kill"|"pause"|"partition"|"power-loss"|"disk"|...,
             "action": "start"|"stop", "fault_id": str, "targets": [node, ...],
-            "disk_lost": true only when a node's disk contents were destroyed}
+            "disk_lost": true only when a node's disk contents were destroyed,
+            "details": {...} on a start's ``ok``: what the fault did (its fields)}
     A fault's window runs from its start ``invoke`` to its stop's completion (or the run's end).
 
 master (process ``observer``, lone ``info``): {"master": node|null, "epoch": int|null}

@@ -197,7 +197,7 @@ class Nemesis:
             self.recorder.record("info", "nemesis", "nemesis", value, error=str(exc))
             return
         self.active[planned.fault_id] = _Active(planned, fault, targets)
-        self.recorder.record("ok", "nemesis", "nemesis", value)
+        self.recorder.record("ok", "nemesis", "nemesis", {**value, "details": _details(fault)})
 
     async def _stop(self, fault_id: str) -> None:
         with trio.CancelScope(shield=True):
@@ -225,6 +225,16 @@ class Nemesis:
             return
         self.done.append(fault_id)
         self.recorder.record("ok", "nemesis", "nemesis", value)
+
+
+def _details(fault: Fault) -> dict[str, Any]:
+    """What the fault did, as JSON (e.g. a power loss: how many files and bytes it
+    changed), so a run shows its faults had an effect."""
+    details: dict[str, Any] = {}
+    for key, field in fault.fields().items():
+        plain = isinstance(field, str | int | float | bool) or field is None
+        details[key] = field if plain else str(field)
+    return details
 
 
 async def observe_master(

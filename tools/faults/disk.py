@@ -251,7 +251,13 @@ class PowerLoss(Fault):
         self.changed: dict[str, int] = {}
 
     def fields(self) -> dict[str, object]:
-        return {"target": repr(self.target), "seed": self.seed, "tear": self.tear}
+        return {
+            "target": repr(self.target),
+            "seed": self.seed,
+            "tear": self.tear,
+            "files_changed": len(self.changed),
+            "bytes_changed": sum(self.changed.values()),
+        }
 
     async def _inject(self) -> None:
         await sigkill(self.target)
