@@ -47,7 +47,13 @@ from replication.errors import leaves
 from replication.insync import InSyncSet, SlaveLag
 from replication.settings import ReplicationSettings
 from replication.state import StreamRefused, StreamStart, next_confirm_offset, stream_start
-from replication.tls import HANDSHAKE_ERRORS, TlsSocket, handshake_failure, server_context
+from replication.tls import (
+    HANDSHAKE_ERRORS,
+    TlsSocket,
+    certificate_names,
+    handshake_failure,
+    server_context,
+)
 from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
 from replication.wire import (
     CHUNK_CONFIRM,
@@ -366,6 +372,15 @@ class HAConnection:
             await self._refuse(
                 sock, f"the hello names {hello.name!r}, the challenge {challenge.name!r} (refused)"
             )
+        if self.settings.tls_peer_names and isinstance(sock, TlsSocket):
+            names = certificate_names(sock.peer_certificate)
+            if hello.name not in names:
+                await self._refuse(
+                    sock,
+                    f"slave {claimed}'s certificate names {', '.join(sorted(names)) or 'nobody'}"
+                    f", not {claimed}: give each node a certificate naming it (common name or "
+                    "DNS subject alternative name), or turn tls_peer_names off",
+                )
         if self.peer_allowed is not None and not self.peer_allowed(hello.name):
             # Before the stale check: a non-member's epoch claim must not stop writes.
             await self._refuse(

@@ -132,9 +132,15 @@ class ReplicationSettings:
     """Both ends: mutual TLS (:mod:`replication.tls`): each end presents its certificate
     and verifies the other's against the CA; the stream takes the copy path (no
     ``sendfile``: encryption happens in user space). None: plain TCP."""
+    tls_peer_names: bool = False
+    """Master with ``tls``: a slave's certificate must name the node it claims to be (its
+    common name or a DNS subject alternative name), so one member's certificate cannot
+    pose as another member. Needs a certificate per node."""
 
     def __attrs_post_init__(self) -> None:
         check_liveness(self.heartbeat_ms, self.peer_timeout_ms)
+        if self.tls_peer_names and self.tls is None:
+            raise ValueError("tls_peer_names needs TLS on the replication port (tls)")
 
     @property
     def check_interval_s(self) -> float:

@@ -31,6 +31,7 @@ __all__ = [
     "HANDSHAKE_ERRORS",
     "TlsFiles",
     "TlsSocket",
+    "certificate_names",
     "check_files",
     "client_context",
     "handshake_failure",
@@ -121,6 +122,16 @@ def check_files(files: TlsFiles, *, mutual: bool) -> None:
     server_context(files, require_client_cert=mutual)
     if mutual:
         client_context(files.ca_file, files.cert_file, files.key_file)
+
+
+def certificate_names(cert: Any) -> frozenset[str]:
+    """The names a verified peer certificate gives its holder: its subject's common
+    names and its DNS subject alternative names (as ``getpeercert()`` lists them)."""
+    if not isinstance(cert, dict):
+        return frozenset()
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names.update(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
+    return frozenset(names)
 
 
 def handshake_failure(exc: BaseException) -> str:

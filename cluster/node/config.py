@@ -270,11 +270,20 @@ class ReplicationSection:
     the CA. Empty: plain TCP (the cluster secret still authenticates)."""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    tls_peer_names: bool = False
+    """Master with TLS: a slave's certificate must name the node it claims to be (common
+    name or DNS subject alternative name), so one member's certificate cannot pose as
+    another. Needs a certificate per node."""
 
     def __attrs_post_init__(self) -> None:
         # Cross-field rules; each message starts with the key to blame (see _build).
         if self.tls is not None:
             check_files(self.tls, mutual=True)
+        elif self.tls_peer_names:
+            raise ValueError(
+                "tls_peer_names needs TLS on the HA port: set tls_cert_file, tls_key_file "
+                "and tls_ca_file"
+            )
         if self.cluster_secret and self.cluster_secret_file:
             raise ValueError(
                 "cluster_secret_file and cluster_secret are both set: keep one (the file "
@@ -332,6 +341,7 @@ class ReplicationSection:
             cluster_secret=self._secret(),
             max_peers=self.max_peers,
             tls=self.tls,
+            tls_peer_names=self.tls_peer_names,
         )
 
     @property

@@ -123,6 +123,38 @@ async def test_a_tls_slave_refuses_a_master_without_tls(tmp_path: Path, pki: Pki
         assert slave.commit_log.max_offset == 0
 
 
+async def test_with_tls_peer_names_a_certificate_vouches_for_one_node_name_only(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A member's certificate (CN ``slave``) cannot stand for another member's name."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+    ):
+        await fill(master, messages(10, seed=15))
+        end = master.commit_log.max_offset
+        named = ReplicationSettings(
+            cluster_secret=SECRET, tls=pki.files("master"), tls_peer_names=True
+        )
+        service = HAService(master, named, name="m1")
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(service.serve, "127.0.0.1", 0)
+            impostor = HAClient(slave, "slave-1", _settings(pki.files("slave")))
+            with (
+                trio.fail_after(SHORT_S),
+                pytest.raises(HAAuthError, match="names localhost, slave, not slave-1"),
+            ):
+                await impostor.run("127.0.0.1", port)
+            assert service.ack_offsets == {}
+            nursery.start_soon(
+                HAClient(slave, "slave", _settings(pki.files("slave"))).run, "127.0.0.1", port
+            )
+            assert await service.wait_replicated(end, trio.current_time() + SHORT_S)
+            nursery.cancel_scope.cancel()
+    with pytest.raises(ValueError, match="tls_peer_names needs TLS"):
+        ReplicationSettings(tls_peer_names=True)
+
+
 def test_tls_settings_are_checked_at_start_naming_the_key(pki: Pki) -> None:
     """A partial or unreadable TLS setting stops the node's start, naming the key; the
     HA port's TLS is mutual, so it needs all three files."""
@@ -143,6 +175,17 @@ def test_tls_settings_are_checked_at_start_naming_the_key(pki: Pki) -> None:
     )
     assert config.replication.settings.tls == TlsFiles(cert_file=cert, key_file=key, ca_file=ca)
     assert config.server.tls == TlsFiles(cert_file=cert, key_file=key)
+    named = load_node_config(
+        None,
+        {
+            "replication.tls_cert_file": cert,
+            "replication.tls_key_file": key,
+            "replication.tls_ca_file": ca,
+            "replication.tls_peer_names": "true",
+        },
+        environ={},
+    )
+    assert named.replication.settings.tls_peer_names is True
     assert load_node_config(None, environ={}).replication.settings.tls is None
     for overrides, key_name, says in [
         ({"replication.tls_cert_file": cert}, "replication.tls_cert_file", "must both be set"),
@@ -151,6 +194,7 @@ def test_tls_settings_are_checked_at_start_naming_the_key(pki: Pki) -> None:
             "replication.tls_ca_file",
             "mutual TLS",
         ),
+        ({"replication.tls_peer_names": "true"}, "replication.tls_peer_names", "needs TLS"),
         (
             {"server.tls_cert_file": cert, "server.tls_key_file": ca},
             "server.tls_cert_file",
