@@ -122,6 +122,8 @@ class GroupView:
     topics: dict[str, TopicRecord] = attrs.field(factory=dict)
     switchover_target: str | None = None
     """The node a planned switchover hands the group to, while its key lives."""
+    member_revisions: dict[str, int] = attrs.field(factory=dict)
+    """The revision each member record was last written at."""
 
 
 @attrs.define
@@ -149,6 +151,9 @@ class HaLoop:
     """The lease given up by :meth:`resign`: no campaign with it (it is being revoked)."""
     _vacant_since_s: float | None = None
     """When this node first saw the leader key missing (None while there is a leader)."""
+    _leader_seen_revision: int | None = None
+    """The revision of the last listing that held a leader key: a member record written
+    after it was written after the leader was gone, with the member's final log end."""
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _lease_ready: trio.Event = attrs.field(factory=trio.Event)
     _role_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -337,7 +342,11 @@ class HaLoop:
                             or ref.kind == "topic"
                             or (
                                 ref.kind == "member"
-                                and (event.type is EventType.DELETE or event.kv.version == 1)
+                                and (
+                                    event.type is EventType.DELETE
+                                    or event.kv.version == 1
+                                    or self._vacant_since_s is not None  # final log ends
+                                )
                             )
                         ):
                             self._wake.set()
@@ -357,6 +366,7 @@ class HaLoop:
         leader = state = None
         leader_kv = state_kv = None
         members: dict[str, MemberInfo] = {}
+        member_revisions: dict[str, int] = {}
         topics: dict[str, TopicRecord] = {}
         switchover_target: str | None = None
         for kv in listing.kvs:
@@ -372,6 +382,7 @@ class HaLoop:
                     info = MemberInfo.decode(kv.key, kv.value)
                     if info.group == self.settings.group:
                         members[info.node] = info
+                        member_revisions[info.node] = kv.mod_revision
                 elif ref.kind == "topic":
                     topics[ref.name] = TopicRecord.decode(kv.key, kv.value)
                 elif ref.kind == "switchover" and ref.name == self.settings.group:
@@ -389,6 +400,7 @@ class HaLoop:
             members,
             topics=topics,
             switchover_target=switchover_target,
+            member_revisions=member_revisions,
         )
         self.view = view
         self._viewed.set()
@@ -412,7 +424,17 @@ class HaLoop:
     async def _with_leader(self, me: MemberInfo, view: GroupView) -> None:
         assert view.leader is not None and view.leader_kv is not None
         self._vacant_since_s = None
+        self._leader_seen_revision = view.revision
         mine = view.leader.node == me.node
+        if mine and view.leader_kv.lease == self.lease_id == self._resigned_lease:
+            # resigning: a listing read before the resign took effect must not put this
+            # node back in office (it would take writes the new master never sees);
+            # finish giving the key up instead
+            await self.etcd.txn(
+                [Compare(self._leader_key, CompareTarget.LEASE, self.lease_id)],
+                [DeleteOp(self._leader_key)],
+            )
+            return
         if mine and view.leader_kv.lease == self.lease_id:
             state = view.state
             if (
@@ -458,10 +480,16 @@ class HaLoop:
         now_s = trio.current_time()
         if self._vacant_since_s is None:
             self._vacant_since_s = now_s
-        if now_s - self._vacant_since_s < self.settings.keepalive_interval_s:
-            # wait one interval: every live member publishes its final log end (the
-            # master is gone, nothing more arrives) and late starters register, so the
-            # best is judged on a fresh view
+            # publish the final log end (the master is gone, nothing more arrives): the
+            # others wait for it; the watch event of this put wakes them and us
+            await self._register()
+            return
+        if not self._members_final(view) and (
+            now_s - self._vacant_since_s < self.settings.keepalive_interval_s
+        ):
+            # wait until every live member published its final log end, at most one
+            # interval (a member that does not answer, late starters), so the best is
+            # judged on a fresh view
             return
         if (
             preferred is not None
@@ -486,6 +514,17 @@ class HaLoop:
             min_insync_replicas=self.bootstrap_min_insync_replicas,
         )
         await self._campaign(me, view, new_state)
+
+    def _members_final(self, view: GroupView) -> bool:
+        """Whether every live member wrote its record after the leader was gone (each
+        does so as soon as it sees the vacancy; a record written after this node's last
+        listing with a leader was written then), so the election may be judged now
+        instead of after the interval. Unknown (False) when this node never saw the
+        leader: it cannot tell an old record from a new one."""
+        seen = self._leader_seen_revision
+        return seen is not None and all(
+            view.member_revisions.get(node, 0) > seen for node in view.members
+        )
 
     async def _campaign(self, me: MemberInfo, view: GroupView, new_state: GroupState) -> None:
         leader = LeaderValue(me.node, new_state.epoch, me.client_address, me.ha_address)

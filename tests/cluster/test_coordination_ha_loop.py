@@ -350,3 +350,45 @@ async def test_an_unreadable_group_state_changes_no_role(etcd_endpoints: list[st
             await etcd.put(key, GroupState(1, None, frozenset({"a"})).encode())
             await fake.until("master", lambda f: f.role == "master")
             assert fake.terms == [2]
+
+
+async def test_a_vacancy_is_judged_once_every_live_member_republished(
+    etcd_endpoints: list[str],
+) -> None:
+    """The election waits for every live member's final log end, not for a whole
+    keepalive interval: with a 3 s interval the new master is elected well within
+    half of it (the old loop always sat out the interval after seeing the vacancy)."""
+    settings = attrs.evolve(settings_for(etcd_endpoints), lease_ttl_s=8, keepalive_interval_s=3.0)
+    everyone = frozenset({"a", "b", "c"})
+    fakes = [FakeNode(name, judged_in_sync=everyone) for name in sorted(everyone)]
+    async with running(settings, *fakes) as nodes:
+        await wait_for_state(settings, lambda s: s.in_sync == everyone)
+        (old,) = (n for n in nodes if n.fake.role == "master")
+        await old.loop.resign()  # the leader key goes at once, not after the TTL
+        old.crash()
+        with trio.fail_after(settings.keepalive_interval_s / 2):
+            state = await wait_for_state(settings, lambda s: s.epoch == 2)
+        assert state.master != old.fake.name
+        (winner,) = (n for n in nodes if n.fake.name == state.master)
+        await winner.fake.until("master", lambda fake: fake.role == "master")
+        assert masters(nodes) == [state.master]
+
+
+async def test_a_listing_read_before_a_resign_does_not_put_the_master_back_in_office(
+    etcd_endpoints: list[str],
+) -> None:
+    """A step whose listing was read just before the resign still shows this node's
+    leader key with its lease: the old loop took office again on it (and resumed
+    taking writes the switchover target never receives). Driven directly, since in a
+    running loop it is a race: the step of a listing read before the resign."""
+    settings = attrs.evolve(
+        settings_for(etcd_endpoints), lease_ttl_s=6, keepalive_interval_s=2.0
+    )  # no lease renewal (or new lease) between the resign and the step
+    async with running(settings, FakeNode("a")) as (node,):
+        await node.fake.until("master", lambda fake: fake.role == "master")
+        before = await node.loop.read_view()
+        assert before.leader is not None and before.leader.node == "a"
+        await node.loop.resign()
+        await node.loop._with_leader(node.fake.member_info(), before)
+        assert node.fake.terms == [1] and node.fake.role == "fenced"
+        assert node.loop.role is HaRole.FENCED
