@@ -21,7 +21,7 @@ from storage.allocator import SegmentAllocator
 from storage.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from storage.commit_log import AppendResult, BatchAppendResult, CommitLog
 from storage.config import StoreConfig
-from storage.consume_queue import ConsumeQueueStore, sync_segments
+from storage.consume_queue import ConsumeQueue, ConsumeQueueStore, sync_segments
 from storage.cut import (
     CutIntent,
     CutKind,
@@ -412,14 +412,18 @@ class MessageStore:
             next_offset = index + 1
         return GetResult(records, next_offset, queue.min_offset, queue.max_offset)
 
-    def queue_offset_at_time(self, topic: str, queue_id: int, store_us: int) -> int:
+    def queue_offset_at_time(
+        self, topic: str, queue_id: int, store_us: int, *, below_offset: int | None = None
+    ) -> int:
         """The first queue offset whose record was stored at or after ``store_us``, or the
         queue's end when every record is older: where "consume from a time" starts.
 
         A binary search over the queue that reads each probe's store timestamp from the log
         (RocketMQ's lookup by time): a few reads, no index of its own. Store times follow
         the master's wall clock, so after a clock step back the answer is approximate, but
-        it is always within the queue's range.
+        it is always within the queue's range. ``below_offset`` (a slave's confirm offset,
+        as for :meth:`get_messages`) caps the answer at the first record ending past it:
+        a record a failover could take back is never skipped over.
         """
         queue = self.queues.get(topic, queue_id)
         if queue is None:
@@ -429,6 +433,8 @@ class MessageStore:
                 f"{topic}/{queue_id}: the log is being cut; retry the lookup by time"
             )
         low, high = queue.min_offset, queue.max_offset
+        if below_offset is not None:
+            high = self._first_entry_past(queue, low, high, below_offset)
         log_end = self.commit_log.max_offset
         while low < high:
             middle = (low + high) // 2
@@ -445,6 +451,19 @@ class MessageStore:
                 low = middle + 1
             else:
                 high = middle
+        return low
+
+    @staticmethod
+    def _first_entry_past(queue: ConsumeQueue, low: int, high: int, log_offset: int) -> int:
+        """The first queue offset in ``[low, high)`` whose record ends past ``log_offset``
+        (``high`` if none does): entries ascend in log offset, so a binary search."""
+        while low < high:
+            middle = (low + high) // 2
+            offset, size, _tags = queue.get(middle)
+            if offset + size > log_offset:
+                high = middle
+            else:
+                low = middle + 1
         return low
 
     def _queue_record(

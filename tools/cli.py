@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from tools.cli_client import add_client_commands, address_argument
+from tools.cli_client import add_client_commands, address_argument, attach_relative_times
 from tools.cli_cluster import add_cluster_commands
 
 log = logging.getLogger(__name__)
@@ -699,7 +699,7 @@ def version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_relative_times(sys.argv[1:] if argv is None else argv))
     level = args.log_level or ("INFO" if args.command == "node" else "WARNING")
     logging.basicConfig(
         level=level,

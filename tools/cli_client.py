@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import datetime
 import json
 import os
 import ssl
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import trio
@@ -63,6 +64,46 @@ def start_argument(value: str) -> str | int:
     raise argparse.ArgumentTypeError(
         f"{value!r} is not earliest, latest or a queue offset (a whole number, 0 or more)"
     )
+
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def time_argument(value: str, *, now_s: float | None = None) -> int:
+    """``consume --from-time``: an ISO 8601 time (no zone: UTC) or a time relative to
+    now (``-10m``, ``-90s``, ``-2h``, ``-1d``); microseconds since the epoch."""
+    now_s = time.time() if now_s is None else now_s
+    text = value.strip()
+    if text[:1] == "-" and text[-1:] in _UNIT_SECONDS and text[1:-1].isascii():
+        try:
+            amount = float(text[1:-1])
+        except ValueError:
+            amount = -1.0
+        if amount >= 0:
+            return max(0, int((now_s - amount * _UNIT_SECONDS[text[-1]]) * 1_000_000))
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time: use ISO 8601 (2026-11-30T18:00:00, UTC unless it "
+            "names a zone, e.g. +01:00) or a time before now (-10m, -90s, -2h, -1d)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0, (when - _EPOCH) // datetime.timedelta(microseconds=1))
+
+
+def attach_relative_times(argv: Sequence[str]) -> list[str]:
+    """``--from-time -10m`` as ``--from-time=-10m``: argparse takes a value starting with
+    a dash for an option of its own (only plain negative numbers are exempt)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--from-time" and arg.startswith("-") and arg != "--":
+            out[-1] = f"--from-time={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def positive_seconds(value: str) -> float:
@@ -124,6 +165,16 @@ def _run(args: argparse.Namespace, command: Any) -> int:
 
 async def _topic_create(client: Client, args: argparse.Namespace) -> int:
     queues = await client.admin.create_topic(args.name, args.queues, exist_ok=args.exist_ok)
+    print(
+        json.dumps({"topic": args.name, "queues": queues})
+        if args.json
+        else f"topic {args.name} has {queues} queues"
+    )
+    return 0
+
+
+async def _topic_alter(client: Client, args: argparse.Namespace) -> int:
+    queues = await client.admin.alter_topic(args.name, args.queues)
     print(
         json.dumps({"topic": args.name, "queues": queues})
         if args.json
@@ -314,8 +365,10 @@ async def _consume(client: Client, args: argparse.Namespace) -> int:
     described = await client.admin.describe_topic(args.topic)
     queues = [args.queue] if args.queue is not None else list(range(described["queues"]))
     bounds = {entry["queue"]: entry for entry in described["offsets"]}
-    if isinstance(args.start, int):
-        start: Any = dict.fromkeys(queues, args.start)
+    if args.from_time is not None:
+        start: Any = await client.admin.offsets_for_time(args.topic, args.from_time, args.queue)
+    elif isinstance(args.start, int):
+        start = dict.fromkeys(queues, args.start)
     elif args.start == "latest":
         start = {queue: bounds.get(queue, {}).get("max_offset", 0) for queue in queues}
     else:
@@ -508,13 +561,24 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="the client certificate's key (PEM) (env TIDELOG_TLS_KEY)",
     )
 
-    topic = commands.add_parser("topic", help="create, list and describe topics")
+    topic = commands.add_parser("topic", help="create, alter, list and describe topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True, metavar="ACTION")
     create = topic_commands.add_parser("create", parents=[common], help="create a topic")
     create.add_argument("name", metavar="NAME", help=f"the topic: {TOPIC_RULE}")
     create.add_argument("--queues", type=int, default=4, help="number of queues (default 4)")
     create.add_argument("--exist-ok", action="store_true", help="succeed if it already exists")
     create.set_defaults(handler=lambda a: _run(a, _topic_create))
+    alter = topic_commands.add_parser(
+        "alter",
+        parents=[common],
+        help="grow a topic's queue count",
+        description="Give a topic more queues (never fewer: keyed messages would hash to "
+        "other queues and the old queues' records stay in the log; create a new topic "
+        "instead). Consumers started before see the new queues when they restart.",
+    )
+    alter.add_argument("name", metavar="NAME", help="the topic")
+    alter.add_argument("--queues", type=int, required=True, help="the new number of queues")
+    alter.set_defaults(handler=lambda a: _run(a, _topic_alter))
     listing = topic_commands.add_parser("list", parents=[common], help="list topics")
     listing.set_defaults(handler=lambda a: _run(a, _topic_list))
     describe = topic_commands.add_parser(
@@ -563,12 +627,20 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     )
     consume.add_argument("topic")
     consume.add_argument("--queue", type=int, help="only this queue (default: all)")
-    consume.add_argument(
+    starts = consume.add_mutually_exclusive_group()
+    starts.add_argument(
         "--from",
         dest="start",
         type=start_argument,
         default="earliest",
         help="earliest (default), latest, or a queue offset",
+    )
+    starts.add_argument(
+        "--from-time",
+        type=time_argument,
+        metavar="TIME",
+        help="start each queue at its first message stored at or after TIME: ISO 8601 "
+        "(UTC unless it names a zone) or relative to now (-10m, -90s, -2h, -1d)",
     )
     consume.add_argument(
         "--meta", action="store_true", help="prefix each body with its queue, offset, tags, props"

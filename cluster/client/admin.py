@@ -29,6 +29,15 @@ class Admin:
             return queue_count
         raise TidelogError(status, response.get("error", ""), response)
 
+    async def alter_topic(self, topic: str, queues: int) -> int:
+        """Grow ``topic`` to ``queues`` queues on the master; returns its queue count.
+        A smaller count is refused (``BAD_REQUEST``, saying why)."""
+        response = await self.client.call_master("alter_topic", topic=topic, queues=queues)
+        if response["status"] is not Status.OK:
+            raise TidelogError(response["status"], response.get("error", ""), response)
+        queue_count: int = response["queues"]
+        return queue_count
+
     async def list_topics(self) -> list[dict[str, Any]]:
         topics: list[dict[str, Any]] = (await self.client.checked("list_topics"))["topics"]
         return topics
@@ -41,6 +50,17 @@ class Admin:
             await self.client.checked("get_offsets", topic=topic, queue=queue)
         )["offsets"]
         return offsets
+
+    async def offsets_for_time(
+        self, topic: str, time_us: int, queue: int | None = None
+    ) -> dict[int, int]:
+        """Per queue, the first queue offset stored at or after ``time_us`` (us since the
+        epoch; the queue's end when everything is older): pass it as a consumer's
+        ``start`` to read from that time on."""
+        offsets = (
+            await self.client.checked("offsets_for_time", topic=topic, time_us=time_us, queue=queue)
+        )["offsets"]
+        return {entry["queue"]: entry["offset"] for entry in offsets}
 
     async def status(self) -> dict[str, Any]:
         return await self.client.checked("status")

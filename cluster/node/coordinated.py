@@ -44,6 +44,7 @@ from cluster.coordination.keys import (
 )
 from cluster.node.acks import ReplicatedAcks, SlaveAcks
 from cluster.node.role import Fenced, RoleError, Slave, elected, fence, follow
+from cluster.node.topic_changes import apply_listing
 from cluster.node.topics import Topic, TopicExistsError
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
@@ -455,18 +456,13 @@ class Coordinator:
                 await self.etcd.aclose()
 
     async def _apply_topics(self) -> None:
-        """Every node creates locally each topic etcd holds (a failover never forgets one)."""
+        """Every node creates locally each topic etcd holds (a failover never forgets one),
+        and grows each etcd holds with more queues."""
         topics = self.node.topics
         assert topics is not None
         while True:
             view = await self.loop.next_view()
-            for record in view.topics.values():
-                if topics.get(record.name) is None:
-                    try:
-                        await topics.create(record.name, record.queues)
-                    except TopicExistsError:
-                        continue
-                    log.info("topic_applied topic=%s queues=%d", record.name, record.queues)
+            await apply_listing(topics, [(r.name, r.queues) for r in view.topics.values()])
 
     async def shutdown(self) -> None:
         """A graceful stop: hand mastership over at once instead of after the lease TTL."""

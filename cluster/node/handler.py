@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
-from cluster.node.topics import Topic
+from cluster.node.topic_changes import alter_in_etcd
+from cluster.node.topics import Topic, TopicExistsError, UnknownTopicError
 from cluster.protocol import (
     SCHEMAS,
+    AlterTopicRequest,
     CreateTopicRequest,
     MetadataRequest,
     PromoteRequest,
@@ -47,6 +49,8 @@ class NodeRequestHandler(RequestHandler):
         self._ops["switchover"] = self._switchover
         self._plain_create_topic = self._ops["create_topic"]
         self._ops["create_topic"] = self._create_topic_anywhere
+        self._plain_alter_topic = self._ops["alter_topic"]
+        self._ops["alter_topic"] = self._alter_topic_anywhere
 
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs."""
@@ -91,6 +95,24 @@ class NodeRequestHandler(RequestHandler):
         name, queues = await coordinator.create_topic(req["topic"], req["queues"])
         return make_response(req["id"], topic=name, queues=queues)
 
+    async def _alter_topic_anywhere(self, req: AlterTopicRequest, polls: Wakeups) -> Reply:
+        """With etcd the new queue count is recorded there first (every node applies
+        it), then here; without, in the local registry (slaves follow its listing)."""
+        coordinator = self._node.coordinator
+        if coordinator is None:
+            return await self._plain_alter_topic(req, polls)  # type: ignore[return-value]
+        record = await alter_in_etcd(
+            coordinator.etcd, coordinator.settings.keys, req["topic"], req["queues"]
+        )
+        try:
+            topic = await self._topics.alter(record.name, record.queues)
+        except UnknownTopicError:  # in etcd, not applied here yet
+            try:
+                topic = await self._topics.create(record.name, record.queues)
+            except TopicExistsError as exc:  # applied meanwhile, from the same record
+                topic = exc.topic
+        return make_response(req["id"], topic=topic.name, queues=topic.queues)
+
     async def _topic_for_write(self, name: str) -> Topic:
         """With etcd an auto-created topic goes through etcd like an admin-created one
         (without, the local registry only)."""
@@ -108,5 +130,5 @@ class NodeRequestHandler(RequestHandler):
         return make_response(req["id"], **result)
 
 
-_TOPIC_READS: Final = frozenset({"pull", "get_offsets", "describe_topic"})
+_TOPIC_READS: Final = frozenset({"pull", "get_offsets", "offsets_for_time", "describe_topic"})
 """Reads naming a topic: on a slave, an unknown one triggers a topic sync first."""

@@ -19,7 +19,8 @@ from typing import Any, Final
 import trio
 
 from cluster.client import Client, TidelogError, open_client
-from cluster.node.topics import TopicExistsError, TopicRegistry
+from cluster.node.topic_changes import apply_listing
+from cluster.node.topics import TopicRegistry
 
 __all__ = ["TOPIC_SYNC_INTERVAL_S", "TOPIC_SYNC_TIMEOUT_S", "TopicSync"]
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class TopicSync:
-    """Creates here every topic the master lists that this registry lacks.
+    """Creates here every topic the master lists that this registry lacks, and grows
+    each the master lists with more queues.
 
     ``master_client()`` says where the master's client port is now (None: unknown,
     nothing to do); it may change at any time (a repoint), and the next round follows.
@@ -103,11 +105,4 @@ class TopicSync:
             return topics
 
     async def _create_missing(self, topics: list[dict[str, Any]]) -> None:
-        for topic in topics:
-            if self._topics.get(topic["topic"]) is not None:
-                continue
-            try:
-                await self._topics.create(topic["topic"], topic["queues"])
-            except TopicExistsError:
-                continue
-            log.info("topic_synced topic=%s queues=%d", topic["topic"], topic["queues"])
+        await apply_listing(self._topics, [(t["topic"], t["queues"]) for t in topics])

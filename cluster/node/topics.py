@@ -30,6 +30,8 @@ __all__ = [
     "TopicExistsError",
     "TopicRegistry",
     "TopicRegistryCorruptError",
+    "UnknownTopicError",
+    "check_growth",
     "check_queue_count",
     "check_topic_name",
 ]
@@ -58,6 +60,10 @@ class InvalidTopicNameError(TopicError):
 
 class QueueCountError(TopicError):
     """A queue count outside 1..MAX_QUEUES."""
+
+
+class UnknownTopicError(TopicError):
+    """The registry has no topic of that name."""
 
 
 class TopicRegistryCorruptError(TopicError):
@@ -135,6 +141,39 @@ class TopicRegistry:
             self._topics[name] = topic
         log.info("topic_created topic=%s queues=%d", name, queues)
         return topic
+
+    async def alter(self, name: str, queues: int) -> Topic:
+        """Grow ``name`` to ``queues`` queues and persist it (the same count: nothing to do).
+
+        Never shrinks: a queue's records stay in the log and keys already hashed onto
+        it would move, so a consumer would lose them; :class:`QueueCountError` says so.
+        :class:`UnknownTopicError` when the topic does not exist; nothing changes then.
+        """
+        check_queue_count(queues)
+        async with self._lock:
+            existing = self._topics.get(name)
+            if existing is None:
+                raise UnknownTopicError(f"topic {name!r} does not exist")
+            check_growth(existing, queues)
+            if queues == existing.queues:
+                return existing
+            topic = attrs.evolve(existing, queues=queues)
+            others = [t.to_json() for t in self._topics.values() if t.name != name]
+            snapshot = [*others, topic.to_json()]
+            await trio.to_thread.run_sync(_save, self.path, snapshot)
+            self._topics[name] = topic
+        log.info("topic_altered topic=%s queues=%d was=%d", name, queues, existing.queues)
+        return topic
+
+
+def check_growth(topic: Topic, queues: int) -> None:
+    """Refuse a queue count below the topic's (with why), like Kafka's partition count."""
+    if queues < topic.queues:
+        raise QueueCountError(
+            f"topic {topic.name!r} has {topic.queues} queue(s); a queue count can only grow "
+            f"(asked for {queues}): its queues' records stay in the log and keyed messages "
+            "would hash to other queues, so to use fewer queues create a new topic"
+        )
 
 
 # ---- blocking file work (worker threads) -----------------------------------------------------

@@ -34,12 +34,14 @@ from cluster.protocol.codec import FrameDecoder, ResponseDecoder, encode_frame
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import *  # noqa: F403 -- the names in limits.__all__
 from cluster.protocol.messages import (
+    AlterTopicRequest,
     BatchMessage,
     CreateTopicRequest,
     DescribeTopicRequest,
     GetOffsetsRequest,
     ListTopicsRequest,
     MetadataRequest,
+    OffsetsForTimeRequest,
     PromoteRequest,
     PullRequest,
     ReadRequest,
@@ -71,6 +73,7 @@ from storage.names import is_valid_topic_name
 __all__ = [
     "SCHEMAS",
     "Acks",
+    "AlterTopicRequest",
     "BatchMessage",
     "CreateTopicRequest",
     "DescribeTopicRequest",
@@ -79,6 +82,7 @@ __all__ = [
     "GetOffsetsRequest",
     "ListTopicsRequest",
     "MetadataRequest",
+    "OffsetsForTimeRequest",
     "OpSchema",
     "PromoteRequest",
     "ProtocolError",

@@ -7,12 +7,14 @@ from typing import Literal, TypeAlias, TypedDict
 from cluster.protocol.statuses import Acks
 
 __all__ = [
+    "AlterTopicRequest",
     "BatchMessage",
     "CreateTopicRequest",
     "DescribeTopicRequest",
     "GetOffsetsRequest",
     "ListTopicsRequest",
     "MetadataRequest",
+    "OffsetsForTimeRequest",
     "PromoteRequest",
     "PullRequest",
     "ReadRequest",
@@ -75,6 +77,14 @@ class GetOffsetsRequest(TypedDict):
     queue: int | None
 
 
+class OffsetsForTimeRequest(TypedDict):
+    op: Literal["offsets_for_time"]
+    id: int
+    topic: str
+    time_us: int
+    queue: int | None
+
+
 class ReadRequest(TypedDict):
     op: Literal["read"]
     id: int
@@ -83,6 +93,13 @@ class ReadRequest(TypedDict):
 
 class CreateTopicRequest(TypedDict):
     op: Literal["create_topic"]
+    id: int
+    topic: str
+    queues: int
+
+
+class AlterTopicRequest(TypedDict):
+    op: Literal["alter_topic"]
     id: int
     topic: str
     queues: int
@@ -135,8 +152,10 @@ Request: TypeAlias = (
     | SendBatchRequest
     | PullRequest
     | GetOffsetsRequest
+    | OffsetsForTimeRequest
     | ReadRequest
     | CreateTopicRequest
+    | AlterTopicRequest
     | ListTopicsRequest
     | DescribeTopicRequest
     | StatusRequest

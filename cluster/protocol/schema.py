@@ -284,6 +284,17 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                 doc="min and max queue offsets",
             ),
             OpSchema(
+                "offsets_for_time",
+                {
+                    "topic": _TOPIC,
+                    "time_us": _int_field(
+                        None, 0, MAX_OFFSET, "store time, us since the epoch", required=True
+                    ),
+                    "queue": _int_field(None, 0, MAX_QUEUES - 1, "one queue (default: all)"),
+                },
+                doc="per queue, the first queue offset stored at or after a time",
+            ),
+            OpSchema(
                 "read",
                 {"offset": _int_field(None, 0, MAX_OFFSET, "physical offset", required=True)},
                 doc="one record by physical offset",
@@ -296,6 +307,17 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                 },
                 writes=True,
                 doc="create a topic",
+            ),
+            OpSchema(
+                "alter_topic",
+                {
+                    "topic": _TOPIC,
+                    "queues": _int_field(
+                        None, 1, MAX_QUEUES, "the new number of queues (grow only)", required=True
+                    ),
+                },
+                writes=True,
+                doc="grow a topic's queue count",
             ),
             OpSchema("list_topics", {}, doc="every topic with its queue count"),
             OpSchema("describe_topic", {"topic": _TOPIC}, doc="one topic with its offsets"),

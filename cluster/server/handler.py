@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from cluster.node.config import TopicsSection
-from cluster.node.topics import Topic, TopicExistsError, TopicRegistry
+from cluster.node.topics import Topic, TopicExistsError, TopicRegistry, UnknownTopicError
 from cluster.protocol import (
     Acks,
+    AlterTopicRequest,
     CreateTopicRequest,
     DescribeTopicRequest,
     GetOffsetsRequest,
     ListTopicsRequest,
+    OffsetsForTimeRequest,
     PullRequest,
     ReadRequest,
     Request,
@@ -89,8 +91,10 @@ class RequestHandler:
             "send_batch": self._send_batch,
             "pull": self._pull,
             "get_offsets": self._get_offsets,
+            "offsets_for_time": self._offsets_for_time,
             "read": self._read,
             "create_topic": self._create_topic,
+            "alter_topic": self._alter_topic,
             "list_topics": self._list_topics,
             "describe_topic": self._describe_topic,
             "status": self._node_status,
@@ -192,6 +196,13 @@ class RequestHandler:
         topic = await self._topics.create(req["topic"], req["queues"])
         return make_response(req["id"], topic=topic.name, queues=topic.queues)
 
+    async def _alter_topic(self, req: AlterTopicRequest, _polls: Wakeups) -> Reply:
+        try:
+            topic = await self._topics.alter(req["topic"], req["queues"])
+        except UnknownTopicError:
+            raise unknown_topic(req["topic"]) from None
+        return make_response(req["id"], topic=topic.name, queues=topic.queues)
+
     # ---- reads ---------------------------------------------------------------------------
 
     async def _pull(self, req: PullRequest, polls: Wakeups) -> Reply | Deferred:
@@ -251,6 +262,24 @@ class RequestHandler:
         queue = req["queue"]
         queues = range(topic.queues) if queue is None else [check_queue(topic, queue, "queue")]
         return make_response(req["id"], topic=topic.name, offsets=self._offsets(topic, queues))
+
+    async def _offsets_for_time(self, req: OffsetsForTimeRequest, _polls: Wakeups) -> Reply:
+        """Per queue, where reading from a time starts; never past the read limit (a
+        slave's confirm offset), so no record a failover could take back is skipped."""
+        topic = self._existing_topic(req["topic"])
+        queue = req["queue"]
+        queues = range(topic.queues) if queue is None else [check_queue(topic, queue, "queue")]
+        limit = self._acks.read_limit()
+        offsets = [
+            {
+                "queue": q,
+                "offset": self._store.queue_offset_at_time(
+                    topic.name, q, req["time_us"], below_offset=limit
+                ),
+            }
+            for q in queues
+        ]
+        return make_response(req["id"], topic=topic.name, offsets=offsets)
 
     async def _read(self, req: ReadRequest, _polls: Wakeups) -> Reply:
         offset = req["offset"]

@@ -3,6 +3,7 @@ consume with positions and a tag filter, status --watch with a write rate."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import select
 import signal
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import CLI, running_node, tidelog
+from tools.cli_client import time_argument
 from tools.process import NodeProcess
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 @pytest.fixture
@@ -88,3 +92,60 @@ def test_consume_from_an_offset_past_the_end_reads_from_the_earliest(node: NodeP
     assert "queue 0 holds offsets 0 to 2, not 7" in run.stderr
     later = tidelog("consume", "r", "--from", "1", "-b", b)
     assert later.stdout.split() == ["b"] and later.stderr == ""
+
+
+def test_consume_from_a_time(node: NodeProcess) -> None:
+    """``--from-time`` with an ISO 8601 time, a relative one and one after everything."""
+    b = node.address
+    assert tidelog("topic", "create", "ft", "--queues", "2", "-b", b).returncode == 0
+    assert tidelog("produce", "ft", "-b", b, stdin="a\nb\n").returncode == 0
+    assert tidelog("produce", "ft", "-b", b, stdin="c\n").returncode == 0
+    stored = [
+        json.loads(line) for line in tidelog("consume", "ft", "--json", "-b", b).stdout.splitlines()
+    ]
+    c_us = next(m["store_us"] for m in stored if m["body"] == "c")
+    assert all(m["store_us"] < c_us for m in stored if m["body"] != "c")
+    at_c = EPOCH + datetime.timedelta(microseconds=c_us)
+    iso = tidelog("consume", "ft", "--from-time", at_c.isoformat(), "-b", b)
+    assert (iso.returncode, iso.stdout.split(), iso.stderr) == (0, ["c"], "")
+    naive = at_c.replace(tzinfo=None).isoformat()  # no zone: UTC
+    assert tidelog("consume", "ft", "--from-time", naive, "-b", b).stdout.split() == ["c"]
+    recent = tidelog("consume", "ft", "--from-time", "-1h", "-b", b).stdout.split()
+    assert sorted(recent) == ["a", "b", "c"]
+    later = at_c + datetime.timedelta(seconds=1)
+    assert tidelog("consume", "ft", "--from-time", later.isoformat(), "-b", b).stdout == ""
+
+
+@pytest.mark.parametrize("value", ["yesterday", "-10x", "--5m", "2026-13-01"])
+def test_consume_from_time_refuses_what_is_not_a_time(value: str) -> None:
+    run = tidelog("consume", "t", "--from-time", value)
+    assert run.returncode == 2 and "is not a time: use ISO 8601" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_from_and_from_time_together_are_refused() -> None:
+    run = tidelog("consume", "t", "--from", "0", "--from-time", "-1m")
+    assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_relative_times_count_back_from_now() -> None:
+    now_s = 1_000_000.0
+    assert time_argument("-10m", now_s=now_s) == (now_s - 600) * 1_000_000
+    assert time_argument("-1.5h", now_s=now_s) == (now_s - 5400) * 1_000_000
+    assert time_argument("-0s", now_s=now_s) == now_s * 1_000_000
+    assert time_argument("1970-01-01T00:00:01.000002") == 1_000_002
+    assert time_argument("1970-01-01T01:00:01+01:00") == 1_000_000
+
+
+def test_topic_alter_grows_and_refuses_to_shrink(node: NodeProcess) -> None:
+    b = node.address
+    assert tidelog("topic", "create", "g", "--queues", "2", "-b", b).returncode == 0
+    grown = tidelog("topic", "alter", "g", "--queues", "4", "-b", b)
+    assert (grown.returncode, grown.stdout) == (0, "topic g has 4 queues\n")
+    described = json.loads(tidelog("topic", "describe", "g", "--json", "-b", b).stdout)
+    assert described["queues"] == 4 and len(described["offsets"]) == 4
+    shrink = tidelog("topic", "alter", "g", "--queues", "1", "-b", b)
+    assert shrink.returncode == 2 and "Traceback" not in shrink.stderr
+    assert "BAD_REQUEST" in shrink.stderr and "can only grow" in shrink.stderr
+    missing = tidelog("topic", "alter", "nope", "--queues", "3", "-b", b)
+    assert missing.returncode == 2 and "tidelog topic create nope" in missing.stderr
