@@ -87,6 +87,9 @@ class CoordinatedAcks:
       counts only once committed).
     * Once fenced, :meth:`read_limit` stays where it was: consumers see nothing a new
       master might not hold.
+    * :meth:`read_limit` starts at ``read_floor``, not at 0: what the previous term had
+      confirmed and this node holds (it served reads up to there as a slave), so a
+      new master does not hide those records until its own slaves acknowledge again.
     """
 
     def __init__(
@@ -95,17 +98,19 @@ class CoordinatedAcks:
         ha: HAService,
         loop: HaLoop,
         progress: trio.lowlevel.ParkingLot,
+        read_floor: int = 0,
     ) -> None:
         self._replicated = replicated
         self._ha = ha
         self._loop = loop
         self._progress = progress
+        self._read_floor = read_floor
         """Unparked at every ack of ``ha``'s slaves and every change of the loop's record."""
         self._frozen_limit: int | None = None
 
     def freeze(self) -> None:
         if self._frozen_limit is None:
-            self._frozen_limit = self._replicated.read_limit()
+            self._frozen_limit = self._live_read_limit()
 
     def thaw(self) -> None:
         self._frozen_limit = None
@@ -176,7 +181,12 @@ class CoordinatedAcks:
     def read_limit(self) -> int | None:
         if self._frozen_limit is not None:
             return self._frozen_limit
-        return self._replicated.read_limit()
+        return self._live_read_limit()
+
+    def _live_read_limit(self) -> int:
+        confirmed = self._replicated.read_limit()
+        assert confirmed is not None, "a replicated policy bounds reads"
+        return max(self._read_floor, confirmed)
 
     def ack_status(self) -> Any:
         return self._replicated.ack_status()
@@ -214,6 +224,9 @@ class Coordinator:
         an empty log counts as a clean start only in a group never elected."""
         self._caught_up = False
         self._switching = False
+        self._inherited_confirm = 0
+        """What the previous term confirmed that this node holds: the read floor of its
+        own term (set when it starts a term)."""
 
     # ------------------------------------------------------------------ NodeActions
 
@@ -315,7 +328,10 @@ class Coordinator:
         async with node._role_lock:
             store, handler = node.store, node.handler
             assert store is not None and handler is not None and node._standalone is not None
+            # the old master's confirm offset as the stream carried it, capped at this log
+            followed_confirm = 0
             if node.slave is not None:
+                followed_confirm = node.slave.read_limit()
                 await node.slave.stop()
                 node.slave = None
             commit_log = store.commit_log
@@ -323,6 +339,7 @@ class Coordinator:
             current = node.history.current
             if current is None or current.epoch != state.epoch:
                 log_end = commit_log.max_offset
+                self._inherited_confirm = min(followed_confirm, log_end)
                 node.history.truncate(log_end + 1)
                 node.history.append(state.epoch, log_end, led=True)
                 await node._save_history()  # fsynced before any write of this epoch
@@ -335,6 +352,7 @@ class Coordinator:
                 ha,
                 self.loop,
                 self.progress,
+                read_floor=self._inherited_confirm,
             )
             node.acks = acks
             handler.set_acks(acks)

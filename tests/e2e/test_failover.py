@@ -399,3 +399,37 @@ async def test_a_gracefully_stopped_master_hands_over_without_waiting_for_its_le
         return ((status or {}).get("coordination") or {}).get("master") == second.name
 
     await wait_until("the restarted node to follow the new master", following, timeout=WAIT_S)
+
+
+async def test_a_new_master_serves_what_the_old_term_confirmed_before_any_slave_acks(
+    tmp_path: Path, etcd: EtcdCluster
+) -> None:
+    """Two nodes: once the master is killed the survivor leads with no slave at all, so
+    nothing in its own term is confirmed. It served the old term's confirmed records as
+    a slave and keeps serving them (its confirm offset used to restart at 0, hiding
+    them until a slave acknowledged again)."""
+    with ExitStack() as stack:
+        group = Group(tmp_path, stack, ",".join(etcd.endpoints))
+        for name in ("n1", "n2"):
+            group.start(name)
+        first = await group.master()
+        await group.in_sync(first, 2)
+        created = await call(first.address, "create_topic", topic=TOPIC, queues=1)
+        assert created["status"] == "OK", created
+        ok = await call(
+            first.address, "send", topic=TOPIC, body=b"seen", queue=0, acks="replicated"
+        )
+        assert ok["status"] == "OK", ok
+        (survivor,) = (n for n in group.alive() if n is not first)
+
+        async def confirmed_on_the_slave() -> bool:
+            answer = await call(survivor.address, "read", offset=ok["offset"])
+            return bool(answer["status"] == "OK")
+
+        await wait_until("the slave to serve the record", confirmed_on_the_slave, timeout=WAIT_S)
+        first.kill()
+        second = await group.master(other_than=first.name)
+        assert second is survivor
+        answer = await call(second.address, "read", offset=ok["offset"])
+        assert answer["status"] == "OK", answer
+        assert answer["record"]["body"] == b"seen"
