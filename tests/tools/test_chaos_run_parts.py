@@ -161,9 +161,9 @@ async def test_a_fault_the_cluster_cannot_make_is_refused_before_anything_starts
     tmp_path: Path,
 ) -> None:
     settings = RunSettings(
-        duration_s=5, nemesis=("partition",), cluster="failover", out=tmp_path / "run"
+        duration_s=5, nemesis=("enospc",), cluster="failover", out=tmp_path / "run"
     )
-    with pytest.raises(ValueError, match="partition not available on the failover cluster"):
+    with pytest.raises(ValueError, match="enospc not available on the failover cluster"):
         await run_chaos(settings, live=False)
     assert not (tmp_path / "run").exists()
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -61,6 +64,7 @@ from tools.faults import (
     FsyncError,
     Kill,
     MeshPartition,
+    NamespaceUnavailable,
     NodeProcessTarget,
     Pause,
     PowerLoss,
@@ -68,6 +72,13 @@ from tools.faults import (
     SlowFsync,
     fault_env,
     parse_nemesis,
+)
+from tools.faults.loopback import (
+    PRIVATE_NETWORK_ENV,
+    LoopbackNetwork,
+    LoopbackPartition,
+    in_private_network,
+    private_network_command,
 )
 from tools.faults.process import sigkill
 from tools.faults.topology import isolate
@@ -230,11 +241,14 @@ class _LocalNodes(abc.ABC):
         """The file the eio and slow-fsync faults write for node ``name``."""
         return self.root / f"{name}.disk.json"
 
-    def new_node(self, name: str, args: Sequence[str]) -> NodeProcess:
+    def new_node(self, name: str, args: Sequence[str], **options: Any) -> NodeProcess:
         """Node ``name`` with its fault-injection switch on (a chaos run is never a normal
-        run): it records its syncs for power loss and obeys its disk control file."""
+        run): it records its syncs for power loss and obeys its disk control file.
+        ``options`` go to :class:`NodeProcess` (``host``, ``command_prefix``)."""
         env = fault_env(self.sync_log(name), self.disk_control(name))
-        self.nodes[name] = NodeProcess(self.root / name, name=name, extra_args=args, env=env)
+        self.nodes[name] = NodeProcess(
+            self.root / name, name=name, extra_args=args, env=env, **options
+        )
         return self.nodes[name]
 
     def disk_fault(self, kind: str, target: str, seed: int) -> Fault | None:
@@ -436,14 +450,16 @@ class FailoverCluster(_LocalNodes):
     partition-etcd, kill-etcd-leader (needs ``etcd_members=3``), switchover (targets: the
     master, then the node to hand over to), corrupt (a non-master), and the disk faults of
     every local cluster: power-loss, eio, slow-fsync (each node runs with its
-    fault-injection switch on). Every process is
-    stopped by its PID at exit, even on failure. Until the shared launcher's LocalCluster
-    exists this is the chaos runner's own.
+    fault-injection switch on). ``partition`` (between nodes) needs a
+    :class:`LoopbackNetwork`: the run must have entered its private network first
+    (:func:`tools.faults.loopback.private_network_command`, root), each node then listens
+    and sends on an address of its own. Every process is stopped by its PID at exit, even
+    on failure.
     """
 
     FAULTS: ClassVar[frozenset[str]] = frozenset(
         {"kill", "pause", "pause-past-lease", "partition-etcd", "kill-etcd-leader", "switchover",
-         "corrupt", "power-loss", "eio", "slow-fsync"}
+         "corrupt", "power-loss", "eio", "slow-fsync", "partition"}
     )  # fmt: skip
     GROUP: Final = "g1"
 
@@ -454,13 +470,17 @@ class FailoverCluster(_LocalNodes):
         replicas: int = 3,
         etcd_members: int = 3,
         min_insync_replicas: int = 1,
+        private_network: bool = False,
     ) -> None:
         super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
         self.etcd = EtcdCluster(root / "etcd", size=etcd_members)
         self.etcd_proxies: dict[str, list[FaultProxy]] = {}
+        self.network = LoopbackNetwork(self._names) if private_network else None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start etcd, the proxies (in ``nursery``) and the nodes; then wait for a master."""
+        if self.network is not None:
+            await self.network.setup()
         await trio.to_thread.run_sync(self.etcd.start)
         for name in self._names:
             proxies = []
@@ -474,7 +494,13 @@ class FailoverCluster(_LocalNodes):
                 "--etcd", endpoints, "--ha-port", "0",
                 "--min-insync-replicas", str(self.min_insync_replicas),
             ]  # fmt: skip
-            await trio.to_thread.run_sync(self.new_node(name, args).start)
+            options: dict[str, Any] = {}
+            if self.network is not None:
+                options = {
+                    "host": self.network.address(name),
+                    "command_prefix": self.network.command_prefix(name),
+                }
+            await trio.to_thread.run_sync(self.new_node(name, args, **options).start)
         with trio.fail_after(QUIESCE_TIMEOUT_S):
             while (await self.master())[0] is None:
                 await trio.sleep(0.1)
@@ -500,6 +526,14 @@ class FailoverCluster(_LocalNodes):
             return Switchover(self.address(targets[0]), self.GROUP, to)
         if kind == "corrupt":
             return CorruptReplica(self.nodes[targets[0]], seed=seed)
+        if kind == "partition":
+            if self.network is None:
+                raise ValueError(
+                    "partition on the failover cluster needs its private network "
+                    "(private_network=True; a chaos run asks for it when its nemesis has "
+                    "partition)"
+                )
+            return LoopbackPartition(self.network, isolate(self._names, *targets))
         disk = self.disk_fault(kind, targets[0], seed)
         if disk is not None:
             return disk
@@ -737,6 +771,10 @@ async def run_chaos(
             f"{run_dir} already holds a run (history.jsonl): give another --out, or remove "
             "that folder to run again there"
         )
+    if needs_private_network(settings, kinds, cluster_factory) and not in_private_network():
+        if before_drain is not None:
+            raise ValueError("a run in a private network cannot take before_drain")
+        return await _run_in_private_network(settings, run_dir, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not schedule and kinds:
         schedule = draw_schedule(
@@ -761,6 +799,65 @@ async def run_chaos(
         figures["summary"] = run_summary(run_dir)
         print(format_summary(figures["summary"]), file=out)
     return RunOutcome(run_dir, exit_code, figures)
+
+
+async def _run_in_private_network(settings: RunSettings, run_dir: Path, out: TextIO) -> RunOutcome:
+    """Run this same run (its reproducing command) in a process of its own inside a fresh
+    network namespace, copying its output to ``out``; this process's network is never
+    changed. Cancelled, the child gets SIGINT (it stops its own processes by PID)."""
+    words = shlex.split(settings.command(run_dir))
+    assert words[0] == "tidelog", words
+    try:
+        command = private_network_command([sys.executable, "-m", "tools.cli", *words[1:]])
+    except NamespaceUnavailable as exc:
+        raise ValueError(str(exc)) from None
+    env = {**os.environ, PRIVATE_NETWORK_ENV: "1"}
+    print(f"running in a private network namespace: {shlex.join(command)}", file=out)
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env=env,
+                deliver_cancel=_interrupt,
+            )
+        )
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            out.write(chunk.decode(errors="replace"))
+    figures: dict[str, Any] = {}
+    manifest = run_dir / "run.json"
+    if manifest.is_file():
+        figures = json.loads(manifest.read_text(encoding="utf-8")).get("figures", {})
+    if (run_dir / "results.json").is_file():
+        figures["summary"] = run_summary(run_dir)
+    assert process.returncode is not None
+    return RunOutcome(run_dir, process.returncode, figures)
+
+
+async def _interrupt(process: trio.Process) -> None:
+    """Ask a child run to stop (SIGINT: it heals and stops its processes), then kill it."""
+    process.send_signal(signal.SIGINT)
+    with trio.move_on_after(STOP_GRACE_S * 4):
+        await process.wait()
+        return
+    process.kill()
+
+
+def needs_private_network(
+    settings: RunSettings, kinds: Sequence[str], cluster_factory: object | None
+) -> bool:
+    """A run of the built-in failover cluster with partitions between its nodes runs in a
+    private network namespace (:mod:`tools.faults.loopback`)."""
+    return (
+        cluster_factory is None
+        and not settings.bootstrap
+        and settings.cluster == "failover"
+        and "partition" in kinds
+    )
 
 
 def _check_kinds(kinds: Sequence[str], supported: frozenset[str], cluster: str) -> None:
@@ -846,6 +943,7 @@ async def _run_cluster(
     live: bool,
 ) -> dict[str, Any]:
     """Start the cluster, run the phases, drain; returns the run's figures."""
+    private_network = needs_private_network(settings, kinds, cluster_factory)
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         if settings.bootstrap:
@@ -853,12 +951,17 @@ async def _run_cluster(
             extra["cluster"] = "bootstrap"
         else:
             kind = FailoverCluster if settings.cluster == "failover" else StaticCluster
+            options: dict[str, Any] = {}
+            if private_network:
+                options["private_network"] = True
+                extra["network"] = "a private network namespace, a loopback address per node"
             factory = cluster_factory or (
                 lambda root, n: kind.started(
                     root,
                     n,
                     replicas=settings.replicas,
                     min_insync_replicas=settings.min_insync_replicas,
+                    **options,
                 )
             )
             cluster = await stack.enter_async_context(factory(run_dir / "nodes", nursery))

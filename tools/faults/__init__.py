@@ -8,6 +8,9 @@ Every fault has a clean undo: ``await fault.inject()`` / ``await fault.heal()``,
 - proxy (:mod:`tools.faults.proxy`, :mod:`tools.faults.mesh`): a loopback TCP proxy per
   chosen link; needs no root; partitions by grudge over a mesh of proxies, the
   node-to-etcd partition, delay and jitter, bandwidth, resets;
+- loopback (:mod:`tools.faults.loopback`): the whole run in one private network
+  namespace, a loopback address per node; partitions between processes that pick their
+  peers' addresses themselves (elected masters); needs root;
 - netns (:mod:`tools.faults.netns`): one network namespace per node on a private bridge
   (``10.213.0.0/24``); partitions by grudge (:mod:`tools.faults.topology`), loss, resets,
   bandwidth; needs root, else :class:`NamespaceUnavailable` points at the proxy backend;
@@ -36,6 +39,7 @@ from tools.faults.disk import (
     power_loss_image,
     read_sync_log,
 )
+from tools.faults.loopback import LoopbackNetwork, LoopbackPartition
 from tools.faults.mesh import MeshPartition, ProxyMesh
 from tools.faults.netns import (
     NamespaceUnavailable,
@@ -76,6 +80,8 @@ __all__ = [
     "FillDisk",
     "FsyncError",
     "Kill",
+    "LoopbackNetwork",
+    "LoopbackPartition",
     "MeshPartition",
     "NamespaceUnavailable",
     "NetnsBandwidth",
@@ -134,7 +140,7 @@ FAULTS: dict[str, FaultKind] = {
         FaultKind(
             "partition",
             "cut links between nodes: isolate one, master+one, halves, bridge, ring, one way",
-            (NetnsPartition, MeshPartition, ProxyPartition),
+            (NetnsPartition, MeshPartition, ProxyPartition, LoopbackPartition),
         ),
         FaultKind(
             "partition-etcd", "cut a node from etcd (through its etcd proxy)", (EtcdPartition,)
