@@ -32,6 +32,7 @@ from replication.wire import (
     HAAuthError,
     HAProtocolError,
     MasterHello,
+    NotAnHAPortError,
     epochs_text,
     pack_ack,
     pack_refusal,
@@ -179,7 +180,10 @@ class HAClient:
             sock = raw
             with trio.move_on_after(timeout_ms / 1000):
                 sock = await self._secure(raw, host, port)
-                master = await self._handshake(sock, end)
+                try:
+                    master = await self._handshake(sock, end)
+                except NotAnHAPortError as exc:
+                    raise NotAnHAPortError(f"{host}:{port} {exc}") from None
             if master is None:
                 raise HAProtocolError(
                     f"master did not complete the handshake within {timeout_ms:.0f} ms"

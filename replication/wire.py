@@ -62,8 +62,10 @@ __all__ = [
     "HAAuthError",
     "HAProtocolError",
     "MasterHello",
+    "NotAnHAPortError",
     "OldVersionError",
     "SlaveHello",
+    "answered_like_a_client_port",
     "epochs_text",
     "master_hello_remaining",
     "pack_ack",
@@ -147,6 +149,19 @@ class HAProtocolError(Exception):
 class HAAuthError(HAProtocolError):
     """The handshake refused a peer: a missing or different cluster secret, or an older
     protocol version. The message says which end lacks what and what to change."""
+
+
+class NotAnHAPortError(HAProtocolError):
+    """The master's address answered like a tidelog client port: ``master_ha`` names a
+    node's client port instead of its HA port."""
+
+
+def answered_like_a_client_port(head: bytes | bytearray) -> bool:
+    """The first bytes a tidelog client port sends a slave: it takes the challenge's magic
+    for the length of a frame far too large and answers ``FRAME_TOO_LARGE`` in a frame of
+    its own, a 4-byte big-endian length then a CBOR map (major type 5)."""
+    length = int.from_bytes(head[:4], "big")
+    return len(head) > 4 and 0 < length < 1 << 24 and 0xA0 <= head[4] <= 0xBF
 
 
 @attrs.frozen
@@ -494,6 +509,11 @@ async def _read_magic_or_refusal(sock: trio.socket.SocketType, what: str) -> byt
     if got < len(head):
         raise HAProtocolError(f"stream ended after {got} bytes of the master's {what}")
     magic, _version = _MAGIC_AND_VERSION.unpack(head)
+    if answered_like_a_client_port(head):
+        raise NotAnHAPortError(
+            "answered like a tidelog client port, not an HA port: point master_ha at the "
+            "master's HA port (replication.ha_port)"
+        )
     if magic == REFUSAL_MAGIC:
         rest = await recv_exactly(sock, _REFUSAL.size - len(head), "master's refusal")
         _magic, _version, length = _REFUSAL.unpack(head + rest)
