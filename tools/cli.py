@@ -205,6 +205,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tidelog node: {exc}", file=sys.stderr)
         return 2
+    if args.request_log:
+        from cluster.server.request_log import enable_request_log
+
+        enable_request_log()
 
     started: list[bool] = []
 
@@ -384,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--advertise-host",
         help="with --etcd: the host other nodes and clients reach this node at, published "
         "in etcd (default: --host; required when --host is 0.0.0.0 or ::)",
+    )
+    node.add_argument(
+        "--request-log",
+        action="store_true",
+        help="log one line per request served (peer, op, topic, status, bytes, duration_us); "
+        "also on at --log-level debug",
     )
     node.set_defaults(handler=cmd_node)
 

@@ -25,6 +25,7 @@ from cluster.protocol import (
 from cluster.server.errors import response_for_error
 from cluster.server.polls import Wakeups
 from cluster.server.replies import Deferred, Reply
+from cluster.server.request_log import logged
 from cluster.server.streams import GONE, RECEIVE_SIZE, linger, peer_name
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class Connection:
         settings = server.settings
         self._stream = stream
         self._server = server
-        self._handler = server.handler
+        self._handler = logged(server.handler, peer_name(stream))  # the request log
         self._decoder = FrameDecoder(settings.max_frame_size)
         self._max_inflight = settings.max_inflight_per_connection
         self._idle_timeout_s = settings.idle_timeout_ms / 1000

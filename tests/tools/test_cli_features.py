@@ -149,3 +149,13 @@ def test_topic_alter_grows_and_refuses_to_shrink(node: NodeProcess) -> None:
     assert "BAD_REQUEST" in shrink.stderr and "can only grow" in shrink.stderr
     missing = tidelog("topic", "alter", "nope", "--queues", "3", "-b", b)
     assert missing.returncode == 2 and "tidelog topic create nope" in missing.stderr
+
+
+def test_node_request_log_writes_a_line_per_request(tmp_path: Path) -> None:
+    log_path = tmp_path / "node.log"
+    with NodeProcess(tmp_path / "node", extra_args=["--request-log"], log_path=log_path) as node:
+        assert tidelog("topic", "list", "-b", node.address).returncode == 0
+        # Logged before the answer is sent, into a file the node writes straight to.
+        written = log_path.read_text()
+    assert " request peer=127.0.0.1:" in written
+    assert "op=list_topics topic=- status=OK bytes=" in written and "duration_us=" in written
