@@ -25,7 +25,7 @@ from tools.docker.images import BuildResult, build_image
 def docker_engine() -> Iterator[Engine]:
     engine = Engine()
     try:
-        engine.start()
+        engine.acquire()
     except (EngineError, OSError, subprocess.SubprocessError) as error:
         pytest.fail(
             "the docker tests need a Docker engine and could not start one "
@@ -35,8 +35,7 @@ def docker_engine() -> Iterator[Engine]:
     try:
         yield engine
     finally:
-        if engine.started_here:
-            engine.stop()
+        engine.release()  # stops a daemon this or another session started, when last
 
 
 @pytest.fixture(scope="session")

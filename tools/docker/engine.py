@@ -38,10 +38,12 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineSettings",
+    "EngineUsers",
     "HostState",
     "compose_binary",
     "ensure_compose",
     "ensure_engine_installed",
+    "stops_with_last_user",
 ]
 
 log = logging.getLogger(__name__)
@@ -209,19 +211,67 @@ def ensure_compose(settings: EngineSettings = EngineSettings()) -> Path:
     return binary
 
 
+@attrs.frozen
+class EngineUsers:
+    """The processes using our dockerd (test sessions): one file per process in
+    ``folder``, named by its PID and holding the process's start time, so a PID the
+    kernel gave to a new process never counts as a user. A session killed before its
+    ``release`` stops counting once its process is gone. Callers hold the engine lock."""
+
+    folder: Path
+
+    def add(self, pid: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(pid)).write_text(_process_start_time(pid) or "")
+
+    def remove(self, pid: int) -> None:
+        (self.folder / str(pid)).unlink(missing_ok=True)
+
+    def live(self) -> list[int]:
+        """The PIDs of users whose process still runs; the files of the others go."""
+        alive = []
+        for entry in sorted(self.folder.glob("*")) if self.folder.exists() else []:
+            started = _process_start_time(int(entry.name)) if entry.name.isdigit() else None
+            if started is not None and started == entry.read_text():
+                alive.append(int(entry.name))
+            else:
+                entry.unlink(missing_ok=True)
+        return alive
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (None: no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in () may hold spaces
+
+
+def stops_with_last_user(record: Mapping[str, object], live_users: Sequence[int]) -> bool:
+    """Whether a session's ``release`` stops our dockerd: only one a session started
+    (the CLI's ``engine start`` keeps it until ``engine stop``) and no other user left."""
+    return bool(record.get("stop_with_last_user")) and not live_users
+
+
 @attrs.define
 class Engine:
     """A Docker daemon the docker harness talks to: one that already runs, or our own.
 
-        ``env`` is the environment (``DOCKER_HOST``) every docker and compose command must
-        run with. ``started_here`` says whether this object's ``start`` spawned the daemon (so
-    its caller should ``stop`` it); ``stop`` ends only a daemon whose record we wrote (ours),
-    never someone else's. One caller at a time.
+    ``env`` is the environment (``DOCKER_HOST``) every docker and compose command must
+    run with. Two ways to use our dockerd: ``start`` (the CLI: the daemon runs until
+    ``stop``) and ``acquire`` / ``release`` (a test session: it registers as a user, and
+    a daemon a session started stops at the release of its last user, so one session's
+    end never stops the engine under another's containers). ``stop`` ends only a daemon
+    whose record we wrote (ours), never someone else's, and refuses while a session uses
+    it unless forced. One caller per object.
     """
 
     settings: EngineSettings = attrs.field(factory=EngineSettings)
     docker_host: str = ""
     started_here: bool = False
+    """This object's start spawned the daemon."""
+    _registered: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -247,26 +297,71 @@ class Engine:
             return False
         return done.returncode == 0 and bool(done.stdout.strip())
 
+    @property
+    def users(self) -> EngineUsers:
+        return EngineUsers(self.settings.run_dir / "users")
+
     def start(self) -> Engine:
-        """Use a daemon that answers, or start ours and wait until it answers."""
+        """Use a daemon that answers, or start ours and wait until it answers; ours runs
+        until ``stop`` (also when a session started it: the caller wants to keep it)."""
+        return self._start(as_user=False)
+
+    def acquire(self) -> Engine:
+        """``start`` for a test session: registers this process as a user of our dockerd
+        (nothing to register for someone else's daemon); pair it with ``release``."""
+        return self._start(as_user=True)
+
+    def _start(self, *, as_user: bool) -> Engine:
         ours = f"unix://{self.settings.socket}"
-        if self.answers(ours):
-            self.docker_host = ours
-            return self
-        default_exists = (
-            bool(os.environ.get("DOCKER_HOST")) or Path("/var/run/docker.sock").exists()
-        )
-        if default_exists and self.answers():
-            self.docker_host = os.environ.get("DOCKER_HOST", "")
-            log.info("engine_found docker_host=%s", self.docker_host or "default")
-            return self
-        with self._lock():
-            if not self.answers(ours):  # another process may have started it meanwhile
+        if not self.answers(ours):
+            default_exists = (
+                bool(os.environ.get("DOCKER_HOST")) or Path("/var/run/docker.sock").exists()
+            )
+            if default_exists and self.answers():
+                self.docker_host = os.environ.get("DOCKER_HOST", "")
+                log.info("engine_found docker_host=%s", self.docker_host or "default")
+                return self
+        with self._lock():  # registering and a last user's stop never interleave
+            if not self.answers(ours):
                 ensure_engine_installed()
-                self._spawn()
+                self._spawn(stop_with_last_user=as_user)
                 self.started_here = True
+            elif not as_user:
+                self._keep_running()
+            if as_user:
+                self.users.add(os.getpid())
+                self._registered = True
         self.docker_host = ours
         return self
+
+    def release(self) -> None:
+        """The end of a session's use: unregister, and stop our dockerd if a session
+        started it and no other session still uses it."""
+        if not self._registered:
+            return
+        with self._lock():
+            self.users.remove(os.getpid())
+            self._registered = False
+            record = self._record()
+            live = self.users.live()
+            if record is not None and stops_with_last_user(record, live):
+                self._stop_locked()
+            elif live:
+                log.info("engine_kept users=%s", ",".join(map(str, live)))
+
+    def _record(self) -> dict[str, object] | None:
+        try:
+            record: dict[str, object] = json.loads(self.settings.record_path.read_text())
+        except FileNotFoundError:
+            return None
+        return record
+
+    def _keep_running(self) -> None:
+        """The CLI started using a daemon a session started: it now runs until ``stop``."""
+        record = self._record()
+        if record is not None and record.get("stop_with_last_user"):
+            record["stop_with_last_user"] = False
+            self.settings.record_path.write_text(json.dumps(record, indent=1))
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -276,7 +371,7 @@ class Engine:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             yield
 
-    def _spawn(self) -> None:
+    def _spawn(self, *, stop_with_last_user: bool) -> None:
         settings = self.settings
         for folder in (settings.state_dir, settings.run_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -305,7 +400,12 @@ class Engine:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        record = {"pid": process.pid, "argv": argv, "host_before": before.to_json()}
+        record = {
+            "pid": process.pid,
+            "argv": argv,
+            "host_before": before.to_json(),
+            "stop_with_last_user": stop_with_last_user,
+        }
         settings.record_path.write_text(json.dumps(record, indent=1))
         log.info("engine_start pid=%d socket=%s", process.pid, settings.socket)
         deadline = time.monotonic() + settings.start_timeout_s
@@ -332,10 +432,18 @@ class Engine:
             log.warning("engine_leftover record=%s", self.settings.record_path)
             self._stop_locked()
 
-    def stop(self) -> None:
+    def stop(self, *, force: bool = False) -> None:
         """Stop our dockerd by its PID (SIGTERM, then SIGKILL) and undo its host changes.
-        Does nothing for a daemon we did not start."""
+        Does nothing for a daemon we did not start. While a test session uses it, raises
+        EngineError naming the sessions, unless ``force``."""
         with self._lock():
+            live = [pid for pid in self.users.live() if pid != os.getpid()]
+            if live and not force and self.settings.record_path.exists():
+                raise EngineError(
+                    f"our dockerd is in use by the processes {', '.join(map(str, live))} "
+                    "(test sessions); stop it when they end, or with --force to stop it "
+                    "under them (their containers die)"
+                )
             self._stop_locked()
 
     def _stop_locked(self) -> None:
@@ -348,6 +456,8 @@ class Engine:
             _terminate(pid, self.settings.stop_timeout_s)
         restore_host(HostState.from_json(record["host_before"]))
         path.unlink()
+        for pid in self.users.live():
+            self.users.remove(pid)
         self.started_here = False
         log.info("engine_stop pid=%d", pid)
 
