@@ -172,7 +172,10 @@ async def test_accept_failing_with_emfile_backs_off_and_recovers(tmp_path: Path)
         async def recovered() -> bool:
             return any("ha_accept_recovered" in line for line in stderr)
 
-        await wait_until("accepts recovering", recovered)
+        try:
+            await wait_until("accepts recovering", recovered)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; the master's log:\n{''.join(stderr)}") from None
         sock = trio.socket.socket()
         with sock, trio.fail_after(ANSWER_TIMEOUT_S):
             await sock.connect(("127.0.0.1", port))
