@@ -69,6 +69,11 @@ class Connection:
         self._reserved = 0
         """Bytes granted by the node's request budget to the frame being received (0: none)."""
         self._wake = trio.Event()
+        self._receiving = False
+        """The reader is waiting in ``receive_some`` (see :meth:`_watch_idle`)."""
+        self._received_at = trio.current_time()
+        self._closed_idle = False
+        self._idle_watch = trio.CancelScope()
         self._reading = True
         self._fatal = False
         self._aborted = False
@@ -84,7 +89,9 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._watch_idle)
                 await self._read_loop()
+                self._idle_watch.cancel()
                 self._reading = False
                 self.polls.wake_all()
                 self._wake.set()
@@ -118,15 +125,43 @@ class Connection:
             self._abort()
 
     async def _receive(self) -> bytes | bytearray:
-        """The next bytes, or ``b""`` at EOF, or when the connection has been idle (no
-        request in flight, nothing received) for ``idle_timeout_ms``: it is then closed
-        like one the client ended."""
-        while True:
-            with trio.move_on_after(self._idle_timeout_s):
-                return await self._stream.receive_some(RECEIVE_SIZE)
-            if not self.inflight:
-                log.info("connection_idle peer=%s idle_s=%g", self.peer, self._idle_timeout_s)
+        """The next bytes, or ``b""`` at EOF, or once :meth:`_watch_idle` closed the
+        connection for being idle: it then ends like one the client ended."""
+        self._receiving = True
+        try:
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        except GONE:
+            if self._closed_idle:
                 return b""
+            raise
+        finally:
+            self._receiving = False
+            self._received_at = trio.current_time()
+
+    async def _watch_idle(self) -> None:
+        """Close the connection once it has been idle for ``idle_timeout_ms``: nothing
+        received, no request in flight, the reader waiting for bytes.
+
+        One task per connection instead of a deadline around every receive (a cancel
+        scope per receive cost more than the rest of a small request's reading). A
+        period in which a request was in flight, or the reader was held elsewhere
+        (back-pressure), is followed by a fresh one, as the reader's own timer did.
+        """
+        idle_s = self._idle_timeout_s
+        with self._idle_watch:
+            quiet_since = trio.current_time()
+            while True:
+                due = max(quiet_since, self._received_at) + idle_s
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                if now < max(quiet_since, self._received_at) + idle_s:
+                    continue  # bytes came meanwhile: wait out the rest of the new period
+                if self._receiving and not self.inflight:
+                    log.info("connection_idle peer=%s idle_s=%g", self.peer, idle_s)
+                    self._closed_idle = True
+                    await trio.aclose_forcefully(self._stream)  # the reader sees the end
+                    return
+                quiet_since = now
 
     async def _reserve_for_incomplete_frame(self) -> None:
         """Before reading on: a frame over :data:`RESERVE_FRAMES_OVER` whose body is not
