@@ -26,7 +26,7 @@ from cluster.client import open_client
 from tools.demo import read_all
 from tools.faults.process import NodeProcessTarget, Pause
 from tools.launcher import LocalCluster
-from tools.launcher.load import AckedLoad, commit_log_bytes, missing_on
+from tools.launcher.load import AckedLoad, commit_log_bytes, missing_on, same_log_end
 from tools.process import wait_until
 
 TOPIC = "divergent"
@@ -42,19 +42,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         yield cluster
     finally:
         await trio.to_thread.run_sync(cluster.stop)
-
-
-async def same_log_end(cluster: LocalCluster, names: list[str]) -> int:
-    """Wait until every node of ``names`` reports the same log end; return it."""
-    ends: list[int | None] = []
-
-    async def agree() -> bool:
-        ends[:] = [(await cluster.view(name)).log_end for name in names]
-        return ends[0] is not None and len(set(ends)) == 1
-
-    await wait_until(f"{names} at one log end", agree, timeout=WAIT_S)
-    assert ends[0] is not None
-    return ends[0]
 
 
 async def run_load_until(load: AckedLoad, what: str, done: object) -> None:

@@ -2,8 +2,9 @@
 ``tidelog node --etcd`` processes (LocalCluster). Each round SIGKILLs whoever is master,
 waits for the new master and for the first replicated ack it gives, restarts the old
 master and waits until it is a slave back in the recorded in-sync set. At the end every
-acked message is readable at its acked position on every node, and the epoch moved once
-per kill.
+acked message is readable at its acked position on every node, the epoch moved once
+per kill, and the three logs are byte for byte the same (each old master cut whatever
+tail it alone held).
 
 Waits are on the load's acks (an event per ack) or bounded polls of ``status``; no fixed
 sleeps. Every process is stopped by its PID at the end, also on failure.
@@ -18,7 +19,7 @@ import pytest
 import trio
 
 from tools.launcher import LocalCluster
-from tools.launcher.load import AckedLoad, missing_on
+from tools.launcher.load import AckedLoad, commit_log_bytes, missing_on, same_log_end
 from tools.process import wait_until
 
 TOPIC = "rapid"
@@ -85,3 +86,10 @@ async def test_three_rapid_failovers_under_replicated_load_lose_no_ack(
     acked = load.by_position()
     assert len(acked) == len(load.acked)  # no two acks share a position
     assert await missing_on(cluster, cluster.names, acked, TOPIC) == {}
+    # every old master cut whatever tail it alone held: the logs agree byte for byte
+    end = await same_log_end(cluster, cluster.names)
+    await trio.to_thread.run_sync(cluster.stop)
+    reference = commit_log_bytes(cluster.nodes[masters[-1]].data_dir, 0, end)
+    for name in cluster.names:
+        stored = commit_log_bytes(cluster.nodes[name].data_dir, 0, end)
+        assert stored == reference, f"{name}'s log differs from {masters[-1]}'s below {end}"

@@ -18,8 +18,9 @@ import trio
 from cluster.client import open_client
 from tools.demo import missing_acks
 from tools.launcher.cluster import LocalCluster
+from tools.process import wait_until
 
-__all__ = ["Ack", "AckedLoad", "commit_log_bytes", "missing_on"]
+__all__ = ["Ack", "AckedLoad", "commit_log_bytes", "missing_on", "same_log_end"]
 
 
 @attrs.frozen
@@ -137,6 +138,20 @@ async def missing_on(
         if lost:
             missing[name] = lost
     return missing
+
+
+async def same_log_end(cluster: LocalCluster, names: list[str], timeout_s: float = 30.0) -> int:
+    """Wait until every node of ``names`` reports the same log end (bounded poll of
+    ``status``: another process offers no event); return it."""
+    ends: list[int | None] = []
+
+    async def agree() -> bool:
+        ends[:] = [(await cluster.view(name)).log_end for name in names]
+        return ends[0] is not None and len(set(ends)) == 1
+
+    await wait_until(f"{names} at one log end (last seen {ends})", agree, timeout=timeout_s)
+    assert ends[0] is not None
+    return ends[0]
 
 
 def commit_log_bytes(data_dir: Path, start: int, end: int) -> bytes:
