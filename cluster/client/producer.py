@@ -115,6 +115,8 @@ class Producer:
         retries: int = 10,
         retry_backoff_ms: float = 50.0,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (1: no batching), got {batch_size}")
         self.client = client
         self._nursery = nursery
         self.acks = Acks(acks)
@@ -153,8 +155,10 @@ class Producer:
             message["tags"] = tags
         if props:
             message["props"] = dict(props)
-        pending = _Pending(message)
         batch_key = (topic, Acks(acks) if acks else self.acks)
+        if self.batch_size == 1:  # every send is its own request: no accumulator to join
+            return (await self._deliver(topic, batch_key[1], [message]))[0]
+        pending = _Pending(message)
         full = self._join(batch_key, pending)
         if full is not None:  # this send filled the batch: deliver it from this task
             await self._send_batch(batch_key, full)
@@ -183,17 +187,15 @@ class Producer:
         return await self._deliver(topic, Acks(acks) if acks else self.acks, messages)
 
     def _join(self, batch_key: tuple[str, Acks], pending: _Pending) -> list[_Pending] | None:
-        """Add ``pending`` to the open batch; return the batch if it is now full (closed)."""
+        """Add ``pending`` to the open batch; return the batch if it is now full (closed).
+        Only with ``batch_size`` > 1 (:meth:`send` delivers each message itself otherwise)."""
         batch = self._open.get(batch_key)
         if batch is None:
             batch = []
-            if self.batch_size > 1:
-                self._open[batch_key] = batch
-                self._open_bytes[batch_key] = 0
-                self._nursery.start_soon(self._linger_then_ship, batch_key, batch)
+            self._open[batch_key] = batch
+            self._open_bytes[batch_key] = 0
+            self._nursery.start_soon(self._linger_then_ship, batch_key, batch)
         batch.append(pending)
-        if self.batch_size == 1:
-            return batch
         self._open_bytes[batch_key] += len(pending.message["body"])
         if len(batch) >= self.batch_size or self._open_bytes[batch_key] >= self.max_batch_bytes:
             self._close(batch_key)

@@ -123,6 +123,29 @@ async def test_a_full_batch_leaves_without_waiting_for_linger(
         assert None not in {r.queue_offset for r in done}
 
 
+async def test_batch_size_one_sends_each_message_as_its_own_request(
+    tmp_path: Path, requests: collections.Counter[tuple[str, str]]
+) -> None:
+    """Concurrent sends with ``batch_size=1`` are never merged: one ``send`` each, every
+    one answered with its own offsets; a batch size below one is refused up front."""
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        producer = client.producer(acks="leader", batch_size=1)
+        results: list[SendResult] = []
+
+        async def send(i: int) -> None:
+            results.append(await producer.send("t", b"m%d" % i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(send, i)
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            client.producer(batch_size=0)
+    assert (ops(requests, "send_batch"), ops(requests, "send")) == (0, 8)
+    assert sorted(r.queue_offset or 0 for r in results) == list(range(8))
+    assert all(r.ok for r in results)
+
+
 async def test_linger_gathers_sends_from_different_moments(
     tmp_path: Path, requests: collections.Counter[tuple[str, str]]
 ) -> None:
