@@ -32,6 +32,9 @@ from tools.process import wait_until
 TOPIC = "divergent"
 WAIT_S = 30.0
 LEADER_ONLY = 12
+LEADER_ONLY_BYTES = 64 * 1024
+"""12 x 64 KiB: more than a stopped slave's socket takes in (its receive window stays at
+its initial size while nothing reads it), so the old master surely holds a tail alone."""
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ async def test_the_old_master_cuts_its_divergent_tail_and_matches_the_new_one(
         async with open_client(cluster.address(old), failover_timeout=0.0) as client:
             producer = client.producer(acks="leader", retries=0)
             for seq in range(LEADER_ONLY):
-                body = b"leader-only-%d" % seq
+                body = (b"leader-only-%d-" % seq).ljust(LEADER_ONLY_BYTES, b"x")
                 result = await producer.send(TOPIC, body, queue=seq % 2)
                 assert result.ok and result.offset is not None, result
                 leader_only[body] = result.offset
@@ -88,7 +91,7 @@ async def test_the_old_master_cuts_its_divergent_tail_and_matches_the_new_one(
     assert common_end <= epoch_start < tail_end
 
     # the new master writes over the offsets only the old master held
-    after = AckedLoad(cluster, TOPIC, acks="replicated", prefix="after")
+    after = AckedLoad(cluster, TOPIC, acks="replicated", prefix="after", body_bytes=16 * 1024)
     await run_load_until(
         after,
         f"replicated acks past offset {tail_end}",

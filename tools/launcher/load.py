@@ -39,8 +39,9 @@ class Ack:
 
 @attrs.define
 class AckedLoad:
-    """``producers`` tasks sending unique bodies at ``acks`` through the client library
-    (retries and rediscovery included) to ``topic`` on ``cluster``.
+    """``producers`` tasks sending unique bodies (padded to ``body_bytes``) at ``acks``
+    through the client library (retries and rediscovery included) to ``topic`` on
+    ``cluster``.
 
     Invariant: ``acked`` holds exactly the sends answered OK, in answer order. Run
     :meth:`run` in a nursery (``await nursery.start(load.run)``) and cancel that nursery to
@@ -53,6 +54,7 @@ class AckedLoad:
     producers: int = 2
     queues: int = 2
     prefix: str = "m"
+    body_bytes: int = 0
     acked: list[Ack] = attrs.field(factory=list)
     outcomes: dict[str, int] = attrs.field(factory=lambda: {"ok": 0, "unknown": 0, "failed": 0})
     _changed: trio.Event = attrs.field(factory=trio.Event)
@@ -65,7 +67,7 @@ class AckedLoad:
             async def send_forever(task: int) -> None:
                 sequence = task
                 while True:
-                    body = f"{self.prefix}-{sequence}".encode()
+                    body = f"{self.prefix}-{sequence}-".encode().ljust(self.body_bytes, b"x")
                     queue = sequence % self.queues
                     sequence += self.producers
                     result = await producer.send(self.topic, body, queue=queue)
