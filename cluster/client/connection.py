@@ -41,11 +41,11 @@ _TIMED_OUT = object()
 class Connection:
     """One TCP connection with pipelined requests, answered in any order and matched by id.
 
-    Owns one task (in the nursery given to :meth:`start`): the reader that matches
-    responses to waiting requests. There is no writer task: a request appends its
-    frame to the outbox, and if nobody is sending, it sends everything queued
-    itself (frames queued meanwhile by others go in the same loop), so pipelined
-    requests share syscalls and an idle connection costs no task switch.
+    Owns two tasks (in the nursery given to :meth:`start`): the reader that matches
+    responses to waiting requests, and the timer of their deadlines. There is no writer
+    task: a request appends its frame to the outbox, and if nobody is sending, it sends
+    everything queued itself (frames queued meanwhile by others go in the same loop), so
+    pipelined requests share syscalls and an idle connection costs no task switch.
     Any number of tasks may call :meth:`request` concurrently.
 
     Request timeouts share one timer task rather than a cancel scope each (a scope with
@@ -70,6 +70,7 @@ class Connection:
         self._cancel = trio.CancelScope()
         self._deadlines: list[tuple[float, int]] = []
         """A heap of (deadline, request id); ids no longer waiting are dropped lazily."""
+        self._timer_task = trio.CancelScope()
         self._timer = trio.CancelScope()
         """The timer task's sleep, due at the earliest deadline (see :meth:`_expire_loop`)."""
 
@@ -79,6 +80,7 @@ class Connection:
 
     async def start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._run)
+        nursery.start_soon(self._expire_loop)
 
     async def _run(self) -> None:
         """Read until the connection ends; the socket is closed however it ends (a
@@ -86,17 +88,13 @@ class Connection:
         must sit in ``finally``, forcefully since we are cancelled)."""
         try:
             with self._cancel:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._expire_loop)
-                    try:
-                        await self._read_loop()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        self._fail(
-                            f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}"
-                        )
-                    nursery.cancel_scope.cancel()
+                try:
+                    await self._read_loop()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
         finally:
             self._fail(f"connection to {self.address} closed")
+            self._timer_task.cancel()  # nothing is left waiting
             await trio.aclose_forcefully(self._stream)
 
     def _not_a_node_hint(self) -> str:
@@ -148,7 +146,12 @@ class Connection:
             self._timer.deadline = deadline  # wakes the timer earlier
 
     async def _expire_loop(self) -> None:
-        """Answer each request still waiting at its deadline with a timeout."""
+        """Answer each request still waiting at its deadline with a timeout; ends with
+        :meth:`_run` (a task of the same nursery)."""
+        with self._timer_task:
+            await self._expire_until_cancelled()
+
+    async def _expire_until_cancelled(self) -> None:
         deadlines = self._deadlines
         while True:
             waiting = self._waiting
