@@ -12,7 +12,8 @@ Tasks (all in the nursery of :meth:`HaLoop.run`):
 * watchdog: while master, wakes at the fencing deadline and fences the node if no
   keepalive moved it.
 * watch: wakes the main loop when the group's leader or state key changes or a member
-  comes or goes.
+  comes or goes (and, while the group has no leader, when a member republishes its
+  record: the election waits for every live member's final log end).
 * main loop: re-lists the cluster's keys and takes one step.
 
 Without etcd nothing changes role except the master stepping down at its deadline

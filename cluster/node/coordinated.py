@@ -44,7 +44,7 @@ from cluster.coordination.keys import (
 )
 from cluster.node.acks import ReplicatedAcks, SlaveAcks
 from cluster.node.role import Fenced, RoleError, Slave, elected, fence, follow
-from cluster.node.topic_changes import apply_listing
+from cluster.node.topic_changes import ListingFollower
 from cluster.node.topics import Topic, TopicExistsError
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
@@ -104,8 +104,8 @@ class CoordinatedAcks:
         self._ha = ha
         self._loop = loop
         self._progress = progress
-        self._read_floor = read_floor
         """Unparked at every ack of ``ha``'s slaves and every change of the loop's record."""
+        self._read_floor = read_floor
         self._frozen_limit: int | None = None
 
     def freeze(self) -> None:
@@ -475,12 +475,13 @@ class Coordinator:
 
     async def _apply_topics(self) -> None:
         """Every node creates locally each topic etcd holds (a failover never forgets one),
-        and grows each etcd holds with more queues."""
+        grows each etcd holds with more queues, and forgets each etcd stopped holding."""
         topics = self.node.topics
         assert topics is not None
+        follower = ListingFollower(topics)
         while True:
             view = await self.loop.next_view()
-            await apply_listing(topics, [(r.name, r.queues) for r in view.topics.values()])
+            await follower.apply([(r.name, r.queues) for r in view.topics.values()])
 
     async def shutdown(self) -> None:
         """A graceful stop: hand mastership over at once instead of after the lease TTL."""
