@@ -43,6 +43,10 @@ def test_isolating_the_master_with_one_slave_loses_no_ack(tmp_path: Path) -> Non
                 run.kill()
                 run.wait()
     assert run.returncode == 0, output
+    # The run re-ran itself in its private network: its output is said once, by the child.
+    assert output.count("scenario isolate-master-with-slave:") == 1, output
+    assert output.count("unavailability:") == 1, output
+    assert "running in a private network namespace: unshare --net" in output
     results = json.loads((run_dir / "results.json").read_text())
     assert results["valid"] and not results["lost"]
     manifest = json.loads((run_dir / "run.json").read_text())

@@ -93,6 +93,7 @@ __all__ = [
     "RunSettings",
     "StaticCluster",
     "acknowledging_epoch",
+    "needs_private_network",
     "run_chaos",
 ]
 

@@ -26,8 +26,10 @@ from tools.chaos.runner import (
     ChaosCluster,
     RunOutcome,
     RunSettings,
+    needs_private_network,
     run_chaos,
 )
+from tools.faults.loopback import in_private_network
 
 __all__ = ["SCENARIOS", "Scenario", "run_scenario", "scenario_settings"]
 
@@ -186,9 +188,16 @@ async def run_scenario(
             f"cluster cannot do. Scenarios that run on it: "
             f"{', '.join(runnable_scenarios(cluster))}"
         )
-    print(f"scenario {name}: {SCENARIOS[name].summary}", file=stream)
+    # A run that re-runs itself in a private network prints all of this from the child.
+    delegated = (
+        needs_private_network(settings, tuple(SCENARIOS[name].kinds), cluster_factory)
+        and not in_private_network()
+    )
+    if not delegated:
+        print(f"scenario {name}: {SCENARIOS[name].summary}", file=stream)
     outcome = await run_chaos(settings, out=stream, cluster_factory=cluster_factory, live=False)
-    print(unavailability_summary(outcome.run_dir), file=stream)
+    if not delegated:
+        print(unavailability_summary(outcome.run_dir), file=stream)
     return outcome
 
 
