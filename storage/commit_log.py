@@ -41,6 +41,7 @@ from storage.record import (
     CRC_FIELD,
     CRC_OFFSET,
     CRC_START,
+    FLAG_TOPIC_DELETED,
     HEADER,
     HEADER_SIZE,
     MAX_QUEUE_ID,
@@ -62,9 +63,9 @@ _pack_header = HEADER.pack_into
 _unpack_header = HEADER.unpack_from
 _pack_crc = CRC_FIELD.pack_into
 _unpack_blank = BLANK.unpack_from
-_unpack_dispatch = struct.Struct("<II8xI4xQ24xQ2xB").unpack_from
-"""size, magic, queue_id, queue_offset, tags_hash, topic_size: the header fields that
-indexing needs (offsets 0, 4, 16, 24, 56, 66 of docs/format.md)."""
+_unpack_dispatch = struct.Struct("<II4xII4xQ24xQ2xB").unpack_from
+"""size, magic, flags, queue_id, queue_offset, tags_hash, topic_size: the header fields
+that indexing needs (offsets 0, 4, 12, 16, 24, 56, 66 of docs/format.md)."""
 
 
 class AppendResult(NamedTuple):
@@ -453,8 +454,8 @@ class CommitLog:
             yield self.read(offset)
 
     def iter_headers(self, start: int, end: int | None = None) -> Iterator[tuple]:
-        """(offset, size, topic, queue_id, queue_offset, tags_hash) of each record in
-        [start, end): what the dispatcher needs, without building record objects.
+        """(offset, size, topic, queue_id, queue_offset, tags_hash, flags) of each record
+        in [start, end): what the dispatcher needs, without building record objects.
 
         The dispatcher calls this after every append, so it is one flat loop with one
         unpack of just these fields (plus the magic, to recognise a segment's filler).
@@ -469,12 +470,12 @@ class CommitLog:
             while pos < stop:
                 if pos + HEADER_SIZE > size_limit:
                     break  # only a filler fits here
-                size, magic, queue_id, queue_offset, tags, topic_size = unpack(view, pos)
+                size, magic, flags, queue_id, queue_offset, tags, topic_size = unpack(view, pos)
                 if magic != RECORD_MAGIC:
                     break  # the filler: the rest of the segment
                 topic_at = pos + HEADER_SIZE
                 topic = str(view[topic_at : topic_at + topic_size], "ascii")
-                yield base + pos, size, topic, queue_id, queue_offset, tags
+                yield base + pos, size, topic, queue_id, queue_offset, tags, flags
                 pos += size
             else:
                 offset = base + pos
@@ -637,7 +638,16 @@ def _note_queue_offset(view: memoryview, pos: int, table: dict[tuple[str, int], 
     fields = _unpack_header(view, pos)
     topic_start = pos + HEADER_SIZE
     topic = str(view[topic_start : topic_start + fields[12]], "ascii")
-    table[(topic, fields[4])] = fields[6] + 1
+    if fields[3] & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
+        forget_topic(table, topic)
+    else:
+        table[(topic, fields[4])] = fields[6] + 1
+
+
+def forget_topic(table: dict[tuple[str, int], int], topic: str) -> None:
+    """Drop ``topic``'s next queue offsets: its next records start again at 0."""
+    for key in [key for key in table if key[0] == topic]:
+        del table[key]
 
 
 def _expose_received(

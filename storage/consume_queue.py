@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from storage.errors import CorruptSegmentError, OffsetOutOfRangeError
-from storage.mapped_file import MappedFile
+from storage.mapped_file import MappedFile, fsync_directory
 from storage.mapped_file_queue import MappedFileQueue
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,21 @@ class ConsumeQueueStore:
     def advance_min(self, log_min_offset: int) -> None:
         for queue in self.queues.values():
             queue.advance_min(log_min_offset)
+
+    def pop_topic(self, topic: str) -> list[ConsumeQueue]:
+        """Take every queue of ``topic`` out of the table (readers stop finding them); their
+        files stay until :meth:`delete_topic_files`."""
+        keys = [key for key in self.queues if key[0] == topic]
+        return [self.queues.pop(key) for key in keys]
+
+    def delete_topic_files(self, topic: str, dropped: list[ConsumeQueue]) -> None:
+        """Blocking: close the queues :meth:`pop_topic` took and delete ``topic``'s
+        directory, durably (a queue that came back after a power loss would be indexed
+        records of a deleted topic)."""
+        for queue in dropped:
+            queue.files.close()
+        shutil.rmtree(self.root / topic, ignore_errors=True)
+        fsync_directory(self.root)
 
     def delete_all(self) -> None:
         """Blocking: forget every queue (they are rebuilt from the log)."""

@@ -13,6 +13,7 @@ import trio
 
 from storage.commit_log import CommitLog
 from storage.consume_queue import ConsumeQueueStore, QueueConflictError
+from storage.record import FLAG_TOPIC_DELETED
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,12 @@ class Dispatcher:
     async def _dispatch(self, end: int, *, strict: bool = False) -> int:
         queues = self.queues
         count = 0
-        for offset, size, topic, queue_id, queue_offset, tags in self.commit_log.iter_headers(
-            self.offset, end
-        ):
+        headers = self.commit_log.iter_headers(self.offset, end)
+        for offset, size, topic, queue_id, queue_offset, tags, flags in headers:
+            if flags & FLAG_TOPIC_DELETED:
+                await self._drop_topic(topic, offset)
+                self.offset = offset + size
+                continue
             queue = queues.get_or_create(topic, queue_id)
             if queue.needs_file(queue_offset):
                 if strict and queue_offset and not queue.files.segments:
@@ -82,6 +86,14 @@ class Dispatcher:
             count += 1
         self.offset = end
         return count
+
+    async def _drop_topic(self, topic: str, offset: int) -> None:
+        """A deletion marker: the topic's queues leave the table at once (readers see no
+        topic), then their files go in a worker thread; the dispatcher's offset passes
+        the marker only after that, so a crash in between replays it at the next start."""
+        dropped = self.queues.pop_topic(topic)
+        await trio.to_thread.run_sync(self.queues.delete_topic_files, topic, dropped)
+        log.info("topic_queues_dropped topic=%s queues=%d offset=%d", topic, len(dropped), offset)
 
     async def wait_for_arrival(self) -> None:
         """Return after the next dispatch that added entries (for long polls)."""

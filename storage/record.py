@@ -54,6 +54,10 @@ BLANK_MIN = BLANK.size
 MAX_QUEUE_ID = 0xFFFF
 
 FLAG_NONE = 0
+FLAG_TOPIC_DELETED = 0x0000_0001
+"""A topic deletion marker (empty body, queue 0): every consume queue of its topic is
+dropped where the dispatcher meets it, and the topic's queue offsets start again at 0
+after it. It is no message: no queue indexes it, whatever node reads the log."""
 
 _PROP_LEN = struct.Struct("<H")
 

@@ -19,7 +19,7 @@ import trio
 
 from storage.allocator import SegmentAllocator
 from storage.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from storage.commit_log import AppendResult, BatchAppendResult, CommitLog
+from storage.commit_log import AppendResult, BatchAppendResult, CommitLog, forget_topic
 from storage.config import StoreConfig
 from storage.consume_queue import ConsumeQueue, ConsumeQueueStore, sync_segments
 from storage.cut import (
@@ -40,7 +40,7 @@ from storage.flush import AsyncFlusher, GroupCommitFlusher
 from storage.lock import lock_data_dir
 from storage.mapped_file import MappedFile, fsync_directory, segment_name
 from storage.mapped_file_queue import remove_segment_files, segment_bases
-from storage.record import Message, StoredRecord
+from storage.record import FLAG_TOPIC_DELETED, Message, StoredRecord
 from storage.recovery import RecoveryReport, recover
 from storage.retention import RetentionService
 
@@ -240,6 +240,24 @@ class MessageStore:
         assert not self._cutting, "no write may start while the log is being cut"
         result = await self.commit_log.append_batch(messages)
         await self.dispatcher.catch_up()
+        return result
+
+    async def delete_topic(self, topic: str) -> AppendResult:
+        """Drop every consume queue of ``topic``; its records stay in the log until
+        retention, never indexed again. Returns where the deletion marker landed (wait
+        for its ``end_offset`` to be durable before calling the deletion done).
+
+        The marker (:data:`~storage.record.FLAG_TOPIC_DELETED`) is a record, so the
+        dispatcher meets it at the same place on every node that reads this log: a
+        slave's replicated copy and a rebuild of the queues at a start drop the topic
+        there too, and the topic's records after it (a re-created topic) number their
+        queue offsets from 0 again.
+        """
+        assert not self._cutting, "no write may start while the log is being cut"
+        result = await self.commit_log.append(Message(topic, b"", 0, flags=FLAG_TOPIC_DELETED))
+        forget_topic(self.commit_log.next_queue_offsets, topic)
+        await self.dispatcher.catch_up()
+        log.info("topic_deleted topic=%s marker_offset=%d", topic, result.offset)
         return result
 
     async def append_replicated(self, offset: int, data: bytes | memoryview) -> int:

@@ -183,6 +183,16 @@ async def _topic_alter(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _topic_delete(client: Client, args: argparse.Namespace) -> int:
+    await client.admin.delete_topic(args.name)
+    print(
+        json.dumps({"topic": args.name, "deleted": True})
+        if args.json
+        else f"topic {args.name} deleted"
+    )
+    return 0
+
+
 async def _topic_list(client: Client, args: argparse.Namespace) -> int:
     topics = await client.admin.list_topics()
     print(json.dumps(topics) if args.json else _table(topics, ["topic", "queues"]))
@@ -561,7 +571,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="the client certificate's key (PEM) (env TIDELOG_TLS_KEY)",
     )
 
-    topic = commands.add_parser("topic", help="create, alter, list and describe topics")
+    topic = commands.add_parser("topic", help="create, alter, delete, list and describe topics")
     topic_commands = topic.add_subparsers(dest="topic_command", required=True, metavar="ACTION")
     create = topic_commands.add_parser("create", parents=[common], help="create a topic")
     create.add_argument("name", metavar="NAME", help=f"the topic: {TOPIC_RULE}")
@@ -579,6 +589,18 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     alter.add_argument("name", metavar="NAME", help="the topic")
     alter.add_argument("--queues", type=int, required=True, help="the new number of queues")
     alter.set_defaults(handler=lambda a: _run(a, _topic_alter))
+    delete = topic_commands.add_parser(
+        "delete",
+        parents=[common],
+        help="delete a topic",
+        description="Delete a topic: its queues go at once (reads and writes get "
+        "UNKNOWN_TOPIC), its messages stay in the log until retention removes their "
+        "segments but are never served again. A topic created later under the name "
+        "starts empty, at offset 0. With auto_create on, the next write to the name "
+        "creates it again.",
+    )
+    delete.add_argument("name", metavar="NAME", help="the topic")
+    delete.set_defaults(handler=lambda a: _run(a, _topic_delete))
     listing = topic_commands.add_parser("list", parents=[common], help="list topics")
     listing.set_defaults(handler=lambda a: _run(a, _topic_list))
     describe = topic_commands.add_parser(

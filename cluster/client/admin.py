@@ -38,6 +38,14 @@ class Admin:
         queue_count: int = response["queues"]
         return queue_count
 
+    async def delete_topic(self, topic: str) -> None:
+        """Delete ``topic`` on the master: its queues go at once, its records stay in the
+        log until retention and are never served again; a topic created later under the
+        name starts empty. ``UNKNOWN_TOPIC`` when there is none."""
+        response = await self.client.call_master("delete_topic", topic=topic)
+        if response["status"] is not Status.OK:
+            raise TidelogError(response["status"], response.get("error", ""), response)
+
     async def list_topics(self) -> list[dict[str, Any]]:
         topics: list[dict[str, Any]] = (await self.client.checked("list_topics"))["topics"]
         return topics

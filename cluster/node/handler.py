@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
-from cluster.node.topic_changes import alter_in_etcd
+from cluster.node.topic_changes import alter_in_etcd, delete_in_etcd
 from cluster.node.topics import Topic, TopicExistsError, UnknownTopicError
 from cluster.protocol import (
     SCHEMAS,
     AlterTopicRequest,
     CreateTopicRequest,
+    DeleteTopicRequest,
     MetadataRequest,
     PromoteRequest,
     RepointRequest,
@@ -51,6 +52,7 @@ class NodeRequestHandler(RequestHandler):
         self._ops["create_topic"] = self._create_topic_anywhere
         self._plain_alter_topic = self._ops["alter_topic"]
         self._ops["alter_topic"] = self._alter_topic_anywhere
+        self._ops["delete_topic"] = self._delete_topic_anywhere
 
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs."""
@@ -112,6 +114,16 @@ class NodeRequestHandler(RequestHandler):
             except TopicExistsError as exc:  # applied meanwhile, from the same record
                 topic = exc.topic
         return make_response(req["id"], topic=topic.name, queues=topic.queues)
+
+    async def _delete_topic_anywhere(self, req: DeleteTopicRequest, _polls: Wakeups) -> Reply:
+        """With etcd the topic leaves etcd first (every node's registry follows; the
+        slaves' queues go with the marker they replicate), then this node's."""
+        coordinator = self._node.coordinator
+        name = req["topic"]
+        if coordinator is not None:
+            await delete_in_etcd(coordinator.etcd, coordinator.settings.keys, name)
+        queues, offset = await self.delete_topic_here(name, forgotten_ok=coordinator is not None)
+        return make_response(req["id"], topic=name, queues=queues, offset=offset)
 
     async def _topic_for_write(self, name: str) -> Topic:
         """With etcd an auto-created topic goes through etcd like an admin-created one

@@ -1,9 +1,12 @@
-"""Changing a topic across the cluster: a queue count recorded in etcd, and a listing
-(the master's ``list_topics``, or etcd's topics) applied to a node's registry.
+"""Changing a topic across the cluster: a queue count or a deletion recorded in etcd,
+and a listing (the master's ``list_topics``, or etcd's topics) applied to a node's
+registry.
 
-A listing only ever adds: a topic the registry lacks is created, one with fewer queues
-than listed is grown; a listing with fewer queues than the registry (an older one) is
-ignored, since queue counts only grow.
+A listing adds: a topic the registry lacks is created, one with fewer queues than
+listed is grown; a listing with fewer queues than the registry (an older one) is
+ignored, since queue counts only grow. A topic goes from a follower's registry only
+when the listing that had it no longer does (:class:`ListingFollower`): the records of
+a deleted topic are dropped by the deletion marker in the replicated log, not here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from cluster.node.topics import (
 from cluster.protocol import Status
 from cluster.server.errors import RequestError, unknown_topic
 
-__all__ = ["ALTER_ATTEMPTS", "alter_in_etcd", "apply_listing"]
+__all__ = [
+    "ALTER_ATTEMPTS",
+    "ListingFollower",
+    "alter_in_etcd",
+    "apply_listing",
+    "delete_in_etcd",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +82,36 @@ async def apply_listing(registry: TopicRegistry, listed: Iterable[tuple[str, int
                 await registry.alter(name, queues)
         except (TopicExistsError, UnknownTopicError):
             continue
+
+
+async def delete_in_etcd(etcd: EtcdClient, keys: ClusterKeys, name: str) -> None:
+    """Remove ``topics/<name>`` from etcd (every node's registry follows); an absent
+    topic is ``UNKNOWN_TOPIC``."""
+    deleted = await etcd.delete(keys.topic(name))
+    if not deleted.deleted:
+        raise unknown_topic(name)
+
+
+class ListingFollower:
+    """Applies successive listings of the authority (the master, or etcd) to a follower's
+    registry: adds and grows (:func:`apply_listing`), and forgets a topic a listing had
+    and the next one has not (a deletion). A topic the first listing already lacks
+    stays: absence alone proves nothing (a node's own topic, or an empty answer).
+    One task calls :meth:`apply`."""
+
+    def __init__(self, registry: TopicRegistry) -> None:
+        self._registry = registry
+        self._listed: set[str] | None = None
+
+    async def apply(self, listed: Iterable[tuple[str, int]]) -> None:
+        listing = list(listed)
+        names = {name for name, _queues in listing}
+        if self._listed is not None:
+            for name in sorted(self._listed - names):
+                try:
+                    await self._registry.delete(name)
+                except UnknownTopicError:
+                    continue
+                log.info("topic_unlisted topic=%s action=forgotten", name)
+        self._listed = names
+        await apply_listing(self._registry, listing)

@@ -19,7 +19,7 @@ from typing import Any, Final
 import trio
 
 from cluster.client import Client, TidelogError, open_client
-from cluster.node.topic_changes import apply_listing
+from cluster.node.topic_changes import ListingFollower
 from cluster.node.topics import TopicRegistry
 
 __all__ = ["TOPIC_SYNC_INTERVAL_S", "TOPIC_SYNC_TIMEOUT_S", "TopicSync"]
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 
 class TopicSync:
-    """Creates here every topic the master lists that this registry lacks, and grows
-    each the master lists with more queues.
+    """Creates here every topic the master lists that this registry lacks, grows each
+    the master lists with more queues, and forgets each the master stopped listing (a
+    deletion; its queues went with the deletion marker replication brought).
 
     ``master_client()`` says where the master's client port is now (None: unknown,
     nothing to do); it may change at any time (a repoint), and the next round follows.
@@ -53,6 +54,7 @@ class TopicSync:
         timeout_s: float = TOPIC_SYNC_TIMEOUT_S,
     ) -> None:
         self._topics = topics
+        self._follower = ListingFollower(topics)
         self._master_client = master_client
         self._interval_s = interval_s
         self._timeout_s = timeout_s
@@ -105,4 +107,4 @@ class TopicSync:
             return topics
 
     async def _create_missing(self, topics: list[dict[str, Any]]) -> None:
-        await apply_listing(self._topics, [(t["topic"], t["queues"]) for t in topics])
+        await self._follower.apply([(t["topic"], t["queues"]) for t in topics])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -163,6 +164,32 @@ class TopicRegistry:
             await trio.to_thread.run_sync(_save, self.path, snapshot)
             self._topics[name] = topic
         log.info("topic_altered topic=%s queues=%d was=%d", name, queues, existing.queues)
+        return topic
+
+    async def delete(
+        self, name: str, drop_records: Callable[[], Awaitable[object]] | None = None
+    ) -> Topic:
+        """Delete ``name``: it leaves the table at once (writes and reads get
+        ``UNKNOWN_TOPIC``), ``drop_records`` runs (the store's deletion marker, made
+        durable), then the file forgets it. A create of the name waits for all of that
+        (the lock), so a re-created topic starts after the marker, fresh.
+
+        :class:`UnknownTopicError` when there is no such topic. When ``drop_records``
+        raises, the topic is back as it was and the error propagates.
+        """
+        async with self._lock:
+            topic = self._topics.pop(name, None)
+            if topic is None:
+                raise UnknownTopicError(f"topic {name!r} does not exist")
+            try:
+                if drop_records is not None:
+                    await drop_records()
+                snapshot = [t.to_json() for t in self._topics.values()]
+                await trio.to_thread.run_sync(_save, self.path, snapshot)
+            except BaseException:
+                self._topics[name] = topic
+                raise
+        log.info("topic_removed topic=%s queues=%d", name, topic.queues)
         return topic
 
 

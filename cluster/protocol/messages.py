@@ -10,6 +10,7 @@ __all__ = [
     "AlterTopicRequest",
     "BatchMessage",
     "CreateTopicRequest",
+    "DeleteTopicRequest",
     "DescribeTopicRequest",
     "GetOffsetsRequest",
     "ListTopicsRequest",
@@ -105,6 +106,12 @@ class AlterTopicRequest(TypedDict):
     queues: int
 
 
+class DeleteTopicRequest(TypedDict):
+    op: Literal["delete_topic"]
+    id: int
+    topic: str
+
+
 class ListTopicsRequest(TypedDict):
     op: Literal["list_topics"]
     id: int
@@ -156,6 +163,7 @@ Request: TypeAlias = (
     | ReadRequest
     | CreateTopicRequest
     | AlterTopicRequest
+    | DeleteTopicRequest
     | ListTopicsRequest
     | DescribeTopicRequest
     | StatusRequest

@@ -319,6 +319,12 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                 writes=True,
                 doc="grow a topic's queue count",
             ),
+            OpSchema(
+                "delete_topic",
+                {"topic": _TOPIC},
+                writes=True,
+                doc="delete a topic: its queues go, its records stay until retention",
+            ),
             OpSchema("list_topics", {}, doc="every topic with its queue count"),
             OpSchema("describe_topic", {"topic": _TOPIC}, doc="one topic with its offsets"),
             OpSchema("status", {}, doc="role, offsets, flush and replication state"),

@@ -13,7 +13,7 @@ costs no task. Only waits become tasks (:data:`~cluster.server.replies.Deferred`
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
@@ -23,6 +23,7 @@ from cluster.protocol import (
     Acks,
     AlterTopicRequest,
     CreateTopicRequest,
+    DeleteTopicRequest,
     DescribeTopicRequest,
     GetOffsetsRequest,
     ListTopicsRequest,
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
     from cluster.node.acks import AckPolicy
 
 __all__ = ["OpHandler", "RequestHandler"]
+
+DELETE_DURABLE_TIMEOUT_MS: Final = 30_000
+"""How long a topic deletion waits for its marker to be fsynced before it is refused."""
 
 OpHandler = Callable[[Any, Wakeups], Awaitable[Reply | Deferred]]
 """One op's handler; it takes that op's request TypedDict (``Any`` here only because the
@@ -95,6 +99,7 @@ class RequestHandler:
             "read": self._read,
             "create_topic": self._create_topic,
             "alter_topic": self._alter_topic,
+            "delete_topic": self._delete_topic,
             "list_topics": self._list_topics,
             "describe_topic": self._describe_topic,
             "status": self._node_status,
@@ -202,6 +207,39 @@ class RequestHandler:
         except UnknownTopicError:
             raise unknown_topic(req["topic"]) from None
         return make_response(req["id"], topic=topic.name, queues=topic.queues)
+
+    async def _delete_topic(self, req: DeleteTopicRequest, _polls: Wakeups) -> Reply:
+        queues, offset = await self.delete_topic_here(req["topic"])
+        return make_response(req["id"], topic=req["topic"], queues=queues, offset=offset)
+
+    async def delete_topic_here(self, name: str, *, forgotten_ok: bool = False) -> tuple[int, int]:
+        """Delete ``name`` on this node; returns its queue count and where the deletion
+        marker landed. The topic leaves the registry first (writes to it get
+        ``UNKNOWN_TOPIC`` from then on), then the store's deletion marker is appended and
+        made durable, then the registry's file forgets it.
+
+        ``forgotten_ok``: the deletion is recorded elsewhere already (etcd), so a registry
+        that forgot the topic meanwhile (it follows etcd) still gets the marker written.
+        """
+        marker: list[int] = []
+
+        async def drop_records() -> None:
+            result = await self._append(self._store.delete_topic, name)
+            status, error = await self._acks.wait(
+                Acks.DURABLE, result.end_offset, DELETE_DURABLE_TIMEOUT_MS
+            )
+            if status is not Status.OK:
+                raise RequestError(status, f"deleting topic {name!r}: {error}; delete it again")
+            marker.append(result.offset)
+
+        try:
+            topic = await self._topics.delete(name, drop_records)
+        except UnknownTopicError:
+            if not forgotten_ok:
+                raise unknown_topic(name) from None
+            await drop_records()
+            return 0, marker[0]
+        return topic.queues, marker[0]
 
     # ---- reads ---------------------------------------------------------------------------
 

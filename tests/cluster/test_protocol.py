@@ -139,6 +139,7 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("read", {"offset": MAX_OFFSET}, {"offset": MAX_OFFSET}),
     ("create_topic", {"topic": "orders", "queues": 8}, {"topic": "orders", "queues": 8}),
     ("alter_topic", {"topic": "orders", "queues": 9}, {"topic": "orders", "queues": 9}),
+    ("delete_topic", {"topic": "orders"}, {"topic": "orders"}),
     ("list_topics", {}, {}),
     ("describe_topic", {"topic": "a.b_c-9"}, {"topic": "a.b_c-9"}),
     ("status", {}, {}),

@@ -118,3 +118,88 @@ async def test_a_slave_follows_a_grown_queue_count(tmp_path: Path) -> None:
             assert refused["status"] is Status.NOT_MASTER
             await slave.sync_topics_now()
             assert (await s.ok("describe_topic", topic="t"))["queues"] == 3
+
+
+async def test_delete_topic_drops_its_queues_and_a_new_one_starts_fresh(tmp_path: Path) -> None:
+    config = node_config(tmp_path)
+    async with running(config) as node, client(node) as c:
+        await c.ok("create_topic", topic="t", queues=2)
+        await c.ok("create_topic", topic="other", queues=1)
+        for i in range(6):
+            await c.ok("send", topic="t", body=b"old%d" % i, queue=i % 2)
+        await c.ok("send", topic="other", body=b"stays")
+        deleted = await c.ok("delete_topic", topic="t")
+        assert (deleted["topic"], deleted["queues"]) == ("t", 2) and deleted["offset"] > 0
+        for op, fields in [
+            ("send", {"body": b"x"}),
+            ("pull", {"queue": 0, "offset": 0}),
+            ("describe_topic", {}),
+            ("delete_topic", {}),
+        ]:
+            answer = await c.call(op, topic="t", **fields)
+            assert answer["status"] is Status.UNKNOWN_TOPIC, (op, answer)
+        assert (await c.ok("list_topics"))["topics"] == [{"topic": "other", "queues": 1}]
+        await c.ok("create_topic", topic="t", queues=1)
+        sent = await c.ok("send", topic="t", body=b"new")
+        assert (sent["queue"], sent["queue_offset"]) == (0, 0)
+    async with running(config) as node, client(node) as c:
+        page = await c.ok("pull", topic="t", queue=0, offset=0)
+        assert [m["body"] for m in page["messages"]] == [b"new"]
+        assert (await c.ok("pull", topic="other", queue=0, offset=0))["messages"][0]["body"] == (
+            b"stays"
+        )
+
+
+async def test_writes_racing_a_deletion_are_answered_and_nothing_crashes(tmp_path: Path) -> None:
+    """Sends on another connection while a delete_topic runs: each is answered OK (stored
+    before the marker, or to the topic auto-created after the deletion, numbered from 0
+    again) or UNKNOWN_TOPIC; the node serves on."""
+    async with running(node_config(tmp_path)) as node, client(node) as c, client(node) as w:
+        await c.ok("create_topic", topic="busy", queues=2)
+        before = [await w.send("send", topic="busy", body=b"a%d" % i) for i in range(50)]
+        delete_id = await c.send("delete_topic", topic="busy")
+        during = [await w.send("send", topic="busy", body=b"b%d" % i) for i in range(50)]
+        answers = await w.recv_n(100)
+        deleted = await c.recv()
+        assert deleted is not None and deleted["id"] == delete_id
+        assert deleted["status"] is Status.OK
+        sent = [answers[i] for i in before + during]
+        assert {a["status"] for a in sent} <= {Status.OK, Status.UNKNOWN_TOPIC}
+        after = [a for a in sent if a["status"] is Status.OK and a["offset"] > deleted["offset"]]
+        described = await c.call("describe_topic", topic="busy")
+        if not after:
+            assert described["status"] is Status.UNKNOWN_TOPIC
+        else:  # auto_create made it again after the marker: numbered from 0, nothing old
+            for entry in described["offsets"]:
+                offsets = sorted(a["queue_offset"] for a in after if a["queue"] == entry["queue"])
+                assert offsets == list(range(len(offsets)))
+                assert (entry["min_offset"], entry["max_offset"]) == (0, len(offsets))
+        assert (await c.ok("status"))["role"] == "master"
+
+
+async def test_a_slave_forgets_a_deleted_topic_and_its_queues(tmp_path: Path) -> None:
+    master_config = node_config(tmp_path / "master", replication={"ha_port": 0})
+    async with running(master_config) as master:
+        assert master.ha_address is not None and master.address is not None
+        slave_config = node_config(
+            tmp_path / "slave",
+            replication={
+                "role": "slave",
+                "master_ha": "{}:{}".format(*master.ha_address),
+                "master_client": "{}:{}".format(*master.address),
+            },
+        )
+        async with running(slave_config) as slave, client(master) as c, client(slave) as s:
+            await c.ok("create_topic", topic="t", queues=1)
+            for i in range(3):
+                await c.ok("send", topic="t", body=b"m%d" % i, acks="replicated")
+            await slave.sync_topics_now()
+            assert (await s.ok("describe_topic", topic="t"))["offsets"][0]["max_offset"] == 3
+            deleted = await c.ok("delete_topic", topic="t")
+            await c.ok("create_topic", topic="t2", queues=1)
+            await c.ok("send", topic="t2", body=b"after", acks="replicated")  # past the marker
+            assert slave.store is not None and slave.store.max_offset > deleted["offset"]
+            assert slave.store.queues.get("t", 0) is None  # the marker dropped the queue
+            await slave.sync_topics_now()
+            answer = await s.call("describe_topic", topic="t")
+            assert answer["status"] is Status.UNKNOWN_TOPIC

@@ -159,3 +159,20 @@ def test_node_request_log_writes_a_line_per_request(tmp_path: Path) -> None:
         written = log_path.read_text()
     assert " request peer=127.0.0.1:" in written
     assert "op=list_topics topic=- status=OK bytes=" in written and "duration_us=" in written
+
+
+def test_topic_delete_then_create_starts_empty(node: NodeProcess) -> None:
+    b = node.address
+    assert tidelog("topic", "create", "d", "--queues", "1", "-b", b).returncode == 0
+    assert tidelog("produce", "d", "-b", b, stdin="old\n").returncode == 0
+    deleted = tidelog("topic", "delete", "d", "-b", b)
+    assert (deleted.returncode, deleted.stdout) == (0, "topic d deleted\n")
+    gone = tidelog("consume", "d", "-b", b)
+    assert gone.returncode == 2 and "UNKNOWN_TOPIC" in gone.stderr
+    assert "tidelog topic create d" in gone.stderr and "Traceback" not in gone.stderr
+    again = tidelog("topic", "delete", "d", "-b", b)
+    assert again.returncode == 2 and "UNKNOWN_TOPIC" in again.stderr
+    assert tidelog("topic", "create", "d", "--queues", "1", "-b", b).returncode == 0
+    assert tidelog("produce", "d", "-b", b, stdin="new\n").returncode == 0
+    read = tidelog("consume", "d", "--meta", "-b", b)
+    assert read.stdout.splitlines() == ["queue=0 offset=0  new"]
