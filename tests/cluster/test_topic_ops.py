@@ -4,6 +4,7 @@ queue count (``alter_topic``), over the wire of an in-process node."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -130,12 +131,13 @@ async def test_delete_topic_drops_its_queues_and_a_new_one_starts_fresh(tmp_path
         await c.ok("send", topic="other", body=b"stays")
         deleted = await c.ok("delete_topic", topic="t")
         assert (deleted["topic"], deleted["queues"]) == ("t", 2) and deleted["offset"] > 0
-        for op, fields in [
+        requests: list[tuple[str, dict[str, Any]]] = [
             ("send", {"body": b"x"}),
             ("pull", {"queue": 0, "offset": 0}),
             ("describe_topic", {}),
             ("delete_topic", {}),
-        ]:
+        ]
+        for op, fields in requests:
             answer = await c.call(op, topic="t", **fields)
             assert answer["status"] is Status.UNKNOWN_TOPIC, (op, answer)
         assert (await c.ok("list_topics"))["topics"] == [{"topic": "other", "queues": 1}]
