@@ -15,6 +15,7 @@ from tests.tools.test_chaos_histories import HistoryBuilder, clean_history
 from tools.chaos.checker import ERROR_KINDS, CheckResult, check
 from tools.chaos.cli import format_verdict
 from tools.chaos.history import Event, HistoryError, read_history
+from tools.chaos.report import render_report
 from tools.chaos.results import write_results
 
 Q = "chaos:0"
@@ -378,6 +379,7 @@ def test_a_fault_that_could_not_start_is_no_fault_window_owner() -> None:
     assert window.fault_id == "f1"
     assert [r.fault_id for r in result.recoveries] == ["f1"]
     assert "1 (+1 that could not start) faults" in format_verdict(result)
+    assert "1 fault(s) (+1 that could not start)" in render_report(history.events, result, {})
 
 
 def test_malformed_send_value_names_its_line() -> None:

@@ -107,7 +107,7 @@ def _verdict_section(events: Sequence[Event], result: CheckResult) -> str:
     return (
         f"<section id=verdict><h1 class=verdict-{verdict.lower()}>Verdict: {verdict}</h1>"
         f"<p>{result.events} history events; ack levels: {html.escape(levels)}; "
-        f"{len(result.faults)} fault(s); {max(len(result.master_changes) - 1, 0)} master change(s).</p>"
+        f"{_fault_count(result)}; {max(len(result.master_changes) - 1, 0)} master change(s).</p>"
         f"{rpo}<table><thead><tr><th>check</th><th>result</th><th>count</th>"
         f"<th>examples (history.jsonl lines)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         "</section>"
@@ -212,6 +212,13 @@ def _bin_width_s(end_s: float) -> float:
         if end_s / width <= 300:
             return width
     return 120.0
+
+
+def _fault_count(result: CheckResult) -> str:
+    """Faults injected, and those that could not start (they injected nothing)."""
+    refused = sum(not fault.started for fault in result.faults)
+    said = f"{len(result.faults) - refused} fault(s)"
+    return f"{said} (+{refused} that could not start)" if refused else said
 
 
 def _decorate_time_axis(figure: go.Figure, result: CheckResult) -> None:
