@@ -1,0 +1,306 @@
+"""Idempotent sends, the decisions (sans-IO): which batch is new, which is a retry.
+
+A producer gets an id (``init_producer``) and numbers its messages 0, 1, 2, ...; a
+batch carries its producer id and its first sequence, and a retry is the same batch
+again (same first sequence, same count). Per producer the master remembers the last
+:data:`WINDOW_BATCHES` batches it stored (first sequence, count, log offset of the
+first record); a batch it remembers is a duplicate and is answered with the original
+offsets (read back from the log), anything else is appended.
+
+**Gaps are accepted** (no in-order rule): a batch refused for its own sake (too large)
+leaves a hole that no later batch could ever fill, and the cluster keeps no order
+between a producer's concurrent batches anyway. What makes the window enough is the
+producer's **span rule** (:class:`SequenceWindow`): it issues a batch only while fewer
+than :data:`PRODUCER_SPAN` batches were issued from its oldest unanswered one on. So
+while a batch B may still be retried, the batches in flight beside it lie within
+``PRODUCER_SPAN - 1`` indices before or after it: at most ``2 * PRODUCER_SPAN - 2``
+others can land after B, and ``WINDOW_BATCHES = 2 * PRODUCER_SPAN`` keeps B. The
+``floor`` of a producer is the highest first sequence it evicted: a batch at or below
+it that is not remembered was either stored and forgotten (a late copy) or breaks
+the rule; the node cannot tell and answers ``SEQUENCE_TOO_OLD`` (never, for a retry
+that keeps the rule: evicting a batch after B takes more landings than the rule allows).
+
+At most :data:`MAX_PRODUCERS` producers are remembered, the least recently used
+forgotten first; a forgotten producer starts afresh (its next batch is taken as new).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import enum
+from collections.abc import Iterable
+from typing import Final
+
+import attrs
+
+__all__ = [
+    "MAX_PRODUCERS",
+    "MAX_PRODUCER_ID",
+    "PRODUCER_PROPERTY",
+    "PRODUCER_SPAN",
+    "WINDOW_BATCHES",
+    "Decision",
+    "IdempotenceState",
+    "IssuedBatch",
+    "LandedBatch",
+    "ProducerMark",
+    "SequenceWindow",
+    "Verdict",
+    "format_mark",
+    "parse_mark",
+]
+
+WINDOW_BATCHES: Final = 16
+"""Batches remembered per producer."""
+PRODUCER_SPAN: Final = WINDOW_BATCHES // 2
+"""Batches a producer may have issued from its oldest unanswered one on."""
+MAX_PRODUCERS: Final = 10_000
+"""Producers remembered at once (least recently used forgotten first): at most
+``MAX_PRODUCERS * WINDOW_BATCHES`` small entries, about 20 MB."""
+MAX_PRODUCER_ID: Final = (1 << 63) - 1
+PRODUCER_PROPERTY: Final = "PRODUCER"
+"""Reserved property of the first record of an idempotent batch (that record has
+``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``."""
+
+
+@attrs.frozen(slots=True)
+class ProducerMark:
+    """What the first record of an idempotent batch carries."""
+
+    producer: int
+    sequence: int
+    count: int
+
+
+def format_mark(mark: ProducerMark) -> str:
+    return f"{mark.producer}:{mark.sequence}:{mark.count}"
+
+
+def parse_mark(text: str) -> ProducerMark | None:
+    """The mark in a ``PRODUCER`` property; None for text that is not one."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    producer, sequence, count = (int(part) for part in parts)
+    if not 1 <= producer <= MAX_PRODUCER_ID or count < 1:
+        return None
+    return ProducerMark(producer, sequence, count)
+
+
+@attrs.frozen(slots=True)
+class LandedBatch:
+    """A batch stored in the log: its first sequence, count and first record's offset."""
+
+    sequence: int
+    count: int
+    offset: int
+
+    @property
+    def end_sequence(self) -> int:
+        return self.sequence + self.count
+
+
+class Verdict(enum.Enum):
+    APPEND = "append"
+    """New: append it (it is now in progress; call land or abandon)."""
+    DUPLICATE = "duplicate"
+    """Stored before: answer with ``Decision.landed``'s offsets."""
+    IN_PROGRESS = "in_progress"
+    """The same batch is being appended right now: wait, then decide again."""
+    TOO_OLD = "too_old"
+    """Older than every batch remembered: whether it was stored cannot be told."""
+    CONFLICT = "conflict"
+    """Its sequences overlap another batch's: the producer reused sequences."""
+
+
+@attrs.frozen(slots=True)
+class Decision:
+    verdict: Verdict
+    landed: LandedBatch | None = None
+    reason: str = ""
+
+
+class _Producer:
+    """One producer's window: landed batches by first sequence, in arrival order too."""
+
+    __slots__ = ("arrivals", "by_sequence", "floor", "pending", "starts")
+
+    def __init__(self) -> None:
+        self.by_sequence: dict[int, LandedBatch] = {}
+        self.arrivals: collections.deque[int] = collections.deque()
+        self.starts: list[int] = []
+        """First sequences of the landed batches, sorted (overlap checks)."""
+        self.pending: dict[int, int] = {}
+        """First sequence -> count of batches being appended now."""
+        self.floor = -1
+        """The highest first sequence evicted from the window (-1: none yet)."""
+
+    def overlaps(self, sequence: int, count: int) -> int | None:
+        """The first sequence of a landed or pending batch sharing a sequence with this one."""
+        end = sequence + count
+        at = bisect.bisect_left(self.starts, end)
+        if at:
+            before = self.by_sequence[self.starts[at - 1]]
+            if before.end_sequence > sequence:
+                return before.sequence
+        for start, pending_count in self.pending.items():
+            if start < end and sequence < start + pending_count:
+                return start
+        return None
+
+    def land(self, batch: LandedBatch, window: int) -> None:
+        self.pending.pop(batch.sequence, None)
+        if batch.sequence in self.by_sequence:
+            return
+        self.by_sequence[batch.sequence] = batch
+        self.arrivals.append(batch.sequence)
+        bisect.insort(self.starts, batch.sequence)
+        while len(self.arrivals) > window:
+            oldest = self.arrivals.popleft()
+            del self.by_sequence[oldest]
+            self.floor = max(self.floor, oldest)
+            del self.starts[bisect.bisect_left(self.starts, oldest)]
+
+
+class IdempotenceState:
+    """What a master remembers of its idempotent producers (see the module docstring).
+
+    Invariants: per producer at most ``window`` landed batches, none overlapping; at
+    most ``max_producers`` producers. Not thread-safe: one handler on the event loop
+    owns it. The same batches landed in the same order give the same state, whether
+    live or replayed from the log (:meth:`land` is all a rebuild calls).
+    """
+
+    def __init__(self, window: int = WINDOW_BATCHES, max_producers: int = MAX_PRODUCERS) -> None:
+        assert window >= 1 and max_producers >= 1
+        self.window = window
+        self.max_producers = max_producers
+        self._producers: collections.OrderedDict[int, _Producer] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._producers)
+
+    def remembers(self, producer: int) -> bool:
+        return producer in self._producers
+
+    def _producer(self, producer: int) -> _Producer:
+        state = self._producers.get(producer)
+        if state is None:
+            state = self._producers[producer] = _Producer()
+            if len(self._producers) > self.max_producers:
+                self._producers.popitem(last=False)
+        else:
+            self._producers.move_to_end(producer)
+        return state
+
+    def claim(self, producer: int, sequence: int, count: int) -> Decision:
+        """Decide about a batch; an ``APPEND`` verdict marks it in progress."""
+        assert count >= 1
+        state = self._producer(producer)
+        landed = state.by_sequence.get(sequence)
+        if landed is not None:
+            if landed.count != count:
+                return Decision(
+                    Verdict.CONFLICT,
+                    reason=f"sequence {sequence} of producer {producer} was a batch of "
+                    f"{landed.count}, not {count}: resend a batch exactly as it was first sent",
+                )
+            return Decision(Verdict.DUPLICATE, landed)
+        pending = state.pending.get(sequence)
+        if pending == count:
+            return Decision(Verdict.IN_PROGRESS)
+        other = state.overlaps(sequence, count)
+        if other is not None:
+            return Decision(
+                Verdict.CONFLICT,
+                reason=f"sequences {sequence}..{sequence + count - 1} of producer {producer} "
+                f"overlap the batch starting at {other}: a producer numbers every message once",
+            )
+        if sequence <= state.floor:
+            return Decision(
+                Verdict.TOO_OLD,
+                reason=f"sequence {sequence} of producer {producer} is older than the last "
+                f"{self.window} batches this node remembers for it: whether it was stored "
+                "cannot be told (a producer keeps at most "
+                f"{PRODUCER_SPAN} batches outstanding)",
+            )
+        state.pending[sequence] = count
+        return Decision(Verdict.APPEND)
+
+    def land(self, producer: int, sequence: int, count: int, offset: int) -> None:
+        """A batch is in the log with its first record at ``offset`` (live or replayed)."""
+        self._producer(producer).land(LandedBatch(sequence, count, offset), self.window)
+
+    def abandon(self, producer: int, sequence: int) -> None:
+        """An append in progress failed: nothing of it is in the log."""
+        state = self._producers.get(producer)
+        if state is not None:
+            state.pending.pop(sequence, None)
+
+    def landed(self, producer: int) -> list[LandedBatch]:
+        """The producer's remembered batches, oldest arrival first (for tests and status)."""
+        state = self._producers.get(producer)
+        if state is None:
+            return []
+        return [state.by_sequence[s] for s in state.arrivals]
+
+    def producers(self) -> list[int]:
+        """Remembered producers, least recently used first."""
+        return list(self._producers)
+
+    @classmethod
+    def replay(
+        cls,
+        marks: Iterable[tuple[int, ProducerMark]],
+        *,
+        window: int = WINDOW_BATCHES,
+        max_producers: int = MAX_PRODUCERS,
+    ) -> IdempotenceState:
+        """The state a log tail implies: its marks (offset, mark) in log order."""
+        state = cls(window, max_producers)
+        for offset, mark in marks:
+            state.land(mark.producer, mark.sequence, mark.count, offset)
+        return state
+
+
+@attrs.frozen(slots=True)
+class IssuedBatch:
+    index: int
+    sequence: int
+    count: int
+
+
+class SequenceWindow:
+    """A producer's side: sequence numbers, and the span rule that keeps every batch
+    it may still retry inside the node's window.
+
+    A batch may be issued only while ``issued - oldest unresolved index < span``;
+    it is resolved once its outcome is final (stored, refused, or given up on). One
+    producer's tasks share it on one event loop.
+    """
+
+    def __init__(self, span: int = PRODUCER_SPAN) -> None:
+        assert span >= 1
+        self.span = span
+        self.next_sequence = 0
+        self.issued = 0
+        self._unresolved: set[int] = set()
+
+    def may_issue(self) -> bool:
+        return not self._unresolved or self.issued - min(self._unresolved) < self.span
+
+    def issue(self, count: int) -> IssuedBatch:
+        assert count >= 1 and self.may_issue(), "wait for may_issue() first"
+        batch = IssuedBatch(self.issued, self.next_sequence, count)
+        self.issued += 1
+        self.next_sequence += count
+        self._unresolved.add(batch.index)
+        return batch
+
+    def resolve(self, batch: IssuedBatch) -> None:
+        self._unresolved.discard(batch.index)
+
+    @property
+    def unresolved(self) -> int:
+        return len(self._unresolved)

@@ -1,0 +1,197 @@
+"""The idempotence decisions: any interleaving of sends, retries, lost answers and late
+copies stores every sequence at most once, and every answer a batch gets names the
+same offset."""
+
+from __future__ import annotations
+
+import attrs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.node.idempotence import (
+    PRODUCER_SPAN,
+    WINDOW_BATCHES,
+    IdempotenceState,
+    IssuedBatch,
+    ProducerMark,
+    SequenceWindow,
+    Verdict,
+    format_mark,
+    parse_mark,
+)
+
+
+@attrs.define
+class _Simulation:
+    """Producers keeping the span rule, a network that loses, delays and repeats
+    requests and answers, one node deciding, and a log."""
+
+    state: IdempotenceState = attrs.field(factory=IdempotenceState)
+    log: list[tuple[int, int]] = attrs.field(factory=list)
+    """(producer, sequence) per stored message, in log order; offset = index."""
+    windows: dict[int, SequenceWindow] = attrs.field(factory=dict)
+    unresolved: dict[tuple[int, int], IssuedBatch] = attrs.field(factory=dict)
+    network: list[tuple[int, IssuedBatch]] = attrs.field(factory=list)
+    answers: dict[tuple[int, int], set[int]] = attrs.field(factory=dict)
+
+    def deliver(self, producer: int, batch: IssuedBatch, *, answer_arrives: bool) -> None:
+        decision = self.state.claim(producer, batch.sequence, batch.count)
+        key = (producer, batch.index)
+        retry = key in self.unresolved
+        if decision.verdict is Verdict.APPEND:
+            offset = len(self.log)
+            self.log.extend((producer, batch.sequence + i) for i in range(batch.count))
+            self.state.land(producer, batch.sequence, batch.count, offset)
+        elif decision.verdict is Verdict.DUPLICATE:
+            assert decision.landed is not None
+            offset = decision.landed.offset
+        else:
+            # a retry that keeps the span rule is never refused
+            assert not retry, (decision, batch)
+            return
+        self.answers.setdefault(key, set()).add(offset)
+        if answer_arrives and retry:
+            self.windows[producer].resolve(batch)
+            del self.unresolved[key]
+
+
+@given(st.data())
+def test_every_sequence_is_stored_once_and_answered_with_one_offset(data: st.DataObject) -> None:
+    sim = _Simulation()
+    producers = data.draw(st.lists(st.integers(1, 2**63 - 1), min_size=1, max_size=3, unique=True))
+    for producer in producers:
+        sim.windows[producer] = SequenceWindow()
+    for _ in range(data.draw(st.integers(0, 120))):
+        action = data.draw(st.sampled_from(["issue", "send", "deliver", "lose", "give_up"]))
+        if action == "issue":
+            producer = data.draw(st.sampled_from(producers))
+            window = sim.windows[producer]
+            if window.may_issue():
+                batch = window.issue(data.draw(st.integers(1, 3)))
+                sim.unresolved[(producer, batch.index)] = batch
+                sim.network.append((producer, batch))
+        elif action == "send" and sim.unresolved:  # a retry of an unanswered batch
+            producer, index = data.draw(st.sampled_from(sorted(sim.unresolved)))
+            sim.network.append((producer, sim.unresolved[(producer, index)]))
+        elif action == "deliver" and sim.network:
+            producer, batch = sim.network.pop(data.draw(st.integers(0, len(sim.network) - 1)))
+            sim.deliver(producer, batch, answer_arrives=data.draw(st.booleans()))
+        elif action == "lose" and sim.network:
+            sim.network.pop(data.draw(st.integers(0, len(sim.network) - 1)))
+        elif action == "give_up" and sim.unresolved:  # the producer's deadline passed
+            key = data.draw(st.sampled_from(sorted(sim.unresolved)))
+            sim.windows[key[0]].resolve(sim.unresolved.pop(key))
+    assert len(sim.log) == len(set(sim.log)), "a sequence was stored twice"
+    for offsets in sim.answers.values():
+        assert len(offsets) == 1, "a batch was answered with two offsets"
+    replayed = IdempotenceState.replay(
+        (offset, ProducerMark(p, s, c))
+        for offset, (p, s, c) in _batches_in(sim.log, sim.answers, sim.windows)
+    )
+    for producer in producers:
+        assert replayed.landed(producer) == sim.state.landed(producer)
+
+
+def _batches_in(
+    log: list[tuple[int, int]],
+    answers: dict[tuple[int, int], set[int]],
+    windows: dict[int, SequenceWindow],
+) -> list[tuple[int, tuple[int, int, int]]]:
+    """(offset, (producer, first sequence, count)) of every stored batch, in log order."""
+    starts = sorted({next(iter(offsets)) for offsets in answers.values()})
+    batches = []
+    for index, offset in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(log)
+        producer, sequence = log[offset]
+        batches.append((offset, (producer, sequence, end - offset)))
+    return batches
+
+
+def test_a_remembered_batch_is_a_duplicate_with_its_offsets() -> None:
+    state = IdempotenceState()
+    assert state.claim(7, 0, 3).verdict is Verdict.APPEND
+    state.land(7, 0, 3, offset=4096)
+    decision = state.claim(7, 0, 3)
+    assert decision.verdict is Verdict.DUPLICATE
+    assert decision.landed is not None and decision.landed.offset == 4096
+    assert state.claim(8, 0, 3).verdict is Verdict.APPEND, "another producer's sequence 0"
+
+
+def test_a_batch_being_appended_is_in_progress_until_it_lands_or_is_abandoned() -> None:
+    state = IdempotenceState()
+    assert state.claim(7, 10, 2).verdict is Verdict.APPEND
+    assert state.claim(7, 10, 2).verdict is Verdict.IN_PROGRESS
+    state.abandon(7, 10)
+    assert state.claim(7, 10, 2).verdict is Verdict.APPEND
+
+
+def test_reused_sequences_are_a_conflict() -> None:
+    state = IdempotenceState()
+    state.claim(7, 10, 5)
+    state.land(7, 10, 5, offset=0)
+    assert state.claim(7, 10, 4).verdict is Verdict.CONFLICT, "same start, other count"
+    assert state.claim(7, 12, 1).verdict is Verdict.CONFLICT, "inside a stored batch"
+    assert state.claim(7, 8, 3).verdict is Verdict.CONFLICT, "runs into a stored batch"
+    state.claim(7, 20, 5)
+    assert state.claim(7, 22, 1).verdict is Verdict.CONFLICT, "inside a pending batch"
+    assert state.claim(7, 15, 5).verdict is Verdict.APPEND, "the gap between them"
+
+
+def test_gaps_are_accepted_and_filled_later() -> None:
+    state = IdempotenceState()
+    state.claim(7, 5, 1)
+    state.land(7, 5, 1, offset=0)
+    assert state.claim(7, 0, 5).verdict is Verdict.APPEND
+
+
+def test_a_batch_at_or_below_an_evicted_one_is_too_old() -> None:
+    state = IdempotenceState(window=4)
+    for sequence in range(6):
+        state.claim(7, sequence, 1)
+        state.land(7, sequence, 1, offset=sequence * 100)
+    assert [b.sequence for b in state.landed(7)] == [2, 3, 4, 5]
+    assert state.claim(7, 1, 1).verdict is Verdict.TOO_OLD
+    assert state.claim(7, 2, 1).verdict is Verdict.DUPLICATE
+    assert state.claim(7, 6, 1).verdict is Verdict.APPEND
+
+
+def test_the_least_recently_used_producer_is_forgotten_first() -> None:
+    state = IdempotenceState(max_producers=2)
+    for producer in (1, 2):
+        state.claim(producer, 0, 1)
+        state.land(producer, 0, 1, offset=producer)
+    state.claim(1, 1, 1)  # producer 1 used again: 2 is now the oldest
+    state.claim(3, 0, 1)
+    assert state.producers() == [1, 3]
+    assert not state.remembers(2)
+    assert state.claim(2, 0, 1).verdict is Verdict.APPEND, "forgotten: starts afresh"
+
+
+def test_the_span_rule_counts_from_the_oldest_unresolved_batch() -> None:
+    window = SequenceWindow(span=3)
+    first = window.issue(2)
+    second = window.issue(1)
+    assert (first.sequence, second.sequence) == (0, 2)
+    window.issue(1)
+    assert not window.may_issue()
+    window.resolve(second)
+    assert not window.may_issue(), "the oldest unresolved one still holds the span"
+    window.resolve(first)
+    assert window.may_issue()
+    assert window.issue(1).sequence == 4
+
+
+def test_the_window_holds_what_the_span_allows() -> None:
+    assert WINDOW_BATCHES >= 2 * PRODUCER_SPAN - 1
+
+
+@given(st.integers(1, 2**63 - 1), st.integers(0, 2**63), st.integers(1, 4096))
+def test_a_mark_reads_back(producer: int, sequence: int, count: int) -> None:
+    mark = ProducerMark(producer, sequence, count)
+    assert parse_mark(format_mark(mark)) == mark
+
+
+@given(st.text(max_size=30))
+def test_a_mark_that_is_not_one_is_none(text: str) -> None:
+    mark = parse_mark(text)
+    assert mark is None or format_mark(mark) == text
