@@ -122,15 +122,23 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
 
 async def main() -> None:
-    config = StoreConfig(data_dir=Path(sys.argv[1]), retention_check_interval_ms=3_600_000)
+    # No periodic checkpoint while the descriptors are all taken: this child tests the
+    # HA accept path alone (a real node keeps a reserve for its own files).
+    config = StoreConfig(
+        data_dir=Path(sys.argv[1]),
+        retention_check_interval_ms=3_600_000,
+        flush_interval_ms=3_600_000,
+        flush_thorough_interval_ms=3_600_000,
+    )
     async with MessageStore.open(config) as store:
         settings = ReplicationSettings(heartbeat_ms=1_000, peer_timeout_ms=600_000)
         service = HAService(store, settings)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(service.serve, "127.0.0.1", 0)
-            # Room for two more descriptors: the third waiting peer meets EMFILE.
+            # Room for two more descriptors: one may go to the segment the store prepares
+            # in the background; at least one waiting peer is accepted and one meets EMFILE.
             _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
             print(port, flush=True)
             await trio.sleep_forever()
 
