@@ -11,14 +11,17 @@ is written into the repository).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import attrs
 from tools.docker.engine import Engine, EngineError
 
 __all__ = [
+    "BUILD_STAGE_IMAGE",
     "DEFAULT_BASE_IMAGE",
     "DEFAULT_IMAGE",
     "LOCAL_BASE_IMAGE",
@@ -35,6 +39,7 @@ __all__ = [
     "build_wheels",
     "debian_mirror",
     "ensure_base_image",
+    "image_exists",
     "image_size_bytes",
     "repository_root",
 ]
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 LOCAL_BASE_IMAGE = "tidelog-base:bookworm"
 DEFAULT_IMAGE = "tidelog:dev"
+BUILD_STAGE_IMAGE = "tidelog-build-stage:cache"
+"""The Dockerfile's build stage, kept tagged as the cache of the next build."""
 _SOURCE_PARTS = (
     "pyproject.toml",
     "README.md",
@@ -201,10 +208,38 @@ def _slim_rootfs(rootfs: Path) -> None:
             entry.rmdir()
 
 
-def build_wheels(dest: Path, root: Path | None = None) -> list[Path]:
+def build_wheels(dest: Path, root: Path | None = None, cache: Path | None = None) -> list[Path]:
     """Wheels of tidelog's dependencies (and the build backend) for a build with no
-    network, built or downloaded on the host by pip."""
+    network, built or downloaded on the host by pip. With ``cache``, they are kept there
+    under a key of the dependency list and this python, and copied from there next time."""
     root = root or repository_root()
+    dest.mkdir(parents=True, exist_ok=True)
+    if cache is None:
+        return _pip_wheels(dest, root)
+    key = _wheels_key(root)
+    folder = cache / key
+    if not folder.exists():
+        scratch = cache / f".{key}-{os.getpid()}"  # renamed when complete: never half a set
+        shutil.rmtree(scratch, ignore_errors=True)
+        _pip_wheels(scratch, root)
+        try:
+            scratch.rename(folder)
+        except OSError:  # another build put the same set there first
+            shutil.rmtree(scratch, ignore_errors=True)
+    for wheel in folder.glob("*.whl"):
+        shutil.copy2(wheel, dest / wheel.name)
+    return sorted(dest.glob("*.whl"))
+
+
+def _wheels_key(root: Path) -> str:
+    with open(root / "pyproject.toml", "rb") as source:
+        project = tomllib.load(source)
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    text = "\n".join([sys.version, platform.machine(), *sorted(wanted)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _pip_wheels(dest: Path, root: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable,
@@ -251,7 +286,9 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix="tidelog-build-") as scratch:
         context = Path(scratch)
         _copy_sources(root, context)
-        build_wheels(context / "docker" / "wheels", root)
+        build_wheels(
+            context / "docker" / "wheels", root, cache=engine.settings.state_dir / "wheels"
+        )
         env = dict(engine.env)
         env.setdefault("DOCKER_BUILDKIT", "0")  # the classic builder: no buildx plugin needed
         argv = [
@@ -263,22 +300,38 @@ def build_image(
             str(context / "docker" / "Dockerfile"),
             "--build-arg",
             f"BASE_IMAGE={base}",
-            "--tag",
-            tag,
             *(["--no-cache"] if no_cache else []),
             *extra_args,
-            str(context),
         ]
-        done = subprocess.run(
-            argv, capture_output=True, text=True, env=env, timeout=1800, check=False
-        )
-        if done.returncode != 0:
-            raise EngineError(
-                f"docker build failed with exit code {done.returncode}: "
-                f"{(done.stdout + done.stderr).strip()[-4000:]}"
+        # The build stage first, tagged, so its layers (the dependencies' above all) stay
+        # as the cache of the next build; then the image, which reuses them.
+        for target in (["--target", "build", "--tag", BUILD_STAGE_IMAGE], ["--tag", tag]):
+            done = subprocess.run(
+                [*argv, *target, str(context)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=1800,
+                check=False,
             )
-    # The classic builder keeps the build stage as an untagged image: drop it.
-    _docker(engine, "image", "prune", "--force", "--filter", "label=org.tidelog.stage=build")
+            if done.returncode != 0:
+                raise EngineError(
+                    f"docker build failed with exit code {done.returncode}: "
+                    f"{(done.stdout + done.stderr).strip()[-4000:]}"
+                )
+    # Earlier build stages and images (untagged now: their tags moved to the new ones)
+    # and the requirements stage: drop them.
+    for stage in ("build", "image"):
+        _docker(
+            engine,
+            "image",
+            "prune",
+            "--force",
+            "--filter",
+            f"label=org.tidelog.stage={stage}",
+            "--filter",
+            "dangling=true",
+        )
     image_id = _docker(engine, "image", "inspect", "--format", "{{.Id}}", tag).strip()
     result = BuildResult(
         tag=tag,
