@@ -109,6 +109,15 @@ class DockerChaosCluster:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(cluster.down)
 
+    @classmethod
+    @asynccontextmanager
+    async def attached(cls, cluster: DockerCluster) -> AsyncIterator[DockerChaosCluster]:
+        """The adapter on a compose cluster that is up already (its owner takes it down);
+        faults the run leaves are healed by the runner."""
+        adapter = cls(cluster)
+        await trio.to_thread.run_sync(adapter._find_data_dirs)
+        yield adapter
+
     def _find_data_dirs(self) -> None:
         for service in NODE_SERVICES:
             mounts = self.cluster.inspect(service)["Mounts"]

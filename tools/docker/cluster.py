@@ -27,11 +27,21 @@ import attrs
 from tools.docker.engine import Engine, EngineError, compose_binary, ensure_compose
 from tools.docker.images import DEFAULT_IMAGE, repository_root
 
-__all__ = ["ClusterSettings", "ContainerInfo", "DockerCluster", "compose_file"]
+__all__ = [
+    "GROUP2_SERVICES",
+    "NODE_SERVICES",
+    "ClusterSettings",
+    "ContainerInfo",
+    "DockerCluster",
+    "compose_file",
+]
 
 log = logging.getLogger(__name__)
 
 NODE_SERVICES = ("node1", "node2", "node3")
+"""The nodes of the first broker group (the only one without the ``groups2`` profile)."""
+GROUP2_SERVICES = ("node4", "node5", "node6")
+"""The nodes of the second broker group (profile ``groups2``)."""
 _PROJECT_LABEL = "com.docker.compose.project"
 
 
@@ -41,17 +51,49 @@ def compose_file() -> Path:
 
 @attrs.frozen(kw_only=True)
 class ClusterSettings:
-    """The compose variables of one cluster (docker/README.md documents each)."""
+    """The compose variables of one cluster (docker/README.md documents each).
+
+    ``groups``: 1, or 2 for the ``groups2`` profile (a second broker group of three
+    nodes); ``node_ports`` holds one host port per node, three per group."""
 
     project: str = "tidelog"
     image: str = DEFAULT_IMAGE
     subnet: str = "10.213.7.0/24"
     bind: str = "127.0.0.1"
-    node_ports: tuple[int, int, int] = (7601, 7602, 7603)
+    groups: int = attrs.field(default=1, validator=attrs.validators.in_((1, 2)))
+    node_ports: tuple[int, ...] = attrs.field()
     etcd_port: int = 2379
     etcd_members: int = 1
     min_insync_replicas: int = 1
     max_lag_ms: int = 10_000
+    lease_ttl_s: int = 2
+    keepalive_interval_s: float = 0.4
+    etcd_request_timeout_s: float = 0.5
+    group_names: tuple[str, str] = ("g1", "g2")
+
+    @node_ports.default
+    def _default_node_ports(self) -> tuple[int, ...]:
+        return tuple(range(7601, 7601 + 3 * self.groups))
+
+    @node_ports.validator
+    def _check_node_ports(self, _attribute: object, ports: tuple[int, ...]) -> None:
+        if len(ports) != 3 * self.groups:
+            raise ValueError(f"{self.groups} group(s) need {3 * self.groups} node ports: {ports}")
+
+    @property
+    def node_services(self) -> tuple[str, ...]:
+        return NODE_SERVICES + (GROUP2_SERVICES if self.groups == 2 else ())
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        return ("etcd3",) * (self.etcd_members == 3) + ("groups2",) * (self.groups == 2)
+
+    def group_of(self, service: str) -> str:
+        """The broker group of a node service."""
+        return self.group_names[0] if service in NODE_SERVICES else self.group_names[1]
+
+    def group_services(self, group: str) -> tuple[str, ...]:
+        return tuple(s for s in self.node_services if self.group_of(s) == group)
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -63,6 +105,11 @@ class ClusterSettings:
             "TIDELOG_ETCD_PORT": str(self.etcd_port),
             "TIDELOG_MIN_INSYNC_REPLICAS": str(self.min_insync_replicas),
             "TIDELOG_MAX_LAG_MS": str(self.max_lag_ms),
+            "TIDELOG_LEASE_TTL_S": str(self.lease_ttl_s),
+            "TIDELOG_KEEPALIVE_INTERVAL_S": str(self.keepalive_interval_s),
+            "TIDELOG_ETCD_REQUEST_TIMEOUT_S": str(self.etcd_request_timeout_s),
+            "TIDELOG_GROUP": self.group_names[0],
+            "TIDELOG_GROUP2": self.group_names[1],
         }
         for index, port in enumerate(self.node_ports, start=1):
             env[f"TIDELOG_NODE{index}_PORT"] = str(port)
@@ -73,7 +120,7 @@ class ClusterSettings:
         return env
 
     def client_address(self, service: str) -> str:
-        return f"{self.bind}:{self.node_ports[NODE_SERVICES.index(service)]}"
+        return f"{self.bind}:{self.node_ports[self.node_services.index(service)]}"
 
 
 @attrs.frozen
@@ -105,6 +152,11 @@ class DockerCluster:
     def network(self) -> str:
         return f"{self.settings.project}_tidelog"
 
+    @property
+    def partition_comment(self) -> str:
+        """The comment on this project's DOCKER-USER rules (``iptables -S`` shows it)."""
+        return f"tidelog-docker-partition:{self.settings.project}"
+
     def _env(self) -> dict[str, str]:
         return {**self.engine.env, **self.settings.environment()}
 
@@ -112,7 +164,7 @@ class DockerCluster:
         binary = compose_binary(self.engine.settings)
         if not binary.exists():
             binary = ensure_compose(self.engine.settings)
-        profiles = ["--profile", "etcd3"] if self.settings.etcd_members == 3 else []
+        profiles = [arg for name in self.settings.profiles for arg in ("--profile", name)]
         argv = [str(binary), "--file", str(self.compose), *profiles, *args]
         return _checked(argv, self._env(), timeout_s, check)
 
@@ -126,14 +178,17 @@ class DockerCluster:
         seconds that took."""
         started = time.monotonic()
         self._ids.clear()
-        self._compose(
-            "up",
-            "--detach",
-            "--wait",
-            "--wait-timeout",
-            str(int(timeout_s)),
-            timeout_s=timeout_s + 30,
-        )
+        try:
+            self._compose(
+                "up",
+                "--detach",
+                "--wait",
+                "--wait-timeout",
+                str(int(timeout_s)),
+                timeout_s=timeout_s + 30,
+            )
+        except (EngineError, subprocess.TimeoutExpired) as error:
+            raise EngineError(f"{error}\n{self.diagnose()}") from error
         took = time.monotonic() - started
         log.info("cluster_up project=%s took_s=%.1f", self.settings.project, took)
         return took
@@ -217,7 +272,51 @@ class DockerCluster:
         return address
 
     def logs(self, service: str) -> str:
-        return self.docker("logs", self.container(service), check=False)
+        """The container's output (stdout and stderr: the node logs to stderr)."""
+        done = subprocess.run(
+            ["docker", "logs", self.container(service)],
+            capture_output=True,
+            text=True,
+            env=self.engine.env,
+            timeout=60,
+            check=False,
+        )
+        return done.stdout + done.stderr
+
+    def diagnose(self, tail_chars: int = 2500) -> str:
+        """Why a container is not healthy, for an error message: each container's state,
+        exit code, OOM kill and last health check output, and the end of the log of each
+        one that is not running and healthy."""
+        lines = []
+        label = f"label={_PROJECT_LABEL}={self.settings.project}"
+        for ident in self.docker("ps", "--all", "--quiet", "--filter", label, check=False).split():
+            try:
+                data = json.loads(self.docker("inspect", ident))[0]
+            except (EngineError, ValueError, IndexError):
+                continue
+            state = data["State"]
+            service = data["Config"]["Labels"].get("com.docker.compose.service", ident)
+            checks = (state.get("Health") or {}).get("Log") or [{}]
+            health = (state.get("Health") or {}).get("Status", "none")
+            lines.append(
+                f"--- {service}: status={state['Status']} exit_code={state.get('ExitCode')} "
+                f"oom_killed={state.get('OOMKilled')} error={state.get('Error')!r} "
+                f"restarts={data.get('RestartCount')} started_at={state.get('StartedAt')} "
+                f"finished_at={state.get('FinishedAt')} health={health} "
+                f"last_check={str(checks[-1].get('Output', '')).strip()[-300:]!r}"
+            )
+            if state["Status"] == "running" and health in ("healthy", "none"):
+                continue
+            done = subprocess.run(
+                ["docker", "logs", ident],
+                capture_output=True,
+                text=True,
+                env=self.engine.env,
+                timeout=60,
+                check=False,
+            )
+            lines.append((done.stdout + done.stderr)[-tail_chars:])
+        return "\n".join(lines)
 
     def wait_healthy(self, service: str, timeout_s: float = 60.0) -> float:
         """Poll docker's health status until ``healthy``; returns the seconds waited."""
@@ -278,7 +377,7 @@ class DockerCluster:
         """Drop every packet between containers ``a`` and ``b`` (both ways) with rules in
         ``DOCKER-USER`` that match only their two addresses (the rules are kept, so
         ``unblock`` deletes exactly them even if an address changed meanwhile)."""
-        rules = _block_rules(self.address(a), self.address(b))
+        rules = _block_rules(self.address(a), self.address(b), self.partition_comment)
         for rule in rules:
             _checked(["iptables", "-I", "DOCKER-USER", *rule], None, 30, True)
         self._blocks[(a, b)] = rules
@@ -288,7 +387,7 @@ class DockerCluster:
             _checked(["iptables", "-D", "DOCKER-USER", *rule], None, 30, False)
 
 
-def _block_rules(address_a: str, address_b: str) -> list[list[str]]:
+def _block_rules(address_a: str, address_b: str, comment: str) -> list[list[str]]:
     return [
         [
             "-s",
@@ -298,7 +397,7 @@ def _block_rules(address_a: str, address_b: str) -> list[list[str]]:
             "-m",
             "comment",
             "--comment",
-            "tidelog-docker-partition",
+            comment,
             "-j",
             "DROP",
         ]

@@ -5,7 +5,7 @@ executes a parsed one. ``python -m tools.docker ...`` runs the same commands on 
 
     tidelog docker engine start|stop    our dockerd by PID (installed from Debian if missing)
     tidelog docker build [--no-cache]   the image, with no network inside the build
-    tidelog docker up [--etcd-members 3] [--project P]
+    tidelog docker up [--etcd-members 3] [--groups 2] [--project P]
     tidelog docker status [--json]      containers, health, role, epoch, offsets of each node
     tidelog docker down [--project P]   removes the project's containers, network, volumes
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from tools.docker.cluster import NODE_SERVICES, ClusterSettings, DockerCluster
+from tools.docker.cluster import ClusterSettings, DockerCluster
 from tools.docker.engine import Engine, EngineError, ensure_compose
 from tools.docker.images import DEFAULT_IMAGE, build_image
 
@@ -40,6 +40,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     actions = docker.add_subparsers(dest="docker_action", metavar="ACTION", required=True)
     engine = actions.add_parser("engine", help="start or stop our own dockerd (by PID)")
     engine.add_argument("engine_action", choices=("start", "stop"))
+    engine.add_argument(
+        "--force",
+        action="store_true",
+        help="stop: also while test sessions use the engine (their containers die)",
+    )
     build = actions.add_parser("build", help="build the tidelog image (no network inside)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
     build.add_argument(
@@ -74,6 +79,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
             "--image", default=DEFAULT_IMAGE, help=f"image (default {DEFAULT_IMAGE})"
         )
         action.add_argument("--etcd-members", type=int, choices=(1, 3), default=1)
+        action.add_argument(
+            "--groups",
+            type=int,
+            choices=(1, 2),
+            default=1,
+            help="broker groups of three nodes (2: profile groups2, nodes 4-6 in group g2)",
+        )
         action.add_argument("--json", action="store_true", help="machine-readable output")
     return docker
 
@@ -91,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     engine = Engine()
     if args.docker_action == "engine":
         if args.engine_action == "stop":
-            engine.stop()
+            engine.stop(force=args.force)
             print("engine stopped (if ours was running); host settings restored")
             return 0
         engine.start()
@@ -107,7 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cluster = DockerCluster(
         engine,
-        ClusterSettings(project=args.project, image=args.image, etcd_members=args.etcd_members),
+        ClusterSettings(
+            project=args.project,
+            image=args.image,
+            etcd_members=args.etcd_members,
+            groups=args.groups,
+        ),
     )
     if args.docker_action == "up":
         took_s = cluster.up()
@@ -158,8 +175,10 @@ def cluster_status(cluster: DockerCluster) -> list[dict[str, Any]]:
             "health": info.health,
             "address": info.address,
         }
-        if info.service in NODE_SERVICES and info.state == "running":
-            row |= trio.run(_node_status, cluster.settings.client_address(info.service))
+        if info.service in cluster.settings.node_services:
+            row["group"] = cluster.settings.group_of(info.service)
+            if info.state == "running":
+                row |= trio.run(_node_status, cluster.settings.client_address(info.service))
         rows.append(row)
     return rows
 
@@ -190,8 +209,8 @@ def _print_status(cluster: DockerCluster, *, as_json: bool) -> None:
         return
     for row in rows:
         extra = (
-            f" role={row.get('role')} epoch={row.get('epoch')} max_offset={row.get('max_offset')} client={row.get('client')}"
-            if "client" in row
+            f" group={row.get('group')} role={row.get('role')} epoch={row.get('epoch')} max_offset={row.get('max_offset')} client={row.get('client')}"
+            if "group" in row
             else ""
         )
         print(
