@@ -137,6 +137,64 @@ def test_single_node_turns_healthy_and_stops_cleanly_on_docker_stop(
     log.info("docker_stop took_s=%.2f", took_s)
 
 
+def _container_logs(engine: Engine, ident: str) -> str:
+    done = subprocess.run(
+        ["docker", "logs", ident], env=engine.env, capture_output=True, text=True, check=False
+    )
+    return done.stdout + done.stderr
+
+
+async def test_a_node_started_before_etcd_waits_for_it_and_then_joins(
+    docker_engine: Engine,
+    tidelog_image: BuildResult,
+    solo_label: str,
+    solo_cleanup: None,
+) -> None:
+    """A node whose etcd does not answer yet (a user's compose file without our
+    ``depends_on``, an etcd restarting) keeps running, says it retries, and is elected
+    once etcd is there."""
+    subnet = free_subnet(docker_engine)
+    network = _docker(
+        docker_engine, "network", "create", "--subnet", subnet, "--label", solo_label,
+        f"tidelog-late-etcd-{os.getpid()}",
+    ).strip()  # fmt: skip
+    try:
+        (port,) = free_host_ports(1)
+        node = _docker(
+            docker_engine, "run", "--detach", "--network", network, "--label", solo_label,
+            "--publish", f"127.0.0.1:{port}:7600",
+            "--env", "TIDELOG_COORDINATION_ETCD=http://late-etcd:2379",
+            "--env", "TIDELOG_COORDINATION_ADVERTISE_HOST=container-ip",
+            tidelog_image.tag, "node", "--name", "early", "--ha-port", "7700",
+        ).strip()  # fmt: skip
+        with trio.fail_after(60):
+            while "ha cannot reach etcd node=early" not in _container_logs(docker_engine, node):
+                await trio.sleep(0.2)
+        assert json.loads(_docker(docker_engine, "inspect", node))[0]["State"]["Running"]
+        _docker(
+            docker_engine, "run", "--detach", "--network", network, "--label", solo_label,
+            "--network-alias", "late-etcd",
+            "--env", "ETCD_LISTEN_CLIENT_URLS=http://0.0.0.0:2379",
+            "--env", "ETCD_ADVERTISE_CLIENT_URLS=http://late-etcd:2379",
+            "--env", "ETCD_DATA_DIR=/var/lib/tidelog/etcd",
+            tidelog_image.tag, "etcd",
+        )  # fmt: skip
+        address = f"127.0.0.1:{port}"
+        with trio.fail_after(60):
+            while True:
+                coordination = (await _status(address)).get("coordination") or {}
+                if coordination.get("role") == "master":
+                    break
+                await trio.sleep(0.2)
+        assert json.loads(_docker(docker_engine, "inspect", node))[0]["RestartCount"] == 0
+    finally:
+        for ident in _docker(
+            docker_engine, "ps", "--all", "--quiet", "--filter", f"label={solo_label}"
+        ).split():
+            _docker(docker_engine, "rm", "--force", "--volumes", ident, check=False)
+        _docker(docker_engine, "network", "rm", network, check=False)
+
+
 @pytest.fixture(scope="module")
 def cluster(
     docker_engine: Engine, tidelog_image: BuildResult, request: pytest.FixtureRequest
