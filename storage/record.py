@@ -59,6 +59,12 @@ FLAG_TOPIC_DELETED = 0x0000_0001
 dropped where the dispatcher meets it, and the topic's queue offsets start again at 0
 after it. It is no message: no queue indexes it, whatever node reads the log."""
 
+FLAG_PRODUCER_BATCH = 0x0000_0002
+"""The first record of an idempotent producer's batch: its ``PRODUCER`` property holds
+``"<producer id>:<first sequence>:<count>"``, so a new master rebuilds what it must
+deduplicate from the log (cluster/node/idempotence.py). Only that one flag bit tells
+a scan which records to decode."""
+
 _PROP_LEN = struct.Struct("<H")
 
 assert HEADER_SIZE == 68

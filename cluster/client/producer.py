@@ -9,8 +9,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 import trio
 
-from cluster.client.errors import NotSentError, TidelogError
+from cluster.client.errors import (
+    ConnectionLostError,
+    NotSentError,
+    RequestTimeoutError,
+    TidelogError,
+)
+from cluster.client.sequences import SequenceWindow
 from cluster.protocol import Acks, ProtocolError, Status, batch_results
+from storage.backoff import Backoff
 
 if TYPE_CHECKING:
     from cluster.client.client import Client
@@ -26,6 +33,10 @@ _ONE_MESSAGE_REFUSED: Final = frozenset(
 )
 """Statuses that can be about one message of a batch: a batch the producer merged from
 separate sends is resent one by one, so only the bad message is refused."""
+
+MAX_DELIVERY_TIMEOUT_MS: Final = 300_000
+"""An idempotent producer retries for at most this long: a new master rebuilds what it
+must deduplicate from the last 10 minutes of its log, with room for clock skew."""
 
 
 @attrs.frozen
@@ -100,6 +111,15 @@ class Producer:
     until that master cannot be reached). A merged batch the node refuses for one
     message's sake (``MESSAGE_TOO_LARGE``, ...) is resent message by message, so only
     the bad one fails. Any number of tasks may call :meth:`send` concurrently.
+
+    With ``idempotent=True`` the producer asks the master for an id (``init_producer``)
+    and numbers its messages; a batch whose outcome is unknown (no answer, a flush
+    timeout, a failed disk) is sent again, with the same numbers, until it is answered
+    or ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
+    answers with the original offsets instead of storing it twice, also after a
+    failover. At most 8 batches are outstanding from the oldest unanswered one on (the
+    node's window); order between concurrent batches is not kept (neither is it
+    without idempotence). ``unknown`` is then reported only past the deadline.
     """
 
     def __init__(
@@ -114,9 +134,23 @@ class Producer:
         timeout_ms: int = 5000,
         retries: int = 10,
         retry_backoff_ms: float = 50.0,
+        idempotent: bool = False,
+        delivery_timeout_ms: int = 120_000,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (1: no batching), got {batch_size}")
+        if idempotent and not 0 < delivery_timeout_ms <= MAX_DELIVERY_TIMEOUT_MS:
+            raise ValueError(
+                f"delivery_timeout_ms must be 1..{MAX_DELIVERY_TIMEOUT_MS} for an idempotent "
+                f"producer (the window a new master rebuilds), got {delivery_timeout_ms}"
+            )
+        self.idempotent = idempotent
+        self.delivery_timeout = delivery_timeout_ms / 1000
+        self.producer_id: int | None = None
+        """The id ``init_producer`` handed out (idempotent producers, once they sent)."""
+        self._sequences: SequenceWindow | None = None
+        self._starting = trio.Lock()
+        self._window_moved = trio.Event()
         self.client = client
         self._nursery = nursery
         self.acks = Acks(acks)
@@ -233,13 +267,80 @@ class Producer:
     def _unknown(self, topic: str, why: str) -> SendResult:
         return SendResult("unknown", None, topic, error=why)
 
-    async def _deliver(
+    async def _start_idempotence(self, topic: str, count: int) -> SequenceWindow | list[SendResult]:
+        """The producer's sequence window, after asking the master for an id the first
+        time; the results to report instead when no id could be had."""
+        async with self._starting:
+            if self._sequences is not None:
+                return self._sequences
+            try:
+                answer = await self.client.call_master("init_producer", resends=self.retries)
+            except (ConnectionLostError, RequestTimeoutError, TidelogError) as exc:
+                why = f"no producer id: {exc}"
+                return [SendResult("failed", None, topic, error=why)] * count
+            if answer["status"] is not Status.OK:
+                why = f"no producer id ({answer.get('error')}): does the cluster support idempotent sends?"
+                return [SendResult("failed", answer["status"], topic, error=why)] * count
+            self.producer_id = answer["producer"]
+            self._sequences = SequenceWindow(answer.get("span", 8))
+            log.info(
+                "producer_started producer=%d span=%d", answer["producer"], self._sequences.span
+            )
+            return self._sequences
+
+    async def _deliver_idempotent(
         self, topic: str, acks: Acks, messages: list[dict[str, Any]]
     ) -> list[SendResult]:
+        """Number the batch once, then send it until its outcome is known or the
+        delivery timeout passed (the node answers a stored batch with its offsets)."""
+        sequences = await self._start_idempotence(topic, len(messages))
+        if not isinstance(sequences, SequenceWindow):
+            return sequences
+        while not sequences.may_issue():
+            await self._window_moved.wait()
+        batch = sequences.issue(len(messages))
+        deadline = trio.current_time() + self.delivery_timeout
+        backoff = Backoff(max(self.retry_backoff, 1e-3), max(self.retry_backoff, 0.25))
+        try:
+            while True:
+                results = await self._deliver(topic, acks, messages, sequence=batch.sequence)
+                first = results[0]
+                if first.outcome != "unknown" or first.status is Status.SEQUENCE_TOO_OLD:
+                    return results
+                pause = min(backoff.next_delay_s(), deadline - trio.current_time())
+                if pause <= 0:
+                    return results
+                log.info(
+                    "resend_idempotent producer=%s sequence=%d status=%s error=%s",
+                    self.producer_id,
+                    batch.sequence,
+                    first.status,
+                    first.error,
+                )
+                await trio.sleep(pause)
+        finally:
+            sequences.resolve(batch)
+            self._window_moved.set()
+            self._window_moved = trio.Event()
+
+    async def _deliver(
+        self,
+        topic: str,
+        acks: Acks,
+        messages: list[dict[str, Any]],
+        *,
+        sequence: int | None = None,
+    ) -> list[SendResult]:
         """Send one batch to the master (the client follows hints and rediscovers it,
-        resending only what was certainly not applied); one result per message."""
+        resending only what was certainly not applied); one result per message.
+        An idempotent producer numbers the batch first (``sequence``)."""
+        if self.idempotent and sequence is None:
+            return await self._deliver_idempotent(topic, acks, messages)
         timeout = self.timeout_ms / 1000 + self.client.config.request_timeout
         fields: dict[str, Any] = {"topic": topic, "acks": acks.value, "timeout_ms": self.timeout_ms}
+        if sequence is not None:
+            fields["producer"] = self.producer_id
+            fields["sequence"] = sequence
         if len(messages) == 1:
             op, fields = "send", {**fields, **messages[0]}
         else:

@@ -55,8 +55,10 @@ class NodeRequestHandler(RequestHandler):
         self._ops["delete_topic"] = self._delete_topic_anywhere
 
     def set_acks(self, acks: AckPolicy) -> None:
-        """Switch the ack policy (on promotion); requests already waiting keep theirs."""
+        """Switch the ack policy (on promotion); requests already waiting keep theirs.
+        The role changed, so the log may have too: idempotent sends re-read it first."""
         self._acks = acks if self._node.metrics is None else self._node.metrics.timed(acks)
+        self.idempotence.forget()
 
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
         try:

@@ -10,7 +10,7 @@ offsets (read back from the log), anything else is appended.
 **Gaps are accepted** (no in-order rule): a batch refused for its own sake (too large)
 leaves a hole that no later batch could ever fill, and the cluster keeps no order
 between a producer's concurrent batches anyway. What makes the window enough is the
-producer's **span rule** (:class:`SequenceWindow`): it issues a batch only while fewer
+producer's **span rule** (:class:`cluster.client.sequences.SequenceWindow`): it issues a batch only while fewer
 than :data:`PRODUCER_SPAN` batches were issued from its oldest unanswered one on. So
 while a batch B may still be retried, the batches in flight beside it lie within
 ``PRODUCER_SPAN - 1`` indices before or after it: at most ``2 * PRODUCER_SPAN - 2``
@@ -34,6 +34,8 @@ from typing import Final
 
 import attrs
 
+from cluster.protocol.limits import MAX_PRODUCER_ID
+
 __all__ = [
     "MAX_PRODUCERS",
     "MAX_PRODUCER_ID",
@@ -42,10 +44,8 @@ __all__ = [
     "WINDOW_BATCHES",
     "Decision",
     "IdempotenceState",
-    "IssuedBatch",
     "LandedBatch",
     "ProducerMark",
-    "SequenceWindow",
     "Verdict",
     "format_mark",
     "parse_mark",
@@ -58,7 +58,6 @@ PRODUCER_SPAN: Final = WINDOW_BATCHES // 2
 MAX_PRODUCERS: Final = 10_000
 """Producers remembered at once (least recently used forgotten first): at most
 ``MAX_PRODUCERS * WINDOW_BATCHES`` small entries, about 20 MB."""
-MAX_PRODUCER_ID: Final = (1 << 63) - 1
 PRODUCER_PROPERTY: Final = "PRODUCER"
 """Reserved property of the first record of an idempotent batch (that record has
 ``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``."""
@@ -262,45 +261,3 @@ class IdempotenceState:
         for offset, mark in marks:
             state.land(mark.producer, mark.sequence, mark.count, offset)
         return state
-
-
-@attrs.frozen(slots=True)
-class IssuedBatch:
-    index: int
-    sequence: int
-    count: int
-
-
-class SequenceWindow:
-    """A producer's side: sequence numbers, and the span rule that keeps every batch
-    it may still retry inside the node's window.
-
-    A batch may be issued only while ``issued - oldest unresolved index < span``;
-    it is resolved once its outcome is final (stored, refused, or given up on). One
-    producer's tasks share it on one event loop.
-    """
-
-    def __init__(self, span: int = PRODUCER_SPAN) -> None:
-        assert span >= 1
-        self.span = span
-        self.next_sequence = 0
-        self.issued = 0
-        self._unresolved: set[int] = set()
-
-    def may_issue(self) -> bool:
-        return not self._unresolved or self.issued - min(self._unresolved) < self.span
-
-    def issue(self, count: int) -> IssuedBatch:
-        assert count >= 1 and self.may_issue(), "wait for may_issue() first"
-        batch = IssuedBatch(self.issued, self.next_sequence, count)
-        self.issued += 1
-        self.next_sequence += count
-        self._unresolved.add(batch.index)
-        return batch
-
-    def resolve(self, batch: IssuedBatch) -> None:
-        self._unresolved.discard(batch.index)
-
-    @property
-    def unresolved(self) -> int:
-        return len(self._unresolved)

@@ -368,7 +368,7 @@ class FrameDecoder(_FrameReader[Request]):
             return self._error(
                 Status.UNKNOWN_OP,
                 f"unknown op {clip(op)}; protocol v{PROTOCOL_VERSION} defines "
-                f"{', '.join(SCHEMAS)}: upgrade the server or stop sending this op",
+                f"{','.join(SCHEMAS)}: upgrade the server or stop sending this op",
                 req_id=req_id,
                 field="op",
             )

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_FRAME_ITEMS",
     "MAX_FRAME_SIZE_LIMIT",
     "MAX_OFFSET",
+    "MAX_PRODUCER_ID",
     "MAX_PULL_BYTES",
     "MAX_PULL_MESSAGES",
     "MAX_QUEUES",
@@ -46,6 +47,8 @@ MIN_MAX_FRAME_SIZE: Final = 1024
 MAX_FRAME_SIZE_LIMIT: Final = 0xFFFF_FFFF
 MAX_REQUEST_ID: Final = 2**64 - 1
 MAX_OFFSET: Final = 2**63 - 1
+MAX_PRODUCER_ID: Final = 2**63 - 1
+"""Idempotent producer ids run from 1 to this (``init_producer`` hands them out)."""
 MAX_QUEUES: Final = 1024
 """Queues per topic; queue ids run from 0 to ``MAX_QUEUES - 1``."""
 MAX_BATCH_MESSAGES: Final = 4096

@@ -13,6 +13,7 @@ __all__ = [
     "DeleteTopicRequest",
     "DescribeTopicRequest",
     "GetOffsetsRequest",
+    "InitProducerRequest",
     "ListTopicsRequest",
     "MetadataRequest",
     "OffsetsForTimeRequest",
@@ -49,6 +50,8 @@ class SendRequest(TypedDict):
     born_us: int | None
     acks: Acks
     timeout_ms: int
+    producer: int | None
+    sequence: int | None
 
 
 class SendBatchRequest(TypedDict):
@@ -58,6 +61,13 @@ class SendBatchRequest(TypedDict):
     messages: list[BatchMessage]
     acks: Acks
     timeout_ms: int
+    producer: int | None
+    sequence: int | None
+
+
+class InitProducerRequest(TypedDict):
+    op: Literal["init_producer"]
+    id: int
 
 
 class PullRequest(TypedDict):
@@ -171,5 +181,6 @@ Request: TypeAlias = (
     | RepointRequest
     | MetadataRequest
     | SwitchoverRequest
+    | InitProducerRequest
 )
 """A validated request: ``op``, ``id`` and every field of the op's schema."""

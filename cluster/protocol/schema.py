@@ -16,6 +16,7 @@ from cluster.protocol.limits import (
     DEFAULT_WAIT_MS,
     MAX_BATCH_MESSAGES,
     MAX_OFFSET,
+    MAX_PRODUCER_ID,
     MAX_PULL_BYTES,
     MAX_PULL_MESSAGES,
     MAX_QUEUES,
@@ -176,6 +177,20 @@ def _check_route(fields: dict[str, Any]) -> None:
         )
 
 
+def _check_producer(fields: dict[str, Any]) -> None:
+    if (fields["producer"] is None) is not (fields["sequence"] is None):
+        raise Invalid(
+            "sequence" if fields["sequence"] is None else "producer",
+            "is required with 'producer' and 'sequence' together (an idempotent send "
+            "names both), got only one of them",
+        )
+
+
+def _check_send(fields: dict[str, Any]) -> None:
+    _check_route(fields)
+    _check_producer(fields)
+
+
 def _check_host_port(value: str) -> str:
     try:
         parse_address(value)
@@ -209,6 +224,12 @@ _MESSAGE_FIELDS: Final[Mapping[str, Field]] = MappingProxyType(
     }
 )
 _MESSAGE_PLAN: Final = _plan(_MESSAGE_FIELDS)
+_PRODUCER: Final = _int_field(
+    None, 1, MAX_PRODUCER_ID, "idempotent sends: the id init_producer handed out"
+)
+_SEQUENCE: Final = _int_field(
+    None, 0, MAX_OFFSET, "idempotent sends: the first message's sequence (one per message)"
+)
 
 
 def _check_messages(messages: list[Any]) -> list[BatchMessage]:
@@ -239,9 +260,16 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
         for schema in (
             OpSchema(
                 "send",
-                {"topic": _TOPIC, **_MESSAGE_FIELDS, "acks": _ACKS, "timeout_ms": _TIMEOUT},
+                {
+                    "topic": _TOPIC,
+                    **_MESSAGE_FIELDS,
+                    "acks": _ACKS,
+                    "timeout_ms": _TIMEOUT,
+                    "producer": _PRODUCER,
+                    "sequence": _SEQUENCE,
+                },
                 writes=True,
-                check=_check_route,
+                check=_check_send,
                 doc="append one message",
             ),
             OpSchema(
@@ -253,9 +281,18 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                     ),
                     "acks": _ACKS,
                     "timeout_ms": _TIMEOUT,
+                    "producer": _PRODUCER,
+                    "sequence": _SEQUENCE,
                 },
                 writes=True,
+                check=_check_producer,
                 doc="append many messages to one topic, all or nothing",
+            ),
+            OpSchema(
+                "init_producer",
+                {},
+                writes=True,
+                doc="an id for an idempotent producer (served by the master)",
             ),
             OpSchema(
                 "pull",

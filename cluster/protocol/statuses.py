@@ -31,6 +31,7 @@ class Status(enum.StrEnum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    SEQUENCE_TOO_OLD = "SEQUENCE_TOO_OLD"
 
     @property
     def retryable(self) -> bool:
@@ -68,6 +69,7 @@ _OUTCOME_UNKNOWN: Final = frozenset(
         Status.FLUSH_SLAVE_TIMEOUT,
         Status.STORAGE_FAILED,
         Status.INTERNAL_ERROR,
+        Status.SEQUENCE_TOO_OLD,
     }
 )
 _HAS_RESULT: Final = frozenset({Status.OK, Status.FLUSH_DISK_TIMEOUT, Status.FLUSH_SLAVE_TIMEOUT})

@@ -18,14 +18,18 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from cluster.node.config import TopicsSection
+from cluster.node.idempotence import PRODUCER_SPAN
+from cluster.node.idempotent_sends import IdempotentSends
 from cluster.node.topics import Topic, TopicExistsError, TopicRegistry, UnknownTopicError
 from cluster.protocol import (
     Acks,
     AlterTopicRequest,
+    BatchMessage,
     CreateTopicRequest,
     DeleteTopicRequest,
     DescribeTopicRequest,
     GetOffsetsRequest,
+    InitProducerRequest,
     ListTopicsRequest,
     OffsetsForTimeRequest,
     PullRequest,
@@ -49,6 +53,7 @@ from storage import (
     CorruptSegmentError,
     DiskFullError,
     GetResult,
+    Message,
     MessageStore,
     OffsetOutOfRangeError,
 )
@@ -88,6 +93,8 @@ class RequestHandler:
         self._max_pull_bytes = max_pull_bytes
         self._status = status
         self._chooser = QueueChooser()
+        self.idempotence = IdempotentSends(store)
+        """Idempotent sends (producer id + sequence): used only by requests naming one."""
         self.disk_full = False
         """The last write met a full disk (cleared by the next write that succeeds)."""
         self._ops: dict[str, OpHandler] = {
@@ -103,6 +110,7 @@ class RequestHandler:
             "list_topics": self._list_topics,
             "describe_topic": self._describe_topic,
             "status": self._node_status,
+            "init_producer": self._init_producer,
         }
 
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
@@ -132,6 +140,8 @@ class RequestHandler:
     async def _send(self, req: SendRequest, _polls: Wakeups) -> Reply | Deferred:
         topic = await self._topic_for_write(req["topic"])
         self._acks.admit(req["acks"])
+        if req["producer"] is not None:
+            return await self._send_idempotent(req, topic, [req])
         queue = self._chooser.choose(topic, req["queue"], req["key"])
         result = await self._append(self._store.put, build_message(topic.name, req, queue))
 
@@ -153,6 +163,8 @@ class RequestHandler:
         topic = await self._topic_for_write(req["topic"])
         self._acks.admit(req["acks"])
         messages = req["messages"]
+        if req["producer"] is not None:
+            return await self._send_idempotent(req, topic, messages)
         queues = self._chooser.choose_batch(topic, messages)
         built = [
             build_message(topic.name, message, queue, f"messages[{index}].")
@@ -173,6 +185,63 @@ class RequestHandler:
             )
 
         return self._after_append(req, result.end_offset, answer)
+
+    async def _send_idempotent(
+        self,
+        req: SendRequest | SendBatchRequest,
+        topic: Topic,
+        messages: Sequence[SendRequest | BatchMessage],
+    ) -> Reply | Deferred:
+        """A send or batch naming its producer: appended unless stored before, when the
+        original offsets are the answer (after the same ack wait)."""
+
+        def build() -> list[Message]:
+            queues = self._chooser.choose_batch(topic, messages)
+            return [
+                build_message(topic.name, message, queue, f"messages[{index}].")
+                for index, (message, queue) in enumerate(zip(messages, queues, strict=True))
+            ]
+
+        producer, sequence = req["producer"], req["sequence"]
+        assert producer is not None and sequence is not None
+        stored = await self.idempotence.append(
+            producer,
+            sequence,
+            messages,
+            build,
+            lambda built: self._append(self._store.put_batch, built),
+        )
+        single = req["op"] == "send"
+
+        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
+            if single:
+                return send_response(
+                    req["id"],
+                    topic.name,
+                    stored.queues[0],
+                    stored.queue_offsets[0],
+                    stored.offsets[0],
+                    stored.store_us,
+                    status=status,
+                    error=error,
+                )
+            return send_batch_response(
+                req["id"],
+                topic.name,
+                stored.queues,
+                stored.queue_offsets,
+                stored.offsets,
+                stored.store_us,
+                status=status,
+                error=error,
+            )
+
+        return self._after_append(req, stored.end_offset, answer)
+
+    async def _init_producer(self, req: InitProducerRequest, _polls: Wakeups) -> Reply:
+        return make_response(
+            req["id"], producer=self.idempotence.new_producer_id(), span=PRODUCER_SPAN
+        )
 
     async def _append(self, put: Callable[[Any], Awaitable[_Result]], what: object) -> _Result:
         try:

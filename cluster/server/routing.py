@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from cluster.node.idempotence import PRODUCER_PROPERTY
 from cluster.node.topics import Topic
 from cluster.protocol import BatchMessage, SendRequest, Status, pulled_message, queue_for_key
 from cluster.server.errors import RequestError
 from storage import Message, StoredRecord
+from storage.record import FLAG_PRODUCER_BATCH
 
 __all__ = ["TAGS_PROPERTY", "QueueChooser", "build_message", "check_queue", "message_map"]
 
@@ -105,9 +107,12 @@ def build_message(
 
 
 def message_map(queue_offset: int, record: StoredRecord) -> dict[str, Any]:
-    """A stored record as the wire's message map: ``TAGS`` back into ``tags``."""
+    """A stored record as the wire's message map: ``TAGS`` back into ``tags``; the
+    producer mark of an idempotent batch's first record is the node's, not the user's."""
     props = record.properties if len(record.properties_raw) else None
     tags = props.pop(TAGS_PROPERTY, None) if props else None
+    if record.flags & FLAG_PRODUCER_BATCH and props:
+        props.pop(PRODUCER_PROPERTY, None)
     return pulled_message(
         queue_offset,
         record.physical_offset,

@@ -8,13 +8,12 @@ import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cluster.client.sequences import IssuedBatch, SequenceWindow
 from cluster.node.idempotence import (
     PRODUCER_SPAN,
     WINDOW_BATCHES,
     IdempotenceState,
-    IssuedBatch,
     ProducerMark,
-    SequenceWindow,
     Verdict,
     format_mark,
     parse_mark,
@@ -183,6 +182,7 @@ def test_the_span_rule_counts_from_the_oldest_unresolved_batch() -> None:
 
 def test_the_window_holds_what_the_span_allows() -> None:
     assert WINDOW_BATCHES >= 2 * PRODUCER_SPAN - 1
+    assert SequenceWindow().span == PRODUCER_SPAN
 
 
 @given(st.integers(1, 2**63 - 1), st.integers(0, 2**63), st.integers(1, 4096))

@@ -84,6 +84,8 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "born_us": None,
             "acks": Acks.DURABLE,
             "timeout_ms": 5000,
+            "producer": None,
+            "sequence": None,
         },
     ),
     (
@@ -116,8 +118,11 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             ],
             "acks": Acks.REPLICATED,
             "timeout_ms": 250,
+            "producer": None,
+            "sequence": None,
         },
     ),
+    ("init_producer", {}, {}),
     (
         "pull",
         {"topic": "orders", "queue": 2, "offset": 42},
@@ -245,6 +250,7 @@ def test_status_table() -> None:
         Status.FLUSH_SLAVE_TIMEOUT,
         Status.STORAGE_FAILED,
         Status.INTERNAL_ERROR,
+        Status.SEQUENCE_TOO_OLD,
     }
     assert not retryable & unknown
     assert {s for s in Status if s.has_result} == {

@@ -1,0 +1,296 @@
+"""Idempotent sends on a master: the thin I/O around :mod:`cluster.node.idempotence`.
+
+The state lives in memory and is rebuilt from the log whenever it may be stale: at
+the first idempotent send after the handler was built (a start) and after every role
+change (:meth:`IdempotentSends.forget`, called when the ack policy is switched: a
+promotion, an election, a demotion). The rebuild reads the log tail: from the first
+segment holding records stored within the last :data:`REBUILD_WINDOW_S`, and never
+more than the last :data:`REBUILD_MAX_BYTES`; only records flagged
+``FLAG_PRODUCER_BATCH`` are decoded. It runs on the event loop in slices (no thread
+shares the segment maps with the writer); idempotent sends wait for it, everything
+else is served meanwhile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+
+from cluster.node.idempotence import (
+    MAX_PRODUCER_ID,
+    PRODUCER_PROPERTY,
+    IdempotenceState,
+    LandedBatch,
+    ProducerMark,
+    Verdict,
+    format_mark,
+    parse_mark,
+)
+from cluster.protocol import Status
+from cluster.server.errors import RequestError
+from storage import (
+    BatchAppendResult,
+    CorruptSegmentError,
+    Message,
+    MessageStore,
+    OffsetOutOfRangeError,
+)
+from storage.record import FLAG_PRODUCER_BATCH, encode_properties
+
+__all__ = ["REBUILD_MAX_BYTES", "REBUILD_WINDOW_S", "IdempotentSends", "Stored"]
+
+log = logging.getLogger(__name__)
+
+REBUILD_WINDOW_S: Final = 600
+"""A rebuild reads every record stored within this many seconds (by the storing
+master's clock): five times a producer's longest delivery timeout, the rest is margin
+for clock skew between the masters."""
+REBUILD_MAX_BYTES: Final = 256 * 1024 * 1024
+"""A rebuild never reads more than this much of the log tail (about a second)."""
+REBUILD_SLICE_RECORDS: Final = 4096
+"""Records read between two checkpoints of the event loop during a rebuild."""
+
+
+@attrs.frozen(slots=True)
+class Stored:
+    """Where a batch is: just appended, or found stored before (``duplicate``)."""
+
+    queues: list[int]
+    queue_offsets: list[int]
+    offsets: list[int]
+    end_offset: int
+    store_us: int
+    duplicate: bool
+
+
+class IdempotentSends:
+    """Appends idempotent batches at most once each; one per request handler.
+
+    Invariant: every batch in :attr:`state` is in the log where it says (a batch is
+    landed only once its records are written). Used by the handler's tasks on one
+    event loop; the append of a claimed batch is shielded from cancellation, so a
+    batch is never written without being remembered.
+    """
+
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+        self.state: IdempotenceState | None = None
+        """None: to be rebuilt from the log before the next idempotent send."""
+        self._generation = 0
+        self._rebuilding = trio.Lock()
+        self._landed = trio.Event()
+        """Set (and replaced) whenever an append in progress ends: IN_PROGRESS waits on it."""
+        self.rebuilds = 0
+        self.last_rebuild: dict[str, Any] | None = None
+
+    def forget(self) -> None:
+        """The log may have changed under the state (a role change): rebuild before use."""
+        self.state = None
+        self._generation += 1
+
+    def new_producer_id(self) -> int:
+        """A random 63-bit id, none of the producers this node remembers."""
+        while True:
+            producer = secrets.randbelow(MAX_PRODUCER_ID) + 1
+            if self.state is None or not self.state.remembers(producer):
+                return producer
+
+    async def append(
+        self,
+        producer: int,
+        sequence: int,
+        messages: Sequence[Any],
+        build: Callable[[], list[Message]],
+        put_batch: Callable[[list[Message]], Awaitable[BatchAppendResult]],
+    ) -> Stored:
+        """Append the batch ``build`` makes, unless it is stored already.
+
+        ``messages`` are the request's message maps (checked for the reserved property);
+        ``build`` routes and builds the storage messages (it may raise ``RequestError``).
+        """
+        count = len(messages)
+        props = messages[0]["props"]
+        if props and PRODUCER_PROPERTY in props:
+            raise RequestError(
+                Status.BAD_REQUEST,
+                f"property {PRODUCER_PROPERTY!r} is reserved (it carries the producer id and "
+                "sequence of an idempotent send): rename it",
+            )
+        while True:
+            state = await self._ready()
+            decision = state.claim(producer, sequence, count)
+            verdict = decision.verdict
+            if verdict is Verdict.APPEND:
+                return await self._append_claimed(state, producer, sequence, build, put_batch)
+            if verdict is Verdict.DUPLICATE:
+                assert decision.landed is not None
+                return self._read_back(producer, decision.landed)
+            if verdict is Verdict.IN_PROGRESS:
+                await self._landed.wait()
+                continue
+            status = Status.SEQUENCE_TOO_OLD if verdict is Verdict.TOO_OLD else Status.BAD_REQUEST
+            raise RequestError(status, decision.reason)
+
+    async def _append_claimed(
+        self,
+        state: IdempotenceState,
+        producer: int,
+        sequence: int,
+        build: Callable[[], list[Message]],
+        put_batch: Callable[[list[Message]], Awaitable[BatchAppendResult]],
+    ) -> Stored:
+        landed = False
+        try:
+            built = build()
+            mark = ProducerMark(producer, sequence, len(built))
+            built[0] = _marked(built[0], mark)
+            with trio.CancelScope(shield=True):  # written means remembered
+                result = await put_batch(built)
+            state.land(producer, sequence, len(built), result.offsets[0])
+            landed = True
+            if state is not self.state:  # a role change while appending: re-read the log
+                self.forget()
+            return Stored(
+                [m.queue_id for m in built],
+                result.queue_offsets,
+                result.offsets,
+                result.end_offset,
+                result.store_us,
+                duplicate=False,
+            )
+        finally:
+            if not landed:
+                state.abandon(producer, sequence)
+            self._landed.set()
+            self._landed = trio.Event()
+
+    def _read_back(self, producer: int, batch: LandedBatch) -> Stored:
+        """The original answer of a stored batch, from its records."""
+        commit_log = self._store.commit_log
+        try:
+            records = list(itertools.islice(commit_log.scan(batch.offset), batch.count))
+        except (OffsetOutOfRangeError, CorruptSegmentError) as exc:
+            raise RequestError(
+                Status.SEQUENCE_TOO_OLD,
+                f"sequence {batch.sequence} of producer {producer} was stored at offset "
+                f"{batch.offset}, which the log no longer holds ({exc})",
+            ) from None
+        try:
+            mark = _mark_of(records[0].flags, records[0].properties) if records else None
+            if len(records) != batch.count or mark != ProducerMark(
+                producer, batch.sequence, batch.count
+            ):
+                raise RequestError(
+                    Status.INTERNAL_ERROR,
+                    f"the batch of producer {producer} at sequence {batch.sequence} is "
+                    f"remembered at offset {batch.offset} but the log holds {mark} there; "
+                    "resend to the master",
+                )
+            return Stored(
+                [r.queue_id for r in records],
+                [r.queue_offset for r in records],
+                [r.physical_offset for r in records],
+                records[-1].end_offset,
+                records[0].store_us,
+                duplicate=True,
+            )
+        finally:
+            for record in records:
+                record.release()
+
+    async def _ready(self) -> IdempotenceState:
+        state = self.state
+        if state is not None:
+            return state
+        async with self._rebuilding:
+            while self.state is None:
+                generation = self._generation
+                rebuilt = await self._rebuild()
+                if generation == self._generation:
+                    self.state = rebuilt
+            return self.state
+
+    async def _rebuild(self) -> IdempotenceState:
+        """The state the log tail implies (see the module docstring for the bounds)."""
+        started = time.monotonic()
+        commit_log = self._store.commit_log
+        end = commit_log.max_offset
+        start = self._scan_start(end)
+        marks: list[tuple[int, ProducerMark]] = []
+        scanned = 0
+        try:
+            headers = commit_log.iter_headers(start, end)
+            while True:
+                chunk = list(itertools.islice(headers, REBUILD_SLICE_RECORDS))
+                for offset, _size, _topic, _queue, _queue_offset, _tags, flags in chunk:
+                    if flags & FLAG_PRODUCER_BATCH:
+                        record = commit_log.read(offset)
+                        mark = _mark_of(flags, record.properties)
+                        record.release()
+                        if mark is not None:
+                            marks.append((offset, mark))
+                scanned += len(chunk)
+                if len(chunk) < REBUILD_SLICE_RECORDS:
+                    break
+                await trio.lowlevel.checkpoint()
+        except (OffsetOutOfRangeError, CorruptSegmentError, ValueError) as exc:
+            # retention removed a segment under the scan: what it read is still right
+            log.warning("idempotence_rebuild_cut_short start=%d error=%s", start, exc)
+        state = IdempotenceState.replay(marks)
+        self.rebuilds += 1
+        self.last_rebuild = {
+            "start": start,
+            "end": end,
+            "records": scanned,
+            "batches": len(marks),
+            "producers": len(state),
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        log.info(
+            "idempotence_rebuilt %s", " ".join(f"{k}={v}" for k, v in self.last_rebuild.items())
+        )
+        return state
+
+    def _scan_start(self, end: int) -> int:
+        """The base of the first segment that may hold a record stored within the window,
+        and at most :data:`REBUILD_MAX_BYTES` before ``end``."""
+        commit_log = self._store.commit_log
+        low = max(commit_log.min_offset, end - REBUILD_MAX_BYTES)
+        segments = list(commit_log.files.between(low, end))
+        if not segments:
+            return end
+        cutoff_us = time.time_ns() // 1000 - REBUILD_WINDOW_S * 1_000_000
+        for segment in reversed(segments):
+            if segment.base >= end:
+                continue
+            try:
+                record = commit_log.read(segment.base)
+            except (OffsetOutOfRangeError, CorruptSegmentError):
+                continue
+            stored_us = record.store_us
+            record.release()
+            if stored_us < cutoff_us:
+                return max(segment.base, segments[0].base)
+        return segments[0].base
+
+
+def _marked(message: Message, mark: ProducerMark) -> Message:
+    """The first message of a batch, carrying its producer mark."""
+    extra = encode_properties({PRODUCER_PROPERTY: format_mark(mark)})
+    return attrs.evolve(
+        message, properties=message.properties + extra, flags=message.flags | FLAG_PRODUCER_BATCH
+    )
+
+
+def _mark_of(flags: int, properties: dict[str, str]) -> ProducerMark | None:
+    if not flags & FLAG_PRODUCER_BATCH:
+        return None
+    text = properties.get(PRODUCER_PROPERTY)
+    return parse_mark(text) if text is not None else None

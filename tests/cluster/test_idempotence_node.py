@@ -1,0 +1,164 @@
+"""Idempotent sends against a real node in this test's trio loop: a retried batch that
+was stored is answered with its original offsets and stored once, also when its answer
+was lost on a cut connection and after the node restarted (the state is rebuilt from
+the log)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cluster.client import Client, SendResult, open_client
+from cluster.node import Node
+from cluster.node.config import NodeConfig
+from cluster.protocol import Status
+from cluster.protocol.address import format_address, parse_address
+from tests.conftest import SMALL_SEGMENT
+from tools.faults.proxy import Direction, FaultProxy
+
+STORE = {
+    "segment_size": SMALL_SEGMENT,
+    "max_message_size": 16 * 1024,
+    "consume_queue_entries": 64,
+    "flush_interval_ms": 50,
+    "retention_check_interval_ms": 3_600_000,
+}
+
+
+@asynccontextmanager
+async def serving(data_dir: Path) -> AsyncIterator[tuple[Node, str]]:
+    """A standalone node on a free port in this trio loop; shut down when the block ends."""
+    config = NodeConfig.create(data_dir, node={"port": 0, "name": "n1"}, store=STORE)
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(node.run)
+        try:
+            yield node, format_address(host, port)
+        finally:
+            node.request_shutdown()
+
+
+async def bodies(client: Client, topic: str) -> list[bytes]:
+    answer = await client.checked("pull", topic=topic, queue=0, offset=0, max_messages=1000)
+    return [bytes(m["body"]) for m in answer["messages"]]
+
+
+async def raw_send(client: Client, **fields: Any) -> dict[str, Any]:
+    return await client.call_master("send", topic="t", acks="durable", **fields)
+
+
+async def test_a_resent_batch_is_answered_with_its_first_offsets(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        started = await client.call_master("init_producer")
+        producer = started["producer"]
+        assert started["status"] is Status.OK and 1 <= producer < 2**63
+        assert started["span"] == 8
+        first = await raw_send(client, body=b"a", producer=producer, sequence=0)
+        again = await raw_send(client, body=b"a", producer=producer, sequence=0)
+        assert first["status"] is again["status"] is Status.OK
+        assert [again[k] for k in ("offset", "queue_offset", "store_us")] == [
+            first[k] for k in ("offset", "queue_offset", "store_us")
+        ]
+        batch = {
+            "topic": "t",
+            "acks": "durable",
+            "producer": producer,
+            "sequence": 1,
+            "messages": [{"body": b"b"}, {"body": b"c", "props": {"k": "v"}}],
+        }
+        one = await client.call_master("send_batch", **batch)
+        two = await client.call_master("send_batch", **batch)
+        assert one["offsets"] == two["offsets"] and one["queue_offsets"] == two["queue_offsets"]
+        assert await bodies(client, "t") == [b"a", b"b", b"c"]
+        pulled = await client.checked("pull", topic="t", queue=0, offset=0, max_messages=10)
+        # the producer mark is the node's: consumers see their own properties only
+        assert [m.get("props") for m in pulled["messages"]] == [None, None, {"k": "v"}]
+
+
+async def test_sends_that_break_the_rules_are_refused_with_why(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        producer = (await client.call_master("init_producer"))["producer"]
+        await raw_send(client, body=b"x", producer=producer, sequence=5)
+        overlap = await client.call_master(
+            "send_batch",
+            topic="t",
+            producer=producer,
+            sequence=4,
+            messages=[{"body": b"y"}, {"body": b"z"}],
+        )
+        assert overlap["status"] is Status.BAD_REQUEST and "overlap" in overlap["error"]
+        reserved = await raw_send(
+            client, body=b"x", producer=producer, sequence=9, props={"PRODUCER": "mine"}
+        )
+        assert reserved["status"] is Status.BAD_REQUEST and "reserved" in reserved["error"]
+        with pytest.raises(Exception, match="'sequence'"):
+            await raw_send(client, body=b"x", producer=producer)
+        for sequence in range(6, 6 + 16):  # the window moves past sequence 5
+            assert (await raw_send(client, body=b"w", producer=producer, sequence=sequence))[
+                "status"
+            ] is Status.OK
+        old = await raw_send(client, body=b"x", producer=producer, sequence=5)
+        assert old["status"] is Status.SEQUENCE_TOO_OLD and old["status"].outcome_unknown
+        assert (await bodies(client, "t")).count(b"x") == 1
+
+
+async def test_a_restarted_node_rebuilds_what_it_stored_from_the_log(tmp_path: Path) -> None:
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        producer = (await client.call_master("init_producer"))["producer"]
+        for sequence in range(3):
+            await raw_send(client, body=b"m%d" % sequence, producer=producer, sequence=sequence)
+        first = await raw_send(client, body=b"m3", producer=producer, sequence=3)
+    async with serving(tmp_path) as (node, address), open_client(address) as client:
+        again = await raw_send(client, body=b"m3", producer=producer, sequence=3)
+        assert again["status"] is Status.OK and again["offset"] == first["offset"]
+        assert await bodies(client, "t") == [b"m0", b"m1", b"m2", b"m3"]
+        assert node.handler is not None and node.handler.idempotence.last_rebuild is not None
+        assert node.handler.idempotence.last_rebuild["batches"] == 4
+
+
+async def test_a_send_whose_answer_was_lost_is_retried_and_stored_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node stores the message and answers; the proxy keeps the answer, then resets
+    the connection: the outcome is unknown to the producer, which resends the same
+    batch on a new connection and gets the original offsets."""
+    caplog.set_level(logging.INFO, logger="cluster.client.producer")
+    async with serving(tmp_path) as (_node, address):
+        proxy = FaultProxy(*parse_address(address))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(proxy.serve)
+            async with (
+                open_client(f"127.0.0.1:{port}") as client,
+                open_client(address) as direct,
+            ):
+                await client.admin.create_topic("t", 1)
+                producer = client.producer(batch_size=1, idempotent=True)
+                assert (await producer.send("t", b"before")).ok
+                proxy.hold(Direction.parse("from_target"))
+                results: list[SendResult] = []
+
+                async def send() -> None:
+                    results.append(await producer.send("t", b"once"))
+
+                async with trio.open_nursery() as sending:
+                    sending.start_soon(send)
+                    await proxy.wait_held()  # the node's answer: the message is stored
+                    stored = await bodies(direct, "t")
+                    proxy.reset_open()
+                    proxy.heal()
+                assert stored == [b"before", b"once"]
+                assert results[0].ok, results[0]
+                assert "resend_idempotent" in caplog.text, "the answer was lost: it was resent"
+                assert await bodies(direct, "t") == [b"before", b"once"]
+                pulled = await direct.checked("pull", topic="t", queue=0, offset=1)
+                assert results[0].offset == pulled["messages"][0]["offset"]
+            nursery.cancel_scope.cancel()
