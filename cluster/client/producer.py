@@ -70,6 +70,15 @@ class SendResult:
         return self
 
 
+def _worth_resending(result: SendResult) -> bool:
+    """An idempotent batch is sent again until the deadline while its outcome is unknown
+    (the node recognises it if it was stored) or nothing was applied for a passing
+    reason (no node reachable, no master yet): like Kafka's ``delivery.timeout.ms``."""
+    if result.outcome == "unknown":
+        return result.status is not Status.SEQUENCE_TOO_OLD
+    return result.outcome == "failed" and (result.status is None or result.status.retryable)
+
+
 def _result(topic: str, status: Status, entry: Mapping[str, Any], error: str | None) -> SendResult:
     if status is Status.OK:
         outcome: Outcome = "ok"
@@ -114,8 +123,9 @@ class Producer:
 
     With ``idempotent=True`` the producer asks the master for an id (``init_producer``)
     and numbers its messages; a batch whose outcome is unknown (no answer, a flush
-    timeout, a failed disk) is sent again, with the same numbers, until it is answered
-    or ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
+    timeout, a failed disk) or that found no master (no node reachable, an election
+    running) is sent again, with the same numbers, until it is answered or
+    ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
     answers with the original offsets instead of storing it twice, also after a
     failover. At most 8 batches are outstanding from the oldest unanswered one on (the
     node's window); order between concurrent batches is not kept (neither is it
@@ -304,9 +314,9 @@ class Producer:
         try:
             while True:
                 results = await self._deliver(topic, acks, messages, sequence=batch.sequence)
-                first = results[0]
-                if first.outcome != "unknown" or first.status is Status.SEQUENCE_TOO_OLD:
+                if not _worth_resending(results[0]):
                     return results
+                first = results[0]
                 pause = min(backoff.next_delay_s(), deadline - trio.current_time())
                 if pause <= 0:
                     return results
