@@ -315,7 +315,12 @@ class _Progress:
 
 
 async def _produce(client: Client, args: argparse.Namespace) -> int:
-    producer = client.producer(acks=args.acks, linger_ms=args.linger_ms, timeout_ms=args.timeout_ms)
+    producer = client.producer(
+        acks=args.acks,
+        linger_ms=args.linger_ms,
+        timeout_ms=args.timeout_ms,
+        idempotent=args.idempotent,
+    )
     counts = {"ok": 0, "failed": 0, "unknown": 0}
     errors: dict[str, int] = {}
     progress = _Progress(args.generate, sys.stderr.isatty() and not args.json)
@@ -630,6 +635,13 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--in-flight", type=int, default=256, help="messages in flight at once")
     produce.add_argument("--linger-ms", type=float, default=0.0, help="batching delay")
     produce.add_argument("--timeout-ms", type=int, default=5000, help="ack timeout per message")
+    produce.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="resend unknown outcomes (lost answers, flush timeouts, a failover) for up to "
+        "2 minutes: the master recognises a message it stored and answers with its offsets, "
+        "so nothing is stored twice",
+    )
     produce.add_argument(
         "--jsonl",
         action="store_true",
