@@ -62,6 +62,23 @@ def test_bench_storage_reports_every_figure_with_its_floor() -> None:
         assert figures[key] > 0, key
 
 
+def test_bench_produce_reports_rates_with_cpu_per_message_and_floors() -> None:
+    run = _tidelog("bench", "produce", "--seconds", "0.05", "--json")
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    for workload in (
+        "sequential_1024B_leader",
+        "batch64_inflight64_128B_durable",
+        "linger_64_senders_1024B_leader",
+        "pipelined_64_128B_leader",
+    ):
+        assert figures[f"{workload}_msgs_per_s"] > 0, workload
+        for side in ("client", "node"):  # CPU ticks are 10 ms: a short run may count none
+            assert figures[f"{workload}_{side}_cpu_us_per_msg"] >= 0, (workload, side)
+    assert figures["sequential_128B_durable_p99_us"] > 0
+    assert figures["echo_pipelined_1024B_round_trips_per_s"] > 0
+
+
 def test_help_names_every_command() -> None:
     run = _tidelog("--help")
     assert run.returncode == 0

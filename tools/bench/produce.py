@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -31,7 +32,7 @@ import trio
 from cluster.client import Client, open_client
 from cluster.protocol import Status
 from tools.bench.consume import bench_consume_on
-from tools.bench.stats import percentile
+from tools.bench.stats import CpuMeter, percentile
 from tools.process import NodeProcess, node_status, wait_until
 
 ProgressFn = Callable[[str], None]
@@ -41,17 +42,17 @@ BATCH = 64
 
 
 async def _sequential(
-    client: Client, topic: str, body: bytes, acks: str, seconds: float
-) -> tuple[float, list[float]]:
+    client: Client, topic: str, body: bytes, acks: str, seconds: float, latencies: list[float]
+) -> float:
+    """One send at a time; messages/s, and each latency added to ``latencies``, sorted."""
     producer = client.producer(acks=acks, batch_size=1)
-    latencies: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         (await producer.send(topic, body, queue=0)).raise_for_outcome()
         latencies.append(time.perf_counter() - start)
     latencies.sort()
-    return len(latencies) / seconds, latencies
+    return len(latencies) / seconds
 
 
 async def _senders(seconds: float, step: Callable[[int], Awaitable[int]]) -> float:
@@ -102,9 +103,28 @@ async def _explicit_batches(
 
 
 async def bench_produce_on(
-    address: str, seconds: float, progress: ProgressFn, acks_levels: tuple[str, ...]
+    address: str,
+    seconds: float,
+    progress: ProgressFn,
+    acks_levels: tuple[str, ...],
+    node_pids: Sequence[int] = (),
 ) -> dict[str, float]:
+    """Every workload at every size and ack level; beside each rate, the CPU microseconds
+    per message of this client and of the node processes (``node_pids``, when known)."""
     figures: dict[str, float] = {}
+    meter = CpuMeter(node_pids)
+
+    async def measured(name: str, run: Callable[[], Awaitable[float]]) -> float:
+        """``{name}_msgs_per_s`` from ``run()``, and the CPU microseconds per message."""
+        meter.start()
+        started = time.perf_counter()
+        rate = await run()
+        messages = rate * (time.perf_counter() - started)
+        figures[f"{name}_msgs_per_s"] = rate
+        for side, value in meter.per_message_us(messages).items():
+            figures[f"{name}_{side}_cpu_us_per_msg"] = value
+        return rate
+
     async with open_client(address) as client:
         for size in SIZES:
             topic = f"bench-{size}"
@@ -113,20 +133,29 @@ async def bench_produce_on(
             for acks in acks_levels:
                 tag = f"{size}B_{acks}"
                 progress(f"{tag}: sequential")
-                rate, lat = await _sequential(client, topic, body, acks, seconds)
-                figures[f"sequential_{tag}_msgs_per_s"] = rate
+                latencies: list[float] = []
+                await measured(
+                    f"sequential_{tag}",
+                    partial(_sequential, client, topic, body, acks, seconds, latencies),
+                )
                 for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999)):
-                    figures[f"sequential_{tag}_{name}_us"] = percentile(lat, q) * 1e6
+                    figures[f"sequential_{tag}_{name}_us"] = percentile(latencies, q) * 1e6
                 progress(f"{tag}: batches of {BATCH}, {IN_FLIGHT} in flight")
-                rate = await _explicit_batches(client, topic, body, acks, seconds)
-                figures[f"batch{BATCH}_inflight{IN_FLIGHT}_{tag}_msgs_per_s"] = rate
-                figures[f"batch{BATCH}_inflight{IN_FLIGHT}_{tag}_mb_per_s"] = rate * size / 1e6
+                batches = f"batch{BATCH}_inflight{IN_FLIGHT}_{tag}"
+                rate = await measured(
+                    batches, partial(_explicit_batches, client, topic, body, acks, seconds)
+                )
+                figures[f"{batches}_mb_per_s"] = rate * size / 1e6
                 progress(f"{tag}: {IN_FLIGHT} concurrent sends, producer batching")
-                rate = await _in_flight(client, topic, body, acks, seconds, batched=True)
-                figures[f"linger_{IN_FLIGHT}_senders_{tag}_msgs_per_s"] = rate
+                await measured(
+                    f"linger_{IN_FLIGHT}_senders_{tag}",
+                    partial(_in_flight, client, topic, body, acks, seconds, batched=True),
+                )
                 progress(f"{tag}: unbatched, {IN_FLIGHT} in flight")
-                rate = await _in_flight(client, topic, body, acks, seconds, batched=False)
-                figures[f"pipelined_{IN_FLIGHT}_{tag}_msgs_per_s"] = rate
+                await measured(
+                    f"pipelined_{IN_FLIGHT}_{tag}",
+                    partial(_in_flight, client, topic, body, acks, seconds, batched=False),
+                )
     return figures
 
 
@@ -279,7 +308,8 @@ async def run_bench(
             bootstrap = node.start().address
         figures: dict[str, float] = {"replicas": float(replicas)} if replicas else {}
         if kind == "produce":
-            figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels))
+            pids = [pid for process in processes if (pid := process.pid) is not None]
+            figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels, pids))
             progress("floor: trio echo server")
             for size in SIZES:
                 rate, _ = await echo_floor(size + 40, seconds, IN_FLIGHT)
