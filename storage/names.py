@@ -12,7 +12,14 @@ from typing import Final
 
 from storage.errors import InvalidTopicError
 
-__all__ = ["MAX_TOPIC_LENGTH", "TOPIC_RULE", "is_valid_topic_name", "validate_topic"]
+__all__ = [
+    "INTERNAL_TOPIC_PREFIX",
+    "MAX_TOPIC_LENGTH",
+    "TOPIC_RULE",
+    "is_internal_topic_name",
+    "is_valid_topic_name",
+    "validate_topic",
+]
 
 MAX_TOPIC_LENGTH: Final = 127
 TOPIC_RULE: Final = (
@@ -26,6 +33,20 @@ def is_valid_topic_name(name: object) -> bool:
     return type(name) is str and _TOPIC_NAME.fullmatch(name) is not None
 
 
+INTERNAL_TOPIC_PREFIX: Final = "__"
+"""Topics the node itself writes (consumer-group offsets): ``__`` then a valid name. The
+store takes them; clients cannot name them (the rule above starts with a letter or digit)."""
+
+
+def is_internal_topic_name(name: object) -> bool:
+    """True for the node's own topics: :data:`INTERNAL_TOPIC_PREFIX` then a valid name."""
+    return (
+        type(name) is str
+        and name.startswith(INTERNAL_TOPIC_PREFIX)
+        and is_valid_topic_name(name[len(INTERNAL_TOPIC_PREFIX) :])
+    )
+
+
 def validate_topic(topic: str) -> bytes:
     """The topic's ASCII bytes, or :class:`InvalidTopicError` naming the rule it breaks."""
     if topic in (".", ".."):
@@ -33,6 +54,6 @@ def validate_topic(topic: str) -> bytes:
             f"invalid topic name {topic!r}: '.' and '..' are reserved "
             "(a topic names its consume-queue directory)"
         )
-    if not is_valid_topic_name(topic):
+    if not is_valid_topic_name(topic) and not is_internal_topic_name(topic):
         raise InvalidTopicError(f"invalid topic name {topic!r}: use {TOPIC_RULE}")
     return topic.encode("ascii")

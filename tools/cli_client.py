@@ -26,6 +26,7 @@ from cluster.client.tls import client_tls
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
 from storage.names import TOPIC_RULE
+from tools.cli_group import add_group_commands, add_group_options, consume_in_group
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -377,6 +378,8 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _consume(client: Client, args: argparse.Namespace) -> int:
+    if args.group is not None:
+        return await consume_in_group(client, args, _shown)
     described = await client.admin.describe_topic(args.topic)
     queues = [args.queue] if args.queue is not None else list(range(described["queues"]))
     bounds = {entry["queue"]: entry for entry in described["offsets"]}
@@ -683,7 +686,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     consume.add_argument("--follow", "-f", action="store_true", help="keep waiting for more")
     consume.add_argument("--count", type=int, default=0, help="stop after N messages")
     consume.add_argument("--wait-ms", type=int, default=1000, help="long-poll wait per pull")
+    add_group_options(consume)
     consume.set_defaults(handler=lambda a: _run(a, _consume))
+    add_group_commands(commands, common, _run)
 
     status = commands.add_parser("status", parents=[common], help="role, offsets, flush state")
     status.add_argument(

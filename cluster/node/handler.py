@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
+from cluster.node.groups import GroupService
 from cluster.node.topic_changes import alter_in_etcd, delete_in_etcd
 from cluster.node.topics import Topic, TopicExistsError, UnknownTopicError
 from cluster.protocol import (
@@ -53,12 +54,27 @@ class NodeRequestHandler(RequestHandler):
         self._plain_alter_topic = self._ops["alter_topic"]
         self._ops["alter_topic"] = self._alter_topic_anywhere
         self._ops["delete_topic"] = self._delete_topic_anywhere
+        self.groups = GroupService(
+            self._store, self._topics, lambda: self._acks, self._group_read_limit
+        )
+        """Consumer groups: membership (on the master) and committed offsets."""
+        self._ops.update(self.groups.ops())
 
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs.
         The role changed, so the log may have too: idempotent sends re-read it first."""
         self._acks = acks if self._node.metrics is None else self._node.metrics.timed(acks)
         self.idempotence.forget()
+        self.groups.forget()
+
+    def _group_read_limit(self) -> int | None:
+        """A master reads its whole log for group offsets; anything else stops where its
+        reads stop (a slave: the master's confirm offset)."""
+        try:
+            self._node.check_writable()
+        except RequestError:
+            return self._acks.read_limit()
+        return None
 
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
         try:

@@ -74,6 +74,7 @@ from replication.master import HAService
 from replication.slave import SlaveReplication
 from replication.state import begin_term
 from storage import MessageStore
+from storage.names import is_internal_topic_name
 
 __all__ = ["Node", "serve_until_signalled"]
 
@@ -354,6 +355,8 @@ class Node:
         for topic, queue_id in self.store.queues.queues:
             counts[topic] = max(counts.get(topic, 0), queue_id + 1)
         for topic, queues in sorted(counts.items()):
+            if is_internal_topic_name(topic):
+                continue  # the node's own (group offsets): never a client's topic
             if self.topics.get(topic) is None:
                 try:
                     await self.topics.create(topic, queues)

@@ -232,6 +232,59 @@ _SEQUENCE: Final = _int_field(
 )
 
 
+def _check_group(name: str) -> str:
+    if not is_valid_topic_name(name):
+        raise Invalid("", f"must be {TOPIC_RULE} (the topic rule), got {describe(name)}")
+    return name
+
+
+def _check_topic_list(topics: list[Any]) -> list[str]:
+    if not 1 <= len(topics) <= MAX_GROUP_TOPICS:
+        raise Invalid("", f"must hold 1 to {MAX_GROUP_TOPICS} topic names, got {len(topics)}")
+    for index, name in enumerate(topics):
+        try:
+            _check_topic(name)
+        except Invalid as exc:
+            raise exc.under(f"[{index}]") from None
+    return sorted(set(topics))
+
+
+_POSITION_PLAN: Final = _plan(
+    {
+        "topic": Field((str,), required=True, check=_check_topic),
+        "queue": Field((int,), required=True, low=0, high=MAX_QUEUES - 1),
+        "offset": Field((int,), required=True, low=0, high=MAX_OFFSET),
+    }
+)
+
+
+def _check_positions(positions: list[Any]) -> list[dict[str, Any]]:
+    if not 1 <= len(positions) <= MAX_QUEUES:
+        raise Invalid("", f"must hold 1 to {MAX_QUEUES} positions, got {len(positions)}")
+    out: list[dict[str, Any]] = []
+    for index, raw in enumerate(positions):
+        if type(raw) is not dict:
+            raise Invalid(f"[{index}]", f"must be a map, got {describe(raw)}")
+        position: dict[str, Any] = {}
+        try:
+            apply_steps(_POSITION_PLAN, raw, position)
+        except Invalid as exc:
+            raise exc.under(f"[{index}]") from None
+        out.append(position)
+    return out
+
+
+MAX_GROUP_TOPICS: Final = 64
+"""Topics one consumer group may consume."""
+_GROUP: Final = Field((str,), required=True, check=_check_group, doc="consumer group name")
+_MEMBER: Final = Field(
+    (str,), required=True, check=_check_group, doc="member id (the client makes a unique one)"
+)
+_GENERATION: Final = _int_field(
+    None, 0, MAX_OFFSET, "the generation join_group answered", required=True
+)
+
+
 def _check_messages(messages: list[Any]) -> list[BatchMessage]:
     if not 1 <= len(messages) <= MAX_BATCH_MESSAGES:
         raise Invalid(
@@ -401,6 +454,62 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                     ),
                 },
                 doc="admin (master, with etcd): hand mastership over without losing a write",
+            ),
+            OpSchema(
+                "join_group",
+                {
+                    "group": _GROUP,
+                    "member": _MEMBER,
+                    "topics": Field(
+                        (list,), required=True, check=_check_topic_list, doc="topics to consume"
+                    ),
+                    "session_timeout_ms": _int_field(
+                        10_000, 100, 600_000, "silent this long, the member is dropped"
+                    ),
+                },
+                writes=True,
+                doc="consumer groups: join (or re-join); answers the generation and queues",
+            ),
+            OpSchema(
+                "heartbeat",
+                {"group": _GROUP, "member": _MEMBER, "generation": _GENERATION},
+                writes=True,
+                doc="consumer groups: stay live; REJOIN_GROUP when the generation moved on",
+            ),
+            OpSchema(
+                "leave_group",
+                {"group": _GROUP, "member": _MEMBER},
+                writes=True,
+                doc="consumer groups: leave now (the queues move at once)",
+            ),
+            OpSchema(
+                "commit_offsets",
+                {
+                    "group": _GROUP,
+                    "member": attrs.evolve(_MEMBER, required=False),
+                    "generation": attrs.evolve(_GENERATION, required=False),
+                    "offsets": Field(
+                        (list,),
+                        required=True,
+                        check=_check_positions,
+                        doc="[{topic, queue, offset}]",
+                    ),
+                    "acks": _ACKS,
+                    "timeout_ms": _TIMEOUT,
+                },
+                writes=True,
+                doc="consumer groups: store the next offset to read per queue",
+            ),
+            OpSchema(
+                "fetch_offsets",
+                {"group": _GROUP, "member": attrs.evolve(_MEMBER, required=False)},
+                doc="consumer groups: the committed offsets of a group",
+            ),
+            OpSchema("list_groups", {}, doc="consumer groups: every group with offsets or members"),
+            OpSchema(
+                "describe_group",
+                {"group": _GROUP},
+                doc="consumer groups: members, assignment, committed offsets and lag",
             ),
         )
     }

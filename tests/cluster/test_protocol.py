@@ -156,6 +156,32 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"group": "g1", "to": "node-2"},
         {"group": "g1", "to": "node-2", "timeout_ms": 10_000},
     ),
+    (
+        "join_group",
+        {"group": "g", "member": "m-1", "topics": ["b", "a", "b"]},
+        {"group": "g", "member": "m-1", "topics": ["a", "b"], "session_timeout_ms": 10_000},
+    ),
+    (
+        "heartbeat",
+        {"group": "g", "member": "m-1", "generation": 3},
+        {"group": "g", "member": "m-1", "generation": 3},
+    ),
+    ("leave_group", {"group": "g", "member": "m-1"}, {"group": "g", "member": "m-1"}),
+    (
+        "commit_offsets",
+        {"group": "g", "offsets": [{"topic": "a", "queue": 1, "offset": 7}]},
+        {
+            "group": "g",
+            "member": None,
+            "generation": None,
+            "offsets": [{"topic": "a", "queue": 1, "offset": 7}],
+            "acks": Acks.DURABLE,
+            "timeout_ms": 5000,
+        },
+    ),
+    ("fetch_offsets", {"group": "g"}, {"group": "g", "member": None}),
+    ("list_groups", {}, {}),
+    ("describe_group", {"group": "g"}, {"group": "g"}),
 ]
 
 

@@ -1,0 +1,196 @@
+"""Consumer-group membership on the master: who is live, the generation, who reads what
+(sans-IO: the caller passes the time in seconds, e.g. ``trio.current_time()``).
+
+Like Kafka's group coordinator, simplified: a member joins with its id and topics; every
+change of the live set (a join of a new member, a leave, a member silent for its
+session timeout) starts a new *generation* with a new assignment
+(:func:`~cluster.node.group_assignment.assign`, sticky balanced). A member learns of it
+on its next heartbeat (``rejoin``) and joins again to get its queues. A commit is
+accepted from a live member for a queue it holds in the current generation, or for one
+it held in the previous generation while the queue's new holder has not fetched its
+offset yet (so a member's last commit before it re-joins still lands); anything else is
+fenced. Membership lives in memory only: after a failover the new master knows no
+members, every heartbeat answers ``rejoin`` and the members join again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import attrs
+
+from cluster.node.group_assignment import QueueRef, assign
+
+__all__ = ["DEFAULT_SESSION_TIMEOUT_MS", "GroupMembership", "GroupState", "Joined"]
+
+DEFAULT_SESSION_TIMEOUT_MS: Final = 10_000
+
+
+@attrs.frozen
+class Joined:
+    """What a join answers: the member's generation and its queues."""
+
+    generation: int
+    assignment: list[QueueRef]
+    members: int
+
+
+@attrs.define
+class GroupState:
+    """One group's live members (id -> deadline, seconds), its generation and assignments.
+
+    Invariant: ``assignment`` covers every queue of ``queues`` exactly once, over exactly
+    the live members (empty when none are live); ``previous`` is the last generation's.
+    """
+
+    topics: tuple[str, ...]
+    queues: list[QueueRef]
+    generation: int = 0
+    deadlines: dict[str, float] = attrs.field(factory=dict)
+    session_s: dict[str, float] = attrs.field(factory=dict)
+    assignment: dict[str, list[QueueRef]] = attrs.field(factory=dict)
+    previous: dict[str, list[QueueRef]] = attrs.field(factory=dict)
+    fetched: dict[QueueRef, int] = attrs.field(factory=dict)
+    """Queue -> the generation in which its holder last fetched its committed offset."""
+
+    def rebalance(self) -> None:
+        self.previous = self.assignment
+        self.generation += 1
+        self.assignment = assign(self.queues, list(self.deadlines), self.previous)
+
+
+class GroupMembership:
+    """Every group this master coordinates. One task (the event loop) calls it; each
+    call first drops the members whose session ran out."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, GroupState] = {}
+
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Drop members silent past their session; returns ``(group, member)`` dropped."""
+        dropped = []
+        for name, group in self._groups.items():
+            gone = [m for m, deadline in group.deadlines.items() if deadline < now]
+            for member in gone:
+                del group.deadlines[member]
+                group.session_s.pop(member, None)
+                dropped.append((name, member))
+            if gone:
+                group.rebalance()
+        return dropped
+
+    def join(
+        self,
+        name: str,
+        member: str,
+        topics: Mapping[str, int],
+        session_timeout_ms: int,
+        now: float,
+    ) -> Joined:
+        """Join (or re-join) ``member``; ``topics`` maps each topic to its queue count.
+        A group's members must consume the same topics (ValueError otherwise)."""
+        self.expire(now)
+        wanted = tuple(sorted(topics))
+        queues = [(t, q) for t in wanted for q in range(topics[t])]
+        group = self._groups.get(name)
+        if group is None or not group.deadlines:
+            group = self._groups[name] = GroupState(
+                wanted, queues, group.generation if group else 0
+            )
+        elif group.topics != wanted:
+            raise ValueError(
+                f"group {name!r} consumes {', '.join(group.topics)}; a member of it cannot "
+                f"consume {', '.join(wanted)}: use another group name"
+            )
+        session_s = session_timeout_ms / 1000
+        changed = member not in group.deadlines or queues != group.queues
+        group.deadlines[member] = now + session_s
+        group.session_s[member] = session_s
+        if changed:
+            group.queues = queues
+            group.rebalance()
+        return Joined(group.generation, list(group.assignment[member]), len(group.deadlines))
+
+    def heartbeat(self, name: str, member: str, generation: int, now: float) -> int | None:
+        """Keep ``member`` alive; the current generation when it holds it, None when it
+        must join again (unknown member, or a new generation started)."""
+        self.expire(now)
+        group = self._groups.get(name)
+        if group is None or member not in group.deadlines:
+            return None
+        group.deadlines[member] = now + group.session_s[member]
+        return group.generation if generation == group.generation else None
+
+    def leave(self, name: str, member: str, now: float) -> bool:
+        """Remove ``member`` at once (its queues move now, not after its session)."""
+        self.expire(now)
+        group = self._groups.get(name)
+        if group is None or member not in group.deadlines:
+            return False
+        del group.deadlines[member]
+        group.session_s.pop(member, None)
+        group.rebalance()
+        return True
+
+    def commit_refusal(
+        self,
+        name: str,
+        member: str | None,
+        generation: int | None,
+        queues: Sequence[QueueRef],
+        now: float,
+    ) -> str | None:
+        """Why a commit of ``queues`` must be refused (None: accept it). Without a member
+        (an admin reset) the group must have no live members."""
+        self.expire(now)
+        group = self._groups.get(name)
+        live = group is not None and bool(group.deadlines)
+        if member is None:
+            if live:
+                assert group is not None
+                return (
+                    f"group {name!r} has {len(group.deadlines)} live member(s): stop its "
+                    "consumers first (a commit without a member is an admin reset)"
+                )
+            return None
+        if group is None or member not in group.deadlines:
+            return f"member {member!r} is not in group {name!r} (expired or the master changed)"
+        held_now = set(group.assignment.get(member, ()))
+        held_before = set(group.previous.get(member, ()))
+        for queue in queues:
+            if generation == group.generation and queue in held_now:
+                continue
+            if (
+                generation == group.generation - 1
+                and queue in held_before
+                and group.fetched.get(queue) != group.generation
+            ):
+                continue
+            return (
+                f"member {member!r} does not hold {queue[0]}/{queue[1]} in generation "
+                f"{generation} (the group is at generation {group.generation})"
+            )
+        return None
+
+    def fetched(self, name: str, member: str, queues: Sequence[QueueRef]) -> None:
+        """``member`` read the committed offsets of ``queues``: from now on only it commits them."""
+        group = self._groups.get(name)
+        if group is None or member not in group.deadlines:
+            return
+        held = set(group.assignment.get(member, ()))
+        for queue in queues:
+            if queue in held:
+                group.fetched[queue] = group.generation
+
+    def live(self, name: str) -> int:
+        group = self._groups.get(name)
+        return len(group.deadlines) if group is not None else 0
+
+    def state(self, name: str, now: float) -> GroupState | None:
+        self.expire(now)
+        return self._groups.get(name)
+
+    def names(self, now: float) -> list[str]:
+        self.expire(now)
+        return sorted(self._groups)

@@ -1,0 +1,128 @@
+"""The pure parts of consumer groups: the assignment rule, the offsets map and its
+record, and membership (generations, expiry, fencing of commits)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.node.group_assignment import QueueRef, assign
+from cluster.node.group_membership import GroupMembership
+from cluster.node.group_offsets import Commit, OffsetsMap, decode_commit, encode_commit
+
+names = st.text("abcdefgh", min_size=1, max_size=4)
+queue_sets = st.sets(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 15)), max_size=40)
+member_sets = st.sets(names, max_size=8)
+
+
+def held(assignment: dict[str, list[QueueRef]]) -> list[QueueRef]:
+    return sorted(q for queues in assignment.values() for q in queues)
+
+
+@given(queue_sets, member_sets)
+def test_every_queue_goes_to_exactly_one_live_member(
+    queues: set[QueueRef], members: set[str]
+) -> None:
+    assignment = assign(sorted(queues), sorted(members))
+    if not members:
+        assert assignment == {}
+        return
+    assert set(assignment) == members
+    assert held(assignment) == sorted(queues)
+    shares = [len(q) for q in assignment.values()]
+    assert max(shares) - min(shares) <= 1
+
+
+@given(queue_sets, member_sets, st.randoms())
+def test_the_rule_is_deterministic(
+    queues: set[QueueRef], members: set[str], rnd: random.Random
+) -> None:
+    shuffled_q, shuffled_m = list(queues), list(members)
+    rnd.shuffle(shuffled_q)
+    rnd.shuffle(shuffled_m)
+    assert assign(shuffled_q, shuffled_m) == assign(sorted(queues), sorted(members))
+
+
+@given(queue_sets, member_sets, names)
+def test_a_departure_moves_only_the_departed_members_queues_and_rebalancing_ones(
+    queues: set[QueueRef], members: set[str], gone: str
+) -> None:
+    before = assign(sorted(queues), sorted(members | {gone}))
+    after = assign(sorted(queues), sorted(members), before)
+    assert held(after) == sorted(queues) if members else after == {}
+    moved = {q for m, qs in after.items() for q in qs if q not in before.get(m, [])}
+    # Every queue that moved was the departed member's, or one a survivor gave up
+    # because its share shrank is impossible: shares only grow when a member leaves.
+    assert moved <= set(before.get(gone, []))
+
+
+@given(queue_sets, member_sets, names)
+def test_a_join_takes_queues_only_from_members_above_their_new_share(
+    queues: set[QueueRef], members: set[str], new: str
+) -> None:
+    before = assign(sorted(queues), sorted(members))
+    after = assign(sorted(queues), sorted(members | {new}), before)
+    for member in members:
+        kept = set(after.get(member, [])) & set(before.get(member, []))
+        assert len(kept) == min(len(before.get(member, [])), len(after[member]))
+
+
+offsets = st.integers(0, 2**40)
+commits = st.lists(
+    st.builds(
+        Commit,
+        st.sampled_from(["g1", "g2"]),
+        st.sampled_from(["t", "u"]),
+        st.integers(0, 3),
+        offsets,
+    ),
+    max_size=50,
+)
+
+
+@given(commits)
+def test_the_map_is_the_last_commit_per_key_and_survives_the_record_format(
+    history: list[Commit],
+) -> None:
+    replayed = OffsetsMap()
+    replayed.apply_all(c for c in (decode_commit(encode_commit(c)) for c in history) if c)
+    last: dict[tuple[str, str, int], int] = {}
+    for c in history:
+        last[(c.group, c.topic, c.queue)] = c.offset
+    assert {(c.group, c.topic, c.queue): c.offset for c in replayed} == last
+    for (group, topic, queue), offset in last.items():
+        assert replayed.get(group, topic, queue) == offset
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b'{"g":"g","t":"t","q":"1","o":2}', b"\xff"])
+def test_a_body_that_is_no_commit_is_skipped(body: bytes) -> None:
+    assert decode_commit(body) is None
+
+
+def test_membership_generations_expiry_and_fencing() -> None:
+    groups = GroupMembership()
+    first = groups.join("g", "m1", {"t": 4}, 1000, now=0.0)
+    assert first.generation == 1 and first.assignment == [("t", q) for q in range(4)]
+    second = groups.join("g", "m2", {"t": 4}, 1000, now=0.1)
+    assert second.generation == 2 and len(second.assignment) == 2
+    assert groups.heartbeat("g", "m1", 1, now=0.2) is None  # must re-join
+    again = groups.join("g", "m1", {"t": 4}, 1000, now=0.3)
+    assert again.generation == 2 and set(again.assignment).isdisjoint(second.assignment)
+    # m1's last commit of a queue it lost, in the old generation, lands until m2 fetched it.
+    lost = [q for q in first.assignment if q not in again.assignment]
+    assert groups.commit_refusal("g", "m1", 1, lost, now=0.4) is None
+    groups.fetched("g", "m2", second.assignment)
+    assert "does not hold" in (groups.commit_refusal("g", "m1", 1, lost, now=0.5) or "")
+    assert groups.commit_refusal("g", None, None, lost, now=0.5) is not None  # live members
+    with pytest.raises(ValueError, match="consumes t"):
+        groups.join("g", "m3", {"u": 1}, 1000, now=0.5)
+    # m2 falls silent: at m1's next heartbeat after its session, m1 holds everything.
+    assert groups.heartbeat("g", "m1", 2, now=1.05) == 2
+    assert groups.heartbeat("g", "m1", 2, now=1.2) is None
+    assert groups.join("g", "m1", {"t": 4}, 1000, now=1.5).assignment == first.assignment
+    assert groups.leave("g", "m1", now=1.6)
+    assert groups.live("g") == 0
+    assert groups.commit_refusal("g", None, None, lost, now=1.7) is None

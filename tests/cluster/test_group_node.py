@@ -1,0 +1,144 @@
+"""Consumer groups against a real node in this test's trio loop: the ops, fencing, an
+admin reset, committed offsets rebuilt from the log after a restart, and group
+consumers sharing a topic's queues (a member leaving hands its queues over)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cluster.client import Client, TidelogError, open_client
+from cluster.client.group_consumer import GroupConsumer
+from cluster.node import Node
+from cluster.node.config import NodeConfig
+from cluster.protocol import Status
+from cluster.protocol.address import format_address
+from tests.conftest import SMALL_SEGMENT
+
+STORE = {"segment_size": SMALL_SEGMENT, "max_message_size": 16 * 1024, "flush_interval_ms": 20}
+
+
+@asynccontextmanager
+async def serving(data_dir: Path) -> AsyncIterator[str]:
+    """A standalone node on a free port in this trio loop; shut down when the block ends."""
+    config = NodeConfig.create(data_dir, node={"port": 0, "name": "n1"}, store=STORE)
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(node.run)
+        try:
+            yield format_address(host, port)
+        finally:
+            node.request_shutdown()
+
+
+async def master(client: Client, op: str, **fields: Any) -> dict[str, Any]:
+    return await client.call_master(op, **fields)
+
+
+def positions(answer: dict[str, Any]) -> dict[tuple[str, int], int]:
+    return {(o["topic"], o["queue"]): o["offset"] for o in answer["offsets"]}
+
+
+async def test_ops_fencing_reset_and_offsets_after_a_restart(tmp_path: Path) -> None:
+    async with serving(tmp_path) as address, open_client(address) as client:
+        await client.admin.create_topic("t", 4)
+        one = await master(client, "join_group", group="g", member="m1", topics=["t"])
+        assert one["status"] is Status.OK and one["generation"] == 1
+        assert len(one["assignment"]) == 4
+        two = await master(client, "join_group", group="g", member="m2", topics=["t"])
+        assert two["generation"] == 2 and len(two["assignment"]) == 2
+        beat = await master(client, "heartbeat", group="g", member="m1", generation=1)
+        assert beat["status"] is Status.REJOIN_GROUP and "join_group again" in beat["error"]
+        mine = await master(client, "join_group", group="g", member="m1", topics=["t"])
+        held = mine["assignment"][0]
+        commit = {"topic": held["topic"], "queue": held["queue"], "offset": 5}
+        ok = await master(
+            client, "commit_offsets", group="g", member="m1", generation=2, offsets=[commit]
+        )
+        assert ok["status"] is Status.OK and ok["committed"] == 1
+        theirs = dict(two["assignment"][0], offset=9)
+        fenced = await master(
+            client, "commit_offsets", group="g", member="m1", generation=2, offsets=[theirs]
+        )
+        assert fenced["status"] is Status.REJOIN_GROUP and "does not hold" in fenced["error"]
+        busy = await master(client, "commit_offsets", group="g", offsets=[commit])
+        assert busy["status"] is Status.GROUP_HAS_MEMBERS and "live member" in busy["error"]
+        bad = await master(
+            client, "commit_offsets", group="g", offsets=[dict(commit, topic="nope")]
+        )
+        assert bad["status"] is Status.UNKNOWN_TOPIC
+        fetched = await master(client, "fetch_offsets", group="g")
+        assert positions(fetched) == {(held["topic"], held["queue"]): 5}
+        described = await master(client, "describe_group", group="g")
+        assert {m["member"] for m in described["members"]} == {"m1", "m2"}
+        assert len(described["offsets"]) == 4
+        for member in ("m1", "m2"):
+            assert (await master(client, "leave_group", group="g", member=member))["left"]
+        reset = [{"topic": "t", "queue": q, "offset": 7} for q in range(4)]
+        assert (await master(client, "commit_offsets", group="g", offsets=reset))[
+            "status"
+        ] is Status.OK
+        listed = (await client.checked("list_groups"))["groups"]
+        assert listed == [{"group": "g", "members": 0, "generation": 4, "topics": ["t"]}]
+    async with serving(tmp_path) as address, open_client(address) as client:
+        fetched = await master(client, "fetch_offsets", group="g")
+        assert positions(fetched) == {("t", q): 7 for q in range(4)}
+        assert (await client.checked("list_topics"))["topics"] == [{"topic": "t", "queues": 4}]
+        with pytest.raises(TidelogError, match="INVALID_TOPIC"):  # the node's own topic
+            await client.call("pull", topic="__offsets", queue=0, offset=0)
+
+
+async def produce(client: Client, topic: str, count: int, start: int = 0) -> None:
+    producer = client.producer()
+    for n in range(start, start + count):
+        result = await producer.send(topic, f"m{n}".encode(), acks="durable")
+        assert result.outcome == "ok"
+
+
+async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Path) -> None:
+    seen: dict[str, list[bytes]] = {"a": [], "b": []}
+    async with serving(tmp_path) as address, open_client(address) as client:
+        await client.admin.create_topic("t", 4)
+        await produce(client, "t", 40)
+        options: dict[str, Any] = {"heartbeat_interval_ms": 50, "auto_commit_interval_ms": 50}
+        done = trio.Event()
+
+        async def member(name: str, consumer: GroupConsumer, stop: trio.Event) -> None:
+            async with consumer:
+                async for message in consumer:
+                    seen[name].append(message.body)
+                    if len(seen["a"]) + len(seen["b"]) >= 80:
+                        done.set()
+                    if stop.is_set():
+                        return
+
+        a = GroupConsumer(client, "g", ["t"], member="a", **options)
+        b = GroupConsumer(client, "g", ["t"], member="b", **options)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(member, "a", a, trio.Event())
+            await a.wait_assigned()
+            nursery.start_soon(member, "b", b, trio.Event())
+            await b.wait_assigned()
+            await produce(client, "t", 40, start=40)
+            with trio.fail_after(20):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        everything = {f"m{n}".encode() for n in range(80)}
+        assert set(seen["a"]) | set(seen["b"]) == everything
+        assert b.rebalances >= 1 and len(b.assignment) == 2
+        # Both left (commit, then leave_group): the group's positions are the ends.
+        fetched = await master(client, "fetch_offsets", group="g")
+        assert sum(positions(fetched).values()) == 80
+        await produce(client, "t", 8, start=80)
+        again: list[bytes] = []
+        async with GroupConsumer(client, "g", ["t"], member="c", **options) as c:
+            async for message in c:
+                again.append(message.body)
+                if len(again) == 8:
+                    break
+        assert sorted(again) == sorted(f"m{n}".encode() for n in range(80, 88))
