@@ -658,6 +658,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         "consume",
         parents=[common],
         help="print messages of a topic",
+        usage="%(prog)s TOPIC [--from X | --from-time T] [--follow] [--meta] [OPTION ...]",
         description="Print message bodies (with --meta: queue, offset, tags; with --json: one "
         "object per line, binary bodies as body_base64) from a starting offset; stops once "
         "caught up unless --follow (Ctrl-C stops it).",
