@@ -8,13 +8,19 @@ What a member does (the node side is :mod:`cluster.node.groups`):
    never committed starts at ``start``: its earliest or latest offset).
 3. Pull the held queues, heartbeat every ``heartbeat_interval_ms``, commit the positions
    every ``auto_commit_interval_ms`` (and on :meth:`GroupConsumer.commit`).
-4. A heartbeat answered ``REJOIN_GROUP`` (a member joined, left or died, or the master
-   changed): stop pulling, commit what was processed, join again, go to 2.
+4. A heartbeat answered ``REJOIN_GROUP`` (a member joined, left or died, the master
+   changed, or a queue this member waits for was given up): stop pulling, commit what
+   was processed, join again, go to 2.
 
 A message's position is committed only once the application asked for the next one
-(it finished with it), so delivery is at least once: after a crash or a rebalance the
-queue's next holder starts from the last commit, and sees again what was processed but
-not committed yet (at most one auto-commit interval of messages, plus the message in hand).
+(it finished with it), so delivery is at least once. A queue changes hands only after
+its holder committed and re-joined, so a rebalance among live members repeats at most
+the message in the application's hands. A member that dies repeats what it processed
+after its last commit (at most one auto-commit interval), read again by the queue's
+next holder once the member's session ran out. After a failover the new master knows
+no members: until they all re-joined (about one heartbeat interval) a queue can be
+read by its old and its new holder, the old holder's commits are refused, and the new
+one starts from the last commit the new master holds.
 """
 
 from __future__ import annotations
@@ -173,7 +179,7 @@ class GroupConsumer:
         )
         generation: int = answer["generation"]
         assignment = [(a["topic"], a["queue"]) for a in answer["assignment"]]
-        fetched = await self._master("fetch_offsets", group=self.group, member=self.member)
+        fetched = await self._master("fetch_offsets", group=self.group)
         committed = {(o["topic"], o["queue"]): o["offset"] for o in fetched["offsets"]}
         kept = set(assignment) & set(self.assignment)
         positions: dict[QueueRef, int] = {}

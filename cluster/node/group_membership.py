@@ -1,16 +1,19 @@
 """Consumer-group membership on the master: who is live, the generation, who reads what
 (sans-IO: the caller passes the time in seconds, e.g. ``trio.current_time()``).
 
-Like Kafka's group coordinator, simplified: a member joins with its id and topics; every
-change of the live set (a join of a new member, a leave, a member silent for its
-session timeout) starts a new *generation* with a new assignment
-(:func:`~cluster.node.group_assignment.assign`, sticky balanced). A member learns of it
-on its next heartbeat (``rejoin``) and joins again to get its queues. A commit is
-accepted from a live member for a queue it holds in the current generation, or for one
-it held in the previous generation while the queue's new holder has not fetched its
-offset yet (so a member's last commit before it re-joins still lands); anything else is
-fenced. Membership lives in memory only: after a failover the new master knows no
-members, every heartbeat answers ``rejoin`` and the members join again.
+Like Kafka's group coordinator, simplified, with revocation before hand-over: a member
+joins with its id and topics; every change of the live set (a join of a new member, a
+leave, a member silent for its session timeout) starts a new *generation* whose target
+assignment is :func:`~cluster.node.group_assignment.assign` (sticky balanced). A join
+*grants* a member only the target queues no other live member still holds from its own
+last join; a holder gives a queue up by joining again (after committing it), which it
+does when its heartbeat answers ``rejoin``; the member waiting for the queue is told
+``rejoin`` at its next heartbeat once the queue is free. So among live members a queue
+is never held twice, and its last holder's final commit lands before the next holder
+fetches. A dead member's queues are free once its session runs out. A commit is
+accepted from a live member, in the generation of its last join, for queues it was
+granted then; anything else is fenced. Membership lives in memory only: after a
+failover the new master knows no members and every heartbeat answers ``rejoin``.
 """
 
 from __future__ import annotations
@@ -51,13 +54,24 @@ class GroupState:
     session_s: dict[str, float] = attrs.field(factory=dict)
     assignment: dict[str, list[QueueRef]] = attrs.field(factory=dict)
     previous: dict[str, list[QueueRef]] = attrs.field(factory=dict)
-    fetched: dict[QueueRef, int] = attrs.field(factory=dict)
-    """Queue -> the generation in which its holder last fetched its committed offset."""
+    held: dict[str, list[QueueRef]] = attrs.field(factory=dict)
+    """Live member -> the queues its last join granted it (disjoint between members)."""
+    joined_in: dict[str, int] = attrs.field(factory=dict)
+    """Live member -> the generation of its last join."""
 
     def rebalance(self) -> None:
         self.previous = self.assignment
         self.generation += 1
         self.assignment = assign(self.queues, list(self.deadlines), self.previous)
+
+    def drop(self, member: str) -> None:
+        for table in (self.deadlines, self.session_s, self.held, self.joined_in):
+            table.pop(member, None)
+
+    def grantable(self, member: str) -> list[QueueRef]:
+        """``member``'s target queues that no other live member holds."""
+        taken = {q for other, queues in self.held.items() if other != member for q in queues}
+        return [q for q in self.assignment.get(member, []) if q not in taken]
 
 
 class GroupMembership:
@@ -73,8 +87,7 @@ class GroupMembership:
         for name, group in self._groups.items():
             gone = [m for m, deadline in group.deadlines.items() if deadline < now]
             for member in gone:
-                del group.deadlines[member]
-                group.session_s.pop(member, None)
+                group.drop(member)
                 dropped.append((name, member))
             if gone:
                 group.rebalance()
@@ -110,7 +123,10 @@ class GroupMembership:
         if changed:
             group.queues = queues
             group.rebalance()
-        return Joined(group.generation, list(group.assignment[member]), len(group.deadlines))
+        granted = group.grantable(member)
+        group.held[member] = granted
+        group.joined_in[member] = group.generation
+        return Joined(group.generation, list(granted), len(group.deadlines))
 
     def heartbeat(self, name: str, member: str, generation: int, now: float) -> int | None:
         """Keep ``member`` alive; the current generation when it holds it, None when it
@@ -120,7 +136,12 @@ class GroupMembership:
         if group is None or member not in group.deadlines:
             return None
         group.deadlines[member] = now + group.session_s[member]
-        return group.generation if generation == group.generation else None
+        if generation != group.generation:
+            return None
+        held = group.held.get(member, [])
+        if held != group.assignment.get(member, []) and group.grantable(member) != held:
+            return None  # a queue it waits for was given up: join again to take it
+        return group.generation
 
     def leave(self, name: str, member: str, now: float) -> bool:
         """Remove ``member`` at once (its queues move now, not after its session)."""
@@ -128,8 +149,7 @@ class GroupMembership:
         group = self._groups.get(name)
         if group is None or member not in group.deadlines:
             return False
-        del group.deadlines[member]
-        group.session_s.pop(member, None)
+        group.drop(member)
         group.rebalance()
         return True
 
@@ -156,32 +176,19 @@ class GroupMembership:
             return None
         if group is None or member not in group.deadlines:
             return f"member {member!r} is not in group {name!r} (expired or the master changed)"
-        held_now = set(group.assignment.get(member, ()))
-        held_before = set(group.previous.get(member, ()))
-        for queue in queues:
-            if generation == group.generation and queue in held_now:
-                continue
-            if (
-                generation == group.generation - 1
-                and queue in held_before
-                and group.fetched.get(queue) != group.generation
-            ):
-                continue
+        if generation != group.joined_in.get(member):
             return (
-                f"member {member!r} does not hold {queue[0]}/{queue[1]} in generation "
+                f"member {member!r} joined generation {group.joined_in.get(member)}, not "
                 f"{generation} (the group is at generation {group.generation})"
             )
-        return None
-
-    def fetched(self, name: str, member: str, queues: Sequence[QueueRef]) -> None:
-        """``member`` read the committed offsets of ``queues``: from now on only it commits them."""
-        group = self._groups.get(name)
-        if group is None or member not in group.deadlines:
-            return
-        held = set(group.assignment.get(member, ()))
+        held = set(group.held.get(member, ()))
         for queue in queues:
-            if queue in held:
-                group.fetched[queue] = group.generation
+            if queue not in held:
+                return (
+                    f"member {member!r} does not hold {queue[0]}/{queue[1]} in generation "
+                    f"{generation} (the group is at generation {group.generation})"
+                )
+        return None
 
     def live(self, name: str) -> int:
         group = self._groups.get(name)

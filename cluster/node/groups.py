@@ -231,16 +231,10 @@ class GroupService:
         return acknowledged
 
     async def _fetch(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
-        """A group's committed offsets; a member asking marks its queues fetched (from
-        then on the previous holder's late commit of them is refused)."""
+        """A group's committed offsets, as this node's log holds them."""
         self.catch_up()
         group = req["group"]
         positions = self.offsets.group(group)
-        if req["member"] is not None:
-            state = self.membership.state(group, self._clock())
-            if state is not None:
-                held = state.assignment.get(req["member"], [])
-                self.membership.fetched(group, req["member"], held)
         return make_response(
             req["id"],
             group=group,
@@ -267,8 +261,10 @@ class GroupService:
         return make_response(req["id"], groups=groups)
 
     async def _describe(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
-        """Members and their queues (on the master), and per committed queue its offset
-        and lag (records between it and the queue's end)."""
+        """Members with their target queues (``assignment``) and the ones they hold now
+        (``held``; they differ while a rebalance hands queues over), on the master; and
+        per queue its committed offset, lag (records between it and the queue's end)
+        and holder."""
         self.catch_up()
         group = req["group"]
         state = self.membership.state(group, self._clock())
@@ -276,10 +272,15 @@ class GroupService:
         owner: dict[tuple[str, int], str] = {}
         if state is not None:
             for member, queues in sorted(state.assignment.items()):
+                held = state.held.get(member, [])
                 members.append(
-                    {"member": member, "assignment": [{"topic": t, "queue": q} for t, q in queues]}
+                    {
+                        "member": member,
+                        "assignment": [{"topic": t, "queue": q} for t, q in queues],
+                        "held": [{"topic": t, "queue": q} for t, q in held],
+                    }
                 )
-                owner.update(dict.fromkeys(queues, member))
+                owner.update(dict.fromkeys(held, member))
         positions = self.offsets.group(group)
         if state is None and not positions:
             raise RequestError(

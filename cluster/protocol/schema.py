@@ -502,7 +502,7 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
             ),
             OpSchema(
                 "fetch_offsets",
-                {"group": _GROUP, "member": attrs.evolve(_MEMBER, required=False)},
+                {"group": _GROUP},
                 doc="consumer groups: the committed offsets of a group",
             ),
             OpSchema("list_groups", {}, doc="consumer groups: every group with offsets or members"),

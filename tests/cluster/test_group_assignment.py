@@ -102,27 +102,70 @@ def test_a_body_that_is_no_commit_is_skipped(body: bytes) -> None:
     assert decode_commit(body) is None
 
 
-def test_membership_generations_expiry_and_fencing() -> None:
+def test_membership_generations_hand_over_expiry_and_fencing() -> None:
     groups = GroupMembership()
     first = groups.join("g", "m1", {"t": 4}, 1000, now=0.0)
     assert first.generation == 1 and first.assignment == [("t", q) for q in range(4)]
     second = groups.join("g", "m2", {"t": 4}, 1000, now=0.1)
-    assert second.generation == 2 and len(second.assignment) == 2
+    assert second.generation == 2 and second.assignment == []  # m1 still holds them all
+    assert groups.heartbeat("g", "m2", 2, now=0.15) == 2  # nothing was given up yet
     assert groups.heartbeat("g", "m1", 1, now=0.2) is None  # must re-join
+    # m1 commits its queues in the generation it joined, then re-joins with fewer.
+    assert groups.commit_refusal("g", "m1", 1, first.assignment, now=0.25) is None
     again = groups.join("g", "m1", {"t": 4}, 1000, now=0.3)
-    assert again.generation == 2 and set(again.assignment).isdisjoint(second.assignment)
-    # m1's last commit of a queue it lost, in the old generation, lands until m2 fetched it.
-    lost = [q for q in first.assignment if q not in again.assignment]
-    assert groups.commit_refusal("g", "m1", 1, lost, now=0.4) is None
-    groups.fetched("g", "m2", second.assignment)
-    assert "does not hold" in (groups.commit_refusal("g", "m1", 1, lost, now=0.5) or "")
-    assert groups.commit_refusal("g", None, None, lost, now=0.5) is not None  # live members
+    assert again.generation == 2 and len(again.assignment) == 2
+    assert groups.heartbeat("g", "m2", 2, now=0.35) is None  # its queues are free now
+    taken = groups.join("g", "m2", {"t": 4}, 1000, now=0.4)
+    assert sorted(taken.assignment + again.assignment) == first.assignment
+    assert groups.heartbeat("g", "m2", 2, now=0.45) == 2
+    given_up = [q for q in first.assignment if q not in again.assignment]
+    assert "joined generation 2" in (groups.commit_refusal("g", "m1", 1, given_up, 0.5) or "")
+    assert "does not hold" in (groups.commit_refusal("g", "m1", 2, given_up, now=0.5) or "")
+    assert groups.commit_refusal("g", "m2", 2, given_up, now=0.5) is None
+    assert "live member" in (groups.commit_refusal("g", None, None, given_up, 0.5) or "")
     with pytest.raises(ValueError, match="consumes t"):
         groups.join("g", "m3", {"u": 1}, 1000, now=0.5)
-    # m2 falls silent: at m1's next heartbeat after its session, m1 holds everything.
-    assert groups.heartbeat("g", "m1", 2, now=1.05) == 2
-    assert groups.heartbeat("g", "m1", 2, now=1.2) is None
-    assert groups.join("g", "m1", {"t": 4}, 1000, now=1.5).assignment == first.assignment
+    # m2 falls silent: at m1's first heartbeat after m2's session, m1 must re-join, and
+    # gets everything at once (a dead member holds nothing).
+    assert groups.heartbeat("g", "m1", 2, now=1.3) == 2
+    assert groups.heartbeat("g", "m1", 2, now=1.5) is None
+    assert groups.join("g", "m1", {"t": 4}, 1000, now=1.55).assignment == first.assignment
+    assert "not in group" in (groups.commit_refusal("g", "m2", 2, given_up, now=1.55) or "")
     assert groups.leave("g", "m1", now=1.6)
     assert groups.live("g") == 0
-    assert groups.commit_refusal("g", None, None, lost, now=1.7) is None
+    assert groups.commit_refusal("g", None, None, given_up, now=1.7) is None
+
+
+members_and_times = st.lists(
+    st.tuples(st.sampled_from(["join", "beat", "leave"]), st.sampled_from(["a", "b", "c"])),
+    max_size=40,
+)
+
+
+@given(members_and_times)
+def test_live_members_never_hold_a_queue_twice(steps: list[tuple[str, str]]) -> None:
+    """Any sequence of joins, heartbeats (re-joining when told) and leaves: the queues
+    held by live members are disjoint, and once everyone re-joined they cover all."""
+    groups = GroupMembership()
+    generation: dict[str, int] = {}
+    now = 0.0
+    for action, member in steps:
+        now += 0.01
+        if action == "join" or (action == "beat" and member in generation):
+            beat = groups.heartbeat("g", member, generation.get(member, -1), now)
+            if action == "join" or beat is None:
+                generation[member] = groups.join("g", member, {"t": 5}, 60_000, now).generation
+        elif action == "leave" and member in generation:
+            groups.leave("g", member, now)
+            del generation[member]
+        state = groups.state("g", now)
+        held = [q for queues in (state.held.values() if state else []) for q in queues]
+        assert len(held) == len(set(held))
+    for _ in range(4):  # settle: every member beats and re-joins when told
+        for member in sorted(generation):
+            now += 0.01
+            if groups.heartbeat("g", member, generation[member], now) is None:
+                generation[member] = groups.join("g", member, {"t": 5}, 60_000, now).generation
+    state = groups.state("g", now)
+    if generation and state is not None:
+        assert sorted(q for qs in state.held.values() for q in qs) == [("t", q) for q in range(5)]

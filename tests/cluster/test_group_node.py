@@ -51,16 +51,20 @@ async def test_ops_fencing_reset_and_offsets_after_a_restart(tmp_path: Path) -> 
         assert one["status"] is Status.OK and one["generation"] == 1
         assert len(one["assignment"]) == 4
         two = await master(client, "join_group", group="g", member="m2", topics=["t"])
-        assert two["generation"] == 2 and len(two["assignment"]) == 2
+        assert two["generation"] == 2 and two["assignment"] == []  # m1 holds them still
         beat = await master(client, "heartbeat", group="g", member="m1", generation=1)
         assert beat["status"] is Status.REJOIN_GROUP and "join_group again" in beat["error"]
-        mine = await master(client, "join_group", group="g", member="m1", topics=["t"])
-        held = mine["assignment"][0]
-        commit = {"topic": held["topic"], "queue": held["queue"], "offset": 5}
+        commit = {"topic": "t", "queue": 0, "offset": 5}  # m1's last commit before re-joining
         ok = await master(
-            client, "commit_offsets", group="g", member="m1", generation=2, offsets=[commit]
+            client, "commit_offsets", group="g", member="m1", generation=1, offsets=[commit]
         )
         assert ok["status"] is Status.OK and ok["committed"] == 1
+        mine = await master(client, "join_group", group="g", member="m1", topics=["t"])
+        assert mine["generation"] == 2 and len(mine["assignment"]) == 2
+        beat = await master(client, "heartbeat", group="g", member="m2", generation=2)
+        assert beat["status"] is Status.REJOIN_GROUP  # what it waits for was given up
+        two = await master(client, "join_group", group="g", member="m2", topics=["t"])
+        assert len(two["assignment"]) == 2
         theirs = dict(two["assignment"][0], offset=9)
         fenced = await master(
             client, "commit_offsets", group="g", member="m1", generation=2, offsets=[theirs]
@@ -73,7 +77,7 @@ async def test_ops_fencing_reset_and_offsets_after_a_restart(tmp_path: Path) -> 
         )
         assert bad["status"] is Status.UNKNOWN_TOPIC
         fetched = await master(client, "fetch_offsets", group="g")
-        assert positions(fetched) == {(held["topic"], held["queue"]): 5}
+        assert positions(fetched) == {("t", 0): 5}
         described = await master(client, "describe_group", group="g")
         assert {m["member"] for m in described["members"]} == {"m1", "m2"}
         assert len(described["offsets"]) == 4

@@ -179,7 +179,7 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "timeout_ms": 5000,
         },
     ),
-    ("fetch_offsets", {"group": "g"}, {"group": "g", "member": None}),
+    ("fetch_offsets", {"group": "g"}, {"group": "g"}),
     ("list_groups", {}, {}),
     ("describe_group", {"group": "g"}, {"group": "g"}),
 ]
