@@ -127,7 +127,7 @@ class Producer:
     running) is sent again, with the same numbers, until it is answered or
     ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
     answers with the original offsets instead of storing it twice, also after a
-    failover. At most 8 batches are outstanding from the oldest unanswered one on (the
+    failover. At most 16 batches are outstanding from the oldest unanswered one on (the
     node's window); order between concurrent batches is not kept (neither is it
     without idempotence). ``unknown`` is then reported only past the deadline.
     """
@@ -292,7 +292,7 @@ class Producer:
                 why = f"no producer id ({answer.get('error')}): does the cluster support idempotent sends?"
                 return [SendResult("failed", answer["status"], topic, error=why)] * count
             self.producer_id = answer["producer"]
-            self._sequences = SequenceWindow(answer.get("span", 8))
+            self._sequences = SequenceWindow(answer.get("span", 16))
             log.info(
                 "producer_started producer=%d span=%d", answer["producer"], self._sequences.span
             )

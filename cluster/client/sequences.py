@@ -1,9 +1,9 @@
 """An idempotent producer's sequence numbers and its span rule (sans-IO).
 
-The node remembers the last 16 batches of each producer
+The node remembers the last 32 batches of each producer
 (``cluster/node/idempotence.py``); the span rule keeps every batch the producer may
 still retry among them: a batch is issued only while fewer than ``span`` batches (the
-node's ``init_producer`` answer says how many; 8) were issued from the oldest
+node's ``init_producer`` answer says how many: 16) were issued from the oldest
 unresolved one on.
 """
 
@@ -30,7 +30,7 @@ class SequenceWindow:
     producer's tasks share it on one event loop.
     """
 
-    def __init__(self, span: int = 8) -> None:
+    def __init__(self, span: int = 16) -> None:
         assert span >= 1
         self.span = span
         self.next_sequence = 0

@@ -51,13 +51,13 @@ __all__ = [
     "parse_mark",
 ]
 
-WINDOW_BATCHES: Final = 16
+WINDOW_BATCHES: Final = 32
 """Batches remembered per producer."""
 PRODUCER_SPAN: Final = WINDOW_BATCHES // 2
 """Batches a producer may have issued from its oldest unanswered one on."""
-MAX_PRODUCERS: Final = 10_000
+MAX_PRODUCERS: Final = 8192
 """Producers remembered at once (least recently used forgotten first): at most
-``MAX_PRODUCERS * WINDOW_BATCHES`` small entries, about 20 MB."""
+``MAX_PRODUCERS * WINDOW_BATCHES`` entries of about 200 bytes: 50 MB at worst."""
 PRODUCER_PROPERTY: Final = "PRODUCER"
 """Reserved property of the first record of an idempotent batch (that record has
 ``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``."""

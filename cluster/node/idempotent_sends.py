@@ -34,7 +34,6 @@ from cluster.node.idempotence import (
     parse_mark,
 )
 from cluster.protocol import Status
-from cluster.server.errors import RequestError
 from storage import (
     BatchAppendResult,
     CorruptSegmentError,
@@ -44,7 +43,7 @@ from storage import (
 )
 from storage.record import FLAG_PRODUCER_BATCH, encode_properties
 
-__all__ = ["REBUILD_MAX_BYTES", "REBUILD_WINDOW_S", "IdempotentSends", "Stored"]
+__all__ = ["REBUILD_MAX_BYTES", "REBUILD_WINDOW_S", "IdempotentSends", "SendRefused", "Stored"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,15 @@ REBUILD_MAX_BYTES: Final = 256 * 1024 * 1024
 """A rebuild never reads more than this much of the log tail (about a second)."""
 REBUILD_SLICE_RECORDS: Final = 4096
 """Records read between two checkpoints of the event loop during a rebuild."""
+
+
+class SendRefused(Exception):
+    """An idempotent batch refused before anything was written: ``status`` and why (the
+    request handler answers with them)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @attrs.frozen(slots=True)
@@ -113,12 +121,13 @@ class IdempotentSends:
         """Append the batch ``build`` makes, unless it is stored already.
 
         ``messages`` are the request's message maps (checked for the reserved property);
-        ``build`` routes and builds the storage messages (it may raise ``RequestError``).
+        ``build`` routes and builds the storage messages (what it raises passes through).
+        Raises :class:`SendRefused` for a batch that breaks the rules.
         """
         count = len(messages)
         props = messages[0]["props"]
         if props and PRODUCER_PROPERTY in props:
-            raise RequestError(
+            raise SendRefused(
                 Status.BAD_REQUEST,
                 f"property {PRODUCER_PROPERTY!r} is reserved (it carries the producer id and "
                 "sequence of an idempotent send): rename it",
@@ -136,7 +145,7 @@ class IdempotentSends:
                 await self._landed.wait()
                 continue
             status = Status.SEQUENCE_TOO_OLD if verdict is Verdict.TOO_OLD else Status.BAD_REQUEST
-            raise RequestError(status, decision.reason)
+            raise SendRefused(status, decision.reason)
 
     async def _append_claimed(
         self,
@@ -177,7 +186,7 @@ class IdempotentSends:
         try:
             records = list(itertools.islice(commit_log.scan(batch.offset), batch.count))
         except (OffsetOutOfRangeError, CorruptSegmentError) as exc:
-            raise RequestError(
+            raise SendRefused(
                 Status.SEQUENCE_TOO_OLD,
                 f"sequence {batch.sequence} of producer {producer} was stored at offset "
                 f"{batch.offset}, which the log no longer holds ({exc})",
@@ -187,7 +196,7 @@ class IdempotentSends:
             if len(records) != batch.count or mark != ProducerMark(
                 producer, batch.sequence, batch.count
             ):
-                raise RequestError(
+                raise SendRefused(
                     Status.INTERNAL_ERROR,
                     f"the batch of producer {producer} at sequence {batch.sequence} is "
                     f"remembered at offset {batch.offset} but the log holds {mark} there; "
@@ -284,8 +293,14 @@ class IdempotentSends:
 def _marked(message: Message, mark: ProducerMark) -> Message:
     """The first message of a batch, carrying its producer mark."""
     extra = encode_properties({PRODUCER_PROPERTY: format_mark(mark)})
-    return attrs.evolve(
-        message, properties=message.properties + extra, flags=message.flags | FLAG_PRODUCER_BATCH
+    return Message(
+        message.topic,
+        message.body,
+        message.queue_id,
+        message.tags,
+        message.properties + extra,
+        message.born_us,
+        message.flags | FLAG_PRODUCER_BATCH,
     )
 
 

@@ -19,7 +19,7 @@ import trio
 
 from cluster.node.config import TopicsSection
 from cluster.node.idempotence import PRODUCER_SPAN
-from cluster.node.idempotent_sends import IdempotentSends
+from cluster.node.idempotent_sends import IdempotentSends, SendRefused
 from cluster.node.topics import Topic, TopicExistsError, TopicRegistry, UnknownTopicError
 from cluster.protocol import (
     Acks,
@@ -204,13 +204,16 @@ class RequestHandler:
 
         producer, sequence = req["producer"], req["sequence"]
         assert producer is not None and sequence is not None
-        stored = await self.idempotence.append(
-            producer,
-            sequence,
-            messages,
-            build,
-            lambda built: self._append(self._store.put_batch, built),
-        )
+        try:
+            stored = await self.idempotence.append(
+                producer,
+                sequence,
+                messages,
+                build,
+                lambda built: self._append(self._store.put_batch, built),
+            )
+        except SendRefused as refused:
+            raise RequestError(refused.status, str(refused)) from None
         single = req["op"] == "send"
 
         def answer(status: Status = Status.OK, error: str | None = None) -> Reply:

@@ -17,6 +17,7 @@ import trio
 from cluster.client import Client, SendResult, open_client
 from cluster.node import Node
 from cluster.node.config import NodeConfig
+from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
 from cluster.protocol import Status
 from cluster.protocol.address import format_address, parse_address
 from tests.conftest import SMALL_SEGMENT
@@ -59,7 +60,7 @@ async def test_a_resent_batch_is_answered_with_its_first_offsets(tmp_path: Path)
         started = await client.call_master("init_producer")
         producer = started["producer"]
         assert started["status"] is Status.OK and 1 <= producer < 2**63
-        assert started["span"] == 8
+        assert started["span"] == PRODUCER_SPAN
         first = await raw_send(client, body=b"a", producer=producer, sequence=0)
         again = await raw_send(client, body=b"a", producer=producer, sequence=0)
         assert first["status"] is again["status"] is Status.OK
@@ -101,7 +102,7 @@ async def test_sends_that_break_the_rules_are_refused_with_why(tmp_path: Path) -
         assert reserved["status"] is Status.BAD_REQUEST and "reserved" in reserved["error"]
         with pytest.raises(Exception, match="'sequence'"):
             await raw_send(client, body=b"x", producer=producer)
-        for sequence in range(6, 6 + 16):  # the window moves past sequence 5
+        for sequence in range(6, 6 + WINDOW_BATCHES):  # the window moves past sequence 5
             assert (await raw_send(client, body=b"w", producer=producer, sequence=sequence))[
                 "status"
             ] is Status.OK
