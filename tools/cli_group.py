@@ -81,6 +81,7 @@ async def consume_in_group(
                 seen += 1
                 print(shown(message, args), flush=True)
             if args.count and seen >= args.count:
+                consumer.processed(message)  # printed: the group's next reader skips it
                 break
     return 0
 

@@ -289,6 +289,14 @@ class GroupConsumer:
 
     # ---- iteration -----------------------------------------------------------------------
 
+    def processed(self, message: ConsumedMessage) -> None:
+        """Count ``message`` as processed now (the iteration does it when the next one is
+        asked for): call it before leaving the loop with ``break`` after handling one,
+        or the group's next reader gets that message again."""
+        key: QueueRef = (message.topic, message.queue)
+        if self.positions.get(key) == message.queue_offset:
+            self.positions[key] = message.queue_offset + 1
+
     async def wait_assigned(self) -> None:
         """Return once this member joined the group at least once."""
         await self._assigned.wait()
