@@ -17,8 +17,9 @@ stored, so resending may duplicate it). The library never reports an unknown
 outcome as a failure or as a success.
 
 Modules: ``connection`` (one pipelined TCP connection), ``client`` (connections and
-reconnects), ``producer``, ``consumer``, ``admin``, ``errors``. The client depends on
-the wire protocol only, never on the storage engine.
+reconnects), ``producer``, ``consumer``, ``group_consumer`` (a member of a consumer
+group: shared queues, positions committed to the cluster), ``admin``, ``errors``. The
+client depends on the wire protocol only, never on the storage engine.
 """
 
 from cluster.client.admin import Admin
@@ -31,6 +32,7 @@ from cluster.client.errors import (
     RequestTimeoutError,
     TidelogError,
 )
+from cluster.client.group_consumer import GroupConsumer
 from cluster.client.producer import Outcome, Producer, SendResult
 from cluster.protocol.address import parse_address
 
@@ -43,6 +45,7 @@ __all__ = [
     "ConnectionLostError",
     "ConsumedMessage",
     "Consumer",
+    "GroupConsumer",
     "Outcome",
     "Producer",
     "RequestTimeoutError",

@@ -54,8 +54,7 @@ def test_a_departure_moves_only_the_departed_members_queues_and_rebalancing_ones
     after = assign(sorted(queues), sorted(members), before)
     assert held(after) == sorted(queues) if members else after == {}
     moved = {q for m, qs in after.items() for q in qs if q not in before.get(m, [])}
-    # Every queue that moved was the departed member's, or one a survivor gave up
-    # because its share shrank is impossible: shares only grow when a member leaves.
+    # Shares never shrink when a member leaves: only the departed member's queues move.
     assert moved <= set(before.get(gone, []))
 
 
