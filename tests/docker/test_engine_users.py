@@ -6,11 +6,12 @@ engine and a second session in a child process.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-from tools.docker.engine import Engine, EngineUsers, stops_with_last_user
+from tools.docker.engine import Engine, EngineSettings, EngineUsers, stops_with_last_user
 
 
 def _sleeper() -> subprocess.Popen[bytes]:
@@ -107,3 +108,24 @@ def test_a_second_session_ending_leaves_the_engine_to_the_first(docker_engine: E
             child.wait()
     assert child.pid not in docker_engine.users.live()
     assert docker_engine.answers(docker_engine.docker_host)
+
+
+def test_engine_stop_while_a_session_uses_it_is_left_to_that_session(tmp_path: Path) -> None:
+    """``engine stop`` under a running session stops nothing now: the daemon is marked to
+    stop at the release of its last user (no dockerd is touched here: the record names
+    none)."""
+    settings = EngineSettings(state_dir=tmp_path / "state", run_dir=tmp_path / "run")
+    settings.run_dir.mkdir(parents=True)
+    record = {"pid": 0, "argv": ["dockerd"], "host_before": {}, "stop_with_last_user": False}
+    settings.record_path.write_text(json.dumps(record))
+    engine = Engine(settings=settings)
+    session = _sleeper()
+    try:
+        engine.users.add(session.pid)
+        assert engine.stop() == [session.pid]
+        assert settings.record_path.exists()  # not stopped
+        assert json.loads(settings.record_path.read_text())["stop_with_last_user"] is True
+        assert stops_with_last_user(json.loads(settings.record_path.read_text()), [])
+    finally:
+        session.kill()
+        session.wait()

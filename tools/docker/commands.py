@@ -43,7 +43,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     engine.add_argument(
         "--force",
         action="store_true",
-        help="stop: also while test sessions use the engine (their containers die)",
+        help="stop: now, also while test sessions use the engine (their containers die)",
     )
     build = actions.add_parser("build", help="build the tidelog image (no network inside)")
     build.add_argument("--tag", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
@@ -103,8 +103,15 @@ def _run(args: argparse.Namespace) -> int:
     engine = Engine()
     if args.docker_action == "engine":
         if args.engine_action == "stop":
-            engine.stop(force=args.force)
-            print("engine stopped (if ours was running); host settings restored")
+            users = engine.stop(force=args.force)
+            if users:
+                print(
+                    f"engine in use by the test sessions {', '.join(map(str, users))}: it "
+                    "stops (and host settings are restored) when the last of them ends; "
+                    "--force stops it now, under them"
+                )
+            else:
+                print("engine stopped (if ours was running); host settings restored")
             return 0
         engine.start()
         ensure_compose(engine.settings)

@@ -263,8 +263,8 @@ class Engine:
     ``stop``) and ``acquire`` / ``release`` (a test session: it registers as a user, and
     a daemon a session started stops at the release of its last user, so one session's
     end never stops the engine under another's containers). ``stop`` ends only a daemon
-    whose record we wrote (ours), never someone else's, and refuses while a session uses
-    it unless forced. One caller per object.
+    whose record we wrote (ours), never someone else's; while sessions use it, it stops
+    at the release of the last one instead (unless forced). One caller per object.
     """
 
     settings: EngineSettings = attrs.field(factory=EngineSettings)
@@ -432,19 +432,21 @@ class Engine:
             log.warning("engine_leftover record=%s", self.settings.record_path)
             self._stop_locked()
 
-    def stop(self, *, force: bool = False) -> None:
+    def stop(self, *, force: bool = False) -> list[int]:
         """Stop our dockerd by its PID (SIGTERM, then SIGKILL) and undo its host changes.
-        Does nothing for a daemon we did not start. While a test session uses it, raises
-        EngineError naming the sessions, unless ``force``."""
+        Does nothing for a daemon we did not start. While test sessions use it (unless
+        ``force``), it is left to stop at the release of the last of them instead; returns
+        their PIDs (empty: stopped now)."""
         with self._lock():
             live = [pid for pid in self.users.live() if pid != os.getpid()]
-            if live and not force and self.settings.record_path.exists():
-                raise EngineError(
-                    f"our dockerd is in use by the processes {', '.join(map(str, live))} "
-                    "(test sessions); stop it when they end, or with --force to stop it "
-                    "under them (their containers die)"
-                )
+            record = self._record()
+            if live and not force and record is not None:
+                record["stop_with_last_user"] = True
+                self.settings.record_path.write_text(json.dumps(record, indent=1))
+                log.info("engine_stop_deferred users=%s", ",".join(map(str, live)))
+                return live
             self._stop_locked()
+            return []
 
     def _stop_locked(self) -> None:
         path = self.settings.record_path
