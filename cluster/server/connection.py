@@ -8,6 +8,7 @@ With the slots taken, the reader stops reading and TCP pushes back on the client
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -24,7 +25,7 @@ from cluster.protocol import (
 )
 from cluster.server.errors import response_for_error
 from cluster.server.polls import Wakeups
-from cluster.server.replies import Deferred, Reply
+from cluster.server.replies import Deferred, PendingAck, Reply
 from cluster.server.request_log import logged
 from cluster.server.streams import GONE, RECEIVE_SIZE, linger, peer_name
 
@@ -49,6 +50,15 @@ class Connection:
     large frame is read only with a grant from the node's request-byte budget. The
     reader, the writer and the waiting requests are tasks of this connection's nursery;
     only the owning :class:`ClientServer` calls :meth:`run`.
+
+    Ack waits (:class:`PendingAck`) do not get a task each: they join a FIFO awaited in
+    turn by one task, while each joins at the same ``acks`` level as the queue's tail
+    with a deadline no earlier than its. A connection appends in the order it reads, so
+    a later write's offset is higher and its level's position (fsync, confirm offset)
+    passes it no earlier: awaiting in order answers no write later than a task of its
+    own would, and none after its deadline (a resent idempotent batch answered with its
+    earlier offsets may wait for the head, still no longer than its own deadline). A wait that breaks the rule (another level,
+    an earlier deadline), and every other deferred request (long polls), gets a task.
     """
 
     def __init__(self, stream: trio.abc.Stream, server: ClientServer) -> None:
@@ -78,6 +88,8 @@ class Connection:
         self._fatal = False
         self._aborted = False
         self._nursery: trio.Nursery | None = None
+        self._ack_queue: deque[tuple[int, str, PendingAck]] = deque()
+        """Ack waits awaited in order by :meth:`_await_acks`; the head is being awaited."""
 
     @property
     def inflight(self) -> int:
@@ -216,9 +228,28 @@ class Connection:
             return
         if isinstance(outcome, dict):
             self._reply(outcome)
-        else:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._finish, req_id, op, outcome)
+            return
+        assert self._nursery is not None
+        if isinstance(outcome, PendingAck):
+            queue = self._ack_queue
+            if not queue:
+                queue.append((req_id, op, outcome))
+                self._nursery.start_soon(self._await_acks)
+                return
+            tail = queue[-1][2]
+            if tail.acks is outcome.acks and tail.deadline <= outcome.deadline:
+                queue.append((req_id, op, outcome))
+                return
+        self._nursery.start_soon(self._finish, req_id, op, outcome)
+
+    async def _await_acks(self) -> None:
+        """Answer the queued ack waits in order; ends when the queue is empty (the next
+        wait starts a new task)."""
+        queue = self._ack_queue
+        while queue:
+            req_id, op, pending = queue[0]
+            await self._finish(req_id, op, pending)
+            queue.popleft()
 
     async def _finish(self, req_id: int, op: str, deferred: Deferred) -> None:
         try:

@@ -7,11 +7,13 @@ what a write waits for is the node's :class:`~cluster.node.acks.AckPolicy`.
 Why appends run inline (the connection's reader awaits :meth:`RequestHandler.handle`):
 ``store.put`` does not yield on its fast path, so serving a send where it is decoded
 keeps one connection's appends in the order it sent them, and an ``acks=leader`` send
-costs no task. Only waits become tasks (:data:`~cluster.server.replies.Deferred`).
+costs no task. Only waits are deferred (:data:`~cluster.server.replies.Deferred`; a
+write's ack wait is a :class:`~cluster.server.replies.PendingAck`, queued per connection).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -47,7 +49,7 @@ from cluster.protocol import (
 )
 from cluster.server.errors import RequestError, unknown_topic
 from cluster.server.polls import Wakeups
-from cluster.server.replies import Deferred, Reply
+from cluster.server.replies import Deferred, PendingAck, Reply
 from cluster.server.routing import QueueChooser, build_message, check_queue, message_map
 from storage import (
     CorruptSegmentError,
@@ -261,13 +263,16 @@ class RequestHandler:
         acks: Acks = req["acks"]
         if acks is Acks.LEADER:
             return answer()
-        timeout_ms = req["timeout_ms"]
+        deadline = trio.current_time() + req["timeout_ms"] / 1000
 
         async def acknowledged() -> Reply:
-            status, error = await self._acks.wait(acks, end_offset, timeout_ms)
+            # Time left of the request's own budget: it may have waited behind an
+            # earlier write of its connection (see PendingAck).
+            left_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
+            status, error = await self._acks.wait(acks, end_offset, left_ms)
             return answer(status, error)
 
-        return acknowledged
+        return PendingAck(acks, deadline, acknowledged)
 
     async def _create_topic(self, req: CreateTopicRequest, _polls: Wakeups) -> Reply:
         topic = await self._topics.create(req["topic"], req["queues"])

@@ -5,9 +5,33 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
-__all__ = ["Deferred", "Reply"]
+from cluster.protocol import Acks
+
+__all__ = ["Deferred", "PendingAck", "Reply"]
 
 Reply: TypeAlias = dict[str, Any]
 """A response map, ready to encode (``id``, ``status`` and the op's fields)."""
 Deferred: TypeAlias = Callable[[], Awaitable[Reply]]
 """A request that must wait (durable ack, long poll): the connection runs it in a task."""
+
+
+class PendingAck:
+    """A write's ack wait (a :data:`Deferred` that says what it waits for).
+
+    The connection queues these instead of spawning a task each (a task per
+    pipelined write cost more than the wait itself): a connection's writes at one
+    ``acks`` level with non-decreasing deadlines are released in append order anyway,
+    so one task awaits them in turn (see :class:`~cluster.server.connection.Connection`).
+    ``deadline`` is absolute (``trio.current_time()`` clock), fixed when the write was
+    appended: waiting behind another write never extends it. Immutable once built.
+    """
+
+    __slots__ = ("_wait", "acks", "deadline")
+
+    def __init__(self, acks: Acks, deadline: float, wait: Deferred) -> None:
+        self.acks = acks
+        self.deadline = deadline
+        self._wait = wait
+
+    def __call__(self) -> Awaitable[Reply]:
+        return self._wait()

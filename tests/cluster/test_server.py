@@ -323,6 +323,39 @@ async def test_durable_timeout_still_reports_where_the_message_went(
         assert (answer["queue"], answer["queue_offset"], answer["offset"]) == (0, 0, 0)
 
 
+async def test_queued_ack_waits_keep_their_own_deadlines_and_answer_in_any_order(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connection's ack waits share a task while their deadlines do not decrease: a
+    write with a shorter timeout behind a stuck one still times out on its own, and
+    writes queued behind the stuck one are answered as soon as the fsync comes."""
+    assert node.store is not None
+    fsynced = trio.Event()
+
+    async def fsync_when_released(_offset: int, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            await fsynced.wait()
+        return fsynced.is_set()
+
+    monkeypatch.setattr(node.store, "wait_durable", fsync_when_released)
+    async with client(node) as c:
+        await c.ok("create_topic", topic="q", queues=1)
+        stuck = await c.send("send", topic="q", body=b"a", acks="durable", timeout_ms=60_000)
+        queued = [
+            await c.send("send", topic="q", body=b"b%d" % i, acks="durable", timeout_ms=60_000)
+            for i in range(3)
+        ]
+        short = await c.send("send", topic="q", body=b"c", acks="durable", timeout_ms=1)
+        first = await c.recv()
+        assert first is not None and first["id"] == short, first
+        assert first["status"] is Status.FLUSH_DISK_TIMEOUT and first["queue_offset"] == 4
+        fsynced.set()
+        rest = await c.recv_n(4)
+        assert sorted(rest) == sorted([stuck, *queued])
+        assert all(answer["status"] is Status.OK for answer in rest.values()), rest
+        assert [rest[i]["queue_offset"] for i in [stuck, *queued]] == [0, 1, 2, 3]
+
+
 async def test_replicated_is_refused_before_anything_is_appended(node: Node) -> None:
     async with client(node) as c:
         await c.ok("create_topic", topic="r", queues=1)
@@ -761,8 +794,8 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
 ) -> None:
     config = node_config(tmp_path)
     node = Node(config)
-    waiting, gate = 0, trio.Event()
-    all_waiting = trio.Event()
+    gate = trio.Event()
+    waiting = trio.Event()
     count = 20
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
@@ -770,10 +803,7 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
         real_wait = node.store.wait_durable
 
         async def gated(offset: int, timeout: float) -> bool:
-            nonlocal waiting
-            waiting += 1
-            if waiting == count:
-                all_waiting.set()
+            waiting.set()
             await gate.wait()
             return await real_wait(offset, timeout)
 
@@ -783,7 +813,9 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
         ids = [
             await c.send("send", topic="s", body=b"%d" % i, acks="durable") for i in range(count)
         ]
-        await all_waiting.wait()
+        await waiting.wait()  # one connection's waits queue behind the first
+        await trio.testing.wait_all_tasks_blocked()  # every send read and appended
+        assert node.server is not None and node.server._inflight == count
         node.request_shutdown()
         assert node.server is not None
         await until(lambda: node.server.draining)
