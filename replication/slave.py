@@ -123,6 +123,11 @@ class HAClient:
         """The master's confirm offset as last heard in the stream (not capped)."""
         self.master_name: str | None = None
         """The name the master gave in the handshake."""
+        self.caught_up_epoch: int | None = None
+        """The master's epoch on the last connection on which this slave's ack reached
+        the master's log end as of the handshake (None: none since this process
+        started). It outlives the connection: a master that dies right after recording
+        this slave in sync must not take the proof with it (the HA election asks)."""
         self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
@@ -192,6 +197,7 @@ class HAClient:
             self.master_history = master.history
             start, pending = await self._carry_out(self._plan(master, end), end)
             self.acked_offset = start
+            self._note_caught_up()
             log.info(
                 "ha_connected slave=%s slave_offset=%d master_offset=%d",
                 self.name,
@@ -299,7 +305,23 @@ class HAClient:
                     # flush() covers everything written so far, so end is on disk after.
                     await self.store.commit_log.flush()
                 self.acked_offset = end
+                self._note_caught_up()
                 await self._send_ack(sock, end)
+
+    def _note_caught_up(self) -> None:
+        """Latch :attr:`caught_up_epoch` once the ack reaches the handshake's log end."""
+        if self.master_offset is None or self.acked_offset < self.master_offset:
+            return
+        current = self.master_history.current if self.master_history is not None else None
+        epoch = current.epoch if current is not None else None
+        if epoch is not None and epoch != self.caught_up_epoch:
+            self.caught_up_epoch = epoch
+            log.info(
+                "ha_caught_up slave=%s epoch=%d master_offset=%d",
+                self.name,
+                epoch,
+                self.master_offset,
+            )
 
     async def _cut_divergent_tail(self, end: int, point: int) -> None:
         """Cut the log and history to ``point`` (where they stop agreeing with the

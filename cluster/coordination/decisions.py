@@ -41,6 +41,7 @@ __all__ = [
     "Ineligible",
     "LeaseFence",
     "PendingOutcome",
+    "caught_up_since_start",
     "election_view",
     "fencing_deadline_s",
     "members_to_record",
@@ -113,6 +114,45 @@ def _refusal(state: GroupState | None, candidate: Candidate) -> Ineligible | Non
     if not (candidate.clean_start or candidate.caught_up):
         return Ineligible.CRASHED_NOT_CAUGHT_UP
     return None
+
+
+def caught_up_since_start(
+    node: str,
+    *,
+    latched: bool,
+    caught_up_epoch: int | None,
+    state: GroupState | None,
+) -> bool:
+    """Whether ``node``, restarted after a crash (or started empty into a group that was
+    elected before), may campaign again: KIP-966's re-admission, judged on local facts.
+
+    True once, since this start, the node followed the master of ``caught_up_epoch`` up
+    to that master's log end as of the handshake (``caught_up_epoch``, kept after the
+    connection ends) and the recorded state of that same epoch names it; or when it
+    ``latched`` before (it did so in an earlier term, or it was elected: this process
+    has not crashed since, so it is as good as a clean start).
+
+    Why that suffices: every record acked before the handshake was in the master's log
+    then, so the node holds it; every record acked after it waited for the node while it
+    was recorded (a recorded member counts for acks), and one re-added after a shrink
+    was re-admitted only with an ack at the confirm offset. A record acked before a
+    crash of this node and missing now is therefore covered by the handshake's end.
+
+    Why it must not depend on the connection still being up, or on the node having
+    *seen* the state while connected: a master that records the node and dies at once
+    would otherwise take the proof with it and leave every slave ineligible for good.
+    Why the epoch must match: the proof is about one master's log and the acks that
+    master counted; a state of another term may still name the node from before its
+    crash (a shrink not recorded yet), which proves nothing about what it holds now.
+    """
+    if latched:
+        return True
+    return (
+        state is not None
+        and caught_up_epoch is not None
+        and caught_up_epoch == state.epoch
+        and node in state.in_sync
+    )
 
 
 def election_view(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cluster.coordination.decisions import members_to_record
+from cluster.coordination.decisions import caught_up_since_start, members_to_record
 from cluster.coordination.etcd import (
     Compare,
     EtcdClient,
@@ -264,23 +264,25 @@ class Coordinator:
 
     def _observe_caught_up(self) -> bool:
         """Latched true once, since this start, this node followed a master up to the
-        master's log end as of the handshake and the recorded in-sync set names it (or
-        it was elected): a node restarted after a crash campaigns only after that."""
-        if self._caught_up:
-            return True
+        master's log end as of the handshake and the recorded state of that master's
+        epoch names it (or it was elected): a node restarted after a crash campaigns
+        only after that (:func:`~cluster.coordination.decisions.caught_up_since_start`).
+
+        The catch-up is the slave's own fact, kept after its connection ended, so a
+        master that records this node and dies before the next look still leaves it
+        eligible (asking for a live connection here left the group without a master)."""
         slave = self.node.slave
         view = self.loop.view
-        if slave is None or view is None or view.state is None:
-            return False
-        client = slave.client
-        if (
-            slave.connected
-            and client.master_offset is not None
-            and client.acked_offset >= client.master_offset
-            and self.name in view.state.in_sync
-        ):
+        caught_up_epoch = slave.client.caught_up_epoch if slave is not None else None
+        caught_up = caught_up_since_start(
+            self.name,
+            latched=self._caught_up,
+            caught_up_epoch=caught_up_epoch,
+            state=view.state if view is not None else None,
+        )
+        if caught_up and not self._caught_up:
             self._caught_up = True
-            log.info("ha_caught_up node=%s log_end=%d", self.name, client.acked_offset)
+            log.info("ha_caught_up node=%s epoch=%s", self.name, caught_up_epoch)
         return self._caught_up
 
     def in_sync_members(self) -> frozenset[str]:

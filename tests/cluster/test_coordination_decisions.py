@@ -16,6 +16,7 @@ from cluster.coordination.decisions import (
     InSyncRecord,
     LeaseFence,
     PendingOutcome,
+    caught_up_since_start,
     election_view,
     fencing_deadline_s,
     members_to_record,
@@ -120,6 +121,52 @@ def test_refusal_reasons() -> None:
     assert view.best == "n4"
     caught_up = [Candidate("n2", 5, 100, clean_start=False, caught_up=True), *live[1:]]
     assert election_view(state, caught_up).best == "n2"
+
+
+@st.composite
+def states(draw: st.DrawFn) -> GroupState:
+    in_sync = draw(st.frozensets(st.sampled_from(NODES), min_size=1))
+    return GroupState(draw(st.integers(1, 6)), draw(st.sampled_from(sorted(in_sync))), in_sync)
+
+
+@given(st.sampled_from(NODES), st.none() | st.integers(0, 7), st.none() | states())
+def test_a_crashed_node_is_caught_up_only_by_a_catch_up_in_the_recorded_term(
+    node: str, caught_up_epoch: int | None, state: GroupState | None
+) -> None:
+    """Safety: without the latch, only a catch-up with the master of the recorded term,
+    in a state that names the node, re-admits it; liveness: that suffices, whatever
+    became of the connection (the function is not even told)."""
+    caught_up = caught_up_since_start(
+        node, latched=False, caught_up_epoch=caught_up_epoch, state=state
+    )
+    proven = state is not None and caught_up_epoch == state.epoch and node in state.in_sync
+    assert caught_up is proven
+    assert caught_up_since_start(node, latched=True, caught_up_epoch=caught_up_epoch, state=state)
+
+
+@given(st.sampled_from(NODES), states(), st.lists(st.sampled_from(NODES), unique=True))
+def test_a_node_that_caught_up_in_the_recorded_term_is_eligible_after_its_master_died(
+    node: str, recorded: GroupState, others: list[str]
+) -> None:
+    """The stuck election: every live slave started unclean, caught up with the master
+    that then died, and is named by the recorded set: the best of them may campaign."""
+    state = GroupState(recorded.epoch, recorded.master, recorded.in_sync | {node})
+    live = [
+        Candidate(
+            name,
+            state.epoch,
+            0,
+            clean_start=False,
+            caught_up=caught_up_since_start(
+                name, latched=False, caught_up_epoch=state.epoch, state=state
+            ),
+        )
+        for name in {node, *others} - {state.master}
+    ]
+    view = election_view(state, live)
+    named = {candidate.node for candidate in live if candidate.node in state.in_sync}
+    assert {candidate.node for candidate in view.eligible} == named
+    assert (view.best is not None) is bool(named)
 
 
 def test_a_newer_epoch_beats_a_longer_log_and_an_older_epoch_stays_eligible() -> None:

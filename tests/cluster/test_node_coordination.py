@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
+from cluster.coordination.etcd import EtcdClient
 from cluster.coordination.ha_loop import HaRole
-from cluster.coordination.keys import MemberInfo, TopicRecord
+from cluster.coordination.keys import GroupState, LeaderValue, MemberInfo, TopicRecord
+from cluster.coordination.settings import CoordinationSettings
 from cluster.node import Node
 from cluster.node.config import NodeConfig
 from cluster.node.coordinated import CoordinatedAcks, Coordinator, wait_until
 from replication.epochs import EpochFile, EpochHistory
+from replication.master import HAService
 from replication.settings import ReplicationSettings
 from replication.slave import SlaveReplication
 from replication.wire import slave_handshake
@@ -223,3 +228,149 @@ async def test_a_node_listening_on_every_interface_publishes_its_advertised_host
     assert stored is not None
     info = MemberInfo.decode(stored.key, stored.value)
     assert (info.client_address, info.ha_address) == (address, answer["master"]["ha"])
+
+
+WAIT_S = 10
+"""A bound on waits for events; never a figure the tests assert."""
+
+
+@asynccontextmanager
+async def _dead_master_group(
+    tmp_path: Path,
+    etcd_endpoints: list[str],
+    store_config: StoreConfig,
+    request: pytest.FixtureRequest,
+    *,
+    serving: bool = True,
+) -> AsyncIterator[tuple[_TestMaster, Node]]:
+    """A group elected before node ``x`` starts (so ``x``, empty, did not start clean),
+    led by master ``m`` that this test plays (its HA port on a real store, its keys in a
+    real etcd), and ``x``: a real node following it (trying to: not ``serving``, the HA
+    port is closed before ``x`` starts)."""
+    cluster = _cluster_name(request)
+    settings = CoordinationSettings(etcd_endpoints=etcd_endpoints, cluster=cluster)
+    history = EpochHistory()
+    history.append(1, 0, led=True)
+    async with (
+        EtcdClient(etcd_endpoints) as etcd,
+        MessageStore.open(store_config) as store,
+        trio.open_nursery() as nursery,
+    ):
+        master = _TestMaster(settings, etcd, HAService(store, history=history, name="m"))
+        await master.start(nursery)
+        if not serving:
+            master.scope.cancel()
+        config = NodeConfig.create(
+            tmp_path / "x",
+            node={"name": "x", "port": 0},
+            replication={"ha_port": 0},
+            coordination={"etcd": ",".join(etcd_endpoints), "cluster": cluster},
+        )
+        node = Node(config)
+        await nursery.start(node.run)
+        yield master, node
+        node.request_shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class _TestMaster:
+    """Master ``m`` of epoch 1, played by the test: its lease, member, leader and state
+    keys, and its HA port serving an empty log."""
+
+    settings: CoordinationSettings
+    etcd: EtcdClient
+    ha: HAService
+    lease_id: int = 0
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        keys, group = self.settings.keys, self.settings.group
+
+        async def serve(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+            with self.scope:
+                await self.ha.serve("127.0.0.1", 0, task_status=task_status)
+
+        ha_address = f"127.0.0.1:{await nursery.start(serve)}"
+        self.lease_id = (await self.etcd.lease_grant(self.settings.lease_ttl_s)).id
+        member = MemberInfo("m", group, "127.0.0.1:1", ha_address, 1, 0, True)
+        await self.etcd.put(keys.member("m"), member.encode(), lease=self.lease_id)
+        await self.record(frozenset({"m"}))
+        leader = LeaderValue("m", 1, "127.0.0.1:1", ha_address)
+        await self.etcd.put(keys.leader(group), leader.encode(), lease=self.lease_id)
+
+    async def record(self, in_sync: frozenset[str]) -> None:
+        state = GroupState(1, "m", in_sync)
+        await self.etcd.put(self.settings.keys.state(self.settings.group), state.encode())
+
+    async def die(self) -> None:
+        """SIGKILL, as etcd sees it: the lease goes, and with it the leader key."""
+        await self.etcd.lease_revoke(self.lease_id)
+
+
+async def _wait_disconnected(node: Node) -> None:
+    assert node.coordinator is not None
+    with trio.fail_after(WAIT_S):
+        while node.slave is not None and node.slave.connected:
+            await node.coordinator.loop.next_view()
+
+
+async def test_a_slave_recorded_in_sync_is_elected_though_its_master_died_before_it_looked(
+    tmp_path: Path,
+    etcd_endpoints: list[str],
+    store_config: StoreConfig,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A node that started empty into an elected group must catch up before it may lead
+    (KIP-966). It did: it followed ``m`` to ``m``'s log end, and ``m`` recorded it in
+    sync, but ``m`` died (its stream ended) before this node looked at the recorded
+    state again. It must still be elected: the old code asked for a live connection at
+    the moment the node saw itself recorded, so the group stayed without a master for
+    good (both slaves 'candidate', refused CRASHED_NOT_CAUGHT_UP); this test failed."""
+    async with _dead_master_group(tmp_path, etcd_endpoints, store_config, request) as (m, x):
+        assert x.coordinator is not None
+        loop = x.coordinator.loop
+        with trio.fail_after(WAIT_S):
+            while "x" not in m.ha.in_sync_slaves():  # caught up: m's log is empty
+                await m.ha.wait_membership_change()
+        m.scope.cancel()  # m is killed: x's stream ends ...
+        await _wait_disconnected(x)
+        await m.record(frozenset({"m", "x"}))  # ... and m's record of x lands after that
+        await m.die()
+        with trio.fail_after(WAIT_S):
+            while loop.role is not HaRole.MASTER:
+                await loop.wait_role_change()
+        assert loop.epoch == 2
+        assert x.coordinator.status()["caught_up"] is True
+        stored = await m.etcd.get(m.settings.keys.state(m.settings.group))
+        assert stored is not None
+        state = GroupState.decode(stored.key, stored.value)
+        assert (state.epoch, state.master, state.in_sync) == (2, "x", frozenset({"x"}))
+
+
+async def test_a_node_named_in_sync_that_never_caught_up_since_its_start_is_not_elected(
+    tmp_path: Path,
+    etcd_endpoints: list[str],
+    store_config: StoreConfig,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The safety side: the recorded set names ``x`` from before its restart (a shrink
+    ``m`` did not record before it died), but ``x`` never followed ``m`` to its log end
+    since: it may lack acked records, so it must not lead, however long it waits."""
+    async with _dead_master_group(
+        tmp_path, etcd_endpoints, store_config, request, serving=False
+    ) as (m, x):
+        assert x.coordinator is not None
+        loop = x.coordinator.loop
+        await m.record(frozenset({"m", "x"}))
+        await m.die()
+        with trio.fail_after(WAIT_S):
+            view = await loop.next_view()
+            while view.leader is not None or "m" in view.members:
+                view = await loop.next_view()
+            for _ in range(3):  # vacancy seen, final log ends published, judged
+                await loop.next_view()
+        assert loop.role is HaRole.CANDIDATE
+        assert x.coordinator.status()["caught_up"] is False
+        assert x.slave is None or x.slave.client.caught_up_epoch is None
+        assert await m.etcd.get(m.settings.keys.leader(m.settings.group)) is None
