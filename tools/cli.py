@@ -79,7 +79,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
 
     if args.replicas < 0:
         raise SystemExit("--replicas must not be negative")
-    acks = args.acks or ("leader,replicated" if args.replicas else "leader,durable")
+    acks = args.acks or ("leader,in_sync,replicated" if args.replicas else "leader,durable")
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(
         lambda: run_bench(
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         node_bench.add_argument(
             "--acks",
             help="ack levels, comma separated (default leader,durable; with --replicas "
-            "leader,replicated)",
+            "leader,in_sync,replicated)",
         )
         node_bench.add_argument(
             "--replicas",

@@ -627,10 +627,11 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("topic")
     produce.add_argument(
         "--acks",
-        choices=["leader", "durable", "replicated"],
+        choices=["leader", "durable", "in_sync", "replicated"],
         default="durable",
-        help="leader: in the master's memory; durable: fsynced (default); "
-        "replicated: on the in-sync slaves too",
+        help="leader: in the master's memory; durable: fsynced (default); in_sync: in the "
+        "memory of the master and every in-sync slave, fsynced nowhere yet (Kafka's "
+        "acks=all); replicated: fsynced on the master and held by every in-sync slave",
     )
     produce.add_argument("--key", help="route every message by this key (same key, same queue)")
     produce.add_argument("--generate", type=int, metavar="N", help="send N generated messages")

@@ -6,7 +6,9 @@ master serving slaves. Both satisfy :class:`AckPolicy`, which is all the request
 handler sees. The durable part (group commit on the master) is written once: the
 replicated policy delegates it to the standalone one, so ``durable`` behaves exactly as
 on a master without slaves and a ``replicated`` write is fsynced on the master *and*
-acknowledged by the slaves.
+acknowledged by the slaves. An ``in_sync`` write waits for the slaves alone: the
+master holds it in its page cache from the append on, so it needs no fsync there
+(Kafka's ``acks=all``; the peers' replicated level).
 
 Timeouts are in milliseconds end to end, the unit requests carry (``timeout_ms``).
 """
@@ -70,11 +72,11 @@ class StandaloneAcks:
         self._store = store
 
     def admit(self, acks: Acks) -> None:
-        if acks is Acks.REPLICATED:
+        if acks.needs_slaves:
             raise RequestError(
                 Status.SLAVE_NOT_AVAILABLE,
-                "acks=replicated needs an in-sync slave and this node has none; nothing was "
-                "written: resend later or with acks=durable",
+                f"acks={acks.value} needs an in-sync slave and this node has none; nothing "
+                "was written: resend later or with acks=durable",
             )
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
@@ -132,7 +134,8 @@ class ReplicatedAcks:
 
     ``wait(replicated)`` is group commit, then the HA confirm offset reaching the write's
     end: every slave in sync at the time has it. One deadline covers both steps, so
-    the request's ``timeout_ms`` is the whole budget.
+    the request's ``timeout_ms`` is the whole budget. ``wait(in_sync)`` is the confirm
+    offset alone (admitted like ``replicated``).
 
     :meth:`read_limit` is the confirm offset: consumers never read past what the
     in-sync slaves hold, so a record a consumer saw survives the master's loss (if an
@@ -149,31 +152,35 @@ class ReplicatedAcks:
         self.min_insync_replicas = min_insync_replicas
 
     def admit(self, acks: Acks) -> None:
-        if acks is not Acks.REPLICATED:
+        if not acks.needs_slaves:
             return
         in_sync = len(self._ha.in_sync_slaves())
         if in_sync < self.min_insync_replicas:
             connected = len(self._ha.ack_offsets)
             raise RequestError(
                 Status.SLAVE_NOT_AVAILABLE,
-                f"acks=replicated needs {self.min_insync_replicas} in-sync slave(s) and "
+                f"acks={acks.value} needs {self.min_insync_replicas} in-sync slave(s) and "
                 f"{in_sync} are in sync ({connected} connected); nothing was written: "
                 "resend later or with acks=durable",
             )
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         deadline = trio.current_time() + timeout_ms / 1000
-        status, error = await self._durable.wait(acks, end_offset, timeout_ms)
-        if acks is not Acks.REPLICATED or status is not Status.OK:
-            return status, error
+        if acks is not Acks.IN_SYNC:
+            status, error = await self._durable.wait(acks, end_offset, timeout_ms)
+            if acks is not Acks.REPLICATED or status is not Status.OK:
+                return status, error
         if await self._ha.wait_replicated(end_offset, deadline):
+            failure = self._ha.store.commit_log.failure
+            if failure is not None:  # the master's page cache is suspect after a failed fsync
+                raise failure
             return Status.OK, None
         lagging = {
             name: offset for name, offset in self._ha.ack_offsets.items() if offset < end_offset
         }
         return (
             Status.FLUSH_SLAVE_TIMEOUT,
-            f"appended and fsynced on the master, but not acknowledged by the slaves within "
+            f"{_ON_MASTER[acks]}, but not acknowledged by the slaves within "
             f"{timeout_ms:.0f} ms (write ends at {end_offset}, confirm offset "
             f"{self._ha.confirm_offset}, lagging slaves {lagging or 'none connected'}): the "
             "write is probably stored; resend only if duplicates are acceptable",
@@ -201,6 +208,13 @@ class ReplicatedAcks:
     def status(self) -> dict[str, Any]:
         """:meth:`ack_status` as the wire map (the replication part of ``status``)."""
         return to_wire(self.ack_status())
+
+
+_ON_MASTER = {
+    Acks.IN_SYNC: "appended on the master",
+    Acks.REPLICATED: "appended and fsynced on the master",
+}
+"""What a slave timeout says the master did, by level."""
 
 
 def _lag(lag: SlaveLag) -> SlaveLagStatus:

@@ -80,9 +80,10 @@ class CoordinatedAcks:
     * Every write is refused ``NOT_MASTER`` (before anything is appended) unless
       :meth:`HaLoop.may_acknowledge` holds; a write appended before the deadline but
       answered after it gets an outcome-unknown status, never ``OK``.
-    * ``acks=replicated`` needs ``min_insync_replicas`` recorded slaves in every set the
-      record may end up as (:meth:`InSyncRecord.admits_replicated`), else
-      ``SLAVE_NOT_AVAILABLE`` before append; it then waits for the HA confirm offset
+    * ``acks=replicated`` (and ``in_sync``, alike here) needs ``min_insync_replicas``
+      recorded slaves in every set the record may end up as
+      (:meth:`InSyncRecord.admits_replicated`), else ``SLAVE_NOT_AVAILABLE`` before
+      append; it then waits for the HA confirm offset
       *and* for every counted member (recorded plus a pending expansion; a shrink
       counts only once committed).
     * Once fenced, :meth:`read_limit` stays where it was: consumers see nothing a new
@@ -125,7 +126,7 @@ class CoordinatedAcks:
                 master=None,
                 epoch=self._loop.epoch or None,
             )
-        if acks is not Acks.REPLICATED:
+        if not acks.needs_slaves:
             return
         record = self._loop.in_sync
         if record is None or not record.admits_replicated():
@@ -133,7 +134,7 @@ class CoordinatedAcks:
             needed = record.min_insync_replicas if record is not None else "?"
             raise RequestError(
                 Status.SLAVE_NOT_AVAILABLE,
-                f"acks=replicated needs {needed} recorded in-sync slave(s) and the recorded "
+                f"acks={acks.value} needs {needed} recorded in-sync slave(s) and the recorded "
                 f"in-sync set is {recorded} (master included); nothing was written: resend "
                 "later or with acks=durable",
             )
@@ -142,13 +143,11 @@ class CoordinatedAcks:
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         deadline = trio.current_time() + timeout_ms / 1000
         status, error = await self._replicated.wait(acks, end_offset, timeout_ms)
-        if status is Status.OK and acks is Acks.REPLICATED:
-            status, error = await self._wait_counted(end_offset, deadline, timeout_ms)
+        if status is Status.OK and acks.needs_slaves:
+            status, error = await self._wait_counted(acks, end_offset, deadline, timeout_ms)
         if status is Status.OK and not self._loop.may_acknowledge():
             return (
-                Status.FLUSH_SLAVE_TIMEOUT
-                if acks is Acks.REPLICATED
-                else Status.FLUSH_DISK_TIMEOUT,
+                Status.FLUSH_SLAVE_TIMEOUT if acks.needs_slaves else Status.FLUSH_DISK_TIMEOUT,
                 "appended, but this node stopped acting as master before it could acknowledge "
                 "(lease deadline passed or leadership lost): the outcome is unknown; read it "
                 "back from the new master before resending",
@@ -156,7 +155,7 @@ class CoordinatedAcks:
         return status, error
 
     async def _wait_counted(
-        self, end_offset: int, deadline: float, timeout_ms: int
+        self, acks: Acks, end_offset: int, deadline: float, timeout_ms: int
     ) -> tuple[Status, str | None]:
         record = self._loop.in_sync
         master = record.master if record is not None else None
@@ -172,7 +171,8 @@ class CoordinatedAcks:
             return Status.OK, None
         return (
             Status.FLUSH_SLAVE_TIMEOUT,
-            f"appended and fsynced on the master, but the counted in-sync members "
+            f"appended{' and fsynced' if acks is Acks.REPLICATED else ''} on the master, "
+            f"but the counted in-sync members "
             f"{missing()} did not acknowledge within {timeout_ms:.0f} ms (their removal "
             "is not recorded yet): the write is probably stored; resend only if "
             "duplicates are acceptable",

@@ -205,7 +205,7 @@ def _int_field(default: Any, low: int, high: int, doc: str, *, required: bool = 
 
 _TOPIC: Final = Field((str,), required=True, check=_check_topic, doc="topic name")
 _ACKS: Final = Field(
-    (str,), default=Acks.DURABLE, check=_check_acks, doc="leader | durable | replicated"
+    (str,), default=Acks.DURABLE, check=_check_acks, doc="leader | durable | in_sync | replicated"
 )
 _TIMEOUT: Final = _int_field(
     DEFAULT_TIMEOUT_MS, 1, MAX_TIMEOUT_MS, "how long to wait for the requested acks"

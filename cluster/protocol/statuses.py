@@ -85,8 +85,19 @@ class Acks(enum.StrEnum):
     """Appended to the master's log (page cache); lost if the master's machine crashes."""
     DURABLE = "durable"
     """Fsynced on the master (group commit); otherwise ``FLUSH_DISK_TIMEOUT``."""
+    IN_SYNC = "in_sync"
+    """Held in memory (page cache) by the master and by every counted in-sync slave,
+    fsynced nowhere yet (Kafka's ``acks=all``, NATS R3, Redis ``WAIT``): survives the
+    master's crash while an in-sync slave lives, not a power loss of all of them at
+    once; otherwise ``FLUSH_SLAVE_TIMEOUT``."""
     REPLICATED = "replicated"
     """Fsynced on the master and acknowledged by an in-sync slave; otherwise ``FLUSH_SLAVE_TIMEOUT``."""
+
+    @property
+    def needs_slaves(self) -> bool:
+        """Waits for in-sync slaves (``in_sync``, ``replicated``): refused before append
+        without enough of them, and answered ``FLUSH_SLAVE_TIMEOUT`` when they are late."""
+        return self is Acks.IN_SYNC or self is Acks.REPLICATED
 
 
 ACKS_BY_VALUE: Final[dict[str, Acks]] = {a.value: a for a in Acks}

@@ -356,15 +356,17 @@ async def test_queued_ack_waits_keep_their_own_deadlines_and_answer_in_any_order
         assert [rest[i]["queue_offset"] for i in [stuck, *queued]] == [0, 1, 2, 3]
 
 
-async def test_replicated_is_refused_before_anything_is_appended(node: Node) -> None:
+@pytest.mark.parametrize("acks", ["replicated", "in_sync"])
+async def test_replicated_is_refused_before_anything_is_appended(node: Node, acks: str) -> None:
     async with client(node) as c:
         await c.ok("create_topic", topic="r", queues=1)
         before = (await c.ok("status"))["max_offset"]
-        one = await c.call("send", topic="r", body=b"x", acks="replicated")
-        many = await c.call("send_batch", topic="r", messages=[{"body": b"y"}], acks="replicated")
+        one = await c.call("send", topic="r", body=b"x", acks=acks)
+        many = await c.call("send_batch", topic="r", messages=[{"body": b"y"}], acks=acks)
         for answer in (one, many):
             assert answer["status"] is Status.SLAVE_NOT_AVAILABLE
             assert answer["status"].retryable and "nothing was written" in answer["error"]
+            assert f"acks={acks}" in answer["error"]
         assert (await c.ok("status"))["max_offset"] == before
         assert (await c.ok("get_offsets", topic="r"))["offsets"][0]["max_offset"] == 0
 

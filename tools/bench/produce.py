@@ -8,9 +8,10 @@ for batched throughput.
 
 With ``replicas`` (``--replicas N``) the node started is a master with an HA port
 and N slave processes follow it (``--min-insync-replicas N``), so
-``acks=replicated`` figures -- every slave acknowledged -- sit beside
-``acks=leader`` ones from the same master in the same run: the difference is the
-price of replication, not of a different setup.
+``acks=in_sync`` and ``acks=replicated`` figures -- every slave acknowledged;
+``replicated`` adds the master's fsync -- sit beside ``acks=leader`` ones from the
+same master in the same run: the difference is the price of replication, not of a
+different setup.
 """
 
 from __future__ import annotations
