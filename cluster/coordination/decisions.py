@@ -6,7 +6,8 @@ loses acknowledged data:
 
 * **Election** (:func:`election_view`): who may campaign for a group's leadership and
   who is best. Only live members of the *recorded* in-sync set may campaign; a node
-  whose last start was a crash campaigns only after a master re-admitted it (KIP-966).
+  whose last start was not clean campaigns only once it caught up, since that start,
+  with the master of the recorded term (KIP-966; :func:`caught_up_since_start`).
   The best is the highest last epoch, then the longest log, then the priority.
 
   Why a member whose last epoch is *older* than the recorded one stays eligible: a
@@ -87,7 +88,10 @@ class Ineligible(enum.Enum):
 
     NOT_IN_SYNC = "not in the recorded in-sync set"
     EPOCH_AHEAD = "its last epoch is newer than the recorded state's (etcd state lost?)"
-    CRASHED_NOT_CAUGHT_UP = "restarted after a crash and not yet re-admitted to the in-sync set"
+    CRASHED_NOT_CAUGHT_UP = (
+        "did not start clean (a crash, or an empty log in a group elected before) and has "
+        "not caught up with the recorded term's master since"
+    )
     NO_STATE = "the group has no recorded state and this node did not start clean"
 
 
