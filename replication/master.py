@@ -271,8 +271,8 @@ class HAConnection:
         self.ack_offset = -1
         self.cancel_scope = trio.CancelScope()
         self._buffer = (
-            None if settings.use_sendfile else bytearray(HEADER_SIZE + settings.max_chunk)
-        )
+            None if settings.use_sendfile else bytearray(2 * HEADER_SIZE + settings.max_chunk)
+        )  # room for a confirm frame and a chunk header ahead of a full chunk
         self._warm_buffer = bytearray(settings.max_chunk)
         self._wake = trio.Event()
 
@@ -456,6 +456,9 @@ class HAConnection:
         the log end; a confirm frame whenever the confirm offset moved; park when caught
         up, and send an empty chunk (the heartbeat) after ``heartbeat_ms`` without one.
 
+        A confirm frame with a chunk to follow goes out in the chunk header's send (one
+        syscall, not two: under pipelined writes nearly every chunk has one before it).
+
         Every byte goes out by this task (one sender on the socket, the transfer
         module's rule)."""
         heartbeat_s = self.settings.heartbeat_ms / 1000
@@ -464,28 +467,35 @@ class HAConnection:
         with _SegmentPin() as pin:
             while True:
                 confirm = self.confirm_source()
+                confirm_frame = b""
                 if confirm != sent_confirm:
-                    frame = ChunkHeader(offset=confirm, length=0, flags=CHUNK_CONFIRM)
-                    await send_all(sock, frame.pack())
+                    confirm_frame = ChunkHeader(
+                        offset=confirm, length=0, flags=CHUNK_CONFIRM
+                    ).pack()
                     sent_confirm = confirm
-                    last_sent = trio.current_time()
-                    continue
                 end = self.store.commit_log.max_offset
                 offset = self.send_offset
-                if offset >= end:
-                    if trio.current_time() >= last_sent + heartbeat_s:
-                        await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
-                        last_sent = trio.current_time()
-                    else:
-                        await self._idle(last_sent + heartbeat_s)
+                if offset < end:
+                    await self._send_chunk(sock, pin, offset, end, confirm_frame)
+                elif confirm_frame:
+                    await send_all(sock, confirm_frame)
+                elif trio.current_time() >= last_sent + heartbeat_s:
+                    await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+                else:
+                    await self._idle(last_sent + heartbeat_s)
                     continue
-                await self._send_chunk(sock, pin, offset, end)
                 last_sent = trio.current_time()
 
     async def _send_chunk(
-        self, sock: trio.socket.SocketType, pin: _SegmentPin, offset: int, end: int
+        self,
+        sock: trio.socket.SocketType,
+        pin: _SegmentPin,
+        offset: int,
+        end: int,
+        before: bytes = b"",
     ) -> None:
-        """One chunk from ``offset``: within one segment, below ``end``."""
+        """One chunk from ``offset``: within one segment, below ``end``; ``before`` (whole
+        frames) goes out ahead of its header in the same send."""
         settings = self.settings
         if not pin.covers(offset):
             try:
@@ -501,7 +511,7 @@ class HAConnection:
         file_offset = offset - pin.base
         if end - offset > settings.cold_distance_bytes:
             await trio.to_thread.run_sync(warm_pages, fd, file_offset, count, self._warm_buffer)
-        header = ChunkHeader(offset=offset, length=count).pack()
+        header = before + ChunkHeader(offset=offset, length=count).pack()
         await send_file_range(
             sock,
             fd,
