@@ -32,7 +32,8 @@ chaos: $(STAMP)
 	$(BIN)/python -m pytest -m chaos
 	HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest tests/e2e/test_cluster_stateful.py
 	$(BIN)/tidelog chaos run --cluster failover --duration 600 --acks replicated \
-		--nemesis kill,pause,partition-etcd,corrupt --seed 7 --out chaos-runs/seed-7
+		--nemesis kill,pause,partition,partition-etcd,corrupt,power-loss,eio,slow-fsync \
+		--seed 7 --out chaos-runs/seed-7
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
