@@ -573,13 +573,20 @@ class HaLoop:
             self.on_in_sync_change()
 
     async def _record_in_sync_once(self, view: GroupView) -> None:
-        assert self.in_sync is not None and view.state is not None and view.state_kv is not None
-        if view.state.in_sync != self.in_sync.recorded or view.state.epoch != self.epoch:
-            if view.state.epoch != self.epoch or view.state.master != self.in_sync.master:
+        """Propose the replication layer's in-sync set by CAS on the state.
+
+        The watchdog may step the node down while the CAS is in flight (it sets
+        ``self.in_sync`` to None): the record of this term is kept in a local, and an
+        answer arriving after the step-down is dropped, since the term it was for ended.
+        """
+        record = self.in_sync
+        assert record is not None and view.state is not None and view.state_kv is not None
+        if view.state.in_sync != record.recorded or view.state.epoch != self.epoch:
+            if view.state.epoch != self.epoch or view.state.master != record.master:
                 self._step_down(f"the group state moved to epoch {view.state.epoch}")
                 return
-            self.in_sync.observed(view.state.in_sync)
-        proposed = self.in_sync.propose(self.actions.in_sync_members())
+            record.observed(view.state.in_sync)
+        proposed = record.propose(self.actions.in_sync_members())
         if proposed is None:
             return
         new_state = attrs.evolve(view.state, in_sync=proposed)
@@ -594,11 +601,18 @@ class HaLoop:
         except EtcdTimeout:
             log.info("ha in-sync record timed out node=%s; reading back", self.node)
             stored = await self.etcd.get(self._state_key)
-            if stored is not None:
-                self.in_sync.observed(GroupState.decode(stored.key, stored.value).in_sync)
+            if stored is not None and self.in_sync is record:
+                record.observed(GroupState.decode(stored.key, stored.value).in_sync)
             return
         outcome = PendingOutcome.COMMITTED if result.succeeded else PendingOutcome.REFUSED
-        self.in_sync.resolve(outcome)
+        if self.in_sync is not record:
+            log.info(
+                "ha in-sync record answered after a step-down node=%s outcome=%s; dropped",
+                self.node,
+                outcome.value,
+            )
+            return
+        record.resolve(outcome)
         log.info(
             "ha in-sync recorded node=%s in_sync=%s outcome=%s",
             self.node,

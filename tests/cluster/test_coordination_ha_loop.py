@@ -392,3 +392,35 @@ async def test_a_listing_read_before_a_resign_does_not_put_the_master_back_in_of
         await node.loop._with_leader(node.fake.member_info(), before)
         assert node.fake.terms == [1] and node.fake.role == "fenced"
         assert node.loop.role is HaRole.FENCED
+
+
+@attrs.define
+class StepsDownDuringTxn:
+    """The real etcd client, except that the master's watchdog fires while a transaction
+    is in flight (the seeded chaos run 261 crashed a node on exactly that)."""
+
+    etcd: EtcdClient
+    loop: HaLoop
+
+    async def txn(self, *args: object, **kwargs: object) -> object:
+        self.loop._step_down("the fencing deadline passed during the in-sync CAS")
+        return await self.etcd.txn(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.etcd, name)
+
+
+async def test_a_step_down_while_the_in_sync_record_is_in_flight_drops_its_answer(
+    etcd_endpoints: list[str],
+) -> None:
+    """The old loop resolved the CAS on the record the step-down had cleared and died on
+    ``AttributeError: 'NoneType' object has no attribute 'resolve'``."""
+    settings = attrs.evolve(settings_for(etcd_endpoints), lease_ttl_s=6, keepalive_interval_s=2.0)
+    async with running(settings, FakeNode("a")) as (node,):
+        await node.fake.until("master", lambda fake: fake.role == "master")
+        view = await node.loop.read_view()
+        node.fake.judged_in_sync = frozenset({"b"})  # a proposal to record
+        node.loop.etcd = StepsDownDuringTxn(node.loop.etcd, node.loop)  # type: ignore[assignment]
+        await node.loop._record_in_sync_once(view)
+        assert node.loop.role is HaRole.FENCED and node.loop.in_sync is None
+        assert node.fake.fenced == ["the fencing deadline passed during the in-sync CAS"]
