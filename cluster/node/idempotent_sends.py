@@ -94,7 +94,9 @@ class IdempotentSends:
         self._generation = 0
         self._rebuilding = trio.Lock()
         self._landed = trio.Event()
-        """Set (and replaced) whenever an append in progress ends: IN_PROGRESS waits on it."""
+        """Set (and replaced) when an append in progress ends while a copy of a batch
+        waits (IN_PROGRESS); :attr:`_waiting` counts those copies."""
+        self._waiting = 0
         self.rebuilds = 0
         self.last_rebuild: dict[str, Any] | None = None
 
@@ -142,7 +144,11 @@ class IdempotentSends:
                 assert decision.landed is not None
                 return self._read_back(producer, decision.landed)
             if verdict is Verdict.IN_PROGRESS:
-                await self._landed.wait()
+                self._waiting += 1
+                try:
+                    await self._landed.wait()
+                finally:
+                    self._waiting -= 1
                 continue
             status = Status.SEQUENCE_TOO_OLD if verdict is Verdict.TOO_OLD else Status.BAD_REQUEST
             raise SendRefused(status, decision.reason)
@@ -177,8 +183,9 @@ class IdempotentSends:
         finally:
             if not landed:
                 state.abandon(producer, sequence)
-            self._landed.set()
-            self._landed = trio.Event()
+            if self._waiting:  # rare: a copy of a batch arrived while it was appended
+                self._landed.set()
+                self._landed = trio.Event()
 
     def _read_back(self, producer: int, batch: LandedBatch) -> Stored:
         """The original answer of a stored batch, from its records."""
