@@ -547,6 +547,7 @@ def cmd_docker(args: argparse.Namespace) -> int:
 def add_chaos_commands(commands: Any) -> None:
     """``tidelog chaos ...``: judge a chaos run from its history."""
     from tools.chaos.cli import add_check_arguments
+    from tools.chaos.history import ACK_LEVELS
 
     chaos = commands.add_parser("chaos", help="chaos runs: judge a run's history")
     kinds = chaos.add_subparsers(dest="chaos_kind", metavar="KIND", required=True)
@@ -573,7 +574,7 @@ def add_chaos_commands(commands: Any) -> None:
         default="kill,pause,partition",
         help="fault kinds, comma separated, or 'none' (default kill,pause,partition)",
     )
-    run.add_argument("--acks", choices=("leader", "durable", "replicated"), default="replicated")
+    run.add_argument("--acks", choices=ACK_LEVELS, default="replicated")
     run.add_argument("--seed", type=int, default=7, help="draws the schedule and the workload")
     run.add_argument("--out", help="run folder (default chaos-runs/DATE-seedN)")
     run.add_argument(
@@ -595,9 +596,7 @@ def add_chaos_commands(commands: Any) -> None:
     scenario.add_argument(
         "name", metavar="NAME", choices=sorted(SCENARIOS), help=", ".join(sorted(SCENARIOS))
     )
-    scenario.add_argument(
-        "--acks", choices=("leader", "durable", "replicated"), default="replicated"
-    )
+    scenario.add_argument("--acks", choices=ACK_LEVELS, default="replicated")
     scenario.add_argument("--seed", type=int, default=7)
     scenario.add_argument("--out", help="run folder (default chaos-runs/DATE-NAME)")
     scenario.add_argument(

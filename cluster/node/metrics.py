@@ -63,13 +63,15 @@ class NodeMetrics:
         self.ack_wait = Histogram(
             "tidelog_ack_wait_seconds",
             "Time a write waited after its append for its ack level (durable: group commit; "
-            "replicated: group commit and the in-sync slaves), whatever the outcome.",
+            "in_sync: the in-sync slaves; replicated: group commit and the in-sync slaves), "
+            "whatever the outcome.",
             ["acks"],
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
         self._ack_wait_by_level = {
             Acks.DURABLE: self.ack_wait.labels(Acks.DURABLE.value),
+            Acks.IN_SYNC: self.ack_wait.labels(Acks.IN_SYNC.value),
             Acks.REPLICATED: self.ack_wait.labels(Acks.REPLICATED.value),
         }
         self.flush = Histogram(

@@ -121,6 +121,20 @@ def test_durable_loss_excused_only_when_the_master_disk_was_lost() -> None:
     assert master_disk.master_disk_lost_s is not None
 
 
+def test_an_in_sync_loss_fails_the_run_even_when_the_master_disk_was_lost() -> None:
+    """``in_sync`` holds a write on every in-sync slave: the master's disk is not its excuse."""
+    history = HistoryBuilder()
+    history.master("n1", 1)
+    history.send("producer-0", Q, "producer-0:0", 0, acks="in_sync")
+    history.send("producer-0", Q, "producer-0:1", 1, acks="in_sync")
+    history.nemesis("f1", "disk", "start", ["n1"], disk_lost=True)
+    history.nemesis("f1", "disk", "stop", ["n1"])
+    history.master("n2", 2)
+    history.drain(Q, "n2", "master", [(0, "producer-0:0")])
+    result = check(history.events)
+    assert not result.valid and result.kind("lost").count == 1
+
+
 def test_leader_loss_is_reported_as_rpo_not_failure() -> None:
     history = HistoryBuilder()
     history.send("producer-0", Q, "producer-0:0", 0, acks="leader")

@@ -7,7 +7,8 @@ Pure: :func:`check` takes the events of :mod:`tools.chaos.history` and returns a
   queue, from the producers' own acks (never bounded by the highest offset read). Each
   lost message is classed per producer and queue as ``prefix`` (before the producer's first
   surviving ack), ``middle`` or ``postfix`` (after its last surviving ack, or none survived),
-  and lists the replicas whose drains lack it too. It fails the run at ``replicated``; at
+  and lists the replicas whose drains lack it too. It fails the run at ``replicated`` and ``in_sync`` (every fault a run injects leaves an
+  in-sync copy alive); at
   ``durable`` unless the master's disk was destroyed after the send (then ``lost_excused``);
   at ``leader`` it is ``lost_leader``, reported as the RPO (messages and time span).
 - ``duplicate``: one message read at two queue offsets. ``inconsistent_offsets``: one

@@ -27,7 +27,7 @@ A queue is named ``"topic:queue_id"``. A message is a unique string the producer
 from its process name and a counter (``"producer-3:17"``); nobody sends one value twice.
 
 send (process ``producer-N``)
-    invoke  {"queue": q, "message": m, "acks": "leader"|"durable"|"replicated"}
+    invoke  {"queue": q, "message": m, "acks": "leader"|"durable"|"in_sync"|"replicated"}
     ok      the invoke's value plus {"offset": queue offset, "physical_offset": int|null}
     fail    the invoke's value
     info    the invoke's value, plus "offset" when the answer carried one (a flush timeout)
@@ -93,7 +93,7 @@ __all__ = [
 EVENT_TYPES: Final = frozenset({"invoke", "ok", "fail", "info"})
 COMPLETION_TYPES: Final = frozenset({"ok", "fail", "info"})
 FUNCTIONS: Final = frozenset({"send", "poll", "drain", "digest", "nemesis", "master"})
-ACK_LEVELS: Final = ("leader", "durable", "replicated")
+ACK_LEVELS: Final = ("leader", "durable", "in_sync", "replicated")
 _KEYS: Final = ("index", "time_s", "type", "process", "f", "value", "node", "error")
 
 

@@ -29,7 +29,7 @@ import trio
 
 from cluster.client import Client, TidelogError, open_client
 from cluster.protocol import Status
-from tools.chaos.history import NOT_SENT_PREFIX, Event, HistoryWriter
+from tools.chaos.history import ACK_LEVELS, NOT_SENT_PREFIX, Event, HistoryWriter
 
 __all__ = [
     "DIGEST_CHUNK_BYTES",
@@ -60,9 +60,7 @@ class WorkloadSettings:
     queues: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     producers: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     consumers: bool = True
-    acks: str = attrs.field(
-        default="replicated", validator=attrs.validators.in_(("leader", "durable", "replicated"))
-    )
+    acks: str = attrs.field(default="replicated", validator=attrs.validators.in_(ACK_LEVELS))
     send_timeout_ms: int = 2000
     request_timeout_s: float = 3.0
     retries: int = 3
