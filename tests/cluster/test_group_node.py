@@ -106,6 +106,9 @@ async def produce(client: Client, topic: str, count: int, start: int = 0) -> Non
 
 async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Path) -> None:
     seen: dict[str, list[bytes]] = {"a": [], "b": []}
+    shares: dict[str, set[int]] = {"a": set(), "b": set()}
+    """How many queues each member held at each message it read (a member starved of the
+    CPU past its session is re-joined, so its share at the very end may be in flux)."""
     async with serving(tmp_path) as address, open_client(address) as client:
         await client.admin.create_topic("t", 4)
         await produce(client, "t", 40)
@@ -116,6 +119,7 @@ async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Pat
             async with consumer:
                 async for message in consumer:
                     seen[name].append(message.body)
+                    shares[name].add(len(consumer.assignment))
                     if len(seen["a"]) + len(seen["b"]) >= 80:
                         done.set()
                     if stop.is_set():
@@ -128,13 +132,16 @@ async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Pat
             await a.wait_assigned()
             nursery.start_soon(member, "b", b, trio.Event())
             await b.wait_assigned()
+            with trio.fail_after(20):  # the hand-over: a re-joins, then b is given its share
+                while len(b.assignment) != 2:
+                    await trio.sleep(0.01)
             await produce(client, "t", 40, start=40)
             with trio.fail_after(20):
                 await done.wait()
             nursery.cancel_scope.cancel()
         everything = {f"m{n}".encode() for n in range(80)}
         assert set(seen["a"]) | set(seen["b"]) == everything
-        assert b.rebalances >= 1 and len(b.assignment) == 2
+        assert b.rebalances >= 1 and 2 in shares["b"], shares
         # Both left (commit, then leave_group): the group's positions are the ends.
         fetched = await master(client, "fetch_offsets", group="g")
         assert sum(positions(fetched).values()) == 80
