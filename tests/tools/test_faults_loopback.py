@@ -52,27 +52,29 @@ CHILD = textwrap.dedent(
             [*net.command_prefix("b"), sys.executable, "-c", SERVER, net.address("b")],
             stdout=-1,
         )
-        port = int((await server.stdout.receive_some(64)).decode())
-        async def from_a():
-            done = await trio.run_process(
-                [*net.command_prefix("a"), sys.executable, "-c", CLIENT, net.address("b"),
-                 str(port)], capture_stdout=True)
-            return done.stdout.decode().strip()
-        async def from_harness():
-            done = await trio.run_process(
-                [sys.executable, "-c", CLIENT, net.address("b"), str(port)],
-                capture_stdout=True)
-            return done.stdout.decode().strip()
-        seen = {"before": await from_a()}
-        cut = LoopbackPartition(net, isolate(["a", "b"], "a"))
-        await cut.inject()
-        seen["partitioned"] = await from_a()
-        seen["harness"] = await from_harness()
-        await cut.heal()
-        seen["healed"] = await from_a()
-        seen["fields"] = cut.fields()
-        server.kill()
-        await server.wait()
+        try:
+            port = int((await server.stdout.receive_some(64)).decode())
+            async def from_a():
+                done = await trio.run_process(
+                    [*net.command_prefix("a"), sys.executable, "-c", CLIENT, net.address("b"),
+                     str(port)], capture_stdout=True)
+                return done.stdout.decode().strip()
+            async def from_harness():
+                done = await trio.run_process(
+                    [sys.executable, "-c", CLIENT, net.address("b"), str(port)],
+                    capture_stdout=True)
+                return done.stdout.decode().strip()
+            seen = {"before": await from_a()}
+            cut = LoopbackPartition(net, isolate(["a", "b"], "a"))
+            await cut.inject()
+            seen["partitioned"] = await from_a()
+            seen["harness"] = await from_harness()
+            await cut.heal()
+            seen["healed"] = await from_a()
+            seen["fields"] = cut.fields()
+        finally:  # also on failure: the server would keep the namespace alive
+            server.kill()
+            await server.wait()
         print(json.dumps(seen))
 
     trio.run(main)
