@@ -1,5 +1,5 @@
 """Helpers several test modules share: the ``tidelog`` CLI as a subprocess and real node
-processes that are always stopped by their PID, even when the test fails."""
+processes and local clusters that are always stopped by their PID, even when the test fails."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import resource
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 import pytest
+import trio
 
+from tools.launcher import LocalCluster
 from tools.process import READY, NodeProcess
 
 CLI: Final = [sys.executable, "-m", "tools.cli"]
@@ -35,6 +37,16 @@ def running_node(data_dir: Path) -> Iterator[NodeProcess]:
         yield process
     finally:
         process.kill()
+
+
+@contextlib.asynccontextmanager
+async def started(cluster: LocalCluster) -> AsyncIterator[LocalCluster]:
+    """``cluster`` started (its etcd and nodes); stopped on exit, every process by its PID."""
+    try:
+        await trio.to_thread.run_sync(cluster.start)
+        yield cluster
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from cluster.client import open_client
+from tests.helpers import started
 from tools.demo import read_all
 from tools.faults.process import NodeProcessTarget, Pause
 from tools.launcher import LocalCluster
@@ -40,11 +41,8 @@ its initial size while nothing reads it), so the old master surely holds a tail 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", replicas=3)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def run_load_until(load: AckedLoad, what: str, done: object) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.helpers import started
 from tools.launcher import EtcdCluster, EtcdMember, LocalCluster
 from tools.launcher.load import AckedLoad, missing_on
 
@@ -31,11 +32,8 @@ ETCD_TIMING = ("--heartbeat-interval", "50", "--election-timeout", "500")
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", replicas=3, etcd_members=3, etcd_args=ETCD_TIMING)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def lose_etcd_member(etcd: EtcdCluster, member: EtcdMember) -> None:

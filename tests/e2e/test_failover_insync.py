@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.helpers import started
 from tools.faults.process import NodeProcessTarget, Pause
 from tools.launcher import LocalCluster
 from tools.launcher.load import AckedLoad, missing_on
@@ -38,11 +39,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     config = tmp_path / "node.toml"
     config.write_text(f"[replication]\nmax_lag_ms = {MAX_LAG_MS}\n")
     cluster = LocalCluster(tmp_path / "cluster", replicas=3, node_args=("--config", str(config)))
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def test_a_master_killed_as_its_in_sync_set_changes_loses_no_ack(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.helpers import started
 from tools.launcher import LocalCluster
 from tools.launcher.load import AckedLoad, commit_log_bytes, missing_on, same_log_end
 from tools.process import wait_until
@@ -30,11 +31,8 @@ KILLS = 3
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", replicas=3)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def back_in_sync(cluster: LocalCluster, name: str, master: str) -> None:

@@ -17,6 +17,7 @@ import trio
 
 from cluster.client import Client, open_client
 from cluster.client.group_consumer import GroupConsumer
+from tests.helpers import started
 from tools.launcher import LocalCluster
 from tools.process import wait_until
 
@@ -33,11 +34,8 @@ OPTIONS: dict[str, Any] = {
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", replicas=3)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def produce(client: Client, start: int, count: int) -> None:

@@ -21,6 +21,7 @@ import trio
 
 from cluster.client import SendResult, open_client
 from cluster.protocol import Status
+from tests.helpers import started
 from tools.launcher import LocalCluster
 from tools.launcher.load import same_log_end
 from tools.process import wait_until
@@ -34,11 +35,8 @@ TASKS = 4
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path / "cluster", replicas=3)
-    try:
-        await trio.to_thread.run_sync(cluster.start)
+    async with started(cluster):
         yield cluster
-    finally:
-        await trio.to_thread.run_sync(cluster.stop)
 
 
 async def stored_bodies(address: str) -> list[bytes]:
