@@ -226,12 +226,17 @@ async def test_one_master_is_elected_and_metadata_names_it(group: Group) -> None
     assert refused["master"] == master.address and refused["epoch"] >= 1
 
 
-async def test_sigkill_of_the_master_under_replicated_load_loses_no_ack(group: Group) -> None:
+async def sigkill_the_master_under_load(
+    group: Group, acks: str
+) -> tuple[NodeProcess, NodeProcess, Acked]:
+    """Three nodes under an ``acks`` load: SIGKILL the master after 30 acks, go on until
+    the new master acked 30 more, and check every ack is readable on every survivor.
+    Returns the old master, the new one and the acks."""
     first = await start_three(group)
     acked = Acked()
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(produce, group, acked, "replicated", stop)
+        nursery.start_soon(produce, group, acked, acks, stop)
         await wait_acks(acked, 30)
         first.kill()
         before = len(acked.offsets)
@@ -242,6 +247,11 @@ async def test_sigkill_of_the_master_under_replicated_load_loses_no_ack(group: G
     survivors = group.alive()
     await group.caught_up(max(acked.offsets.values()) + 1, survivors)
     await assert_all_readable(acked, survivors)
+    return first, second, acked
+
+
+async def test_sigkill_of_the_master_under_replicated_load_loses_no_ack(group: Group) -> None:
+    first, second, acked = await sigkill_the_master_under_load(group, "replicated")
     # the old master comes back as a slave: its tail that no slave held is cut
     old = group.start(first.name)
 

@@ -14,18 +14,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import trio
 
 from cluster.client import open_client
 from cluster.protocol import Status
-from tests.e2e.test_failover import (
-    Acked,
-    Group,
-    assert_all_readable,
-    produce,
-    start_three,
-    wait_acks,
-)
+from tests.e2e.test_failover import Group, sigkill_the_master_under_load
 from tests.e2e.test_replication_e2e import (
     Cluster,
     _send,
@@ -83,18 +75,4 @@ async def test_in_sync_is_released_only_once_every_in_sync_slave_acknowledged(
 async def test_sigkill_of_the_master_under_in_sync_load_loses_no_ack(group: Group) -> None:
     """Acknowledged at in_sync = in the page cache of every in-sync slave: a master
     SIGKILL (its machine keeps running, so do the slaves) loses none of them."""
-    first = await start_three(group)
-    acked = Acked()
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(produce, group, acked, "in_sync", stop)
-        await wait_acks(acked, 30)
-        first.kill()
-        before = len(acked.offsets)
-        second = await group.master(other_than=first.name)
-        await wait_acks(acked, before + 30)
-        stop.set()
-    assert any(by == second.name for by in acked.answered_ok_by.values())
-    survivors = group.alive()
-    await group.caught_up(max(acked.offsets.values()) + 1, survivors)
-    await assert_all_readable(acked, survivors)
+    await sigkill_the_master_under_load(group, "in_sync")
