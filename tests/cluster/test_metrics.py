@@ -7,8 +7,10 @@ is a real HTTP request. The health decision itself is pure and checked on its ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,28 @@ def _monitored(data_dir: Path, name: str = "node-1", **sections: dict[str, Any])
     return attrs.evolve(config, node=attrs.evolve(config.node, name=name, metrics_port=0))
 
 
+@contextlib.asynccontextmanager
+async def _master_with_slave(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """A monitored master and a monitored slave ``s1`` that follows it, once it is in sync."""
+    master_config = _monitored(tmp_path / "m", replication={"ha_port": 0})
+    async with running(master_config) as master:
+        assert master.ha_address is not None and master.address is not None
+        slave_config = _monitored(
+            tmp_path / "s",
+            "s1",
+            replication={
+                "role": "slave",
+                "master_ha": "{}:{}".format(*master.ha_address),
+                "master_client": "{}:{}".format(*master.address),
+            },
+        )
+        async with running(slave_config) as slave:
+            ha = master.ha
+            assert ha is not None
+            await until(lambda: len(ha.in_sync_slaves()) == 1)
+            yield master, slave
+
+
 # ---- a node's metrics ---------------------------------------------------------------------------
 
 
@@ -111,36 +135,22 @@ async def test_the_figures_move_with_writes_and_errors(tmp_path: Path) -> None:
 
 
 async def test_a_master_reports_each_slaves_lag_and_the_in_sync_set(tmp_path: Path) -> None:
-    master_config = _monitored(tmp_path / "m", replication={"ha_port": 0})
-    async with running(master_config) as master:
-        assert master.ha_address is not None and master.address is not None
-        slave_config = _monitored(
-            tmp_path / "s",
-            "s1",
-            replication={
-                "role": "slave",
-                "master_ha": "{}:{}".format(*master.ha_address),
-                "master_client": "{}:{}".format(*master.address),
-            },
-        )
-        async with running(slave_config) as slave, client(master) as c:
-            await c.ok("create_topic", topic="t", queues=1)
-            assert master.ha is not None
-            await until(lambda: len(master.ha.in_sync_slaves()) == 1)
-            for i in range(5):
-                await c.ok("send", topic="t", body=b"r%d" % i, queue=0, acks="replicated")
-            seen = await scrape(master)
-            assert ("tidelog_replication_slave_lag_bytes", (("slave", "s1"),)) in seen
-            assert ("tidelog_replication_slave_lag_seconds", (("slave", "s1"),)) in seen
-            assert seen[("tidelog_replication_slave_in_sync", (("slave", "s1"),))] == 1
-            assert seen[("tidelog_replication_connected_slaves", ())] == 1
-            assert seen[("tidelog_ack_wait_seconds_count", (("acks", "replicated"),))] == 5
-            on_slave = await scrape(slave)
-            assert on_slave[("tidelog_role", (("role", "slave"),))] == 1
-            assert on_slave[("tidelog_writable", ())] == 0
-            assert on_slave[("tidelog_replication_connected", ())] == 1
-            assert ("tidelog_replication_master_lag_bytes", ()) in on_slave
-            assert await health(slave) == (200, await _health_body(slave, healthy=True))
+    async with _master_with_slave(tmp_path) as (master, slave), client(master) as c:
+        await c.ok("create_topic", topic="t", queues=1)
+        for i in range(5):
+            await c.ok("send", topic="t", body=b"r%d" % i, queue=0, acks="replicated")
+        seen = await scrape(master)
+        assert ("tidelog_replication_slave_lag_bytes", (("slave", "s1"),)) in seen
+        assert ("tidelog_replication_slave_lag_seconds", (("slave", "s1"),)) in seen
+        assert seen[("tidelog_replication_slave_in_sync", (("slave", "s1"),))] == 1
+        assert seen[("tidelog_replication_connected_slaves", ())] == 1
+        assert seen[("tidelog_ack_wait_seconds_count", (("acks", "replicated"),))] == 5
+        on_slave = await scrape(slave)
+        assert on_slave[("tidelog_role", (("role", "slave"),))] == 1
+        assert on_slave[("tidelog_writable", ())] == 0
+        assert on_slave[("tidelog_replication_connected", ())] == 1
+        assert ("tidelog_replication_master_lag_bytes", ()) in on_slave
+        assert await health(slave) == (200, await _health_body(slave, healthy=True))
 
 
 async def _health_body(node: Node, *, healthy: bool) -> dict[str, Any]:
@@ -378,26 +388,12 @@ async def test_the_dashboard_queries_only_metrics_a_node_exports(tmp_path: Path)
         for name in re.findall(r"\btidelog_\w+", target["expr"])
     }
     exported: set[str] = set()
-    master_config = _monitored(tmp_path / "m", replication={"ha_port": 0})
-    async with running(master_config) as master:
-        assert master.ha_address is not None and master.address is not None
-        slave_config = _monitored(
-            tmp_path / "s",
-            "s1",
-            replication={
-                "role": "slave",
-                "master_ha": "{}:{}".format(*master.ha_address),
-                "master_client": "{}:{}".format(*master.address),
-            },
-        )
-        async with running(slave_config) as slave, client(master) as c:
-            assert master.ha is not None
-            await until(lambda: len(master.ha.in_sync_slaves()) == 1)
-            await c.call("send", topic="missing", body=b"x")  # one error, so its series exists
-            for node in (master, slave):
-                exported |= {
-                    re.sub(r"_(bucket|count|sum)$", "", name) for name, _ in await scrape(node)
-                }
+    async with _master_with_slave(tmp_path) as (master, slave), client(master) as c:
+        await c.call("send", topic="missing", body=b"x")  # one error, so its series exists
+        for node in (master, slave):
+            exported |= {
+                re.sub(r"_(bucket|count|sum)$", "", name) for name, _ in await scrape(node)
+            }
     coordination_only = {name for name in queried if name.startswith("tidelog_coordination_")}
     assert queried - coordination_only <= exported, queried - coordination_only - exported
     source = (DASHBOARD.parents[1] / "cluster" / "node" / "metrics.py").read_text(encoding="utf-8")
