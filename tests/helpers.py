@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tools.launcher import LocalCluster
+from tools.launcher.cluster import read_state, stop_pids
 from tools.process import READY, NodeProcess
 
 CLI: Final = [sys.executable, "-m", "tools.cli"]
@@ -47,6 +48,21 @@ async def started(cluster: LocalCluster) -> AsyncIterator[LocalCluster]:
         yield cluster
     finally:
         await trio.to_thread.run_sync(cluster.stop)
+
+
+@contextlib.contextmanager
+def cluster_dir_cleaned(root: Path) -> Iterator[Path]:
+    """``root`` for a ``tidelog cluster up``; on exit, whatever its state file still names
+    (nodes, etcd members) is stopped by PID, so a failed test leaves nothing running."""
+    try:
+        yield root
+    finally:
+        try:
+            state = read_state(root)
+        except (OSError, ValueError):  # never started, or its state is gone: nothing runs
+            state = {"nodes": [], "etcd": {"pids": []}}
+        stop_pids([(n["pid"], ("tools.cli", n["data_dir"])) for n in state["nodes"]])
+        stop_pids([(pid, ("etcd", str(root))) for pid in state["etcd"]["pids"]])
 
 
 @contextlib.contextmanager

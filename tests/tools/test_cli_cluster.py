@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.launcher.cluster import pid_alive, process_matches, read_state, stop_pids
+from tests.helpers import cluster_dir_cleaned
+from tools.launcher.cluster import pid_alive, process_matches, read_state
 
 TIMEOUT_S = 90
 
@@ -31,14 +32,8 @@ def tidelog(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def data(tmp_path: Path) -> Iterator[Path]:
     """The cluster's directory; whatever a failed test left running is stopped by PID."""
-    root = tmp_path / "cluster"
-    yield root
-    try:
-        state = read_state(root)
-    except (OSError, ValueError):
-        return
-    stop_pids([(n["pid"], ("tools.cli", n["data_dir"])) for n in state["nodes"]])
-    stop_pids([(pid, ("etcd", str(root))) for pid in state["etcd"]["pids"]])
+    with cluster_dir_cleaned(tmp_path / "cluster") as root:
+        yield root
 
 
 def test_up_detach_status_down(data: Path) -> None:

@@ -13,23 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tidelog
+from tests.helpers import cluster_dir_cleaned, tidelog
 from tools.cli_cluster import etcd_summary
-from tools.launcher.cluster import pid_alive, process_matches, read_state, stop_pids
+from tools.launcher.cluster import pid_alive, process_matches
 from tools.launcher.etcd import EtcdEndpointHealth
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Iterator[Path]:
     """The cluster's directory; whatever a failed test left running is stopped by PID."""
-    root = tmp_path / "cluster"
-    yield root
-    try:
-        state = read_state(root)
-    except (OSError, ValueError):
-        return
-    stop_pids([(n["pid"], ("tools.cli", n["data_dir"])) for n in state["nodes"]])
-    stop_pids([(pid, ("etcd", str(root))) for pid in state["etcd"]["pids"]])
+    with cluster_dir_cleaned(tmp_path / "cluster") as root:
+        yield root
 
 
 def status_json(data: Path) -> dict[str, object]:
