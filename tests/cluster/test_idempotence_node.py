@@ -6,8 +6,6 @@ the log)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,34 +13,11 @@ import pytest
 import trio
 
 from cluster.client import Client, SendResult, open_client
-from cluster.node import Node
-from cluster.node.config import NodeConfig
 from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
 from cluster.protocol import Status
-from cluster.protocol.address import format_address, parse_address
-from tests.conftest import SMALL_SEGMENT
+from cluster.protocol.address import parse_address
+from tests.cluster.test_client_producer import serving
 from tools.faults.proxy import Direction, FaultProxy
-
-STORE = {
-    "segment_size": SMALL_SEGMENT,
-    "max_message_size": 16 * 1024,
-    "consume_queue_entries": 64,
-    "flush_interval_ms": 50,
-    "retention_check_interval_ms": 3_600_000,
-}
-
-
-@asynccontextmanager
-async def serving(data_dir: Path) -> AsyncIterator[tuple[Node, str]]:
-    """A standalone node on a free port in this trio loop; shut down when the block ends."""
-    config = NodeConfig.create(data_dir, node={"port": 0, "name": "n1"}, store=STORE)
-    node = Node(config)
-    async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(node.run)
-        try:
-            yield node, format_address(host, port)
-        finally:
-            node.request_shutdown()
 
 
 async def bodies(client: Client, topic: str) -> list[bytes]:
