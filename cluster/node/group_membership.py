@@ -50,7 +50,7 @@ class GroupState:
     topics: tuple[str, ...]
     queues: list[QueueRef]
     generation: int = 0
-    deadlines: dict[str, float] = attrs.field(factory=dict)
+    deadlines_s: dict[str, float] = attrs.field(factory=dict)
     session_s: dict[str, float] = attrs.field(factory=dict)
     assignment: dict[str, list[QueueRef]] = attrs.field(factory=dict)
     previous: dict[str, list[QueueRef]] = attrs.field(factory=dict)
@@ -62,10 +62,10 @@ class GroupState:
     def rebalance(self) -> None:
         self.previous = self.assignment
         self.generation += 1
-        self.assignment = assign(self.queues, list(self.deadlines), self.previous)
+        self.assignment = assign(self.queues, list(self.deadlines_s), self.previous)
 
     def drop(self, member: str) -> None:
-        for table in (self.deadlines, self.session_s, self.held, self.joined_in):
+        for table in (self.deadlines_s, self.session_s, self.held, self.joined_in):
             table.pop(member, None)
 
     def grantable(self, member: str) -> list[QueueRef]:
@@ -81,11 +81,11 @@ class GroupMembership:
     def __init__(self) -> None:
         self._groups: dict[str, GroupState] = {}
 
-    def expire(self, now: float) -> list[tuple[str, str]]:
+    def expire(self, now_s: float) -> list[tuple[str, str]]:
         """Drop members silent past their session; returns ``(group, member)`` dropped."""
         dropped = []
         for name, group in self._groups.items():
-            gone = [m for m, deadline in group.deadlines.items() if deadline < now]
+            gone = [m for m, deadline_s in group.deadlines_s.items() if deadline_s < now_s]
             for member in gone:
                 group.drop(member)
                 dropped.append((name, member))
@@ -99,15 +99,15 @@ class GroupMembership:
         member: str,
         topics: Mapping[str, int],
         session_timeout_ms: int,
-        now: float,
+        now_s: float,
     ) -> Joined:
         """Join (or re-join) ``member``; ``topics`` maps each topic to its queue count.
         A group's members must consume the same topics (ValueError otherwise)."""
-        self.expire(now)
+        self.expire(now_s)
         wanted = tuple(sorted(topics))
         queues = [(t, q) for t in wanted for q in range(topics[t])]
         group = self._groups.get(name)
-        if group is None or not group.deadlines:
+        if group is None or not group.deadlines_s:
             group = self._groups[name] = GroupState(
                 wanted, queues, group.generation if group else 0
             )
@@ -117,8 +117,8 @@ class GroupMembership:
                 f"consume {', '.join(wanted)}: use another group name"
             )
         session_s = session_timeout_ms / 1000
-        changed = member not in group.deadlines or queues != group.queues
-        group.deadlines[member] = now + session_s
+        changed = member not in group.deadlines_s or queues != group.queues
+        group.deadlines_s[member] = now_s + session_s
         group.session_s[member] = session_s
         if changed:
             group.queues = queues
@@ -126,16 +126,16 @@ class GroupMembership:
         granted = group.grantable(member)
         group.held[member] = granted
         group.joined_in[member] = group.generation
-        return Joined(group.generation, list(granted), len(group.deadlines))
+        return Joined(group.generation, list(granted), len(group.deadlines_s))
 
-    def heartbeat(self, name: str, member: str, generation: int, now: float) -> int | None:
+    def heartbeat(self, name: str, member: str, generation: int, now_s: float) -> int | None:
         """Keep ``member`` alive; the current generation when it holds it, None when it
         must join again (unknown member, or a new generation started)."""
-        self.expire(now)
+        self.expire(now_s)
         group = self._groups.get(name)
-        if group is None or member not in group.deadlines:
+        if group is None or member not in group.deadlines_s:
             return None
-        group.deadlines[member] = now + group.session_s[member]
+        group.deadlines_s[member] = now_s + group.session_s[member]
         if generation != group.generation:
             return None
         held = group.held.get(member, [])
@@ -143,11 +143,11 @@ class GroupMembership:
             return None  # a queue it waits for was given up: join again to take it
         return group.generation
 
-    def leave(self, name: str, member: str, now: float) -> bool:
+    def leave(self, name: str, member: str, now_s: float) -> bool:
         """Remove ``member`` at once (its queues move now, not after its session)."""
-        self.expire(now)
+        self.expire(now_s)
         group = self._groups.get(name)
-        if group is None or member not in group.deadlines:
+        if group is None or member not in group.deadlines_s:
             return False
         group.drop(member)
         group.rebalance()
@@ -159,22 +159,22 @@ class GroupMembership:
         member: str | None,
         generation: int | None,
         queues: Sequence[QueueRef],
-        now: float,
+        now_s: float,
     ) -> str | None:
         """Why a commit of ``queues`` must be refused (None: accept it). Without a member
         (an admin reset) the group must have no live members."""
-        self.expire(now)
+        self.expire(now_s)
         group = self._groups.get(name)
-        live = group is not None and bool(group.deadlines)
+        live = group is not None and bool(group.deadlines_s)
         if member is None:
             if live:
                 assert group is not None
                 return (
-                    f"group {name!r} has {len(group.deadlines)} live member(s): stop its "
+                    f"group {name!r} has {len(group.deadlines_s)} live member(s): stop its "
                     "consumers first (a commit without a member is an admin reset)"
                 )
             return None
-        if group is None or member not in group.deadlines:
+        if group is None or member not in group.deadlines_s:
             return f"member {member!r} is not in group {name!r} (expired or the master changed)"
         if generation != group.joined_in.get(member):
             return (
@@ -192,12 +192,12 @@ class GroupMembership:
 
     def live(self, name: str) -> int:
         group = self._groups.get(name)
-        return len(group.deadlines) if group is not None else 0
+        return len(group.deadlines_s) if group is not None else 0
 
-    def state(self, name: str, now: float) -> GroupState | None:
-        self.expire(now)
+    def state(self, name: str, now_s: float) -> GroupState | None:
+        self.expire(now_s)
         return self._groups.get(name)
 
-    def names(self, now: float) -> list[str]:
-        self.expire(now)
+    def names(self, now_s: float) -> list[str]:
+        self.expire(now_s)
         return sorted(self._groups)

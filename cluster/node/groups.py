@@ -253,7 +253,7 @@ class GroupService:
             groups.append(
                 {
                     "group": name,
-                    "members": len(state.deadlines) if state else 0,
+                    "members": len(state.deadlines_s) if state else 0,
                     "generation": state.generation if state else None,
                     "topics": sorted({t for t, _ in self.offsets.group(name)}),
                 }

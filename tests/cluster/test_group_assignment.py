@@ -103,36 +103,36 @@ def test_a_body_that_is_no_commit_is_skipped(body: bytes) -> None:
 
 def test_membership_generations_hand_over_expiry_and_fencing() -> None:
     groups = GroupMembership()
-    first = groups.join("g", "m1", {"t": 4}, 1000, now=0.0)
+    first = groups.join("g", "m1", {"t": 4}, 1000, now_s=0.0)
     assert first.generation == 1 and first.assignment == [("t", q) for q in range(4)]
-    second = groups.join("g", "m2", {"t": 4}, 1000, now=0.1)
+    second = groups.join("g", "m2", {"t": 4}, 1000, now_s=0.1)
     assert second.generation == 2 and second.assignment == []  # m1 still holds them all
-    assert groups.heartbeat("g", "m2", 2, now=0.15) == 2  # nothing was given up yet
-    assert groups.heartbeat("g", "m1", 1, now=0.2) is None  # must re-join
+    assert groups.heartbeat("g", "m2", 2, now_s=0.15) == 2  # nothing was given up yet
+    assert groups.heartbeat("g", "m1", 1, now_s=0.2) is None  # must re-join
     # m1 commits its queues in the generation it joined, then re-joins with fewer.
-    assert groups.commit_refusal("g", "m1", 1, first.assignment, now=0.25) is None
-    again = groups.join("g", "m1", {"t": 4}, 1000, now=0.3)
+    assert groups.commit_refusal("g", "m1", 1, first.assignment, now_s=0.25) is None
+    again = groups.join("g", "m1", {"t": 4}, 1000, now_s=0.3)
     assert again.generation == 2 and len(again.assignment) == 2
-    assert groups.heartbeat("g", "m2", 2, now=0.35) is None  # its queues are free now
-    taken = groups.join("g", "m2", {"t": 4}, 1000, now=0.4)
+    assert groups.heartbeat("g", "m2", 2, now_s=0.35) is None  # its queues are free now
+    taken = groups.join("g", "m2", {"t": 4}, 1000, now_s=0.4)
     assert sorted(taken.assignment + again.assignment) == first.assignment
-    assert groups.heartbeat("g", "m2", 2, now=0.45) == 2
+    assert groups.heartbeat("g", "m2", 2, now_s=0.45) == 2
     given_up = [q for q in first.assignment if q not in again.assignment]
     assert "joined generation 2" in (groups.commit_refusal("g", "m1", 1, given_up, 0.5) or "")
-    assert "does not hold" in (groups.commit_refusal("g", "m1", 2, given_up, now=0.5) or "")
-    assert groups.commit_refusal("g", "m2", 2, given_up, now=0.5) is None
+    assert "does not hold" in (groups.commit_refusal("g", "m1", 2, given_up, now_s=0.5) or "")
+    assert groups.commit_refusal("g", "m2", 2, given_up, now_s=0.5) is None
     assert "live member" in (groups.commit_refusal("g", None, None, given_up, 0.5) or "")
     with pytest.raises(ValueError, match="consumes t"):
-        groups.join("g", "m3", {"u": 1}, 1000, now=0.5)
+        groups.join("g", "m3", {"u": 1}, 1000, now_s=0.5)
     # m2 falls silent: at m1's first heartbeat after m2's session, m1 must re-join, and
     # gets everything at once (a dead member holds nothing).
-    assert groups.heartbeat("g", "m1", 2, now=1.3) == 2
-    assert groups.heartbeat("g", "m1", 2, now=1.5) is None
-    assert groups.join("g", "m1", {"t": 4}, 1000, now=1.55).assignment == first.assignment
-    assert "not in group" in (groups.commit_refusal("g", "m2", 2, given_up, now=1.55) or "")
-    assert groups.leave("g", "m1", now=1.6)
+    assert groups.heartbeat("g", "m1", 2, now_s=1.3) == 2
+    assert groups.heartbeat("g", "m1", 2, now_s=1.5) is None
+    assert groups.join("g", "m1", {"t": 4}, 1000, now_s=1.55).assignment == first.assignment
+    assert "not in group" in (groups.commit_refusal("g", "m2", 2, given_up, now_s=1.55) or "")
+    assert groups.leave("g", "m1", now_s=1.6)
     assert groups.live("g") == 0
-    assert groups.commit_refusal("g", None, None, given_up, now=1.7) is None
+    assert groups.commit_refusal("g", None, None, given_up, now_s=1.7) is None
 
 
 members_and_times = st.lists(
