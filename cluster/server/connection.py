@@ -246,7 +246,7 @@ class Connection:
                 self._nursery.start_soon(self._await_acks)
                 return
             tail = queue[-1][2]
-            if tail.acks is outcome.acks and tail.deadline <= outcome.deadline:
+            if tail.acks is outcome.acks and tail.deadline_s <= outcome.deadline_s:
                 queue.append((req_id, op, outcome))
                 return
         self._nursery.start_soon(self._finish, req_id, op, outcome)

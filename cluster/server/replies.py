@@ -22,15 +22,15 @@ class PendingAck:
     pipelined write cost more than the wait itself): a connection's writes at one
     ``acks`` level with non-decreasing deadlines are released in append order anyway,
     so one task awaits them in turn (see :class:`~cluster.server.connection.Connection`).
-    ``deadline`` is absolute (``trio.current_time()`` clock), fixed when the write was
+    ``deadline_s`` is absolute (``trio.current_time()`` clock), fixed when the write was
     appended: waiting behind another write never extends it. Immutable once built.
     """
 
-    __slots__ = ("_wait", "acks", "deadline")
+    __slots__ = ("_wait", "acks", "deadline_s")
 
-    def __init__(self, acks: Acks, deadline: float, wait: Deferred) -> None:
+    def __init__(self, acks: Acks, deadline_s: float, wait: Deferred) -> None:
         self.acks = acks
-        self.deadline = deadline
+        self.deadline_s = deadline_s
         self._wait = wait
 
     def __call__(self) -> Awaitable[Reply]:
