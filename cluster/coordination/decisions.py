@@ -18,6 +18,17 @@ loses acknowledged data:
   record, whatever its epoch, and the rank prefers the newer epoch anyway. A member
   claiming an epoch *newer* than the recorded state cannot exist unless etcd's state
   was lost or rolled back, so it is refused loudly.
+
+  **Recovery when every recorded member crashed** (KIP-966's unclean recovery once
+  every eligible-replica member is back): a crashed node catches up only with a master,
+  so with every member crashed nobody would ever be eligible again. When nobody is
+  eligible and *every* member of the recorded in-sync set is live and has published its
+  final record of this vacancy, the best of them with any data campaigns anyway. Every
+  record acknowledged at ``replicated``/``in_sync`` reached every recorded member (acks
+  wait for the counted set, the recorded set shrinks only by a committed CAS and grows
+  only by members past every acked offset), so the best of *all* of them holds every
+  acked record that survived anywhere; while one is missing it may hold more, so the
+  others wait for it (:attr:`ElectionView.waiting_for`).
 * **Fencing** (:class:`LeaseFence`): a master's self-fencing deadline, the send time of
   its last successful keepalive + TTL - margin. A paused process cannot know that its
   lease expired, so it must stop acknowledging on its own clock.
@@ -65,6 +76,10 @@ class Candidate:
     priority: int = 0
     clean_start: bool = True
     caught_up: bool = False
+    vacant_state_revision: int = 0
+    """The revision of the group state the node saw with no leader when it published
+    this record (0: it saw a leader). Equal to the current state's revision, the record
+    holds the node's final log end of this vacancy, written by its current process."""
 
     @classmethod
     def from_member(cls, info: MemberInfo) -> Candidate:
@@ -75,7 +90,14 @@ class Candidate:
             priority=info.priority,
             clean_start=info.clean_start,
             caught_up=info.caught_up,
+            vacant_state_revision=info.vacant_state_revision,
         )
+
+    @property
+    def holds_data(self) -> bool:
+        """False for a log that is empty and has no epoch history (a wiped data dir):
+        it knows nothing of the group, not even that the group is empty."""
+        return self.epoch > 0 or self.log_end > 0
 
     def rank(self) -> tuple[int, int, int, str]:
         """Sort key, best first: highest epoch, longest log, highest priority, then the
@@ -98,14 +120,49 @@ class Ineligible(enum.Enum):
 @attrs.frozen
 class ElectionView:
     """The election as one node sees it: ``eligible`` best first, ``refused`` with a
-    reason for every other live member, ``best`` the one that should campaign."""
+    reason for every other live member, ``best`` the one that should campaign.
+
+    ``recovered``: nobody was eligible by the ordinary rule and ``eligible`` holds the
+    recorded members that may lead the recovery of a group whose every member crashed.
+    ``waiting_for``: with nobody eligible, the recorded in-sync members that are not
+    live (or have not published their final record yet): one of them may hold acked
+    records the others lost, so the recovery waits for all of them. ``no_data``: every
+    recorded member is back and none holds any data (every data dir wiped).
+    Invariant: ``best`` is None whenever ``waiting_for`` or ``no_data`` is set.
+    """
 
     eligible: tuple[Candidate, ...]
     refused: Mapping[str, Ineligible]
     best: str | None
+    recovered: bool = False
+    waiting_for: frozenset[str] = frozenset()
+    no_data: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        assert self.best is None or not (self.waiting_for or self.no_data), self
 
     def may_campaign(self, node: str) -> bool:
         return node == self.best
+
+    def reason(self) -> str:
+        """Why the election stands where it does, for logs and the status view."""
+        if self.waiting_for:
+            return (
+                f"waiting for recorded in-sync members {', '.join(sorted(self.waiting_for))} "
+                "to return: every member crashed and one of them may hold acked records the "
+                "others lost"
+            )
+        if self.no_data:
+            return (
+                "every recorded in-sync member is back with an empty log and no epoch "
+                "history: the group's records are lost; to start it afresh delete its state "
+                "key in etcd and restart the nodes"
+            )
+        if self.best is None:
+            return "no live member is eligible"
+        if self.recovered:
+            return f"{self.best} leads the recovery: every recorded in-sync member is back"
+        return f"{self.best} is the best eligible member"
 
 
 def _refusal(state: GroupState | None, candidate: Candidate) -> Ineligible | None:
@@ -164,14 +221,18 @@ def election_view(
     live: Iterable[Candidate],
     *,
     preferred: str | None = None,
+    state_revision: int = 0,
 ) -> ElectionView:
     """Who may campaign and who is best, given the recorded ``state`` (None: the group
-    was never elected) and the ``live`` members (those with a member key).
+    was never elected), its etcd ``state_revision`` and the ``live`` members (those with
+    a member key).
 
     With no recorded state (a new cluster), every live member that started clean may
     campaign. ``preferred`` (a switchover target) is best when it is eligible and holds
-    as long a log in as high an epoch as the best; otherwise the rank decides.
+    as long a log in as high an epoch as the best; otherwise the rank decides. With
+    nobody eligible, :func:`_recovery` decides.
     """
+    live = list(live)
     eligible: list[Candidate] = []
     refused: dict[str, Ineligible] = {}
     for candidate in live:
@@ -180,6 +241,8 @@ def election_view(
             eligible.append(candidate)
         else:
             refused[candidate.node] = reason
+    if not eligible and state is not None:
+        return _recovery(state, state_revision, live, refused)
     eligible.sort(key=Candidate.rank)
     best = eligible[0].node if eligible else None
     if preferred is not None and eligible:
@@ -187,6 +250,46 @@ def election_view(
             if candidate.node == preferred and candidate.rank()[:2] == eligible[0].rank()[:2]:
                 best = preferred
     return ElectionView(eligible=tuple(eligible), refused=refused, best=best)
+
+
+def _recovery(
+    state: GroupState,
+    state_revision: int,
+    live: list[Candidate],
+    refused: dict[str, Ineligible],
+) -> ElectionView:
+    """Nobody is eligible by the ordinary rule: may the best recorded member lead anyway?
+
+    Only when every recorded in-sync member is live with a record it wrote after seeing
+    this vacancy (``vacant_state_revision == state_revision``: its final log end, from
+    its current process; an earlier life's record may lag its log) and none was refused
+    for anything but its crash. Then the best of those holding data holds every acked
+    record that survived anywhere. Members with no data at all (a wiped data dir) never
+    lead: if they are all there is, the acked records are gone and electing one would
+    present an erased history as healthy (and start consumers over), so the group waits
+    for an operator instead (``no_data``).
+    """
+    reporting = {
+        candidate.node: candidate
+        for candidate in live
+        if candidate.node in state.in_sync
+        and state_revision > 0
+        and candidate.vacant_state_revision == state_revision
+    }
+    missing = frozenset(state.in_sync - reporting.keys())
+    if missing:
+        return ElectionView((), refused, None, waiting_for=missing)
+    if any(refused.get(node) is not Ineligible.CRASHED_NOT_CAUGHT_UP for node in reporting):
+        return ElectionView((), refused, None)  # an epoch ahead: etcd's state is suspect
+    leaders = sorted(
+        (candidate for candidate in reporting.values() if candidate.holds_data),
+        key=Candidate.rank,
+    )
+    if not leaders:
+        return ElectionView((), refused, None, no_data=True)
+    best = leaders[0].node
+    others = {node: reason for node, reason in refused.items() if node != best}
+    return ElectionView((leaders[0],), others, best, recovered=True)
 
 
 def state_after_election(
@@ -198,14 +301,18 @@ def state_after_election(
     state). The new in-sync set is the winner plus the other eligible members: they
     hold every acked record (acks waited for them) and the new master truncates any
     tail of theirs it does not hold; anyone else must be re-admitted by the new master.
+    After a recovery the set is the winner alone: the others crashed and may have lost
+    records the winner holds, so they must catch up and be re-admitted
+    (:func:`members_to_record`) before they count or may be elected again.
     """
     names = {candidate.node for candidate in view.eligible}
-    if winner not in names:
+    if winner not in names or winner in view.refused:
         raise ValueError(f"{winner!r} is not eligible: {view.refused.get(winner, 'not live')}")
     if state is None:
         epoch = max(candidate.epoch for candidate in view.eligible) + 1
         return GroupState(epoch, winner, frozenset({winner}), min_insync_replicas)
-    return GroupState(state.epoch + 1, winner, frozenset(names), state.min_insync_replicas)
+    in_sync = frozenset({winner}) if view.recovered else frozenset(names)
+    return GroupState(state.epoch + 1, winner, in_sync, state.min_insync_replicas)
 
 
 # ----------------------------------------------------------------------------- fencing

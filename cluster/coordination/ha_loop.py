@@ -37,6 +37,7 @@ import trio
 
 from cluster.coordination.decisions import (
     Candidate,
+    ElectionView,
     InSyncRecord,
     LeaseFence,
     PendingOutcome,
@@ -155,6 +156,9 @@ class HaLoop:
     _leader_seen_revision: int | None = None
     """The revision of the last listing that held a leader key: a member record written
     after it was written after the leader was gone, with the member's final log end."""
+    election: ElectionView | None = None
+    """The last election judged while the leader key was missing (None under a leader):
+    who is best, who is refused and why, whom a recovery waits for."""
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _lease_ready: trio.Event = attrs.field(factory=trio.Event)
     _role_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -179,6 +183,16 @@ class HaLoop:
     def may_acknowledge(self) -> bool:
         """True while this node is master and its fencing deadline has not passed."""
         return self.role is HaRole.MASTER and self.fence_state.may_acknowledge(trio.current_time())
+
+    @property
+    def vacant_state_revision(self) -> int:
+        """The revision of the group state in the last listing if it had no leader key,
+        else 0: published in this node's member record, it tells the others the record
+        holds this process's final log end of the vacancy (see ``election_view``)."""
+        view = self.view
+        if view is None or view.leader is not None or view.state_kv is None:
+            return 0
+        return view.state_kv.mod_revision
 
     def counted_in_sync(self) -> frozenset[str]:
         """The set an ack must reach (recorded plus pending), or empty when not master."""
@@ -425,6 +439,7 @@ class HaLoop:
     async def _with_leader(self, me: MemberInfo, view: GroupView) -> None:
         assert view.leader is not None and view.leader_kv is not None
         self._vacant_since_s = None
+        self.election = None
         self._leader_seen_revision = view.revision
         mine = view.leader.node == me.node
         if mine and view.leader_kv.lease == self.lease_id == self._resigned_lease:
@@ -473,7 +488,12 @@ class HaLoop:
         if me.node not in view.members:
             candidates.append(Candidate.from_member(me))
         preferred = view.switchover_target
-        election = election_view(view.state, candidates, preferred=preferred)
+        election = election_view(
+            view.state,
+            candidates,
+            preferred=preferred,
+            state_revision=view.state_kv.mod_revision if view.state_kv is not None else 0,
+        )
         if self.role is HaRole.SLAVE:
             self._set_role(HaRole.CANDIDATE, None)
         if self.lease_id and self.lease_id == self._resigned_lease:
@@ -485,6 +505,7 @@ class HaLoop:
             # others wait for it; the watch event of this put wakes them and us
             await self._register()
             return
+        self._judged(election)
         if not self._members_final(view) and (
             now_s - self._vacant_since_s < self.settings.keepalive_interval_s
         ):
@@ -515,6 +536,14 @@ class HaLoop:
             min_insync_replicas=self.bootstrap_min_insync_replicas,
         )
         await self._campaign(me, view, new_state)
+
+    def _judged(self, election: ElectionView) -> None:
+        """Keep ``election`` for the status view; log when its verdict changes."""
+        previous = self.election
+        self.election = election
+        if previous is None or previous.reason() != election.reason():
+            level = logging.WARNING if election.waiting_for or election.no_data else logging.INFO
+            log.log(level, "ha election node=%s verdict=%r", self.node, election.reason())
 
     def _members_final(self, view: GroupView) -> bool:
         """Whether every live member wrote its record after the leader was gone (each

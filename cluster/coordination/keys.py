@@ -156,6 +156,9 @@ def _field(key: str, body: dict[str, Any], name: str, kind: type) -> Any:
 
 
 _SCALARS: Final[dict[str, type]] = {"str": str, "int": int, "bool": bool}
+_ADDED_LATER: Final = frozenset({"vacant_state_revision"})
+"""Fields added to format 1 after its release: a record without one takes the default,
+so nodes of both releases read each other's records during an upgrade."""
 
 
 def _decode_scalars(cls: type[_R], kind: str, key: str, raw: bytes) -> _R:
@@ -165,6 +168,8 @@ def _decode_scalars(cls: type[_R], kind: str, key: str, raw: bytes) -> _R:
     fields = {}
     for field in attrs.fields(cls):  # type: ignore[arg-type]  # _R is always an attrs class
         assert field.type in _SCALARS, f"{cls.__name__}.{field.name} is not a scalar field"
+        if field.name in _ADDED_LATER and field.name not in body:
+            continue  # written by an older release of this format: the default holds
         fields[field.name] = _field(key, body, field.name, _SCALARS[field.type])
     return _build(key, cls, **fields)
 
@@ -202,6 +207,9 @@ class MemberInfo:
     clean_start: bool
     caught_up: bool = False
     priority: int = 0
+    vacant_state_revision: int = attrs.field(default=0, validator=_non_negative)
+    """The revision of the group state this node saw with no leader key when it wrote
+    the record (0: it saw a leader). Records of older releases lack it (read as 0)."""
 
     def encode(self) -> bytes:
         return _encode("member", attrs.asdict(self))

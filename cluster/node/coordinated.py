@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cluster.coordination.decisions import caught_up_since_start, members_to_record
+from cluster.coordination.decisions import (
+    ElectionView,
+    caught_up_since_start,
+    members_to_record,
+)
 from cluster.coordination.etcd import (
     Compare,
     EtcdClient,
@@ -260,6 +264,7 @@ class Coordinator:
             clean_start=store.recovery.clean_shutdown or fresh,
             caught_up=self._observe_caught_up(),
             priority=self.section.priority,
+            vacant_state_revision=self.loop.vacant_state_revision,
         )
 
     def _observe_caught_up(self) -> bool:
@@ -600,6 +605,7 @@ class Coordinator:
             ),
             "caught_up": self._caught_up,
             "ha_address": self.ha_address,
+            "election": _election_status(loop.election),
         }
 
     async def switchover(self, group: str, to: str | None, timeout_ms: int) -> dict[str, Any]:
@@ -681,6 +687,19 @@ class Coordinator:
 
     def is_slave(self) -> bool:
         return isinstance(self.node.role, Slave)
+
+
+def _election_status(election: ElectionView | None) -> dict[str, Any] | None:
+    """The last election judged without a leader, for ``status`` (None under a leader)."""
+    if election is None:
+        return None
+    return {
+        "best": election.best,
+        "reason": election.reason(),
+        "recovered": election.recovered,
+        "waiting_for": sorted(election.waiting_for),
+        "refused": {node: reason.name for node, reason in sorted(election.refused.items())},
+    }
 
 
 def _reserve_port(host: str, port: int) -> int:

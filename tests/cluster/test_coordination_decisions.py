@@ -433,3 +433,150 @@ def test_a_slave_far_behind_is_recorded_only_once_it_reached_the_floor() -> None
     assert members_to_record("m", acks, frozenset({"m"}), 4096) == {"m", "a"}
     assert members_to_record("m", acks, frozenset({"m", "b"}), 4096) == {"m", "a", "b"}
     assert members_to_record("m", {**acks, "b": 4096}, frozenset({"m"}), 4096) == {"m", "a", "b"}
+
+
+# ------------------------------------------------- recovery when every member crashed
+
+REVISION = 40
+"""The etcd revision of the recorded state in the recovery tests."""
+
+
+@st.composite
+def all_crashed(draw: st.DrawFn) -> tuple[GroupState, list[Candidate], int]:
+    """A group whose every node crashed (none clean, none caught up since), and the
+    highest acked offset. One history of terms: each member holds a prefix of it, so a
+    longer log never has an older last epoch. A recorded member held every acked record
+    before the crash and may have lost any tail in it (power loss), or its whole data
+    dir; a member outside the recorded set may hold anything. Most records are fresh
+    (written in this vacancy), some stale or missing."""
+    epoch = draw(st.integers(1, 6))
+    starts = sorted(draw(st.lists(st.integers(0, 2000), min_size=epoch, max_size=epoch)))
+    starts[0] = 0
+    in_sync = draw(st.frozensets(st.sampled_from(NODES), min_size=1))
+    state = GroupState(epoch, draw(st.sampled_from(sorted(in_sync))), in_sync, 1)
+    acked = draw(st.integers(0, 2000))
+
+    def last_epoch(log_end: int) -> int:
+        return max(k + 1 for k, start in enumerate(starts) if start <= log_end)
+
+    live = []
+    for node in NODES:
+        if draw(st.integers(0, 9)) == 0:
+            continue  # down
+        if node in in_sync:
+            before_crash = draw(st.integers(acked, 2500))
+            log_end = draw(st.integers(0, before_crash) | st.just(before_crash))
+        else:
+            log_end = draw(st.integers(0, 2500))
+        wiped = draw(st.integers(0, 5)) == 0
+        live.append(
+            Candidate(
+                node=node,
+                epoch=0 if wiped else last_epoch(log_end),
+                log_end=0 if wiped else log_end,
+                priority=draw(st.integers(0, 2)),
+                clean_start=False,
+                caught_up=False,
+                vacant_state_revision=draw(st.sampled_from([REVISION] * 8 + [0, REVISION - 1])),
+            )
+        )
+    return state, live, acked
+
+
+@given(all_crashed())
+def test_a_group_whose_every_member_crashed_recovers_only_with_every_recorded_member_back(
+    group: tuple[GroupState, list[Candidate], int],
+) -> None:
+    state, live, acked = group
+    view = election_view(state, live, state_revision=REVISION)
+    reported = {c.node: c for c in live if c.vacant_state_revision == REVISION}
+    recorded = [reported[node] for node in state.in_sync if node in reported]
+    missing = state.in_sync - reported.keys()
+    assert view.waiting_for == missing  # safety: nobody leads while one may hold more
+    if missing:
+        assert view.best is None and not view.no_data
+        assert "waiting for recorded in-sync members " + ", ".join(sorted(missing)) in (
+            view.reason()
+        )
+        return
+    # liveness: every recorded member is back, so someone leads unless none has data
+    with_data = [c for c in recorded if c.epoch > 0 or c.log_end > 0]
+    assert view.no_data == (not with_data)
+    if not with_data:
+        assert view.best is None
+        return
+    assert view.recovered and view.best in state.in_sync
+    best = reported[view.best]
+    assert [c.node for c in live if view.may_campaign(c.node)] == [best.node]
+    # safety: the winner's log is at least as long as every recorded member's, so it
+    # holds every acked record any of them kept through the crash
+    assert all(best.log_end >= c.log_end for c in recorded)
+    if any(c.log_end >= acked for c in recorded):
+        assert best.log_end >= acked
+    after = state_after_election(state, view, best.node)
+    assert after == GroupState(state.epoch + 1, best.node, frozenset({best.node}), 1)
+
+
+@given(all_crashed(), st.randoms(use_true_random=False))
+def test_the_recovery_does_not_depend_on_the_order_members_are_listed(
+    group: tuple[GroupState, list[Candidate], int], random: object
+) -> None:
+    state, live, _ = group
+    shuffled = list(live)
+    random.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert election_view(state, shuffled, state_revision=REVISION) == election_view(
+        state, live, state_revision=REVISION
+    )
+
+
+def crashed(node: str, epoch: int, log_end: int, *, revision: int = REVISION) -> Candidate:
+    return Candidate(
+        node, epoch, log_end, clean_start=False, caught_up=False, vacant_state_revision=revision
+    )
+
+
+def test_every_member_crashed_the_longest_log_of_the_newest_epoch_leads() -> None:
+    state = GroupState(4, "a", frozenset({"a", "b", "c"}), 1)
+    live = [crashed("a", 4, 700), crashed("b", 4, 900), crashed("c", 3, 950)]
+    view = election_view(state, live, state_revision=REVISION)
+    assert (view.best, view.recovered) == ("b", True)
+    assert view.refused == {
+        "a": Ineligible.CRASHED_NOT_CAUGHT_UP,
+        "c": Ineligible.CRASHED_NOT_CAUGHT_UP,
+    }
+    assert view.reason() == "b leads the recovery: every recorded in-sync member is back"
+    with pytest.raises(ValueError, match="'a' is not eligible"):
+        state_after_election(state, view, "a")
+
+
+def test_a_recorded_member_down_or_with_a_record_of_another_time_is_waited_for() -> None:
+    state = GroupState(4, "a", frozenset({"a", "b", "c"}), 1)
+    down = election_view(state, [crashed("a", 4, 700), crashed("b", 4, 900)], state_revision=40)
+    assert down.best is None and down.waiting_for == {"c"}
+    assert down.reason().startswith("waiting for recorded in-sync members c to return")
+    stale = [crashed("a", 4, 700), crashed("b", 4, 900), crashed("c", 4, 10, revision=0)]
+    assert election_view(state, stale, state_revision=40).waiting_for == {"c"}
+    assert election_view(state, stale, state_revision=0).waiting_for == {"a", "b", "c"}
+    outsider = [*stale[:2], crashed("c", 4, 10), crashed("d", 4, 5000)]
+    view = election_view(state, outsider, state_revision=40)
+    assert view.best == "b" and view.refused["d"] is Ineligible.NOT_IN_SYNC
+
+
+def test_a_wiped_member_never_leads_a_member_with_data_and_all_wiped_leads_nobody() -> None:
+    state = GroupState(4, "a", frozenset({"a", "b", "c"}), 1)
+    live = [crashed("a", 0, 0), crashed("b", 0, 0), crashed("c", 1, 0)]
+    assert election_view(state, live, state_revision=REVISION).best == "c"
+    wiped = [crashed("a", 0, 0), crashed("b", 0, 0), crashed("c", 0, 0)]
+    view = election_view(state, wiped, state_revision=REVISION)
+    assert view.best is None and view.no_data and not view.waiting_for
+    assert "empty log and no epoch history" in view.reason()
+
+
+def test_an_epoch_ahead_or_an_ordinary_candidate_means_no_recovery() -> None:
+    state = GroupState(4, "a", frozenset({"a", "b"}), 1)
+    ahead = election_view(state, [crashed("a", 5, 9), crashed("b", 4, 9)], state_revision=40)
+    assert ahead.best is None and not ahead.waiting_for and not ahead.recovered
+    clean = Candidate("b", 4, 10, vacant_state_revision=40)
+    ordinary = election_view(state, [crashed("a", 4, 99), clean], state_revision=40)
+    assert (ordinary.best, ordinary.recovered) == ("b", False)
+    assert state_after_election(state, ordinary, "b").in_sync == {"b"}

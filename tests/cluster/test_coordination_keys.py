@@ -145,3 +145,14 @@ def test_member_record_with_a_bad_name_is_refused() -> None:
     body["node"] = "../n1"
     with pytest.raises(RecordError, match=re.escape("node name '../n1' is invalid")):
         MemberInfo.decode("/k", json.dumps(body).encode())
+
+
+def test_a_member_record_of_an_older_release_reads_with_no_vacancy() -> None:
+    info = MemberInfo("n1", "g1", "a:1", "a:2", 3, 10, False, vacant_state_revision=7)
+    assert MemberInfo.decode("/k", info.encode()) == info
+    body = json.loads(info.encode())
+    del body["vacant_state_revision"]
+    assert MemberInfo.decode("/k", json.dumps(body).encode()).vacant_state_revision == 0
+    del body["log_end"]
+    with pytest.raises(RecordError, match="field 'log_end' must be int"):
+        MemberInfo.decode("/k", json.dumps(body).encode())
