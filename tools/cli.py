@@ -253,7 +253,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     host, port = args.address
 
     async def ask() -> tuple[int, bytes]:
-        with trio.fail_after(args.timeout):
+        with trio.fail_after(args.timeout_ms / 1000):
             answer = await http_get(host, port, "/health")
         return answer.status, answer.body
 
@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         "2 when nothing answers (for health checks and scripts).",
     )
     health.add_argument("address", type=monitoring_address, help="the monitoring port, host:port")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument(
+        "--timeout-ms", type=int, default=5000, help="how long to wait for the answer"
+    )
     health.add_argument("--json", action="store_true", help="print the answer as JSON")
     health.set_defaults(handler=cmd_health)
 

@@ -255,3 +255,11 @@ def test_status_for_people_has_no_python_reprs(node: NodeProcess) -> None:
     assert run.returncode == 0, run.stderr
     for repr_word in ("None", "True", "False", "[{", "{'"):
         assert repr_word not in run.stdout, (repr_word, run.stdout)
+
+
+def test_health_gives_up_after_its_timeout_and_says_nothing_answered() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        run = tidelog("health", f"127.0.0.1:{port}", "--timeout-ms", "100")
+    assert run.returncode == 2, run.stderr
+    assert f"no health answer from http://127.0.0.1:{port}/health" in run.stderr
