@@ -95,8 +95,13 @@ class GroupService:
 
     # ---- the offsets map -----------------------------------------------------------------
 
-    def catch_up(self) -> None:
-        """Apply the offsets records appended since the last call (see the module doc)."""
+    async def catch_up(self) -> None:
+        """Apply the offsets records appended since the last call (see the module doc).
+
+        A page at a time, yielding to the event loop after each (the queue is never
+        compacted, so a rebuild after a start or a role change may read millions of
+        records). A page is read and applied whole before the yield, so callers that
+        interleave share the progress and never apply a record twice."""
         if self._last is not None and not self._still_there(*self._last):
             log.warning("group_offsets_rebuilt reason=log_cut next=%d", self._next)
             self._reset_map()
@@ -118,6 +123,7 @@ class GroupService:
             self._next = page.next_offset
             if len(page.records) < SCAN_PAGE:
                 return
+            await trio.lowlevel.checkpoint()
 
     def _still_there(self, queue_offset: int, log_offset: int) -> bool:
         low, high = self._store.queue_offsets(OFFSETS_TOPIC, OFFSETS_QUEUE)
@@ -216,7 +222,7 @@ class GroupService:
             for p in positions
         ]
         result = await self._store.put_batch(messages)
-        self.catch_up()
+        await self.catch_up()
         committed = len(positions)
         if req["acks"] is Acks.LEADER:
             return make_response(req["id"], group=group, committed=committed)
@@ -232,7 +238,7 @@ class GroupService:
 
     async def _fetch(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
         """A group's committed offsets, as this node's log holds them."""
-        self.catch_up()
+        await self.catch_up()
         group = req["group"]
         positions = self.offsets.group(group)
         return make_response(
@@ -244,7 +250,7 @@ class GroupService:
         )
 
     async def _list(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
-        self.catch_up()
+        await self.catch_up()
         now = self._clock()
         names = sorted(set(self.offsets.groups()) | set(self.membership.names(now)))
         groups = []
@@ -265,7 +271,7 @@ class GroupService:
         (``held``; they differ while a rebalance hands queues over), on the master; and
         per queue its committed offset, lag (records between it and the queue's end)
         and holder."""
-        self.catch_up()
+        await self.catch_up()
         group = req["group"]
         state = self.membership.state(group, self._clock())
         members = []
