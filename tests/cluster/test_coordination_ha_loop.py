@@ -44,6 +44,9 @@ class FakeNode:
     following: str | None = None
     fenced: list[str] = attrs.field(factory=list)
     terms: list[int] = attrs.field(factory=list)
+    vacancy: Callable[[], int] = lambda: 0
+    """The loop's ``vacant_state_revision`` (wired by :func:`running`), published as the
+    real node does."""
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def _notify(self) -> None:
@@ -64,6 +67,7 @@ class FakeNode:
             self.clean_start,
             self.caught_up,
             self.priority,
+            self.vacancy(),
         )
 
     def in_sync_members(self) -> frozenset[str]:
@@ -127,6 +131,7 @@ async def running(
                     trio.open_nursery() as own,
                 ):
                     loop = HaLoop(settings, fake, etcd)
+                    fake.vacancy = lambda: loop.vacant_state_revision
                     await own.start(loop.run)
                     task_status.started(RunningNode(fake, loop, scope))
 
@@ -223,6 +228,35 @@ async def test_a_node_restarted_after_a_crash_does_not_campaign(etcd_endpoints: 
         assert state.in_sync == {"clean"}  # the crashed node must be re-admitted
         await crashed.until("following", lambda f: f.following == "clean")
         assert crashed.terms == []
+
+
+async def test_a_group_whose_every_member_crashed_waits_for_all_then_the_best_leads(
+    etcd_endpoints: list[str],
+) -> None:
+    settings = settings_for(etcd_endpoints)
+    recorded = GroupState(3, "a", frozenset({"a", "b", "c"}), 1)
+    async with EtcdClient(etcd_endpoints) as etcd:
+        await etcd.put(settings.keys.state(settings.group), recorded.encode())
+    a, b, c = (
+        FakeNode(name, epoch=3, log_end=end, clean_start=False)
+        for name, end in (("a", 300), ("b", 500), ("c", 400))
+    )
+    async with running(settings, a, c) as nodes:
+
+        def waiting_for_b(loop: HaLoop) -> Callable[[FakeNode], bool]:
+            return lambda _fake: loop.election is not None and loop.election.waiting_for == {"b"}
+
+        for node in nodes:
+            await node.fake.until("waiting for b", waiting_for_b(node.loop))
+        async with EtcdClient(etcd_endpoints) as etcd:
+            stored = await etcd.get(settings.keys.state(settings.group))
+        assert stored is not None and GroupState.decode(stored.key, stored.value) == recorded
+        assert a.terms == c.terms == []
+        async with running(settings, b):
+            state = await wait_for_state(settings, lambda s: s.epoch == 4)
+            assert state.master == "b" and state.in_sync == {"b"}  # the others re-admitted later
+            await a.until("following b", lambda f: f.following == "b")
+            await c.until("following b", lambda f: f.following == "b")
 
 
 async def test_a_master_cut_off_from_etcd_fences_itself(private_etcd: EtcdCluster) -> None:
