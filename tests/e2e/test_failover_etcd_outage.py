@@ -13,40 +13,28 @@ sleeps. Every process is stopped by its PID at the end, also on failure.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 import trio
 
-from tests.helpers import started
 from tools.launcher import LocalCluster
 from tools.launcher.load import AckedLoad, missing_on
 from tools.process import wait_until
 
 TOPIC = "etcd-outage"
 WAIT_S = 30.0
-ETCD_TIMING = ("--heartbeat-interval", "50", "--election-timeout", "500")
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path / "cluster", replicas=3, etcd_members=3, etcd_args=ETCD_TIMING)
-    async with started(cluster):
-        yield cluster
 
 
 async def test_without_etcd_no_role_changes_and_service_resumes_when_it_returns(
-    cluster: LocalCluster,
+    etcd3_cluster: LocalCluster,
 ) -> None:
-    etcd = cluster.etcd
+    etcd = etcd3_cluster.etcd
     assert etcd is not None
-    first = await cluster.wait_for_master(WAIT_S)
-    await cluster.wait_group_state(
+    first = await etcd3_cluster.wait_for_master(WAIT_S)
+    await etcd3_cluster.wait_group_state(
         "all three in sync", lambda state: len(state.in_sync) == 3, WAIT_S
     )
-    slaves = [name for name in cluster.names if name != first]
-    load = AckedLoad(cluster, TOPIC, acks="replicated")
+    slaves = [name for name in etcd3_cluster.names if name != first]
+    load = AckedLoad(etcd3_cluster, TOPIC, acks="replicated")
     async with trio.open_nursery() as nursery:
         await nursery.start(load.run)
         await load.wait_acks(20, WAIT_S)
@@ -61,22 +49,22 @@ async def test_without_etcd_no_role_changes_and_service_resumes_when_it_returns(
             member.kill()
 
         async def nobody_acknowledges() -> bool:
-            return not any(view.is_master for view in await cluster.views())
+            return not any(view.is_master for view in await etcd3_cluster.views())
 
         await wait_until("the master to fence itself", nobody_acknowledges, timeout=WAIT_S)
-        views = {view.name: view for view in await cluster.views()}
+        views = {view.name: view for view in await etcd3_cluster.views()}
         assert all(views[name].role == "slave" for name in slaves), views
         assert not any(view.is_master for view in views.values())
 
         for member in etcd.members:
             await trio.to_thread.run_sync(functools.partial(etcd.restart, member, wait=False))
         await trio.to_thread.run_sync(etcd.wait_healthy, etcd.members, WAIT_S)
-        master = await cluster.wait_for_master(WAIT_S)
-        await load.wait_ack_via(cluster.address(master), len(load.acked), WAIT_S)
-        await cluster.wait_group_state(
+        master = await etcd3_cluster.wait_for_master(WAIT_S)
+        await load.wait_ack_via(etcd3_cluster.address(master), len(load.acked), WAIT_S)
+        await etcd3_cluster.wait_group_state(
             "all three in sync again", lambda state: len(state.in_sync) == 3, WAIT_S
         )
         nursery.cancel_scope.cancel()
 
     assert load.outcomes["failed"] == 0, load.outcomes
-    assert await missing_on(cluster, cluster.names, load.by_position(), TOPIC) == {}
+    assert await missing_on(etcd3_cluster, etcd3_cluster.names, load.by_position(), TOPIC) == {}
