@@ -1,4 +1,5 @@
-"""The tidelog client library (trio): connections, producer, consumer, admin.
+"""The tidelog client library (trio or asyncio, through anyio; a blocking wrapper in
+``sync``): connections, producer, consumer, admin.
 
 The common path::
 
@@ -10,6 +11,12 @@ The common path::
             async for message in consumer:
                 handle(message.body)
 
+The same code runs under trio and asyncio (it is written on anyio). Plain synchronous
+code (scripts, notebooks) uses the blocking client, whose calls return their result::
+
+    with connect("127.0.0.1:7600") as client:
+        result = client.producer(acks="durable").send("orders", b"hello")
+
 Every write answers with a :class:`SendResult` whose ``outcome`` says what is
 known: ``"ok"`` (acknowledged at the requested level), ``"failed"`` (nothing was
 written) or ``"unknown"`` (a timeout or a lost connection: it may or may not be
@@ -18,7 +25,8 @@ outcome as a failure or as a success.
 
 Modules: ``connection`` (one pipelined TCP connection), ``client`` (connections and
 reconnects), ``producer``, ``consumer``, ``group_consumer`` (a member of a consumer
-group: shared queues, positions committed to the cluster), ``admin``, ``errors``. The
+group: shared queues, positions committed to the cluster), ``admin``, ``errors``, ``sync``
+(the blocking client: the async one in an event loop on a thread of its own). The
 client depends on the wire protocol only, never on the storage engine.
 """
 
@@ -34,6 +42,7 @@ from cluster.client.errors import (
 )
 from cluster.client.group_consumer import GroupConsumer
 from cluster.client.producer import Outcome, Producer, SendResult
+from cluster.client.sync import SyncClient, connect
 from cluster.protocol.address import parse_address
 
 __all__ = [
@@ -50,7 +59,9 @@ __all__ = [
     "Producer",
     "RequestTimeoutError",
     "SendResult",
+    "SyncClient",
     "TidelogError",
+    "connect",
     "open_client",
     "parse_address",
 ]

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import anyio
+import anyio.abc
 import attrs
-import trio
 
 from cluster.client.admin import Admin
 from cluster.client.connection import Connection
@@ -96,14 +97,15 @@ class Client:
     decisions live in :mod:`cluster.client.routing`.
 
     Invariant: ``epoch`` never decreases; ``master`` is None or the master of ``epoch``
-    as last learnt. All methods may be called from any task of the client's trio run.
+    as last learnt. All methods may be called from any task of the client's event loop
+    (trio or asyncio, through anyio).
     """
 
-    def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
+    def __init__(self, config: ClientConfig, nursery: anyio.abc.TaskGroup) -> None:
         self.config = config
         self._nursery = nursery
         self._connections: dict[str | None, Connection] = {}
-        self._connecting = trio.Lock()
+        self._connecting = anyio.Lock()
         self._connected_once = False
         self.master: str | None = None
         """The master's client address as last learnt (None: unknown, ask any node)."""
@@ -115,7 +117,7 @@ class Client:
         """How many times the nodes were asked who the master is."""
         self.last_answered = 0
         """How many nodes answered the last rediscovery."""
-        self._rediscovering = trio.Lock()
+        self._rediscovering = anyio.Lock()
         self.admin = Admin(self)
 
     @property
@@ -144,18 +146,18 @@ class Client:
 
     async def _connect(self, addresses: tuple[str, ...], *, patient: bool = True) -> Connection:
         backoff = Backoff(self.config.reconnect_backoff, self.config.reconnect_backoff_max)
-        deadline = trio.current_time() + self.config.connect_timeout
+        deadline = anyio.current_time() + self.config.connect_timeout
         errors: dict[str, str] = {}
         while True:
             for address in addresses:
                 host, port = parse_address(address)
                 try:
-                    with trio.fail_after(max(0.01, deadline - trio.current_time())):
-                        tcp = await trio.open_tcp_stream(host, port)
-                        stream: trio.abc.Stream = tcp
+                    with anyio.fail_after(max(0.01, deadline - anyio.current_time())):
+                        tcp = await anyio.connect_tcp(host, port)
+                        stream: anyio.abc.ByteStream = tcp
                         if self.config.tls is not None:
                             stream = await connect_tls(tcp, self.config.tls, host)
-                except (OSError, trio.TooSlowError) as exc:
+                except OSError as exc:  # TimeoutError included
                     errors[address] = _why_not_connected(address, exc)
                     continue
                 connection = Connection(stream, address, self.config.max_frame_size)
@@ -167,13 +169,13 @@ class Client:
                 why.startswith(_HOPELESS) for why in errors.values()
             ):
                 raise ConnectFailedError("; ".join(errors.values()))
-            if not patient or trio.current_time() + backoff.peek_s() > deadline:
+            if not patient or anyio.current_time() + backoff.peek_s() > deadline:
                 raise ConnectFailedError(
                     f"cannot connect to any of {', '.join(addresses)}"
                     + (f" within {self.config.connect_timeout:g}s" if patient else "")
                     + f" ({'; '.join(errors.values())})"
                 )
-            await trio.sleep(backoff.next_delay_s())
+            await anyio.sleep(backoff.next_delay_s())
 
     # ---- where the master is ---------------------------------------------------------------
 
@@ -199,7 +201,7 @@ class Client:
             if seen is not None and seen != self.rediscoveries:
                 return None if self.master is None else ClusterView("", self.epoch, self.master)
             views: list[ClusterView] = []
-            async with trio.open_nursery() as nursery:
+            async with anyio.create_task_group() as nursery:
                 for address in self.known_addresses:
                     nursery.start_soon(self._ask_view, address, views)
             self.rediscoveries += 1
@@ -230,7 +232,7 @@ class Client:
 
     async def _ask_view(self, address: str, views: list[ClusterView]) -> None:
         timeout = self.config.metadata_timeout
-        with trio.move_on_after(timeout):
+        with anyio.move_on_after(timeout):
             try:
                 connection = await self.connection(address, patient=False)
                 view = await self._metadata(connection, timeout)
@@ -270,7 +272,7 @@ class Client:
         only what was certainly not applied, at most ``resends`` times and for at most
         ``failover_timeout``. Raises ``ProtocolError`` for a request this client refuses
         before sending."""
-        deadline = trio.current_time() + self.config.failover_timeout
+        deadline = anyio.current_time() + self.config.failover_timeout
         backoff: Backoff | None = None  # made at the first resend: most requests need none
         done = 0
         followed = False
@@ -297,7 +299,7 @@ class Client:
             step = next_step(
                 attempt,
                 resends_left=done < resends,
-                time_left=trio.current_time() < deadline,
+                time_left=anyio.current_time() < deadline,
                 followed_hint_last=followed,
                 may_wait_for_nodes=self._connected_once,
             )
@@ -318,7 +320,9 @@ class Client:
             if backoff is None:
                 initial_s = max(backoff_initial_s, 1e-3)
                 backoff = Backoff(initial_s, max(backoff_initial_s, RETRY_BACKOFF_MAX_S))
-            await trio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - trio.current_time())))
+            await anyio.sleep(
+                min(backoff.next_delay_s(), max(0.0, deadline - anyio.current_time()))
+            )
             if step is Step.REDISCOVER:
                 await self._find_master(seen, deadline, backoff)
 
@@ -335,8 +339,10 @@ class Client:
         while an election runs, the nodes answer but name nobody, and a send would only
         be refused."""
         view = await self.rediscover(seen)
-        while view is None and self.last_answered and trio.current_time() < deadline:
-            await trio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - trio.current_time())))
+        while view is None and self.last_answered and anyio.current_time() < deadline:
+            await anyio.sleep(
+                min(backoff.next_delay_s(), max(0.0, deadline - anyio.current_time()))
+            )
             view = await self.rediscover()
 
     async def call(
@@ -371,7 +377,7 @@ class Client:
         return delivery.response
 
     async def _read(self, op: str, timeout: float, fields: dict[str, Any]) -> dict[str, Any]:
-        deadline = trio.current_time() + self.config.failover_timeout
+        deadline = anyio.current_time() + self.config.failover_timeout
         backoff = Backoff(self.config.reconnect_backoff, RETRY_BACKOFF_MAX_S)
         while True:
             seen = self.rediscoveries
@@ -381,10 +387,12 @@ class Client:
                 raise
             except ConnectionLostError as exc:  # reads change nothing: ask another node
                 hopeless = isinstance(exc, ConnectFailedError) and not self._connected_once
-                if hopeless or trio.current_time() >= deadline:
+                if hopeless or anyio.current_time() >= deadline:
                     raise
                 log.info("read_retry op=%s error=%s", op, exc.message)
-            await trio.sleep(min(backoff.next_delay_s(), max(0.0, deadline - trio.current_time())))
+            await anyio.sleep(
+                min(backoff.next_delay_s(), max(0.0, deadline - anyio.current_time()))
+            )
             await self.rediscover(seen)
 
     async def checked(self, op: str, /, **fields: Any) -> dict[str, Any]:
@@ -407,13 +415,16 @@ class Client:
 
 def _why_not_connected(address: str, exc: BaseException) -> str:
     """One phrase for a failed connect: refused, unknown host, or what the OS said."""
-    if isinstance(exc, trio.TooSlowError):
+    if isinstance(exc, TimeoutError):
         return f"no answer from {address} (connect timed out)"
     if isinstance(exc, TlsHandshakeError):
         return f"TLS handshake with {address} failed: {exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host of {address}: {exc.strerror}"
-    causes = exc.__cause__.exceptions if isinstance(exc.__cause__, BaseExceptionGroup) else ()
+    cause = exc.__cause__
+    causes = (
+        cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,) if cause else ()
+    )
     if isinstance(exc, ConnectionRefusedError) or (
         causes and all(isinstance(cause, ConnectionRefusedError) for cause in causes)
     ):
@@ -435,7 +446,7 @@ async def open_client(bootstrap: str | Sequence[str], **options: Any) -> AsyncIt
         parse_address(address)
     config = ClientConfig(bootstrap=addresses, **options)
     with lone_error_as_itself():
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             client = Client(config, nursery)
             try:
                 yield client

@@ -6,11 +6,13 @@ import heapq
 import itertools
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import anyio
+import anyio.abc
 import attrs
-import trio
 
+from cluster.client.backend import Event, event_class, shield_scope_class
 from cluster.client.errors import (
     ConnectionLostError,
     NotSentError,
@@ -18,6 +20,9 @@ from cluster.client.errors import (
     TidelogError,
 )
 from cluster.protocol import ProtocolError, ResponseDecoder, Status, encode_frame, make_request
+
+if TYPE_CHECKING:
+    import trio  # a caller's own nursery may hold the tasks
 
 __all__ = ["Connection"]
 
@@ -30,12 +35,45 @@ RECEIVE_CHUNK = 256 * 1024
 class _Slot:
     """Where the answer to one request in flight goes."""
 
-    answered: trio.Event = attrs.field(factory=trio.Event)
+    answered: Event
     answer: object = None
 
 
 _TIMED_OUT = object()
 """A slot's answer when its deadline passed first (see :meth:`Connection._expire_loop`)."""
+
+
+class _TrioStream(anyio.abc.ByteStream):
+    """A trio stream (``receive_some``/``send_all``) that a caller dialled itself, as the
+    anyio byte stream a :class:`Connection` reads; trio's stream errors become anyio's.
+    trio is imported only here, for such callers: the client itself dials with anyio."""
+
+    def __init__(self, stream: Any) -> None:
+        import trio
+
+        self._stream = stream
+        self._errors = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+    async def receive(self, max_bytes: int = RECEIVE_CHUNK) -> bytes:
+        try:
+            data: bytes = await self._stream.receive_some(max_bytes)
+        except self._errors as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send_all(item)
+        except self._errors as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class Connection:
@@ -56,29 +94,33 @@ class Connection:
     in flight (plus a constant).
     """
 
-    def __init__(self, stream: trio.abc.Stream, address: str, max_frame_size: int) -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream | Any, address: str, max_frame_size: int
+    ) -> None:
         self.address = address
-        self._stream = stream
+        self._stream = stream if isinstance(stream, anyio.abc.ByteStream) else _TrioStream(stream)
         self._decoder = ResponseDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Slot] = {}
+        self._new_event = event_class()
+        self._new_scope = shield_scope_class()
         self._outbox = bytearray()
         self._sending = False
         self._answered_any = False
         self._closed: str | None = None
-        self._cancel = trio.CancelScope()
+        self._cancel = anyio.CancelScope()
         self._deadlines: list[tuple[float, int]] = []
         """A heap of (deadline, request id); ids no longer waiting are dropped lazily."""
-        self._timer_task = trio.CancelScope()
-        self._timer = trio.CancelScope()
+        self._timer_task = anyio.CancelScope()
+        self._timer = anyio.CancelScope()
         """The timer task's sleep, due at the earliest deadline (see :meth:`_expire_loop`)."""
 
     @property
     def closed(self) -> bool:
         return self._closed is not None
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: anyio.abc.TaskGroup | trio.Nursery) -> None:
         nursery.start_soon(self._run)
         nursery.start_soon(self._expire_loop)
 
@@ -90,12 +132,12 @@ class Connection:
             with self._cancel:
                 try:
                     await self._read_loop()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                     self._fail(f"connection to {self.address} lost: {exc}{self._not_a_node_hint()}")
         finally:
             self._fail(f"connection to {self.address} closed")
             self._timer_task.cancel()  # nothing is left waiting
-            await trio.aclose_forcefully(self._stream)
+            await anyio.aclose_forcefully(self._stream)
 
     def _not_a_node_hint(self) -> str:
         """A peer that drops us before its first answer is rarely a tidelog client port:
@@ -110,7 +152,10 @@ class Connection:
 
     async def _read_loop(self) -> None:
         while True:
-            data = await self._stream.receive_some(RECEIVE_CHUNK)
+            try:
+                data = await self._stream.receive(RECEIVE_CHUNK)
+            except anyio.EndOfStream:
+                data = b""
             if not data:
                 self._fail(f"node {self.address} closed the connection{self._not_a_node_hint()}")
                 return
@@ -157,27 +202,28 @@ class Connection:
             waiting = self._waiting
             while deadlines and deadlines[0][1] not in waiting:
                 heapq.heappop(deadlines)
-            now = trio.current_time()
+            now = anyio.current_time()
             while deadlines and deadlines[0][0] <= now:
                 _, req_id = heapq.heappop(deadlines)
                 slot = waiting.pop(req_id, None)
                 if slot is not None and not slot.answered.is_set():
                     slot.answer = _TIMED_OUT
                     slot.answered.set()
-            with trio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
+            with anyio.CancelScope(deadline=deadlines[0][0] if deadlines else math.inf) as timer:
                 self._timer = timer
-                await trio.sleep_forever()
+                await anyio.sleep_forever()
 
     async def _send_outbox(self) -> None:
         """Send until the outbox is empty. Shielded: a half-sent frame would corrupt the
         stream for every other request on this connection."""
         self._sending = True
         try:
-            with trio.CancelScope(shield=True):
+            with self._new_scope(shield=True):
                 while self._outbox:
                     data, self._outbox = self._outbox, bytearray()
-                    await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    # Any buffer goes (both backends): no copy into bytes.
+                    await self._stream.send(cast(bytes, data))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._fail(
                 f"connection to {self.address} lost while sending: {exc}{self._not_a_node_hint()}"
             )
@@ -210,13 +256,13 @@ class Connection:
         frame = encode_frame(
             make_request(op, req_id, **fields), max_frame_size=self._max_frame_size
         )
-        slot = _Slot()
+        slot = _Slot(self._new_event())
         self._waiting[req_id] = slot
         self._outbox += frame
         if not self._sending:
             await self._send_outbox()
         if not slot.answered.is_set():
-            self._add_deadline(trio.current_time() + timeout_s, req_id)
+            self._add_deadline(anyio.current_time() + timeout_s, req_id)
             await slot.answered.wait()
         answer = slot.answer
         if answer is _TIMED_OUT:

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 import attrs
-import trio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cluster.client.errors import TidelogError, lone_error_as_itself
 from cluster.protocol import Status
@@ -83,16 +84,16 @@ class Consumer:
         self._start_offsets: dict[int, int] = {}
 
     @asynccontextmanager
-    async def _running(self) -> AsyncIterator[trio.MemoryReceiveChannel[list[ConsumedMessage]]]:
+    async def _running(self) -> AsyncIterator[MemoryObjectReceiveStream[list[ConsumedMessage]]]:
         described = await self.client.checked("describe_topic", topic=self.topic)
         queues = self._queues if self._queues is not None else list(range(described["queues"]))
         bounds = {entry["queue"]: entry for entry in described["offsets"]}
         for queue in queues:
             self.positions[queue] = self._initial_offset(queue, bounds.get(queue, {}))
         self._start_offsets = dict(self.positions)
-        send, receive = trio.open_memory_channel[list[ConsumedMessage]](self._buffer)
-        with lone_error_as_itself():
-            async with trio.open_nursery() as nursery:
+        send, receive = anyio.create_memory_object_stream[list[ConsumedMessage]](self._buffer)
+        with lone_error_as_itself(), receive:
+            async with anyio.create_task_group() as nursery:
                 for queue in queues:
                     nursery.start_soon(self._pull_queue, queue, send.clone())
                 send.close()
@@ -108,7 +109,7 @@ class Consumer:
         return bounds.get(key, 0)
 
     async def _pull_queue(
-        self, queue: int, out: trio.MemorySendChannel[list[ConsumedMessage]]
+        self, queue: int, out: MemoryObjectSendStream[list[ConsumedMessage]]
     ) -> None:
         offset = self.positions[queue]
         unknown_since = 0.0  # when a node first said it does not know the topic
@@ -140,7 +141,7 @@ class Consumer:
                         offset,
                         response.get("max_offset"),
                     )
-                    await trio.sleep(min(1.0, self.wait_ms / 1000))
+                    await anyio.sleep(min(1.0, self.wait_ms / 1000))
                     continue
                 if status is Status.OFFSET_OUT_OF_RANGE:
                     reset = response.get("min_offset", 0)
@@ -156,12 +157,12 @@ class Consumer:
                 if status is Status.UNKNOWN_TOPIC:
                     # The topic was there when this consumer started: the node reached
                     # after a failover has not learnt it yet. Wait, within the bound.
-                    unknown_since = unknown_since or trio.current_time()
-                    if trio.current_time() < unknown_since + self.client.config.failover_timeout:
+                    unknown_since = unknown_since or anyio.current_time()
+                    if anyio.current_time() < unknown_since + self.client.config.failover_timeout:
                         log.info(
                             "consumer_topic_not_there_yet topic=%s queue=%d", self.topic, queue
                         )
-                        await trio.sleep(min(1.0, self.wait_ms / 1000))
+                        await anyio.sleep(min(1.0, self.wait_ms / 1000))
                         continue
                 if status is not Status.OK:
                     raise TidelogError(status, response.get("error", ""), response)
@@ -176,7 +177,7 @@ class Consumer:
 
     async def __aenter__(self) -> Consumer:
         self._context: AbstractAsyncContextManager[
-            trio.MemoryReceiveChannel[list[ConsumedMessage]]
+            MemoryObjectReceiveStream[list[ConsumedMessage]]
         ] = self._running()
         self._channel = await self._context.__aenter__()
         return self

@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import trio
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cluster.client.consumer import ConsumedMessage, Consumer
 from cluster.client.errors import (
@@ -107,23 +108,25 @@ class GroupConsumer:
         self.rebalances = 0
         """How many times this member joined (the first join counts)."""
         self._committed: dict[QueueRef, int] = {}
-        self._assigned = trio.Event()
+        self._assigned = anyio.Event()
 
     # ---- the session ---------------------------------------------------------------------
 
     @asynccontextmanager
     async def _running(
         self,
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, ConsumedMessage]]]:
-        send, receive = trio.open_memory_channel[tuple[int, ConsumedMessage]](self.max_messages)
-        with lone_error_as_itself():
-            async with trio.open_nursery() as nursery:
+    ) -> AsyncIterator[MemoryObjectReceiveStream[tuple[int, ConsumedMessage]]]:
+        send, receive = anyio.create_memory_object_stream[tuple[int, ConsumedMessage]](
+            self.max_messages
+        )
+        with lone_error_as_itself(), send, receive:
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(self._sessions, send)
                 try:
                     yield receive
                 finally:
                     nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                         await self._goodbye()
 
     async def _goodbye(self) -> None:
@@ -138,7 +141,7 @@ class GroupConsumer:
         except TidelogError as exc:
             log.info("group_leave_failed group=%s error=%s", self.group, exc)
 
-    async def _sessions(self, out: trio.MemorySendChannel[tuple[int, ConsumedMessage]]) -> None:
+    async def _sessions(self, out: MemoryObjectSendStream[tuple[int, ConsumedMessage]]) -> None:
         """Join, consume until the group moves on, commit, join again; forever."""
         while True:
             try:
@@ -150,11 +153,11 @@ class GroupConsumer:
                 if rest is not None or rejoin is None:
                     raise
 
-    async def _session(self, out: trio.MemorySendChannel[tuple[int, ConsumedMessage]]) -> None:
+    async def _session(self, out: MemoryObjectSendStream[tuple[int, ConsumedMessage]]) -> None:
         generation = await self._join()
         try:
             with lone_error_as_itself():
-                async with trio.open_nursery() as nursery:
+                async with anyio.create_task_group() as nursery:
                     for topic in self.topics:
                         queues = [q for t, q in self.assignment if t == topic]
                         if queues:
@@ -163,7 +166,7 @@ class GroupConsumer:
                     if self.auto_commit_interval_s > 0:
                         nursery.start_soon(self._auto_commit)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
                     await self.commit()  # the previous generation's last commit
                 except TidelogError as exc:
@@ -218,7 +221,7 @@ class GroupConsumer:
 
     async def _heartbeats(self, generation: int) -> None:
         while True:
-            await trio.sleep(self.heartbeat_interval_s)
+            await anyio.sleep(self.heartbeat_interval_s)
             try:
                 await self._master(
                     "heartbeat", group=self.group, member=self.member, generation=generation
@@ -231,7 +234,7 @@ class GroupConsumer:
 
     async def _auto_commit(self) -> None:
         while True:
-            await trio.sleep(self.auto_commit_interval_s)
+            await anyio.sleep(self.auto_commit_interval_s)
             try:
                 await self.commit()
             except (ConnectionLostError, RequestTimeoutError) as exc:
@@ -246,7 +249,7 @@ class GroupConsumer:
         topic: str,
         queues: list[int],
         generation: int,
-        out: trio.MemorySendChannel[tuple[int, ConsumedMessage]],
+        out: MemoryObjectSendStream[tuple[int, ConsumedMessage]],
     ) -> None:
         start = {q: self.positions[(topic, q)] for q in queues}
         async with Consumer(
@@ -303,7 +306,7 @@ class GroupConsumer:
 
     async def __aenter__(self) -> GroupConsumer:
         self._context: AbstractAsyncContextManager[
-            trio.MemoryReceiveChannel[tuple[int, ConsumedMessage]]
+            MemoryObjectReceiveStream[tuple[int, ConsumedMessage]]
         ] = self._running()
         self._channel = await self._context.__aenter__()
         return self

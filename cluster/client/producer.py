@@ -6,9 +6,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import anyio
+import anyio.abc
+import anyio.lowlevel
 import attrs
-import trio
 
+from cluster.client.backend import Event, event_class
 from cluster.client.errors import (
     ConnectionLostError,
     NotSentError,
@@ -103,7 +106,7 @@ class _Pending:
     """A message waiting in the accumulator, and where its result goes."""
 
     message: dict[str, Any]
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: Event
     result: SendResult | None = None
 
 
@@ -135,7 +138,7 @@ class Producer:
     def __init__(
         self,
         client: Client,
-        nursery: trio.Nursery,
+        nursery: anyio.abc.TaskGroup,
         *,
         acks: str = "durable",
         linger_ms: float = 0.0,
@@ -159,8 +162,9 @@ class Producer:
         self.producer_id: int | None = None
         """The id ``init_producer`` handed out (idempotent producers, once they sent)."""
         self._sequences: SequenceWindow | None = None
-        self._starting = trio.Lock()
-        self._window_moved = trio.Event()
+        self._starting = anyio.Lock()
+        self._new_event = event_class()
+        self._window_moved = self._new_event()
         self.client = client
         self._nursery = nursery
         self.acks = Acks(acks)
@@ -202,7 +206,7 @@ class Producer:
         batch_key = (topic, Acks(acks) if acks else self.acks)
         if self.batch_size == 1:  # every send is its own request: no accumulator to join
             return (await self._deliver(topic, batch_key[1], [message]))[0]
-        pending = _Pending(message)
+        pending = _Pending(message, self._new_event())
         full = self._join(batch_key, pending)
         if full is not None:  # this send filled the batch: deliver it from this task
             await self._send_batch(batch_key, full)
@@ -248,9 +252,9 @@ class Producer:
 
     async def _linger_then_ship(self, batch_key: tuple[str, Acks], batch: list[_Pending]) -> None:
         if self.linger > 0:
-            await trio.sleep(self.linger)
+            await anyio.sleep(self.linger)
         else:
-            await trio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
         if self._open.get(batch_key) is batch:
             self._close(batch_key)
             await self._send_batch(batch_key, batch)
@@ -309,7 +313,7 @@ class Producer:
         while not sequences.may_issue():
             await self._window_moved.wait()
         batch = sequences.issue(len(messages))
-        deadline = trio.current_time() + self.delivery_timeout
+        deadline = anyio.current_time() + self.delivery_timeout
         backoff = Backoff(max(self.retry_backoff, 1e-3), max(self.retry_backoff, 0.25))
         try:
             while True:
@@ -317,7 +321,7 @@ class Producer:
                 if not _worth_resending(results[0]):
                     return results
                 first = results[0]
-                pause = min(backoff.next_delay_s(), deadline - trio.current_time())
+                pause = min(backoff.next_delay_s(), deadline - anyio.current_time())
                 if pause <= 0:
                     return results
                 log.info(
@@ -327,11 +331,11 @@ class Producer:
                     first.status,
                     first.error,
                 )
-                await trio.sleep(pause)
+                await anyio.sleep(pause)
         finally:
             sequences.resolve(batch)
             self._window_moved.set()
-            self._window_moved = trio.Event()
+            self._window_moved = self._new_event()
 
     async def _deliver(
         self,

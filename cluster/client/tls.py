@@ -11,7 +11,9 @@ from __future__ import annotations
 import ssl
 from typing import Final
 
-import trio
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSStream
 
 __all__ = ["TlsHandshakeError", "client_tls", "connect_tls"]
 
@@ -46,7 +48,7 @@ def client_tls(ca_file: str, cert_file: str = "", key_file: str = "") -> ssl.SSL
 
 
 def _reason(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"certificate refused: {cause.verify_message}"
     if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS:
@@ -57,16 +59,17 @@ def _reason(exc: BaseException) -> str:
 
 
 async def connect_tls(
-    stream: trio.SocketStream, context: ssl.SSLContext, host: str
-) -> trio.SSLStream[trio.SocketStream]:
+    stream: anyio.abc.SocketStream, context: ssl.SSLContext, host: str
+) -> TLSStream:
     """The TLS stream over the connected ``stream``, the node's certificate checked
     against the CA and ``host``; :class:`TlsHandshakeError` (``stream`` closed) when the
     handshake fails."""
-    secured = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
     try:
-        await secured.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-        await trio.aclose_forcefully(stream)
+        secured = await TLSStream.wrap(
+            stream, hostname=host, ssl_context=context, standard_compatible=True
+        )
+    except (anyio.BrokenResourceError, anyio.EndOfStream, ssl.SSLError, OSError) as exc:
+        await anyio.aclose_forcefully(stream)
         raise TlsHandshakeError(
             f"{_reason(exc)}: does the node's client port use TLS, with a certificate "
             "signed by the CA given (--tls-ca) that names this host?"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 import trio
 import trio.testing
@@ -40,7 +41,7 @@ async def peer(*, answer: bool) -> AsyncIterator[Connection]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, serve, listeners)
         port = listeners[0].socket.getsockname()[1]
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await anyio.connect_tcp("127.0.0.1", port)
         connection = Connection(stream, f"127.0.0.1:{port}", 1 << 20)
         await connection.start(nursery)
         try:

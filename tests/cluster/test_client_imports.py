@@ -31,3 +31,21 @@ def test_the_client_imports_only_the_protocol_and_pure_helpers() -> None:
             if module.split(".")[0] not in PROJECT_PACKAGES:
                 continue  # stdlib and third-party
             assert module.startswith(ALLOWED_PROJECT_IMPORTS), f"{path.name} imports {module}"
+
+
+def test_the_client_library_is_written_on_anyio_not_trio() -> None:
+    """Trio and asyncio applications run the same client: no module of it imports trio
+    at load time (only for type hints, and lazily to adapt a trio stream a caller dialled
+    itself, :class:`cluster.client.connection.Connection`)."""
+    for path in sorted(CLIENT.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for statement in tree.body:  # module level; `if TYPE_CHECKING:` blocks are ifs
+            if isinstance(statement, ast.Import):
+                names = [alias.name for alias in statement.names]
+            elif isinstance(statement, ast.ImportFrom):
+                names = [statement.module or ""]
+            else:
+                continue
+            assert not any(name.split(".")[0] == "trio" for name in names), (
+                f"{path.name} imports {names}"
+            )

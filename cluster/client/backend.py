@@ -1,0 +1,56 @@
+"""The running event loop's own events and shielding scopes, looked up once.
+
+``anyio.Event()`` and ``anyio.CancelScope()`` ask which event loop runs at every call,
+and under trio wrap trio's own objects (each call and each ``wait`` pays a layer: more
+than the rest of a small request's bookkeeping). The client's hot paths (an event per
+request in flight and per message waiting in a batch, a shielded send per request) take
+their classes here once per connection or producer: trio's own under trio, anyio's
+asyncio ones under asyncio. Both behave alike for what the client uses (``set``,
+``is_set``, ``wait``; a shielding ``with`` block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import anyio
+import sniffio
+
+__all__ = ["Event", "event_class", "shield_scope_class"]
+
+
+class Event(Protocol):
+    """What the client needs of an event: trio's and anyio's both are one."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+def _running_trio() -> bool:
+    try:
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:  # no loop yet: anyio's adapters decide later
+        return False
+
+
+def event_class() -> Callable[[], Event]:
+    """The event class to make events from in the running event loop."""
+    if _running_trio():
+        import trio  # under trio only: the client runs on asyncio without it
+
+        return trio.Event
+    return type(anyio.Event())
+
+
+def shield_scope_class() -> Callable[..., AbstractContextManager[Any]]:
+    """The cancel scope class of the running event loop (call it with ``shield=True``)."""
+    if _running_trio():
+        import trio
+
+        return trio.CancelScope
+    return type(anyio.CancelScope())
