@@ -95,6 +95,12 @@ class SegmentAllocator:
                 self._dropped[base] = pending
         self._pending.clear()
 
+    async def wait_dropped(self) -> None:
+        """Return once every creation dropped while running has finished and deleted its
+        file (a creation runs in a worker thread, so it can outlive the drop)."""
+        while self._dropped:
+            await next(iter(self._dropped.values())).done.wait()
+
     async def _create(self, base: int, pending: _Pending) -> None:
         try:
             earlier = self._dropped.get(base)
