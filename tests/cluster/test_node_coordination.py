@@ -126,9 +126,10 @@ async def _join_group(coordinator: Coordinator, name: str) -> None:
         clean_start=False,
     )
     await coordinator.etcd.put(coordinator.settings.keys.member(name), info.encode())
-    with trio.fail_after(10):
-        while name not in (await coordinator.loop.next_view()).members:
-            pass
+    with trio.fail_after(10):  # each next_view() waits for the watch to deliver a listing
+        view = await coordinator.loop.next_view()
+        while name not in view.members:
+            view = await coordinator.loop.next_view()
 
 
 async def test_a_slave_far_behind_is_recorded_only_once_it_holds_every_acked_record(
