@@ -5,6 +5,9 @@ protocol and two pure helpers that happen to live in ``storage/``)."""
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 CLIENT = Path(__file__).resolve().parents[2] / "cluster" / "client"
@@ -49,3 +52,59 @@ def test_the_client_library_is_written_on_anyio_not_trio() -> None:
             assert not any(name.split(".")[0] == "trio" for name in names), (
                 f"{path.name} imports {names}"
             )
+
+
+def test_importing_the_clients_loads_no_trio() -> None:
+    """An asyncio application or a script pays for no trio: importing the async and the
+    blocking client, in a fresh interpreter, leaves trio and the storage engine unloaded
+    (``storage/__init__.py`` used to import the whole engine, and trio with it, as soon as
+    the client imported the pure ``storage.names``). Fails on the old code."""
+    probe = (
+        "import json, sys\n"
+        "import cluster.client, cluster.client.sync\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    loaded = set(json.loads(_run_python(probe)))
+    assert not {module for module in loaded if module.split(".")[0] == "trio"}
+    assert {module for module in loaded if module.startswith("storage.")} <= {
+        "storage.names",
+        "storage.errors",
+        "storage.backoff",
+    }
+
+
+def test_the_storage_package_still_exports_its_names() -> None:
+    """The package loads its public names on first use: each one resolves to the object
+    its module defines, ``from storage import *`` gives them all, and a misspelt name is
+    an AttributeError naming it."""
+    probe = (
+        "import json, importlib, storage\n"
+        "homes = {name: getattr(storage, name).__module__ for name in storage.__all__}\n"
+        "star = {}\n"
+        "exec('from storage import *', star)\n"
+        "assert set(storage.__all__) <= set(star), sorted(set(storage.__all__) - set(star))\n"
+        "try:\n"
+        "    storage.NoSuchName\n"
+        "except AttributeError as error:\n"
+        "    missing = str(error)\n"
+        "print(json.dumps({'homes': homes, 'missing': missing}))\n"
+    )
+    answer = json.loads(_run_python(probe))
+    assert len(answer["homes"]) >= 17
+    assert all(module.startswith("storage.") for module in answer["homes"].values())
+    assert answer["homes"]["MessageStore"] == "storage.store"
+    assert "NoSuchName" in answer["missing"]
+
+
+def _run_python(code: str) -> str:
+    """``code`` run by a fresh interpreter at the project root; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=CLIENT.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
