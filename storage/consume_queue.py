@@ -273,6 +273,10 @@ class ConsumeQueueStore:
         for queue in self.queues.values():
             queue.advance_min(log_min_offset)
 
+    def holds_topic(self, topic: str) -> bool:
+        """Whether any queue of ``topic`` is in the table (records of it were indexed)."""
+        return any(key[0] == topic for key in self.queues)
+
     def pop_topic(self, topic: str) -> list[ConsumeQueue]:
         """Take every queue of ``topic`` out of the table (readers stop finding them); their
         files stay until :meth:`delete_topic_files`."""

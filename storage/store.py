@@ -375,6 +375,10 @@ class MessageStore:
 
     # ---- reading -----------------------------------------------------------------------
 
+    def holds_topic(self, topic: str) -> bool:
+        """Whether records of ``topic`` are indexed (it was written and not deleted)."""
+        return self.queues.holds_topic(topic)
+
     def queue_offsets(self, topic: str, queue_id: int) -> tuple[int, int]:
         """(min, max) queue offsets: the first entry, and one past the last."""
         queue = self.queues.get(topic, queue_id)

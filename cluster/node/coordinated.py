@@ -48,7 +48,7 @@ from cluster.coordination.keys import (
 )
 from cluster.node.acks import ReplicatedAcks, SlaveAcks
 from cluster.node.role import Fenced, RoleError, Slave, elected, fence, follow
-from cluster.node.topic_changes import ListingFollower
+from cluster.node.topic_changes import ADMIN_ETCD_TIMEOUT_S, ListingFollower, etcd_for_topic_change
 from cluster.node.topics import Topic, TopicExistsError
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
@@ -513,13 +513,19 @@ class Coordinator:
         return await self._create_topic(name, queues, exist_ok=True)
 
     async def _create_topic(self, name: str, queues: int, *, exist_ok: bool) -> Topic:
+        async with etcd_for_topic_change(f"creating topic {name!r}"):
+            return await self._record_and_create_topic(name, queues, exist_ok=exist_ok)
+
+    async def _record_and_create_topic(self, name: str, queues: int, *, exist_ok: bool) -> Topic:
         key = self.settings.keys.topic(name)
         record = TopicRecord(name, queues, int(time.time() * 1_000_000))
         result = await self.etcd.txn(
-            [Compare.create_revision(key, 0)], [PutOp(key, record.encode())]
+            [Compare.create_revision(key, 0)],
+            [PutOp(key, record.encode())],
+            timeout_s=ADMIN_ETCD_TIMEOUT_S,
         )
         if not result.succeeded:
-            stored = await self.etcd.get(key)
+            stored = await self.etcd.get(key, timeout_s=ADMIN_ETCD_TIMEOUT_S)
             if stored is not None:
                 existing = TopicRecord.decode(stored.key, stored.value)
                 if not exist_ok:

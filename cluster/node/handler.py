@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.acks import AckPolicy
 from cluster.node.groups import GroupService
-from cluster.node.topic_changes import alter_in_etcd, delete_in_etcd
+from cluster.node.topic_changes import alter_in_etcd, delete_in_etcd, etcd_for_topic_change
 from cluster.node.topics import Topic, TopicExistsError, UnknownTopicError
 from cluster.protocol import (
     SCHEMAS,
@@ -121,9 +121,10 @@ class NodeRequestHandler(RequestHandler):
         coordinator = self._node.coordinator
         if coordinator is None:
             return await self._plain_alter_topic(req, polls)  # type: ignore[return-value]
-        record = await alter_in_etcd(
-            coordinator.etcd, coordinator.settings.keys, req["topic"], req["queues"]
-        )
+        async with etcd_for_topic_change(f"altering topic {req['topic']!r}"):
+            record = await alter_in_etcd(
+                coordinator.etcd, coordinator.settings.keys, req["topic"], req["queues"]
+            )
         try:
             topic = await self._topics.alter(record.name, record.queues)
         except UnknownTopicError:  # in etcd, not applied here yet
@@ -139,7 +140,15 @@ class NodeRequestHandler(RequestHandler):
         coordinator = self._node.coordinator
         name = req["topic"]
         if coordinator is not None:
-            await delete_in_etcd(coordinator.etcd, coordinator.settings.keys, name)
+            try:
+                async with etcd_for_topic_change(f"deleting topic {name!r}"):
+                    await delete_in_etcd(coordinator.etcd, coordinator.settings.keys, name)
+            except RequestError as exc:
+                # gone from etcd already (an earlier try that timed out did land, and this
+                # registry may have followed etcd since): finish the deletion here
+                here = self._topics.get(name) is not None or self._store.holds_topic(name)
+                if exc.status is not Status.UNKNOWN_TOPIC or not here:
+                    raise
         queues, offset = await self.delete_topic_here(name, forgotten_ok=coordinator is not None)
         return make_response(req["id"], topic=name, queues=queues, offset=offset)
 

@@ -12,11 +12,12 @@ a deleted topic are dropped by the deletion marker in the replicated log, not he
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 import attrs
 
-from cluster.coordination.etcd import Compare, EtcdClient, PutOp
+from cluster.coordination.etcd import Compare, EtcdClient, EtcdError, PutOp
 from cluster.coordination.keys import ClusterKeys, TopicRecord
 from cluster.node.topics import (
     Topic,
@@ -30,17 +31,41 @@ from cluster.protocol import Status
 from cluster.server.errors import RequestError, unknown_topic
 
 __all__ = [
+    "ADMIN_ETCD_TIMEOUT_S",
     "ALTER_ATTEMPTS",
     "ListingFollower",
     "alter_in_etcd",
     "apply_listing",
     "delete_in_etcd",
+    "etcd_for_topic_change",
 ]
 
 log = logging.getLogger(__name__)
 
 ALTER_ATTEMPTS = 5
 """Compare-and-swap rounds before two admins growing one topic at once give up."""
+
+ADMIN_ETCD_TIMEOUT_S = 5.0
+"""Deadline of each etcd call of a topic change. The coordinator's own calls are bounded
+by a fraction of the lease (0.5 s by default) because leadership depends on them; a topic
+change has no lease to keep, and under load a commit can take longer than that."""
+
+
+@asynccontextmanager
+async def etcd_for_topic_change(action: str) -> AsyncIterator[None]:
+    """Answer an etcd failure during ``action`` with ``COORDINATION_UNAVAILABLE``, naming
+    what may have happened and what to do, instead of an internal error."""
+    try:
+        yield
+    except EtcdError as exc:
+        log.warning("topic_change_etcd_failed action=%r error=%r", action, exc)
+        raise RequestError(
+            Status.COORDINATION_UNAVAILABLE,
+            f"{action}: etcd did not answer in time ({type(exc).__name__}: {exc}); nothing "
+            "was written to the log, and etcd may or may not hold the change: run it again "
+            "(it finishes the job, or says it is done); if this persists, check etcd with "
+            "`tidelog cluster status`",
+        ) from exc
 
 
 async def alter_in_etcd(etcd: EtcdClient, keys: ClusterKeys, name: str, queues: int) -> TopicRecord:
@@ -50,7 +75,7 @@ async def alter_in_etcd(etcd: EtcdClient, keys: ClusterKeys, name: str, queues: 
     check_queue_count(queues)
     key = keys.topic(name)
     for _attempt in range(ALTER_ATTEMPTS):
-        stored = await etcd.get(key)
+        stored = await etcd.get(key, timeout_s=ADMIN_ETCD_TIMEOUT_S)
         if stored is None:
             raise unknown_topic(name)
         existing = TopicRecord.decode(stored.key, stored.value)
@@ -59,7 +84,9 @@ async def alter_in_etcd(etcd: EtcdClient, keys: ClusterKeys, name: str, queues: 
             return existing
         grown = attrs.evolve(existing, queues=queues)
         result = await etcd.txn(
-            [Compare.mod_revision(key, stored.mod_revision)], [PutOp(key, grown.encode())]
+            [Compare.mod_revision(key, stored.mod_revision)],
+            [PutOp(key, grown.encode())],
+            timeout_s=ADMIN_ETCD_TIMEOUT_S,
         )
         if result.succeeded:
             return grown
@@ -87,7 +114,7 @@ async def apply_listing(registry: TopicRegistry, listed: Iterable[tuple[str, int
 async def delete_in_etcd(etcd: EtcdClient, keys: ClusterKeys, name: str) -> None:
     """Remove ``topics/<name>`` from etcd (every node's registry follows); an absent
     topic is ``UNKNOWN_TOPIC``."""
-    deleted = await etcd.delete(keys.topic(name))
+    deleted = await etcd.delete(keys.topic(name), timeout_s=ADMIN_ETCD_TIMEOUT_S)
     if not deleted.deleted:
         raise unknown_topic(name)
 

@@ -34,6 +34,7 @@ class Status(enum.StrEnum):
     REJOIN_GROUP = "REJOIN_GROUP"
     GROUP_HAS_MEMBERS = "GROUP_HAS_MEMBERS"
     SEQUENCE_TOO_OLD = "SEQUENCE_TOO_OLD"
+    COORDINATION_UNAVAILABLE = "COORDINATION_UNAVAILABLE"
 
     @property
     def retryable(self) -> bool:
@@ -62,6 +63,7 @@ _RETRYABLE: Final = frozenset(
         Status.SLAVE_NOT_AVAILABLE,
         Status.SHUTTING_DOWN,
         Status.TOO_MANY_CONNECTIONS,
+        Status.COORDINATION_UNAVAILABLE,
     }
 )
 _CLOSES_CONNECTION: Final = frozenset({Status.FRAME_TOO_LARGE, Status.TOO_MANY_CONNECTIONS})
