@@ -6,9 +6,23 @@ Pure and clock-free: the caller sleeps, so the schedule is testable without time
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 
-__all__ = ["Backoff"]
+__all__ = ["LOUD_EVERY", "Backoff", "retry_log_level"]
+
+LOUD_EVERY = 10
+"""A retry loop logs its failure at WARNING once every this many attempts."""
+
+
+def retry_log_level(attempt: int) -> int:
+    """WARNING for the first failed attempt and every :data:`LOUD_EVERY`-th after it,
+    INFO between: an operator sees that something is wrong (and that it still is),
+    without a warning every fraction of a second while etcd is down."""
+    if attempt < 1:
+        raise ValueError(f"attempts count from 1, got {attempt}")
+    return logging.WARNING if attempt % LOUD_EVERY == 1 else logging.INFO
 
 
 @attrs.define

@@ -54,6 +54,7 @@ from cluster.protocol import Acks, Status
 from cluster.server import RequestError
 from replication.master import HAService
 from replication.slave import SlaveReplication
+from storage.backoff import Backoff, retry_log_level
 
 if TYPE_CHECKING:
     from cluster.node.lifecycle import Node
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["CoordinatedAcks", "Coordinator"]
 
 log = logging.getLogger(__name__)
+
+ETCD_FIRST_READ_MAX_PAUSE_S = 5.0
+"""Longest pause between tries of a node's first etcd read (etcd down at start)."""
 
 
 async def wait_until(
@@ -463,13 +467,27 @@ class Coordinator:
         """Read whether the group was ever elected, then run the HA loop and apply the
         topics etcd holds, until cancelled."""
         keys = self.settings.keys
+        retry = Backoff(self.settings.keepalive_interval_s / 4, ETCD_FIRST_READ_MAX_PAUSE_S)
+        attempt = 0
         while True:
             try:
                 stored = await self.etcd.get(keys.state(self.settings.group))
                 break
             except EtcdError as error:
-                log.warning("ha cannot reach etcd node=%s error=%r; retrying", self.name, error)
-                await trio.sleep(self.settings.keepalive_interval_s)
+                attempt += 1
+                pause_s = retry.next_delay_s()
+                log.log(
+                    retry_log_level(attempt),
+                    "ha cannot reach etcd node=%s attempt=%d error=%r; retrying in %.1f s "
+                    "(check --etcd and that etcd runs: `tidelog cluster status`)",
+                    self.name,
+                    attempt,
+                    error,
+                    pause_s,
+                )
+                await trio.sleep(pause_s)
+        if attempt:
+            log.info("ha reached etcd node=%s after_attempts=%d", self.name, attempt + 1)
         self._group_existed = stored is not None
         try:
             async with trio.open_nursery() as nursery:
