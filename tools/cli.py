@@ -608,12 +608,32 @@ def add_chaos_commands(commands: Any) -> None:
         help="failover (default): etcd and elected masters; static: fixed roles",
     )
     scenario.set_defaults(handler=cmd_chaos_scenario)
+    text = (
+        "the totals of many chaos runs from their run.json and results.json: one row per "
+        "run (seed, cluster, commit, acked, faults by kind, master changes, lost, valid, "
+        "recovery p50/p99), then runs, faults, acked, lost and recovery across all; exits "
+        "0 when every run is valid, 1 when one is not, 2 when a folder cannot be read"
+    )
+    summary = kinds.add_parser("summary", help=text.split(":")[0], description=text + ".")
+    summary.add_argument(
+        "dirs", metavar="DIR", nargs="+", help="a chaos run folder, or a folder of run folders"
+    )
+    summary.add_argument(
+        "--format", choices=("text", "markdown", "json"), default="text", dest="style"
+    )
+    summary.set_defaults(handler=cmd_chaos_summary)
 
 
 def cmd_chaos_check(args: argparse.Namespace) -> int:
     from tools.chaos.cli import run_check
 
     return run_check(args.run_dir, as_json=args.json, write_html=not args.no_report)
+
+
+def cmd_chaos_summary(args: argparse.Namespace) -> int:
+    from tools.chaos.summary import run_summary
+
+    return run_summary(args.dirs, style=args.style)
 
 
 def quiet_late_answers() -> None:
