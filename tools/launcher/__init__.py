@@ -1,7 +1,13 @@
 """Local launchers: real child processes (etcd, and the broker group of `tidelog cluster up`:
 LocalCluster). The proxy that injects network faults is tools.faults.proxy.FaultProxy."""
 
-from tools.launcher.cluster import ClusterLaunchError, LocalCluster, NodeView
+from tools.launcher.cluster import (
+    ClusterLaunchError,
+    LocalCluster,
+    NodeSettings,
+    NodeTarget,
+    NodeView,
+)
 from tools.launcher.etcd import (
     EtcdCluster,
     EtcdLaunchError,
@@ -16,6 +22,8 @@ __all__ = [
     "EtcdLaunchError",
     "EtcdMember",
     "LocalCluster",
+    "NodeSettings",
+    "NodeTarget",
     "NodeView",
     "etcd_binary",
     "free_loopback_port",

@@ -28,10 +28,20 @@ import trio
 from cluster.client import TidelogError, open_client
 from cluster.coordination.etcd import EtcdClient, EtcdError
 from cluster.coordination.keys import ClusterKeys, GroupState
-from tools.launcher.etcd import EtcdCluster
+from tools.launcher.etcd import EtcdCluster, free_loopback_port
 from tools.process import NodeProcess
 
-__all__ = ["ClusterLaunchError", "LocalCluster", "NodeView", "node_answer", "read_group_state"]
+__all__ = [
+    "COORDINATIONS",
+    "ClusterLaunchError",
+    "LocalCluster",
+    "NodeSettings",
+    "NodeTarget",
+    "NodeView",
+    "acknowledging_epoch",
+    "node_answer",
+    "read_group_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,9 @@ STATUS_TIMEOUT_S = 2.0
 """A node that does not answer ``status`` within this is shown as not answering."""
 POLL_INTERVAL_S = 0.05
 STATE_FILE = "cluster.json"
+COORDINATIONS = ("etcd", "static")
+"""etcd: the nodes elect their master through etcd; static: the first node is the master
+and the others its slaves, fixed roles and no etcd."""
 
 
 class ClusterLaunchError(RuntimeError):
@@ -62,6 +75,46 @@ async def node_answer(
         except (TidelogError, OSError):
             return None
     return None
+
+
+def acknowledging_epoch(status: Mapping[str, Any] | None) -> int | None:
+    """The epoch a node acknowledges writes in, from its ``status`` (None: it does not).
+
+    With etcd the HA loop's role and fencing deadline decide; without, the static role.
+    """
+    if not status:
+        return None
+    coordination = status.get("coordination")
+    if coordination:
+        if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
+            return int(coordination.get("epoch") or 0)
+        return None
+    if status.get("role") == "master" and status.get("writable"):
+        return int(status.get("epoch") or 0)
+    return None
+
+
+@attrs.frozen
+class NodeSettings:
+    """What one node of a :class:`LocalCluster` runs with beyond what every node gets.
+
+    Empty fields fall back to the cluster's: ``etcd_endpoints`` (this node's etcd URLs,
+    e.g. one fault proxy per member so a fault can cut this node alone from etcd),
+    ``host`` (the address it listens on and advertises, e.g. a loopback address of its
+    own in a private network namespace), ``command_prefix`` (words its command runs
+    under: ``setpriv --regid G``, ``ip netns exec NS``). ``env`` adds to the
+    environment it inherits (the fault-injection switches such as
+    ``TIDELOG_FAULT_SYNC_LOG``); ``args`` go after the cluster's ``node_args``;
+    ``master_ha`` is the replication address a slave of a static group dials instead of
+    the master's own (e.g. through a fault proxy).
+    """
+
+    env: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+    etcd_endpoints: tuple[str, ...] = ()
+    host: str | None = None
+    command_prefix: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    master_ha: str | None = None
 
 
 @attrs.frozen
@@ -90,9 +143,7 @@ class NodeView:
     @property
     def is_master(self) -> bool:
         """A master that may acknowledge now (not one past its fencing deadline)."""
-        return self.coordination.get("role") == "master" and bool(
-            self.coordination.get("may_acknowledge")
-        )
+        return acknowledging_epoch(self.status) is not None
 
     @property
     def epoch(self) -> int | None:
@@ -118,13 +169,22 @@ class NodeView:
 
 @attrs.define
 class LocalCluster:
-    """etcd plus ``replicas`` node processes of one group, all under ``root``.
+    """One broker group of ``replicas`` node processes (and the etcd it uses), all under
+    ``root``: node ``<node_prefix>i`` keeps its data in ``root/<name>`` and its log in
+    ``root/<name>.log``.
 
-    ``etcd_endpoints``: use this etcd instead of starting one; else ``etcd_members``
-    members are started (3 to test etcd's own faults), each with ``etcd_args``.
-    ``node_args`` go to every node (``--config FILE``, lease settings...);
-    ``command_prefix`` and ``host`` let a caller run nodes in network namespaces. Use as a context manager, or ``start`` /
-    ``stop``; ``stop`` is safe to call twice and after a failed start. One owner drives
+    ``coordination="etcd"`` (the default): the nodes elect their master. With
+    ``etcd_endpoints`` they use that etcd; else ``etcd_members`` members are started (3 to
+    test etcd's own faults), each with ``etcd_args``. ``coordination="static"``: no etcd;
+    the first node is the master (replication on ``ha_port``, 0: a free one chosen at
+    start) and the others its slaves. ``node_args`` go to every node; ``host`` and
+    ``command_prefix`` are every node's defaults; ``node_settings`` holds what differs per
+    node (:class:`NodeSettings`), read when a node is first started.
+
+    Use as a context manager, or ``start`` / ``stop``; ``stop`` is safe to call twice and
+    after a failed start. A caller that must act between etcd and the nodes (to put fault
+    proxies in front of etcd, say) calls ``start_etcd``, fills ``node_settings``, then
+    ``start_nodes``, and stops the cluster itself if one of them fails. One owner drives
     process control; the coroutines may run from any task of one trio run.
     """
 
@@ -144,6 +204,11 @@ class LocalCluster:
     start_timeout_s: float = 30.0
     etcd: EtcdCluster | None = None
     nodes: dict[str, NodeProcess] = attrs.field(factory=dict)
+    coordination: str = attrs.field(default="etcd", validator=attrs.validators.in_(COORDINATIONS))
+    node_prefix: str = "node-"
+    ha_port: int = 0
+    """static: the master's replication port (0: a free one, chosen by ``start_nodes``)."""
+    node_settings: dict[str, NodeSettings] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.replicas < 1:
@@ -156,6 +221,11 @@ class LocalCluster:
             raise ValueError(
                 "etcd_members applies to the etcd this cluster starts, not to given endpoints"
             )
+        if self.coordination == "static" and (self.etcd_endpoints or self.etcd_members != 1):
+            raise ValueError(
+                "a static group runs without etcd: drop etcd_endpoints and etcd_members, "
+                "or use coordination='etcd'"
+            )
         if not 0 <= self.min_insync_replicas < max(self.replicas, 2):
             raise ValueError(
                 f"min_insync_replicas={self.min_insync_replicas} cannot be met by "
@@ -164,17 +234,21 @@ class LocalCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        """The etcd client URLs the nodes use."""
+        """The etcd client URLs of the cluster (a node's own ``etcd_endpoints`` aside)."""
         if self.etcd_endpoints:
             return list(self.etcd_endpoints)
         return self.etcd.endpoints if self.etcd is not None else []
 
     @property
     def names(self) -> list[str]:
-        return list(self.nodes)
+        """Every node's name, in order (known before the nodes start)."""
+        return [f"{self.node_prefix}{index}" for index in range(1, self.replicas + 1)]
 
     def address(self, name: str) -> str:
         return self.nodes[name].address
+
+    def data_dir(self, name: str) -> Path:
+        return self.root / name
 
     @property
     def addresses(self) -> list[str]:
@@ -182,45 +256,91 @@ class LocalCluster:
         return [node.address for node in self.nodes.values()]
 
     def start(self) -> LocalCluster:
-        """Start etcd (unless endpoints were given) and every node; returns once each node
-        listens. Everything started is stopped again if any of it fails."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Start etcd (unless endpoints were given, or the group is static) and every node;
+        returns once each node listens. Everything started is stopped again if any of it
+        fails."""
         try:
-            if not self.etcd_endpoints:
-                self.etcd = EtcdCluster(
-                    self.root / "etcd",
-                    size=self.etcd_members,
-                    extra_args=self.etcd_args,
-                    new_session=self.new_session,
-                ).start()
-            for index in range(1, self.replicas + 1):
-                name = f"node-{index}"
-                self.nodes[name] = self._node(name)
-            # side by side: each start waits for its interpreter to load and listen
-            with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as starters:
-                for started in [starters.submit(self._start_node, name) for name in self.nodes]:
-                    started.result()
+            self.start_etcd()
+            self.start_nodes()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _node(self, name: str) -> NodeProcess:
-        args = [
-            "--etcd", ",".join(self.endpoints),
-            "--cluster", self.cluster_name,
-            "--group", self.group,
-            "--ha-port", "0",
-            "--min-insync-replicas", str(self.min_insync_replicas),
-            *self.node_args,
+    def start_etcd(self) -> None:
+        """Start the etcd the nodes use, when this cluster runs one (see :meth:`start`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.coordination == "etcd" and not self.etcd_endpoints and self.etcd is None:
+            self.etcd = EtcdCluster(
+                self.root / "etcd",
+                size=self.etcd_members,
+                extra_args=self.etcd_args,
+                new_session=self.new_session,
+            ).start()
+
+    def start_nodes(self) -> None:
+        """Start every node; returns once each listens. A static group's master starts
+        first (its slaves name its address); the other nodes start side by side, each
+        start waiting for its interpreter to load and listen."""
+        self._check_node_settings()
+        self.root.mkdir(parents=True, exist_ok=True)
+        names = self.names
+        if self.coordination == "static":
+            self.ha_port = self.ha_port or free_loopback_port()
+            master, names = names[0], names[1:]
+            self.nodes[master] = self._node(master)
+            self._start_node(master)
+        for name in names:
+            self.nodes[name] = self._node(name)
+        if not names:
+            return
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as starters:
+            for started in [starters.submit(self._start_node, name) for name in names]:
+                started.result()
+
+    def _check_node_settings(self) -> None:
+        unknown = sorted(set(self.node_settings) - set(self.names))
+        if unknown:
+            raise ValueError(f"node_settings for unknown nodes {unknown}; nodes: {self.names}")
+        for name, settings in self.node_settings.items():
+            if self.coordination == "static" and settings.etcd_endpoints:
+                raise ValueError(f"{name}: a static group uses no etcd (etcd_endpoints given)")
+            slave = self.coordination == "static" and name != self.names[0]
+            if settings.master_ha is not None and not slave:
+                raise ValueError(f"{name}: master_ha is for the slaves of a static group")
+
+    def _role_args(self, name: str, settings: NodeSettings) -> list[str]:
+        if self.coordination == "etcd":
+            return [
+                "--etcd", ",".join(settings.etcd_endpoints or self.endpoints),
+                "--cluster", self.cluster_name,
+                "--group", self.group,
+                "--ha-port", "0",
+                "--min-insync-replicas", str(self.min_insync_replicas),
+            ]  # fmt: skip
+        master = self.names[0]
+        if name == master:
+            return [
+                "--ha-port", str(self.ha_port),
+                "--min-insync-replicas", str(self.min_insync_replicas),
+            ]  # fmt: skip
+        master_host = self.nodes[master].host
+        return [
+            "--role", "slave",
+            "--master-ha", settings.master_ha or f"{master_host}:{self.ha_port}",
+            "--master-client", self.address(master),
         ]  # fmt: skip
+
+    def _node(self, name: str) -> NodeProcess:
+        settings = self.node_settings.get(name, NodeSettings())
         return NodeProcess(
-            self.root / name,
+            self.data_dir(name),
             name=name,
-            extra_args=args,
+            extra_args=[*self._role_args(name, settings), *self.node_args, *settings.args],
+            env=dict(settings.env) or None,
             log_level=self.log_level,
-            host=self.host,
-            command_prefix=self.command_prefix,
+            host=settings.host or self.host,
+            command_prefix=settings.command_prefix or self.command_prefix,
             log_path=self.root / f"{name}.log",
             new_session=self.new_session,
         )
@@ -259,10 +379,20 @@ class LocalCluster:
     def resume(self, name: str) -> None:
         self.nodes[name].resume()
 
-    def stop(self) -> None:
-        """Stop every node (SIGTERM, then SIGKILL after a bound) and the etcd this object
-        started, all by PID. Data and logs stay under ``root``."""
+    def target(self, name: str) -> NodeTarget:
+        """Node ``name`` as the process faults act on it (:class:`NodeTarget`)."""
+        if name not in self.nodes:
+            raise KeyError(f"no node {name!r} started; nodes: {self.names}")
+        return NodeTarget(self, name)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after a bound; with ``kill``, SIGKILL at
+        once: a harness done with the cluster needs no clean shutdown) and the etcd this
+        object started, all by PID. Data and logs stay under ``root``."""
         for name, node in self.nodes.items():
+            if kill:
+                node.kill()
+                continue
             try:
                 node.stop(timeout=15.0)
             except RuntimeError as exc:  # ignored SIGTERM: killed by stop() already
@@ -390,6 +520,26 @@ class LocalCluster:
         temporary.write_text(json.dumps(self.describe(), indent=2) + "\n")
         os.replace(temporary, path)
         return path
+
+
+@attrs.frozen
+class NodeTarget:
+    """One node of a :class:`LocalCluster` as the process faults see it
+    (``tools.faults.ProcessTarget``): its PID while it runs, and a restart through the
+    cluster, on the same data directory and client port. Calls come from one trio run."""
+
+    cluster: LocalCluster
+    name: str
+
+    @property
+    def pid(self) -> int | None:
+        return self.cluster.pid(self.name) if self.cluster.running(self.name) else None
+
+    async def restart(self) -> None:
+        await trio.to_thread.run_sync(self.cluster.restart, self.name)
+
+    def __repr__(self) -> str:
+        return f"node:{self.name}"
 
 
 async def read_group_state(
