@@ -175,6 +175,7 @@ class CommitLog:
         """(topic, queue id) -> queue offset the next record of that queue gets."""
         self.flushed_offset = 0
         self.failure: StorageFailedError | None = None
+        self._failed = trio.Event()
         self.disk_full: DiskFullError | None = None
         """Set by retention while the disk is above its watermark: own appends are refused
         (replicated ones are not: a slave follows its master)."""
@@ -520,15 +521,17 @@ class CommitLog:
             except SegmentMissingError as exc:
                 raise self.fail_missing(str(exc)) from exc
             except OSError as exc:
-                self.failure = StorageFailedError(
-                    f"fdatasync of the commit log failed ({exc.strerror}); nothing past offset "
-                    f"{self.flushed_offset} is acknowledged and this node takes no writes until "
-                    "it is restarted: check the disk (dmesg) before restarting"
+                failure = self._fail(
+                    StorageFailedError(
+                        f"fdatasync of the commit log failed ({exc.strerror}); nothing past "
+                        f"offset {self.flushed_offset} is acknowledged and this node takes no "
+                        "writes until it is restarted: check the disk (dmesg) before restarting"
+                    )
                 )
                 log.critical(
                     "commit_log_fsync_failed error=%s flushed=%d", exc, self.flushed_offset
                 )
-                raise self.failure from exc
+                raise failure from exc
             for segment in segments:
                 segment.flushed = min(segment.size, target - segment.base)
             self.flushed_offset = target
@@ -541,12 +544,28 @@ class CommitLog:
         """A segment file vanished under the log: take no more writes (the same state as
         a failed fsync), say loudly what is missing; return the failure to raise."""
         if self.failure is None:
-            self.failure = StorageFailedError(
-                f"{problem}; records written to it are lost at the next start, so this "
-                "node takes no more writes: restore the file or this node from a replica "
-                "before restarting (the store refuses to start while a segment is missing)"
+            self._fail(
+                StorageFailedError(
+                    f"{problem}; records written to it are lost at the next start, so this "
+                    "node takes no more writes: restore the file or this node from a replica "
+                    "before restarting (the store refuses to start while a segment is missing)"
+                )
             )
             log.error("segment_missing problem=%r flushed=%d", problem, self.flushed_offset)
+        assert self.failure is not None
+        return self.failure
+
+    def _fail(self, failure: StorageFailedError) -> StorageFailedError:
+        """Enter the failed state for good (nothing clears it but a restart)."""
+        self.failure = failure
+        self._failed.set()
+        return failure
+
+    async def wait_failed(self) -> StorageFailedError:
+        """Return the failure once the log has failed (a node with failover leaves its
+        group on it, so a healthy replica takes the writes)."""
+        await self._failed.wait()
+        assert self.failure is not None
         return self.failure
 
     async def verify_files(self) -> None:

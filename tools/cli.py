@@ -174,6 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.rounds, args.acks_per_round)
 
 
+EXIT_STOPPED_ITSELF = 3
+"""`tidelog node`'s exit status when the node stopped on its own (its storage failed)."""
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from cluster.node import serve_until_signalled
     from cluster.node.config import ConfigError, load_node_config
@@ -221,7 +225,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         )
 
     try:
-        trio.run(lambda: serve_until_signalled(config, on_ready=ready))
+        stopped_itself = trio.run(lambda: serve_until_signalled(config, on_ready=ready))
     except BaseException as exc:  # a refusal (port, data dir, lock) becomes a sentence
         refusal = sole_refusal(exc)
         if refusal is None:
@@ -229,6 +233,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         verdict = "stopped" if started else "cannot start"
         print(f"tidelog node: {verdict}: {node_problem(refusal, config)}", file=sys.stderr)
         return 1
+    if stopped_itself is not None:
+        print(f"tidelog node {config.node.name} stopped: {stopped_itself}", file=sys.stderr)
+        return EXIT_STOPPED_ITSELF
     print(
         f"tidelog node {config.node.name} stopped cleanly: log flushed, checkpoint written "
         f"(data: {config.node.data_dir})",

@@ -121,6 +121,9 @@ class Node:
         self.metrics = NodeMetrics(self) if config.node.metrics_port >= 0 else None
         """With ``node.metrics_port``: the Prometheus registry ``/metrics`` serves."""
         self.metrics_address: tuple[str, int] | None = None
+        self.stopped_itself: str | None = None
+        """Why the node stopped on its own (not asked to): its storage failed while it was
+        in a group with failover. None while running, and after a requested stop."""
         if config.coordinated:
             self.role = Candidate()
 
@@ -208,6 +211,24 @@ class Node:
         etcd = EtcdClient(settings.etcd_endpoints, request_timeout_s=settings.request_timeout_s)
         self.coordinator = Coordinator(self, etcd)
         nursery.start_soon(self.coordinator.run)
+        nursery.start_soon(self._leave_when_storage_fails)
+
+    async def _leave_when_storage_fails(self) -> None:
+        """With failover, a node whose log failed (fdatasync error, vanished segment) takes
+        no writes until restarted: as master it would keep the group without a writable
+        node. So it stops: the shutdown resigns its lease at once, a healthy in-sync
+        replica is elected, and the exit says why (Kafka's broker goes offline the same
+        way when its log directories fail). Without failover the node stays up for reads."""
+        assert self.store is not None
+        failure = await self.store.commit_log.wait_failed()
+        self.stopped_itself = f"storage failed, left the group so a replica takes over: {failure}"
+        log.critical(
+            "node_leaving_group name=%s role=%s reason=storage_failed error=%s",
+            self.config.node.name,
+            self.role.name,
+            failure,
+        )
+        self.request_shutdown()
 
     @property
     def epoch(self) -> int | None:
@@ -516,12 +537,13 @@ class Node:
 
 async def serve_until_signalled(
     config: NodeConfig, *, on_ready: Callable[[str, int], None]
-) -> None:
+) -> str | None:
     """Run a node until SIGTERM or SIGINT, then shut it down gracefully.
 
     ``on_ready(host, port)`` is called once the node listens. A second signal during
     the shutdown stops waiting for in-flight requests (the store is still closed
-    cleanly: its shutdown is shielded).
+    cleanly: its shutdown is shielded). Returns why the node stopped on its own
+    (:attr:`Node.stopped_itself`), None when a signal stopped it.
     """
     node = Node(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -536,6 +558,7 @@ async def serve_until_signalled(
             nursery.start_soon(_watch_signals, signals, node, nursery.cancel_scope)
             host, port = await nursery.start(run_node)
             on_ready(host, port)
+    return node.stopped_itself
 
 
 async def _watch_signals(signals: AsyncIterator[int], node: Node, scope: trio.CancelScope) -> None:
