@@ -638,9 +638,9 @@ def cmd_chaos_check(args: argparse.Namespace) -> int:
 
 
 def cmd_chaos_summary(args: argparse.Namespace) -> int:
-    from tools.chaos.summary import run_summary
+    from tools.chaos.summary import summarize_runs
 
-    return run_summary(args.dirs, style=args.style)
+    return summarize_runs(args.dirs, style=args.style)
 
 
 def quiet_late_answers() -> None:

@@ -11,7 +11,7 @@ import pytest
 from tests.tools.test_chaos_histories import HistoryBuilder
 from tools.chaos.checker import check
 from tools.chaos.results import write_results
-from tools.chaos.summary import SummaryError, percentile, read_run, run_summary
+from tools.chaos.summary import SummaryError, percentile, read_run, summarize_runs
 from tools.cli import main
 
 Q = "chaos:0"
@@ -58,7 +58,7 @@ def test_totals_add_up_every_run_and_an_invalid_run_fails(tmp_path: Path) -> Non
     _run_folder(tmp_path, 8, "static", lose_one=True)
     _run_folder(tmp_path, 7, "failover", lose_one=False)
     out = io.StringIO()
-    assert run_summary([tmp_path], style="json", out=out) == 1
+    assert summarize_runs([tmp_path], style="json", out=out) == 1
     document = json.loads(out.getvalue())
     assert [run["seed"] for run in document["runs"]] == [7, 8]
     clean, lossy = document["runs"]
@@ -86,7 +86,7 @@ def test_all_valid_runs_exit_zero_and_print_a_markdown_table(tmp_path: Path) -> 
     first = _run_folder(tmp_path, 7, "failover", lose_one=False)
     second = _run_folder(tmp_path, 9, "failover", lose_one=False)
     out = io.StringIO()
-    assert run_summary([first, second], style="markdown", out=out) == 0
+    assert summarize_runs([first, second], style="markdown", out=out) == 0
     text = out.getvalue()
     rows = [
         line for line in text.splitlines() if line.startswith("| 7 ") or line.startswith("| 9 ")
@@ -101,14 +101,14 @@ def test_a_run_never_judged_is_named_with_the_command_that_judges_it(tmp_path: P
     died.mkdir()
     _history(lose_one=False).write(died / "history.jsonl")
     out, err = io.StringIO(), io.StringIO()
-    assert run_summary([tmp_path], out=out, err=err) == 2
+    assert summarize_runs([tmp_path], out=out, err=err) == 2
     assert f"tidelog chaos check {died}" in err.getvalue()
     assert "runs: 1 " in out.getvalue(), "the readable run is still summed"
 
 
 def test_a_folder_without_runs_is_refused(tmp_path: Path) -> None:
     err = io.StringIO()
-    assert run_summary([tmp_path], err=err) == 2
+    assert summarize_runs([tmp_path], err=err) == 2
     assert "holds no chaos run folder" in err.getvalue()
 
 

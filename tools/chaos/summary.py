@@ -36,7 +36,7 @@ __all__ = [
     "format_text",
     "percentile",
     "read_run",
-    "run_summary",
+    "summarize_runs",
     "totals",
 ]
 
@@ -297,7 +297,7 @@ def format_text(runs: Sequence[RunFigures], total: Totals) -> str:
     return "\n".join([*(line.rstrip() for line in lines), "", *_totals_lines(total)])
 
 
-def run_summary(
+def summarize_runs(
     paths: Sequence[str | Path],
     *,
     style: str = "text",
