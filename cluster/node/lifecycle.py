@@ -60,6 +60,8 @@ from cluster.node.status import (
     MasterReplicationStatus,
     NodeStatus,
     SlaveReplicationStatus,
+    TlsStatus,
+    tls_status,
     to_wire,
 )
 from cluster.node.topic_sync import TopicSync
@@ -492,6 +494,18 @@ class Node:
             uptime_ms=int((trio.current_time() - self._started_at) * 1000),
             store=store,
             coordination=self.coordinator.status() if self.coordinator is not None else None,
+            tls=self._tls_status(),
+        )
+
+    def _tls_status(self) -> TlsStatus:
+        server, replication = self.config.server, self.config.replication
+        client = server.tls
+        return tls_status(
+            client_tls=client is not None,
+            client_certs_required=client is not None and bool(client.ca_file),
+            ha_port=replication.ha_port >= 0 or replication.is_slave,
+            ha_tls=replication.tls is not None,
+            peer_names=replication.tls_peer_names,
         )
 
     def metadata(self) -> dict[str, Any]:

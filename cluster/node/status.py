@@ -19,6 +19,8 @@ __all__ = [
     "NodeStatus",
     "SlaveLagStatus",
     "SlaveReplicationStatus",
+    "TlsStatus",
+    "tls_status",
     "to_wire",
 ]
 
@@ -143,6 +145,29 @@ class NodeStatus:
     coordination: dict[str, Any] | None = None
     """With etcd: the HA loop's view (role, epoch, master, lease deadline remaining,
     recorded and counted in-sync sets, etcd reachable); None without etcd."""
+    tls: TlsStatus | None = None
+    """How the client and HA ports are secured (:func:`tls_status`)."""
+
+
+@attrs.frozen
+class TlsStatus:
+    """What an operator checks first when a client or a slave cannot connect."""
+
+    client: str
+    """``plain``, ``tls`` (server certificate) or ``mutual`` (client certificates too)."""
+    ha: str
+    """``plain`` (the cluster secret alone) or ``mutual``; ``none`` without an HA port."""
+    peer_names: bool
+    """HA certificates must name the node they belong to."""
+
+
+def tls_status(
+    *, client_tls: bool, client_certs_required: bool, ha_port: bool, ha_tls: bool, peer_names: bool
+) -> TlsStatus:
+    """The status's ``tls`` map from the node's settings."""
+    client = "mutual" if client_tls and client_certs_required else "tls" if client_tls else "plain"
+    ha = "none" if not ha_port else "mutual" if ha_tls else "plain"
+    return TlsStatus(client=client, ha=ha, peer_names=peer_names)
 
 
 def to_wire(

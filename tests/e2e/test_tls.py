@@ -99,6 +99,8 @@ async def test_replication_and_clients_over_tls(
         return len((await _status(master, client_context))["replication"]["slaves"]) == 1
 
     await wait_until("n2 connected over TLS", connected)
+    secured = (await _status(master, client_context))["tls"]
+    assert secured == {"client": "tls", "ha": "mutual", "peer_names": False}
     async with open_client(master.address, tls=client_context) as client:
         await client.admin.create_topic(TOPIC, 2)
         producer = client.producer(acks="replicated", retries=0)
@@ -136,7 +138,9 @@ async def test_peers_and_clients_without_the_right_tls_are_refused_clearly(
     outsider = _node(stack, tmp_path, "outsider", outsider_env, _slave_args(master, ha_address))
 
     async def refused() -> bool:
-        error = (await _status(outsider, None))["replication"]["last_error"]
+        status = await _status(outsider, None)
+        assert status["tls"] == {"client": "plain", "ha": "mutual", "peer_names": False}
+        error = status["replication"]["last_error"]
         return error is not None and "certificate" in error
 
     await wait_until("the outsider's status to say it was refused", refused)
