@@ -22,6 +22,9 @@ import trio
 from cluster.client import open_client
 
 READY = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+)")
+EXIT_WAIT_S = 5.0
+"""How long a child that closed its output without listening gets to exit (and its
+stderr to be read whole) before the start error is raised."""
 
 
 class NodeProcess:
@@ -99,7 +102,8 @@ class NodeProcess:
             env=env,
             start_new_session=self.new_session,
         )
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        drainer = threading.Thread(target=self._drain_stderr, daemon=True)
+        drainer.start()
         ready = threading.Event()
         line_holder: list[str] = []
 
@@ -113,14 +117,30 @@ class NodeProcess:
             ready.set()
 
         threading.Thread(target=read_ready, daemon=True).start()
-        if not ready.wait(timeout) or not line_holder:
-            self.kill()
-            raise RuntimeError(
-                f"node {self.name} did not start within {timeout}s; stderr:\n"
-                + "".join(self._stderr[-40:])
-            )
-        self._ready(line_holder[0])
-        return self
+        if ready.wait(timeout) and line_holder:
+            self._ready(line_holder[0])
+            return self
+        # stdout ended without the ready line: the node is exiting (or it is just slow)
+        exit_code = self._exit_code_soon() if ready.is_set() else None
+        self.kill()
+        drainer.join(EXIT_WAIT_S)  # the whole of stderr, up to the exit
+        raise RuntimeError(
+            self._not_started(timeout, exit_code) + "; stderr:\n" + "".join(self._stderr[-40:])
+        )
+
+    def _exit_code_soon(self) -> int | None:
+        """The exit code of a child that closed its output, once it has exited (None if
+        it still runs after EXIT_WAIT_S)."""
+        assert self.process is not None
+        try:
+            return self.process.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _not_started(self, timeout: float, exit_code: int | None) -> str:
+        if exit_code is None:
+            return f"node {self.name} did not start within {timeout}s"
+        return f"node {self.name} exited with code {exit_code} before it listened"
 
     def _ready(self, line: str) -> None:
         match = READY.search(line)
@@ -156,10 +176,15 @@ class NodeProcess:
             if not self.is_running():
                 break
             time.sleep(0.02)
+        exit_code = self.process.poll()
         self.kill()
+        if exit_code is not None:  # what it wrote before exiting, all of it
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(start_at)
+                written = log_file.read().decode("utf-8", "replace")
         raise RuntimeError(
-            f"node {self.name} did not start within {timeout}s; its log "
-            f"{self.log_path}:\n" + "\n".join(written.splitlines()[-40:])
+            f"{self._not_started(timeout, exit_code)}; its log {self.log_path}:\n"
+            + "\n".join(written.splitlines()[-40:])
         )
 
     def _drain_stderr(self) -> None:
