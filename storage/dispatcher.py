@@ -3,6 +3,10 @@
 One code path serves the master (after its own appends), a slave (after raw
 appends of replicated bytes) and recovery (re-dispatching the tail the queues
 may have lost), so the three can never disagree on what an entry is.
+
+Long polls park on their own queue (:meth:`Dispatcher.wait_for_queue`): a dispatch wakes
+only the polls of the queues it added entries to, and a topic deletion those of the
+topic's queues. With nobody parked, the per-entry cost is one truthiness check.
 """
 
 from __future__ import annotations
@@ -14,18 +18,24 @@ import trio
 from storage.commit_log import CommitLog
 from storage.consume_queue import ConsumeQueueStore, QueueConflictError
 from storage.record import FLAG_TOPIC_DELETED
+from storage.waiters import KeyedWakeups
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    """Everything below :attr:`offset` has its consume-queue entry."""
+    """Everything below :attr:`offset` has its consume-queue entry.
+
+    One task dispatches at a time (:meth:`catch_up` coalesces); any number of tasks may
+    wait, on the event loop.
+    """
 
     def __init__(self, commit_log: CommitLog, queues: ConsumeQueueStore, offset: int) -> None:
         self.commit_log = commit_log
         self.queues = queues
         self.offset = offset
         self._arrival = trio.Event()
+        self._parked: KeyedWakeups[tuple[str, int]] = KeyedWakeups()
         self._busy = False
         self.records_dispatched = 0
         """Records :meth:`catch_up` indexed since the store opened (recovery's not
@@ -65,7 +75,7 @@ class Dispatcher:
         return await self._dispatch(self.commit_log.max_offset, strict=strict)
 
     async def _dispatch(self, end: int, *, strict: bool = False) -> int:
-        queues = self.queues
+        queues, parked = self.queues, self._parked
         count = 0
         headers = self.commit_log.iter_headers(self.offset, end)
         for offset, size, topic, queue_id, queue_offset, tags, flags in headers:
@@ -82,6 +92,8 @@ class Dispatcher:
                     )
                 await queue.add_file(queue_offset)
             queue.put(queue_offset, offset, size, tags)
+            if parked:  # the woken run after this task yields: the entries are in by then
+                parked.wake((topic, queue_id))
             self.offset = offset + size
             count += 1
         self.offset = end
@@ -92,9 +104,23 @@ class Dispatcher:
         topic), then their files go in a worker thread; the dispatcher's offset passes
         the marker only after that, so a crash in between replays it at the next start."""
         dropped = self.queues.pop_topic(topic)
+        self._parked.wake_where(lambda key: key[0] == topic)
         await trio.to_thread.run_sync(self.queues.delete_topic_files, topic, dropped)
         log.info("topic_queues_dropped topic=%s queues=%d offset=%d", topic, len(dropped), offset)
 
     async def wait_for_arrival(self) -> None:
-        """Return after the next dispatch that added entries (for long polls)."""
+        """Return after the next dispatch that added entries to any queue."""
         await self._arrival.wait()
+
+    async def wait_for_queue(self, topic: str, queue_id: int) -> bool:
+        """Park until a dispatch adds entries to ``topic``/``queue_id`` (True), or the
+        topic's queues are dropped (False: its deletion was dispatched).
+
+        Check for entries before calling, with no await in between: only later
+        dispatches wake the caller."""
+        await self._parked.wait((topic, queue_id))
+        return self.queues.get(topic, queue_id) is not None
+
+    def parked_polls(self, topic: str, queue_id: int) -> int:
+        """How many tasks :meth:`wait_for_queue` holds on that queue (metrics, tests)."""
+        return self._parked.parked((topic, queue_id))

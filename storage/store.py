@@ -521,8 +521,13 @@ class MessageStore:
         return self.commit_log.read(offset)
 
     async def wait_for_arrival(self) -> None:
-        """Return once new records were indexed (long polls re-check after it)."""
+        """Return once new records were indexed, in any queue."""
         await self.dispatcher.wait_for_arrival()
+
+    async def wait_for_queue(self, topic: str, queue_id: int) -> bool:
+        """Return once new records were indexed in that queue (True), or its topic was
+        dropped (False); see :meth:`Dispatcher.wait_for_queue` (long polls)."""
+        return await self.dispatcher.wait_for_queue(topic, queue_id)
 
     # ---- durability and shutdown -------------------------------------------------------
 

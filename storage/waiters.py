@@ -1,4 +1,5 @@
-"""Tasks waiting for an offset to be reached: durable acks, replicated acks, long polls.
+"""Parked tasks: waiting for an offset to be reached (durable acks, replicated acks), or
+for a key to be woken (long polls, each on its own consume queue).
 
 The decision (which waiters does a new position release?) is a heap ordered by
 offset; the trio part only parks and reschedules tasks. Releasing is one pass
@@ -15,11 +16,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import outcome
 import trio
 
 _OFFSET, _SEQ, _TASK, _DEADLINE = range(4)
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 class OffsetWaiters:
@@ -149,3 +153,46 @@ class OffsetWaiters:
             if task is not None:
                 entry[_TASK] = None
                 trio.lowlevel.reschedule(task, outcome.Error(error))
+
+
+class KeyedWakeups(Generic[_Key]):
+    """Tasks parked on a key (a consume queue) until someone wakes that key.
+
+    A key has a parking lot only while a task is parked on it: :meth:`wake` takes the
+    lot out, and the last task to leave a lot by cancellation removes it. So the table
+    holds exactly the keys someone waits on, and an empty table (``not wakeups``) is
+    what lets the waker skip the lookup. Used from the event loop only; wakers never
+    yield, so a waiter that checked its condition and then parked cannot miss a wake.
+    """
+
+    def __init__(self) -> None:
+        self._lots: dict[_Key, trio.lowlevel.ParkingLot] = {}
+
+    def __len__(self) -> int:
+        """How many keys have a task parked on them."""
+        return len(self._lots)
+
+    def parked(self, key: _Key) -> int:
+        """How many tasks are parked on ``key``."""
+        lot = self._lots.get(key)
+        return len(lot) if lot is not None else 0
+
+    async def wait(self, key: _Key) -> None:
+        """Park until :meth:`wake` (or :meth:`wake_where`) names ``key``."""
+        lot = self._lots.get(key)
+        if lot is None:
+            lot = self._lots[key] = trio.lowlevel.ParkingLot()
+        try:
+            await lot.park()
+        finally:
+            if not lot and self._lots.get(key) is lot:
+                del self._lots[key]
+
+    def wake(self, key: _Key) -> int:
+        """Wake every task parked on ``key``; return how many."""
+        lot = self._lots.pop(key, None)
+        return len(lot.unpark_all()) if lot is not None else 0
+
+    def wake_where(self, chosen: Callable[[_Key], bool]) -> int:
+        """Wake the tasks of every key ``chosen`` accepts (a dropped topic's queues)."""
+        return sum(self.wake(key) for key in [key for key in self._lots if chosen(key)])

@@ -328,10 +328,17 @@ class RequestHandler:
         deadline = trio.current_time() + req["wait_ms"] / 1000
 
         async def long_poll() -> Reply:
+            topic, queue = req["topic"], req["queue"]
             with polls.deadline(deadline):
-                while not self._page(req).records:
-                    await self._store.wait_for_arrival()
-            return self._pull_answer(req, self._page(req))
+                while not (page := self._page(req)).records:
+                    if page.max_offset > page.next_offset:
+                        # Entries past the read limit (or a cut running): the limit has no
+                        # wakeup of its own, so any arrival re-checks, as before.
+                        await self._store.wait_for_arrival()
+                    elif not await self._store.wait_for_queue(topic, queue):
+                        raise unknown_topic(topic)  # deleted while the poll waited
+                return self._pull_answer(req, page)  # the page read last, not a second one
+            return self._pull_answer(req, self._page(req))  # the deadline (or EOF) came
 
         return long_poll
 

@@ -14,6 +14,7 @@ from storage import Message, StoreConfig
 from storage.commit_log import CommitLog
 from storage.consume_queue import ConsumeQueueStore, QueueConflictError
 from storage.dispatcher import Dispatcher
+from storage.record import FLAG_TOPIC_DELETED
 from tests.storage.test_waiters import open_log
 
 
@@ -70,6 +71,40 @@ async def test_arrivals_wake_waiters_only_when_entries_were_added(
             await dispatcher.catch_up()
             with trio.fail_after(5):
                 await woken.wait()
+
+
+async def test_a_dispatch_wakes_only_the_waiters_of_the_queues_it_added_to(
+    store_config: StoreConfig,
+) -> None:
+    """Long polls park per queue: an append to one queue leaves the others parked, and a
+    topic deletion wakes its queues' waiters with False."""
+    async with log_and_queues(store_config) as (log, queues):
+        dispatcher = Dispatcher(log, queues, log.min_offset)
+        woken: list[tuple[str, int, bool]] = []
+
+        async def waiter(topic: str, queue_id: int) -> None:
+            woken.append((topic, queue_id, await dispatcher.wait_for_queue(topic, queue_id)))
+
+        async with trio.open_nursery() as nursery:
+            for queue_id in range(8):
+                nursery.start_soon(waiter, "orders", queue_id)
+            nursery.start_soon(waiter, "audit", 0)
+            await trio.testing.wait_all_tasks_blocked()
+            await log.append(Message.create("orders", b"x", queue_id=3))
+            await log.append(Message.create("audit", b"y", queue_id=1))  # nobody waits there
+            await dispatcher.catch_up()
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == [("orders", 3, True)]
+            parked = [dispatcher.parked_polls("orders", q) for q in range(8)]
+            assert parked == [1, 1, 1, 0, 1, 1, 1, 1]
+
+            await log.append(Message("orders", b"", 0, flags=FLAG_TOPIC_DELETED))
+            await dispatcher.catch_up()
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(woken[1:]) == [("orders", q, False) for q in range(8) if q != 3]
+            assert dispatcher.parked_polls("audit", 0) == 1
+            nursery.cancel_scope.cancel()
+        assert dispatcher.parked_polls("audit", 0) == 0, "a cancelled waiter leaves no lot"
 
 
 async def test_a_strict_dispatch_notices_a_queue_that_lost_its_files(
