@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
+from replication import hop_trace
 from replication.auth import NO_PROOF, new_nonce, proof, proof_matches, transcript
 from replication.epochs import EpochHistory, leader_is_stale
 from replication.errors import leaves
@@ -512,6 +513,8 @@ class HAConnection:
         if end - offset > settings.cold_distance_bytes:
             await trio.to_thread.run_sync(warm_pages, fd, file_offset, count, self._warm_buffer)
         header = before + ChunkHeader(offset=offset, length=count).pack()
+        if hop_trace.enabled:
+            hop_trace.record(f"m.send:{self.name}", offset + count)
         await send_file_range(
             sock,
             fd,
@@ -560,6 +563,8 @@ class HAConnection:
                 f"slave {self.name} acked {offset}, past what was sent ({self.send_offset})"
             )
         if offset >= self.ack_offset:
+            if hop_trace.enabled and offset > self.ack_offset:
+                hop_trace.record(f"m.acked:{self.name}", offset)
             self.ack_offset = offset
             if self.on_ack is not None:
                 assert self.name is not None
@@ -897,6 +902,8 @@ class HAService:
             f"confirm offset {after} past the log end {self.store.commit_log.max_offset}"
         )
         if after > before:
+            if hop_trace.enabled:
+                hop_trace.record("m.confirmed", after)
             self._confirmed.advance(after)
             self._wake_senders()  # the slaves' read limit follows the confirm offset
 
@@ -922,6 +929,8 @@ class HAService:
         """One waiter on the store's arrivals for every sender: wake them all."""
         while True:
             await self.store.wait_for_arrival()
+            if hop_trace.enabled:
+                hop_trace.record("m.arrival", self.store.commit_log.max_offset)
             self._wake_senders()
 
     async def _watch_in_sync(self) -> None:

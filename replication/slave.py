@@ -21,6 +21,7 @@ import ssl
 import attrs
 import trio
 
+from replication import hop_trace
 from replication.epochs import EpochEntry, EpochFile, EpochHistory, EpochHistoryError
 from replication.errors import leaves
 from replication.settings import ReplicationSettings
@@ -143,6 +144,8 @@ class HAClient:
 
     async def _send_ack(self, sock: trio.socket.SocketType, offset: int) -> None:
         async with self._ack_lock:
+            if hop_trace.enabled:
+                hop_trace.record("s.ack", offset)
             await send_all(sock, pack_ack(offset))
 
     async def _refuse(self, sock: trio.socket.SocketType, offset: int) -> None:
@@ -286,6 +289,8 @@ class HAClient:
                 continue
             if header.length == 0:  # the master's heartbeat: it is alive, nothing to apply
                 continue
+            if hop_trace.enabled:
+                hop_trace.record("s.received", header.offset + header.length)
             try:
                 end = await self.store.append_replicated(header.offset, view[: header.length])
             except CorruptSegmentError as exc:
@@ -297,6 +302,8 @@ class HAClient:
             assert end <= header.offset + header.length, (
                 f"applied up to {end}, past the received {header.offset + header.length}"
             )
+            if hop_trace.enabled:
+                hop_trace.record("s.applied", end)
             if pending:
                 await self._adopt_epochs(pending, end)
             if end > self.acked_offset:

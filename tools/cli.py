@@ -79,6 +79,8 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
 
     if args.replicas < 0:
         raise SystemExit("--replicas must not be negative")
+    if getattr(args, "trace", False) and args.bootstrap:
+        raise SystemExit("--trace starts its own nodes (they record their hops): drop --bootstrap")
     acks = args.acks or ("leader,in_sync,replicated" if args.replicas else "leader,durable")
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(
@@ -89,6 +91,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
             acks_levels=tuple(acks.split(",")),
             progress=progress,
             replicas=args.replicas,
+            trace=getattr(args, "trace", False),
         )
     )
     return report_figures(
@@ -533,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         node_bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
         node_bench.add_argument("--json", action="store_true", help="one JSON object")
+        if kind == "produce":
+            node_bench.add_argument(
+                "--trace",
+                action="store_true",
+                help="instead of the workloads: send one message at a time at each ack "
+                "level and print the median of each hop (client, master, slaves) in us",
+            )
         node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
     add_chaos_commands(commands)
     add_docker_commands(commands)

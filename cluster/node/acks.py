@@ -22,6 +22,7 @@ import trio
 from cluster.node.status import AckStatus, ConnectedSlave, SlaveLagStatus, to_wire
 from cluster.protocol import Acks, Status
 from cluster.server.errors import RequestError
+from replication import hop_trace
 from replication.insync import SlaveLag
 from replication.master import HAService
 from storage import MessageStore
@@ -72,6 +73,8 @@ class StandaloneAcks:
         self._store = store
 
     def admit(self, acks: Acks) -> None:
+        if hop_trace.enabled:
+            hop_trace.record("m.admit", self._store.commit_log.max_offset)
         if acks.needs_slaves:
             raise RequestError(
                 Status.SLAVE_NOT_AVAILABLE,
@@ -80,7 +83,11 @@ class StandaloneAcks:
             )
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        if hop_trace.enabled:
+            hop_trace.record("m.wait", end_offset)
         if await self._store.wait_durable(end_offset, timeout_ms / 1000):
+            if hop_trace.enabled:
+                hop_trace.record("m.fsynced", end_offset)
             return Status.OK, None
         return (
             Status.FLUSH_DISK_TIMEOUT,
@@ -152,6 +159,8 @@ class ReplicatedAcks:
         self.min_insync_replicas = min_insync_replicas
 
     def admit(self, acks: Acks) -> None:
+        if hop_trace.enabled:
+            hop_trace.record("m.admit", self._ha.store.commit_log.max_offset)
         if not acks.needs_slaves:
             return
         in_sync = len(self._ha.in_sync_slaves())
@@ -170,10 +179,14 @@ class ReplicatedAcks:
             status, error = await self._durable.wait(acks, end_offset, timeout_ms)
             if acks is not Acks.REPLICATED or status is not Status.OK:
                 return status, error
+        elif hop_trace.enabled:
+            hop_trace.record("m.wait", end_offset)
         if await self._ha.wait_replicated(end_offset, deadline):
             failure = self._ha.store.commit_log.failure
             if failure is not None:  # the master's page cache is suspect after a failed fsync
                 raise failure
+            if hop_trace.enabled:
+                hop_trace.record("m.released", end_offset)
             return Status.OK, None
         lagging = {
             name: offset for name, offset in self._ha.ack_offsets.items() if offset < end_offset

@@ -245,16 +245,23 @@ REPLICA_START_TIMEOUT = 30.0
 
 
 async def start_replicated(
-    root: Path, replicas: int, processes: list[NodeProcess], progress: ProgressFn
+    root: Path,
+    replicas: int,
+    processes: list[NodeProcess],
+    progress: ProgressFn,
+    *,
+    node_env: Callable[[str], dict[str, str]] | None = None,
 ) -> str:
     """Start a master with an HA port and ``replicas`` slaves following it (appended to
     ``processes`` as they start, so the caller stops them whatever fails); return the
-    master's client address once every slave is in sync."""
+    master's client address once every slave is in sync. ``node_env(name)`` adds to a
+    node's environment (``--trace`` uses it)."""
     progress(f"starting a master and {replicas} slave(s)")
     master = NodeProcess(
         root / "master",
         name="master",
         extra_args=["--ha-port", "0", "--min-insync-replicas", str(replicas)],
+        env=node_env("master") if node_env is not None else None,
     )
     processes.append(master)
     master.start()
@@ -267,6 +274,7 @@ async def start_replicated(
             extra_args=[
                 "--role", "slave", "--master-ha", ha_address, "--master-client", master.address,
             ],
+            env=node_env(name) if node_env is not None else None,
         )  # fmt: skip
         processes.append(slave)
         slave.start()
@@ -294,9 +302,17 @@ async def run_bench(
     acks_levels: tuple[str, ...],
     progress: ProgressFn,
     replicas: int = 0,
+    trace: bool = False,
 ) -> dict[str, float]:
     """``kind`` is "produce" or "consume"; starts a node unless ``bootstrap`` is given,
-    with ``replicas`` > 0 a master and that many slaves (see the module doc)."""
+    with ``replicas`` > 0 a master and that many slaves (see the module doc). With
+    ``trace``, instead of the workloads: one write's hops (:mod:`tools.bench.hops`)."""
+    if trace:
+        from tools.bench.hops import run_trace
+
+        return {"replicas": float(replicas)} | await run_trace(
+            replicas, acks_levels, seconds, progress
+        )
     root = Path(tempfile.mkdtemp(prefix="tidelog-bench-"))
     processes: list[NodeProcess] = []
     try:

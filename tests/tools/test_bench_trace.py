@@ -1,0 +1,102 @@
+"""`tidelog bench produce --trace`: the hops of a write are recorded by real node
+processes and joined by offset into a per-hop breakdown (figures are not judged)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.bench.hops import breakdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_breakdown_joins_client_master_and_slaves_by_offset() -> None:
+    """Two writes (starting at 0 and 100, ending at 100 and 200) through a master and one
+    slave: every hop is the difference of the times recorded for that write's offset."""
+    sends = [(0, 1.000000, 1.001000), (100, 2.000000, 2.002000)]
+    master = []
+    slave = []
+    for start, end, base, stretch in ((0, 100, 1.0, 1), (100, 200, 2.0, 2)):
+        master += [
+            ("m.admit", start, base + 10e-6 * stretch),
+            ("m.wait", end, base + 20e-6 * stretch),
+            ("m.arrival", end, base + 30e-6 * stretch),
+            ("m.send:s1", end, base + 40e-6 * stretch),
+            ("m.acked:s1", end, base + 100e-6 * stretch),
+            ("m.confirmed", end, base + 110e-6 * stretch),
+            ("m.released", end, base + 130e-6 * stretch),
+        ]
+        slave += [
+            ("s.received", end, base + 60e-6 * stretch),
+            ("s.applied", end, base + 70e-6 * stretch),
+            ("s.ack", end, base + 80e-6 * stretch),
+        ]
+    hops = breakdown(sends, master, {"s1": slave})
+    expected = {  # the median of (x, 2x) is 1.5x
+        "client_to_admit": 15,
+        "admit_to_wait": 15,
+        "admit_to_arrival": 30,
+        "arrival_to_first_send": 15,
+        "arrival_to_last_send": 15,
+        "send_to_slave_received": 30,
+        "slave_received_to_applied": 15,
+        "slave_applied_to_ack_sent": 15,
+        "ack_sent_to_master_heard": 30,
+        "last_heard_to_confirmed": 15,
+        "confirmed_to_released": 30,
+        "released_to_client": (870 + 1740) / 2,
+        "total": 1500,
+    }
+    assert set(hops) == {f"{name}_p50_us" for name in expected}
+    for name, value in expected.items():
+        assert hops[f"{name}_p50_us"] == pytest.approx(value, abs=0.01), name
+
+
+def test_a_write_the_master_never_saw_counts_only_in_the_total() -> None:
+    hops = breakdown([(0, 1.0, 1.0005)], [("m.admit", 50, 1.0001)], {})
+    assert hops == {"total_p50_us": pytest.approx(500)}
+
+
+@pytest.mark.slow
+def test_bench_produce_trace_reports_every_hop_of_a_replicated_ack() -> None:
+    """Real processes: a master and one slave record their hops and write them at exit."""
+    trace = ["--replicas", "1", "--acks", "in_sync,replicated", "--trace", "--seconds", "0.3"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "produce", *trace, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    for acks in ("in_sync", "replicated"):
+        for hop in (
+            "client_to_admit",
+            "arrival_to_first_send",
+            "send_to_slave_received",
+            "slave_applied_to_ack_sent",
+            "ack_sent_to_master_heard",
+            "confirmed_to_released",
+            "released_to_client",
+            "total",
+        ):
+            assert figures[f"trace_1024B_{acks}_{hop}_p50_us"] > 0, (acks, hop)
+    assert figures["trace_1024B_replicated_wait_to_fsynced_p50_us"] > 0
+
+
+def test_trace_refuses_a_node_it_did_not_start() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "produce", "--trace", "-b", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert run.returncode != 0
+    assert "--trace starts its own nodes" in run.stderr
