@@ -155,6 +155,29 @@ def cmd_bench_failover(args: argparse.Namespace) -> int:
     return 0 if figures["acked_lost"] == 0 else 1
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from tools.bench.scale import ScaleSettings, run_scale_bench
+
+    try:
+        settings = ScaleSettings(
+            seconds=args.seconds,
+            queues=args.queues,
+            producers=args.producers,
+            polls=args.polls,
+            poll_connections=args.poll_connections,
+        )
+    except ValueError as invalid:
+        raise SystemExit(str(invalid)) from None
+    progress = _progress(not args.json and sys.stderr.isatty())
+    figures = trio.run(lambda: run_scale_bench(settings, progress))
+    return report_figures(
+        args,
+        "tidelog bench scale: one message per request from each producer's own connection, "
+        "over one queue, many queues, and many queues with long polls parked elsewhere",
+        figures,
+    )
+
+
 def storage_ratios(f: dict[str, float]) -> dict[str, float]:
     """The comparisons the storage issue asks for, from one run's figures."""
     return {
@@ -507,6 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
     failover.add_argument("--dir", type=Path, default=None, help="where the cluster lives")
     failover.add_argument("--json", action="store_true", help="one JSON object")
     failover.set_defaults(handler=cmd_bench_failover)
+    scale = bench_kinds.add_parser(
+        "scale",
+        help="produce throughput over 1,000 queues, with 1,000 long polls parked, "
+        "against one queue",
+        description="Start a node; many producers (each its own connection, one 1 KiB "
+        "message per request, acks=leader) write one queue, then --queues queues, then "
+        "the same with --polls long polls parked on distinct queues of an idle topic. "
+        "Reports msgs/s, node CPU per message, the ratios to the single queue and the "
+        "node's peak RSS.",
+    )
+    scale.add_argument("--seconds", type=float, default=3.0, help="per workload (default 3)")
+    scale.add_argument("--queues", type=int, default=1000, help="queues written (1000)")
+    scale.add_argument("--producers", type=int, default=200, help="producers (200)")
+    scale.add_argument("--polls", type=int, default=1000, help="long polls parked (1000)")
+    scale.add_argument(
+        "--poll-connections", type=int, default=10, help="connections the polls share (10)"
+    )
+    scale.add_argument("--json", action="store_true", help="one JSON object")
+    scale.set_defaults(handler=cmd_bench_scale)
     for kind, text in (
         (
             "produce",
