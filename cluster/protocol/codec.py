@@ -25,6 +25,7 @@ from cluster.protocol.limits import (
     SUPPORTED_VERSIONS,
 )
 from cluster.protocol.messages import Request
+from cluster.protocol.plain_send import plain_send
 from cluster.protocol.schema import (
     KNOWN_TOPIC_PLANS,
     PLANS,
@@ -374,6 +375,23 @@ class FrameDecoder(_FrameReader[Request]):
             )
         topic = obj.get("topic")
         known = type(topic) is str and topic in self._known_topics
+        if known and op == "send" and (shape := plain_send(obj)) is not None:
+            body, queue, key, acks, timeout_ms = shape  # what the plan gives, sooner
+            return {
+                "op": "send",
+                "id": req_id,
+                "topic": topic,
+                "body": body,
+                "queue": queue,
+                "key": key,
+                "tags": None,
+                "props": None,
+                "born_us": None,
+                "acks": acks,
+                "timeout_ms": timeout_ms,
+                "producer": None,
+                "sequence": None,
+            }
         schema, steps = KNOWN_TOPIC_PLANS[op] if known else entry
         out: Any = {"op": op, "id": req_id}
         try:

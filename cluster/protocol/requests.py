@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from crc32c import crc32c
 
 from cluster.protocol.codec import encode_frame
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import MAX_QUEUES, MAX_REQUEST_ID, PROTOCOL_VERSION
-from cluster.protocol.schema import PLANS, Invalid, validate
+from cluster.protocol.plain_send import plain_send
+from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, validate
 from cluster.protocol.statuses import Status
 from cluster.protocol.wording import clip, describe
+from storage.names import is_valid_topic_name
 
 __all__ = ["encode_request", "make_request", "queue_for_key"]
 
@@ -25,6 +27,12 @@ def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
     """
     if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
         raise ValueError(f"request id must be an integer in 0..2**64-1, got {describe(req_id)}")
+    if op == "send" and _is_plain_send(fields):  # one message per request: the hot path
+        plain: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id}
+        for name, value in fields.items():
+            if value is not None:
+                plain[name] = value
+        return plain
     entry = PLANS.get(op)
     if entry is None:
         raise ProtocolError(Status.UNKNOWN_OP, f"unknown op {clip(op)}", req_id=req_id, field="op")
@@ -45,6 +53,21 @@ def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
         if value is not None:
             request[name] = value
     return request
+
+
+_SEND_FIELDS: Final = frozenset(SCHEMAS["send"].fields)
+
+
+def _is_plain_send(fields: dict[str, Any]) -> bool:
+    """``fields`` make a valid send in the common shape (see :mod:`cluster.protocol.plain_send`):
+    no unknown field, a topic the name rule accepts. False: the full check decides."""
+    topic = fields.get("topic")
+    return (
+        type(topic) is str
+        and is_valid_topic_name(topic)
+        and not fields.keys() - _SEND_FIELDS
+        and plain_send(fields) is not None
+    )
 
 
 def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:

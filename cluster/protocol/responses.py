@@ -71,6 +71,17 @@ def send_response(
     error: str | None = None,
 ) -> dict[str, Any]:
     """Answer to ``send``; a flush or slave timeout still reports where the message went."""
+    if status is Status.OK:  # the hot path of one-message requests: no keyword merging
+        return {
+            "v": PROTOCOL_VERSION,
+            "id": req_id,
+            "status": status,
+            "topic": topic,
+            "queue": queue,
+            "queue_offset": queue_offset,
+            "offset": offset,
+            "store_us": store_us,
+        }
     return make_response(
         req_id,
         status,
