@@ -79,7 +79,7 @@ class NodeRequestHandler(RequestHandler):
     async def handle(self, request: Request, polls: Wakeups) -> Reply | Deferred:
         try:
             op = request["op"]
-            if SCHEMAS[op].writes:
+            if op in _WRITES:
                 self._node.check_writable()
             elif op in _TOPIC_READS and self._topics.get(request["topic"]) is None:  # type: ignore[typeddict-item]
                 await self._node.sync_topics_now()
@@ -169,5 +169,7 @@ class NodeRequestHandler(RequestHandler):
         return make_response(req["id"], **result)
 
 
+_WRITES: Final = frozenset(op for op, schema in SCHEMAS.items() if schema.writes)
+"""The ops a slave refuses (``OpSchema.writes``), as a set: asked on every request."""
 _TOPIC_READS: Final = frozenset({"pull", "get_offsets", "offsets_for_time", "describe_topic"})
 """Reads naming a topic: on a slave, an unknown one triggers a topic sync first."""

@@ -77,8 +77,14 @@ class Connection:
         self._handler = logged(server.handler, peer_name(stream))  # the request log
         self._decoder = FrameDecoder(settings.max_frame_size)
         self._max_inflight = settings.max_inflight_per_connection
+        self._max_unsent = settings.max_connection_response_bytes
+        self._max_node_unsent = settings.max_buffered_response_bytes
         self._idle_timeout_s = settings.idle_timeout_ms / 1000
-        self._slots = trio.Semaphore(self._max_inflight)
+        self._free_slots = self._max_inflight
+        """In-flight slots not taken (a count, not a semaphore: taking and giving back one
+        is on every request's path, and only the reader ever waits for one)."""
+        self._slot_freed: trio.Event | None = None
+        """Set when a slot is given back while the reader waits for one (see :meth:`_admit`)."""
         self.polls = Wakeups()
         self.peer = peer_name(stream)
         self._out = bytearray()
@@ -102,7 +108,7 @@ class Connection:
 
     @property
     def inflight(self) -> int:
-        return self._max_inflight - self._slots.value
+        return self._max_inflight - self._free_slots
 
     async def run(self) -> None:
         log.debug("connection_open peer=%s", self.peer)
@@ -128,13 +134,22 @@ class Connection:
 
     async def _read_loop(self) -> None:
         decoder = self._decoder
+        server = self._server
         try:
             while data := await self._receive():
                 decoder.feed(data)
                 if self._reserved and decoder.buffered >= HEADER.size + self._reserved:
                     self._release_request_bytes()  # the reserved frame's last byte arrived
                 for item in decoder:
-                    await self._admit()
+                    if (
+                        self._free_slots
+                        and self._unsent < self._max_unsent
+                        and server.response_bytes < self._max_node_unsent
+                    ):
+                        self._free_slots -= 1  # the common case of _admit, without a call
+                        server.admitted()
+                    else:
+                        await self._admit()
                     await self._dispatch(item)
                 await self._reserve_for_incomplete_frame()
         except ProtocolError as fatal:
@@ -208,11 +223,13 @@ class Connection:
         while self._server.over_response_bytes(self._unsent):
             log.debug("backpressure peer=%s unsent_bytes=%d", self.peer, self._unsent)
             await self._server.wait_response_bytes_sent()
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
+        if not self._free_slots:
             log.debug("backpressure peer=%s inflight=%d", self.peer, self.inflight)
-            await self._slots.acquire()
+            while not self._free_slots:
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
+            self._slot_freed = None
+        self._free_slots -= 1
         self._server.admitted()
 
     async def _dispatch(self, item: Request | ProtocolError) -> None:
@@ -305,8 +322,10 @@ class Connection:
     def _retire(self, count: int) -> None:
         if self._aborted:  # _abort already retired everything outstanding
             return
-        for _ in range(count):
-            self._slots.release()
+        self._free_slots += count
+        assert self._free_slots <= self._max_inflight, (self._free_slots, self._max_inflight)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
         self._server.retired(count)
 
     # ---- closing -------------------------------------------------------------------------

@@ -140,12 +140,26 @@ class RequestHandler:
     # ---- writes --------------------------------------------------------------------------
 
     async def _send(self, req: SendRequest, _polls: Wakeups) -> Reply | Deferred:
-        topic = await self._topic_for_write(req["topic"])
-        self._acks.admit(req["acks"])
+        # The hot path of one-message requests: an existing topic is taken without the
+        # auto-create coroutine, and an acks=leader answer is built without a closure.
+        topic = self._topics.get(req["topic"])
+        if topic is None:
+            topic = await self._topic_for_write(req["topic"])
+        acks = req["acks"]
+        self._acks.admit(acks)
         if req["producer"] is not None:
             return await self._send_idempotent(req, topic, [req])
         queue = self._chooser.choose(topic, req["queue"], req["key"])
         result = await self._append(self._store.put, build_message(topic.name, req, queue))
+        if acks is Acks.LEADER:
+            return send_response(
+                req["id"],
+                topic.name,
+                result.queue_id,
+                result.queue_offset,
+                result.offset,
+                result.store_us,
+            )
 
         def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
             return send_response(
