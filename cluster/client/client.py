@@ -351,7 +351,7 @@ class Client:
         """One request, answered by whichever node the client's shared connection reaches
         (any status; a ``NOT_MASTER`` is returned, not followed: :meth:`request_master`
         follows it). Writes are never resent; reads go to another known node while the
-        one they used cannot be reached, for up to ``failover_timeout``."""
+        one they used cannot be reached or is shutting down, for up to ``failover_timeout``."""
         timeout = self.config.request_timeout if timeout is None else timeout
         try:
             if op in _WRITES:
@@ -382,7 +382,8 @@ class Client:
         while True:
             seen = self.rediscoveries
             try:
-                return await (await self.connection()).request(op, timeout, **fields)
+                connection = await self.connection()
+                answer = await connection.request(op, timeout, **fields)
             except RequestTimeoutError:
                 raise
             except ConnectionLostError as exc:  # reads change nothing: ask another node
@@ -390,6 +391,13 @@ class Client:
                 if hopeless or anyio.current_time() >= deadline:
                     raise
                 log.info("read_retry op=%s error=%s", op, exc.message)
+            else:
+                if answer["status"] is not Status.SHUTTING_DOWN or anyio.current_time() >= deadline:
+                    return answer
+                # The node is going away (it accepts no more, did nothing, and closes the
+                # connection next): leave it now and read from another, as after a break.
+                connection.close()
+                log.info("read_retry op=%s error=%s", op, f"{connection.address} shutting down")
             await anyio.sleep(
                 min(backoff.next_delay_s(), max(0.0, deadline - anyio.current_time()))
             )
