@@ -1,7 +1,10 @@
 """The client connection's request timeouts: one timer task for all requests in flight.
 
-Virtual time (``autojump_clock``): the peer never answers, so the loop idles and the
-clock jumps to the next deadline; no test waits for real seconds.
+Under trio with virtual time (``autojump_clock``): the peer never answers, so the loop
+idles and the clock jumps to the next deadline; no test waits for real seconds. The timer
+is rescheduled through an anyio cancel scope's deadline, which each backend implements
+its own way, so the same behaviour also runs under both backends on the real clock with
+deadlines of a fraction of a second.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.abc
 import pytest
 import trio
 import trio.testing
@@ -18,37 +22,40 @@ from cluster.client import Connection
 from cluster.client.errors import RequestTimeoutError
 from cluster.protocol import encode_frame
 from cluster.protocol.codec import FrameDecoder
+from tests.cluster.client_harness import BACKENDS, run
 
 
 @asynccontextmanager
 async def peer(*, answer: bool) -> AsyncIterator[Connection]:
-    """A client connection to a loopback peer that answers every request ``OK`` (or none)."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    """A client connection to a loopback peer in the running loop (trio or asyncio) that
+    answers every request ``OK`` (or none)."""
 
-    async def serve(stream: trio.SocketStream) -> None:
+    async def serve(stream: anyio.abc.SocketStream) -> None:
         decoder = FrameDecoder()
         async with stream:
-            while data := await stream.receive_some(65536):
-                decoder.feed(data)
-                for request in decoder:
-                    if answer:
-                        assert isinstance(request, dict)
-                        await stream.send_all(
-                            encode_frame({"v": 1, "id": request["id"], "status": "OK"})
-                        )
-            await trio.sleep_forever()
+            try:
+                while data := await stream.receive(65536):
+                    decoder.feed(data)
+                    for request in decoder:
+                        if answer:
+                            assert isinstance(request, dict)
+                            reply = {"v": 1, "id": request["id"], "status": "OK"}
+                            await stream.send(encode_frame(reply))
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, serve, listeners)
-        port = listeners[0].socket.getsockname()[1]
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, serve)
         stream = await anyio.connect_tcp("127.0.0.1", port)
         connection = Connection(stream, f"127.0.0.1:{port}", 1 << 20)
-        await connection.start(nursery)
+        await connection.start(group)
         try:
             yield connection
         finally:
             connection.close()
-            nursery.cancel_scope.cancel()
+            group.cancel_scope.cancel()
 
 
 async def test_each_request_times_out_at_its_own_deadline(
@@ -73,12 +80,42 @@ async def test_each_request_times_out_at_its_own_deadline(
     assert 2.0 <= ended["short"] < 30.0 <= ended["long"]
 
 
-async def test_answered_requests_do_not_pile_up_in_the_timer() -> None:
+@BACKENDS
+def test_a_short_deadline_behind_a_long_one_ends_first_on_the_real_clock(backend: str) -> None:
+    """The virtual-time test above, under both backends: a short timeout queued behind a
+    long one wakes the timer early and ends first; neither ends before its own deadline."""
+    ended: dict[str, float] = {}
+
+    async def body() -> None:
+        async with peer(answer=False) as connection:
+            start = anyio.current_time()
+
+            async def ask(name: str, timeout_s: float) -> None:
+                with pytest.raises(RequestTimeoutError, match="may or may not"):
+                    await connection.request("status", timeout_s)
+                ended[name] = anyio.current_time() - start
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(ask, "long", 1.0)
+                await anyio.wait_all_tasks_blocked()
+                group.start_soon(ask, "short", 0.05)
+
+    run(backend, body)
+    assert list(ended) == ["short", "long"]
+    assert ended["short"] >= 0.05 and ended["long"] >= 1.0
+
+
+@BACKENDS
+def test_answered_requests_do_not_pile_up_in_the_timer(backend: str) -> None:
     """Deadlines of answered requests leave lazily, but the heap stays within twice the
     requests in flight (here one at a time) plus a constant, however many went before."""
-    async with peer(answer=True) as connection:
-        for _ in range(1000):
-            answer = await connection.request("status", 60.0)
-            assert answer["status"].value == "OK"
-            assert len(connection._deadlines) <= 2 * 1 + 65
-        assert not connection._waiting
+
+    async def body() -> None:
+        async with peer(answer=True) as connection:
+            for _ in range(1000):
+                answer = await connection.request("status", 60.0)
+                assert answer["status"].value == "OK"
+                assert len(connection._deadlines) <= 2 * 1 + 65
+            assert not connection._waiting
+
+    run(backend, body)

@@ -14,7 +14,7 @@ import pytest
 from cluster.client import SendResult, TidelogError
 from cluster.client.sync import connect
 from cluster.protocol import Status
-from tests.cluster.test_client_producer import ops, requests
+from tests.cluster.client_harness import ops, requests
 from tools.process import NodeProcess
 
 __all__ = ["requests"]
