@@ -8,17 +8,16 @@ the checker's: 0 valid, 1 anomalies, 2 unreadable.
 
 The runner talks to the cluster through :class:`ChaosCluster` only, so the cluster behind
 it is one adapter: :class:`StaticCluster` (``--cluster static``: a master and two slaves
-with fixed roles started with :class:`tools.process.NodeProcess`, their replication links
-through fault proxies, so ``partition`` works), :class:`FailoverCluster` (``--cluster
-failover``: etcd and nodes that elect their master, each node's etcd link through fault
-proxies), or :class:`RemoteCluster` over a cluster given by ``--bootstrap`` (no faults, no
-digests).
+with fixed roles, their replication links through fault proxies, so ``partition`` works),
+:class:`FailoverCluster` (``--cluster failover``: etcd and nodes that elect their master,
+each node's etcd link through fault proxies), both a :class:`tools.launcher.LocalCluster`
+that starts, restarts and stops their processes, or :class:`RemoteCluster` over a cluster
+given by ``--bootstrap`` (no faults, no digests).
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import json
 import logging
@@ -31,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol, Self, TextIO
@@ -65,7 +64,6 @@ from tools.faults import (
     Kill,
     MeshPartition,
     NamespaceUnavailable,
-    NodeProcessTarget,
     Pause,
     PowerLoss,
     ProxyMesh,
@@ -82,6 +80,7 @@ from tools.faults.loopback import (
 )
 from tools.faults.process import sigkill
 from tools.faults.topology import isolate
+from tools.launcher.cluster import LocalCluster, NodeSettings, acknowledging_epoch
 from tools.launcher.etcd import EtcdCluster, EtcdMember, free_loopback_port
 from tools.process import NodeProcess
 
@@ -145,23 +144,6 @@ async def _status_of(address: str) -> dict[str, Any] | None:
     return None
 
 
-def acknowledging_epoch(status: dict[str, Any] | None) -> int | None:
-    """The epoch a node acknowledges writes in, from its ``status`` (None: it does not).
-
-    With etcd the HA loop's role and fencing deadline decide; without, the static role.
-    """
-    if not status:
-        return None
-    coordination = status.get("coordination")
-    if coordination:
-        if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
-            return int(coordination.get("epoch") or 0)
-        return None
-    if status.get("role") == "master" and status.get("writable"):
-        return int(status.get("epoch") or 0)
-    return None
-
-
 async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
     """The node answering as a writable master (the highest epoch if several do)."""
     found: list[tuple[int, str]] = []
@@ -188,30 +170,30 @@ class CorruptReplica(Fault):
 
     kind = "corrupt"
 
-    def __init__(self, node: NodeProcess, *, seed: int) -> None:
+    def __init__(self, cluster: LocalCluster, name: str, *, seed: int) -> None:
         super().__init__()
-        self.node = node
-        self.target = NodeProcessTarget(node)
+        self.cluster, self.name = cluster, name
+        self.target = cluster.target(name)
         self.seed = seed
         self.flip: BitFlip | None = None
 
     def fields(self) -> dict[str, object]:
-        return {"node": self.node.name, **(self.flip.fields() if self.flip else {})}
+        return {"node": self.name, **(self.flip.fields() if self.flip else {})}
 
     async def _inject(self) -> None:
-        status = await _status_of(self.node.address)
+        status = await _status_of(self.cluster.address(self.name))
         if not status:
-            raise RuntimeError(f"{self.node.name} does not answer: cannot learn its log end")
+            raise RuntimeError(f"{self.name} does not answer: cannot learn its log end")
         if status.get("role") == "master":
-            raise RuntimeError(f"refusing to corrupt {self.node.name}: it is the master")
+            raise RuntimeError(f"refusing to corrupt {self.name}: it is the master")
         end = int(status["max_offset"])
         await sigkill(self.target)
-        directory = self.node.data_dir / "store" / "commitlog"
+        directory = self.cluster.data_dir(self.name) / "store" / "commitlog"
         bases = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
         base = max((b for b in bases if b < end), default=None)
         if base is None:
             await self.target.restart()
-            raise RuntimeError(f"{self.node.name} holds no written record to corrupt")
+            raise RuntimeError(f"{self.name} holds no written record to corrupt")
         self.flip = BitFlip(
             directory / f"{base:020d}", seed=self.seed, start=0, end=end - base, target=self.target
         )
@@ -222,17 +204,31 @@ class CorruptReplica(Fault):
 
 
 class _LocalNodes(abc.ABC):
-    """What the local clusters share: ``tidelog node`` processes named n1..nN under
-    ``root``, their addresses, status and the master among them. The subclass starts
-    them and names its ``FAULTS``."""
+    """What the local clusters share: a :class:`LocalCluster` of ``tidelog node`` processes
+    named n1..nN under ``root`` (which starts, restarts and stops them, by PID), each with
+    its fault-injection switch on (a chaos run is never a normal run): it records its
+    syncs for power loss and obeys its disk control file. The subclass starts them and
+    names its ``FAULTS``."""
 
     FAULTS: ClassVar[frozenset[str]]
 
-    def __init__(self, root: Path, *, replicas: int, min_insync_replicas: int) -> None:
+    def __init__(self, root: Path, **cluster_options: Any) -> None:
+        """``cluster_options`` go to :class:`LocalCluster` (replicas, coordination...)."""
+        self.local = local = LocalCluster(root, node_prefix="n", **cluster_options)
         self.root = root
-        self._names = [f"n{i}" for i in range(1, replicas + 1)]
-        self.min_insync_replicas = min_insync_replicas
-        self.nodes: dict[str, NodeProcess] = {}
+        self._names = local.names
+        for name in self._names:
+            env = fault_env(self.sync_log(name), self.disk_control(name))
+            local.node_settings[name] = NodeSettings(env=env)
+
+    @property
+    def nodes(self) -> Mapping[str, NodeProcess]:
+        """The started nodes' processes, by name."""
+        return self.local.nodes
+
+    def configure(self, name: str, **changes: Any) -> None:
+        """Change node ``name``'s :class:`NodeSettings` before it starts."""
+        self.local.node_settings[name] = attrs.evolve(self.local.node_settings[name], **changes)
 
     def sync_log(self, name: str) -> Path:
         """Where node ``name`` records its fdatasyncs (beside its data dir, not in it)."""
@@ -242,58 +238,55 @@ class _LocalNodes(abc.ABC):
         """The file the eio and slow-fsync faults write for node ``name``."""
         return self.root / f"{name}.disk.json"
 
-    def new_node(self, name: str, args: Sequence[str], **options: Any) -> NodeProcess:
-        """Node ``name`` with its fault-injection switch on (a chaos run is never a normal
-        run): it records its syncs for power loss and obeys its disk control file.
-        ``options`` go to :class:`NodeProcess` (``host``, ``command_prefix``)."""
-        env = fault_env(self.sync_log(name), self.disk_control(name))
-        self.nodes[name] = NodeProcess(
-            self.root / name, name=name, extra_args=args, env=env, **options
-        )
-        return self.nodes[name]
-
     def disk_fault(self, kind: str, target: str, seed: int) -> Fault | None:
         """power-loss (torn sectors included), eio or slow-fsync on ``target``; None for
         other kinds. The node restarts at heal after a power loss or EIO."""
-        if kind not in ("power-loss", "eio", "slow-fsync"):
-            return None
-        node = self.nodes[target]
         if kind == "power-loss":
             return PowerLoss(
-                NodeProcessTarget(node), node.data_dir, self.sync_log(target), seed=seed, tear=True
+                self.local.target(target),
+                self.local.data_dir(target),
+                self.sync_log(target),
+                seed=seed,
+                tear=True,
             )
         if kind == "eio":
-            return FsyncError(self.disk_control(target), target=NodeProcessTarget(node))
+            return FsyncError(self.disk_control(target), target=self.local.target(target))
         if kind == "slow-fsync":
             delay_ms = 50 + seed % 451  # 50..500 ms, from the fault's own seed
             return SlowFsync(self.disk_control(target), delay_ms=delay_ms)
         return None
 
-    def kill_nodes(self) -> None:
-        """Kill every node by its PID and keep each one's stderr beside its data dir."""
-        for name, node in self.nodes.items():
-            node.kill()
-            with contextlib.suppress(OSError):
-                (self.root / f"{name}.stderr.log").write_text(node.stderr, encoding="utf-8")
+    def process_fault(self, kind: str, target: str) -> Fault | None:
+        """kill or pause (pause-past-lease too: the scenario holds it) on ``target``; None
+        for other kinds. A killed node restarts at heal through the cluster."""
+        if kind == "kill":
+            return Kill(self.local.target(target))
+        if kind in ("pause", "pause-past-lease"):
+            return Pause(self.local.target(target))
+        return None
+
+    def kill_all(self) -> None:
+        """Kill every node by its PID (their logs stay in ``root``: ``<name>.log``), and
+        stop the etcd the cluster started."""
+        self.local.stop(kill=True)
 
     @property
     def names(self) -> Sequence[str]:
         return self._names
 
     def address(self, name: str) -> str:
-        return self.nodes[name].address
+        return self.local.address(name)
 
     def data_dir(self, name: str) -> Path | None:
-        return self.nodes[name].data_dir
+        return self.local.data_dir(name)
 
     def supported_faults(self) -> frozenset[str]:
         return self.FAULTS
 
     async def status(self, name: str) -> dict[str, Any] | None:
-        node = self.nodes[name]
-        if node.process is None or node.process.poll() is not None:
+        if not self.local.running(name):
             return None
-        return await _status_of(node.address)
+        return await _status_of(self.local.address(name))
 
     async def master(self) -> tuple[str | None, int | None]:
         return await _master_of(self)
@@ -316,17 +309,14 @@ class _LocalNodes(abc.ABC):
         """Start the cluster's processes (and its proxies, in ``nursery``)."""
 
     @abc.abstractmethod
-    def kill_all(self) -> None:
-        """Kill every process of the cluster by its PID."""
-
-    @abc.abstractmethod
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
         """The fault ``kind`` on ``targets``; ValueError for a kind this cluster lacks."""
 
 
 class StaticCluster(_LocalNodes):
-    """A master and slaves as ``tidelog node`` processes with static roles, each slave's
-    replication link to the master through a fault proxy (so ``partition`` cuts it).
+    """A master and slaves as ``tidelog node`` processes with static roles (a static
+    :class:`LocalCluster`), each slave's replication link to the master through a fault
+    proxy (so ``partition`` cuts it).
 
     There is no automatic failover: a killed master is restarted at heal on the same data
     and ports. Disk faults: eio and slow-fsync. No power-loss: with no failover the
@@ -342,52 +332,42 @@ class StaticCluster(_LocalNodes):
 
     def __init__(self, root: Path, *, replicas: int = 3, min_insync_replicas: int = 1) -> None:
         assert replicas >= 2, replicas
-        super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
+        super().__init__(
+            root,
+            replicas=replicas,
+            coordination="static",
+            min_insync_replicas=min_insync_replicas,
+        )
         self.mesh: ProxyMesh | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the proxies (in ``nursery``) and the nodes; prefer :meth:`started`, which
         also kills them at exit. A caller of this must call :meth:`kill_all` itself."""
         master, *slaves = self._names
-        ha_port = free_loopback_port()
+        self.local.ha_port = free_loopback_port()
         self.mesh = ProxyMesh(
-            {master: ("127.0.0.1", ha_port)}, links=[(slave, master) for slave in slaves]
+            {master: ("127.0.0.1", self.local.ha_port)},
+            links=[(slave, master) for slave in slaves],
         )
         await self.mesh.start(nursery)
-        master_args = [
-            "--ha-port", str(ha_port), "--min-insync-replicas", str(self.min_insync_replicas),
-        ]  # fmt: skip
-        await trio.to_thread.run_sync(self.new_node(master, master_args).start)
         for slave in slaves:
-            args = [
-                "--role", "slave", "--master-ha", self.mesh.address(slave, master),
-                "--master-client", self.nodes[master].address,
-            ]  # fmt: skip
-            await trio.to_thread.run_sync(self.new_node(slave, args).start)
-
-    def kill_all(self) -> None:
-        """Kill every node by its PID and keep each one's stderr beside its data dir."""
-        self.kill_nodes()
+            self.configure(slave, master_ha=self.mesh.address(slave, master))
+        await trio.to_thread.run_sync(self.local.start_nodes)
 
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
-        if kind == "kill":
-            (target,) = targets
-            return Kill(NodeProcessTarget(self.nodes[target]))
-        if kind == "pause":
-            (target,) = targets
-            return Pause(NodeProcessTarget(self.nodes[target]))
         if kind == "corrupt":
             (target,) = targets
             if target == self._names[0]:
                 raise ValueError(f"corrupt acts on a minority replica, not the master {target}")
-            return CorruptReplica(self.nodes[target], seed=seed)
+            return CorruptReplica(self.local, target, seed=seed)
         if kind == "partition":
             assert self.mesh is not None
             return MeshPartition(self.mesh, isolate(self._names, *targets))
         if kind in self.FAULTS:
-            disk = self.disk_fault(kind, targets[0], seed)
-            if disk is not None:
-                return disk
+            (target,) = targets
+            fault = self.process_fault(kind, target) or self.disk_fault(kind, target, seed)
+            if fault is not None:
+                return fault
         raise ValueError(
             f"fault {kind!r} is not available on a static cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
@@ -444,8 +424,9 @@ class Switchover(Fault):
 
 class FailoverCluster(_LocalNodes):
     """etcd and ``tidelog node --etcd`` processes that elect their master (automatic
-    failover); each node reaches every etcd member through a fault proxy of its own, so
-    ``partition-etcd`` cuts one node from etcd while it keeps its peers and clients.
+    failover), a :class:`LocalCluster`; each node reaches every etcd member through a fault
+    proxy of its own, so ``partition-etcd`` cuts one node from etcd while it keeps its
+    peers and clients.
 
     Faults: kill, pause, pause-past-lease (a pause; the scenario holds it past the lease),
     partition-etcd, kill-etcd-leader (needs ``etcd_members=3``), switchover (targets: the
@@ -473,16 +454,26 @@ class FailoverCluster(_LocalNodes):
         min_insync_replicas: int = 1,
         private_network: bool = False,
     ) -> None:
-        super().__init__(root, replicas=replicas, min_insync_replicas=min_insync_replicas)
-        self.etcd = EtcdCluster(root / "etcd", size=etcd_members)
+        super().__init__(
+            root,
+            replicas=replicas,
+            etcd_members=etcd_members,
+            group=self.GROUP,
+            min_insync_replicas=min_insync_replicas,
+        )
         self.etcd_proxies: dict[str, list[FaultProxy]] = {}
         self.network = LoopbackNetwork(self._names) if private_network else None
+
+    @property
+    def etcd(self) -> EtcdCluster:
+        assert self.local.etcd is not None, "etcd starts with the cluster"
+        return self.local.etcd
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start etcd, the proxies (in ``nursery``) and the nodes; then wait for a master."""
         if self.network is not None:
             await self.network.setup()
-        await trio.to_thread.run_sync(self.etcd.start)
+        await trio.to_thread.run_sync(self.local.start_etcd)
         for name in self._names:
             proxies = []
             for member in self.etcd.members:
@@ -490,43 +481,32 @@ class FailoverCluster(_LocalNodes):
                 await nursery.start(proxy.serve)
                 proxies.append(proxy)
             self.etcd_proxies[name] = proxies
-            endpoints = ",".join(f"http://127.0.0.1:{proxy.port}" for proxy in proxies)
-            args = [
-                "--etcd", endpoints, "--ha-port", "0",
-                "--min-insync-replicas", str(self.min_insync_replicas),
-            ]  # fmt: skip
-            options: dict[str, Any] = {}
+            endpoints = tuple(f"http://127.0.0.1:{proxy.port}" for proxy in proxies)
+            self.configure(name, etcd_endpoints=endpoints)
             if self.network is not None:
-                options = {
-                    "host": self.network.address(name),
-                    "command_prefix": self.network.command_prefix(name),
-                }
-            await trio.to_thread.run_sync(self.new_node(name, args, **options).start)
+                self.configure(
+                    name,
+                    host=self.network.address(name),
+                    command_prefix=tuple(self.network.command_prefix(name)),
+                )
+        await trio.to_thread.run_sync(self.local.start_nodes)
         with trio.fail_after(QUIESCE_TIMEOUT_S):
             while (await self.master())[0] is None:
                 await trio.sleep(0.1)
 
-    def kill_all(self) -> None:
-        self.kill_nodes()
-        self.etcd.stop()
-
     def fault(self, kind: str, targets: Sequence[str], seed: int) -> Fault:
-        if kind == "kill":
-            return Kill(NodeProcessTarget(self.nodes[targets[0]]))
-        if kind in ("pause", "pause-past-lease"):
-            return Pause(NodeProcessTarget(self.nodes[targets[0]]))
         if kind == "partition-etcd":
             parts = [EtcdPartition(proxy) for proxy in self.etcd_proxies[targets[0]]]
             return Composite(parts, kind="partition-etcd")
         if kind == "kill-etcd-leader":
-            if len(self.etcd.members) < 3:
+            if self.local.etcd_members < 3:
                 raise ValueError("kill-etcd-leader needs a three-member etcd (etcd_members=3)")
             return KillEtcdLeader(self.etcd)
         if kind == "switchover":
             to = targets[1] if len(targets) > 1 else None
             return Switchover(self.address(targets[0]), self.GROUP, to)
         if kind == "corrupt":
-            return CorruptReplica(self.nodes[targets[0]], seed=seed)
+            return CorruptReplica(self.local, targets[0], seed=seed)
         if kind == "partition":
             if self.network is None:
                 raise ValueError(
@@ -535,9 +515,10 @@ class FailoverCluster(_LocalNodes):
                     "partition)"
                 )
             return LoopbackPartition(self.network, isolate(self._names, *targets))
-        disk = self.disk_fault(kind, targets[0], seed)
-        if disk is not None:
-            return disk
+        if kind in self.FAULTS:
+            fault = self.process_fault(kind, targets[0]) or self.disk_fault(kind, targets[0], seed)
+            if fault is not None:
+                return fault
         raise ValueError(
             f"fault {kind!r} is not available on the failover cluster; "
             f"it supports {', '.join(sorted(self.FAULTS))}"
