@@ -81,6 +81,14 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
         raise SystemExit("--replicas must not be negative")
     if getattr(args, "trace", False) and args.bootstrap:
         raise SystemExit("--trace starts its own nodes (they record their hops): drop --bootstrap")
+    clients: tuple[str, ...] = ("trio",)
+    if getattr(args, "client", None):
+        from tools.bench.clients import parse_clients
+
+        try:
+            clients = parse_clients(args.client)
+        except ValueError as exc:
+            raise SystemExit(f"--client: {exc}") from None
     acks = args.acks or ("leader,in_sync,replicated" if args.replicas else "leader,durable")
     progress = _progress(not args.json and sys.stderr.isatty())
     figures = trio.run(
@@ -92,6 +100,7 @@ def cmd_bench_node(args: argparse.Namespace) -> int:
             progress=progress,
             replicas=args.replicas,
             trace=getattr(args, "trace", False),
+            clients=clients,
         )
     )
     return report_figures(
@@ -584,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="instead of the workloads: send one message at a time at each ack "
                 "level and print the median of each hop (client, master, slaves) in us",
+            )
+            node_bench.add_argument(
+                "--client",
+                metavar="CLIENTS",
+                help="produce from each of these clients in turn, comma separated: trio, "
+                "asyncio, blocking (default trio); figures of the others carry the client's "
+                "name after the ack level, with their ratios to trio",
             )
         node_bench.set_defaults(handler=cmd_bench_node, kind=kind)
     add_chaos_commands(commands)

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+import anyio
 import trio
 
 from cluster.client import Client, open_client
@@ -69,9 +70,9 @@ async def _senders(seconds: float, step: Callable[[int], Awaitable[int]]) -> flo
             count += sent  # the await and loses the other tasks' increments
 
     start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as group:  # trio or asyncio (`--client`)
         for index in range(IN_FLIGHT):
-            nursery.start_soon(sender, index)
+            group.start_soon(sender, index)
     return count / (time.perf_counter() - start)
 
 
@@ -109,9 +110,12 @@ async def bench_produce_on(
     progress: ProgressFn,
     acks_levels: tuple[str, ...],
     node_pids: Sequence[int] = (),
+    *,
+    client_tag: str = "",
 ) -> dict[str, float]:
     """Every workload at every size and ack level; beside each rate, the CPU microseconds
-    per message of this client and of the node processes (``node_pids``, when known)."""
+    per message of this client and of the node processes (``node_pids``, when known).
+    Runs under trio or asyncio; ``client_tag`` follows the ack level in every name."""
     figures: dict[str, float] = {}
     meter = CpuMeter(node_pids)
 
@@ -132,7 +136,7 @@ async def bench_produce_on(
             await client.admin.create_topic(topic, 4, exist_ok=True)
             body = os.urandom(size)
             for acks in acks_levels:
-                tag = f"{size}B_{acks}"
+                tag = f"{size}B_{acks}{client_tag}"
                 progress(f"{tag}: sequential")
                 latencies: list[float] = []
                 await measured(
@@ -303,10 +307,12 @@ async def run_bench(
     progress: ProgressFn,
     replicas: int = 0,
     trace: bool = False,
+    clients: tuple[str, ...] = ("trio",),
 ) -> dict[str, float]:
     """``kind`` is "produce" or "consume"; starts a node unless ``bootstrap`` is given,
     with ``replicas`` > 0 a master and that many slaves (see the module doc). With
-    ``trace``, instead of the workloads: one write's hops (:mod:`tools.bench.hops`)."""
+    ``trace``, instead of the workloads: one write's hops (:mod:`tools.bench.hops`).
+    ``clients``: produce from each of these kinds of client (:mod:`tools.bench.clients`)."""
     if trace:
         from tools.bench.hops import run_trace
 
@@ -326,7 +332,16 @@ async def run_bench(
         figures: dict[str, float] = {"replicas": float(replicas)} if replicas else {}
         if kind == "produce":
             pids = [pid for process in processes if (pid := process.pid) is not None]
-            figures.update(await bench_produce_on(bootstrap, seconds, progress, acks_levels, pids))
+            if clients == ("trio",):
+                figures.update(
+                    await bench_produce_on(bootstrap, seconds, progress, acks_levels, pids)
+                )
+            else:  # the same workloads from each kind of client, against this node
+                from tools.bench.clients import bench_clients_on
+
+                figures.update(
+                    await bench_clients_on(bootstrap, seconds, progress, acks_levels, pids, clients)
+                )
             progress("floor: trio echo server")
             for size in SIZES:
                 rate, _ = await echo_floor(size + 40, seconds, IN_FLIGHT)
