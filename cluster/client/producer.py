@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -18,7 +19,7 @@ from cluster.client.errors import (
     RequestTimeoutError,
     TidelogError,
 )
-from cluster.client.sequences import SequenceWindow
+from cluster.client.sequences import IssuedBatch, SequenceWindow
 from cluster.protocol import Acks, ProtocolError, Status, batch_results
 from storage.backoff import Backoff
 
@@ -130,7 +131,7 @@ class Producer:
     running) is sent again, with the same numbers, until it is answered or
     ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
     answers with the original offsets instead of storing it twice, also after a
-    failover. At most 16 batches are outstanding from the oldest unanswered one on (the
+    failover. At most 64 batches are outstanding from the oldest unanswered one on (the
     node's window); order between concurrent batches is not kept (neither is it
     without idempotence). ``unknown`` is then reported only past the deadline.
     """
@@ -164,7 +165,10 @@ class Producer:
         self._sequences: SequenceWindow | None = None
         self._starting = anyio.Lock()
         self._new_event = event_class()
-        self._window_moved = self._new_event()
+        self._issue_waiters: collections.deque[Event] = collections.deque()
+        """Sends waiting for the span rule, first come first woken (as many as may issue)."""
+        self._issuers_woken = 0
+        """Sends woken from :attr:`_issue_waiters` that have not run yet."""
         self.client = client
         self._nursery = nursery
         self.acks = Acks(acks)
@@ -296,7 +300,7 @@ class Producer:
                 why = f"no producer id ({answer.get('error')}): does the cluster support idempotent sends?"
                 return [SendResult("failed", answer["status"], topic, error=why)] * count
             self.producer_id = answer["producer"]
-            self._sequences = SequenceWindow(answer.get("span", 16))
+            self._sequences = SequenceWindow(answer.get("span", 64))
             log.info(
                 "producer_started producer=%d span=%d", answer["producer"], self._sequences.span
             )
@@ -307,12 +311,13 @@ class Producer:
     ) -> list[SendResult]:
         """Number the batch once, then send it until its outcome is known or the
         delivery timeout passed (the node answers a stored batch with its offsets)."""
-        sequences = await self._start_idempotence(topic, len(messages))
-        if not isinstance(sequences, SequenceWindow):
-            return sequences
-        while not sequences.may_issue():
-            await self._window_moved.wait()
-        batch = sequences.issue(len(messages))
+        sequences = self._sequences
+        if sequences is None:
+            started = await self._start_idempotence(topic, len(messages))
+            if not isinstance(started, SequenceWindow):
+                return started
+            sequences = started
+        batch = await self._issue(sequences, len(messages))
         deadline = anyio.current_time() + self.delivery_timeout
         backoff = Backoff(max(self.retry_backoff, 1e-3), max(self.retry_backoff, 0.25))
         try:
@@ -334,8 +339,36 @@ class Producer:
                 await anyio.sleep(pause)
         finally:
             sequences.resolve(batch)
-            self._window_moved.set()
-            self._window_moved = self._new_event()
+            self._wake_issuers(sequences)
+
+    async def _issue(self, sequences: SequenceWindow, count: int) -> IssuedBatch:
+        """Number a batch once the span rule allows; waiting sends are woken in order,
+        only as many as may issue (waking every waiter at each answer cost more CPU than
+        the rest of an idempotent batch's bookkeeping)."""
+        while self._issue_waiters or sequences.free() <= self._issuers_woken:
+            turn = self._new_event()
+            self._issue_waiters.append(turn)
+            try:
+                await turn.wait()
+            except BaseException:
+                if turn.is_set():  # woken, then cancelled: the turn passes on
+                    self._issuers_woken -= 1
+                    self._wake_issuers(sequences)
+                else:
+                    self._issue_waiters.remove(turn)
+                raise
+            self._issuers_woken -= 1
+            if sequences.may_issue():
+                break
+        batch = sequences.issue(count)
+        self._wake_issuers(sequences)
+        return batch
+
+    def _wake_issuers(self, sequences: SequenceWindow) -> None:
+        wake = min(sequences.free() - self._issuers_woken, len(self._issue_waiters))
+        for _ in range(wake):
+            self._issue_waiters.popleft().set()
+        self._issuers_woken += max(wake, 0)
 
     async def _deliver(
         self,

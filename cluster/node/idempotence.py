@@ -26,7 +26,7 @@ forgotten first; a forgotten producer starts afresh (its next batch is taken as 
 
 from __future__ import annotations
 
-import bisect
+import array
 import collections
 import enum
 from collections.abc import Iterable
@@ -51,13 +51,13 @@ __all__ = [
     "parse_mark",
 ]
 
-WINDOW_BATCHES: Final = 32
+WINDOW_BATCHES: Final = 128
 """Batches remembered per producer."""
 PRODUCER_SPAN: Final = WINDOW_BATCHES // 2
 """Batches a producer may have issued from its oldest unanswered one on."""
 MAX_PRODUCERS: Final = 8192
 """Producers remembered at once (least recently used forgotten first): at most
-``MAX_PRODUCERS * WINDOW_BATCHES`` entries of about 200 bytes: 50 MB at worst."""
+``MAX_PRODUCERS * WINDOW_BATCHES`` entries of 24 bytes: 25 MB at worst."""
 PRODUCER_PROPERTY: Final = "PRODUCER"
 """Reserved property of the first record of an idempotent batch (that record has
 ``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``."""
@@ -120,46 +120,84 @@ class Decision:
     reason: str = ""
 
 
-class _Producer:
-    """One producer's window: landed batches by first sequence, in arrival order too."""
+_APPEND: Final = Decision(Verdict.APPEND)
 
-    __slots__ = ("arrivals", "by_sequence", "floor", "pending", "starts")
+
+class _Producer:
+    """One producer's window: its last ``window`` landed batches in arrival order.
+
+    Kept in three flat arrays used as a ring (24 bytes a batch, no object per batch),
+    so a producer's window can be as wide as its pipeline. ``high`` is the end of the
+    highest batch ever claimed or landed: a batch starting at or above it is new
+    without looking at the window (every in-order send); only a batch below it (a
+    retry, a late copy, a gap being filled) scans the window, at most ``window`` entries.
+    """
+
+    __slots__ = ("counts", "floor", "head", "high", "offsets", "pending", "sequences")
 
     def __init__(self) -> None:
-        self.by_sequence: dict[int, LandedBatch] = {}
-        self.arrivals: collections.deque[int] = collections.deque()
-        self.starts: list[int] = []
-        """First sequences of the landed batches, sorted (overlap checks)."""
+        self.sequences = array.array("Q")
+        self.counts = array.array("Q")
+        self.offsets = array.array("Q")
+        self.head = 0
+        """Slot of the oldest landed batch once the ring is full (0 until then)."""
+        self.high = 0
+        """End sequence of the highest batch claimed or landed (0: none yet)."""
         self.pending: dict[int, int] = {}
         """First sequence -> count of batches being appended now."""
         self.floor = -1
         """The highest first sequence evicted from the window (-1: none yet)."""
 
+    def slot_of(self, sequence: int) -> int:
+        """The slot of the landed batch starting at ``sequence``; -1 if none."""
+        if sequence >= self.high:
+            return -1
+        try:
+            return self.sequences.index(sequence)
+        except ValueError:
+            return -1
+
+    def batch(self, slot: int) -> LandedBatch:
+        return LandedBatch(self.sequences[slot], self.counts[slot], self.offsets[slot])
+
     def overlaps(self, sequence: int, count: int) -> int | None:
         """The first sequence of a landed or pending batch sharing a sequence with this one."""
+        if sequence >= self.high:
+            return None
         end = sequence + count
-        at = bisect.bisect_left(self.starts, end)
-        if at:
-            before = self.by_sequence[self.starts[at - 1]]
-            if before.end_sequence > sequence:
-                return before.sequence
+        for start, other in zip(self.sequences, self.counts, strict=True):
+            if start < end and sequence < start + other:
+                return start
         for start, pending_count in self.pending.items():
             if start < end and sequence < start + pending_count:
                 return start
         return None
 
+    def claim(self, sequence: int, count: int) -> None:
+        self.pending[sequence] = count
+        self.high = max(self.high, sequence + count)
+
     def land(self, batch: LandedBatch, window: int) -> None:
-        self.pending.pop(batch.sequence, None)
-        if batch.sequence in self.by_sequence:
+        claimed = self.pending.pop(batch.sequence, None) is not None
+        if not claimed and self.slot_of(batch.sequence) >= 0:
+            return  # landed before (a replay of what is remembered)
+        self.high = max(self.high, batch.end_sequence)
+        if len(self.sequences) < window:
+            self.sequences.append(batch.sequence)
+            self.counts.append(batch.count)
+            self.offsets.append(batch.offset)
             return
-        self.by_sequence[batch.sequence] = batch
-        self.arrivals.append(batch.sequence)
-        bisect.insort(self.starts, batch.sequence)
-        while len(self.arrivals) > window:
-            oldest = self.arrivals.popleft()
-            del self.by_sequence[oldest]
-            self.floor = max(self.floor, oldest)
-            del self.starts[bisect.bisect_left(self.starts, oldest)]
+        slot = self.head
+        self.floor = max(self.floor, self.sequences[slot])
+        self.sequences[slot] = batch.sequence
+        self.counts[slot] = batch.count
+        self.offsets[slot] = batch.offset
+        self.head = (slot + 1) % window
+
+    def arrival_slots(self) -> list[int]:
+        """Slots of the landed batches, oldest arrival first."""
+        size = len(self.sequences)
+        return [(self.head + i) % size for i in range(size)]
 
 
 class IdempotenceState:
@@ -197,8 +235,12 @@ class IdempotenceState:
         """Decide about a batch; an ``APPEND`` verdict marks it in progress."""
         assert count >= 1
         state = self._producer(producer)
-        landed = state.by_sequence.get(sequence)
-        if landed is not None:
+        if sequence >= state.high:  # beyond everything claimed: new (every in-order send)
+            state.claim(sequence, count)
+            return _APPEND
+        slot = state.slot_of(sequence)
+        if slot >= 0:
+            landed = state.batch(slot)
             if landed.count != count:
                 return Decision(
                     Verdict.CONFLICT,
@@ -224,8 +266,8 @@ class IdempotenceState:
                 "cannot be told (a producer keeps at most "
                 f"{PRODUCER_SPAN} batches outstanding)",
             )
-        state.pending[sequence] = count
-        return Decision(Verdict.APPEND)
+        state.claim(sequence, count)
+        return _APPEND
 
     def land(self, producer: int, sequence: int, count: int, offset: int) -> None:
         """A batch is in the log with its first record at ``offset`` (live or replayed)."""
@@ -242,7 +284,7 @@ class IdempotenceState:
         state = self._producers.get(producer)
         if state is None:
             return []
-        return [state.by_sequence[s] for s in state.arrivals]
+        return [state.batch(slot) for slot in state.arrival_slots()]
 
     def producers(self) -> list[int]:
         """Remembered producers, least recently used first."""

@@ -83,8 +83,9 @@ class IdempotentSends:
 
     Invariant: every batch in :attr:`state` is in the log where it says (a batch is
     landed only once its records are written). Used by the handler's tasks on one
-    event loop; the append of a claimed batch is shielded from cancellation, so a
-    batch is never written without being remembered.
+    event loop; an append cancelled midway may or may not have written its batch, so
+    it drops the state (:meth:`forget`): a batch is never written without being
+    remembered, by this state or by the rebuild from the log.
     """
 
     def __init__(self, store: MessageStore) -> None:
@@ -166,8 +167,13 @@ class IdempotentSends:
             built = build()
             mark = ProducerMark(producer, sequence, len(built))
             built[0] = _marked(built[0], mark)
-            with trio.CancelScope(shield=True):  # written means remembered
+            try:
                 result = await put_batch(built)
+            except trio.Cancelled:
+                # Whether it was written is not known here (a shield on every batch
+                # cost more than the rest of the bookkeeping): the log will tell.
+                self.forget()
+                raise
             state.land(producer, sequence, len(built), result.offsets[0])
             landed = True
             if state is not self.state:  # a role change while appending: re-read the log

@@ -228,3 +228,80 @@ def test_a_mark_reads_back(producer: int, sequence: int, count: int) -> None:
 def test_a_mark_that_is_not_one_is_none(text: str) -> None:
     mark = parse_mark(text)
     assert mark is None or format_mark(mark) == text
+
+
+@attrs.define
+class _PlainWindow:
+    """The window rules written plainly (every batch an entry, every check a scan): the
+    flat ring with its fast path must decide exactly like this."""
+
+    window: int
+    landed: list[tuple[int, int, int]] = attrs.field(factory=list)
+    pending: dict[int, int] = attrs.field(factory=dict)
+    floor: int = -1
+
+    def claim(self, sequence: int, count: int) -> Verdict:
+        for start, landed_count, _offset in self.landed:
+            if start == sequence:
+                return Verdict.DUPLICATE if landed_count == count else Verdict.CONFLICT
+        if self.pending.get(sequence) == count:
+            return Verdict.IN_PROGRESS
+        spans = [(s, c) for s, c, _ in self.landed] + list(self.pending.items())
+        if any(s < sequence + count and sequence < s + c for s, c in spans):
+            return Verdict.CONFLICT
+        if sequence <= self.floor:
+            return Verdict.TOO_OLD
+        self.pending[sequence] = count
+        return Verdict.APPEND
+
+    def land(self, sequence: int, count: int, offset: int) -> None:
+        self.pending.pop(sequence, None)
+        if any(s == sequence for s, _, _ in self.landed):
+            return
+        self.landed.append((sequence, count, offset))
+        if len(self.landed) > self.window:
+            self.floor = max(self.floor, self.landed.pop(0)[0])
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["claim", "land", "abandon", "replay", "rebuild"]),
+            st.integers(0, 40),
+            st.integers(1, 4),
+        ),
+        max_size=80,
+    )
+)
+def test_the_flat_window_decides_like_the_plain_rules(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    state, plain = IdempotenceState(window=5), _PlainWindow(window=5)
+    for offset, (action, sequence, count) in enumerate(steps):
+        if action == "claim":
+            decision = state.claim(1, sequence, count)
+            assert decision.verdict is plain.claim(sequence, count), (sequence, count)
+            if decision.verdict is Verdict.DUPLICATE:
+                assert decision.landed is not None
+                assert [(decision.landed.sequence, decision.landed.count)] == [
+                    (s, c) for s, c, _ in plain.landed if s == sequence
+                ]
+        elif action == "land" and plain.pending:  # an append in progress completes
+            start = sorted(plain.pending)[sequence % len(plain.pending)]
+            pending_count = plain.pending[start]
+            state.land(1, start, pending_count, offset)
+            plain.land(start, pending_count, offset)
+        elif action == "abandon" and plain.pending:
+            start = sorted(plain.pending)[sequence % len(plain.pending)]
+            state.abandon(1, start)
+            plain.pending.pop(start)
+        elif action == "replay" and plain.landed:  # the same batch read again from the log
+            start, landed_count, landed_offset = plain.landed[sequence % len(plain.landed)]
+            state.land(1, start, landed_count, landed_offset)
+            plain.land(start, landed_count, landed_offset)
+        elif action == "rebuild":  # a batch read from the log that was never claimed here
+            spans = [(s, c) for s, c, _ in plain.landed] + list(plain.pending.items())
+            if not any(s < sequence + count and sequence < s + c for s, c in spans):
+                state.land(1, sequence, count, offset)
+                plain.land(sequence, count, offset)
+        assert [(b.sequence, b.count, b.offset) for b in state.landed(1)] == plain.landed

@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from cluster.client import Client, SendResult, open_client
 from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
+from cluster.node.idempotent_sends import IdempotentSends
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
 from tests.cluster.test_client_producer import serving
+from storage import BatchAppendResult, Message, MessageStore, StoreConfig
 from tools.faults.proxy import Direction, FaultProxy
 
 
@@ -138,3 +141,71 @@ async def test_a_send_whose_answer_was_lost_is_retried_and_stored_once(
                 pulled = await direct.checked("pull", topic="t", queue=0, offset=1)
                 assert results[0].offset == pulled["messages"][0]["offset"]
             nursery.cancel_scope.cancel()
+
+
+async def test_sends_beyond_the_span_wait_their_turn_and_cancelled_ones_pass_it_on(
+    tmp_path: Path,
+) -> None:
+    """Three spans' worth of concurrent idempotent sends: those past the span wait in
+    line (woken only as the span frees). Cancelling some of the waiting ones neither
+    loses the others' turns nor leaves a batch unresolved: every other send is stored."""
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        producer = client.producer(batch_size=1, idempotent=True, acks="durable")
+        assert (await producer.send("t", b"start")).ok
+        results: dict[int, SendResult] = {}
+        total = 3 * PRODUCER_SPAN
+
+        async def send(index: int) -> None:
+            results[index] = await producer.send("t", b"%d" % index, queue=0)
+
+        async with trio.open_nursery() as nursery:
+            cancelled: list[trio.CancelScope] = []
+            for index in range(total):
+                if index % 7 == 3 and index > PRODUCER_SPAN:  # waiting in line: cancel it
+                    cancelled.append(trio.CancelScope())
+                    nursery.start_soon(_cancellable, cancelled[-1], send, index)
+                else:
+                    nursery.start_soon(send, index)
+            await trio.testing.wait_all_tasks_blocked()
+            for scope in cancelled:
+                scope.cancel()
+        sent = {i for i in range(total) if not (i % 7 == 3 and i > PRODUCER_SPAN)}
+        assert all(results[i].ok for i in sent), [results[i] for i in sent if not results[i].ok]
+        assert producer._sequences is not None and producer._sequences.unresolved == 0
+        stored = await bodies(client, "t")
+        assert len(stored) == len(set(stored)), "every send stored once"
+        assert {b"%d" % i for i in sent} <= set(stored)
+
+
+async def _cancellable(scope: trio.CancelScope, send: Any, index: int) -> None:
+    with scope:
+        await send(index)
+
+
+async def test_an_append_cancelled_after_writing_is_still_recognised(tmp_path: Path) -> None:
+    """The batch is in the log, then its request is cancelled before the append returns:
+    the state is dropped and rebuilt from the log, so the resend is a duplicate, not a
+    second copy."""
+    config = StoreConfig(data_dir=tmp_path / "store", segment_size=1 << 20, max_message_size=4096)
+    async with MessageStore.open(config) as store:
+        sends = IdempotentSends(store)
+        request = [{"body": b"once", "props": None}]
+
+        def build() -> list[Message]:
+            return [Message("t", b"once", 0)]
+
+        request_scope = trio.CancelScope()
+
+        async def written_then_cancelled(built: list[Message]) -> BatchAppendResult:
+            result = await store.put_batch(built)
+            request_scope.cancel()  # the request is cancelled: written, not answered
+            await trio.lowlevel.checkpoint()
+            return result
+
+        with request_scope:
+            await sends.append(7, 0, request, build, written_then_cancelled)
+        assert request_scope.cancelled_caught
+        again = await sends.append(7, 0, request, build, store.put_batch)
+        assert again.duplicate and again.offsets == [0]
+        assert store.commit_log.max_offset == again.end_offset, "stored once"

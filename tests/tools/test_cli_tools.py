@@ -69,6 +69,7 @@ def test_bench_produce_reports_rates_with_cpu_per_message_and_floors() -> None:
     for workload in (
         "sequential_1024B_leader",
         "batch64_inflight64_128B_durable",
+        "batch64_inflight64_1024B_leader_idempotent",
         "linger_64_senders_1024B_leader",
         "pipelined_64_128B_leader",
     ):

@@ -90,10 +90,11 @@ async def _in_flight(
 
 
 async def _explicit_batches(
-    client: Client, topic: str, body: bytes, acks: str, seconds: float
+    client: Client, topic: str, body: bytes, acks: str, seconds: float, *, idempotent: bool = False
 ) -> float:
-    """Each request an explicit batch of ``BATCH`` messages."""
-    producer = client.producer(acks=acks)
+    """Each request an explicit batch of ``BATCH`` messages (numbered by an idempotent
+    producer with ``idempotent``: the price of deduplication beside the plain figure)."""
+    producer = client.producer(acks=acks, idempotent=idempotent)
     bodies = [body] * BATCH
 
     async def step(index: int) -> int:
@@ -151,6 +152,11 @@ async def bench_produce_on(
                     batches, partial(_explicit_batches, client, topic, body, acks, seconds)
                 )
                 figures[f"{batches}_mb_per_s"] = rate * size / 1e6
+                progress(f"{tag}: batches of {BATCH}, {IN_FLIGHT} in flight, idempotent")
+                await measured(
+                    f"{batches}_idempotent",
+                    partial(_explicit_batches, client, topic, body, acks, seconds, idempotent=True),
+                )
                 progress(f"{tag}: {IN_FLIGHT} concurrent sends, producer batching")
                 await measured(
                     f"linger_{IN_FLIGHT}_senders_{tag}",
