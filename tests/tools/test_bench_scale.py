@@ -26,6 +26,8 @@ def test_bench_scale_reports_every_figure_and_acks_messages() -> None:
             assert figures[f"{workload}_{side}_cpu_us_per_msg"] >= 0, (workload, side)
     for ratio in ("scale_ratio", "scale_parked_ratio", "scale_parked_vs_many_queues_ratio"):
         assert figures[ratio] > 0, ratio
+    for ratio in ("scale_node_cpu_ratio", "scale_parked_node_cpu_ratio"):
+        assert ratio in figures  # NaN when a short run counted no CPU tick
     assert figures["scale_parked_polls_answered_with_messages"] == 0  # nobody writes there
     assert figures["node_rss_peak_mib"] >= figures["node_rss_anon_peak_mib"] > 0
     assert (figures["queues"], figures["producers"], figures["parked_polls"]) == (6, 3, 5)

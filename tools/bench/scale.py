@@ -14,11 +14,14 @@ code sends.
 Each queue is written once before the measured runs, so creating its files (once per
 65,536 entries) is timed on its own. The node's RSS is sampled throughout beside its
 high-water mark (``VmHWM``); ``RssAnon`` leaves out the mapped log and queue files.
+Beside the ratios of the rates, ``*_node_cpu_ratio`` compares node CPU per message:
+the ratio the rates would show were the node the bottleneck, steady on a shared machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -243,6 +246,12 @@ async def bench_scale_on(
     figures["scale_ratio"] = many / single
     figures["scale_parked_ratio"] = parked / single
     figures["scale_parked_vs_many_queues_ratio"] = parked / many
+    # On a shared machine the rates swing with the neighbours; node CPU per message does
+    # not: these are the ratios the rates would have were the node the bottleneck.
+    single_cpu = figures.get("scale_single_queue_node_cpu_us_per_msg", math.nan)
+    for name, workload in (("scale", "scale_many_queues"), ("scale_parked", "scale_parked")):
+        cpu = figures.get(f"{workload}_node_cpu_us_per_msg", math.nan)
+        figures[f"{name}_node_cpu_ratio"] = single_cpu / cpu if cpu else math.nan
     figures["node_rss_start_mib"] = start_kib["VmRSS"] / 1024
     figures["node_rss_peak_mib"] = rss.peak_kib["VmHWM"] / 1024
     figures["node_rss_anon_peak_mib"] = rss.peak_kib["RssAnon"] / 1024
