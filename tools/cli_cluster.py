@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from cluster.client import TidelogError, open_client
+from tools.cli_admin import add_forget_member
 from tools.cli_client import address_argument, bootstrap_addresses
 from tools.launcher.cluster import (
     STATE_FILE,
@@ -494,6 +495,7 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     )
     switchover.add_argument("--json", action="store_true", help="one JSON object")
     switchover.set_defaults(handler=cmd_admin_switchover)
+    add_forget_member(admin_actions)
 
 
 def _etcd_members(value: str) -> int:

@@ -49,6 +49,7 @@ from cluster.coordination.keys import GroupState, MemberInfo
 __all__ = [
     "Candidate",
     "ElectionView",
+    "ForgetRefused",
     "InSyncRecord",
     "Ineligible",
     "LeaseFence",
@@ -58,6 +59,7 @@ __all__ = [
     "fencing_deadline_s",
     "members_to_record",
     "state_after_election",
+    "state_after_forgetting",
     "timing_problems",
 ]
 
@@ -313,6 +315,56 @@ def state_after_election(
         return GroupState(epoch, winner, frozenset({winner}), min_insync_replicas)
     in_sync = frozenset({winner}) if view.recovered else frozenset(names)
     return GroupState(state.epoch + 1, winner, in_sync, state.min_insync_replicas)
+
+
+class ForgetRefused(ValueError):
+    """An operator's request to drop a member from the recorded in-sync set was refused;
+    the message says why and what to do instead."""
+
+
+def state_after_forgetting(
+    state: GroupState | None, node: str, *, live: Iterable[str], leader: str | None
+) -> GroupState:
+    """The state an operator writes to drop ``node``, lost for good, from the recorded
+    in-sync set of a leaderless group (Kafka's unclean recovery without waiting for
+    every eligible replica: an operator's call, never the loop's).
+
+    A group whose every member crashed waits for each recorded member to return
+    (:func:`_recovery`); if one never will (its disk is gone), nobody leads. Dropping it
+    lets the best of the others lead. What it risks: a record acknowledged while only
+    the forgotten member held it durably (``acks=in_sync`` with a simultaneous power
+    loss of the others) is lost. Refused while a master leads (it manages the set and
+    drops a lagging member itself), for a live member (it will be judged by the
+    election, or re-admitted), and for the last recorded member (then no member holds
+    the group's records: delete the group's state key to start afresh). The epoch stays:
+    the next election starts the next term. ``master`` is cleared if it was ``node``.
+    """
+    if state is None:
+        raise ForgetRefused("the group was never elected: there is no in-sync set to change")
+    if node not in state.in_sync:
+        raise ForgetRefused(
+            f"{node} is not in the recorded in-sync set {sorted(state.in_sync)}: nothing to do"
+        )
+    if leader is not None:
+        raise ForgetRefused(
+            f"the group has a master ({leader}): it drops a member that falls behind from "
+            "the in-sync set on its own; this is for a leaderless group waiting for a member "
+            "that will not return"
+        )
+    if node in set(live):
+        raise ForgetRefused(
+            f"{node} is live: the election judges it, or the next master re-admits it once "
+            "it catches up; stop it first if its data is really lost"
+        )
+    remaining = state.in_sync - {node}
+    if not remaining:
+        raise ForgetRefused(
+            f"{node} is the last recorded in-sync member: no other member is known to hold "
+            "the group's acknowledged records; to start the group afresh (losing them), "
+            "delete its state key in etcd and restart the nodes"
+        )
+    master = None if state.master == node else state.master
+    return GroupState(state.epoch, master, remaining, state.min_insync_replicas)
 
 
 # ----------------------------------------------------------------------------- fencing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cluster.coordination.decisions import (
     Candidate,
+    ForgetRefused,
     Ineligible,
     InSyncRecord,
     LeaseFence,
@@ -21,6 +23,7 @@ from cluster.coordination.decisions import (
     fencing_deadline_s,
     members_to_record,
     state_after_election,
+    state_after_forgetting,
     timing_problems,
 )
 from cluster.coordination.keys import GroupState
@@ -580,3 +583,42 @@ def test_an_epoch_ahead_or_an_ordinary_candidate_means_no_recovery() -> None:
     ordinary = election_view(state, [crashed("a", 4, 99), clean], state_revision=40)
     assert (ordinary.best, ordinary.recovered) == ("b", False)
     assert state_after_election(state, ordinary, "b").in_sync == {"b"}
+
+
+@given(all_crashed(), st.sampled_from(NODES), st.none() | st.sampled_from(NODES))
+def test_forgetting_a_lost_member_lets_the_others_recover_and_is_refused_otherwise(
+    group: tuple[GroupState, list[Candidate], int], node: str, leader: str | None
+) -> None:
+    state, live, _ = group
+    live_names = {c.node for c in live}
+    refusal = (
+        "not in the recorded in-sync set"
+        if node not in state.in_sync
+        else "the group has a master"
+        if leader is not None
+        else "is live"
+        if node in live_names
+        else "the last recorded in-sync member"
+        if state.in_sync == {node}
+        else None
+    )
+    if refusal is not None:
+        with pytest.raises(ForgetRefused, match=refusal):
+            state_after_forgetting(state, node, live=live_names, leader=leader)
+        return
+    after = state_after_forgetting(state, node, live=live_names, leader=leader)
+    assert after.in_sync == state.in_sync - {node} and after.epoch == state.epoch
+    assert after.master == (None if state.master == node else state.master)
+    assert after.min_insync_replicas == state.min_insync_replicas
+    # the forgotten member is no longer waited for: with the others back (records of the
+    # new state's vacancy) the best of them with data leads, as if it had never been
+    fresh = [attrs.evolve(c, vacant_state_revision=REVISION + 1) for c in live]
+    view = election_view(after, fresh, state_revision=REVISION + 1)
+    assert node not in view.waiting_for
+    if not view.waiting_for and not view.no_data:
+        assert view.best in after.in_sync and view.recovered
+
+
+def test_forgetting_needs_a_recorded_state() -> None:
+    with pytest.raises(ForgetRefused, match="never elected"):
+        state_after_forgetting(None, "a", live=[], leader=None)
