@@ -131,7 +131,11 @@ class Producer:
     running) is sent again, with the same numbers, until it is answered or
     ``delivery_timeout_ms`` passed since it was first sent: a node that stored it
     answers with the original offsets instead of storing it twice, also after a
-    failover. At most 64 batches are outstanding from the oldest unanswered one on (the
+    failover. ``producer_id`` (with the ``producer_epoch`` it last had, if known) starts
+    a producer again under a stored id: the master hands out a higher epoch, and every
+    older copy still sending with that id is refused ``PRODUCER_FENCED`` from then on
+    (Kafka's producer fencing; a fenced producer stays fenced: make a new one). At most
+    64 batches are outstanding from the oldest unanswered one on (the
     node's window); order between concurrent batches is not kept (neither is it
     without idempotence). ``unknown`` is then reported only past the deadline.
     """
@@ -150,6 +154,8 @@ class Producer:
         retry_backoff_ms: float = 50.0,
         idempotent: bool = False,
         delivery_timeout_ms: int = 120_000,
+        producer_id: int | None = None,
+        producer_epoch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (1: no batching), got {batch_size}")
@@ -160,8 +166,13 @@ class Producer:
             )
         self.idempotent = idempotent
         self.delivery_timeout = delivery_timeout_ms / 1000
-        self.producer_id: int | None = None
-        """The id ``init_producer`` handed out (idempotent producers, once they sent)."""
+        if producer_id is not None and not idempotent:
+            raise ValueError("producer_id is for an idempotent producer: pass idempotent=True")
+        self.producer_id: int | None = producer_id
+        """The id ``init_producer`` handed out (idempotent producers, once they sent), or
+        the stored id this producer starts again with (its older copies are then fenced)."""
+        self.producer_epoch = producer_epoch
+        """This producer's epoch (``init_producer`` hands out a higher one on a restart)."""
         self._sequences: SequenceWindow | None = None
         self._starting = anyio.Lock()
         self._new_event = event_class()
@@ -291,8 +302,13 @@ class Producer:
         async with self._starting:
             if self._sequences is not None:
                 return self._sequences
+            restart: dict[str, int] = {}
+            if self.producer_id is not None:  # starting again: fence the older copies
+                restart = {"producer": self.producer_id, "epoch": self.producer_epoch}
             try:
-                answer = await self.client.call_master("init_producer", resends=self.retries)
+                answer = await self.client.call_master(
+                    "init_producer", resends=self.retries, **restart
+                )
             except (ConnectionLostError, RequestTimeoutError, TidelogError) as exc:
                 why = f"no producer id: {exc}"
                 return [SendResult("failed", None, topic, error=why)] * count
@@ -300,9 +316,13 @@ class Producer:
                 why = f"no producer id ({answer.get('error')}): does the cluster support idempotent sends?"
                 return [SendResult("failed", answer["status"], topic, error=why)] * count
             self.producer_id = answer["producer"]
+            self.producer_epoch = answer.get("epoch", 0)
             self._sequences = SequenceWindow(answer.get("span", 64))
             log.info(
-                "producer_started producer=%d span=%d", answer["producer"], self._sequences.span
+                "producer_started producer=%d epoch=%d span=%d",
+                answer["producer"],
+                self.producer_epoch,
+                self._sequences.span,
             )
             return self._sequences
 
@@ -388,6 +408,8 @@ class Producer:
         if sequence is not None:
             fields["producer"] = self.producer_id
             fields["sequence"] = sequence
+            if self.producer_epoch:
+                fields["epoch"] = self.producer_epoch
         if len(messages) == 1:
             op, fields = "send", {**fields, **messages[0]}
         else:

@@ -22,6 +22,14 @@ that keeps the rule: evicting a batch after B takes more landings than the rule 
 
 At most :data:`MAX_PRODUCERS` producers are remembered, the least recently used
 forgotten first; a forgotten producer starts afresh (its next batch is taken as new).
+
+**Epochs fence a zombie** (Kafka's producer epoch): a producer that starts again with
+its stored id (``init_producer`` naming it) gets a higher epoch and numbers from 0
+again; from then on a batch of a lower epoch is ``FENCED`` (an older copy of the same
+producer still running must stop, not interleave its sequences with the new one's).
+The epoch is in every batch's mark, so a rebuild from the log knows it too; a bump
+that no batch of the new epoch has landed after is known only to the master that
+handed it out (a restarted or new master learns it with the new epoch's first batch).
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ from typing import Final
 
 import attrs
 
-from cluster.protocol.limits import MAX_PRODUCER_ID
+from cluster.protocol.limits import MAX_PRODUCER_EPOCH, MAX_PRODUCER_ID
 
 __all__ = [
+    "MAX_EPOCH",
     "MAX_PRODUCERS",
     "MAX_PRODUCER_ID",
     "PRODUCER_PROPERTY",
@@ -60,7 +69,10 @@ MAX_PRODUCERS: Final = 8192
 ``MAX_PRODUCERS * WINDOW_BATCHES`` entries of 24 bytes: 25 MB at worst."""
 PRODUCER_PROPERTY: Final = "PRODUCER"
 """Reserved property of the first record of an idempotent batch (that record has
-``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``."""
+``FLAG_PRODUCER_BATCH``): ``"<producer id>:<first sequence>:<count>"``, with
+``":<epoch>"`` after it from epoch 1 on (a mark of epoch 0 reads as it always did)."""
+MAX_EPOCH: Final = MAX_PRODUCER_EPOCH
+"""The highest producer epoch (a producer restarting once a second lasts 68 years)."""
 
 
 @attrs.frozen(slots=True)
@@ -70,21 +82,27 @@ class ProducerMark:
     producer: int
     sequence: int
     count: int
+    epoch: int = 0
 
 
 def format_mark(mark: ProducerMark) -> str:
+    if mark.epoch:
+        return f"{mark.producer}:{mark.sequence}:{mark.count}:{mark.epoch}"
     return f"{mark.producer}:{mark.sequence}:{mark.count}"
 
 
 def parse_mark(text: str) -> ProducerMark | None:
     """The mark in a ``PRODUCER`` property; None for text that is not one."""
     parts = text.split(":")
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+    if len(parts) not in (3, 4) or not all(part.isdigit() for part in parts):
         return None
-    producer, sequence, count = (int(part) for part in parts)
-    if not 1 <= producer <= MAX_PRODUCER_ID or count < 1:
+    producer, sequence, count = (int(part) for part in parts[:3])
+    epoch = int(parts[3]) if len(parts) == 4 else 0
+    if not 1 <= producer <= MAX_PRODUCER_ID or count < 1 or epoch > MAX_EPOCH:
         return None
-    return ProducerMark(producer, sequence, count)
+    if len(parts) == 4 and epoch == 0:  # epoch 0 is written without it
+        return None
+    return ProducerMark(producer, sequence, count, epoch)
 
 
 @attrs.frozen(slots=True)
@@ -111,6 +129,8 @@ class Verdict(enum.Enum):
     """Older than every batch remembered: whether it was stored cannot be told."""
     CONFLICT = "conflict"
     """Its sequences overlap another batch's: the producer reused sequences."""
+    FENCED = "fenced"
+    """Its epoch is older than the producer's: another copy of the producer took over."""
 
 
 @attrs.frozen(slots=True)
@@ -133,9 +153,11 @@ class _Producer:
     retry, a late copy, a gap being filled) scans the window, at most ``window`` entries.
     """
 
-    __slots__ = ("counts", "floor", "head", "high", "offsets", "pending", "sequences")
+    __slots__ = ("counts", "epoch", "floor", "head", "high", "offsets", "pending", "sequences")
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+        """The highest epoch seen; the window holds this epoch's batches only."""
         self.sequences = array.array("Q")
         self.counts = array.array("Q")
         self.offsets = array.array("Q")
@@ -221,20 +243,43 @@ class IdempotenceState:
     def remembers(self, producer: int) -> bool:
         return producer in self._producers
 
-    def _producer(self, producer: int) -> _Producer:
+    def _producer(self, producer: int, epoch: int = 0) -> _Producer:
+        """The producer's window, new if it was not remembered or ``epoch`` is newer."""
         state = self._producers.get(producer)
         if state is None:
-            state = self._producers[producer] = _Producer()
+            state = self._producers[producer] = _Producer(epoch)
             if len(self._producers) > self.max_producers:
                 self._producers.popitem(last=False)
         else:
             self._producers.move_to_end(producer)
+            if epoch > state.epoch:  # a new epoch numbers from 0 again
+                state = self._producers[producer] = _Producer(epoch)
         return state
 
-    def claim(self, producer: int, sequence: int, count: int) -> Decision:
+    def epoch(self, producer: int) -> int:
+        """The producer's highest epoch remembered (0 when forgotten or never bumped)."""
+        state = self._producers.get(producer)
+        return 0 if state is None else state.epoch
+
+    def bump(self, producer: int, at_least: int = 0) -> int:
+        """A new epoch for ``producer`` (restarting with its id): one above both what is
+        remembered and ``at_least`` (what the producer last had); older epochs are fenced."""
+        epoch = max(self.epoch(producer), at_least) + 1
+        assert epoch <= MAX_EPOCH
+        self._producer(producer, epoch)
+        return epoch
+
+    def claim(self, producer: int, sequence: int, count: int, epoch: int = 0) -> Decision:
         """Decide about a batch; an ``APPEND`` verdict marks it in progress."""
         assert count >= 1
-        state = self._producer(producer)
+        state = self._producer(producer, epoch)
+        if epoch < state.epoch:
+            return Decision(
+                Verdict.FENCED,
+                reason=f"producer {producer} was started again (epoch {state.epoch}); this "
+                f"copy of it has epoch {epoch} and may no longer send: stop it, or start it "
+                "again (init_producer with its id) to take over",
+            )
         if sequence >= state.high:  # beyond everything claimed: new (every in-order send)
             state.claim(sequence, count)
             return _APPEND
@@ -269,14 +314,18 @@ class IdempotenceState:
         state.claim(sequence, count)
         return _APPEND
 
-    def land(self, producer: int, sequence: int, count: int, offset: int) -> None:
-        """A batch is in the log with its first record at ``offset`` (live or replayed)."""
-        self._producer(producer).land(LandedBatch(sequence, count, offset), self.window)
+    def land(self, producer: int, sequence: int, count: int, offset: int, epoch: int = 0) -> None:
+        """A batch is in the log with its first record at ``offset`` (live or replayed);
+        one of an epoch older than the producer's is not remembered (it is never
+        resent: its copy of the producer is fenced)."""
+        state = self._producer(producer, epoch)
+        if epoch == state.epoch:
+            state.land(LandedBatch(sequence, count, offset), self.window)
 
-    def abandon(self, producer: int, sequence: int) -> None:
+    def abandon(self, producer: int, sequence: int, epoch: int = 0) -> None:
         """An append in progress failed: nothing of it is in the log."""
         state = self._producers.get(producer)
-        if state is not None:
+        if state is not None and state.epoch == epoch:
             state.pending.pop(sequence, None)
 
     def landed(self, producer: int) -> list[LandedBatch]:
@@ -301,5 +350,5 @@ class IdempotenceState:
         """The state a log tail implies: its marks (offset, mark) in log order."""
         state = cls(window, max_producers)
         for offset, mark in marks:
-            state.land(mark.producer, mark.sequence, mark.count, offset)
+            state.land(mark.producer, mark.sequence, mark.count, offset, mark.epoch)
         return state

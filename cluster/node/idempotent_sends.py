@@ -43,6 +43,13 @@ from storage import (
 )
 from storage.record import FLAG_PRODUCER_BATCH, encode_properties
 
+_REFUSALS: Final = {
+    Verdict.TOO_OLD: Status.SEQUENCE_TOO_OLD,
+    Verdict.CONFLICT: Status.BAD_REQUEST,
+    Verdict.FENCED: Status.PRODUCER_FENCED,
+}
+"""The status of each verdict that refuses a batch."""
+
 __all__ = ["REBUILD_MAX_BYTES", "REBUILD_WINDOW_S", "IdempotentSends", "SendRefused", "Stored"]
 
 log = logging.getLogger(__name__)
@@ -120,6 +127,7 @@ class IdempotentSends:
         messages: Sequence[Any],
         build: Callable[[], list[Message]],
         put_batch: Callable[[list[Message]], Awaitable[BatchAppendResult]],
+        epoch: int = 0,
     ) -> Stored:
         """Append the batch ``build`` makes, unless it is stored already.
 
@@ -137,13 +145,15 @@ class IdempotentSends:
             )
         while True:
             state = await self._ready()
-            decision = state.claim(producer, sequence, count)
+            decision = state.claim(producer, sequence, count, epoch)
             verdict = decision.verdict
             if verdict is Verdict.APPEND:
-                return await self._append_claimed(state, producer, sequence, build, put_batch)
+                return await self._append_claimed(
+                    state, ProducerMark(producer, sequence, count, epoch), build, put_batch
+                )
             if verdict is Verdict.DUPLICATE:
                 assert decision.landed is not None
-                return self._read_back(producer, decision.landed)
+                return self._read_back(producer, epoch, decision.landed)
             if verdict is Verdict.IN_PROGRESS:
                 self._waiting += 1
                 try:
@@ -151,21 +161,28 @@ class IdempotentSends:
                 finally:
                     self._waiting -= 1
                 continue
-            status = Status.SEQUENCE_TOO_OLD if verdict is Verdict.TOO_OLD else Status.BAD_REQUEST
-            raise SendRefused(status, decision.reason)
+            raise SendRefused(_REFUSALS[verdict], decision.reason)
+
+    async def restart(self, producer: int, last_epoch: int) -> int:
+        """A new epoch for a producer starting again with its id (``last_epoch``: the
+        one it had, if it knows): every older copy of it is fenced from now on."""
+        state = await self._ready()
+        epoch = state.bump(producer, last_epoch)
+        log.info("producer_restarted producer=%d epoch=%d", producer, epoch)
+        return epoch
 
     async def _append_claimed(
         self,
         state: IdempotenceState,
-        producer: int,
-        sequence: int,
+        mark: ProducerMark,
         build: Callable[[], list[Message]],
         put_batch: Callable[[list[Message]], Awaitable[BatchAppendResult]],
     ) -> Stored:
         landed = False
+        producer, sequence, epoch = mark.producer, mark.sequence, mark.epoch
         try:
             built = build()
-            mark = ProducerMark(producer, sequence, len(built))
+            assert len(built) == mark.count
             built[0] = _marked(built[0], mark)
             try:
                 result = await put_batch(built)
@@ -174,7 +191,7 @@ class IdempotentSends:
                 # cost more than the rest of the bookkeeping): the log will tell.
                 self.forget()
                 raise
-            state.land(producer, sequence, len(built), result.offsets[0])
+            state.land(producer, sequence, len(built), result.offsets[0], epoch)
             landed = True
             if state is not self.state:  # a role change while appending: re-read the log
                 self.forget()
@@ -188,12 +205,12 @@ class IdempotentSends:
             )
         finally:
             if not landed:
-                state.abandon(producer, sequence)
+                state.abandon(producer, sequence, epoch)
             if self._waiting:  # rare: a copy of a batch arrived while it was appended
                 self._landed.set()
                 self._landed = trio.Event()
 
-    def _read_back(self, producer: int, batch: LandedBatch) -> Stored:
+    def _read_back(self, producer: int, epoch: int, batch: LandedBatch) -> Stored:
         """The original answer of a stored batch, from its records."""
         commit_log = self._store.commit_log
         try:
@@ -207,7 +224,7 @@ class IdempotentSends:
         try:
             mark = _mark_of(records[0].flags, records[0].properties) if records else None
             if len(records) != batch.count or mark != ProducerMark(
-                producer, batch.sequence, batch.count
+                producer, batch.sequence, batch.count, epoch
             ):
                 raise SendRefused(
                     Status.INTERNAL_ERROR,

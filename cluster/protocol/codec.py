@@ -391,6 +391,7 @@ class FrameDecoder(_FrameReader[Request]):
                 "timeout_ms": timeout_ms,
                 "producer": None,
                 "sequence": None,
+                "epoch": None,
             }
         schema, steps = KNOWN_TOPIC_PLANS[op] if known else entry
         out: Any = {"op": op, "id": req_id}

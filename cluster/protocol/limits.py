@@ -49,6 +49,8 @@ MAX_REQUEST_ID: Final = 2**64 - 1
 MAX_OFFSET: Final = 2**63 - 1
 MAX_PRODUCER_ID: Final = 2**63 - 1
 """Idempotent producer ids run from 1 to this (``init_producer`` hands them out)."""
+MAX_PRODUCER_EPOCH: Final = 2**31 - 1
+"""A producer's epochs run from 0 to this (one more each time it starts again with its id)."""
 MAX_QUEUES: Final = 1024
 """Queues per topic; queue ids run from 0 to ``MAX_QUEUES - 1``."""
 MAX_BATCH_MESSAGES: Final = 4096

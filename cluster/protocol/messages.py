@@ -52,6 +52,7 @@ class SendRequest(TypedDict):
     timeout_ms: int
     producer: int | None
     sequence: int | None
+    epoch: int | None
 
 
 class SendBatchRequest(TypedDict):
@@ -63,11 +64,14 @@ class SendBatchRequest(TypedDict):
     timeout_ms: int
     producer: int | None
     sequence: int | None
+    epoch: int | None
 
 
 class InitProducerRequest(TypedDict):
     op: Literal["init_producer"]
     id: int
+    producer: int | None
+    epoch: int | None
 
 
 class PullRequest(TypedDict):

@@ -37,7 +37,9 @@ _TIMEOUT_DEFAULT: Final[int] = _FIELDS["timeout_ms"].default
 _TIMEOUT_LOW: Final = _bound(_FIELDS["timeout_ms"].low)
 _TIMEOUT_HIGH: Final = _bound(_FIELDS["timeout_ms"].high)
 assert _FIELDS["body"].types == (bytes,) and _FIELDS["key"].types == (bytes, str)
-assert {"body", "queue", "key", "tags", "props", "born_us", "producer", "sequence"} <= set(_FIELDS)
+assert {"body", "queue", "key", "tags", "props", "born_us", "producer", "sequence", "epoch"} <= set(
+    _FIELDS
+)
 
 PlainSend = tuple[bytes, "int | None", "bytes | str | None", Acks, int]
 """``(body, queue, key, acks, timeout_ms)`` of a send in the common shape."""
@@ -79,6 +81,7 @@ def plain_send(raw: Mapping[Any, Any]) -> PlainSend | None:
         or raw.get("born_us") is not None
         or raw.get("producer") is not None
         or raw.get("sequence") is not None
+        or raw.get("epoch") is not None
     ):
         return None
     return body, queue, key, acks, timeout_ms

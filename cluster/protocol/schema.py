@@ -16,6 +16,7 @@ from cluster.protocol.limits import (
     DEFAULT_WAIT_MS,
     MAX_BATCH_MESSAGES,
     MAX_OFFSET,
+    MAX_PRODUCER_EPOCH,
     MAX_PRODUCER_ID,
     MAX_PULL_BYTES,
     MAX_PULL_MESSAGES,
@@ -184,6 +185,13 @@ def _check_producer(fields: dict[str, Any]) -> None:
             "is required with 'producer' and 'sequence' together (an idempotent send "
             "names both), got only one of them",
         )
+    if fields["epoch"] is not None and fields["producer"] is None:
+        raise Invalid("epoch", "is for idempotent sends: it needs 'producer' and 'sequence'")
+
+
+def _check_init_producer(fields: dict[str, Any]) -> None:
+    if fields["epoch"] is not None and fields["producer"] is None:
+        raise Invalid("epoch", "is the epoch of a producer restarting: it needs 'producer'")
 
 
 def _check_send(fields: dict[str, Any]) -> None:
@@ -229,6 +237,9 @@ _PRODUCER: Final = _int_field(
 )
 _SEQUENCE: Final = _int_field(
     None, 0, MAX_OFFSET, "idempotent sends: the first message's sequence (one per message)"
+)
+_EPOCH: Final = _int_field(
+    None, 0, MAX_PRODUCER_EPOCH, "idempotent sends: the epoch init_producer handed out"
 )
 
 
@@ -320,6 +331,7 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                     "timeout_ms": _TIMEOUT,
                     "producer": _PRODUCER,
                     "sequence": _SEQUENCE,
+                    "epoch": _EPOCH,
                 },
                 writes=True,
                 check=_check_send,
@@ -336,6 +348,7 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                     "timeout_ms": _TIMEOUT,
                     "producer": _PRODUCER,
                     "sequence": _SEQUENCE,
+                    "epoch": _EPOCH,
                 },
                 writes=True,
                 check=_check_producer,
@@ -343,9 +356,17 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
             ),
             OpSchema(
                 "init_producer",
-                {},
+                {
+                    "producer": _int_field(
+                        None, 1, MAX_PRODUCER_ID, "restart this producer: fence its older copies"
+                    ),
+                    "epoch": _int_field(
+                        None, 0, MAX_PRODUCER_EPOCH, "with producer: the epoch it last had"
+                    ),
+                },
                 writes=True,
-                doc="an id for an idempotent producer (served by the master)",
+                check=_check_init_producer,
+                doc="an id for an idempotent producer, or a new epoch for one (the master's)",
             ),
             OpSchema(
                 "pull",

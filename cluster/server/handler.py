@@ -227,6 +227,7 @@ class RequestHandler:
                 messages,
                 build,
                 lambda built: self._append(self._store.put_batch, built),
+                req["epoch"] or 0,
             )
         except SendRefused as refused:
             raise RequestError(refused.status, str(refused)) from None
@@ -258,9 +259,12 @@ class RequestHandler:
         return self._after_append(req, stored.end_offset, answer)
 
     async def _init_producer(self, req: InitProducerRequest, _polls: Wakeups) -> Reply:
-        return make_response(
-            req["id"], producer=self.idempotence.new_producer_id(), span=PRODUCER_SPAN
-        )
+        producer = req["producer"]
+        if producer is None:
+            producer, epoch = self.idempotence.new_producer_id(), 0
+        else:  # a producer starting again with its id: a new epoch fences its old copies
+            epoch = await self.idempotence.restart(producer, req["epoch"] or 0)
+        return make_response(req["id"], producer=producer, epoch=epoch, span=PRODUCER_SPAN)
 
     async def _append(self, put: Callable[[Any], Awaitable[_Result]], what: object) -> _Result:
         try:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cluster.client.sequences import IssuedBatch, SequenceWindow
 from cluster.node.idempotence import (
+    MAX_EPOCH,
     PRODUCER_SPAN,
     WINDOW_BATCHES,
     IdempotenceState,
@@ -218,9 +219,14 @@ def test_the_window_holds_what_the_span_allows() -> None:
     assert SequenceWindow().span == PRODUCER_SPAN
 
 
-@given(st.integers(1, 2**63 - 1), st.integers(0, 2**63), st.integers(1, 4096))
-def test_a_mark_reads_back(producer: int, sequence: int, count: int) -> None:
-    mark = ProducerMark(producer, sequence, count)
+@given(
+    st.integers(1, 2**63 - 1),
+    st.integers(0, 2**63),
+    st.integers(1, 4096),
+    st.integers(0, MAX_EPOCH),
+)
+def test_a_mark_reads_back(producer: int, sequence: int, count: int, epoch: int) -> None:
+    mark = ProducerMark(producer, sequence, count, epoch)
     assert parse_mark(format_mark(mark)) == mark
 
 
@@ -305,3 +311,53 @@ def test_the_flat_window_decides_like_the_plain_rules(
                 state.land(1, sequence, count, offset)
                 plain.land(sequence, count, offset)
         assert [(b.sequence, b.count, b.offset) for b in state.landed(1)] == plain.landed
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["old", "new", "bump"]), st.integers(0, 30), st.booleans()),
+        max_size=60,
+    )
+)
+def test_after_a_bump_the_older_epoch_is_fenced_and_the_newer_never_is(
+    steps: list[tuple[str, int, bool]],
+) -> None:
+    """A zombie (the older epoch) and its restart (the newer) interleave their batches
+    with bumps: once an epoch is bumped past, its batches are FENCED; the newest epoch's
+    batches never are; a replay of what landed knows the same epoch."""
+    state = IdempotenceState(window=4)
+    epochs = {"old": 0, "new": 0}
+    landed: list[tuple[int, ProducerMark]] = []
+    for offset, (who, sequence, lands) in enumerate(steps):
+        if who == "bump":
+            epochs["new"] = state.bump(7, epochs["new"])
+            assert epochs["new"] == state.epoch(7)
+            continue
+        epoch = epochs[who]
+        decision = state.claim(7, sequence, 1, epoch)
+        newest = state.epoch(7)
+        assert (decision.verdict is Verdict.FENCED) is (epoch < newest), (who, epoch, newest)
+        if decision.verdict is Verdict.FENCED:
+            assert f"epoch {newest}" in decision.reason
+        if decision.verdict is Verdict.APPEND and lands:
+            state.land(7, sequence, 1, offset, epoch)
+            landed.append((offset, ProducerMark(7, sequence, 1, epoch)))
+        elif decision.verdict is Verdict.APPEND:
+            state.abandon(7, sequence, epoch)
+    replayed = IdempotenceState.replay(landed, window=4)
+    assert replayed.epoch(7) == max((mark.epoch for _, mark in landed), default=0)
+    if replayed.epoch(7) == state.epoch(7):
+        assert replayed.landed(7) == state.landed(7)
+    else:  # bumped, and no batch of the new epoch landed yet: only this state knows it
+        assert replayed.epoch(7) < state.epoch(7) and state.landed(7) == []
+
+
+def test_a_new_epoch_numbers_from_zero_again() -> None:
+    state = IdempotenceState()
+    state.claim(7, 0, 1)
+    state.land(7, 0, 1, offset=0)
+    assert state.bump(7) == 1
+    assert state.landed(7) == [], "the new epoch's window starts empty"
+    assert state.claim(7, 0, 1, epoch=1).verdict is Verdict.APPEND
+    assert state.claim(7, 0, 1, epoch=0).verdict is Verdict.FENCED
+    assert state.bump(7, at_least=5) == 6, "above what the producer says it had"

@@ -18,8 +18,8 @@ from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
 from cluster.node.idempotent_sends import IdempotentSends
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
-from tests.cluster.test_client_producer import serving
 from storage import BatchAppendResult, Message, MessageStore, StoreConfig
+from tests.cluster.test_client_producer import serving
 from tools.faults.proxy import Direction, FaultProxy
 
 
@@ -209,3 +209,34 @@ async def test_an_append_cancelled_after_writing_is_still_recognised(tmp_path: P
         again = await sends.append(7, 0, request, build, store.put_batch)
         assert again.duplicate and again.offsets == [0]
         assert store.commit_log.max_offset == again.end_offset, "stored once"
+
+
+async def test_a_producer_started_again_with_its_id_fences_the_older_copy(
+    tmp_path: Path,
+) -> None:
+    """Two producers share an id (a zombie and its restart): once the second one starts
+    with the id, the first one's sends are refused PRODUCER_FENCED, naming what to do,
+    and stay refused after a node restart (the epoch is rebuilt from the log)."""
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        await client.admin.create_topic("t", 1)
+        zombie = client.producer(batch_size=1, idempotent=True)
+        assert (await zombie.send("t", b"zombie-1")).ok
+        assert zombie.producer_id is not None and zombie.producer_epoch == 0
+        restarted = client.producer(batch_size=1, idempotent=True, producer_id=zombie.producer_id)
+        assert (await restarted.send("t", b"restarted-1")).ok
+        assert restarted.producer_epoch == 1
+        fenced = await zombie.send("t", b"zombie-2")
+        assert fenced.outcome == "failed" and fenced.status is Status.PRODUCER_FENCED
+        assert fenced.error is not None and "epoch 1" in fenced.error and "stop" in fenced.error
+        assert not Status.PRODUCER_FENCED.retryable
+        producer_id = zombie.producer_id
+    async with serving(tmp_path) as (_node, address), open_client(address) as client:
+        late = await raw_send(client, body=b"zombie-3", producer=producer_id, sequence=9)
+        assert late["status"] is Status.PRODUCER_FENCED, "the epoch came back from the log"
+        current = await raw_send(
+            client, body=b"restarted-2", producer=producer_id, sequence=1, epoch=1
+        )
+        assert current["status"] is Status.OK
+        again = await client.call_master("init_producer", producer=producer_id, epoch=0)
+        assert again["epoch"] == 2, "one above what the node remembers"
+        assert await bodies(client, "t") == [b"zombie-1", b"restarted-1", b"restarted-2"]
