@@ -86,6 +86,7 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "timeout_ms": 5000,
             "producer": None,
             "sequence": None,
+            "epoch": None,
         },
     ),
     (
@@ -120,9 +121,10 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "timeout_ms": 250,
             "producer": None,
             "sequence": None,
+            "epoch": None,
         },
     ),
-    ("init_producer", {}, {}),
+    ("init_producer", {}, {"producer": None, "epoch": None}),
     (
         "pull",
         {"topic": "orders", "queue": 2, "offset": 42},
