@@ -10,7 +10,10 @@ last join; a holder gives a queue up by joining again (after committing it), whi
 does when its heartbeat answers ``rejoin``; the member waiting for the queue is told
 ``rejoin`` at its next heartbeat once the queue is free. So among live members a queue
 is never held twice, and its last holder's final commit lands before the next holder
-fetches. A dead member's queues are free once its session runs out. A commit is
+fetches. A dead member's queues are free once its session runs out. A topic that
+grew queues (``topic alter --queues``) starts a new generation too (:meth:`resize`,
+checked at every heartbeat), so its new queues are shared without waiting for a
+membership change. A commit is
 accepted from a live member, in the generation of its last join, for queues it was
 granted then; anything else is fenced. Membership lives in memory only: after a
 failover the new master knows no members and every heartbeat answers ``rejoin``.
@@ -127,6 +130,26 @@ class GroupMembership:
         group.held[member] = granted
         group.joined_in[member] = group.generation
         return Joined(group.generation, list(granted), len(group.deadlines_s))
+
+    def resize(self, name: str, topics: Mapping[str, int], now_s: float) -> bool:
+        """The group's topics now have these queue counts (topic -> count; a topic left
+        out, e.g. deleted, keeps its queues): when they changed, a new generation shares
+        them out, and every member is told to join again at its next heartbeat.
+        Returns whether it did."""
+        self.expire(now_s)
+        group = self._groups.get(name)
+        if group is None or not group.deadlines_s:
+            return False
+        counts = dict.fromkeys(group.topics, 0)
+        for topic, _queue in group.queues:
+            counts[topic] += 1
+        counts.update((t, n) for t, n in topics.items() if t in counts)
+        queues = [(t, q) for t in group.topics for q in range(counts[t])]
+        if queues == group.queues:
+            return False
+        group.queues = queues
+        group.rebalance()
+        return True
 
     def heartbeat(self, name: str, member: str, generation: int, now_s: float) -> int | None:
         """Keep ``member`` alive; the current generation when it holds it, None when it

@@ -171,7 +171,9 @@ class GroupService:
 
     async def _heartbeat(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
         group, member = req["group"], req["member"]
-        generation = self.membership.heartbeat(group, member, req["generation"], self._clock())
+        now = self._clock()
+        self._follow_queue_counts(group, now)
+        generation = self.membership.heartbeat(group, member, req["generation"], now)
         if generation is None:
             raise RequestError(
                 Status.REJOIN_GROUP,
@@ -179,6 +181,25 @@ class GroupService:
                 "you processed, then join_group again",
             )
         return make_response(req["id"], group=group, generation=generation)
+
+    def _follow_queue_counts(self, group: str, now_s: float) -> None:
+        """A topic of the group that grew queues since its generation began starts a
+        new one (the members hear ``rejoin`` and the new queues are shared)."""
+        state = self.membership.state(group, now_s)
+        if state is None:
+            return
+        counts = {}
+        for name in state.topics:
+            topic = self._topics.get(name)
+            if topic is not None:  # a deleted topic keeps its queues until members re-join
+                counts[name] = topic.queues
+        if self.membership.resize(group, counts, now_s):
+            log.info(
+                "group_rebalanced group=%s reason=queue_count generation=%d queues=%d",
+                group,
+                state.generation,
+                len(state.queues),
+            )
 
     async def _leave(self, req: Mapping[str, Any], _polls: Wakeups) -> Reply:
         left = self.membership.leave(req["group"], req["member"], self._clock())

@@ -136,24 +136,29 @@ def test_membership_generations_hand_over_expiry_and_fencing() -> None:
 
 
 members_and_times = st.lists(
-    st.tuples(st.sampled_from(["join", "beat", "leave"]), st.sampled_from(["a", "b", "c"])),
+    st.tuples(st.sampled_from(["join", "beat", "leave", "grow"]), st.sampled_from(["a", "b", "c"])),
     max_size=40,
 )
 
 
 @given(members_and_times)
 def test_live_members_never_hold_a_queue_twice(steps: list[tuple[str, str]]) -> None:
-    """Any sequence of joins, heartbeats (re-joining when told) and leaves: the queues
-    held by live members are disjoint, and once everyone re-joined they cover all."""
+    """Any sequence of joins, heartbeats (re-joining when told), leaves and a topic
+    growing queues (seen at the next heartbeat, as the node does): the queues held by
+    live members are disjoint, and once everyone re-joined they cover all."""
     groups = GroupMembership()
     generation: dict[str, int] = {}
+    topics = {"t": 5}
     now = 0.0
     for action, member in steps:
         now += 0.01
-        if action == "join" or (action == "beat" and member in generation):
+        if action == "grow":
+            topics["t"] += 1
+        elif action == "join" or (action == "beat" and member in generation):
+            groups.resize("g", topics, now)
             beat = groups.heartbeat("g", member, generation.get(member, -1), now)
             if action == "join" or beat is None:
-                generation[member] = groups.join("g", member, {"t": 5}, 60_000, now).generation
+                generation[member] = groups.join("g", member, topics, 60_000, now).generation
         elif action == "leave" and member in generation:
             groups.leave("g", member, now)
             del generation[member]
@@ -163,8 +168,24 @@ def test_live_members_never_hold_a_queue_twice(steps: list[tuple[str, str]]) -> 
     for _ in range(4):  # settle: every member beats and re-joins when told
         for member in sorted(generation):
             now += 0.01
+            groups.resize("g", topics, now)
             if groups.heartbeat("g", member, generation[member], now) is None:
-                generation[member] = groups.join("g", member, {"t": 5}, 60_000, now).generation
+                generation[member] = groups.join("g", member, topics, 60_000, now).generation
     state = groups.state("g", now)
     if generation and state is not None:
-        assert sorted(q for qs in state.held.values() for q in qs) == [("t", q) for q in range(5)]
+        held = sorted(q for qs in state.held.values() for q in qs)
+        assert held == [("t", q) for q in range(topics["t"])]
+
+
+def test_a_topic_that_grew_queues_starts_a_new_generation_at_the_next_heartbeat() -> None:
+    groups = GroupMembership()
+    first = groups.join("g", "m1", {"t": 2, "u": 1}, 1000, now_s=0.0)
+    assert groups.heartbeat("g", "m1", first.generation, now_s=0.1) == first.generation
+    assert not groups.resize("g", {"t": 2, "u": 1}, now_s=0.2), "unchanged: no rebalance"
+    assert not groups.resize("g", {"t": 2}, now_s=0.2), "a topic left out keeps its queues"
+    assert groups.resize("g", {"t": 4, "u": 1}, now_s=0.3)
+    assert groups.heartbeat("g", "m1", first.generation, now_s=0.4) is None, "told to re-join"
+    again = groups.join("g", "m1", {"t": 4, "u": 1}, 1000, now_s=0.5)
+    assert again.generation == first.generation + 1
+    assert again.assignment == [("t", 0), ("t", 1), ("t", 2), ("t", 3), ("u", 0)]
+    assert not groups.resize("nobody", {"t": 8}, now_s=0.6), "no such group"

@@ -153,3 +153,36 @@ async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Pat
                 if len(again) == 8:
                     break
         assert sorted(again) == sorted(f"m{n}".encode() for n in range(80, 88))
+
+
+async def test_a_topic_that_grew_queues_is_shared_without_a_membership_change(
+    tmp_path: Path,
+) -> None:
+    """topic alter --queues: the member's next heartbeat answers REJOIN_GROUP, and its
+    next join holds the new queues too; a group consumer reads a message sent to a new
+    queue with no member joining or leaving."""
+    async with serving(tmp_path) as address, open_client(address) as client:
+        await client.admin.create_topic("t", 2)
+        one = await master(client, "join_group", group="g", member="m1", topics=["t"])
+        beat = await master(client, "heartbeat", group="g", member="m1", generation=1)
+        assert beat["status"] is Status.OK
+        await client.admin.alter_topic("t", 4)
+        beat = await master(client, "heartbeat", group="g", member="m1", generation=1)
+        assert beat["status"] is Status.REJOIN_GROUP, "the new queues start a generation"
+        again = await master(client, "join_group", group="g", member="m1", topics=["t"])
+        assert again["generation"] == one["generation"] + 1 and len(again["assignment"]) == 4
+        await master(client, "leave_group", group="g", member="m1")
+
+        await client.admin.create_topic("u", 1)
+        options: dict[str, Any] = {"heartbeat_interval_ms": 50, "auto_commit_interval_ms": 50}
+        async with GroupConsumer(client, "h", ["u"], member="c", **options) as consumer:
+            await consumer.wait_assigned()
+            assert len(consumer.assignment) == 1
+            await client.admin.alter_topic("u", 2)
+            result = await client.producer().send("u", b"new queue", queue=1, acks="durable")
+            assert result.ok
+            with trio.fail_after(20):
+                async for message in consumer:
+                    assert message.body == b"new queue"
+                    break
+            assert len(consumer.assignment) == 2 and consumer.rebalances >= 1
