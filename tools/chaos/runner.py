@@ -40,6 +40,7 @@ import trio
 
 from cluster.client import TidelogError, open_client
 from cluster.client.errors import lone_error_as_itself
+from cluster.protocol import Status
 from tools.chaos.cli import run_check
 from tools.chaos.history import HistoryWriter
 from tools.chaos.live import ProgressView
@@ -80,7 +81,7 @@ from tools.faults.loopback import (
 )
 from tools.faults.process import sigkill
 from tools.faults.topology import isolate
-from tools.launcher.cluster import LocalCluster, NodeSettings, acknowledging_epoch
+from tools.launcher.cluster import LocalCluster, NodeSettings, acknowledging_epoch, node_answer
 from tools.launcher.etcd import EtcdCluster, EtcdMember, free_loopback_port
 from tools.process import NodeProcess
 
@@ -132,16 +133,9 @@ class ChaosCluster(Protocol):
 
 
 async def _status_of(address: str) -> dict[str, Any] | None:
-    """The node's status, or None when it does not answer within STATUS_TIMEOUT_S."""
-    with trio.move_on_after(STATUS_TIMEOUT_S):
-        try:
-            async with open_client(
-                address, request_timeout=STATUS_TIMEOUT_S, connect_timeout=STATUS_TIMEOUT_S
-            ) as client:
-                return await client.admin.status()
-        except (TidelogError, OSError):
-            return None
-    return None
+    """The node's own OK status answer, or None when it gives none within STATUS_TIMEOUT_S."""
+    answer = await node_answer(address, "status", STATUS_TIMEOUT_S)
+    return answer if answer is not None and answer["status"] is Status.OK else None
 
 
 async def _master_of(cluster: ChaosCluster) -> tuple[str | None, int | None]:
