@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tools.chaos.nemesis import TARGET_ROLES, draw_schedule
 from tools.chaos.runner import (
+    FailoverCluster,
     RunSettings,
     StaticCluster,
     parse_kinds,
@@ -141,6 +142,22 @@ def test_a_static_cluster_refuses_faults_it_cannot_make(tmp_path: Path) -> None:
     ):
         cluster.fault("power-loss", ["n1"], 0)  # no failover: its unsynced acks would go
     assert required_kinds(cluster, "power-loss-master") == {"power-loss"}
+
+
+def test_both_local_clusters_are_one_launcher_with_each_node_s_fault_switch_on(
+    tmp_path: Path,
+) -> None:
+    static = StaticCluster(tmp_path / "static")
+    failover = FailoverCluster(tmp_path / "failover", etcd_members=1)
+    assert static.local.coordination == "static" and failover.local.coordination == "etcd"
+    for cluster in (static, failover):
+        assert cluster.names == ["n1", "n2", "n3"]
+        for name in cluster.names:
+            env = cluster.local.node_settings[name].env
+            assert env["TIDELOG_FAULT_SYNC_LOG"] == str(cluster.sync_log(name).absolute())
+            assert env["TIDELOG_FAULT_DISK_CONTROL"] == str(cluster.disk_control(name).absolute())
+    with pytest.raises(ValueError, match="needs a three-member etcd"):
+        failover.fault("kill-etcd-leader", ["any"], 0)
 
 
 async def test_a_run_folder_that_holds_a_run_is_refused_before_anything_starts(
