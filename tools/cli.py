@@ -16,8 +16,9 @@ from typing import Any
 
 import trio
 
-from tools.cli_client import add_client_commands, address_argument, attach_relative_times
+from tools.cli_client import add_client_commands, address_argument
 from tools.cli_cluster import add_cluster_commands
+from tools.cli_times import attach_relative_times
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import datetime
 import json
 import os
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -27,6 +26,7 @@ from cluster.protocol import Status
 from cluster.protocol.address import parse_address
 from storage.names import TOPIC_RULE
 from tools.cli_group import add_group_commands, add_group_options, consume_in_group
+from tools.cli_times import time_argument
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -65,46 +65,6 @@ def start_argument(value: str) -> str | int:
     raise argparse.ArgumentTypeError(
         f"{value!r} is not earliest, latest or a queue offset (a whole number, 0 or more)"
     )
-
-
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-
-
-def time_argument(value: str, *, now_s: float | None = None) -> int:
-    """``consume --from-time``: an ISO 8601 time (no zone: UTC) or a time relative to
-    now (``-10m``, ``-90s``, ``-2h``, ``-1d``); microseconds since the epoch."""
-    now_s = time.time() if now_s is None else now_s
-    text = value.strip()
-    if text[:1] == "-" and text[-1:] in _UNIT_SECONDS and text[1:-1].isascii():
-        try:
-            amount = float(text[1:-1])
-        except ValueError:
-            amount = -1.0
-        if amount >= 0:
-            return max(0, int((now_s - amount * _UNIT_SECONDS[text[-1]]) * 1_000_000))
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a time: use ISO 8601 (2026-11-30T18:00:00, UTC unless it "
-            "names a zone, e.g. +01:00) or a time before now (-10m, -90s, -2h, -1d)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0, (when - _EPOCH) // datetime.timedelta(microseconds=1))
-
-
-def attach_relative_times(argv: Sequence[str]) -> list[str]:
-    """``--from-time -10m`` as ``--from-time=-10m``: argparse takes a value starting with
-    a dash for an option of its own (only plain negative numbers are exempt)."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1] == "--from-time" and arg.startswith("-") and arg != "--":
-            out[-1] = f"--from-time={arg}"
-        else:
-            out.append(arg)
-    return out
 
 
 def positive_seconds(value: str) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 from cluster.client import Client, ConsumedMessage, TidelogError
 from cluster.client.group_consumer import GroupConsumer
 from cluster.protocol import Status
+from tools.cli_times import time_argument
 
 __all__ = ["add_group_commands", "add_group_options", "consume_in_group"]
 
@@ -115,6 +116,21 @@ async def _group_describe(client: Client, args: argparse.Namespace) -> int:
 async def _group_reset(client: Client, args: argparse.Namespace) -> int:
     """Move a group's committed positions; refused (GROUP_HAS_MEMBERS) while it has live
     members, since they would overwrite it with their next commit."""
+    positions = await _reset_positions(client, args)
+    await _master_checked(client, "commit_offsets", group=args.group, offsets=positions)
+    if args.json:
+        print(json.dumps({"group": args.group, "offsets": positions}))
+    else:
+        print(f"group {args.group}: positions of {args.topic} reset")
+        print(_table(positions, ["topic", "queue", "offset"]))
+    return 0
+
+
+async def _reset_positions(client: Client, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Where ``group reset`` puts each queue of the topic (or of ``--queue``)."""
+    if args.to_time is not None:  # as consume --from-time: the first stored at or after
+        found = await client.admin.offsets_for_time(args.topic, args.to_time, args.queue)
+        return [{"topic": args.topic, "queue": q, "offset": o} for q, o in sorted(found.items())]
     answer = await client.checked("get_offsets", topic=args.topic, queue=args.queue)
     positions = []
     for entry in answer["offsets"]:
@@ -123,13 +139,7 @@ async def _group_reset(client: Client, args: argparse.Namespace) -> int:
         else:
             offset = entry["min_offset" if args.to_earliest else "max_offset"]
         positions.append({"topic": args.topic, "queue": entry["queue"], "offset": offset})
-    await _master_checked(client, "commit_offsets", group=args.group, offsets=positions)
-    if args.json:
-        print(json.dumps({"group": args.group, "offsets": positions}))
-    else:
-        print(f"group {args.group}: positions of {args.topic} reset")
-        print(_table(positions, ["topic", "queue", "offset"]))
-    return 0
+    return positions
 
 
 async def _master_checked(client: Client, op: str, **fields: Any) -> dict[str, Any]:
@@ -169,5 +179,12 @@ def add_group_commands(
     where.add_argument("--to-latest", action="store_true", help="each queue's end (skip all)")
     where.add_argument(
         "--to-offset", type=int, metavar="N", help="queue offset N (clamped to what is stored)"
+    )
+    where.add_argument(
+        "--to-time",
+        type=time_argument,
+        metavar="TIME",
+        help="each queue's first message stored at or after TIME (as consume --from-time: "
+        "ISO 8601, UTC unless it names a zone, or relative to now: -10m, -90s, -2h, -1d)",
     )
     reset.set_defaults(handler=lambda a: run(a, _group_reset))

@@ -4,6 +4,7 @@ while a member is live and moves the group's positions once none is."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 from pathlib import Path
@@ -77,3 +78,40 @@ async def members_become(address: str, count: int) -> None:
         return len((await describe(address))["members"]) == count
 
     await wait_until(f"{count} live member(s) in group g", check)
+
+
+def test_group_reset_to_a_time(tmp_path: Path) -> None:
+    """group reset --to-time puts each queue at its first message stored at or after the
+    time (as consume --from-time): the group then reads exactly what came since; a time
+    relative to now (-1d) takes every queue back to its start."""
+    with running_node(tmp_path / "node") as node:
+        b = ["-b", node.address]
+        since_us = trio.run(produce_before_and_after, node.address)
+        since = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            microseconds=since_us
+        )
+        reset = tidelog("group", "reset", "g", "--topic", "t", "--to-time", since.isoformat(), *b)
+        assert reset.returncode == 0, reset.stderr
+        read = tidelog("consume", "t", "--group", "g", "--count", "3", *b)
+        assert read.returncode == 0, read.stderr
+        assert sorted(read.stdout.split()) == ["m3", "m4", "m5"]
+        back = tidelog("group", "reset", "g", "--topic", "t", "--to-time", "-1d", "--json", *b)
+        assert back.returncode == 0, back.stderr
+        assert {o["offset"] for o in json.loads(back.stdout)["offsets"]} == {0}
+        everything = tidelog("consume", "t", "--group", "g", "--count", "6", *b)
+        assert sorted(everything.stdout.split()) == [f"m{n}" for n in range(6)]
+        bad = tidelog("group", "reset", "g", "--topic", "t", "--to-time", "yesterday", *b)
+        assert bad.returncode == 2 and "is not a time" in bad.stderr
+
+
+async def produce_before_and_after(address: str) -> int:
+    """m0-m2, then m3-m5 over two queues; the store time of m3 (later than m0-m2's)."""
+    async with open_client(address) as client:
+        await client.admin.create_topic("t", 2)
+        producer = client.producer(acks="durable")
+        before = [await producer.send("t", f"m{n}".encode(), queue=n % 2) for n in range(3)]
+        after = [await producer.send("t", f"m{n}".encode(), queue=n % 2) for n in range(3, 6)]
+        stored_us = [r.store_us for r in before + after]
+        assert all(isinstance(us, int) for us in stored_us)
+        assert max(r.store_us or 0 for r in before) < (after[0].store_us or 0)
+        return after[0].store_us or 0
