@@ -41,6 +41,7 @@ from storage.lock import lock_data_dir
 from storage.mapped_file import MappedFile, fsync_directory, segment_name
 from storage.mapped_file_queue import remove_segment_files, segment_bases
 from storage.record import FLAG_TOPIC_DELETED, Message, StoredRecord
+from storage.record_runs import RecordRuns, queue_record_runs
 from storage.recovery import RecoveryReport, recover
 from storage.retention import RetentionService
 
@@ -433,6 +434,34 @@ class MessageStore:
             total += size
             next_offset = index + 1
         return GetResult(records, next_offset, queue.min_offset, queue.max_offset)
+
+    def get_record_runs(
+        self,
+        topic: str,
+        queue_id: int,
+        queue_offset: int,
+        *,
+        max_messages: int = 32,
+        max_bytes: int = 1 << 20,
+        below_offset: int | None = None,
+    ) -> RecordRuns:
+        """What :meth:`get_messages` returns, as the stored bytes of the records (runs of
+        views into the log, see :mod:`storage.record_runs`): no record is decoded, no
+        CRC checked (the reader checks them), nothing copied."""
+        queue = self.queues.get(topic, queue_id)
+        if queue is None:
+            return RecordRuns([], 0, 0, queue_offset, 0, 0)
+        if self._cutting:
+            next_offset = max(queue_offset, queue.min_offset)
+            return RecordRuns([], 0, 0, next_offset, queue.min_offset, queue.max_offset)
+        return queue_record_runs(
+            self.commit_log,
+            queue,
+            queue_offset,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            below_offset=below_offset,
+        )
 
     def queue_offset_at_time(
         self, topic: str, queue_id: int, store_us: int, *, below_offset: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -12,12 +13,12 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cluster.client.errors import TidelogError, lone_error_as_itself
-from cluster.protocol import Status
+from cluster.protocol import RECORDS_FORMAT, Status, decode_records
 
 if TYPE_CHECKING:
     from cluster.client.client import Client
 
-__all__ = ["ConsumedMessage", "Consumer", "consumed_message"]
+__all__ = ["ConsumedMessage", "Consumer", "consumed_message", "consumed_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ class ConsumedMessage:
     store_us: int
     tags: str | None = None
     props: Mapping[str, str] = attrs.field(factory=dict)
+
+
+def consumed_messages(topic: str, queue: int, response: Mapping[str, Any]) -> list[ConsumedMessage]:
+    """The messages of an ``OK`` ``pull`` answer in either format: ``records`` (the stored
+    bytes, decoded and CRC-checked here; :class:`CorruptRecordError` when one is damaged)
+    or ``messages`` (a map each)."""
+    records = response.get("records")
+    if records is not None:
+        make = partial(ConsumedMessage, topic, queue)
+        return decode_records(records, topic, queue, response["next_offset"], make)
+    return [consumed_message(topic, queue, m) for m in response["messages"]]
 
 
 def consumed_message(topic: str, queue: int, m: Mapping[str, Any]) -> ConsumedMessage:
@@ -123,6 +135,7 @@ class Consumer:
                     offset=offset,
                     max_messages=self.max_messages,
                     wait_ms=self.wait_ms,
+                    format=RECORDS_FORMAT,
                 )
                 status = response["status"]
                 if (
@@ -167,13 +180,10 @@ class Consumer:
                 if status is not Status.OK:
                     raise TidelogError(status, response.get("error", ""), response)
                 unknown_since = 0.0
-                batch = [self._message(queue, m) for m in response["messages"]]
+                batch = consumed_messages(self.topic, queue, response)
                 offset = response["next_offset"]
                 if batch:
                     await out.send(batch)
-
-    def _message(self, queue: int, m: Mapping[str, Any]) -> ConsumedMessage:
-        return consumed_message(self.topic, queue, m)
 
     async def __aenter__(self) -> Consumer:
         self._context: AbstractAsyncContextManager[

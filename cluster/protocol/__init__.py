@@ -18,6 +18,7 @@ Where each part lives (this module only re-exports them):
 - ``cbor_items``: counting a frame's CBOR items before decoding (the decode-work bound);
 - ``errors``: :class:`ProtocolError`;
 - ``requests`` and ``responses``: building envelopes;
+- ``records``: a ``pull`` answer's stored records, decoded and checked by the client;
 - ``address``: the one ``host:port`` parser.
 
 Decoded requests are plain dicts, normalised by a declarative schema per op
@@ -54,12 +55,21 @@ from cluster.protocol.messages import (
     StatusRequest,
     SwitchoverRequest,
 )
+from cluster.protocol.records import (
+    MESSAGES_FORMAT,
+    RECORDS_FORMAT,
+    CorruptRecordError,
+    PulledRecord,
+    decode_records,
+    record_message,
+)
 from cluster.protocol.requests import encode_request, make_request, queue_for_key
 from cluster.protocol.responses import (
     batch_results,
     error_response,
     make_response,
     not_master_response,
+    pull_records_response,
     pull_response,
     pulled_message,
     read_response,
@@ -73,10 +83,13 @@ from cluster.protocol.wording import describe
 from storage.names import is_valid_topic_name
 
 __all__ = [
+    "MESSAGES_FORMAT",
+    "RECORDS_FORMAT",
     "SCHEMAS",
     "Acks",
     "AlterTopicRequest",
     "BatchMessage",
+    "CorruptRecordError",
     "CreateTopicRequest",
     "DeleteTopicRequest",
     "DescribeTopicRequest",
@@ -91,6 +104,7 @@ __all__ = [
     "PromoteRequest",
     "ProtocolError",
     "PullRequest",
+    "PulledRecord",
     "ReadRequest",
     "RepointRequest",
     "Request",
@@ -101,6 +115,7 @@ __all__ = [
     "StatusRequest",
     "SwitchoverRequest",
     "batch_results",
+    "decode_records",
     "describe",
     "encode_frame",
     "encode_request",
@@ -109,10 +124,12 @@ __all__ = [
     "make_request",
     "make_response",
     "not_master_response",
+    "pull_records_response",
     "pull_response",
     "pulled_message",
     "queue_for_key",
     "read_response",
+    "record_message",
     "send_batch_response",
     "send_response",
     "send_result",

@@ -83,6 +83,7 @@ class PullRequest(TypedDict):
     max_messages: int
     max_bytes: int
     wait_ms: int
+    format: str
 
 
 class GetOffsetsRequest(TypedDict):

@@ -13,6 +13,7 @@ __all__ = [
     "error_response",
     "make_response",
     "not_master_response",
+    "pull_records_response",
     "pull_response",
     "pulled_message",
     "read_response",
@@ -167,6 +168,24 @@ def pull_response(
     return make_response(
         req_id,
         messages=messages,
+        next_offset=next_offset,
+        min_offset=min_offset,
+        max_offset=max_offset,
+    )
+
+
+def pull_records_response(
+    req_id: int,
+    records: bytes,
+    next_offset: int,
+    min_offset: int,
+    max_offset: int,
+) -> dict[str, Any]:
+    """Answer to ``pull`` with ``format`` ``records``: ``records`` holds the stored bytes
+    of the messages, back to back (docs/format.md; :func:`decode_records` reads them)."""
+    return make_response(
+        req_id,
+        records=records,
         next_offset=next_offset,
         min_offset=min_offset,
         max_offset=max_offset,

@@ -25,6 +25,7 @@ from cluster.protocol.limits import (
     MAX_WAIT_MS,
 )
 from cluster.protocol.messages import BatchMessage
+from cluster.protocol.records import FORMATS, MESSAGES_FORMAT
 from cluster.protocol.statuses import ACKS_BY_VALUE, Acks, Status
 from cluster.protocol.wording import clip, describe, expected
 from storage.names import TOPIC_RULE, is_valid_topic_name
@@ -160,6 +161,13 @@ def _check_acks(value: str) -> Acks:
     return acks
 
 
+def _check_pull_format(value: str) -> str:
+    if value not in FORMATS:
+        choices = ", ".join(repr(name) for name in FORMATS)
+        raise Invalid("", f"must be one of {choices}, got {describe(value)}")
+    return value
+
+
 def _check_props(props: dict[Any, Any]) -> dict[str, str]:
     for key, value in props.items():
         if type(key) is not str or not key:
@@ -214,6 +222,12 @@ def _int_field(default: Any, low: int, high: int, doc: str, *, required: bool = 
 _TOPIC: Final = Field((str,), required=True, check=_check_topic, doc="topic name")
 _ACKS: Final = Field(
     (str,), default=Acks.DURABLE, check=_check_acks, doc="leader | durable | in_sync | replicated"
+)
+_PULL_FORMAT: Final = Field(
+    (str,),
+    default=MESSAGES_FORMAT,
+    check=_check_pull_format,
+    doc="messages (a map each) | records (their stored bytes, for the client to decode)",
 )
 _TIMEOUT: Final = _int_field(
     DEFAULT_TIMEOUT_MS, 1, MAX_TIMEOUT_MS, "how long to wait for the requested acks"
@@ -383,6 +397,7 @@ SCHEMAS: Final[Mapping[str, OpSchema]] = MappingProxyType(
                     "wait_ms": _int_field(
                         DEFAULT_WAIT_MS, 0, MAX_WAIT_MS, "long-poll: wait this long for data"
                     ),
+                    "format": _PULL_FORMAT,
                 },
                 doc="read messages of one queue from a queue offset",
             ),

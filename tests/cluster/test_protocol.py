@@ -135,6 +135,7 @@ ROUNDTRIPS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "max_messages": 32,
             "max_bytes": 1024 * 1024,
             "wait_ms": 0,
+            "format": "messages",
         },
     ),
     ("get_offsets", {"topic": "orders"}, {"topic": "orders", "queue": None}),

@@ -493,14 +493,14 @@ async def test_internal_errors_answer_one_request_and_the_node_keeps_serving(
     node: Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("bug in get_messages")
+        raise RuntimeError("bug in get_record_runs")
 
     async def broken_wait(_offset: int, _timeout: float) -> bool:
         raise ZeroDivisionError("bug in a deferred wait")
 
     async with client(node) as c, client(node) as other:
         await c.ok("create_topic", topic="t", queues=1)
-        monkeypatch.setattr(node.store, "get_messages", broken)
+        monkeypatch.setattr(node.store, "get_record_runs", broken)
         monkeypatch.setattr(node.store, "wait_durable", broken_wait)
         inline = await c.call("pull", topic="t", queue=0, offset=0)
         deferred = await c.call("send", topic="t", body=b"x", acks="durable")
@@ -508,7 +508,7 @@ async def test_internal_errors_answer_one_request_and_the_node_keeps_serving(
             assert answer["status"] is Status.INTERNAL_ERROR
             assert answer["status"].outcome_unknown
         assert "RuntimeError" in inline["error"] and "ZeroDivisionError" in deferred["error"]
-        assert "bug in get_messages" in caplog.text  # logged with its traceback
+        assert "bug in get_record_runs" in caplog.text  # logged with its traceback
         assert (await c.ok("status"))["role"] == "master"
         assert (await other.ok("send", topic="t", body=b"y", acks="leader"))["queue_offset"] == 1
 

@@ -358,8 +358,12 @@ async def run_bench(
             progress("ceiling: storage in-process")
             figures.update(await storage_ceiling(root, seconds))
         else:
-            figures.update(await bench_produce_on(bootstrap, seconds / 2, progress, ("leader",)))
-            figures.update(await bench_consume_on(bootstrap, seconds, progress, SIZES))
+            pids = [pid for process in processes if (pid := process.pid) is not None]
+            leader = ("leader",)
+            figures.update(await bench_produce_on(bootstrap, seconds / 2, progress, leader, pids))
+            figures.update(
+                await bench_consume_on(bootstrap, seconds, progress, SIZES, pids, produced=figures)
+            )
         return figures
     finally:
         for process in reversed(processes):  # slaves first: the master's exit is clean
