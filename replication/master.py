@@ -33,7 +33,8 @@ import math
 import os
 import resource
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -55,7 +56,13 @@ from replication.tls import (
     handshake_failure,
     server_context,
 )
-from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, send_file_range
+from replication.transfer import (
+    HEADER_SIZE,
+    SMALL_RANGE_BYTES,
+    ChunkHeader,
+    TransferError,
+    send_file_range,
+)
 from replication.wire import (
     CHUNK_CONFIRM,
     HA_VERSION,
@@ -181,6 +188,43 @@ def _open_fds() -> int:
         return 0
 
 
+ACK_READS_PER_YIELD = 16
+"""An ack reader that always finds bytes waiting yields to the other tasks this often."""
+
+
+def _receiver(sock: trio.socket.SocketType) -> Callable[[], Awaitable[bytes]]:
+    """What the ack reader receives with: over plain TCP a ``read`` of the socket that
+    parks only when nothing is waiting, with no scheduler pass after it (trio's
+    ``recv`` has one, and the writes waiting on this ack would wait for it too);
+    over TLS the TLS stream's ``recv``."""
+    if isinstance(sock, TlsSocket):
+        return partial(sock.recv, 4096)
+    fd = sock.fileno()
+    unyielded = 0
+
+    async def receive() -> bytes:
+        nonlocal unyielded
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                unyielded = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            unyielded += 1
+            if unyielded >= ACK_READS_PER_YIELD:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+            return data
+
+    return receive
+
+
+def _confirm_frame(confirm: int) -> bytes:
+    return ChunkHeader(offset=confirm, length=0, flags=CHUNK_CONFIRM).pack()
+
+
 def _address_text(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
@@ -271,11 +315,20 @@ class HAConnection:
         self.send_offset = -1
         self.ack_offset = -1
         self.cancel_scope = trio.CancelScope()
-        self._buffer = (
-            None if settings.use_sendfile else bytearray(2 * HEADER_SIZE + settings.max_chunk)
-        )  # room for a confirm frame and a chunk header ahead of a full chunk
+        copied = settings.max_chunk
+        if settings.use_sendfile:  # only small ranges are copied (one write, see transfer)
+            copied = min(copied, SMALL_RANGE_BYTES)
+        self._buffer = bytearray(2 * HEADER_SIZE + copied)
+        """Room for a confirm frame and a chunk header ahead of the data copied."""
         self._warm_buffer = bytearray(settings.max_chunk)
-        self._wake = trio.Event()
+        self._confirm_delay_s = settings.confirm_delay_ms / 1000
+        self._confirm_due = -math.inf
+        """When the confirm offset the slave has not heard yet goes out on its own (inf:
+        it has heard the current one; at first: at once)."""
+        self._parked: trio.CancelScope | None = None
+        """The scope the caught-up sender is parked in, while it is."""
+        self._heard_at = math.inf
+        """When the ack reader began waiting for the slave's next bytes."""
 
     async def run(self, sock: trio.socket.SocketType) -> None:
         """Serve one slave until it goes away or the stream breaks. The caller closes
@@ -440,24 +493,40 @@ class HAConnection:
             )
         return start
 
-    def wake(self) -> None:
-        """Wake the sender: records arrived or the confirm offset moved (any task)."""
-        self._wake.set()
+    def confirm_moved(self) -> None:
+        """The confirm offset moved (any task of the loop): the slave hears it with the
+        next chunk, or in a confirm frame of its own once ``confirm_delay_ms`` passed
+        without one. The sender is not woken for it: the write that moved it gets its
+        answer first, and a stream busy with chunks carries every confirm for free."""
+        if self._confirm_due == math.inf:
+            self._confirm_due = due = trio.current_time() + self._confirm_delay_s
+            parked = self._parked
+            if parked is not None and due < parked.deadline:
+                parked.deadline = due
 
     async def _idle(self, until: float) -> None:
-        """Park the caught-up sender until :meth:`wake`, ``until`` or the poll interval
-        (the net under an arrival whose wake-up was folded into another's)."""
+        """Park the caught-up sender until the store's next arrival (the append itself
+        wakes it, no relay in between), ``until``, a pending confirm's due time or the
+        poll interval (the net under an append that indexes no entry, like a topic
+        deletion marker, which sets no arrival)."""
         poll_s = self.settings.poll_interval_ms / 1000
-        with trio.move_on_at(min(until, trio.current_time() + poll_s)):
-            await self._wake.wait()
-        self._wake = trio.Event()
+        deadline = min(until, self._confirm_due, trio.current_time() + poll_s)
+        with trio.move_on_at(deadline) as parked:
+            self._parked = parked
+            try:
+                await self.store.wait_for_arrival()
+                if hop_trace.enabled:
+                    hop_trace.record("m.arrival", self.store.commit_log.max_offset)
+            finally:
+                self._parked = None
 
     async def _stream(self, sock: trio.socket.SocketType) -> None:
         """Send committed bytes forever: one chunk per turn, within one segment and below
-        the log end; a confirm frame whenever the confirm offset moved; park when caught
-        up, and send an empty chunk (the heartbeat) after ``heartbeat_ms`` without one.
+        the log end; the confirm offset ahead of the next chunk whenever it moved (or on
+        its own, see :meth:`confirm_moved`); park when caught up, and send an empty chunk
+        (the heartbeat) after ``heartbeat_ms`` without one.
 
-        A confirm frame with a chunk to follow goes out in the chunk header's send (one
+        A confirm frame with a chunk to follow goes out in the chunk's own write (one
         syscall, not two: under pipelined writes nearly every chunk has one before it).
 
         Every byte goes out by this task (one sender on the socket, the transfer
@@ -465,25 +534,33 @@ class HAConnection:
         heartbeat_s = self.settings.heartbeat_ms / 1000
         last_sent = trio.current_time()
         sent_confirm = -1
+        unyielded = False  # a chunk went out with no checkpoint after it (see transfer)
         with _SegmentPin() as pin:
             while True:
                 confirm = self.confirm_source()
-                confirm_frame = b""
-                if confirm != sent_confirm:
-                    confirm_frame = ChunkHeader(
-                        offset=confirm, length=0, flags=CHUNK_CONFIRM
-                    ).pack()
-                    sent_confirm = confirm
                 end = self.store.commit_log.max_offset
                 offset = self.send_offset
+                if offset < end and unyielded:  # the last send had no scheduling point
+                    await trio.lowlevel.checkpoint()
+                    unyielded = False
+                    continue
                 if offset < end:
+                    confirm_frame = b""
+                    if confirm != sent_confirm:
+                        confirm_frame = _confirm_frame(confirm)
+                        sent_confirm, self._confirm_due = confirm, math.inf
                     await self._send_chunk(sock, pin, offset, end, confirm_frame)
-                elif confirm_frame:
-                    await send_all(sock, confirm_frame)
+                    unyielded = True
+                elif confirm != sent_confirm and trio.current_time() >= self._confirm_due:
+                    sent_confirm, self._confirm_due = confirm, math.inf
+                    await send_all(sock, _confirm_frame(confirm))
+                    unyielded = False
                 elif trio.current_time() >= last_sent + heartbeat_s:
                     await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
+                    unyielded = False
                 else:
                     await self._idle(last_sent + heartbeat_s)
+                    unyielded = False
                     continue
                 last_sent = trio.current_time()
 
@@ -515,6 +592,10 @@ class HAConnection:
         header = before + ChunkHeader(offset=offset, length=count).pack()
         if hop_trace.enabled:
             hop_trace.record(f"m.send:{self.name}", offset + count)
+        # Before the send: its bytes leave before it returns (it yields after the write),
+        # and the slave's ack of them may be read first. A send that fails ends the
+        # connection, so this never counts bytes a live stream did not carry.
+        self.send_offset = offset + count
         await send_file_range(
             sock,
             fd,
@@ -524,8 +605,8 @@ class HAConnection:
             use_sendfile=settings.use_sendfile,
             max_call=settings.max_chunk,
             buffer=self._buffer,
+            checkpoint=False,  # the stream parks or checkpoints before its next send
         )
-        self.send_offset = offset + count
 
     async def _read_acks(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
         """Record acks until the slave closes its side (then end the whole connection) or
@@ -533,16 +614,36 @@ class HAConnection:
         frame, a heartbeat repeating the last offset too, reaches ``on_ack``: the
         in-sync set needs to hear that the slave is alive."""
         decoder = AckDecoder()
+        with lone_error_unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_silence)
+                await self._record_acks(sock, decoder, scope)
+                nursery.cancel_scope.cancel()
+
+    async def _watch_silence(self) -> None:
+        """Raise :class:`HAProtocolError` once the slave sent nothing for
+        ``peer_timeout_ms`` (the reader notes each receive in :attr:`_heard_at`: a time
+        read per receive, where a deadline scope per receive cost several us)."""
         timeout_ms = self.settings.peer_timeout_ms
         while True:
-            data = None
-            with trio.move_on_after(timeout_ms / 1000):
-                data = await sock.recv(4096)
-            if data is None:
+            if self._heard_at == math.inf:  # the reader has not started: look again later
+                await trio.sleep(timeout_ms / 1000)
+                continue
+            due = self._heard_at + timeout_ms / 1000
+            if trio.current_time() >= due:
                 raise HAProtocolError(
                     f"slave {self.name} sent nothing for {timeout_ms:.0f} ms "
                     f"(ack_offset {self.ack_offset}): dropping it"
                 )
+            await trio.sleep_until(due)
+
+    async def _record_acks(
+        self, sock: trio.socket.SocketType, decoder: AckDecoder, scope: trio.CancelScope
+    ) -> None:
+        receive = _receiver(sock)
+        while True:
+            self._heard_at = trio.current_time()
+            data = await receive()
             if not data:
                 if decoder.buffered:
                     raise HAProtocolError(f"stream ended inside an ack ({decoder.buffered} B)")
@@ -652,6 +753,12 @@ class HAService:
         """Every connected slave's lag in bytes and ms and whether it is in sync."""
         return self.insync.lags(self.store.commit_log.max_offset, trio.current_time())
 
+    def replicated_now(self, offset: int) -> bool:
+        """Whether :meth:`wait_replicated` would answer True at once: the confirm offset
+        reached ``offset`` and this master is not stale (no scheduling point: the caller
+        answers a satisfied write in the same pass)."""
+        return self.stale is None and offset <= self._confirmed.position
+
     async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
         """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
         needs :meth:`serve` running: it runs the deadline timer), and False at once
@@ -722,7 +829,6 @@ class HAService:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._confirmed.expire_deadlines)
                 nursery.start_soon(self._watch_in_sync)
-                nursery.start_soon(self._relay_arrivals)
                 task_status.started(bound)
                 await self._accept_loop(listener, nursery)
 
@@ -905,7 +1011,8 @@ class HAService:
             if hop_trace.enabled:
                 hop_trace.record("m.confirmed", after)
             self._confirmed.advance(after)
-            self._wake_senders()  # the slaves' read limit follows the confirm offset
+            for connection in self.connections.values():
+                connection.confirm_moved()  # the slaves' read limit follows it
 
     def _log_membership(self, names: frozenset[str], in_sync: dict[str, int]) -> None:
         for name in sorted(self._in_sync_names - names):
@@ -920,18 +1027,6 @@ class HAService:
                 )
         for name in sorted(names - self._in_sync_names):
             log.info("ha_slave_in_sync slave=%s ack_offset=%d", name, in_sync[name])
-
-    def _wake_senders(self) -> None:
-        for connection in self.connections.values():
-            connection.wake()
-
-    async def _relay_arrivals(self) -> None:
-        """One waiter on the store's arrivals for every sender: wake them all."""
-        while True:
-            await self.store.wait_for_arrival()
-            if hop_trace.enabled:
-                hop_trace.record("m.arrival", self.store.commit_log.max_offset)
-            self._wake_senders()
 
     async def _watch_in_sync(self) -> None:
         """Re-judge the set as time passes: dropping a silent laggard is what lets the

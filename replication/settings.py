@@ -16,6 +16,7 @@ from replication.insync import DEFAULT_MAX_LAG_BYTES, DEFAULT_MAX_LAG_MS
 from replication.tls import TlsFiles
 
 __all__ = [
+    "DEFAULT_CONFIRM_DELAY_MS",
     "DEFAULT_HEARTBEAT_MS",
     "DEFAULT_MAX_LAG_BYTES",
     "DEFAULT_MAX_LAG_MS",
@@ -37,6 +38,9 @@ DEFAULT_POLL_INTERVAL_MS: Final = 50.0
 """How long a caught-up sender waits for an arrival before looking at the log again. The
 dispatcher's arrival event is the fast path; the poll covers appends whose dispatch was
 folded into another task's (that one sets the event, but possibly before we waited)."""
+DEFAULT_CONFIRM_DELAY_MS: Final = 2.0
+"""How long a moved confirm offset waits for a chunk to ride on before the master sends
+it to a slave on its own (see ``HAConnection.confirm_moved``)."""
 MAX_CHUNK: Final = 1 << 20
 """Data bytes per chunk: the size the transfer benchmark found to be the knee (see
 ``transfer.DEFAULT_MAX_CALL``), and the slave's receive buffer size."""
@@ -112,6 +116,11 @@ class ReplicationSettings:
     """Data bytes per chunk (master) and the receive buffer's size (slave)."""
     poll_interval_ms: float = attrs.field(default=DEFAULT_POLL_INTERVAL_MS, validator=_positive)
     """Master: how long a caught-up sender waits before looking at the log again."""
+    confirm_delay_ms: float = attrs.field(default=DEFAULT_CONFIRM_DELAY_MS, validator=_not_negative)
+    """Master: how long a moved confirm offset waits to ride ahead of the next chunk
+    before it goes to the slave in a frame of its own (0: at once). A slave's reads
+    stop at the confirm offset it heard, so this bounds how much later than the
+    master a record becomes readable there on an idle stream."""
     slave_ack: str = attrs.field(default="write", validator=_slave_ack_mode)
     """Slave: ``write`` acks what is applied, ``durable`` only what its fsync covers."""
     cold_distance_bytes: int = attrs.field(

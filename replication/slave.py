@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import ssl
 
 import attrs
@@ -27,7 +29,7 @@ from replication.errors import leaves
 from replication.settings import ReplicationSettings
 from replication.state import FollowPlan, follow_plan
 from replication.tls import HANDSHAKE_ERRORS, TlsSocket, client_context, handshake_failure
-from replication.transfer import HEADER_SIZE, ChunkHeader, TransferError, receive_chunk_into
+from replication.transfer import HEADER_SIZE, TransferError, receive_chunk_into
 from replication.wire import (
     CHUNK_CONFIRM,
     HAAuthError,
@@ -132,6 +134,9 @@ class HAClient:
         self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
+        self._heard_at = math.inf
+        """When the apply loop began waiting for the chunk it waits for now (inf: it is
+        not waiting for one)."""
         self._tls_context: ssl.SSLContext | None = None
         """Built from ``settings.tls`` on the first connection (None: plain TCP)."""
 
@@ -143,10 +148,25 @@ class HAClient:
         return limit
 
     async def _send_ack(self, sock: trio.socket.SocketType, offset: int) -> None:
+        """Send an ack frame. With nobody else sending one, it goes out in one plain
+        ``write`` at once: no lock and no scheduler pass before the syscall (trio's send
+        has one after it, and a lock one before), since the master waits for it. A
+        write that does not take the whole frame, and TLS, go the locked way."""
+        frame = pack_ack(offset)
+        if not self._ack_lock.locked() and not isinstance(sock, TlsSocket):
+            if hop_trace.enabled:
+                hop_trace.record("s.ack", offset)
+            try:
+                written = os.write(sock.fileno(), frame)
+            except BlockingIOError:
+                written = 0
+            if written == len(frame):
+                return
+            frame = frame[written:]  # the rest before anyone else's frame: the lock is free
         async with self._ack_lock:
             if hop_trace.enabled:
                 hop_trace.record("s.ack", offset)
-            await send_all(sock, pack_ack(offset))
+            await send_all(sock, frame)
 
     async def _refuse(self, sock: trio.socket.SocketType, offset: int) -> None:
         """Tell the master the bytes at ``offset`` were refused (best effort: the
@@ -163,16 +183,23 @@ class HAClient:
             await trio.sleep(self.settings.heartbeat_ms / 1000)
             await self._send_ack(sock, self.acked_offset)
 
-    async def _receive(self, sock: trio.socket.SocketType, view: memoryview) -> ChunkHeader | None:
-        """The next chunk, or None at a clean end; :class:`HAProtocolError` when the
-        master sent nothing, not even a heartbeat, for ``peer_timeout_ms``."""
+    async def _watch_silence(self) -> None:
+        """Raise :class:`HAProtocolError` once a receive waited ``peer_timeout_ms`` for
+        the next chunk: the master sent nothing, not even a heartbeat. The apply loop
+        notes when each receive starts in :attr:`_heard_at` (a time read per chunk,
+        where a deadline scope per receive cost several microseconds)."""
         timeout_ms = self.settings.peer_timeout_ms
-        with trio.move_on_after(timeout_ms / 1000):
-            return await receive_chunk_into(sock, view)
-        raise HAProtocolError(
-            f"master sent nothing for {timeout_ms:.0f} ms (slave {self.name} at "
-            f"{self.acked_offset}): reconnecting"
-        )
+        while True:
+            if self._heard_at == math.inf:  # not receiving: look again a timeout later
+                await trio.sleep(timeout_ms / 1000)
+                continue
+            due = self._heard_at + timeout_ms / 1000
+            if trio.current_time() >= due:
+                raise HAProtocolError(
+                    f"master sent nothing for {timeout_ms:.0f} ms (slave {self.name} at "
+                    f"{self.acked_offset}): reconnecting"
+                )
+            await trio.sleep_until(due)
 
     async def run(self, host: str, port: int) -> None:
         """Replicate until the master closes the stream (returns) or it breaks (raises).
@@ -210,6 +237,7 @@ class HAClient:
             with lone_error_unwrapped():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat, sock)
+                    nursery.start_soon(self._watch_silence)
                     await self._apply(sock, pending)
                     nursery.cancel_scope.cancel()
 
@@ -280,7 +308,9 @@ class HAClient:
         """Apply chunks and ack each advance until the master closes the stream."""
         view = memoryview(self._buffer)
         while True:
-            header = await self._receive(sock, view)
+            self._heard_at = trio.current_time()  # the silence counts from here
+            header = await receive_chunk_into(sock, view)
+            self._heard_at = math.inf  # applying is not the master's silence
             if header is None:
                 log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
                 return

@@ -22,6 +22,15 @@ Why a copy path as well
     necessarily slower: the receiver copies out of the socket either way, and that
     copy, not the sender, often sets the pace (see ``replication/bench.py``).
 
+Why small ranges take the copy path anyway
+    A chunk of a few records (a sequential or lightly pipelined producer's) is a few
+    KiB: ``preadv`` of it is a memory copy, and header and data then leave in *one*
+    ``write``, where ``sendfile`` needs a second network syscall for the header and
+    trio's send wrapper a scheduler pass between the two, by which the data leaves
+    one pass later. Ranges up to :data:`SMALL_RANGE_BYTES` are copied when the caller
+    passes a buffer that holds them (the master does); larger ones are sent with
+    ``sendfile``.
+
 Why ``MSG_MORE``
     The header is 24 bytes. Sent on its own, TCP could push it out as a tiny
     segment before the data follows (Nagle is usually off on such links). Sending it
@@ -40,7 +49,8 @@ Why never two senders on one socket
 
 Cancellation contract
     Each call is a trio checkpoint (it yields once per chunk, like trio's own
-    sends) and is cancellable between syscalls: it checks before every syscall
+    sends: after the first syscall, so the bytes leave before other tasks run) and
+    is cancellable between syscalls: it checks before every syscall
     and yields again every :data:`YIELD_BYTES`, so a fast receiver that never
     causes ``EAGAIN`` cannot starve the other tasks or hide a deadline. But a chunk
     interrupted halfway cannot be resumed or taken back, and a later chunk on the
@@ -78,6 +88,7 @@ __all__ = [
     "HAVE_SENDFILE",
     "HEADER_SIZE",
     "MAGIC",
+    "SMALL_RANGE_BYTES",
     "VERSION",
     "YIELD_BYTES",
     "ChunkHeader",
@@ -111,6 +122,11 @@ chunk size): 64 KiB and 256 KiB calls moved 0.9-1.1 GB/s at 0.17-0.38 CPU s/GiB 
 the master; 1, 4 and 16 MiB calls 1.1-2.1 GB/s at 0.13-0.27 s/GiB, with the spread
 between runs larger than the differences between those three. 1 MiB keeps one call
 around half a millisecond at loopback speed, so other tasks are not held up."""
+
+SMALL_RANGE_BYTES = 64 << 10
+"""Ranges up to this many bytes go out by the copy path, header and data in one write
+(see the module doc): on the dev VM a 1 KiB chunk took two network syscalls and a
+scheduler pass with ``sendfile``, one write with the copy."""
 
 YIELD_BYTES = 4 << 20
 """A sender that never meets ``EAGAIN`` (a fast receiver) would otherwise never let
@@ -199,15 +215,20 @@ async def send_file_range(
     use_sendfile: bool = True,
     max_call: int = DEFAULT_MAX_CALL,
     buffer: bytearray | None = None,
+    checkpoint: bool = True,
 ) -> int:
     """Send ``header`` then ``count`` bytes of file ``fd`` from ``file_offset``; return bytes sent.
 
     ``sock`` must be a connected stream socket (trio sockets are non-blocking).
     With ``use_sendfile`` (and where ``os.sendfile`` exists) the header goes out
-    with ``MSG_MORE`` and the data with ``os.sendfile``; otherwise ``preadv`` fills
-    ``buffer`` and the header shares the first write with the data. Pass a
-    ``buffer`` of ``len(header) + max_call`` bytes to reuse it across calls (one is
-    allocated per call otherwise). At most ``max_call`` data bytes go per syscall.
+    with ``MSG_MORE`` and the data with ``os.sendfile``, unless ``count`` is at most
+    :data:`SMALL_RANGE_BYTES` and ``buffer`` holds header and data: then, as without
+    ``use_sendfile``, ``preadv`` fills ``buffer`` and the header shares the write
+    with the data. Pass a ``buffer`` of ``len(header) + max_call`` bytes to reuse it
+    across calls (one is allocated per call otherwise). At most ``max_call`` data
+    bytes go per syscall. ``checkpoint=False`` leaves out the scheduling point after
+    the copy path's last write, for a caller that parks or yields right after anyway
+    (it must: a loop of such calls would otherwise never let other tasks run).
 
     Returns ``len(header) + count``. If it raises instead (cancelled, peer gone,
     file too short), the socket's sending side has been shut down and the
@@ -227,17 +248,24 @@ async def send_file_range(
     try:
         if isinstance(sock, TlsSocket):  # encrypted in user space: never sendfile
             await _copy_all_tls(sock, fd, file_offset, count, header, max_call, buffer)
-        elif use_sendfile and HAVE_SENDFILE:
+        elif use_sendfile and HAVE_SENDFILE and not _fits(buffer, header, count):
             await _send_header_more(sock, header)
             await _sendfile_all(sock, sock_fd, fd, file_offset, count, max_call)
         else:
             await _copy_all(sock, sock_fd, fd, file_offset, count, header, max_call, buffer)
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # all out: no cancel here
     except BaseException:
         _shut_down_sending(sock)
         raise
     finally:
         _active_senders.discard(sock_fd)
     return len(header) + count
+
+
+def _fits(buffer: bytearray | None, header: bytes, count: int) -> bool:
+    """Whether a range is small and ``buffer`` holds it with its header (one write)."""
+    return count <= SMALL_RANGE_BYTES and buffer is not None and len(buffer) >= len(header) + count
 
 
 def _shut_down_sending(sock: trio.socket.SocketType) -> None:
@@ -299,8 +327,10 @@ async def _copy_all(
 ) -> None:
     """preadv + write. The header shares the first write; ``buffer`` is used if it is
     longer than the header (``len(header) + max_call`` lets every write carry a full
-    ``max_call`` of data), else one is allocated for this call."""
-    await trio.lowlevel.checkpoint()  # the call's scheduling point, as on the sendfile path
+    ``max_call`` of data), else one is allocated for this call. The call's scheduling
+    point is the caller's, after the last write (a range that fits one write leaves
+    at once)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
     head = len(header)
     if buffer is None or len(buffer) <= head:
         buffer = bytearray(head + min(max_call, count))
@@ -331,7 +361,7 @@ async def _copy_all(
             since_yield += fill
             fill = 0
             if offset >= end:
-                return
+                break
             if since_yield >= YIELD_BYTES:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 since_yield = 0

@@ -180,7 +180,11 @@ async def test_the_slave_read_limit_is_the_masters_confirm_offset(tmp_path: Path
         MessageStore.open(config_at(tmp_path / "a")) as fast,
     ):
         await fill(master, messages(20, seed=73))
-        async with master_serving(master) as (service, address, nursery):
+        # A moved confirm offset goes out at once (not after confirm_delay_ms, waiting
+        # for a chunk to ride on: test_stream_latency), so the blocked-tasks waits below
+        # see the slave's read limit follow it.
+        prompt = ReplicationSettings(heartbeat_ms=100, peer_timeout_ms=1_000, confirm_delay_ms=0)
+        async with master_serving(master, prompt) as (service, address, nursery):
             a = follower(fast, address, tmp_path / "a")
             assert a.read_limit() == 0  # nothing heard from a master yet
             nursery.start_soon(a.run)

@@ -1,0 +1,65 @@
+"""The replicated ack policy's answers without a wait (issue 12): a write its level
+already covers is answered in the same pass, and never by a stale master."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.node.acks import ReplicatedAcks, StandaloneAcks
+from cluster.protocol import Acks, Status
+from replication.slave import HAClient
+from replication.wire import HAProtocolError
+from storage import MessageStore
+from tests.replication.test_ha_epochs import history
+from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
+
+
+async def test_a_covered_write_is_answered_without_a_scheduling_point(tmp_path: Path) -> None:
+    """Once the confirm offset (and, for replicated, the fsync) covers a write, its wait
+    returns without yielding: a connection's queued waits then answer together."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+    ):
+        await fill(master, messages(20, seed=51))
+        end = master.commit_log.max_offset
+        async with serving(master) as (service, port, nursery):
+            nursery.start_soon(HAClient(slave, "s1").run, "127.0.0.1", port)
+            assert await replicated(service, end)
+            policy = ReplicatedAcks(StandaloneAcks(master), service, 1)
+            assert await policy.wait(Acks.DURABLE, end, 10_000) == (Status.OK, None)
+            for acks in (Acks.IN_SYNC, Acks.REPLICATED):
+                waiting = policy.wait(acks, end, 10_000)
+                with pytest.raises(StopIteration) as returned:  # done in its first step
+                    waiting.send(None)
+                assert returned.value.value == (Status.OK, None)
+
+
+async def test_a_stale_master_answers_no_write_even_one_its_confirm_offset_covers(
+    tmp_path: Path,
+) -> None:
+    """A slave proved a newer epoch: what this master replicated may be cut on every
+    slave, so even a write below its confirm offset is not acknowledged."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "a")) as follower,
+        MessageStore.open(config_at(tmp_path / "b")) as newer,
+    ):
+        await fill(master, messages(20, seed=52))
+        end = master.commit_log.max_offset
+        async with serving(master, history=history((1, 0), (2, 0))) as (service, port, nursery):
+            nursery.start_soon(HAClient(follower, "s1").run, "127.0.0.1", port)
+            assert await replicated(service, end)
+            policy = ReplicatedAcks(StandaloneAcks(master), service, 1)
+            assert await policy.wait(Acks.IN_SYNC, end, 10_000) == (Status.OK, None)
+            with pytest.raises(HAProtocolError, match="refused"):
+                await HAClient(newer, "s2", history=history((1, 0), (3, 0))).run("127.0.0.1", port)
+            assert service.stale is not None
+            assert service.confirm_offset >= end
+            assert not service.replicated_now(end)
+            for acks in (Acks.IN_SYNC, Acks.REPLICATED):
+                status, error = await policy.wait(acks, end, 50)
+                assert status is Status.FLUSH_SLAVE_TIMEOUT, acks
+                assert error is not None

@@ -1,0 +1,132 @@
+"""What keeps a replicated ack short (issue 12): a moved confirm offset rides ahead of the
+next chunk instead of waking every slave with a frame of its own (it goes alone only
+after ``confirm_delay_ms`` on an idle stream), and a small chunk leaves in one write."""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from replication import transfer
+from replication.transfer import SMALL_RANGE_BYTES, ChunkHeader, send_file_range
+from replication.wire import CHUNK_CONFIRM, pack_ack, slave_handshake
+from storage import MessageStore
+from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
+
+QUIET = {"heartbeat_ms": 30_000, "peer_timeout_ms": 60_000}
+"""No heartbeat frame gets between the frames these tests read."""
+
+
+async def _read_up_to(sock: trio.socket.SocketType, end: int) -> None:
+    """Read the stream's chunks (and confirm frames) until the log bytes reach ``end``."""
+    buffer = memoryview(bytearray(1 << 20))
+    received = 0
+    while received < end:
+        header = await transfer.receive_chunk_into(sock, buffer)
+        assert header is not None
+        if not header.flags & CHUNK_CONFIRM:
+            assert header.offset == received
+            received += header.length
+
+
+def _nothing_to_read(sock: trio.socket.SocketType) -> bool:
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return not readable
+
+
+async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> None:
+    """Once the slave's ack moved the confirm offset, nothing is sent on an idle stream
+    (within the delay); the next append's chunk comes with the confirm frame ahead of
+    it. Fails on the old code, which sent the confirm frame at once on its own."""
+    async with MessageStore.open(config_at(tmp_path / "master")) as master:
+        await fill(master, messages(20, seed=31))
+        end = master.commit_log.max_offset
+        async with serving(master, confirm_delay_ms=60_000, **QUIET) as (service, port, _):
+            sock = trio.socket.socket()
+            with sock:
+                await sock.connect(("127.0.0.1", port))
+                await slave_handshake(sock, "s1", 0)
+                await _read_up_to(sock, end)
+                await sock.send(pack_ack(end))
+                assert await replicated(service, end)
+                await trio.testing.wait_all_tasks_blocked()
+                assert _nothing_to_read(sock)  # no frame of its own for the confirm
+
+                await fill(master, messages(5, seed=32))
+                buffer = memoryview(bytearray(1 << 20))
+                first = await transfer.receive_chunk_into(sock, buffer)
+                assert first == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
+                chunk = await transfer.receive_chunk_into(sock, buffer)
+                assert chunk is not None and chunk.offset == end and chunk.length > 0
+
+
+async def test_an_idle_stream_sends_the_moved_confirm_on_its_own(tmp_path: Path) -> None:
+    """With no chunk to ride on, the confirm frame goes alone once the delay passed, so
+    a slave's read limit never waits for the next write."""
+    async with MessageStore.open(config_at(tmp_path / "master")) as master:
+        await fill(master, messages(20, seed=33))
+        end = master.commit_log.max_offset
+        async with serving(master, confirm_delay_ms=1, **QUIET) as (service, port, _):
+            sock = trio.socket.socket()
+            with sock:
+                await sock.connect(("127.0.0.1", port))
+                await slave_handshake(sock, "s1", 0)
+                await _read_up_to(sock, end)
+                await sock.send(pack_ack(end))
+                assert await replicated(service, end)
+                with trio.fail_after(10):
+                    header = await transfer.receive_chunk_into(sock, memoryview(bytearray(64)))
+                assert header == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
+
+
+@pytest.fixture
+def data_fd(tmp_path: Path) -> Iterator[int]:
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(SMALL_RANGE_BYTES + 4096))
+    fd = os.open(path, os.O_RDONLY)
+    yield fd
+    os.close(fd)
+
+
+async def test_a_small_range_leaves_in_one_write_a_large_one_by_sendfile(
+    data_fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Header and a small range share one ``write`` (no second network syscall for the
+    header, no scheduling pass in between); past :data:`SMALL_RANGE_BYTES` the data
+    goes by ``sendfile``. Fails on the old code, which sent every range by sendfile."""
+    calls: list[str] = []
+    real_write, real_sendfile = os.write, os.sendfile
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        calls.append("write")
+        return real_write(fd, data)
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls.append("sendfile")
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(transfer.os, "write", write)
+    monkeypatch.setattr(transfer.os, "sendfile", sendfile)
+    left, right = trio.socket.socketpair()
+    with left, right:
+        buffer = bytearray(64 + SMALL_RANGE_BYTES)
+        header = ChunkHeader(0, 1000).pack()
+        await send_file_range(left, data_fd, 0, 1000, header, buffer=buffer)
+        assert calls == ["write"]
+        got = await transfer.recv_exactly_into(right, memoryview(bytearray(24 + 1000)))
+        assert got == 24 + 1000
+
+        calls.clear()
+        count = SMALL_RANGE_BYTES + 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transfer.recv_exactly_into, right, memoryview(bytearray(24 + count)))
+            await send_file_range(
+                left, data_fd, 0, count, ChunkHeader(0, count).pack(), buffer=buffer
+            )
+        assert "sendfile" in calls and "write" not in calls
