@@ -26,8 +26,8 @@ from cluster.client.tls import client_tls
 from cluster.protocol import Status
 from replication.wire import HAProtocolError, slave_handshake
 from tests.helpers import tidelog
-from tests.replication.tls_certs import Pki, make_pki
 from tools.cli_client import _tls_context
+from tools.launcher.pki import Pki, make_pki
 from tools.process import NodeProcess, wait_until
 
 TOPIC = "tls"

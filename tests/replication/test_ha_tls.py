@@ -22,7 +22,7 @@ from replication.tls import TlsFiles
 from replication.wire import HAAuthError, HAProtocolError
 from storage import MessageStore
 from tests.replication.test_ha_stream import config_at, fill, log_bytes, messages
-from tests.replication.tls_certs import Pki, make_pki
+from tools.launcher.pki import Pki, make_pki
 
 SECRET = b"0123456789abcdef-the-cluster"
 SHORT_S = 10
