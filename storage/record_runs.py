@@ -72,7 +72,6 @@ def queue_record_runs(
     """
     next_offset = max(queue_offset, queue.min_offset)
     stop = min(queue.max_offset, next_offset + max_messages)
-    page = _PageBuilder(queue, next_offset)
     log_min, log_end = commit_log.min_offset, commit_log.max_offset
     read_limit = _NO_LIMIT if below_offset is None else below_offset
     topic = queue.topic.encode("ascii")
@@ -81,6 +80,9 @@ def queue_record_runs(
     unpack = _CHECKED.unpack_from
     segment_base = segment_end = -1
     view = memoryview(b"")
+    runs: list[tuple[int, memoryview]] = []
+    run_view, run_base, run_start, run_end = view, -1, -1, -1  # the run being built
+    records = total = 0
     index = next_offset
     while index < stop:
         byte = index * ENTRY_SIZE
@@ -89,10 +91,9 @@ def queue_record_runs(
         last = min(entry_file.size, stop * ENTRY_SIZE - entry_file.base)
         for offset, size, _tags in ENTRY.iter_unpack(entry_file.view[first:last]):
             end = offset + size
-            if end > read_limit:
-                return page.done()  # not served yet (a slave's confirm offset)
-            if page.records and page.size + size > max_bytes:
-                return page.done()
+            if end > read_limit or (records and total + size > max_bytes):
+                stop = index  # not served yet (a read limit), or the page is full
+                break
             if not segment_base <= offset < segment_end and log_min <= offset < log_end:
                 segment = find(offset)
                 view, segment_base = segment.view, segment.base
@@ -106,54 +107,23 @@ def queue_record_runs(
                 or unpack(view, pos) != (size, RECORD_MAGIC, queue_id, index, offset, topic_size)
                 or view[pos + HEADER_SIZE : pos + HEADER_SIZE + topic_size] != topic
             ):
-                if page.records:
-                    return page.done()
-                raise OffsetOutOfRangeError(
-                    f"{queue.topic}/{queue.queue_id}: queue offset {index} has no record in "
-                    f"the log (its entry points at log offset {offset}, size {size}; the log "
-                    f"ends at {log_end}): the queue is being cut or rebuilt; retry the pull"
-                )
-            page.add(view, segment_base, pos, size)
+                if not records:
+                    raise OffsetOutOfRangeError(
+                        f"{queue.topic}/{queue_id}: queue offset {index} has no record in the "
+                        f"log (its entry points at log offset {offset}, size {size}; the log "
+                        f"ends at {log_end}): the queue is being cut or rebuilt; retry the pull"
+                    )
+                stop = index  # the page ends before an entry that does not lead to its record
+                break
+            if pos == run_end and segment_base == run_base:
+                run_end += size
+            else:
+                if run_start >= 0:
+                    runs.append((run_base + run_start, run_view[run_start:run_end]))
+                run_view, run_base, run_start, run_end = view, segment_base, pos, pos + size
+            records += 1
+            total += size
             index += 1
-    return page.done()
-
-
-class _PageBuilder:
-    """Accumulates records into runs: a record right after the run's end (same segment)
-    extends it, any other starts a new one."""
-
-    __slots__ = (
-        "_base", "_end", "_next_offset", "_queue", "_start", "_view", "records", "runs", "size",
-    )  # fmt: skip
-
-    def __init__(self, queue: ConsumeQueue, next_offset: int) -> None:
-        self._queue = queue
-        self.runs: list[tuple[int, memoryview]] = []
-        self.records = 0
-        self.size = 0
-        self._view = memoryview(b"")
-        self._base = self._start = self._end = -1
-        self._next_offset = next_offset
-
-    def add(self, view: memoryview, base: int, pos: int, size: int) -> None:
-        if pos != self._end or base != self._base:
-            self._close_run()
-            self._view, self._base, self._start = view, base, pos
-            self._end = pos
-        self._end += size
-        self.records += 1
-        self.size += size
-        self._next_offset += 1
-
-    def _close_run(self) -> None:
-        if self._start >= 0:
-            self.runs.append((self._base + self._start, self._view[self._start : self._end]))
-        self._start = -1
-
-    def done(self) -> RecordRuns:
-        self._close_run()
-        queue = self._queue
-        return RecordRuns(
-            self.runs, self.records, self.size, self._next_offset, queue.min_offset,
-            queue.max_offset,
-        )  # fmt: skip
+    if run_start >= 0:
+        runs.append((run_base + run_start, run_view[run_start:run_end]))
+    return RecordRuns(runs, records, total, index, queue.min_offset, queue.max_offset)
