@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cluster.coordination.etcd import EtcdClient
 from cluster.coordination.ha_loop import HaRole
 from cluster.node import Node
 from storage import sync_log
@@ -22,7 +23,7 @@ __all__ = ["node"]  # the fixture: a node elected master on the test's etcd
 
 
 async def test_a_master_whose_fsync_fails_leaves_the_group_and_says_why(
-    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, etcd_endpoints: list[str]
 ) -> None:
     assert node.address is not None and node.coordinator is not None
     etcd, settings = node.coordinator.etcd, node.coordinator.settings
@@ -42,7 +43,9 @@ async def test_a_master_whose_fsync_fails_leaves_the_group_and_says_why(
     assert "storage failed" in node.stopped_itself and "fdatasync" in node.stopped_itself
 
     async def leader_key_gone() -> bool:
-        return await etcd.get(settings.keys.leader(settings.group)) is None
+        # an etcd client of the test's own: the node closes its client as it stops
+        async with EtcdClient(etcd_endpoints) as own:
+            return await own.get(settings.keys.leader(settings.group)) is None
 
     # resigned (the old code kept renewing its lease): the group is free for a replica
     await wait_until("the leader key deleted by the resign", leader_key_gone, timeout=10)

@@ -273,6 +273,7 @@ def test_status_table() -> None:
         Status.SLAVE_NOT_AVAILABLE,
         Status.SHUTTING_DOWN,
         Status.TOO_MANY_CONNECTIONS,
+        Status.COORDINATION_UNAVAILABLE,
     }
     assert unknown == {
         Status.FLUSH_DISK_TIMEOUT,
