@@ -6,7 +6,10 @@ until Ctrl-C or SIGTERM, then stops every process by its PID. ``up --detach`` le
 cluster running and writes DIR/cluster.json (PIDs, addresses), which ``status`` and
 ``down`` read. ``up --etcd-members 3`` runs a three-member etcd, so that etcd's own
 faults (its leader killed, a member lost) can be tried; ``status`` shows each member's
-health and which one leads, ``down`` stops every member by its PID.
+health and which one leads, ``down`` stops every member by its PID. ``up --tls`` makes
+a throwaway CA and a certificate per node in DIR/tls and runs both ports of every node
+on TLS (clients verify the nodes with ``--tls-ca DIR/tls/ca.pem`` and need no
+certificate; replication is mutual TLS); ``status`` reads the CA from the state file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 import trio
 
 from cluster.client import TidelogError, open_client
+from cluster.client.tls import client_tls
 from tools.cli_admin import add_forget_member
 from tools.cli_client import address_argument, bootstrap_addresses
 from tools.launcher.cluster import (
@@ -37,6 +42,7 @@ from tools.launcher.cluster import (
     stop_pids,
 )
 from tools.launcher.etcd import EtcdEndpointHealth, EtcdLaunchError, probe_endpoints
+from tools.launcher.pki import PkiError
 
 DEFAULT_DIR = Path("tidelog-cluster")
 REFRESH_S = 1.0
@@ -148,18 +154,20 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         etcd_members=args.etcd_members or 1,
         min_insync_replicas=args.min_insync_replicas,
         new_session=True,
+        tls=args.tls,
     )
     if not args.json:
         members = args.etcd_members or 1
         local = "a local etcd" if members == 1 else f"a local etcd of {members} members"
         where = "etcd at " + args.etcd if args.etcd else local
-        print(f"starting {where} and {args.replicas} nodes (data: {root}) ...", flush=True)
+        secured = ", TLS on every port" if args.tls else ""
+        print(f"starting {where} and {args.replicas} nodes{secured} (data: {root}) ...", flush=True)
     detached = False
     try:
         try:
             cluster.start()
             master = trio.run(cluster.wait_for_master)
-        except (ClusterLaunchError, EtcdLaunchError, TimeoutError) as exc:
+        except (ClusterLaunchError, EtcdLaunchError, PkiError, TimeoutError) as exc:
             print(f"tidelog cluster up: cannot start: {exc}", file=sys.stderr)
             return 1
         cluster.write_state()
@@ -199,10 +207,13 @@ def _addresses_text(cluster: LocalCluster, master: str) -> str:
     for name in cluster.names:
         marker = "  (master)" if name == master else ""
         lines.append(f"{name}: {cluster.address(name)}  pid {cluster.pid(name)}{marker}")
+    lines += ["", "in a second terminal:", f"  export TIDELOG_BOOTSTRAP={bootstrap}"]
+    if cluster.ca_file is not None:
+        lines += [
+            f"  export TIDELOG_TLS_CA={cluster.ca_file}    # or --tls-ca {cluster.ca_file}",
+            "  # every port speaks TLS: clients trust this CA and need no certificate",
+        ]
     lines += [
-        "",
-        "in a second terminal:",
-        f"  export TIDELOG_BOOTSTRAP={bootstrap}",
         "  tidelog topic create orders --queues 4",
         "  printf 'one\\ntwo\\n' | tidelog produce orders --acks replicated",
         "  tidelog consume orders --follow --meta",
@@ -259,13 +270,20 @@ def _state_or_error(args: argparse.Namespace, command: str) -> dict[str, Any] | 
     return None
 
 
+def _client_tls(state: dict[str, Any]) -> ssl.SSLContext | None:
+    """The context to ask the nodes of a cluster started with ``--tls`` (its CA)."""
+    tls = state.get("tls")
+    return client_tls(str(tls["ca_file"])) if tls else None
+
+
 async def _views_from_state(state: dict[str, Any]) -> list[NodeView]:
     found: dict[str, NodeView] = {}
+    tls = _client_tls(state)
 
     async def one(node: dict[str, Any]) -> None:
         pid: int | None = node.get("pid")
         running = pid is not None and pid_alive(pid) and process_matches(pid, "tools.cli")
-        status = await node_answer(node["address"], "status") if running else None
+        status = await node_answer(node["address"], "status", tls=tls) if running else None
         found[node["name"]] = NodeView(node["name"], node["address"], pid, running, status)
 
     async with trio.open_nursery() as nursery:
@@ -317,7 +335,11 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     state = _state_or_error(args, "status")
     if state is None:
         return 2
-    rows = status_rows(trio.run(_views_from_state, state))
+    try:
+        rows = status_rows(trio.run(_views_from_state, state))
+    except ValueError as exc:  # the CA file of a --tls cluster is gone or unreadable
+        print(f"tidelog cluster status: {exc}", file=sys.stderr)
+        return 2
     health, group = trio.run(_etcd_view, state)
     etcd = etcd_rows(state, health)
     recorded = (
@@ -456,6 +478,13 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="in-sync slaves acks=replicated needs (default 1)",
+    )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every port: a throwaway CA and a certificate per node in DIR/tls "
+        "(openssl); clients add --tls-ca DIR/tls/ca.pem (no client certificate); "
+        "replication is mutual TLS",
     )
     up.add_argument("--detach", action="store_true", help="leave the cluster running and return")
     up.add_argument(

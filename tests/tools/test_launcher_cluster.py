@@ -12,6 +12,7 @@ import trio
 from tools.faults import FaultProxy, Kill, fault_env
 from tools.launcher import ClusterLaunchError, LocalCluster, NodeSettings
 from tools.launcher.cluster import acknowledging_epoch
+from tools.process import wait_until
 
 
 def _command_line(pid: int) -> list[str]:
@@ -134,5 +135,53 @@ async def test_each_node_may_reach_etcd_through_endpoints_of_its_own(tmp_path: P
                 assert command[command.index("--etcd") + 1] == endpoints
             assert proxy.connections > 0
             nursery.cancel_scope.cancel()
+    finally:
+        cluster.stop(kill=True)
+
+
+async def test_a_static_group_over_tls_learns_the_masters_replication_port(
+    tmp_path: Path,
+) -> None:
+    """With ``tls`` both ports of every node speak TLS with certificates of the cluster's
+    throwaway CA (the slave's names its own address, 127.0.0.2, which clients dial). The
+    master binds a replication port of its own choosing (``--ha-port 0``: none picked
+    ahead that another process could take meanwhile); the launcher reads it from the
+    master's status for the slave, and the master's restart keeps it."""
+    cluster = LocalCluster(
+        tmp_path / "group",
+        replicas=2,
+        coordination="static",
+        node_prefix="n",
+        tls=True,
+        node_settings={"n2": NodeSettings(host="127.0.0.2")},
+    )
+
+    async def in_sync() -> bool:
+        status = (await cluster.view("n1")).status
+        in_sync = (status or {}).get("replication", {}).get("in_sync", [])
+        return [slave["name"] for slave in in_sync] == ["n2"]
+
+    try:
+        await trio.to_thread.run_sync(cluster.start)
+        assert cluster.ca_file == tmp_path / "group" / "tls" / "ca.pem"
+        master_pid = cluster.pid("n1")
+        assert master_pid is not None
+        command = _command_line(master_pid)
+        assert command[command.index("--ha-port") + 1] == "0"
+        status = (await cluster.view("n1")).status
+        assert status is not None and cluster.ha_port > 0
+        assert status["replication"]["ha_address"] == f"127.0.0.1:{cluster.ha_port}"
+        assert status["tls"] == {"client": "tls", "ha": "mutual", "peer_names": True}
+        slave = (await cluster.view("n2")).status
+        assert slave is not None and slave["tls"]["client"] == "tls"
+        await wait_until("n2 in sync over mutual TLS", in_sync)
+
+        cluster.kill("n1")
+        await trio.to_thread.run_sync(cluster.restart, "n1")
+        restarted_pid = cluster.pid("n1")
+        assert restarted_pid is not None and restarted_pid != master_pid
+        command = _command_line(restarted_pid)
+        assert command[command.index("--ha-port") + 1] == str(cluster.ha_port)
+        await wait_until("n2 in sync with the restarted master", in_sync)
     finally:
         cluster.stop(kill=True)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,11 @@ import attrs
 import trio
 
 from cluster.client import TidelogError, open_client
+from cluster.client.tls import client_tls
 from cluster.coordination.etcd import EtcdClient, EtcdError
 from cluster.coordination.keys import ClusterKeys, GroupState
-from tools.launcher.etcd import EtcdCluster, free_loopback_port
+from tools.launcher.etcd import EtcdCluster
+from tools.launcher.pki import Pki, make_pki
 from tools.process import NodeProcess
 
 __all__ = [
@@ -49,6 +53,8 @@ STATUS_TIMEOUT_S = 2.0
 """A node that does not answer ``status`` within this is shown as not answering."""
 POLL_INTERVAL_S = 0.05
 STATE_FILE = "cluster.json"
+TLS_DIR = "tls"
+"""Under the cluster's root: the throwaway CA (``ca.pem``) and each node's certificate."""
 COORDINATIONS = ("etcd", "static")
 """etcd: the nodes elect their master through etcd; static: the first node is the master
 and the others its slaves, fixed roles and no etcd."""
@@ -59,10 +65,16 @@ class ClusterLaunchError(RuntimeError):
 
 
 async def node_answer(
-    address: str, op: str, timeout_s: float = STATUS_TIMEOUT_S, **fields: Any
+    address: str,
+    op: str,
+    timeout_s: float = STATUS_TIMEOUT_S,
+    *,
+    tls: ssl.SSLContext | None = None,
+    **fields: Any,
 ) -> dict[str, Any] | None:
     """``op``'s answer from the node at ``address`` itself (never another node), or None
-    when it cannot answer (killed, paused, starting)."""
+    when it cannot answer (killed, paused, starting). ``tls``: the client port speaks
+    TLS (a context trusting the cluster's CA)."""
     with trio.move_on_after(timeout_s):
         try:
             async with open_client(
@@ -70,6 +82,7 @@ async def node_answer(
                 request_timeout=timeout_s,
                 connect_timeout=timeout_s,
                 failover_timeout=0.0,
+                tls=tls,
             ) as client:
                 return await client.call(op, **fields)
         except (TidelogError, OSError):
@@ -176,8 +189,13 @@ class LocalCluster:
     ``coordination="etcd"`` (the default): the nodes elect their master. With
     ``etcd_endpoints`` they use that etcd; else ``etcd_members`` members are started (3 to
     test etcd's own faults), each with ``etcd_args``. ``coordination="static"``: no etcd;
-    the first node is the master (replication on ``ha_port``, 0: a free one chosen at
-    start) and the others its slaves. ``node_args`` go to every node; ``host`` and
+    the first node is the master (replication on ``ha_port``; 0: the port the master
+    bound, read from its status and kept for its restarts) and the others its slaves.
+    ``tls``: both ports of every node speak TLS with certificates of a throwaway CA made
+    in ``root/tls`` at start (:mod:`tools.launcher.pki`): clients verify the node's
+    certificate against ``root/tls/ca.pem`` and need none of their own; the replication
+    port is mutual TLS, and a master takes a slave only if its certificate names the
+    node it claims to be (``tls_peer_names``). ``node_args`` go to every node; ``host`` and
     ``command_prefix`` are every node's defaults; ``node_settings`` holds what differs per
     node (:class:`NodeSettings`), read when a node is first started.
 
@@ -207,8 +225,12 @@ class LocalCluster:
     coordination: str = attrs.field(default="etcd", validator=attrs.validators.in_(COORDINATIONS))
     node_prefix: str = "node-"
     ha_port: int = 0
-    """static: the master's replication port (0: a free one, chosen by ``start_nodes``)."""
+    """static: the master's replication port (0: the one it binds, set by ``start_nodes``)."""
     node_settings: dict[str, NodeSettings] = attrs.field(factory=dict)
+    tls: bool = False
+    pki: Pki | None = None
+    """With ``tls``: the CA and the nodes' certificates, made by ``start_nodes``."""
+    _client_tls: ssl.SSLContext | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.replicas < 1:
@@ -255,6 +277,18 @@ class LocalCluster:
         """Client addresses of every node: a client's bootstrap list."""
         return [node.address for node in self.nodes.values()]
 
+    @property
+    def ca_file(self) -> Path | None:
+        """With ``tls``: the CA certificate a client trusts (``--tls-ca``)."""
+        return self.pki.ca_file if self.pki is not None else None
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        """With ``tls``: a client's context for the nodes (trusting :attr:`ca_file`)."""
+        if self._client_tls is None and self.pki is not None:
+            self._client_tls = client_tls(str(self.pki.ca_file))
+        return self._client_tls
+
     def start(self) -> LocalCluster:
         """Start etcd (unless endpoints were given, or the group is static) and every node;
         returns once each node listens. Everything started is stopped again if any of it
@@ -284,12 +318,16 @@ class LocalCluster:
         start waiting for its interpreter to load and listen."""
         self._check_node_settings()
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.tls and self.pki is None:
+            self.pki = self._make_pki()
         names = self.names
         if self.coordination == "static":
-            self.ha_port = self.ha_port or free_loopback_port()
             master, names = names[0], names[1:]
             self.nodes[master] = self._node(master)
             self._start_node(master)
+            if not self.ha_port:
+                self.ha_port = self._bound_ha_port(master)
+                self.nodes[master].extra_args = self._args(master)  # a restart keeps it
         for name in names:
             self.nodes[name] = self._node(name)
         if not names:
@@ -331,13 +369,64 @@ class LocalCluster:
             "--master-client", self.address(master),
         ]  # fmt: skip
 
+    def _make_pki(self) -> Pki:
+        """A CA and a certificate per node naming its name and the address it listens on."""
+        addresses = {}
+        for name in self.names:
+            host = self.node_settings.get(name, NodeSettings()).host or self.host
+            addresses[name] = ["127.0.0.1", *([host] if host and host != "127.0.0.1" else [])]
+        return make_pki(self.root / TLS_DIR, self.names, addresses=addresses)
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        """Both ports on TLS with the node's certificate; the HA port mutual, and a slave
+        must be the node its certificate names. Clients need no certificate."""
+        if self.pki is None:
+            return {}
+        cert, key = (str(path) for path in self.pki.ends[name])
+        return {
+            "TIDELOG_SERVER_TLS_CERT_FILE": cert,
+            "TIDELOG_SERVER_TLS_KEY_FILE": key,
+            "TIDELOG_REPLICATION_TLS_CERT_FILE": cert,
+            "TIDELOG_REPLICATION_TLS_KEY_FILE": key,
+            "TIDELOG_REPLICATION_TLS_CA_FILE": str(self.pki.ca_file),
+            "TIDELOG_REPLICATION_TLS_PEER_NAMES": "true",
+        }
+
+    def _bound_ha_port(self, name: str) -> int:
+        """The replication port node ``name`` bound (asked ``--ha-port 0``), from its
+        status: no port is picked ahead and lost to another process meanwhile. Asked from
+        a trio run of its own in a worker thread, so any caller (a trio thread too) may
+        start the cluster."""
+        ask = functools.partial(self._wait_ha_address, name)
+        with concurrent.futures.ThreadPoolExecutor(1) as asker:
+            ha_address = asker.submit(trio.run, ask).result()
+        return int(ha_address.rpartition(":")[2])
+
+    async def _wait_ha_address(self, name: str) -> str:
+        last: dict[str, Any] | None = None
+        with trio.move_on_after(self.start_timeout_s):
+            while True:
+                last = await node_answer(self.address(name), "status", tls=self.client_tls)
+                ha_address = ((last or {}).get("replication") or {}).get("ha_address")
+                if ha_address:
+                    return str(ha_address)
+                await trio.sleep(POLL_INTERVAL_S)
+        raise ClusterLaunchError(
+            f"{name} did not report its replication address within {self.start_timeout_s}s "
+            f"(its last status: {last}); see {self.root / f'{name}.log'}"
+        )
+
+    def _args(self, name: str) -> list[str]:
+        settings = self.node_settings.get(name, NodeSettings())
+        return [*self._role_args(name, settings), *self.node_args, *settings.args]
+
     def _node(self, name: str) -> NodeProcess:
         settings = self.node_settings.get(name, NodeSettings())
         return NodeProcess(
             self.data_dir(name),
             name=name,
-            extra_args=[*self._role_args(name, settings), *self.node_args, *settings.args],
-            env=dict(settings.env) or None,
+            extra_args=self._args(name),
+            env={**self._tls_env(name), **settings.env} or None,
             log_level=self.log_level,
             host=settings.host or self.host,
             command_prefix=settings.command_prefix or self.command_prefix,
@@ -411,7 +500,7 @@ class LocalCluster:
     async def view(self, name: str) -> NodeView:
         node = self.nodes[name]
         running = node.is_running()
-        status = await node_answer(node.address, "status") if running else None
+        status = await node_answer(node.address, "status", tls=self.client_tls) if running else None
         return NodeView(name, node.address, node.pid, running, status)
 
     async def views(self) -> list[NodeView]:
@@ -487,6 +576,11 @@ class LocalCluster:
             "root": str(self.root),
             "cluster": self.cluster_name,
             "group": self.group,
+            "tls": (
+                {"ca_file": str(self.ca_file), "client": "tls", "ha": "mutual"}
+                if self.ca_file is not None
+                else None
+            ),
             "etcd": {
                 "endpoints": self.endpoints,
                 "managed": etcd is not None,

@@ -60,7 +60,7 @@ class AckedLoad:
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_client(self.cluster.addresses) as client:
+        async with open_client(self.cluster.addresses, tls=self.cluster.client_tls) as client:
             await client.admin.create_topic(self.topic, self.queues, exist_ok=True)
             producer = client.producer(acks=self.acks, retries=10_000, retry_backoff_ms=5)
 
