@@ -10,7 +10,7 @@ from cluster.protocol.codec import encode_frame
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import MAX_QUEUES, MAX_REQUEST_ID, PROTOCOL_VERSION
 from cluster.protocol.plain_send import plain_send
-from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, validate
+from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, KnownTopics, validate
 from cluster.protocol.statuses import Status
 from cluster.protocol.wording import clip, describe
 from storage.names import is_valid_topic_name
@@ -56,18 +56,21 @@ def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
 
 
 _SEND_FIELDS: Final = frozenset(SCHEMAS["send"].fields)
+_GOOD_TOPICS: Final = KnownTopics()
+"""Topic names this process checked against the rule (a client sends to a few, often)."""
 
 
 def _is_plain_send(fields: dict[str, Any]) -> bool:
     """``fields`` make a valid send in the common shape (see :mod:`cluster.protocol.plain_send`):
     no unknown field, a topic the name rule accepts. False: the full check decides."""
     topic = fields.get("topic")
-    return (
-        type(topic) is str
-        and is_valid_topic_name(topic)
-        and not fields.keys() - _SEND_FIELDS
-        and plain_send(fields) is not None
-    )
+    if type(topic) is not str:
+        return False
+    if topic not in _GOOD_TOPICS:
+        if not is_valid_topic_name(topic):
+            return False
+        _GOOD_TOPICS.add(topic)
+    return _SEND_FIELDS.issuperset(fields) and plain_send(fields) is not None
 
 
 def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
