@@ -1,8 +1,9 @@
 """The blocking client, for scripts and notebooks: every call returns its result.
 
 The async client runs in an event loop on a thread of its own (anyio's blocking portal);
-each call hands its coroutine to that loop and blocks only the calling thread, so sends
-from several threads still share batches (``linger_ms``) and connections::
+each call hands its coroutine to that loop (through a :class:`Crossing`, a queue the loop
+drains in one wakeup for many threads' calls) and blocks only the calling thread, so
+sends from several threads still share batches (``linger_ms``) and connections::
 
     with connect("127.0.0.1:7600") as client:
         client.admin.create_topic("orders", 4, exist_ok=True)
@@ -12,25 +13,28 @@ from several threads still share batches (``linger_ms``) and connections::
                 ...
 
 Outcomes are the async client's own: :class:`SendResult` with ``ok``/``failed``/
-``unknown``, the same errors raised (in the calling thread).
+``unknown``, the same errors raised (in the calling thread). A call made after the
+``with`` block, or still pending (from another thread) when it exits, raises
+:class:`ClientClosedError`; a call from the loop's own thread raises ``RuntimeError``.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import start_blocking_portal
 
 from cluster.client.admin import Admin
 from cluster.client.client import Client, open_client
 from cluster.client.consumer import ConsumedMessage, Consumer
+from cluster.client.crossing import ClientClosedError, Crossing, open_crossing
 from cluster.client.group_consumer import GroupConsumer
 from cluster.client.producer import Producer, SendResult
 
 __all__ = [
+    "ClientClosedError",
     "SyncAdmin",
     "SyncClient",
     "SyncConsumer",
@@ -43,21 +47,25 @@ T = TypeVar("T")
 
 
 class _Bound:
-    """Something living in the portal's event loop, called from other threads."""
+    """Something living in the portal's event loop, called from other threads through its
+    :class:`Crossing`."""
 
-    def __init__(self, portal: BlockingPortal) -> None:
-        self._portal = portal
+    def __init__(self, crossing: Crossing) -> None:
+        self._crossing = crossing
 
     def _call(self, function: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
-        return self._portal.call(functools.partial(function, *args, **kwargs))
+        return cast(T, self._crossing.call(function, *args, **kwargs))
+
+    def _call_sync(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return cast(T, self._crossing.call(function, *args, **kwargs))
 
 
 class SyncProducer(_Bound):
     """A :class:`Producer` whose sends block until their outcome is known. Any number of
     threads may send at once (their messages share batches)."""
 
-    def __init__(self, portal: BlockingPortal, producer: Producer) -> None:
-        super().__init__(portal)
+    def __init__(self, crossing: Crossing, producer: Producer) -> None:
+        super().__init__(crossing)
         self.producer = producer
 
     def send(self, topic: str, body: bytes, **options: Any) -> SendResult:
@@ -76,14 +84,14 @@ class SyncProducer(_Bound):
 class _SyncIterating(_Bound):
     """A consumer used as a context manager and iterated from one thread."""
 
-    def __init__(self, portal: BlockingPortal, consumer: Consumer | GroupConsumer) -> None:
-        super().__init__(portal)
+    def __init__(self, crossing: Crossing, consumer: Consumer | GroupConsumer) -> None:
+        super().__init__(crossing)
         self._consumer = consumer
         self._context: AbstractContextManager[Any] | None = None
         self._messages: AsyncIterator[ConsumedMessage] | None = None
 
     def __enter__(self) -> Any:
-        context = self._portal.wrap_async_context_manager(self._consumer)
+        context = self._crossing.hold(self._consumer)
         context.__enter__()
         self._context = context
         self._messages = self._consumer.__aiter__()
@@ -92,7 +100,10 @@ class _SyncIterating(_Bound):
     def __exit__(self, *exc_info: Any) -> bool | None:
         assert self._context is not None, "leave only a consumer that was entered"
         if self._messages is not None:
-            self._call(self._close_messages)
+            try:
+                self._call(self._close_messages)
+            except ClientClosedError:  # the client closed: closing left the consumer
+                self._messages = None
         return self._context.__exit__(*exc_info)
 
     async def _close_messages(self) -> None:
@@ -116,8 +127,8 @@ class SyncConsumer(_SyncIterating):
     """A :class:`Consumer`: ``with`` starts its pullers, iteration blocks for the next
     message; :attr:`positions` as the async consumer's."""
 
-    def __init__(self, portal: BlockingPortal, consumer: Consumer) -> None:
-        super().__init__(portal, consumer)
+    def __init__(self, crossing: Crossing, consumer: Consumer) -> None:
+        super().__init__(crossing, consumer)
         self.consumer = consumer
 
     def __enter__(self) -> SyncConsumer:
@@ -132,8 +143,8 @@ class SyncConsumer(_SyncIterating):
 class SyncGroupConsumer(_SyncIterating):
     """A :class:`GroupConsumer`: one member of a consumer group, iterated from one thread."""
 
-    def __init__(self, portal: BlockingPortal, consumer: GroupConsumer) -> None:
-        super().__init__(portal, consumer)
+    def __init__(self, crossing: Crossing, consumer: GroupConsumer) -> None:
+        super().__init__(crossing, consumer)
         self.consumer = consumer
 
     def __enter__(self) -> SyncGroupConsumer:
@@ -144,14 +155,14 @@ class SyncGroupConsumer(_SyncIterating):
         return self._call(self.consumer.commit)
 
     def processed(self, message: ConsumedMessage) -> None:
-        self._portal.call(self.consumer.processed, message)
+        self._call_sync(self.consumer.processed, message)
 
 
 class SyncAdmin(_Bound):
     """The :class:`Admin` operations, blocking."""
 
-    def __init__(self, portal: BlockingPortal, admin: Admin) -> None:
-        super().__init__(portal)
+    def __init__(self, crossing: Crossing, admin: Admin) -> None:
+        super().__init__(crossing)
         self.admin = admin
 
     def create_topic(self, topic: str, queues: int, *, exist_ok: bool = False) -> int:
@@ -180,10 +191,10 @@ class SyncClient(_Bound):
     """A :class:`Client` in a portal's event loop. Any thread may call any method; each
     call blocks its caller only."""
 
-    def __init__(self, portal: BlockingPortal, client: Client) -> None:
-        super().__init__(portal)
+    def __init__(self, crossing: Crossing, client: Client) -> None:
+        super().__init__(crossing)
         self.client = client
-        self.admin = SyncAdmin(portal, client.admin)
+        self.admin = SyncAdmin(crossing, client.admin)
 
     @property
     def master(self) -> str | None:
@@ -191,21 +202,20 @@ class SyncClient(_Bound):
 
     def producer(self, **options: Any) -> SyncProducer:
         """:meth:`Client.producer` (``acks``, ``linger_ms``, ``idempotent``, ...)."""
-        return SyncProducer(
-            self._portal, self._portal.call(lambda: self.client.producer(**options))
-        )
+        producer = self._call_sync(lambda: self.client.producer(**options))
+        return SyncProducer(self._crossing, producer)
 
     def consumer(self, topic: str, **options: Any) -> SyncConsumer:
         """:meth:`Client.consumer`; use it in a ``with`` block and iterate it."""
-        consumer = self._portal.call(lambda: self.client.consumer(topic, **options))
-        return SyncConsumer(self._portal, consumer)
+        consumer = self._call_sync(lambda: self.client.consumer(topic, **options))
+        return SyncConsumer(self._crossing, consumer)
 
     def group_consumer(
         self, group: str, topics: Sequence[str], **options: Any
     ) -> SyncGroupConsumer:
         """A member of consumer group ``group`` (:class:`GroupConsumer`); ``with`` and iterate."""
-        member = self._portal.call(lambda: GroupConsumer(self.client, group, topics, **options))
-        return SyncGroupConsumer(self._portal, member)
+        member = self._call_sync(lambda: GroupConsumer(self.client, group, topics, **options))
+        return SyncGroupConsumer(self._crossing, member)
 
     def call(self, op: str, /, **fields: Any) -> dict[str, Any]:
         """:meth:`Client.call`: one request, its answer with any status."""
@@ -225,9 +235,12 @@ def connect(
 ) -> Iterator[SyncClient]:
     """A blocking client whose connections live for the ``with`` block; ``options`` as
     :func:`open_client`'s (``request_timeout``, ``tls``, ...). ``backend``: the event loop
-    the portal thread runs (the behaviour is the same on both)."""
+    the portal thread runs (the behaviour is the same on both). Leaving the block ends the
+    calls still pending in other threads first (:class:`ClientClosedError`), then closes
+    the client."""
     with (
         start_blocking_portal(backend=backend) as portal,
         portal.wrap_async_context_manager(open_client(bootstrap, **options)) as client,
+        portal.wrap_async_context_manager(open_crossing()) as crossing,
     ):
-        yield SyncClient(portal, client)
+        yield SyncClient(crossing, client)
