@@ -89,6 +89,7 @@ class Crossing:
         self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
+        self._in_flight: set[_Call] = set()  # spawned, caller not yet released (loop only)
         self._drain_scheduled = False
         self._closed = False
 
@@ -130,6 +131,7 @@ class Crossing:
         with self._lock:
             calls, self._queue = self._queue, []
             self._drain_scheduled = False
+        self._in_flight.update(calls)
         for call in calls:
             call.context.run(self._spawn, self._run, call)
 
@@ -147,6 +149,15 @@ class Crossing:
             if not isinstance(error, Exception):
                 raise  # as anyio's portal: KeyboardInterrupt and the like end the loop too
         finally:
+            self._in_flight.discard(call)
+            call.done.release()
+
+    def _release_abandoned(self) -> None:
+        """After closing cancelled every task: end the calls whose task was cancelled
+        before it ran (asyncio never starts such a coroutine, so its finally never ran)."""
+        abandoned, self._in_flight = self._in_flight, set()
+        for call in abandoned:
+            call.error = ClientClosedError(_CLOSED_DURING)
             call.done.release()
 
     def hold(self, manager: AbstractAsyncContextManager[T]) -> AbstractContextManager[T]:
@@ -248,15 +259,25 @@ async def open_crossing() -> AsyncIterator[Crossing]:
             finally:
                 crossing._close()
                 nursery.cancel_scope.cancel()
+        crossing._release_abandoned()
         return
 
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
     def start_asyncio_task(async_fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
-        task = loop.create_task(async_fn(*args))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        # Named in the task's context (the caller's copy) as anyio's portal does: anyio
+        # asks sniffio which loop runs at every checkpoint, and without the name sniffio
+        # looks for the asyncio task each time.
+        sniffio.current_async_library_cvar.set("asyncio")
+        tasks.add(loop.create_task(tracked(async_fn, *args)))
+
+    async def tracked(async_fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        task = asyncio.current_task()
+        try:
+            await async_fn(*args)
+        finally:  # cheaper than a done callback: that costs the loop a handle per task
+            tasks.discard(task)
 
     crossing = Crossing(loop.call_soon_threadsafe, start_asyncio_task, cancelled)
     try:
@@ -266,5 +287,7 @@ async def open_crossing() -> AsyncIterator[Crossing]:
         for task in tasks:
             task.cancel()
         with anyio.CancelScope(shield=True):
-            while tasks:
-                await asyncio.wait(set(tasks))
+            while tasks:  # a task cancelled before it ran never reached its finally
+                finished, _ = await asyncio.wait(set(tasks))
+                tasks.difference_update(finished)
+        crossing._release_abandoned()

@@ -11,6 +11,7 @@ joined with a timeout, so a hang fails the test instead of stalling the suite.""
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import socket
 import threading
@@ -203,6 +204,35 @@ def test_calls_cross_and_after_closing_are_refused(backend: str) -> None:
         assert crossing.closed
         with pytest.raises(ClientClosedError, match="was not made"):
             crossing.call(doubled, 1)
+
+
+@BACKENDS
+def test_calls_racing_the_close_each_end(backend: str) -> None:
+    """64 threads call back to back while the crossing closes: each ends with its result
+    or ClientClosedError, none waits forever (calls queued, spawned but not yet started,
+    and running at the close are all ended)."""
+    all_calling = threading.Barrier(65)
+
+    async def checkpointed() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 1
+
+    def calls(crossing: Crossing) -> int:
+        made = 0
+        all_calling.wait(HANG_S)
+        with contextlib.suppress(ClientClosedError):
+            while True:
+                made += crossing.call(checkpointed)
+        return made
+
+    with (
+        start_blocking_portal(backend) as portal,
+        portal.wrap_async_context_manager(open_crossing()) as crossing,
+    ):
+        threads = [_Outcome(functools.partial(calls, crossing)) for _ in range(64)]
+        all_calling.wait(HANG_S)
+    for outcome in threads:
+        assert outcome.join().error is None
 
 
 @BACKENDS
