@@ -73,8 +73,9 @@ class Crossing:
 
     Any thread but the loop's may :meth:`call` at any time, also while or after it closes
     (then the call raises :class:`ClientClosedError`). Only the loop runs ``_drain``,
-    ``_run`` and ``_close``. Invariant: a queued call is in ``_queue`` and a drain is
-    scheduled, or it is running as a task, or its caller has been released.
+    ``_run`` and ``_close``. Invariant: a call not yet answered is in ``_queue`` with a
+    drain scheduled, or in ``_in_flight`` with a task spawned for it; closing empties
+    both, so every caller is released.
     """
 
     def __init__(
@@ -139,10 +140,12 @@ class Crossing:
         try:
             result = call.function()
             call.result = (await result) if isawaitable(result) else result
-        except self._cancelled as cancelled:  # only closing cancels these tasks
-            error = ClientClosedError(_CLOSED_DURING)
-            error.__cause__ = cancelled
-            call.error = error
+        except self._cancelled as cancelled:
+            if self._closed:  # closing cancelled it
+                call.error = ClientClosedError(_CLOSED_DURING)
+                call.error.__cause__ = cancelled
+            else:  # the call cancelled itself: its caller sees that, as from anyio's portal
+                call.error = cancelled
             raise
         except BaseException as error:
             call.error = error
@@ -213,9 +216,13 @@ class _Held(Generic[T]):
     async def _hold(self, entered: anyio.Event) -> None:
         try:
             self._value = await self._manager.__aenter__()
-        except Exception as error:
-            self._error = error
-            return
+        except BaseException as error:
+            self._error = (
+                error if isinstance(error, Exception) else ClientClosedError(_CLOSED_DURING)
+            )
+            if isinstance(error, Exception):
+                return
+            raise
         finally:
             entered.set()
         exit_info: tuple[Any, Any, Any] = (None, None, None)
