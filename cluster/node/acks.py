@@ -141,7 +141,9 @@ class ReplicatedAcks:
 
     ``wait(replicated)`` is group commit, then the HA confirm offset reaching the write's
     end: every slave in sync at the time has it. One deadline covers both steps, so
-    the request's ``timeout_ms`` is the whole budget. ``wait(in_sync)`` is the confirm
+    the request's ``timeout_ms`` is the whole budget. The two run side by side: the
+    master's senders wake on the append, and ``admit(replicated)`` has the group commit
+    start at the flusher's next turn, before the write's wait registers. ``wait(in_sync)`` is the confirm
     offset alone (admitted like ``replicated``).
 
     :meth:`read_limit` is the confirm offset: consumers never read past what the
@@ -172,6 +174,8 @@ class ReplicatedAcks:
                 f"{in_sync} are in sync ({connected} connected); nothing was written: "
                 "resend later or with acks=durable",
             )
+        if acks is Acks.REPLICATED:  # the fsync runs beside the slaves' round trip
+            self._ha.store.group_commit.flush_soon()  # from the flusher's next turn
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         """As :meth:`AckPolicy.wait`; a write whose level already holds is answered

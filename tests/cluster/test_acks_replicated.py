@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio.testing
 
 from cluster.node.acks import ReplicatedAcks, StandaloneAcks
 from cluster.protocol import Acks, Status
 from replication.slave import HAClient
 from replication.wire import HAProtocolError
-from storage import MessageStore
+from storage import Message, MessageStore
 from tests.replication.test_ha_epochs import history
 from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
+from tests.storage.test_flush_soon import quiet_config
 
 
 async def test_a_covered_write_is_answered_without_a_scheduling_point(tmp_path: Path) -> None:
@@ -63,3 +65,31 @@ async def test_a_stale_master_answers_no_write_even_one_its_confirm_offset_cover
                 status, error = await policy.wait(acks, end, 50)
                 assert status is Status.FLUSH_SLAVE_TIMEOUT, acks
                 assert error is not None
+
+
+async def test_admitting_a_replicated_write_starts_its_fsync_before_its_wait(
+    tmp_path: Path,
+) -> None:
+    """The fsync runs beside the slaves' round trip: it starts at the flusher's next
+    turn after the append, not once the write's ack wait registers."""
+    async with (
+        MessageStore.open(quiet_config(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+        serving(master) as (service, port, nursery),
+    ):
+        nursery.start_soon(HAClient(slave, "s1").run, "127.0.0.1", port)
+        await trio.testing.wait_all_tasks_blocked()
+        policy = ReplicatedAcks(StandaloneAcks(master), service, 1)
+        first = await master.put(Message.create("t", b"first", 0))  # takes the segment
+        assert await master.wait_durable(first.end_offset, 10)
+        fsyncs = master.group_commit.fsyncs
+        policy.admit(Acks.REPLICATED)
+        result = await master.put(Message.create("t", b"replicated", 0))
+        await trio.testing.wait_all_tasks_blocked()  # the flusher is in its fsync
+        await master.commit_log.flush()  # returns once that fsync is done
+        assert master.group_commit.fsyncs == fsyncs + 1
+        assert master.commit_log.flushed_offset >= result.end_offset
+        policy.admit(Acks.IN_SYNC)  # no fsync for a level that does not wait for one
+        await master.put(Message.create("t", b"in sync", 0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert master.group_commit.fsyncs == fsyncs + 1
