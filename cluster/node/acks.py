@@ -143,8 +143,8 @@ class ReplicatedAcks:
     end: every slave in sync at the time has it. One deadline covers both steps, so
     the request's ``timeout_ms`` is the whole budget. The two run side by side: the
     master's senders wake on the append, and ``admit(replicated)`` has the group commit
-    start at the flusher's next turn, before the write's wait registers. ``wait(in_sync)`` is the confirm
-    offset alone (admitted like ``replicated``).
+    start at the flusher's next turn, before the write's wait registers.
+    ``wait(in_sync)`` is the confirm offset alone (admitted like ``replicated``).
 
     :meth:`read_limit` is the confirm offset: consumers never read past what the
     in-sync slaves hold, so a record a consumer saw survives the master's loss (if an
