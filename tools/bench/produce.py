@@ -153,6 +153,10 @@ async def bench_produce_on(
                 )
                 figures[f"{batches}_mb_per_s"] = rate * size / 1e6
                 progress(f"{tag}: batches of {BATCH}, {IN_FLIGHT} in flight, idempotent")
+                # The node rebuilds its producers from the log tail at the first idempotent
+                # send after a start: a one-time cost, not the price per message.
+                warm_up = client.producer(acks=acks, idempotent=True)
+                (await warm_up.send(topic, body, queue=0)).raise_for_outcome()
                 await measured(
                     f"{batches}_idempotent",
                     partial(_explicit_batches, client, topic, body, acks, seconds, idempotent=True),
