@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import ssl
 import sys
@@ -406,7 +407,8 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
 
 def cmd_admin_switchover(args: argparse.Namespace) -> int:
     async def main() -> dict[str, Any]:
-        async with open_client(bootstrap_addresses(args.bootstrap)) as client:
+        tls = client_tls(args.tls_ca) if args.tls_ca else None
+        async with open_client(bootstrap_addresses(args.bootstrap), tls=tls) as client:
             return await client.call_master(
                 "switchover",
                 timeout=args.timeout_ms / 1000 + client.config.request_timeout,
@@ -417,7 +419,7 @@ def cmd_admin_switchover(args: argparse.Namespace) -> int:
 
     try:
         answer = trio.run(main)
-    except TidelogError as exc:
+    except (TidelogError, ValueError) as exc:  # ValueError: a --tls-ca that cannot be read
         print(f"tidelog admin switchover: {exc}", file=sys.stderr)
         return 2
     if answer["status"].value != "OK":
@@ -518,6 +520,13 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         type=address_argument,
         default=None,
         help="node address(es) host:port[,host:port...] (env TIDELOG_BOOTSTRAP)",
+    )
+    switchover.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("TIDELOG_TLS_CA"),
+        help="speak TLS, trusting this CA (PEM) for the nodes' certificates (env "
+        "TIDELOG_TLS_CA; a `cluster up --tls` cluster: DIR/tls/ca.pem)",
     )
     switchover.add_argument(
         "--timeout-ms", type=int, default=10_000, help="how long the hand-over may take"

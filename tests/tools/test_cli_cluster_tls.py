@@ -2,8 +2,8 @@
 node in DIR/tls, both ports of every node on TLS (clients: the node's certificate;
 replication: mutual, peer names checked). Clients with `--tls-ca DIR/tls/ca.pem` produce
 and consume at acks=replicated (so the slave replicates over TLS), a plain client is told
-to add `--tls-ca`, `cluster status` asks the nodes over TLS, and `cluster down` stops
-every process by its PID."""
+to add `--tls-ca`, `cluster status` asks the nodes over TLS, `admin switchover --tls-ca`
+hands mastership over, and `cluster down` stops every process by its PID."""
 
 from __future__ import annotations
 
@@ -76,6 +76,11 @@ def test_up_tls_serves_clients_with_the_ca_and_refuses_plain_ones(data: Path) ->
     rows = json.loads(cluster_status.stdout)["nodes"]
     assert sorted(row["role"] for row in rows) == ["master", "slave"]
     assert all(row["in_sync"] for row in rows)
+
+    other = next(name for name in addresses if name != summary["master"])
+    switched = tidelog("admin", "switchover", "--to", other, *bootstrap, "--json")
+    assert switched.returncode == 0, switched.stderr
+    assert json.loads(switched.stdout)["master"] == other
 
     down = tidelog("cluster", "down", "--data", str(data), "--json")
     assert down.returncode == 0, down.stderr
