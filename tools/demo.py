@@ -171,21 +171,15 @@ async def read_all(address: str, topic: str = TOPIC) -> dict[tuple[int, int], by
 
 
 async def replicated_failover(root: Path, acks_wanted: int) -> int:
-    """A master and two slaves; replicated acks; SIGKILL the master; promote a slave;
-    every replicated ack must be on the new master and on the other slave."""
-    config = ["--config", str(_config(root))]
-    master = NodeProcess(root / "m", name="master", extra_args=[*config, "--ha-port", "0"])
-    nodes = [master.start()]
+    """A master and two slaves (a static group: node-1 the master); replicated acks;
+    SIGKILL the master; promote a slave; every replicated ack must be on the new master
+    and on the other slave."""
+    cluster = LocalCluster(
+        root, replicas=3, coordination="static", node_args=("--config", str(_config(root)))
+    )
     try:
-        ha = (await node_status(master.address))["replication"]["ha_address"]
-
-        def slave(name: str) -> NodeProcess:
-            args = [*config, "--role", "slave", "--master-ha", ha,
-                    "--master-client", master.address]  # fmt: skip
-            return NodeProcess(root / name, name=name, extra_args=args).start()
-
-        first, second = slave("slave-1"), slave("slave-2")
-        nodes += [first, second]
+        await trio.to_thread.run_sync(cluster.start)
+        master, first, second = (cluster.nodes[name] for name in cluster.names)
         await wait_until("both slaves in sync", in_sync(master.address, 2))
         acked: dict[tuple[int, int], bytes] = {}
         enough = trio.Event()
@@ -216,7 +210,7 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
             await client.checked(
                 "repoint", master_ha=promoted["ha_address"], master_client=first.address
             )
-        print(f"  slave-1 promoted (epoch {promoted['epoch']}); slave-2 now follows it")
+        print(f"  {first.name} promoted (epoch {promoted['epoch']}); {second.name} now follows it")
         await wait_until("slave-2 in sync with the new master", in_sync(first.address, 1))
         async with open_client(first.address) as client:
             more = await client.producer(acks="replicated").send(TOPIC, b"after failover")
@@ -236,8 +230,7 @@ async def replicated_failover(root: Path, acks_wanted: int) -> int:
             )
         return 0 if not lost and more.ok else 1
     finally:
-        for node in nodes:
-            node.kill()
+        cluster.stop(kill=True)
 
 
 async def automatic_failover(root: Path, acks_wanted: int) -> int:
@@ -424,7 +417,8 @@ def run_demo(directory: Path | None, rounds: int, acks_per_round: int) -> int:
             where = f"{root}, a temporary directory, now removed (keep it: --dir DIR)"
         else:
             where = (
-                f"{root} (single/: part 1's node; cluster/: master m, slave-1, slave-2; "
-                "failover/auto/: part 3's etcd and node-1..3 with their logs)"
+                f"{root} (single/: part 1's node; cluster/: part 2's master node-1 and "
+                "slaves node-2, node-3; failover/auto/: part 3's etcd and node-1..3; "
+                "each node with its log)"
             )
         print(NEXT_STEPS.format(where=where))

@@ -21,7 +21,7 @@ import trio
 from cluster.client.connection import Connection
 from cluster.protocol import DEFAULT_MAX_FRAME_SIZE
 from tools.faults.proxy import FaultProxy
-from tools.launcher import EtcdCluster
+from tools.launcher import EtcdCluster, LocalCluster, NodeSettings
 from tools.process import NodeProcess, wait_until
 
 TOPIC = "failover"
@@ -53,48 +53,37 @@ async def status_of(node: NodeProcess) -> dict[str, Any] | None:
 
 @attrs.define
 class Group:
-    """Three nodes of one group on a real etcd; ``stack`` kills every process at exit."""
+    """Nodes n1, n2, ... of one group on a real etcd, started one by one by the test (a
+    :class:`LocalCluster` on the test's etcd); ``stack`` stops every process at exit."""
 
-    root: Path
-    stack: ExitStack
-    etcd_endpoints: str
-    nodes: dict[str, NodeProcess] = attrs.field(factory=dict)
-    extra_args: tuple[str, ...] = ()
+    cluster: LocalCluster
+
+    @classmethod
+    def on(
+        cls, stack: ExitStack, root: Path, etcd: EtcdCluster, *, min_insync_replicas: int = 1
+    ) -> Group:
+        cluster = LocalCluster(
+            root / "group",
+            etcd_endpoints=tuple(etcd.endpoints),
+            node_prefix="n",
+            min_insync_replicas=min_insync_replicas,
+        )
+        stack.callback(cluster.stop, kill=True)
+        return cls(cluster)
 
     def start(self, name: str, *, etcd: str | None = None) -> NodeProcess:
-        process = NodeProcess(
-            self.root / name,
-            name=name,
-            extra_args=[
-                "--etcd",
-                etcd or self.etcd_endpoints,
-                "--ha-port",
-                "0",
-                *self.extra_args,
-            ],
-        )
-        self.stack.callback(process.kill)
-        self.nodes[name] = process.start()
-        return process
+        """Start ``name`` (again, after a kill or stop); ``etcd``: its own endpoint."""
+        if etcd is not None:
+            self.cluster.node_settings[name] = NodeSettings(etcd_endpoints=(etcd,))
+        return self.cluster.start_node(name)
 
     def alive(self) -> list[NodeProcess]:
-        return [n for n in self.nodes.values() if n.process and n.process.poll() is None]
+        return [node for node in self.cluster.nodes.values() if node.is_running()]
 
     async def master(self, *, other_than: str | None = None) -> NodeProcess:
         """Wait until exactly one live node is an acknowledging master; return it."""
-        found: list[NodeProcess] = []
-
-        async def one_master() -> bool:
-            found.clear()
-            for node in self.alive():
-                status = await status_of(node)
-                coordination = (status or {}).get("coordination") or {}
-                if coordination.get("role") == "master" and coordination.get("may_acknowledge"):
-                    found.append(node)
-            return len(found) == 1 and found[0].name != other_than
-
-        await wait_until(f"one master (not {other_than})", one_master, timeout=WAIT_S)
-        return found[0]
+        name = await self.cluster.wait_for_master(WAIT_S, other_than=other_than)
+        return self.cluster.nodes[name]
 
     async def in_sync(self, master: NodeProcess, count: int) -> None:
         """Wait until the master's recorded in-sync set has ``count`` members."""
@@ -123,7 +112,7 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
 @pytest.fixture
 def group(tmp_path: Path, etcd: EtcdCluster) -> Iterator[Group]:
     with ExitStack() as stack:
-        yield Group(tmp_path, stack, ",".join(etcd.endpoints))
+        yield Group.on(stack, tmp_path, etcd)
 
 
 async def start_three(group: Group) -> NodeProcess:
@@ -362,9 +351,7 @@ async def test_with_min_insync_two_the_last_node_refuses_replicated(
     tmp_path: Path, etcd: EtcdCluster
 ) -> None:
     with ExitStack() as stack:
-        group = Group(
-            tmp_path, stack, ",".join(etcd.endpoints), extra_args=("--min-insync-replicas", "2")
-        )
+        group = Group.on(stack, tmp_path, etcd, min_insync_replicas=2)
         first = await start_three(group)
         ok = await call(first.address, "send", topic=TOPIC, body=b"a", queue=0, acks="replicated")
         assert ok["status"] == "OK", ok
@@ -419,7 +406,7 @@ async def test_a_new_master_serves_what_the_old_term_confirmed_before_any_slave_
     a slave and keeps serving them (its confirm offset used to restart at 0, hiding
     them until a slave acknowledged again)."""
     with ExitStack() as stack:
-        group = Group(tmp_path, stack, ",".join(etcd.endpoints))
+        group = Group.on(stack, tmp_path, etcd)
         for name in ("n1", "n2"):
             group.start(name)
         first = await group.master()

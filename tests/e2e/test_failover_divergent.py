@@ -25,7 +25,7 @@ import trio
 from cluster.client import open_client
 from tests.helpers import started
 from tools.demo import read_all
-from tools.faults.process import NodeProcessTarget, Pause
+from tools.faults.process import Pause
 from tools.launcher import LocalCluster
 from tools.launcher.load import AckedLoad, commit_log_bytes, missing_on, same_log_end
 from tools.process import wait_until
@@ -63,7 +63,7 @@ async def test_the_old_master_cuts_its_divergent_tail_and_matches_the_new_one(
 
     # the slaves freeze (waited for: stopped before the next write); the master alone
     # takes writes at acks=leader
-    pauses = [Pause(NodeProcessTarget(cluster.nodes[name])) for name in slaves]
+    pauses = [Pause(cluster.target(name)) for name in slaves]
     leader_only: dict[bytes, int] = {}
     try:
         for pause in pauses:

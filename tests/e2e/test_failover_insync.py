@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from tests.helpers import started
-from tools.faults.process import NodeProcessTarget, Pause
+from tools.faults.process import Pause
 from tools.launcher import LocalCluster
 from tools.launcher.load import AckedLoad, missing_on
 
@@ -53,7 +53,7 @@ async def test_a_master_killed_as_its_in_sync_set_changes_loses_no_ack(
     )
     paused, other = (name for name in cluster.names if name != first)
     load = AckedLoad(cluster, TOPIC, acks="replicated")
-    pause = Pause(NodeProcessTarget(cluster.nodes[paused]))
+    pause = Pause(cluster.target(paused))
     async with trio.open_nursery() as nursery:
         await nursery.start(load.run)
         await load.wait_acks(20, WAIT_S)

@@ -316,18 +316,11 @@ class LocalCluster:
         """Start every node; returns once each listens. A static group's master starts
         first (its slaves name its address); the other nodes start side by side, each
         start waiting for its interpreter to load and listen."""
-        self._check_node_settings()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if self.tls and self.pki is None:
-            self.pki = self._make_pki()
+        self._prepare()
         names = self.names
         if self.coordination == "static":
-            master, names = names[0], names[1:]
-            self.nodes[master] = self._node(master)
-            self._start_node(master)
-            if not self.ha_port:
-                self.ha_port = self._bound_ha_port(master)
-                self.nodes[master].extra_args = self._args(master)  # a restart keeps it
+            self.start_node(names[0])
+            names = names[1:]
         for name in names:
             self.nodes[name] = self._node(name)
         if not names:
@@ -335,6 +328,35 @@ class LocalCluster:
         with concurrent.futures.ThreadPoolExecutor(len(names)) as starters:
             for started in [starters.submit(self._start_node, name) for name in names]:
                 started.result()
+
+    def start_node(self, name: str) -> NodeProcess:
+        """Start node ``name`` alone and return it once it listens: the first time (for
+        a caller that brings nodes up one by one, to let one win the first election,
+        say), or again after a stop or kill, as :meth:`restart`. A static group's slave
+        needs its master started first."""
+        if name not in self.names:
+            raise KeyError(f"no node {name!r} in this cluster; nodes: {self.names}")
+        if name in self.nodes:
+            self.restart(name)
+            return self.nodes[name]
+        self._prepare()
+        master = self.names[0]
+        static = self.coordination == "static"
+        if static and name != master and master not in self.nodes:
+            raise ClusterLaunchError(f"{name} is a slave of {master}: start {master} first")
+        self.nodes[name] = self._node(name)
+        self._start_node(name)
+        if static and name == master and not self.ha_port:
+            self.ha_port = self._bound_ha_port(name)
+            self.nodes[name].extra_args = self._args(name)  # a restart keeps the port
+        return self.nodes[name]
+
+    def _prepare(self) -> None:
+        """Checks and files every first start needs: the settings, the root, the PKI."""
+        self._check_node_settings()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.tls and self.pki is None:
+            self.pki = self._make_pki()
 
     def _check_node_settings(self) -> None:
         unknown = sorted(set(self.node_settings) - set(self.names))
