@@ -1,5 +1,6 @@
 """Local launchers: real child processes (etcd, and the broker group of `tidelog cluster up`:
-LocalCluster). The proxy that injects network faults is tools.faults.proxy.FaultProxy."""
+LocalCluster) and the throwaway PKI of `cluster up --tls` (make_pki). The proxy that injects
+network faults is tools.faults.proxy.FaultProxy."""
 
 from tools.launcher.cluster import (
     ClusterLaunchError,
@@ -15,6 +16,7 @@ from tools.launcher.etcd import (
     etcd_binary,
     free_loopback_port,
 )
+from tools.launcher.pki import Pki, PkiError, make_pki
 
 __all__ = [
     "ClusterLaunchError",
@@ -25,6 +27,9 @@ __all__ = [
     "NodeSettings",
     "NodeTarget",
     "NodeView",
+    "Pki",
+    "PkiError",
     "etcd_binary",
     "free_loopback_port",
+    "make_pki",
 ]
