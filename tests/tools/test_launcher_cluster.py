@@ -146,7 +146,8 @@ async def test_a_static_group_over_tls_learns_the_masters_replication_port(
     throwaway CA (the slave's names its own address, 127.0.0.2, which clients dial). The
     master binds a replication port of its own choosing (``--ha-port 0``: none picked
     ahead that another process could take meanwhile); the launcher reads it from the
-    master's status for the slave, and the master's restart keeps it."""
+    master's status for the slave, and the master's restart keeps it. The master may be
+    started alone first (``start_node``), the others after it (``start_nodes``)."""
     cluster = LocalCluster(
         tmp_path / "group",
         replicas=2,
@@ -162,10 +163,15 @@ async def test_a_static_group_over_tls_learns_the_masters_replication_port(
         return [slave["name"] for slave in in_sync] == ["n2"]
 
     try:
-        await trio.to_thread.run_sync(cluster.start)
-        assert cluster.ca_file == tmp_path / "group" / "tls" / "ca.pem"
+        with pytest.raises(ClusterLaunchError, match="n2 is a slave of n1: start n1 first"):
+            cluster.start_node("n2")
+        await trio.to_thread.run_sync(cluster.start_node, "n1")  # alone: ha_port known now
+        assert cluster.ha_port > 0 and list(cluster.nodes) == ["n1"]
         master_pid = cluster.pid("n1")
         assert master_pid is not None
+        await trio.to_thread.run_sync(cluster.start_nodes)  # the others
+        assert cluster.running("n2") and cluster.pid("n1") == master_pid
+        assert cluster.ca_file == tmp_path / "group" / "tls" / "ca.pem"
         command = _command_line(master_pid)
         assert command[command.index("--ha-port") + 1] == "0"
         status = (await cluster.view("n1")).status

@@ -313,12 +313,13 @@ class LocalCluster:
             ).start()
 
     def start_nodes(self) -> None:
-        """Start every node; returns once each listens. A static group's master starts
-        first (its slaves name its address); the other nodes start side by side, each
-        start waiting for its interpreter to load and listen."""
+        """Start every node not started yet; returns once each listens. A static group's
+        master starts first (its slaves name its address; a caller may start it alone
+        with :meth:`start_node` to learn ``ha_port`` first); the other nodes start side
+        by side, each start waiting for its interpreter to load and listen."""
         self._prepare()
-        names = self.names
-        if self.coordination == "static":
+        names = [name for name in self.names if name not in self.nodes]
+        if self.coordination == "static" and self.names[0] in names:
             self.start_node(names[0])
             names = names[1:]
         for name in names:
