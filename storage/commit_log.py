@@ -5,7 +5,8 @@ packs records straight into the active segment's map. The write part of an
 append is synchronous (no checkpoint inside), so a cancelled append either wrote
 whole records or nothing; the only await is taking the next segment, which
 happens *before* any byte of the batch is written. Durability is separate:
-:meth:`flush` fdatasyncs in a worker thread, and the flush services decide when.
+:meth:`flush` fdatasyncs in a worker thread, and the flush services decide when;
+:meth:`begin_flush` starts one from plain code and reports on the loop (group commit).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import attrs
+import outcome
 import trio
 from crc32c import crc32c
 
@@ -184,6 +186,11 @@ class CommitLog:
         self._flush_lock = trio.Lock()
         self._take_lock = trio.Lock()
         self._sync_thread = SyncThread("commitlog-fsync")
+        self._syncing: trio.Event | None = None
+        """Set while an fdatasync started by :meth:`begin_flush` runs (it holds no lock):
+        whoever takes ``_flush_lock`` waits for it, and none starts while the lock is held,
+        so at most one fdatasync of the log runs at a time."""
+        self._closed = False
         self.flush_count = 0
         self.on_flush: Callable[[float, float], None] = _ignore_flush
         """Called after each flush that fsynced, with its seconds from the call (lock wait
@@ -509,6 +516,7 @@ class CommitLog:
             raise self.failure
         called = time.perf_counter()
         async with self._flush_lock:
+            await self._settle()
             if self.failure is not None:  # failed while we waited: never fsync again
                 raise self.failure
             target = self.max_offset
@@ -516,29 +524,84 @@ class CommitLog:
                 return self.flushed_offset
             segments = list(self.files.between(self.flushed_offset, target))
             syncing = time.perf_counter()
+            synced = await self._sync_thread.run(lambda: outcome.capture(_sync_all, segments))
+            return self._synced(synced, segments, target, called, syncing)
+
+    def begin_flush(self, on_done: Callable[[int | StorageFailedError], None]) -> bool:
+        """Start an fdatasync of everything written so far and return at once; when it
+        ends, ``on_done`` gets the new flushed offset (or the failure, which is set for
+        good as in :meth:`flush`) from a callback on the event loop.
+
+        Group commit's fast path: no task wakes to start it and none to end it. False
+        (``on_done`` never called) when nothing is unflushed, when the log failed or is
+        closed, when one started here is still running, or when :meth:`flush` or a cut
+        holds the flush lock: then the caller takes the async way (:meth:`flush`).
+        """
+        if (
+            self._syncing is not None
+            or self.failure is not None
+            or self._closed
+            or self._flush_lock.locked()
+        ):
+            return False
+        target = self.max_offset
+        if target <= self.flushed_offset:
+            return False
+        segments = list(self.files.between(self.flushed_offset, target))
+        started = time.perf_counter()
+        syncing = self._syncing = trio.Event()
+
+        def done(synced: outcome.Outcome[outcome.Outcome[None]]) -> None:
+            self._syncing = None
+            syncing.set()
             try:
-                await self._sync_thread.run(lambda: _sync_all(segments))
-            except SegmentMissingError as exc:
-                raise self.fail_missing(str(exc)) from exc
-            except OSError as exc:
-                failure = self._fail(
-                    StorageFailedError(
-                        f"fdatasync of the commit log failed ({exc.strerror}); nothing past "
-                        f"offset {self.flushed_offset} is acknowledged and this node takes no "
-                        "writes until it is restarted: check the disk (dmesg) before restarting"
-                    )
+                flushed: int | StorageFailedError = self._synced(
+                    synced.unwrap(), segments, target, started, started
                 )
-                log.critical(
-                    "commit_log_fsync_failed error=%s flushed=%d", exc, self.flushed_offset
+            except StorageFailedError as failure:
+                flushed = failure
+            on_done(flushed)
+
+        self._sync_thread.submit(lambda: outcome.capture(_sync_all, segments), done)
+        return True
+
+    async def _settle(self) -> None:
+        """Wait for an fdatasync started by :meth:`begin_flush` (call with the flush lock:
+        then no other starts)."""
+        while (syncing := self._syncing) is not None:
+            await syncing.wait()
+
+    def _synced(
+        self,
+        synced: outcome.Outcome[None],
+        segments: list[MappedFile],
+        target: int,
+        called: float,
+        syncing: float,
+    ) -> int:
+        """Account for one fdatasync of ``segments`` up to ``target``: the new flushed
+        offset, or :class:`StorageFailedError` (the log fails for good)."""
+        try:
+            synced.unwrap()
+        except SegmentMissingError as exc:
+            raise self.fail_missing(str(exc)) from exc
+        except OSError as exc:
+            failure = self._fail(
+                StorageFailedError(
+                    f"fdatasync of the commit log failed ({exc.strerror}); nothing past "
+                    f"offset {self.flushed_offset} is acknowledged and this node takes no "
+                    "writes until it is restarted: check the disk (dmesg) before restarting"
                 )
-                raise failure from exc
-            for segment in segments:
-                segment.flushed = min(segment.size, target - segment.base)
-            self.flushed_offset = target
-            self.flush_count += 1
-            done = time.perf_counter()
-            self.on_flush(done - called, done - syncing)
-            return target
+            )
+            log.critical("commit_log_fsync_failed error=%s flushed=%d", exc, self.flushed_offset)
+            raise failure from exc
+        for segment in segments:
+            segment.flushed = min(segment.size, target - segment.base)
+        self.flushed_offset = target
+        self.flush_count += 1
+        done = time.perf_counter()
+        self.on_flush(done - called, done - syncing)
+        return target
 
     def fail_missing(self, problem: str) -> StorageFailedError:
         """A segment file vanished under the log: take no more writes (the same state as
@@ -582,6 +645,7 @@ class CommitLog:
         a crash would leave a gap between segments that stops the next start.
         """
         async with self._take_lock, self._flush_lock:
+            await self._settle()
             assert self.min_offset <= offset <= self.max_offset, (
                 f"cut at {offset} outside the log [{self.min_offset}, {self.max_offset}]"
             )
@@ -596,6 +660,7 @@ class CommitLog:
         (a segment start). The segment at ``base`` is created now: it is what keeps the
         empty log's start across restarts. Crash safety is the caller's cut intent."""
         async with self._take_lock, self._flush_lock:
+            await self._settle()
             self._drop_spares()
             self.raw_pending = 0
             await trio.to_thread.run_sync(
@@ -616,11 +681,13 @@ class CommitLog:
     async def delete_oldest(self, count: int) -> int:
         """Retention: delete the ``count`` oldest segments (never the active one)."""
         async with self._flush_lock:
+            await self._settle()
             doomed = await trio.to_thread.run_sync(self.files.delete_first, count)
         return len(doomed)
 
     def close(self) -> None:
-        self._sync_thread.stop()
+        self._closed = True  # no fdatasync starts from now on; one running ends first
+        self._sync_thread.stop(wait=self._syncing is not None)
         for spare in self._spares:
             spare.delete()
         self._spares.clear()

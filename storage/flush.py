@@ -1,7 +1,9 @@
 """The two flush services: periodic (async) and group commit (synchronous acks).
 
-Both call :meth:`CommitLog.flush`, which serialises fsyncs; whoever flushes
-next covers every byte written by then, so the two never fsync the same bytes twice.
+Both go through the commit log, which runs one fsync at a time (:meth:`CommitLog.flush`
+for the periodic one; group commit starts its own with :meth:`CommitLog.begin_flush`);
+whoever flushes next covers every byte written by then, so the two never fsync the same
+bytes twice.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ class GroupCommitFlusher:
     """``await wait_durable(offset, deadline)``: True once ``offset`` is on disk.
 
     Waiters that arrive while an fsync runs are all covered by the next single
-    fsync. A deadline that passes gives False (the caller answers
-    ``FLUSH_DISK_TIMEOUT``); a failed fsync raises :class:`StorageFailedError` in
-    every waiter, now and later: nothing after it is ever acknowledged.
+    fsync. The fsync starts from the call that asks for it (:meth:`flush_now`, or
+    :meth:`wait_durable`) through :meth:`CommitLog.begin_flush`, and its end wakes the
+    waiters it covers from the loop's callback and starts the next one for those still
+    waiting: no task hop before or after the fdatasync. Only while a flush or a cut
+    holds the log's flush lock does the flusher task take over (it waits for the lock).
+    Every method runs on the event loop; any number of waiters at once. A deadline that
+    passes gives False (the caller answers ``FLUSH_DISK_TIMEOUT``); a failed fsync
+    raises :class:`StorageFailedError` in every waiter, now and later: nothing after it
+    is ever acknowledged.
     """
 
     def __init__(self, commit_log: CommitLog) -> None:
@@ -45,6 +53,9 @@ class GroupCommitFlusher:
         self._waiters = OffsetWaiters()
         self._wake = trio.Event()
         self._soon = False
+        self._syncing = False
+        """An fdatasync started by :meth:`_start` runs; its end (:meth:`_synced`) starts
+        the next one if anyone still waits."""
         self.fsyncs = 0
 
     def rewind(self, flushed_offset: int) -> None:
@@ -62,12 +73,41 @@ class GroupCommitFlusher:
         self._soon = True
         self._wake.set()
 
+    def flush_now(self) -> None:
+        """Start a group commit of everything written so far, now, unless one runs (its
+        end starts the next for whoever waits by then). For a caller that has just
+        appended a write whose ack needs the fsync: it begins before the write's wait is
+        even queued. Cheap to repeat."""
+        if self.commit_log.flushed_offset < self.commit_log.max_offset:
+            self._start()
+
+    def _start(self) -> None:
+        if self._syncing:
+            return
+        if self.commit_log.begin_flush(self._synced):
+            self._syncing = True
+        else:  # the flush lock is held (a flush or a cut), or nothing to do: the task's way
+            self._wake.set()
+
+    def _synced(self, flushed: int | StorageFailedError) -> None:
+        """The end of an fdatasync from :meth:`_start` (a loop callback): wake whom it
+        covers; start the next if a waiter wants bytes written since it began."""
+        self._syncing = False
+        if isinstance(flushed, StorageFailedError):
+            self._waiters.fail(flushed)
+            return
+        self.fsyncs += 1
+        self._waiters.advance(flushed)
+        lowest = self._waiters.pending_min
+        if lowest is not None and lowest <= self.commit_log.max_offset:
+            self._start()
+
     async def wait_durable(self, offset: int, deadline: float) -> bool:
         if self.commit_log.failure is not None:
             raise self.commit_log.failure
         if offset <= self.commit_log.flushed_offset:
             return True
-        self._wake.set()
+        self._start()  # the fsync's end comes as a loop callback: never before we park
         return await self._waiters.wait(offset, deadline)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -82,10 +122,8 @@ class GroupCommitFlusher:
             self._wake = trio.Event()
             if self._soon:
                 self._soon = False
-                written = self.commit_log.flushed_offset < self.commit_log.max_offset
-                if written and await self._flush() is None:
-                    return
-            while (lowest := self._waiters.pending_min) is not None:
+                self.flush_now()
+            while not self._syncing and (lowest := self._waiters.pending_min) is not None:
                 flushed = await self._flush()
                 if flushed is None:
                     return

@@ -284,6 +284,8 @@ class RequestHandler:
         acks: Acks = req["acks"]
         if acks is Acks.LEADER:
             return answer()
+        if acks is Acks.DURABLE or acks is Acks.REPLICATED:
+            self._store.group_commit.flush_now()  # the fsync runs while the wait is queued
         deadline = trio.current_time() + req["timeout_ms"] / 1000
 
         async def acknowledged() -> Reply:
