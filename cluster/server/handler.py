@@ -287,12 +287,16 @@ class RequestHandler:
         if acks is Acks.DURABLE or acks is Acks.REPLICATED:
             self._store.group_commit.flush_now()  # the fsync runs while the wait is queued
         deadline = trio.current_time() + req["timeout_ms"] / 1000
+        # The policy in force at the append: a wait queued behind another runs later, and
+        # a master that became a slave meanwhile would answer a replicated write with a
+        # slave's (standalone) wait, OK once fsynced, for a write nobody replicated.
+        policy = self._acks
 
         async def acknowledged() -> Reply:
             # Time left of the request's own budget: it may have waited behind an
             # earlier write of its connection (see PendingAck).
             left_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
-            status, error = await self._acks.wait(acks, end_offset, left_ms)
+            status, error = await policy.wait(acks, end_offset, left_ms)
             return answer(status, error)
 
         return PendingAck(acks, deadline, acknowledged)

@@ -1,0 +1,73 @@
+"""A write's ack wait is answered by the ack policy the node held when the write was
+appended, also when it waited in its connection's queue behind an earlier write
+(``cluster/server/connection.py``, ``QUEUED_ACKS``) while the node's role changed.
+
+The HA loop swaps the policy when a master's term ends and it follows the new master
+(``cluster/node/coordinated.py``: ``SlaveAcks``, then ``handler.set_acks``). A slave's
+wait is the standalone one, which answers a fsynced ``replicated`` write OK: read at the
+queued wait's turn, it acknowledged writes no slave held, which the handshake with the
+new master then cuts (promises 1 and 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from cluster.node.acks import ReplicatedAcks, SlaveAcks, StandaloneAcks
+from cluster.protocol import Status
+from replication.epochs import EpochFile, EpochHistory
+from replication.settings import ReplicationSettings
+from replication.slave import HAClient, SlaveReplication
+from storage import MessageStore
+from tests.cluster.test_server import Raw, node_config, running
+from tests.replication.test_ha_stream import config_at, replicated, serving
+from tools.faults.proxy import Direction, FaultProxy
+
+
+async def test_a_queued_replicated_wait_keeps_the_policy_its_write_was_appended_under(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running(node_config(tmp_path / "node")) as node,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave_store,
+    ):
+        store, handler = node.store, node.handler
+        assert store is not None and handler is not None
+        async with serving(store) as (service, ha_port, nursery):
+            proxy = FaultProxy("127.0.0.1", ha_port)
+            proxy_port = await nursery.start(proxy.serve)
+            nursery.start_soon(HAClient(slave_store, "s1").run, "127.0.0.1", proxy_port)
+            raw = await Raw.connect(node)
+            await raw.send("create_topic", topic="t", queues=1)
+            await raw.send("send", topic="t", body=b"first", acks="leader")
+            assert {a["status"] for a in (await raw.recv_n(2)).values()} == {Status.OK}
+            assert await replicated(service, store.commit_log.max_offset)
+            # An elected master's policy (CoordinatedAcks wraps this one).
+            handler.set_acks(ReplicatedAcks(StandaloneAcks(store), service, 1))
+            proxy.hold(Direction.parse("from_target"))  # the slave hears nothing more
+            first = await raw.send(
+                "send", topic="t", body=b"w1", acks="replicated", timeout_ms=1000
+            )
+            second = await raw.send(
+                "send", topic="t", body=b"w2", acks="replicated", timeout_ms=1000
+            )
+            await trio.testing.wait_all_tasks_blocked()  # both appended, the second queued
+            # The term ends: the HA loop has the node follow the new master (coordinated.py).
+            follower = SlaveReplication(
+                store,
+                "m",
+                "127.0.0.1:1",
+                ReplicationSettings(),
+                history=EpochHistory(),
+                epoch_file=EpochFile.in_dir(tmp_path),
+            )
+            handler.set_acks(SlaveAcks(StandaloneAcks(store), follower))
+            answers = await raw.recv_n(2)
+            assert answers[first]["status"] is Status.FLUSH_SLAVE_TIMEOUT
+            assert answers[second]["status"] is Status.FLUSH_SLAVE_TIMEOUT, (
+                "a replicated write no slave acknowledged must not be answered OK"
+            )
+            proxy.hold(frozenset())
+            nursery.cancel_scope.cancel()
