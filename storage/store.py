@@ -37,6 +37,7 @@ from storage.errors import (
     StorageFailedError,
 )
 from storage.flush import AsyncFlusher, GroupCommitFlusher
+from storage.lent_views import LentViews
 from storage.lock import lock_data_dir
 from storage.mapped_file import MappedFile, fsync_directory, segment_name
 from storage.mapped_file_queue import remove_segment_files, segment_bases
@@ -96,6 +97,8 @@ class MessageStore:
         self.queues = ConsumeQueueStore(config.consume_queue_dir, config.consume_queue_entries)
         self.group_commit = GroupCommitFlusher(self.commit_log)
         self.retention = RetentionService(self)
+        self.lent = LentViews()
+        """Views of the log lent to answers not sent yet (copied before a cut changes them)."""
         self.dispatcher: Dispatcher
         self.recovery: RecoveryReport
         self._abandoned = False
@@ -292,6 +295,7 @@ class MessageStore:
         """
         await self.dispatcher.catch_up()
         async with self._flush_all_lock, self._cut():
+            self.lent.copy_from(offset)  # no read lends more while _cutting is set
             intent = CutIntent(CutKind.TRUNCATE, offset)
             await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
             self._cut_step("intent_saved")

@@ -34,6 +34,7 @@ from cluster.protocol.schema import (
     KnownTopics,
     apply_steps,
 )
+from cluster.protocol.spliced import encode_spliced_frame, spliced_value
 from cluster.protocol.statuses import STATUS_BY_VALUE, Status
 from cluster.protocol.wording import clip, describe, plural
 
@@ -467,7 +468,13 @@ def encode_frame(obj: Mapping[str, Any], *, max_frame_size: int = DEFAULT_MAX_FR
     an array of integers: turn views into ``bytes`` first (:func:`pulled_message`
     does this for bodies read from the log).
     """
-    body = cbor2.dumps(obj)
+    try:
+        body = cbor2.dumps(obj)
+    except cbor2.CBOREncodeError:
+        key = spliced_value(obj)  # a records answer: joined here (the writer sends it in place)
+        if key is None:
+            raise
+        return encode_spliced_frame(obj, key, max_frame_size=max_frame_size).joined()
     if len(body) > max_frame_size:
         req_id = obj.get("id")
         raise ProtocolError(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.protocol.limits import PROTOCOL_VERSION
 from cluster.protocol.statuses import Status
+
+if TYPE_CHECKING:
+    from cluster.protocol.spliced import SplicedBytes
 
 __all__ = [
     "batch_results",
@@ -176,13 +179,14 @@ def pull_response(
 
 def pull_records_response(
     req_id: int,
-    records: bytes,
+    records: bytes | SplicedBytes,
     next_offset: int,
     min_offset: int,
     max_offset: int,
 ) -> dict[str, Any]:
     """Answer to ``pull`` with ``format`` ``records``: ``records`` holds the stored bytes
-    of the messages, back to back (docs/format.md; :func:`decode_records` reads them)."""
+    of the messages, back to back (docs/format.md; :func:`decode_records` reads them).
+    The node passes them as :class:`SplicedBytes` (views of its log, written in place)."""
     return make_response(
         req_id,
         records=records,

@@ -49,6 +49,7 @@ from cluster.protocol import (
     send_batch_response,
     send_response,
 )
+from cluster.protocol.spliced import SplicedBytes
 from cluster.server.errors import RequestError, unknown_topic
 from cluster.server.polls import Wakeups
 from cluster.server.replies import Deferred, PendingAck, Reply
@@ -389,17 +390,26 @@ class RequestHandler:
             below_offset=self._acks.read_limit(),
         )
 
-    @staticmethod
-    def _pull_answer(req: PullRequest, page: RecordRuns) -> Reply:
-        """The page in the format asked for: the records' stored bytes joined into one
-        byte string (the client decodes them: nothing per record here), or a map per
-        message, each record decoded and its CRC checked here."""
-        try:
-            if req["format"] == RECORDS_FORMAT:
-                records = b"".join([view for _offset, view in page.runs])
+    def _pull_answer(self, req: PullRequest, page: RecordRuns) -> Reply:
+        """The page in the format asked for: the records' stored bytes (the client decodes
+        them: nothing per record here), or a map per message, each record decoded and its
+        CRC checked here.
+
+        Stored bytes stay where they are: the answer's ``records`` is a
+        :class:`SplicedBytes` of the page's views, lent by the store until the connection
+        has written them to the socket (``writev``, see :mod:`storage.lent_views` for why a
+        cut or retention meanwhile is safe)."""
+        if req["format"] == RECORDS_FORMAT:
+            if not page.runs:
                 return pull_records_response(
-                    req["id"], records, page.next_offset, page.min_offset, page.max_offset
+                    req["id"], b"", page.next_offset, page.min_offset, page.max_offset
                 )
+            loan = self._store.lent.lend(page)  # the loan releases the views, once sent
+            records = SplicedBytes(loan.parts, loan.size, loan.give_back)
+            return pull_records_response(
+                req["id"], records, page.next_offset, page.min_offset, page.max_offset
+            )
+        try:
             return pull_response(
                 req["id"],
                 [message_map(record.queue_offset, record) for record in _decoded(page)],
