@@ -12,6 +12,7 @@ import itertools
 import logging
 import mmap
 import os
+import threading
 from pathlib import Path
 
 from storage import sync_log
@@ -52,19 +53,32 @@ class MappedFile:
     Invariants: the file is exactly ``size`` bytes, fully allocated, named by ``base``
     (:func:`segment_name`); ``0 <= flushed <= wrote <= size`` except while recovery
     or a cut sets both; bytes past ``wrote`` are zeros or a slave's pending partial
-    record. The object does no locking: its owner (a :class:`MappedFileQueue` of the
-    commit log or of one consume queue) decides who writes; the blocking methods
-    (create, open, sync, zero_from, delete, the identity checks) run in worker threads,
-    never on the event loop.
+    record. Its owner (a :class:`MappedFileQueue` of the commit log or of one consume
+    queue) decides who writes; the blocking methods (create, open, sync, zero_from,
+    delete, the identity checks) run in worker threads, never on the event loop. One
+    lock orders :meth:`sync` and :meth:`close` only: a flush may sync a segment while a
+    topic deletion or a cut closes it in another thread, and must then find it either
+    open or closed, never its descriptor closed under the fdatasync.
     """
 
-    __slots__ = ("_fd", "_map", "base", "flushed", "path", "size", "view", "wrote")
+    __slots__ = (
+        "_close_lock",
+        "_fd",
+        "_map",
+        "base",
+        "flushed",
+        "path",
+        "size",
+        "view",
+        "wrote",
+    )
 
     def __init__(self, path: Path, base: int, size: int, fd: int) -> None:
         self.path = path
         self.base = base
         self.size = size
         self._fd = fd
+        self._close_lock = threading.Lock()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view: memoryview = memoryview(self._map)
         self.wrote = 0
@@ -159,14 +173,17 @@ class MappedFile:
         Under fault injection (:mod:`storage.sync_log`) the call may be delayed or fail, and
         the bytes written before it began are recorded as durable once it returns.
         """
-        fault_log = sync_log.ACTIVE
-        if fault_log is None:
+        with self._close_lock:
+            if self._fd < 0:
+                return  # closed meanwhile (its topic deleted, or cut off): nothing to keep
+            fault_log = sync_log.ACTIVE
+            if fault_log is None:
+                os.fdatasync(self._fd)
+                return
+            wrote = self.wrote
+            fault_log.before_sync(self.path)
             os.fdatasync(self._fd)
-            return
-        wrote = self.wrote
-        fault_log.before_sync(self.path)
-        os.fdatasync(self._fd)
-        fault_log.synced(self.path, wrote)
+            fault_log.synced(self.path, wrote)
 
     def gone(self) -> str | None:
         """Why the file behind the map is no longer the segment's file, or None.
@@ -218,9 +235,10 @@ class MappedFile:
             self._map.close()
         except BufferError:
             log.debug("segment_close_deferred path=%s reason=views_alive", self.path)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._close_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def delete(self) -> None:
         """Close and unlink, unless the path names another file by now (a segment of the

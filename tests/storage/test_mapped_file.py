@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,42 @@ def test_close_without_views_unmaps(tmp_path: Path) -> None:
 
 
 # ---- MappedFileQueue.load -------------------------------------------------------------
+
+
+def test_a_sync_of_a_segment_closed_meanwhile_is_a_no_op(tmp_path: Path) -> None:
+    """A flush syncs the dirty segments it listed while a topic deletion or a cut may
+    close some of them in another thread: a closed one has nothing left to keep (the
+    old code raised ValueError on fd -1 out of the flush, seen in a CI run)."""
+    segment = MappedFile.create(tmp_path, 0, PAGE_SIZE, warm=False)
+    segment.close()
+    segment.sync()
+
+
+def test_syncs_and_a_close_in_other_threads_never_meet_a_closed_descriptor(
+    tmp_path: Path,
+) -> None:
+    segments = [
+        MappedFile.create(tmp_path, i * PAGE_SIZE, PAGE_SIZE, warm=False) for i in range(40)
+    ]
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def sync_all() -> None:
+        started.set()
+        for _ in range(5):
+            for segment in segments:
+                try:
+                    segment.sync()
+                except BaseException as exc:  # what the old code raised, reported below
+                    errors.append(exc)
+
+    syncer = threading.Thread(target=sync_all)
+    syncer.start()
+    started.wait()
+    for segment in segments:
+        segment.close()
+    syncer.join()
+    assert errors == []
 
 
 def test_load_opens_contiguous_segments_in_order(tmp_path: Path) -> None:
