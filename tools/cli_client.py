@@ -20,9 +20,9 @@ from typing import Any
 import trio
 
 from cluster.client import Client, ConsumedMessage, SendResult, TidelogError, open_client
-from cluster.client.consumer import consumed_message
+from cluster.client.consumer import consumed_messages
 from cluster.client.tls import client_tls
-from cluster.protocol import Status
+from cluster.protocol import RECORDS_FORMAT, CorruptRecordError, Status
 from cluster.protocol.address import parse_address
 from storage.names import TOPIC_RULE
 from tools.cli_group import add_group_commands, add_group_options, consume_in_group
@@ -359,7 +359,12 @@ async def _consume(client: Client, args: argparse.Namespace) -> int:
         offset = start[queue]
         while not (args.count and seen >= args.count):
             page = await client.call(
-                "pull", topic=args.topic, queue=queue, offset=offset, max_messages=1024
+                "pull",
+                topic=args.topic,
+                queue=queue,
+                offset=offset,
+                max_messages=1024,
+                format=RECORDS_FORMAT,  # the stored bytes: decoded and CRC-checked here
             )
             if page["status"] is Status.OFFSET_OUT_OF_RANGE:  # as the library's consumer does
                 print(
@@ -372,14 +377,18 @@ async def _consume(client: Client, args: argparse.Namespace) -> int:
                 continue
             if page["status"] is not Status.OK:
                 raise TidelogError(page["status"], page.get("error", ""), page)
-            for pulled in page["messages"]:
-                message = consumed_message(args.topic, queue, pulled)
+            try:
+                messages = consumed_messages(args.topic, queue, page)
+            except CorruptRecordError as exc:
+                print(f"tidelog: {exc}", file=sys.stderr)
+                return 2
+            for message in messages:
                 if args.tag is None or message.tags == args.tag:
                     seen += 1
                     print(_shown(message, args))
                     if args.count and seen >= args.count:
                         break
-            if not page["messages"]:
+            if not messages:
                 unconfirmed += max(0, page["max_offset"] - page["next_offset"])
                 break
             offset = page["next_offset"]

@@ -23,6 +23,8 @@ from pathlib import Path
 import trio
 
 from cluster.client import open_client
+from cluster.client.consumer import consumed_messages
+from cluster.protocol import RECORDS_FORMAT
 from storage.record import HEADER_SIZE
 from tools.launcher import LocalCluster
 from tools.process import NodeProcess, node_status, wait_until
@@ -94,10 +96,15 @@ async def verify(node: NodeProcess, acked: dict[int, tuple[int, int, int, int]])
             stored = {}
             while offset < entry["max_offset"]:
                 page = await client.checked(
-                    "pull", topic=TOPIC, queue=queue, offset=offset, max_messages=1024
+                    "pull",
+                    topic=TOPIC,
+                    queue=queue,
+                    offset=offset,
+                    max_messages=1024,
+                    format=RECORDS_FORMAT,
                 )
-                for message in page["messages"]:
-                    stored[message["queue_offset"]] = message["body"]
+                for message in consumed_messages(TOPIC, queue, page):  # CRC-checked here
+                    stored[message.queue_offset] = message.body
                 offset = page["next_offset"]
             for (q, queue_offset), seq in expected.items():
                 if q == queue and stored.get(queue_offset) != body_for(seq):
@@ -160,10 +167,15 @@ async def read_all(address: str, topic: str = TOPIC) -> dict[tuple[int, int], by
             offset = entry["min_offset"]
             while offset < entry["max_offset"]:
                 page = await client.checked(
-                    "pull", topic=topic, queue=entry["queue"], offset=offset, max_messages=1024
+                    "pull",
+                    topic=topic,
+                    queue=entry["queue"],
+                    offset=offset,
+                    max_messages=1024,
+                    format=RECORDS_FORMAT,
                 )
-                for message in page["messages"]:
-                    stored[(entry["queue"], message["queue_offset"])] = message["body"]
+                for message in consumed_messages(topic, entry["queue"], page):  # CRC-checked
+                    stored[(entry["queue"], message.queue_offset)] = message.body
                 if page["next_offset"] == offset:
                     break  # nothing readable past the confirm offset yet
                 offset = page["next_offset"]

@@ -28,7 +28,8 @@ import attrs
 import trio
 
 from cluster.client import Client, TidelogError, open_client
-from cluster.protocol import Status
+from cluster.client.consumer import consumed_messages
+from cluster.protocol import RECORDS_FORMAT, CorruptRecordError, Status
 from tools.chaos.history import ACK_LEVELS, NOT_SENT_PREFIX, Event, HistoryWriter
 
 __all__ = [
@@ -224,6 +225,7 @@ async def consume(
                     offset=offset,
                     max_messages=64,
                     wait_ms=settings.poll_wait_ms,
+                    format=RECORDS_FORMAT,
                 )
             except TidelogError as exc:
                 recorder.record("info", process, "poll", value, error=str(exc))
@@ -235,7 +237,12 @@ async def consume(
                 recorder.record("fail", process, "poll", value, node=node, error=status.value)
                 await trio.sleep(0.05)
                 continue
-            messages = [[m["queue_offset"], _text(m["body"])] for m in response["messages"]]
+            try:
+                messages = _pulled(settings.topic, queue, response)
+            except CorruptRecordError as exc:
+                recorder.record("fail", process, "poll", value, node=node, error=str(exc))
+                await trio.sleep(0.05)
+                continue
             recorder.record("ok", process, "poll", {**value, "messages": messages}, node=node)
             recorder.stats.polled += len(messages)
             if messages:
@@ -244,6 +251,15 @@ async def consume(
 
 def _text(body: bytes) -> str:
     return body.decode("utf-8", errors="replace")
+
+
+def _pulled(topic: str, queue: int, response: Mapping[str, Any]) -> list[list[Any]]:
+    """``[queue offset, body]`` of each message of a ``records`` pull answer, every
+    record CRC-checked (:class:`CorruptRecordError` names a damaged one)."""
+    return [
+        [message.queue_offset, _text(message.body)]
+        for message in consumed_messages(topic, queue, response)
+    ]
 
 
 async def drain(
@@ -273,7 +289,13 @@ async def _drain_queue(
         recorder.record("invoke", "drainer", "drain", value, node=node.name)
         try:
             response = await client.call(
-                "pull", topic=topic, queue=queue, offset=offset, max_messages=DRAIN_BATCH, wait_ms=0
+                "pull",
+                topic=topic,
+                queue=queue,
+                offset=offset,
+                max_messages=DRAIN_BATCH,
+                wait_ms=0,
+                format=RECORDS_FORMAT,
             )
         except TidelogError as exc:
             recorder.record("info", "drainer", "drain", value, node=node.name, error=str(exc))
@@ -282,7 +304,11 @@ async def _drain_queue(
         if status is not Status.OK:
             recorder.record("fail", "drainer", "drain", value, node=node.name, error=status.value)
             return
-        messages = [[m["queue_offset"], _text(m["body"])] for m in response["messages"]]
+        try:
+            messages = _pulled(topic, queue, response)
+        except CorruptRecordError as exc:
+            recorder.record("fail", "drainer", "drain", value, node=node.name, error=str(exc))
+            return
         next_offset = int(response.get("next_offset", offset + len(messages)))
         end = not messages
         recorder.record(
