@@ -729,6 +729,9 @@ class HAService:
         """Built from ``settings.tls`` when :meth:`serve` starts (None: plain TCP)."""
         self._confirmed = OffsetWaiters()
         self._confirmed.advance(0)  # an empty prefix is always replicated
+        self.on_confirm_moved: Callable[[], None] | None = None
+        """Called after each advance of :attr:`confirm_offset` (the node wakes the long
+        polls that waited for the read limit to cover their next record). Must not block."""
 
     @property
     def confirm_offset(self) -> int:
@@ -1013,6 +1016,8 @@ class HAService:
             self._confirmed.advance(after)
             for connection in self.connections.values():
                 connection.confirm_moved()  # the slaves' read limit follows it
+            if self.on_confirm_moved is not None:
+                self.on_confirm_moved()
 
     def _log_membership(self, names: frozenset[str], in_sync: dict[str, int]) -> None:
         for name in sorted(self._in_sync_names - names):

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import ssl
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -124,6 +125,10 @@ class HAClient:
         master's log start because this slave was behind it or new), or None."""
         self.master_confirm = 0
         """The master's confirm offset as last heard in the stream (not capped)."""
+        self.on_read_limit_moved: Callable[[], None] | None = None
+        """Called when :meth:`read_limit` may have moved: the master's confirm offset
+        arrived, or bytes it covers were applied (the node wakes the long polls that
+        waited for the limit to cover their next record). Must not block."""
         self.master_name: str | None = None
         """The name the master gave in the handshake."""
         self.caught_up_epoch: int | None = None
@@ -316,6 +321,8 @@ class HAClient:
                 return
             if header.flags & CHUNK_CONFIRM:
                 self.master_confirm = header.offset
+                if self.on_read_limit_moved is not None:
+                    self.on_read_limit_moved()
                 continue
             if header.length == 0:  # the master's heartbeat: it is alive, nothing to apply
                 continue
@@ -332,6 +339,8 @@ class HAClient:
             assert end <= header.offset + header.length, (
                 f"applied up to {end}, past the received {header.offset + header.length}"
             )
+            if self.master_confirm > header.offset and self.on_read_limit_moved is not None:
+                self.on_read_limit_moved()  # the limit was capped at the log's end
             if hop_trace.enabled:
                 hop_trace.record("s.applied", end)
             if pending:

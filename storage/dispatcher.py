@@ -124,3 +124,8 @@ class Dispatcher:
     def parked_polls(self, topic: str, queue_id: int) -> int:
         """How many tasks :meth:`wait_for_queue` holds on that queue (metrics, tests)."""
         return self._parked.parked((topic, queue_id))
+
+    def wake_every_poll(self) -> int:
+        """Wake every parked poll to re-check its queue (the log was cut: its offset may
+        be out of range now); return how many woke."""
+        return self._parked.wake_where(lambda _key: True)

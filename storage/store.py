@@ -45,8 +45,12 @@ from storage.record import FLAG_TOPIC_DELETED, Message, StoredRecord
 from storage.record_runs import RecordRuns, queue_record_runs
 from storage.recovery import RecoveryReport, recover
 from storage.retention import RetentionService
+from storage.waiters import ReadLimitWaiters
 
 log = logging.getLogger(__name__)
+
+_PAST_EVERY_LIMIT = 2**64
+"""What a poll waits for while a cut runs: no limit reaches it, the cut's end wakes it."""
 
 
 def _no_step_hook(_step: str) -> None:
@@ -109,6 +113,9 @@ class MessageStore:
         """True while a truncation or log restart runs (writes must not start then)."""
         self.checkpointed_last_segment: int | None = None
         """The last segment the checkpoint on disk names (see :meth:`segments_changed`)."""
+        self._limited = ReadLimitWaiters()
+        """Long polls whose next entry ends past the read limit (see
+        :meth:`wait_for_read_limit`)."""
         self.after_cut_step: Callable[[str], None] = _no_step_hook
         """Called after each step of a truncation or log restart; crash tests kill there."""
 
@@ -312,6 +319,10 @@ class MessageStore:
             await self._flush_all_locked(clean=False)
             self._cut_step("checkpoint_saved")
             await trio.to_thread.run_sync(clear_cut_intent, self.config.cut_intent_path)
+        # Polls parked at a queue's old end re-check: past the new end they answer
+        # OFFSET_OUT_OF_RANGE now instead of at their deadline. (After a log restart the
+        # queues are gone, and a poll woken there would read that as its topic deleted.)
+        self.dispatcher.wake_every_poll()
         log.warning("store_truncated offset=%d", end)
 
     async def restart_log_at(self, start_offset: int) -> None:
@@ -373,6 +384,7 @@ class MessageStore:
             yield
         finally:
             self._cutting = False
+            self._limited.wake_all()  # they re-check: their entries may be gone now
 
     def _cut_step(self, step: str) -> None:
         """A cut reached ``step`` (tests kill the process here to prove each is safe)."""
@@ -561,6 +573,37 @@ class MessageStore:
         """Return once new records were indexed in that queue (True), or its topic was
         dropped (False); see :meth:`Dispatcher.wait_for_queue` (long polls)."""
         return await self.dispatcher.wait_for_queue(topic, queue_id)
+
+    async def wait_for_read_limit(self, topic: str, queue_id: int, queue_offset: int) -> None:
+        """Park a long poll whose entry ``queue_offset`` of that queue exists but ends past
+        the read limit, until :meth:`read_limit_moved` reaches that entry's end, a cut
+        ends, or :meth:`read_limit_reset`. Call it right after the read that found the
+        entry hidden, with no await in between (only later moves wake the caller).
+
+        The read limit is the caller's (replication's confirm offset): the store only
+        keeps who waits for which log offset, so a move that covers no poll costs a
+        heap peek, not a wakeup of every parked poll."""
+        needed = _PAST_EVERY_LIMIT  # while a cut runs: its end wakes the poll
+        queue = self.queues.get(topic, queue_id)
+        readable = queue is not None and not self._cutting
+        if readable and queue is not None and queue.min_offset <= queue_offset < queue.max_offset:
+            log_offset, size, _tags = queue.get(queue_offset)
+            needed = log_offset + size
+        await self._limited.wait(needed)
+
+    def read_limit_moved(self, limit: int | None) -> int:
+        """The read limit is now ``limit`` (None: none): wake the polls of
+        :meth:`wait_for_read_limit` whose entry it covers; return how many woke."""
+        return self._limited.limit_moved(limit)
+
+    def read_limit_reset(self) -> int:
+        """The read limit changed in a way no offset describes (a new ack policy): wake
+        every poll of :meth:`wait_for_read_limit` to re-check; return how many woke."""
+        return self._limited.wake_all()
+
+    def polls_past_read_limit(self) -> int:
+        """How many polls :meth:`wait_for_read_limit` holds (metrics, tests)."""
+        return len(self._limited)
 
     # ---- durability and shutdown -------------------------------------------------------
 

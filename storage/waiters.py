@@ -196,3 +196,66 @@ class KeyedWakeups(Generic[_Key]):
     def wake_where(self, chosen: Callable[[_Key], bool]) -> int:
         """Wake the tasks of every key ``chosen`` accepts (a dropped topic's queues)."""
         return sum(self.wake(key) for key in [key for key in self._lots if chosen(key)])
+
+
+class ReadLimitWaiters:
+    """Tasks parked until a read limit reaches the log offset each needs.
+
+    A long poll whose queue has entries that end past the read limit (a replicated
+    master's confirm offset, a slave's copy of it) parks here with the end of its first
+    hidden entry. :meth:`limit_moved` wakes exactly the waiters the new limit covers: a
+    heap by offset, so a move that covers nobody (most acks) costs one peek, however
+    many wait. :meth:`wake_all` wakes every one (a cut, a new ack policy).
+
+    No position is kept: a read limit can move back (a slave's cut, a new master), and a
+    waiter checks the limit itself right before it parks, with no await in between, so
+    it cannot miss a move as long as every move is reported. Used from the event loop
+    only; cancelled waiters are dropped lazily, and the heap is compacted when they
+    outnumber the live ones.
+    """
+
+    _COMPACT_MIN = 64
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []
+        self._seq = itertools.count()
+        self._live = 0
+
+    def __len__(self) -> int:
+        """How many tasks are parked."""
+        return self._live
+
+    async def wait(self, offset: int) -> None:
+        """Park until a :meth:`limit_moved` to ``offset`` or beyond, or :meth:`wake_all`."""
+        entry = [offset, next(self._seq), trio.lowlevel.current_task()]
+        heapq.heappush(self._heap, entry)
+        self._live += 1
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            entry[2] = None  # lazily dropped from the heap
+            self._live -= 1
+            dead = len(self._heap) - self._live
+            if dead > self._COMPACT_MIN and dead > self._live:
+                self._heap = [kept for kept in self._heap if kept[2] is not None]
+                heapq.heapify(self._heap)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def limit_moved(self, limit: int | None) -> int:
+        """The read limit is now ``limit`` (None: no limit): wake every waiter for an
+        offset at or below it; return how many woke."""
+        heap, woken = self._heap, 0
+        while heap and (limit is None or heap[0][0] <= limit):
+            entry = heapq.heappop(heap)
+            task = entry[2]
+            if task is not None:
+                entry[2] = None
+                self._live -= 1
+                trio.lowlevel.reschedule(task)
+                woken += 1
+        return woken
+
+    def wake_all(self) -> int:
+        """Wake every waiter (they re-check what they read); return how many."""
+        return self.limit_moved(None)

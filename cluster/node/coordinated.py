@@ -436,6 +436,7 @@ class Coordinator:
                     history=node.history,
                     epoch_file=node.epoch_file,
                 )
+                slave.client.on_read_limit_moved = node.read_limit_moved
                 node.slave = slave
                 node._replication_nursery.start_soon(slave.run)
             else:
@@ -708,6 +709,7 @@ class Coordinator:
             node.role = elected(node.role, self.ha_port)
             if isinstance(node.acks, CoordinatedAcks):
                 node.acks.thaw()
+                node.read_limit_moved()
 
     def is_slave(self) -> bool:
         return isinstance(self.node.role, Slave)

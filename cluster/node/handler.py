@@ -66,6 +66,7 @@ class NodeRequestHandler(RequestHandler):
         self._acks = acks if self._node.metrics is None else self._node.metrics.timed(acks)
         self.idempotence.forget()
         self.groups.forget()
+        self._store.read_limit_reset()  # polls waiting for the old limit re-check
 
     def _group_read_limit(self) -> int | None:
         """A master reads its whole log for group offsets; anything else stops where its

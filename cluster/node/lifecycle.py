@@ -259,6 +259,7 @@ class Node:
                 history=self.history,
                 epoch_file=self.epoch_file,
             )
+            self.slave.client.on_read_limit_moved = self.read_limit_moved
             self.acks = SlaveAcks(self._standalone, self.slave)
         elif role.serves_slaves:
             self.ha = self._ha_service(store)
@@ -277,12 +278,22 @@ class Node:
         """The master's HA endpoint with the ``[replication]`` knobs; one place, so a
         promoted slave serves its slaves exactly as a configured master would. With etcd,
         only members of the group may replicate, count for acks or prove it stale."""
-        return HAService(
+        ha = HAService(
             store,
             self.config.replication.settings,
             history=self.history,
             peer_allowed=self._is_group_member if self.config.coordinated else None,
         )
+        ha.on_confirm_moved = self.read_limit_moved
+        return ha
+
+    def read_limit_moved(self) -> None:
+        """Replication moved the confirm offset (this master's, or the one a slave
+        heard): wake the long polls the read limit now covers. The limit asked is the
+        ack policy's, which may differ from the confirm offset (a fenced master's
+        frozen limit, an elected master's floor)."""
+        if self.store is not None and self.acks is not None:
+            self.store.read_limit_moved(self.acks.read_limit())
 
     def _is_group_member(self, name: str) -> bool:
         """Whether etcd's last listing holds ``name`` as a member of this node's group."""

@@ -360,9 +360,9 @@ class RequestHandler:
             with polls.deadline(deadline):
                 while not (page := self._page(req)).records:
                     if page.max_offset > page.next_offset:
-                        # Entries past the read limit (or a cut running): the limit has no
-                        # wakeup of its own, so any arrival re-checks, as before.
-                        await self._store.wait_for_arrival()
+                        # Entries past the read limit (or a cut running): wait for the
+                        # limit to cover the next one (or the cut to end), not for records.
+                        await self._store.wait_for_read_limit(topic, queue, page.next_offset)
                     elif not await self._store.wait_for_queue(topic, queue):
                         raise unknown_topic(topic)  # deleted while the poll waited
                 return self._pull_answer(req, page)  # the page read last, not a second one
