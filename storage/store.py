@@ -268,6 +268,7 @@ class MessageStore:
         result = await self.commit_log.append(Message(topic, b"", 0, flags=FLAG_TOPIC_DELETED))
         forget_topic(self.commit_log.next_queue_offsets, topic)
         await self.dispatcher.catch_up()
+        self._limited.wake_all()  # a poll on the topic answers now, not when the limit moves
         log.info("topic_deleted topic=%s marker_offset=%d", topic, result.offset)
         return result
 

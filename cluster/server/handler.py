@@ -363,6 +363,8 @@ class RequestHandler:
                         # Entries past the read limit (or a cut running): wait for the
                         # limit to cover the next one (or the cut to end), not for records.
                         await self._store.wait_for_read_limit(topic, queue, page.next_offset)
+                        if self._topics.get(topic) is None:
+                            raise unknown_topic(topic)  # deleted while the poll waited
                     elif not await self._store.wait_for_queue(topic, queue):
                         raise unknown_topic(topic)  # deleted while the poll waited
                 return self._pull_answer(req, page)  # the page read last, not a second one

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from cluster.node import Node
+from cluster.protocol import Status
 from tests.cluster.test_server import client, node_config, running, until
 
 POLL_WAIT_MS = 60_000
@@ -71,3 +72,28 @@ async def test_a_long_poll_on_a_master_answers_when_its_slave_acknowledges(
 async def test_a_long_poll_on_a_slave_answers_when_the_master_confirms(tmp_path: Path) -> None:
     async with master_with_slave(tmp_path) as (master, slave):
         await _one_send_answers_the_poll(master, slave)
+
+
+async def test_deleting_a_topic_answers_a_poll_waiting_for_the_read_limit(
+    tmp_path: Path,
+) -> None:
+    """A master with no slave in sync: its confirm offset stays put, so a poll whose
+    record arrived waits on the read limit; deleting the topic answers it at once."""
+    async with (
+        running(node_config(tmp_path / "m", replication={"ha_port": 0})) as master,
+        client(master) as consumer,
+        client(master) as admin,
+    ):
+        store = master.store
+        assert store is not None
+        await admin.ok("create_topic", topic="d", queues=1)
+        poll = await consumer.send("pull", topic="d", queue=0, offset=0, wait_ms=POLL_WAIT_MS)
+        await until(lambda: store.dispatcher.parked_polls("d", 0) == 1)
+        await admin.ok("send", topic="d", queue=0, body=b"unconfirmed", acks="leader")
+        await until(lambda: store.polls_past_read_limit() == 1)
+        await admin.ok("delete_topic", topic="d")
+        with trio.fail_after(ANSWER_BOUND_S):
+            answer = await consumer.recv()
+        assert answer is not None and answer["id"] == poll, answer
+        assert answer["status"] is Status.UNKNOWN_TOPIC, answer
+        assert store.polls_past_read_limit() == 0
