@@ -54,13 +54,19 @@ async def forget_member(etcd: EtcdClient, keys: ClusterKeys, group: str, node: s
     after = state_after_forgetting(state, node, live=live, leader=leader)
     assert state is not None
     key = keys.state(group)
+    # the state unchanged since the listing, and the member still not back (no member key)
     result = await etcd.txn(
-        [Compare.mod_revision(key, state_revision)], [PutOp(key, after.encode())]
+        [
+            Compare.mod_revision(key, state_revision),
+            Compare.create_revision(keys.member(node), 0),
+        ],
+        [PutOp(key, after.encode())],
     )
     if not result.succeeded:
         raise ForgetRefused(
-            f"group {group}'s state changed while this ran (a node acted meanwhile): "
-            "look at `tidelog cluster status` and run it again if it still applies"
+            f"group {group}'s state changed while this ran, or {node} came back (a node "
+            "acted meanwhile): look at `tidelog cluster status` and run it again if it "
+            "still applies"
         )
     log.warning(
         "operator_forgot_member group=%s node=%s in_sync_before=%s in_sync_after=%s epoch=%d",
