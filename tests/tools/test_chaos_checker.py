@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.tools.test_chaos_histories import HistoryBuilder, clean_history
 from tools.chaos.checker import ERROR_KINDS, CheckResult, check
 from tools.chaos.cli import format_verdict
-from tools.chaos.history import Event, HistoryError, read_history
+from tools.chaos.history import CORRUPT_READ_PREFIX, Event, HistoryError, read_history
 from tools.chaos.report import render_report
 from tools.chaos.results import write_results
 
@@ -204,6 +204,20 @@ def test_aborted_read() -> None:
         history, master_log=[*LOG, (3, "producer-1:1")], replica_log=[*LOG, (3, "producer-1:1")]
     )
     _caught("aborted_read", history)
+
+
+def test_a_read_refused_as_corrupt_is_caught_and_other_failed_reads_are_not() -> None:
+    history = _clean_base()
+    value = {"queue": Q, "offset": 3}
+    history.add("invoke", "consumer-0", "poll", value)
+    history.add("fail", "consumer-0", "poll", value, node="n2", error="NOT_MASTER")
+    history.add("invoke", "consumer-0", "poll", value)
+    error = f"{CORRUPT_READ_PREFIX}a record of queue chaos:1 in a page of chaos:0"
+    history.add("fail", "consumer-0", "poll", value, node="n2", error=error)
+    _finish(history)
+    result = _caught("corrupt_read", history)
+    assert result.kind("corrupt_read").count == 1
+    assert "from n2" in result.kind("corrupt_read").examples[0].summary
 
 
 def test_recovered_and_indeterminate_are_not_errors() -> None:
@@ -612,6 +626,17 @@ def _inject_incomplete_drain(events: list[Event]) -> bool:
     return True
 
 
+def _inject_corrupt_read(events: list[Event]) -> bool:
+    """A poll answered with records the client refused (a CRC failure)."""
+    for i, e in enumerate(events):
+        if e.f == "poll" and e.type == "ok":
+            value = {k: v for k, v in e.value.items() if k != "messages"}
+            error = f"{CORRUPT_READ_PREFIX}record at queue offset 3 fails its CRC"
+            events[i] = attrs.evolve(e, type="fail", value=value, error=error)
+            return True
+    return False
+
+
 def _inject_nothing_acked(events: list[Event]) -> bool:
     for i in _acked(events):
         events[i] = attrs.evolve(events[i], type="info", error="timeout")
@@ -631,6 +656,7 @@ INJECTIONS: dict[str, Injection] = {
     "nonmonotonic_send": lambda events: _swap_offsets(events, same_producer=True),
     "realtime_order": lambda events: _swap_offsets(events, same_producer=False),
     "replica_divergence": _inject_divergence,
+    "corrupt_read": _inject_corrupt_read,
     "incomplete_drain": _inject_incomplete_drain,
     "nothing_acked": _inject_nothing_acked,
 }

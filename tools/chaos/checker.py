@@ -24,6 +24,9 @@ Pure: :func:`check` takes the events of :mod:`tools.chaos.history` and returns a
   same queue, yet offset(A) >= offset(B).
 - ``replica_divergence``: a replica's commit-log digest differs from the master's below the
   confirm offset, or it holds less than that.
+- ``corrupt_read``: a poll or drain answer failed the client's record checks (CRC, sizes,
+  another topic or queue, a gap in queue offsets): a node served bytes it must never
+  serve. The reader keeps going, so the other checks still run.
 - ``incomplete_drain``: the master's final drain of a queue with acked sends never finished,
   so loss cannot be judged (fails the run). ``nothing_acked``: no send was acknowledged, so
   the run tested nothing (fails the run).
@@ -38,7 +41,7 @@ from typing import Any, Final
 
 import attrs
 
-from tools.chaos.history import Event, HistoryError, is_uncertain_error
+from tools.chaos.history import CORRUPT_READ_PREFIX, Event, HistoryError, is_uncertain_error
 
 __all__ = [
     "ERROR_KINDS",
@@ -69,6 +72,7 @@ ERROR_KINDS: Final = (
     "nonmonotonic_send",
     "realtime_order",
     "replica_divergence",
+    "corrupt_read",
     "incomplete_drain",
     "nothing_acked",
 )
@@ -387,6 +391,7 @@ def check(events: Sequence[Event]) -> CheckResult:
     lost = _check_lost(sends, present, replicas, complete, disk_lost_s, findings)
     _check_vanished(poll_reads, present, disk_lost_s, findings)
     _check_digests(ops, findings)
+    _check_corrupt_reads(ops, findings)
     if not any(send.offset is not None for send in sends.values()):
         findings.add("nothing_acked", None, "no send was acknowledged: the run tested nothing")
     injected = [fault for fault in faults if fault.started]
@@ -413,6 +418,24 @@ def check(events: Sequence[Event]) -> CheckResult:
         master_changes=tuple(masters),
         master_disk_lost_s=disk_lost_s,
     )
+
+
+def _check_corrupt_reads(ops: Iterable[_Op], findings: _Findings) -> None:
+    """Every read whose answer the client refused as damaged or misplaced records."""
+    for op in ops:
+        done = op.completion
+        if op.invoke.f not in ("poll", "drain") or done is None or done.type != "fail":
+            continue
+        if done.error is not None and done.error.startswith(CORRUPT_READ_PREFIX):
+            queue = done.value.get("queue") if isinstance(done.value, dict) else None
+            where = f" from {done.node}" if done.node else ""
+            findings.add(
+                "corrupt_read",
+                queue if isinstance(queue, str) else None,
+                f"a {op.invoke.f}{where} got records that fail the client's checks: "
+                f"{done.error[len(CORRUPT_READ_PREFIX) :]}",
+                done.line,
+            )
 
 
 def _check_polls(ops: Iterable[_Op], findings: _Findings) -> list[_Read]:

@@ -185,6 +185,11 @@ def _check_fields(raw: dict[str, Any], line: int) -> None:
         )
 
 
+CORRUPT_READ_PREFIX = "corrupt read: "
+"""Marks a poll or drain whose answer failed the client's record checks (CRC, size, topic
+or queue, a gap in queue offsets): the node served bytes it must never serve, which the
+checker reports as ``corrupt_read``."""
+
 NOT_SENT_PREFIX = "not sent: "
 """Marks an error after which the client knows nothing reached a node (e.g. a connect that
 timed out): certain, whatever words the reason uses."""

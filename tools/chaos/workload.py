@@ -30,7 +30,13 @@ import trio
 from cluster.client import Client, TidelogError, open_client
 from cluster.client.consumer import consumed_messages
 from cluster.protocol import RECORDS_FORMAT, CorruptRecordError, Status
-from tools.chaos.history import ACK_LEVELS, NOT_SENT_PREFIX, Event, HistoryWriter
+from tools.chaos.history import (
+    ACK_LEVELS,
+    CORRUPT_READ_PREFIX,
+    NOT_SENT_PREFIX,
+    Event,
+    HistoryWriter,
+)
 
 __all__ = [
     "DIGEST_CHUNK_BYTES",
@@ -240,7 +246,8 @@ async def consume(
             try:
                 messages = _pulled(settings.topic, queue, response)
             except CorruptRecordError as exc:
-                recorder.record("fail", process, "poll", value, node=node, error=str(exc))
+                error = f"{CORRUPT_READ_PREFIX}{exc}"
+                recorder.record("fail", process, "poll", value, node=node, error=error)
                 await trio.sleep(0.05)
                 continue
             recorder.record("ok", process, "poll", {**value, "messages": messages}, node=node)
@@ -307,7 +314,8 @@ async def _drain_queue(
         try:
             messages = _pulled(topic, queue, response)
         except CorruptRecordError as exc:
-            recorder.record("fail", "drainer", "drain", value, node=node.name, error=str(exc))
+            error = f"{CORRUPT_READ_PREFIX}{exc}"
+            recorder.record("fail", "drainer", "drain", value, node=node.name, error=error)
             return
         next_offset = int(response.get("next_offset", offset + len(messages)))
         end = not messages
