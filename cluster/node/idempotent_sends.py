@@ -91,8 +91,9 @@ class IdempotentSends:
     Invariant: every batch in :attr:`state` is in the log where it says (a batch is
     landed only once its records are written). Used by the handler's tasks on one
     event loop; an append cancelled midway may or may not have written its batch, so
-    it drops the state (:meth:`forget`): a batch is never written without being
-    remembered, by this state or by the rebuild from the log.
+    it looks in the log written since the append started: the batch is landed if
+    there, its claim abandoned if not (a batch is never written without being
+    remembered), and nothing else in the state changes.
     """
 
     def __init__(self, store: MessageStore) -> None:
@@ -184,12 +185,14 @@ class IdempotentSends:
             built = build()
             assert len(built) == mark.count
             built[0] = _marked(built[0], mark)
+            before = self._store.commit_log.max_offset
             try:
                 result = await put_batch(built)
-            except trio.Cancelled:
-                # Whether it was written is not known here (a shield on every batch
-                # cost more than the rest of the bookkeeping): the log will tell.
-                self.forget()
+            except BaseException:
+                # Cancelled, or failed after writing (indexing it): whether the batch
+                # was written is not known here (a shield on every batch cost more
+                # than the rest of the bookkeeping); the log written since tells.
+                landed = self._land_if_written(state, mark, before)
                 raise
             state.land(producer, sequence, len(built), result.offsets[0], epoch)
             landed = True
@@ -209,6 +212,36 @@ class IdempotentSends:
             if self._waiting:  # rare: a copy of a batch arrived while it was appended
                 self._landed.set()
                 self._landed = trio.Event()
+
+    def _land_if_written(self, state: IdempotenceState, mark: ProducerMark, start: int) -> bool:
+        """After an append was cancelled or failed: land its batch if the log holds it past
+        ``start`` (the log's end before the append; the batch is written at once after
+        the append's only wait, or not at all). True if landed; False leaves the claim
+        to be abandoned. Other producers' state is untouched: it holds appends still in
+        progress and epoch bumps that the log cannot give back."""
+        commit_log = self._store.commit_log
+        found: int | None = None
+        try:
+            for header in commit_log.iter_headers(start):
+                offset, flags = header[0], header[6]
+                if flags & FLAG_PRODUCER_BATCH:
+                    record = commit_log.read(offset)
+                    written = _mark_of(flags, record.properties)
+                    record.release()
+                    if written == mark:
+                        found = offset
+                        break
+        except (OffsetOutOfRangeError, CorruptSegmentError, ValueError) as exc:
+            # the log moved under the scan (a cut or retention): only a rebuild can tell
+            log.warning("idempotence_cancelled_append_unknown start=%d error=%s", start, exc)
+            self.forget()
+            return False
+        if state is not self.state:  # a role change meanwhile: the rebuild re-reads the log
+            self.forget()
+        if found is None:
+            return False
+        state.land(mark.producer, mark.sequence, mark.count, found, mark.epoch)
+        return True
 
     def _read_back(self, producer: int, epoch: int, batch: LandedBatch) -> Stored:
         """The original answer of a stored batch, from its records."""

@@ -15,7 +15,7 @@ import trio.testing
 
 from cluster.client import Client, SendResult, open_client
 from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
-from cluster.node.idempotent_sends import IdempotentSends
+from cluster.node.idempotent_sends import IdempotentSends, SendRefused
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
 from storage import BatchAppendResult, Message, MessageStore, StoreConfig
@@ -185,8 +185,8 @@ async def _cancellable(scope: trio.CancelScope, send: Any, index: int) -> None:
 
 async def test_an_append_cancelled_after_writing_is_still_recognised(tmp_path: Path) -> None:
     """The batch is in the log, then its request is cancelled before the append returns:
-    the state is dropped and rebuilt from the log, so the resend is a duplicate, not a
-    second copy."""
+    the log written since the append started shows it, so it is landed and the resend
+    is a duplicate, not a second copy (with no rebuild of the whole state)."""
     config = StoreConfig(data_dir=tmp_path / "store", segment_size=1 << 20, max_message_size=4096)
     async with MessageStore.open(config) as store:
         sends = IdempotentSends(store)
@@ -209,6 +209,7 @@ async def test_an_append_cancelled_after_writing_is_still_recognised(tmp_path: P
         again = await sends.append(7, 0, request, build, store.put_batch)
         assert again.duplicate and again.offsets == [0]
         assert store.commit_log.max_offset == again.end_offset, "stored once"
+        assert sends.rebuilds == 1, "only the first send's rebuild"
 
 
 async def test_a_producer_started_again_with_its_id_fences_the_older_copy(
@@ -240,3 +241,138 @@ async def test_a_producer_started_again_with_its_id_fences_the_older_copy(
         again = await client.call_master("init_producer", producer=producer_id, epoch=0)
         assert again["epoch"] == 2, "one above what the node remembers"
         assert await bodies(client, "t") == [b"zombie-1", b"restarted-1", b"restarted-2"]
+
+
+def _store_config(tmp_path: Path) -> StoreConfig:
+    return StoreConfig(data_dir=tmp_path / "store", segment_size=1 << 20, max_message_size=4096)
+
+
+async def _cancel_after_writing(sends: IdempotentSends, store: MessageStore, producer: int) -> None:
+    """Another producer's append is cancelled after its records are written (as when
+    the dispatcher awaits a new queue file and the connection is aborted)."""
+    scope = trio.CancelScope()
+
+    async def written_then_cancelled(built: list[Message]) -> BatchAppendResult:
+        result = await store.put_batch(built)
+        scope.cancel()
+        await trio.lowlevel.checkpoint()
+        return result
+
+    with scope:
+        await sends.append(
+            producer,
+            0,
+            [{"body": b"other", "props": None}],
+            lambda: [Message("other", b"other", 0)],
+            written_then_cancelled,
+        )
+
+
+async def test_a_copy_arriving_while_its_batch_waits_to_be_written_is_stored_once(
+    tmp_path: Path,
+) -> None:
+    """Batch A of producer 7 is claimed and waits before writing (put_batch awaits the
+    segment allocator before its first byte); meanwhile another producer's append is
+    cancelled, and a copy of A arrives (the client resent it): A must be stored once.
+    Failed when a cancelled append dropped the whole state (A was stored twice)."""
+    async with MessageStore.open(_store_config(tmp_path)) as store:
+        sends = IdempotentSends(store)
+        request = [{"body": b"A", "props": None}]
+
+        def build() -> list[Message]:
+            return [Message("t", b"A", 0)]
+
+        allocated = trio.Event()
+
+        async def slow_put(built: list[Message]) -> BatchAppendResult:
+            await allocated.wait()  # models CommitLog._make_room awaiting the allocator
+            return await store.put_batch(built)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sends.append, 7, 0, request, build, slow_put)
+            await trio.testing.wait_all_tasks_blocked()
+            await _cancel_after_writing(sends, store, 8)
+            nursery.start_soon(sends.append, 7, 0, request, build, store.put_batch)
+            await trio.testing.wait_all_tasks_blocked()
+            allocated.set()
+        stored = [bytes(r.body) for r in store.commit_log.scan(0) if r.topic == "t"]
+        assert stored == [b"A"], f"batch A stored {len(stored)} times"
+        other = await sends.append(
+            8,
+            0,
+            [{"body": b"other", "props": None}],
+            lambda: [Message("other", b"other", 0)],
+            store.put_batch,
+        )
+        assert other.duplicate, "the cancelled append that wrote is remembered"
+
+
+async def test_an_append_cancelled_before_writing_leaves_its_batch_to_a_resend(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while waiting to write: nothing is in the log, so the claim is given up
+    and the resend is stored (once)."""
+    async with MessageStore.open(_store_config(tmp_path)) as store:
+        sends = IdempotentSends(store)
+        request = [{"body": b"B", "props": None}]
+
+        def build() -> list[Message]:
+            return [Message("t", b"B", 0)]
+
+        scope = trio.CancelScope()
+
+        async def cancelled_before_writing(built: list[Message]) -> BatchAppendResult:
+            scope.cancel()
+            await trio.lowlevel.checkpoint()
+            return await store.put_batch(built)
+
+        with scope:
+            await sends.append(7, 0, request, build, cancelled_before_writing)
+        assert scope.cancelled_caught and store.commit_log.max_offset == 0
+        again = await sends.append(7, 0, request, build, store.put_batch)
+        assert not again.duplicate and again.offsets == [0]
+        assert store.commit_log.max_offset == again.end_offset, "stored once"
+
+
+async def test_a_bump_survives_another_producers_cancelled_append(tmp_path: Path) -> None:
+    """A producer started again with its id (epoch 1) fences its zombie (epoch 0), also
+    after an unrelated append was cancelled on the same master. Failed when a cancelled
+    append dropped the whole state (the zombie's send was accepted)."""
+    async with MessageStore.open(_store_config(tmp_path)) as store:
+        sends = IdempotentSends(store)
+
+        def build() -> list[Message]:
+            return [Message("t", b"z", 0)]
+
+        request = [{"body": b"z", "props": None}]
+        await sends.append(7, 0, request, build, store.put_batch)
+        assert await sends.restart(7, 0) == 1
+        with pytest.raises(SendRefused) as before:
+            await sends.append(7, 1, request, build, store.put_batch)
+        assert before.value.status is Status.PRODUCER_FENCED
+        await _cancel_after_writing(sends, store, 8)
+        with pytest.raises(SendRefused) as after:
+            await sends.append(7, 2, request, build, store.put_batch)
+        assert after.value.status is Status.PRODUCER_FENCED
+
+
+async def test_an_append_failing_after_writing_is_still_recognised(tmp_path: Path) -> None:
+    """The batch is written, then indexing it fails (a queue file cannot be made): the
+    error is the answer, and the resend is a duplicate, not a second copy. Failed when
+    only a cancelled append looked in the log (the claim was given up, stored twice)."""
+    async with MessageStore.open(_store_config(tmp_path)) as store:
+        sends = IdempotentSends(store)
+        request = [{"body": b"C", "props": None}]
+
+        def build() -> list[Message]:
+            return [Message("t", b"C", 0)]
+
+        async def written_then_failed(built: list[Message]) -> BatchAppendResult:
+            await store.put_batch(built)
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError):
+            await sends.append(7, 0, request, build, written_then_failed)
+        again = await sends.append(7, 0, request, build, store.put_batch)
+        assert again.duplicate and again.offsets == [0]
+        assert store.commit_log.max_offset == again.end_offset, "stored once"
