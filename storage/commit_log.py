@@ -69,6 +69,16 @@ _unpack_dispatch = struct.Struct("<II4xII4xQ24xQ2xB").unpack_from
 """size, magic, flags, queue_id, queue_offset, tags_hash, topic_size: the header fields
 that indexing needs (offsets 0, 4, 12, 16, 24, 56, 66 of docs/format.md)."""
 
+IndexFields = tuple[int, int, str, int, int, int, int]
+"""(offset, size, topic, queue_id, queue_offset, tags_hash, flags) of one record: what
+the dispatcher indexes, from :meth:`CommitLog.iter_headers` or :meth:`CommitLog.take_appended`."""
+
+APPENDED_LIMIT = 16_384
+"""Most own appends :meth:`CommitLog.take_appended` holds: past it they are dropped (the
+dispatcher then reads their headers back), so a log appended to with no dispatcher taking
+them (a benchmark, a tool) does not grow without bound. Above the largest batch a send may
+carry, so a node's dispatches always take them."""
+
 
 class AppendResult(NamedTuple):
     """Where a record landed. ``end_offset`` is what a durable or replicated ack waits for.
@@ -107,10 +117,12 @@ def _pack_record(
     topic: bytes,
     queue_offset: int,
     now_us: int,
-) -> None:
-    """Write one record at ``pos``: header, topic, properties, body, then its CRC."""
+) -> int:
+    """Write one record at ``pos``: header, topic, properties, body, then its CRC.
+    Returns the hash of its tags (0 for none), which the consume queue keeps too."""
     body = message.body
     props = message.properties
+    tags = tags_hash(message.tags) if message.tags else 0
     topic_size = len(topic)
     props_size = len(props)
     _pack_header(
@@ -126,7 +138,7 @@ def _pack_record(
         offset,
         message.born_us or now_us,
         now_us,
-        tags_hash(message.tags) if message.tags else 0,
+        tags,
         props_size,
         topic_size,
         0,
@@ -139,6 +151,7 @@ def _pack_record(
         p += props_size
     view[p : pos + size] = body
     _pack_crc(view, pos + CRC_OFFSET, crc32c(view[pos + CRC_START : pos + size]))
+    return tags
 
 
 class CommitLog:
@@ -164,7 +177,8 @@ class CommitLog:
     :meth:`discard_raw_pending`). :meth:`truncate` and :meth:`restart_at` hold both
     locks, so they wait for a segment take or a flush in flight; the store must still
     not let appends run during them (its queue bookkeeping follows the cut).
-    :meth:`flush` callers share one fsync. Reads (:meth:`read`, :meth:`scan`) may run at
+    :meth:`flush` callers share one fsync. :meth:`take_appended` is the dispatcher's (one
+    task at a time). Reads (:meth:`read`, :meth:`scan`) may run at
     any time; a record's body view stays valid after a cut (the map lives until the
     last view is released).
     """
@@ -198,6 +212,11 @@ class CommitLog:
         self.raw_pending = 0
         """Bytes received by :meth:`append_raw` past :attr:`max_offset`: the start of a
         record whose rest is in the next chunk. Kept in the map, never exposed."""
+        self._appended: list[IndexFields] = []
+        """The index fields of own appends the dispatcher has not taken yet, in log order
+        (see :meth:`take_appended`). Whenever it is not empty it holds every record from its
+        first to :attr:`max_offset` (only segment fillers lie between them): anything else
+        that moves the end (replicated bytes, a cut) empties it first."""
 
     # ---- positions ---------------------------------------------------------------------
 
@@ -261,9 +280,13 @@ class CommitLog:
         queue_offset = table.get(key, 0)
         now_us = time.time_ns() // 1000
         assert pos + size + BLANK_MIN <= last.size, (pos, size, last.size)
-        _pack_record(last.view, pos, size, offset, message, topic, queue_offset, now_us)
+        tags = _pack_record(last.view, pos, size, offset, message, topic, queue_offset, now_us)
         table[key] = queue_offset + 1
         last.wrote = pos + size
+        appended = self._appended
+        if len(appended) >= APPENDED_LIMIT:
+            appended.clear()  # the dispatcher reads these back from the log
+        appended.append((offset, size, key[0], key[1], queue_offset, tags, message.flags))
         return AppendResult(offset, size, message.queue_id, queue_offset, now_us)
 
     async def append_batch(self, messages: Sequence[Message]) -> BatchAppendResult:
@@ -287,6 +310,11 @@ class CommitLog:
         now_us = time.time_ns() // 1000
         offsets: list[int] = []
         queue_offsets: list[int] = []
+        appended = self._appended
+        if len(appended) + len(messages) > APPENDED_LIMIT:
+            appended.clear()  # the dispatcher reads these back from the log
+            if len(messages) > APPENDED_LIMIT:
+                appended = []  # and this batch's too: filled, never kept
         for message, (topic, size) in zip(messages, measured, strict=True):
             if pos + size > limit:
                 segment.wrote = pos
@@ -294,14 +322,38 @@ class CommitLog:
                 view, base, pos = segment.view, segment.base, 0
             key = (message.topic, message.queue_id)
             queue_offset = table.get(key, 0)
-            _pack_record(view, pos, size, base + pos, message, topic, queue_offset, now_us)
+            offset = base + pos
+            tags = _pack_record(view, pos, size, offset, message, topic, queue_offset, now_us)
             table[key] = queue_offset + 1
-            offsets.append(base + pos)
+            offsets.append(offset)
             queue_offsets.append(queue_offset)
+            appended.append((offset, size, key[0], key[1], queue_offset, tags, message.flags))
             pos += size
         assert pos <= limit, (pos, limit)
         segment.wrote = pos
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
+
+    def take_appended(self, end: int) -> list[IndexFields] | None:
+        """Hand over the index fields of the own appends since the last call, and forget them.
+
+        The dispatcher indexes a master's appends from these instead of reading each header
+        back from the map. When they are given, they are every record from the first of them
+        to ``end`` (the log's end: checked), in log order; records before the first are not
+        among them (replicated, recovered, or dropped past :data:`APPENDED_LIMIT`) and must
+        be read from the log. None when there are none, or when they do not end at ``end``.
+        """
+        appended = self._appended
+        if not appended:
+            return None
+        self._appended = []
+        last = appended[-1]
+        return appended if last[0] + last[1] == end else None
+
+    def forget_appended(self) -> None:
+        """Drop the index fields of own appends not taken yet: the log's end moves by other
+        means (replicated bytes, a cut), so the dispatcher reads the records back instead."""
+        if self._appended:
+            self._appended = []
 
     def _refusal(self) -> StorageFailedError | DiskFullError:
         refusal = self.failure or self.disk_full
@@ -386,6 +438,7 @@ class CommitLog:
         self._check_raw_chunk(offset, len(data))
         if not data:
             return self.max_offset
+        self.forget_appended()  # only own appends may follow them: these are read back
         if offset == self.max_offset and self.raw_pending:
             self.discard_raw_pending()
         last = self.files.last
@@ -650,6 +703,7 @@ class CommitLog:
                 f"cut at {offset} outside the log [{self.min_offset}, {self.max_offset}]"
             )
             self._drop_spares()
+            self.forget_appended()
             self.raw_pending = 0  # files.truncate zeroes those bytes
             await trio.to_thread.run_sync(self.files.truncate, offset)
             self.flushed_offset = min(self.flushed_offset, self.max_offset)
@@ -662,6 +716,7 @@ class CommitLog:
         async with self._take_lock, self._flush_lock:
             await self._settle()
             self._drop_spares()
+            self.forget_appended()
             self.raw_pending = 0
             await trio.to_thread.run_sync(
                 lambda: self.files.restart_at(base, warm=self.config.warm_segments)
