@@ -716,6 +716,10 @@ class CommitLog:
         async with self._take_lock, self._flush_lock:
             await self._settle()
             self._drop_spares()
+            # a dropped creation still running in its thread renames its file into place
+            # when done, then deletes it: at `base` that would replace, then remove, the
+            # segment made here (the empty log's only one)
+            await self.allocator.wait_dropped()
             self.forget_appended()
             self.raw_pending = 0
             await trio.to_thread.run_sync(
