@@ -61,6 +61,25 @@ async def restart(cluster: LocalCluster, *names: str) -> None:
         await trio.to_thread.run_sync(cluster.restart, name)
 
 
+async def crash_all_and_restart_all_but_one(
+    cluster: LocalCluster, load: AckedLoad
+) -> tuple[GroupState, str, list[str]]:
+    """Crash every node under the load, then restart all but one recorded in-sync member:
+    the state the crash left, the member kept down, and the nodes back. The member is
+    picked from that state: a shrink recorded after every node was, and before the kill,
+    would make a node outside the set the wrong one to keep down (flaky under load)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(load.run)
+        await crash_all_under_load(cluster, load)
+        nursery.cancel_scope.cancel()
+    before = await cluster.group_state()
+    assert before is not None and len(before.in_sync) >= 2, before
+    down = sorted(before.in_sync)[0]
+    back = [name for name in cluster.names if name != down]
+    await restart(cluster, *back)
+    return before, down, back
+
+
 async def test_a_group_whose_every_node_crashed_elects_again_and_keeps_every_ack(
     cluster: LocalCluster,
 ) -> None:
@@ -86,17 +105,7 @@ async def test_with_one_recorded_member_still_down_nobody_leads_until_it_returns
     cluster: LocalCluster,
 ) -> None:
     load = AckedLoad(cluster, TOPIC, acks="replicated")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(load.run)
-        await crash_all_under_load(cluster, load)
-        nursery.cancel_scope.cancel()
-    # as the crash left it: a shrink recorded after every node was, and before the kill,
-    # would make a node outside the set the wrong one to wait for (flaky under load)
-    before = await cluster.group_state()
-    assert before is not None and len(before.in_sync) >= 2, before
-    absent = sorted(before.in_sync)[0]
-    back = [name for name in cluster.names if name != absent]
-    await restart(cluster, *back)
+    before, absent, back = await crash_all_and_restart_all_but_one(cluster, load)
 
     seen: dict[str, object] = {}
 
@@ -127,15 +136,7 @@ async def test_a_member_lost_for_good_is_forgotten_by_the_operator_and_the_other
     cluster: LocalCluster,
 ) -> None:
     load = AckedLoad(cluster, TOPIC, acks="replicated")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(load.run)
-        await crash_all_under_load(cluster, load)
-        nursery.cancel_scope.cancel()
-    before = await cluster.group_state()  # as the crash left it (a late shrink included)
-    assert before is not None and len(before.in_sync) >= 2, before
-    lost = sorted(before.in_sync)[0]
-    back = [name for name in cluster.names if name != lost]
-    await restart(cluster, *back)
+    before, lost, back = await crash_all_and_restart_all_but_one(cluster, load)
 
     seen: dict[str, dict[str, object]] = {}
 
