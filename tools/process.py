@@ -27,6 +27,10 @@ EXIT_WAIT_S = 5.0
 stderr to be read whole) before the start error is raised."""
 
 
+EXIT_GRACE_S = 2.0
+"""How long a restart waits for a killed node's exit to be seen before refusing."""
+
+
 class NodeProcess:
     """A ``tidelog node`` child. ``start()`` returns once it listens (or raises with its stderr).
 
@@ -76,7 +80,20 @@ class NodeProcess:
         return self.process.pid if self.process is not None else None
 
     def is_running(self) -> bool:
+        """A quick look: ``Popen.poll`` answers "running" while another thread is polling
+        the same child, so a caller about to act on "not running" uses :meth:`exited`."""
         return self.process is not None and self.process.poll() is None
+
+    def exited(self, timeout_s: float = EXIT_GRACE_S) -> bool:
+        """Whether the process has exited (waiting up to ``timeout_s`` for it): a
+        blocking ``wait`` is not fooled by another thread's concurrent ``poll``."""
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def command(self) -> list[str]:
         host = ["--host", self.bind_host] if self.bind_host else []

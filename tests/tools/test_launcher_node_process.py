@@ -3,7 +3,9 @@ before it listens is reported as exited, with its exit code and the end of its s
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,23 @@ def test_a_bad_argument_names_the_exit_code_of_the_refusal(tmp_path: Path) -> No
     with pytest.raises(RuntimeError, match=r"exited with code 2 before it listened") as raised:
         node.start(timeout=30.0)
     assert "unrecognized arguments: --no-such-flag" in str(raised.value)
+
+
+def test_a_killed_node_is_seen_exited_while_another_thread_polls_it(tmp_path: Path) -> None:
+    """A chaos run's master observer polls each node from another thread; a poll that
+    meets the other thread's poll answers "running", and a restart after a kill refused
+    ("n1 is still running": seed 242 kept its master down 35 s). ``exited`` waits."""
+    node = NodeProcess(tmp_path / "data")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], text=True)
+    node.process = child
+    try:
+        child.kill()
+        held: threading.Lock = child._waitpid_lock  # type: ignore[attr-defined]
+        held.acquire()  # what another thread's poll holds meanwhile
+        assert node.is_running()  # the quick look is fooled
+        threading.Timer(0.2, held.release).start()  # that poll ends a moment later
+        assert node.exited(timeout_s=10.0)
+        assert not node.is_running()
+    finally:
+        child.kill()
+        child.wait()

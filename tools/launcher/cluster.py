@@ -480,7 +480,10 @@ class LocalCluster:
 
     def restart(self, name: str) -> None:
         """Start a stopped or killed node again on its data directory and client port."""
-        if self.nodes[name].is_running():
+        node = self.nodes[name]
+        # a killed node can look alive to one poll while another thread polls it too (a
+        # chaos run's master observer does): wait for its exit before refusing
+        if node.is_running() and not node.exited():
             raise ClusterLaunchError(f"{name} is still running (pid {self.pid(name)})")
         self._start_node(name)
 
