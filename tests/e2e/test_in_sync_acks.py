@@ -37,7 +37,7 @@ def stack() -> Iterator[ExitStack]:
 @pytest.fixture
 def group(tmp_path: Path) -> Iterator[Group]:
     with EtcdCluster(tmp_path / "etcd") as etcd, ExitStack() as exits:
-        yield Group(tmp_path, exits, ",".join(etcd.endpoints))
+        yield Group.on(exits, tmp_path, etcd)
 
 
 async def test_in_sync_is_released_only_once_every_in_sync_slave_acknowledged(
