@@ -46,6 +46,7 @@ async def test_a_short_kill_and_pause_run_is_valid(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["seed"] == SEED
+    assert set(manifest) >= {"git_revision", "git_dirty"}  # the code the run started with
     assert manifest["command"].startswith("tidelog chaos run --duration 35 --nemesis kill,pause")
     assert [f["fault_id"] for f in manifest["schedule"]] == [p.fault_id for p in schedule]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tools.chaos.runner import (
     parse_kinds,
     run_chaos,
     settings_from_args,
+    source_revision,
 )
 from tools.chaos.scenarios import SCENARIOS, required_kinds, scenario_settings
 from tools.chaos.workload import commit_log_digest
@@ -194,3 +196,19 @@ def test_the_nemesis_takes_the_cluster_level_kinds_too() -> None:
     )
     with pytest.raises(ValueError, match="unknown nemesis 'bogus'"):
         parse_kinds("kill-etcd-leader,bogus")
+
+
+def test_a_run_records_the_revision_and_whether_the_tree_was_dirty_at_its_start() -> None:
+    source = source_revision()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:  # not a git checkout (an exported tree): nothing to record
+        assert source == {"git_revision": None, "git_dirty": None}
+        return
+    assert source["git_revision"] == head.stdout.strip()
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert source["git_dirty"] is bool(status.strip())

@@ -634,6 +634,27 @@ def _git_revision() -> str | None:
     return done.stdout.strip() or None
 
 
+def source_revision() -> dict[str, Any]:
+    """The code a run starts with: ``git_revision`` (HEAD) and ``git_dirty`` (tracked files
+    changed in the working tree: the revision alone then does not name the code that
+    ran). Taken at the start: a tree that moves during a long run must not be credited."""
+    revision = _git_revision()
+    dirty: bool | None = None
+    if revision is not None:
+        try:
+            done = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            )
+            dirty = bool(done.stdout.strip()) if done.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            dirty = None
+    return {"git_revision": revision, "git_dirty": dirty}
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -656,7 +677,8 @@ def write_manifest(
     schedule: Sequence[ScheduledFault],
     extra: dict[str, Any],
 ) -> Path:
-    """``run.json``: seed, revision, settings, versions, schedule, the reproducing command."""
+    """``run.json``: seed, revision, settings, versions, schedule, the reproducing command.
+    ``extra`` comes last: a run passes the revision it started with (:func:`source_revision`)."""
     manifest = {
         "seed": settings.seed,
         "git_revision": _git_revision(),
@@ -761,7 +783,7 @@ async def run_chaos(
             hold_s=settings.hold_s,
         )
     workload = settings.workload(run_dir)
-    extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    extra: dict[str, Any] = {"run_dir": str(run_dir), **source_revision()}
     writer = HistoryWriter(run_dir / "history.jsonl")
     with lone_error_as_itself():
         figures = await _run_cluster(
