@@ -276,11 +276,15 @@ class _Progress:
 
 
 async def _produce(client: Client, args: argparse.Namespace) -> int:
+    if args.producer_id is not None and not args.idempotent:
+        print("tidelog produce: --producer-id needs --idempotent", file=sys.stderr)
+        return 2
     producer = client.producer(
         acks=args.acks,
         linger_ms=args.linger_ms,
         timeout_ms=args.timeout_ms,
         idempotent=args.idempotent,
+        producer_id=args.producer_id,
     )
     counts = {"ok": 0, "failed": 0, "unknown": 0}
     errors: dict[str, int] = {}
@@ -313,12 +317,14 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
             nursery.start_soon(one, message)
     progress.close()
     elapsed = time.perf_counter() - start
-    summary = dict(
+    summary: dict[str, Any] = dict(
         counts,
         seconds=round(elapsed, 3),
         msgs_per_s=round(sum(counts.values()) / max(elapsed, 1e-9)),
         errors=errors,
     )
+    if args.idempotent:
+        summary.update(producer_id=producer.producer_id, producer_epoch=producer.producer_epoch)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -327,6 +333,11 @@ async def _produce(client: Client, args: argparse.Namespace) -> int:
             f"{elapsed:.2f}s: {counts['ok']} ok, {counts['failed']} failed, "
             f"{counts['unknown']} unknown outcome"
         )
+        if args.idempotent and producer.producer_id is not None:
+            print(
+                f"idempotent producer {producer.producer_id}, epoch {producer.producer_epoch} "
+                f"(to continue as it, fencing older copies: --producer-id {producer.producer_id})"
+            )
         for reason, n in errors.items():
             print(f"  {n} x {reason}")
         if any(reason.startswith(Status.UNKNOWN_TOPIC.value) for reason in errors):
@@ -614,6 +625,14 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="resend unknown outcomes (lost answers, flush timeouts, a failover) for up to "
         "2 minutes: the master recognises a message it stored and answers with its offsets, "
         "so nothing is stored twice",
+    )
+    produce.add_argument(
+        "--producer-id",
+        type=int,
+        metavar="ID",
+        help="with --idempotent: start again as this producer (the id a previous run "
+        "printed): the node gives it a higher epoch and refuses an older copy still "
+        "sending under the id (PRODUCER_FENCED)",
     )
     produce.add_argument(
         "--jsonl",

@@ -176,3 +176,24 @@ def test_topic_delete_then_create_starts_empty(node: NodeProcess) -> None:
     assert tidelog("produce", "d", "-b", b, stdin="new\n").returncode == 0
     read = tidelog("consume", "d", "--meta", "-b", b)
     assert read.stdout.splitlines() == ["queue=0 offset=0  new"]
+
+
+def test_an_idempotent_produce_prints_its_id_and_a_restart_with_it_bumps_the_epoch(
+    node: NodeProcess,
+) -> None:
+    b = node.address
+    assert tidelog("topic", "create", "ids", "-b", b).returncode == 0
+    first = tidelog("produce", "ids", "--idempotent", "--json", "-b", b, stdin="one\n")
+    assert first.returncode == 0, first.stderr
+    started = json.loads(first.stdout)
+    assert started["ok"] == 1 and started["producer_id"] > 0
+    again = tidelog(
+        "produce", "ids", "--idempotent", "--producer-id", str(started["producer_id"]),
+        "--json", "-b", b, stdin="two\n",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    restarted = json.loads(again.stdout)
+    assert restarted["producer_id"] == started["producer_id"]
+    assert restarted["producer_epoch"] > started["producer_epoch"]
+    plain = tidelog("produce", "ids", "--producer-id", "7", "-b", b, stdin="x\n")
+    assert plain.returncode == 2 and "--producer-id needs --idempotent" in plain.stderr
