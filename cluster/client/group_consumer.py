@@ -109,6 +109,8 @@ class GroupConsumer:
         """How many times this member joined (the first join counts)."""
         self._committed: dict[QueueRef, int] = {}
         self._assigned = anyio.Event()
+        self._joined = anyio.Event()
+        """Set at each join, then replaced (:meth:`wait_next_join`)."""
 
     # ---- the session ---------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class GroupConsumer:
         self._committed = {k: v for k, v in committed.items() if k in positions}
         self.rebalances += 1
         self._assigned.set()
+        self._joined.set()
+        self._joined = anyio.Event()
         log.info(
             "group_member_joined group=%s member=%s generation=%d queues=%s",
             self.group,
@@ -303,6 +307,10 @@ class GroupConsumer:
     async def wait_assigned(self) -> None:
         """Return once this member joined the group at least once."""
         await self._assigned.wait()
+
+    async def wait_next_join(self) -> None:
+        """Return at this member's next join (after a rebalance, with its new assignment)."""
+        await self._joined.wait()
 
     async def __aenter__(self) -> GroupConsumer:
         self._context: AbstractAsyncContextManager[

@@ -134,7 +134,7 @@ async def test_members_share_queues_and_a_restarted_member_resumes(tmp_path: Pat
             await b.wait_assigned()
             with trio.fail_after(20):  # the hand-over: a re-joins, then b is given its share
                 while len(b.assignment) != 2:
-                    await trio.sleep(0.01)
+                    await b.wait_next_join()
             await produce(client, "t", 40, start=40)
             with trio.fail_after(20):
                 await done.wait()
