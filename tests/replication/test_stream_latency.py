@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import select
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,20 @@ def _nothing_to_read(sock: trio.socket.SocketType) -> bool:
     return not readable
 
 
-async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> None:
-    """Once the slave's ack moved the confirm offset, nothing is sent on an idle stream
-    (within the delay); the next append's chunk comes with the confirm frame ahead of
-    it. Fails on the old code, which sent the confirm frame at once on its own."""
-    async with MessageStore.open(config_at(tmp_path / "master")) as master:
-        await fill(master, messages(20, seed=31))
+@asynccontextmanager
+async def _slave_acked_all(
+    root: Path, seed: int, confirm_delay_ms: int
+) -> AsyncIterator[tuple[MessageStore, trio.socket.SocketType, int]]:
+    """A master with 20 records and a bare slave socket that read them all and acked its
+    end, the ack having moved the confirm offset: (master, socket, that end)."""
+    async with MessageStore.open(config_at(root / "master")) as master:
+        await fill(master, messages(20, seed=seed))
         end = master.commit_log.max_offset
-        async with serving(master, confirm_delay_ms=60_000, **QUIET) as (service, port, _):
+        async with serving(master, confirm_delay_ms=confirm_delay_ms, **QUIET) as (
+            service,
+            port,
+            _,
+        ):
             sock = trio.socket.socket()
             with sock:
                 await sock.connect(("127.0.0.1", port))
@@ -55,34 +62,32 @@ async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> 
                 await _read_up_to(sock, end)
                 await sock.send(pack_ack(end))
                 assert await replicated(service, end)
-                await trio.testing.wait_all_tasks_blocked()
-                assert _nothing_to_read(sock)  # no frame of its own for the confirm
+                yield master, sock, end
 
-                await fill(master, messages(5, seed=32))
-                buffer = memoryview(bytearray(1 << 20))
-                first = await transfer.receive_chunk_into(sock, buffer)
-                assert first == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
-                chunk = await transfer.receive_chunk_into(sock, buffer)
-                assert chunk is not None and chunk.offset == end and chunk.length > 0
+
+async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> None:
+    """Once the slave's ack moved the confirm offset, nothing is sent on an idle stream
+    (within the delay); the next append's chunk comes with the confirm frame ahead of
+    it. Fails on the old code, which sent the confirm frame at once on its own."""
+    async with _slave_acked_all(tmp_path, 31, confirm_delay_ms=60_000) as (master, sock, end):
+        await trio.testing.wait_all_tasks_blocked()
+        assert _nothing_to_read(sock)  # no frame of its own for the confirm
+
+        await fill(master, messages(5, seed=32))
+        buffer = memoryview(bytearray(1 << 20))
+        first = await transfer.receive_chunk_into(sock, buffer)
+        assert first == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
+        chunk = await transfer.receive_chunk_into(sock, buffer)
+        assert chunk is not None and chunk.offset == end and chunk.length > 0
 
 
 async def test_an_idle_stream_sends_the_moved_confirm_on_its_own(tmp_path: Path) -> None:
     """With no chunk to ride on, the confirm frame goes alone once the delay passed, so
     a slave's read limit never waits for the next write."""
-    async with MessageStore.open(config_at(tmp_path / "master")) as master:
-        await fill(master, messages(20, seed=33))
-        end = master.commit_log.max_offset
-        async with serving(master, confirm_delay_ms=1, **QUIET) as (service, port, _):
-            sock = trio.socket.socket()
-            with sock:
-                await sock.connect(("127.0.0.1", port))
-                await slave_handshake(sock, "s1", 0)
-                await _read_up_to(sock, end)
-                await sock.send(pack_ack(end))
-                assert await replicated(service, end)
-                with trio.fail_after(10):
-                    header = await transfer.receive_chunk_into(sock, memoryview(bytearray(64)))
-                assert header == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
+    async with _slave_acked_all(tmp_path, 33, confirm_delay_ms=1) as (_master, sock, end):
+        with trio.fail_after(10):
+            header = await transfer.receive_chunk_into(sock, memoryview(bytearray(64)))
+        assert header == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
 
 
 @pytest.fixture
