@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from socket import socket
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import sniffio
 
-__all__ = ["Event", "event_class", "shield_scope_class"]
+__all__ = ["Event", "direct_socket", "event_class", "shield_scope_class"]
 
 
 class Event(Protocol):
@@ -54,3 +56,18 @@ def shield_scope_class() -> Callable[..., AbstractContextManager[Any]]:
 
         return trio.CancelScope
     return type(anyio.CancelScope())
+
+
+def direct_socket(stream: object) -> socket | None:
+    """The socket of a plain TCP ``stream`` under trio, for writing to it without an await
+    (None: TLS, a caller's own stream, or asyncio, whose transport writes at once itself).
+
+    trio's ``send`` pays a shielded scope, two resource guards and a pass of the event loop
+    after the write; a write to the non-blocking socket itself takes what fits at once and
+    leaves the rest to ``send``. Only one task may write at a time, and never while a
+    ``send`` of the same stream is under way (bytes would interleave).
+    """
+    if not _running_trio() or not isinstance(stream, anyio.abc.SocketStream):
+        return None
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    return raw if isinstance(raw, socket) and not raw.getblocking() else None

@@ -15,7 +15,7 @@ import anyio.lowlevel
 import attrs
 import sniffio
 
-from cluster.client.backend import Event, event_class, shield_scope_class
+from cluster.client.backend import Event, direct_socket, event_class, shield_scope_class
 from cluster.client.errors import (
     ConnectionLostError,
     NotSentError,
@@ -32,6 +32,11 @@ __all__ = ["Connection"]
 log = logging.getLogger(__name__)
 
 RECEIVE_CHUNK = 256 * 1024
+WRITE_EARLY_FRAMES = 16
+"""Frames a gathering sender lets queue before they are written without waiting for it:
+the node starts on them while the client still queues the rest, instead of the two
+taking turns (measured with 64 one-message sends in flight: about 1.8x the messages/s
+of one write of all 64, at the same CPU per message on each side)."""
 
 
 @attrs.define
@@ -101,7 +106,9 @@ class Connection:
     responses to waiting requests, and the timer of their deadlines. There is no writer
     task: a request appends its frame to the outbox, and if nobody is sending, it sends
     everything queued itself (frames queued meanwhile by others go in the same loop), so
-    pipelined requests share syscalls and an idle connection costs no task switch.
+    pipelined requests share syscalls and an idle connection costs no task switch. Under
+    trio on plain TCP, the socket is written to without an await whenever no ``send`` is
+    under way (see :func:`~cluster.client.backend.direct_socket`).
     Any number of tasks may call :meth:`request` concurrently.
 
     Request timeouts share one timer task rather than a cancel scope each (a scope with
@@ -125,7 +132,15 @@ class Connection:
         self._new_scope = shield_scope_class()
         self._now, self._checkpoint = _loop_clock_and_checkpoint()
         self._outbox = bytearray()
+        self._outbox_frames = 0
         self._sending = False
+        """A task is sending the outbox (or parked to gather more before it does)."""
+        self._gathering = False
+        """The sending task is parked for one pass of the loop: nothing is being written."""
+        self._socket = direct_socket(self._stream)
+        """Written to without an await when no ``send`` is under way (see :func:`direct_socket`)."""
+        self.writes = 0
+        """Writes to the stream so far (diagnostics: frames per write)."""
         self._answered_any = False
         self._answered_last_read = 0
         """Answers the last receive held: more than one woke as many requesters at once."""
@@ -244,25 +259,61 @@ class Connection:
 
         ``gather``: other requests are in flight, or the last receive answered several
         at once, so other tasks are likely about to queue frames too: let them run first
-        (one pass of the event loop), and send all their frames in one write instead of
+        (one pass of the event loop), and send their frames in one write instead of
         this one alone and then the rest (two writes, and two reads and two answers on
         the node; measured: 12% less CPU per message on each side with 64 one-message
-        sends in flight). A lone request sends at once: waiting would only add latency."""
+        sends in flight). A lone request sends at once: waiting would only add latency.
+        While the sender gathers, every :data:`WRITE_EARLY_FRAMES` queued frames are
+        written by the task that queued the last of them (see :meth:`request`)."""
         self._sending = True
         try:
             with self._new_scope(shield=True):
                 if gather:
-                    await self._checkpoint()
+                    self._gathering = True
+                    try:
+                        await self._checkpoint()
+                    finally:
+                        self._gathering = False
                 while self._outbox:
+                    if self._socket is not None:
+                        self._write_now()  # what does not fit goes by ``send``
+                        if not self._outbox:
+                            break
                     data, self._outbox = self._outbox, bytearray()
+                    self._outbox_frames = 0
                     # Any buffer goes (both backends): no copy into bytes.
                     await self._stream.send(cast(bytes, data))
+                    self.writes += 1
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._fail(
-                f"connection to {self.address} lost while sending: {exc}{self._not_a_node_hint()}"
-            )
+            self._lost_while_sending(exc)
         finally:
             self._sending = False
+
+    def _write_now(self) -> None:
+        """Write as much of the outbox as the socket takes at once, without an await;
+        only while no ``send`` is under way (the rest waits for one)."""
+        assert self._socket is not None
+        outbox = self._outbox
+        try:
+            sent = self._socket.send(outbox)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost_while_sending(exc)
+            return
+        self.writes += 1
+        if sent == len(outbox):
+            self._outbox = bytearray()
+            self._outbox_frames = 0
+        else:
+            del outbox[:sent]
+
+    def _lost_while_sending(self, exc: BaseException) -> None:
+        self._outbox = bytearray()
+        self._outbox_frames = 0
+        self._fail(
+            f"connection to {self.address} lost while sending: {exc}{self._not_a_node_hint()}"
+        )
 
     def _fail(self, reason: str) -> None:
         if self._closed is None:
@@ -294,8 +345,19 @@ class Connection:
         waiting = self._waiting
         waiting[req_id] = slot
         self._outbox += frame
+        self._outbox_frames += 1
         if not self._sending:
-            await self._send_outbox(gather=len(waiting) > 1 or self._answered_last_read > 1)
+            gather = len(waiting) > 1 or self._answered_last_read > 1
+            if gather or self._socket is None:
+                await self._send_outbox(gather=gather)
+            else:  # a lone request: written at once, with no await unless the socket is full
+                self._write_now()
+                if self._outbox:
+                    await self._send_outbox(gather=False)
+        elif self._gathering and self._outbox_frames >= WRITE_EARLY_FRAMES:
+            # The sender is parked, gathering: write what it gathered so far, so the
+            # node starts on these while the other tasks still queue theirs.
+            self._write_now()
         if not slot.answered.is_set():
             self._add_deadline(self._now() + timeout_s, req_id)
             await slot.answered.wait()

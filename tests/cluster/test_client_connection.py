@@ -1,4 +1,5 @@
-"""The client connection's request timeouts: one timer task for all requests in flight.
+"""The client connection's request timeouts (one timer task for all requests in flight),
+and how its frames reach the socket.
 
 Under trio with virtual time (``autojump_clock``): the peer never answers, so the loop
 idles and the clock jumps to the next deadline; no test waits for real seconds. The timer
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -19,6 +21,7 @@ import trio
 import trio.testing
 
 from cluster.client import Connection
+from cluster.client.connection import WRITE_EARLY_FRAMES
 from cluster.client.errors import RequestTimeoutError
 from cluster.protocol import encode_frame
 from cluster.protocol.codec import FrameDecoder
@@ -26,9 +29,11 @@ from tests.cluster.client_harness import BACKENDS, run
 
 
 @asynccontextmanager
-async def peer(*, answer: bool) -> AsyncIterator[Connection]:
+async def peer(
+    *, answer: bool, received: list[dict[str, Any]] | None = None
+) -> AsyncIterator[Connection]:
     """A client connection to a loopback peer in the running loop (trio or asyncio) that
-    answers every request ``OK`` (or none)."""
+    answers every request ``OK`` (or none), and adds each request to ``received``."""
 
     async def serve(stream: anyio.abc.SocketStream) -> None:
         decoder = FrameDecoder()
@@ -37,6 +42,9 @@ async def peer(*, answer: bool) -> AsyncIterator[Connection]:
                 while data := await stream.receive(65536):
                     decoder.feed(data)
                     for request in decoder:
+                        if received is not None:
+                            assert isinstance(request, dict)
+                            received.append(dict(request))
                         if answer:
                             assert isinstance(request, dict)
                             reply = {"v": 1, "id": request["id"], "status": "OK"}
@@ -119,3 +127,50 @@ def test_answered_requests_do_not_pile_up_in_the_timer(backend: str) -> None:
             assert not connection._waiting
 
     run(backend, body)
+
+
+async def test_frames_queued_in_one_pass_go_out_in_several_writes() -> None:
+    """Requests queued in the same pass of the loop while the sender gathers are written
+    every ``WRITE_EARLY_FRAMES`` frames by the task that queued the last of them, not in
+    one write at the end: the node starts on the first ones meanwhile. Each frame reaches
+    the peer once, whole. (Failed before: one write of all the gathered frames.)"""
+    received: list[dict[str, Any]] = []
+    count = 2 * WRITE_EARLY_FRAMES + 8
+    async with (
+        peer(answer=False, received=received) as connection,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(count):
+            nursery.start_soon(connection.request, "status", 30.0)
+        await trio.testing.wait_all_tasks_blocked()
+        # the first alone, two early writes, and the gatherer's rest
+        assert connection.writes == 4
+        while len(received) < count:  # the peer reads what it was sent
+            await trio.testing.wait_all_tasks_blocked()
+        assert sorted(request["id"] for request in received) == list(range(1, count + 1))
+        nursery.cancel_scope.cancel()
+
+
+@BACKENDS
+def test_frames_larger_than_the_socket_takes_at_once_arrive_whole(backend: str) -> None:
+    """Frames of 900 KiB, alone and many at once, outgrow what the socket takes in one
+    write: the rest follows by an awaited send, in order, and every answer comes back."""
+    received: list[dict[str, Any]] = []
+    bodies = [bytes([index]) * (900 * 1024) for index in range(12)]
+
+    async def body() -> None:
+        async with peer(answer=True, received=received) as connection:
+
+            async def send(index: int) -> None:
+                answer = await connection.request(
+                    "send", 30.0, topic="big", body=bodies[index], queue=0
+                )
+                assert answer["status"].value == "OK"
+
+            await send(0)
+            async with anyio.create_task_group() as group:
+                for index in range(1, len(bodies)):
+                    group.start_soon(send, index)
+
+    run(backend, body)
+    assert sorted(request["body"] for request in received) == sorted(bodies)
