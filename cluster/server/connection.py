@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
@@ -51,6 +53,7 @@ wait yielded on its own and the answers went out one at a time): about a fifth l
 master CPU per pipelined message than with a task each."""
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """Buffers one ``writev`` takes at most."""
+_T = TypeVar("_T")
 
 
 class Connection:
@@ -73,6 +76,17 @@ class Connection:
     idempotent batch answered with its earlier offsets may wait for the head, still no
     longer than its own deadline). A wait that breaks the rule (another level, an
     earlier deadline), and every other deferred request (long polls), gets a task.
+
+    Answers are written by the task that made them when it can: the reader queues the
+    answers of one receive's frames and writes them with one ``write`` on the socket
+    before it reads again, and the ack queue's task does the same for the waits it
+    answers in one go (see :meth:`_held`), so a request answered at once costs no hop
+    to the writer task. Such a "holding" task writes what it queued before it waits for
+    anything (another task's answer may not sit behind it). The writer task sends the
+    rest: answers of the other deferred tasks, what a short write left, records pulls
+    (spliced bytes), and everything under TLS. At most one of them writes at a time,
+    so frames never interleave: a direct write happens only while the writer holds
+    nothing (:attr:`_writing`).
     """
 
     def __init__(self, stream: trio.abc.Stream, server: ClientServer) -> None:
@@ -101,6 +115,11 @@ class Connection:
         """The socket under a plain stream (spliced bytes are written with ``writev``);
         None under TLS, whose stream takes them joined."""
         self._out_count = 0
+        self._holding = False
+        """The running task writes :attr:`_out` itself before it next waits (see
+        :meth:`_held`): queuing an answer does not wake the writer."""
+        self._writing = False
+        """The writer task holds answers taken from :attr:`_out` that are not all sent."""
         self._unsent = 0
         """Bytes of answers queued or being sent (see :meth:`ClientServer.over_response_bytes`)."""
         self._reserved = 0
@@ -108,6 +127,8 @@ class Connection:
         self._wake = trio.Event()
         self._receiving = False
         """The reader is waiting in ``receive_some`` (see :meth:`_watch_idle`)."""
+        self._owe_checkpoint = False
+        """The last receive returned without yielding: the next one yields first."""
         self._received_at = trio.current_time()
         self._closed_idle = False
         self._idle_watch = trio.CancelScope()
@@ -154,17 +175,22 @@ class Connection:
                 decoder.feed(data)
                 if self._reserved and decoder.buffered >= HEADER.size + self._reserved:
                     self._release_request_bytes()  # the reserved frame's last byte arrived
-                for item in decoder:
-                    if (
-                        self._free_slots
-                        and self._unsent < self._max_unsent
-                        and server.response_bytes < self._max_node_unsent
-                    ):
-                        self._free_slots -= 1  # the common case of _admit, without a call
-                        server.admitted()
-                    else:
-                        await self._admit()
-                    await self._dispatch(item)
+                self._holding = True  # this receive's answers go out in one write, below
+                try:
+                    for item in decoder:
+                        if (
+                            self._free_slots
+                            and self._unsent < self._max_unsent
+                            and server.response_bytes < self._max_node_unsent
+                        ):
+                            self._free_slots -= 1  # the common case of _admit, without a call
+                            server.admitted()
+                        else:
+                            await self._admit()
+                        await self._dispatch(item)
+                finally:
+                    self._holding = False
+                    self._write_now()
                 await self._reserve_for_incomplete_frame()
         except ProtocolError as fatal:
             log.info("connection_fatal peer=%s status=%s", self.peer, fatal.status)
@@ -179,7 +205,9 @@ class Connection:
         connection for being idle: it then ends like one the client ended."""
         self._receiving = True
         try:
-            return await self._stream.receive_some(RECEIVE_SIZE)
+            if self._socket is None:
+                return await self._stream.receive_some(RECEIVE_SIZE)
+            return await self._receive_plain(self._socket)
         except GONE:
             if self._closed_idle:
                 return b""
@@ -187,6 +215,31 @@ class Connection:
         finally:
             self._receiving = False
             self._received_at = trio.current_time()
+
+    async def _receive_plain(self, sock: trio.socket.SocketType) -> bytes:
+        """``receive_some`` on the plain socket, minus its scheduler pass after a read
+        that did not wait: bytes that are already there are read at once, and the pass
+        is owed to the next call instead (each call still yields at least once in two,
+        so a client that keeps the socket full cannot starve the other tasks). A
+        request read after a wait is thus answered with no scheduler pass in between."""
+        waited = False
+        if self._owe_checkpoint:
+            await trio.lowlevel.checkpoint()
+            waited = True
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the connection's socket was closed")
+            try:
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"reading the requests failed: {exc}") from exc
+            self._owe_checkpoint = not waited
+            return data
 
     async def _watch_idle(self) -> None:
         """Close the connection once it has been idle for ``idle_timeout_ms``: nothing
@@ -233,7 +286,12 @@ class Connection:
 
     async def _admit(self) -> None:
         """Take an in-flight slot; with none free, or with too many answer bytes waiting
-        to be sent (this connection's or the node's), stop reading until some are sent."""
+        to be sent (this connection's or the node's), stop reading until some are sent.
+        Answers held for one write go out first (they may be what frees a slot)."""
+        holding = self._holding
+        if holding:
+            self._holding = False
+            self._write_now()
         while self._server.over_response_bytes(self._unsent):
             log.debug("backpressure peer=%s unsent_bytes=%d", self.peer, self._unsent)
             await self._server.wait_response_bytes_sent()
@@ -245,6 +303,7 @@ class Connection:
             self._slot_freed = None
         self._free_slots -= 1
         self._server.admitted()
+        self._holding = holding
 
     async def _dispatch(self, item: Request | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
@@ -262,7 +321,7 @@ class Connection:
             )
             return
         try:
-            outcome = await self._handler.handle(item, self.polls)
+            outcome = await self._held(self._handler.handle(item, self.polls))
         except Exception as exc:
             self._reply(response_for_error(req_id, exc, op))
             return
@@ -286,10 +345,32 @@ class Connection:
         """Answer the queued ack waits in order; ends when the queue is empty (the next
         wait starts a new task)."""
         queue = self._ack_queue
-        while queue:
-            req_id, op, pending = queue[0]
-            await self._finish(req_id, op, pending)
-            queue.popleft()
+        self._holding = True  # waits released together are answered with one write
+        try:
+            while queue:
+                req_id, op, pending = queue[0]
+                await self._held(self._finish(req_id, op, pending))
+                queue.popleft()
+        finally:
+            self._holding = False
+            self._write_now()
+
+    async def _held(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Await ``coroutine`` for a task holding its answers (:attr:`_holding`): run
+        straight through when it never waits (the common case), else write the answers
+        held so far before its first wait and hold again once it is back."""
+        try:
+            trap = coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        if not self._holding:
+            return await _resume(coroutine, trap)
+        self._holding = False
+        self._write_now()
+        try:
+            return await _resume(coroutine, trap)
+        finally:
+            self._holding = True
 
     async def _finish(self, req_id: int, op: str, deferred: Deferred) -> None:
         try:
@@ -312,7 +393,8 @@ class Connection:
         self._out_count += 1
         self._unsent += len(frame)
         self._server.response_bytes_queued(len(frame))
-        self._wake.set()
+        if not self._holding:
+            self._wake.set()
 
     def _reply_spliced(self, response: Reply) -> None:
         """Queue an answer whose ``records`` stay in their buffers until written."""
@@ -331,6 +413,36 @@ class Connection:
         self._server.response_bytes_queued(frame.size)
         self._wake.set()
 
+    def _write_now(self) -> None:
+        """Write the queued answers from the calling task, with one ``write`` on the
+        socket; what it does not take (a full socket buffer), and anything the writer
+        task must send (spliced bytes, TLS, a send of its own under way), is left to
+        the writer task, woken here."""
+        out = self._out
+        if not out:
+            if self._spliced:
+                self._wake.set()
+            return
+        sock = self._socket
+        if sock is None or self._writing or self._spliced or self._aborted:
+            self._wake.set()
+            return
+        try:
+            sent = os.write(sock.fileno(), out)
+        except OSError:  # would block, or a broken connection: the writer finds out
+            self._wake.set()
+            return
+        if sent == len(out):
+            count = self._out_count
+            out.clear()
+            self._out_count = 0
+            self._release_unsent(sent)
+            self._retire(count)
+            return
+        del out[:sent]  # the rest, and every answer in it, waits for the writer
+        self._release_unsent(sent)
+        self._wake.set()
+
     async def _write_loop(self) -> None:
         """Send everything queued in one ``send_all`` (or ``writev``, with spliced bytes);
         release the slots it answered."""
@@ -340,16 +452,22 @@ class Connection:
                     pieces, count = self._spliced, self._out_count
                     pieces.append(self._out)
                     self._spliced, self._out, self._out_count = [], bytearray(), 0
+                    self._writing = True
                     try:
                         size = await self._send(pieces)
                     finally:
+                        self._writing = False
                         _finish_spliced(pieces)
                     self._release_unsent(size)
                     self._retire(count)
                 elif self._out:
                     data, count = self._out, self._out_count
                     self._out, self._out_count = bytearray(), 0
-                    await self._stream.send_all(data)
+                    self._writing = True
+                    try:
+                        await self._stream.send_all(data)
+                    finally:
+                        self._writing = False
                     self._release_unsent(len(data))
                     self._retire(count)
                 elif not self._reading and not self.inflight:
@@ -418,6 +536,25 @@ class Connection:
 
     async def _linger(self) -> None:
         await linger(self._stream)
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, _T], trap: Any) -> Generator[Any, Any, _T]:
+    """Go on awaiting ``coroutine``, which has run up to the yield of ``trap`` (a
+    ``yield from`` whose first step was taken by hand: see :meth:`Connection._held`)."""
+    while True:
+        try:
+            value = yield trap
+        except BaseException as exc:  # a cancellation, delivered where it waits
+            try:
+                trap = coroutine.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = coroutine.send(value)
+            except StopIteration as done:
+                return done.value
 
 
 def _buffers(

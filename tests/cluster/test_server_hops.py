@@ -1,0 +1,108 @@
+"""How many task hops and scheduler passes the node's connection spends on a request
+answered at once (``acks=leader``): the reader reads, handles and writes the answer
+itself, with no pass in between, and never starves the other tasks while doing so."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+import trio.testing
+
+from cluster.protocol import Status, encode_request
+from cluster.server.connection import Connection
+from tests.cluster.test_server import client, node_config, running
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with each given suffix."""
+
+    def __init__(self, *suffixes: str) -> None:
+        self.steps = dict.fromkeys(suffixes, 0)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        for suffix in self.steps:
+            if task.name.endswith(suffix):
+                self.steps[suffix] += 1
+
+    def reset(self) -> None:
+        self.steps = dict.fromkeys(self.steps, 0)
+
+
+async def test_answers_given_at_once_are_written_by_the_reader_in_its_one_step(
+    tmp_path: Path,
+) -> None:
+    """Fails on the old code: the reader yielded after its read (a second step) and the
+    writer task woke to send the answer. (The connection's reader runs in the task
+    the listener started for it.)"""
+    steps = TaskSteps("ClientServer._accept", "Connection._write_loop")
+    async with running(node_config(tmp_path / "node")) as node, client(node) as raw:
+        await raw.ok("create_topic", topic="t", queues=1)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for warm, burst in ((False, 1), (True, 1), (True, 16)):
+                await trio.testing.wait_all_tasks_blocked()
+                steps.reset()
+                ids = [raw._last_id + n for n in range(1, burst + 1)]
+                raw._last_id += burst
+                await raw.send_raw(
+                    b"".join(
+                        encode_request("send", i, topic="t", body=b"x", acks="leader") for i in ids
+                    )
+                )
+                answers = await raw.recv_n(burst)
+                assert sorted(answers) == ids
+                assert all(a["status"] is Status.OK for a in answers.values())
+                await trio.testing.wait_all_tasks_blocked()
+                if warm:  # the queue's first send waits for its file: not this test's case
+                    assert steps.steps == {"ClientServer._accept": 1, "Connection._write_loop": 0}
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+
+
+async def test_a_durable_wait_still_answers_through_the_writer(tmp_path: Path) -> None:
+    """Answers made by other tasks are sent too (the reader holds only its own)."""
+    async with running(node_config(tmp_path / "node")) as node, client(node) as raw:
+        await raw.ok("create_topic", topic="t", queues=1)
+        first = await raw.send("send", topic="t", body=b"a", acks="durable")
+        second = await raw.send("send", topic="t", body=b"b", acks="leader")
+        answers = await raw.recv_n(2)
+        assert answers[first]["status"] is Status.OK
+        assert answers[second]["status"] is Status.OK
+        assert answers[first]["offset"] < answers[second]["offset"]
+
+
+async def test_a_receive_yields_at_least_once_in_two_calls() -> None:
+    """A client keeping the socket full cannot starve the other tasks: a read that did
+    not wait makes the next receive yield first; a read after a wait does not yield again."""
+    left, right = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    state: Any = SimpleNamespace(_owe_checkpoint=False)
+    steps = TaskSteps(trio.lowlevel.current_task().name)
+    with left, right:
+        await right.send(b"x" * 1000)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            steps.reset()
+            assert await Connection._receive_plain(state, left) == b"x" * 1000
+            assert steps.steps == dict.fromkeys(steps.steps, 0)  # no wait, no pass
+            assert state._owe_checkpoint
+            await right.send(b"y")
+            steps.reset()  # (a send yields once too)
+            assert await Connection._receive_plain(state, left) == b"y"
+            assert steps.steps == dict.fromkeys(steps.steps, 1)  # the owed pass
+            assert not state._owe_checkpoint
+
+            async def later() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                await right.send(b"z")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(later)
+                steps.reset()
+                assert await Connection._receive_plain(state, left) == b"z"
+            assert not state._owe_checkpoint  # it waited: the next read owes nothing
+        finally:
+            trio.lowlevel.remove_instrument(steps)
