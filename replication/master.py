@@ -320,6 +320,8 @@ class HAConnection:
             copied = min(copied, SMALL_RANGE_BYTES)
         self._buffer = bytearray(2 * HEADER_SIZE + copied)
         """Room for a confirm frame and a chunk header ahead of the data copied."""
+        self._push_limit = min(copied, SMALL_RANGE_BYTES)
+        """The most bytes :meth:`arrived` writes itself (more: the sender's turn)."""
         self._warm_buffer = bytearray(settings.max_chunk)
         self._confirm_delay_s = settings.confirm_delay_ms / 1000
         self._confirm_due = -math.inf
@@ -327,6 +329,18 @@ class HAConnection:
         it has heard the current one; at first: at once)."""
         self._parked: trio.CancelScope | None = None
         """The scope the caught-up sender is parked in, while it is."""
+        self._woken = trio.Event()
+        """Set by :meth:`arrived` to wake the parked sender (a new one per park)."""
+        self._sock: trio.socket.SocketType | None = None
+        """The slave's socket once the stream runs (for :meth:`arrived`'s direct send)."""
+        self._pin = _SegmentPin()
+        """The segment the stream sends from (the sender's; :meth:`arrived` reads it too)."""
+        self._sent_confirm = -1
+        """The confirm offset the slave was last sent."""
+        self._last_sent = -math.inf
+        """When the stream last sent anything (the heartbeat counts silence from here)."""
+        self._tail = b""
+        """The rest of a frame :meth:`arrived` could not write whole: it goes out first."""
         self._heard_at = math.inf
         """When the ack reader began waiting for the slave's next bytes."""
 
@@ -380,7 +394,10 @@ class HAConnection:
             with lone_error_unwrapped():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_acks, sock, nursery.cancel_scope)
-                    await self._stream(sock)
+                    try:
+                        await self._stream(sock)
+                    finally:
+                        self._sock = None
 
     async def _authenticate(self, sock: trio.socket.SocketType) -> tuple[SlaveHello, bytes]:
         """The handshake up to a hello this master may believe: the slave's challenge,
@@ -504,19 +521,74 @@ class HAConnection:
             if parked is not None and due < parked.deadline:
                 parked.deadline = due
 
+    def arrived(self) -> None:
+        """The log grew (the service calls this from the appending task, after the
+        dispatch, with no await). A parked sender whose slave acked everything sent
+        (nothing in flight: a lone write, not a stream of them) gets the new bytes
+        written to the slave from here, at once, with no task woken; otherwise the
+        sender wakes and sends them in its next turn, together with whatever else was
+        appended by then (under load, one chunk for many writes)."""
+        if self._parked is None:
+            return  # the sender runs: it reads the log end before it parks again
+        if hop_trace.enabled:
+            hop_trace.record("m.arrival", self.store.commit_log.max_offset)
+        if self.send_offset == self.ack_offset and not self._tail and self._send_now():
+            return
+        self._woken.set()
+
+    def _send_now(self) -> bool:
+        """Write the bytes past :attr:`send_offset` (and a moved confirm offset ahead of
+        them) to the slave in one non-blocking ``write``; False when they are not one
+        small range of the pinned segment or the socket takes nothing (the sender
+        does it then). Only while the sender is parked: it is the one other writer, and
+        a frame the socket took in part is finished by it (:attr:`_tail`) before
+        anything else."""
+        sock, pin = self._sock, self._pin
+        offset = self.send_offset
+        count = self.store.commit_log.max_offset - offset
+        if sock is None or isinstance(sock, TlsSocket) or not 0 < count <= self._push_limit:
+            return False
+        if not (pin.covers(offset) and offset + count <= pin.end):
+            return False
+        confirm = self.confirm_source()
+        view = memoryview(self._buffer)
+        head = 0
+        if confirm != self._sent_confirm:
+            view[:HEADER_SIZE] = _confirm_frame(confirm)
+            head = HEADER_SIZE
+        view[head : head + HEADER_SIZE] = ChunkHeader(offset=offset, length=count).pack()
+        head += HEADER_SIZE
+        try:
+            got = os.preadv(pin.fd, [view[head : head + count]], offset - pin.base)
+            if got != count:
+                return False
+            if hop_trace.enabled:
+                hop_trace.record(f"m.send:{self.name}", offset + count)
+            written = os.write(sock.fileno(), view[: head + count])
+        except OSError:  # EAGAIN, or a broken socket the sender's next send reports
+            return False
+        finally:
+            view.release()
+        if written < head + count:
+            self._tail = bytes(self._buffer[written : head + count])
+            self._woken.set()
+        self.send_offset = offset + count
+        if confirm != self._sent_confirm:
+            self._sent_confirm, self._confirm_due = confirm, math.inf
+        self._last_sent = trio.current_time()
+        return True
+
     async def _idle(self, until: float) -> None:
-        """Park the caught-up sender until the store's next arrival (the append itself
-        wakes it, no relay in between), ``until``, a pending confirm's due time or the
-        poll interval (the net under an append that indexes no entry, like a topic
-        deletion marker, which sets no arrival)."""
+        """Park the caught-up sender until the log grows (:meth:`arrived`, called by the
+        append itself, no relay in between), ``until``, a pending confirm's due time or
+        the poll interval (a net: the service's hook on the dispatcher is what wakes)."""
         poll_s = self.settings.poll_interval_ms / 1000
         deadline = min(until, self._confirm_due, trio.current_time() + poll_s)
         with trio.move_on_at(deadline) as parked:
+            self._woken = trio.Event()
             self._parked = parked
             try:
-                await self.store.wait_for_arrival()
-                if hop_trace.enabled:
-                    hop_trace.record("m.arrival", self.store.commit_log.max_offset)
+                await self._woken.wait()
             finally:
                 self._parked = None
 
@@ -532,11 +604,17 @@ class HAConnection:
         Every byte goes out by this task (one sender on the socket, the transfer
         module's rule)."""
         heartbeat_s = self.settings.heartbeat_ms / 1000
-        last_sent = trio.current_time()
-        sent_confirm = -1
+        self._last_sent = trio.current_time()
+        self._sent_confirm = -1
+        self._sock = sock
         unyielded = False  # a chunk went out with no checkpoint after it (see transfer)
-        with _SegmentPin() as pin:
+        with self._pin as pin:
             while True:
+                if self._tail:  # the rest of a frame arrived() sent in part
+                    tail, self._tail = self._tail, b""
+                    await send_all(sock, tail)
+                    unyielded = False
+                    continue
                 confirm = self.confirm_source()
                 end = self.store.commit_log.max_offset
                 offset = self.send_offset
@@ -546,23 +624,23 @@ class HAConnection:
                     continue
                 if offset < end:
                     confirm_frame = b""
-                    if confirm != sent_confirm:
+                    if confirm != self._sent_confirm:
                         confirm_frame = _confirm_frame(confirm)
-                        sent_confirm, self._confirm_due = confirm, math.inf
+                        self._sent_confirm, self._confirm_due = confirm, math.inf
                     await self._send_chunk(sock, pin, offset, end, confirm_frame)
                     unyielded = True
-                elif confirm != sent_confirm and trio.current_time() >= self._confirm_due:
-                    sent_confirm, self._confirm_due = confirm, math.inf
+                elif confirm != self._sent_confirm and trio.current_time() >= self._confirm_due:
+                    self._sent_confirm, self._confirm_due = confirm, math.inf
                     await send_all(sock, _confirm_frame(confirm))
                     unyielded = False
-                elif trio.current_time() >= last_sent + heartbeat_s:
+                elif trio.current_time() >= self._last_sent + heartbeat_s:
                     await send_all(sock, ChunkHeader(offset=offset, length=0).pack())
                     unyielded = False
                 else:
-                    await self._idle(last_sent + heartbeat_s)
+                    await self._idle(self._last_sent + heartbeat_s)
                     unyielded = False
                     continue
-                last_sent = trio.current_time()
+                self._last_sent = trio.current_time()
 
     async def _send_chunk(
         self,
@@ -729,6 +807,8 @@ class HAService:
         """Built from ``settings.tls`` when :meth:`serve` starts (None: plain TCP)."""
         self._confirmed = OffsetWaiters()
         self._confirmed.advance(0)  # an empty prefix is always replicated
+        self._fsync_first = False
+        """An ``acks=replicated`` write was admitted: fsync before sending its append."""
         self.on_confirm_moved: Callable[[], None] | None = None
         """Called after each advance of :attr:`confirm_offset` (the node wakes the long
         polls that waited for the read limit to cover their next record). Must not block."""
@@ -829,11 +909,31 @@ class HAService:
                     host,
                     bound,
                 )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._confirmed.expire_deadlines)
-                nursery.start_soon(self._watch_in_sync)
-                task_status.started(bound)
-                await self._accept_loop(listener, nursery)
+            dispatcher = self.store.dispatcher
+            dispatcher.on_dispatched = self._appended
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._confirmed.expire_deadlines)
+                    nursery.start_soon(self._watch_in_sync)
+                    task_status.started(bound)
+                    await self._accept_loop(listener, nursery)
+            finally:
+                if dispatcher.on_dispatched == self._appended:
+                    dispatcher.on_dispatched = None
+
+    def fsync_before_next_send(self) -> None:
+        """Have the next append's group commit start before its bytes go to the slaves
+        (an ``acks=replicated`` write waits for both, and the fsync is the longer way)."""
+        self._fsync_first = True
+
+    def _appended(self) -> None:
+        """The store dispatched new bytes (called from the appending task): every
+        slave's stream hears of it at once, back to back (see :meth:`HAConnection.arrived`)."""
+        if self._fsync_first:
+            self._fsync_first = False
+            self.store.group_commit.flush_now()
+        for connection in self.connections.values():
+            connection.arrived()
 
     def _apply_fd_budget(self) -> None:
         """Lower :attr:`max_peers` to what the open-file limit affords: each peer holds a

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -44,6 +44,10 @@ class Dispatcher:
         self._arrival = trio.Event()
         self._arrival_waiters = 0
         """Tasks in :meth:`wait_for_arrival`: with none, a dispatch leaves the event alone."""
+        self.on_dispatched: Callable[[], None] | None = None
+        """Called, with no await, after each dispatch that moved :attr:`offset`: a master's
+        replication sends the new bytes to idle slaves from the appending task itself
+        (no task woken in between). Must not block or raise."""
         self._parked: KeyedWakeups[tuple[str, int]] = KeyedWakeups()
         self._busy = False
         self._yielded = False
@@ -82,6 +86,8 @@ class Dispatcher:
             if count and self._arrival_waiters:
                 self._arrival.set()
                 self._arrival = trio.Event()
+            if self.on_dispatched is not None and self.offset > start:
+                self.on_dispatched()
         return count
 
     async def catch_up_strict(self) -> int:

@@ -176,6 +176,7 @@ class ReplicatedAcks:
             )
         if acks is Acks.REPLICATED:  # the fsync runs beside the slaves' round trip
             self._ha.store.group_commit.flush_soon()  # from the flusher's next turn
+            self._ha.fsync_before_next_send()  # or, sooner, before the append's send
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         """As :meth:`AckPolicy.wait`; a write whose level already holds is answered

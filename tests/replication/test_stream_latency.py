@@ -135,3 +135,100 @@ async def test_a_small_range_leaves_in_one_write_a_large_one_by_sendfile(
                 left, data_fd, 0, count, ChunkHeader(0, count).pack(), buffer=buffer
             )
         assert "sendfile" in calls and "write" not in calls
+
+
+def _log_bytes(store: MessageStore, start: int, end: int) -> bytes:
+    segment = store.commit_log.files.find(start)
+    return bytes(segment.view[start - segment.base : end - segment.base])
+
+
+async def test_a_lone_write_reaches_an_idle_slave_from_the_append_itself(
+    tmp_path: Path,
+) -> None:
+    """A slave that acked everything sent gets the next append's bytes written by the
+    appending task itself: they are on its socket when the put returns, before any other
+    task ran (the confirm frame the ack moved rides ahead). Fails on the old code, which
+    woke the stream task and sent one scheduling pass later."""
+    async with _slave_acked_all(tmp_path, 41, confirm_delay_ms=60_000) as (master, sock, end):
+        await trio.testing.wait_all_tasks_blocked()
+        result = await master.put(messages(1, seed=42)[0])
+        assert not _nothing_to_read(sock)  # no checkpoint since the put: written by it
+        buffer = memoryview(bytearray(1 << 20))
+        first = await transfer.receive_chunk_into(sock, buffer)
+        assert first == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
+        chunk = await transfer.receive_chunk_into(sock, buffer)
+        assert chunk == ChunkHeader(offset=end, length=result.end_offset - end)
+        assert bytes(buffer[: chunk.length]) == _log_bytes(master, end, result.end_offset)
+
+
+async def test_writes_while_bytes_are_in_flight_go_out_together_from_the_sender(
+    tmp_path: Path,
+) -> None:
+    """Once a chunk awaits the slave's ack, later appends are not written one by one
+    from their tasks: the stream task sends all of them in one chunk at its turn."""
+    async with _slave_acked_all(tmp_path, 43, confirm_delay_ms=60_000) as (master, sock, end):
+        await trio.testing.wait_all_tasks_blocked()
+        first = await master.put(messages(1, seed=44)[0])  # written at once, not acked
+        await _read_up_to_from(sock, end, first.end_offset)
+        second = await master.put(messages(1, seed=45)[0])
+        third = await master.put(messages(1, seed=46)[0])
+        assert _nothing_to_read(sock)  # in flight: the sender's turn, not the append's
+        buffer = memoryview(bytearray(1 << 20))
+        chunk = await transfer.receive_chunk_into(sock, buffer)
+        assert chunk == ChunkHeader(
+            offset=first.end_offset, length=third.end_offset - first.end_offset
+        )
+        assert second.end_offset < third.end_offset
+        assert bytes(buffer[: chunk.length]) == _log_bytes(
+            master, first.end_offset, third.end_offset
+        )
+
+
+async def test_a_direct_write_the_socket_takes_in_part_is_finished_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket takes only half of the frame the append writes: the stream task sends
+    the rest before anything else, so the slave reads whole, valid chunks that continue
+    the log byte for byte, and the stream goes on."""
+    async with _slave_acked_all(tmp_path, 47, confirm_delay_ms=60_000) as (master, sock, end):
+        await trio.testing.wait_all_tasks_blocked()
+        real_write = os.write
+        halved: list[int] = []
+
+        def half_write(fd: int, data: bytes | memoryview) -> int:
+            if not halved and len(data) > 100:
+                halved.append(len(data))
+                return real_write(fd, memoryview(data)[: len(data) // 2])
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", half_write)
+        first = await master.put(messages(1, seed=48)[0])
+        monkeypatch.setattr(os, "write", real_write)
+        assert halved  # the append wrote, in part
+        second = await master.put(messages(1, seed=49)[0])
+        buffer = memoryview(bytearray(1 << 20))
+        received = end
+        while received < second.end_offset:
+            header = await transfer.receive_chunk_into(sock, buffer)
+            assert header is not None
+            if header.flags & CHUNK_CONFIRM:
+                continue
+            assert header.offset == received
+            assert bytes(buffer[: header.length]) == _log_bytes(
+                master, received, received + header.length
+            )
+            received += header.length
+            await sock.send(pack_ack(received))
+        assert received == second.end_offset > first.end_offset
+
+
+async def _read_up_to_from(sock: trio.socket.SocketType, start: int, end: int) -> None:
+    """Read chunks (and confirm frames) from ``start`` until the log bytes reach ``end``."""
+    buffer = memoryview(bytearray(1 << 20))
+    received = start
+    while received < end:
+        header = await transfer.receive_chunk_into(sock, buffer)
+        assert header is not None
+        if not header.flags & CHUNK_CONFIRM:
+            assert header.offset == received
+            received += header.length
