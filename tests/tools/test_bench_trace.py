@@ -57,6 +57,26 @@ def test_breakdown_joins_client_master_and_slaves_by_offset() -> None:
         assert hops[f"{name}_p50_us"] == pytest.approx(value, abs=0.01), name
 
 
+def test_a_leader_write_is_joined_to_its_own_end_not_to_a_later_wait() -> None:
+    """An ``acks=leader`` write records no wait: its end is where the next write starts
+    (the join once took the next *wait*, a second later, and printed 1 s hops)."""
+    sends = [(0, 1.0, 1.0005), (100, 2.0, 2.0005)]
+    master = [
+        ("m.admit", 0, 1.0001),
+        ("m.arrival", 100, 1.0002),
+        ("m.send:s1", 100, 1.0003),
+        ("m.admit", 100, 2.0001),
+        ("m.wait", 200, 2.0002),
+        ("m.arrival", 200, 2.0002),
+        ("m.send:s1", 200, 2.0003),
+    ]
+    hops = breakdown(sends[:1], master, {"s1": []})
+    assert hops["admit_to_arrival_p50_us"] == pytest.approx(100, abs=0.01)
+    assert hops["arrival_to_first_send_p50_us"] == pytest.approx(100, abs=0.01)
+    assert "admit_to_wait_p50_us" not in hops
+    assert "released_to_client_p50_us" not in hops
+
+
 def test_a_write_the_master_never_saw_counts_only_in_the_total() -> None:
     hops = breakdown([(0, 1.0, 1.0005)], [("m.admit", 50, 1.0001)], {})
     assert hops == {"total_p50_us": pytest.approx(500)}

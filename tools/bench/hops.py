@@ -67,10 +67,12 @@ def _index(records: Sequence[tuple[str, int, float]]) -> Hops:
     return hops
 
 
-def _write_end(starts: Mapping[int, float], waits: Sequence[int], offset: int) -> int | None:
-    """The end offset of the write that starts at ``offset``: the first wait key past it."""
-    index = bisect.bisect_right(waits, offset)
-    return waits[index] if index < len(waits) and offset in starts else None
+def _write_end(starts: Mapping[int, float], ends: Sequence[int], offset: int) -> int | None:
+    """The end offset of the write that starts at ``offset``: the first key past it among
+    the waits' ends and the admits' starts (an ``acks=leader`` write has no wait: the
+    next write, sent after its answer, starts where it ended)."""
+    index = bisect.bisect_right(ends, offset)
+    return ends[index] if index < len(ends) and offset in starts else None
 
 
 def breakdown(
@@ -84,7 +86,7 @@ def breakdown(
     they cannot be placed in, not out of the others."""
     m = _index(master)
     s = {name: _index(records) for name, records in slaves.items()}
-    waits = sorted(m.get("m.wait", {}))
+    ends = sorted(set(m.get("m.wait", {})) | set(m.get("m.admit", {})))
     samples: dict[str, list[float]] = defaultdict(list)
 
     def add(name: str, later: float | None, earlier: float | None) -> None:
@@ -93,12 +95,13 @@ def breakdown(
 
     for offset, sent_at, answered_at in sends:
         samples["total"].append((answered_at - sent_at) * 1e6)
-        end = _write_end(m.get("m.admit", {}), waits, offset)
+        end = _write_end(m.get("m.admit", {}), ends, offset)
         if end is None:
             continue
         admit = m["m.admit"][offset]
+        wait = m.get("m.wait", {}).get(end)
         add("client_to_admit", admit, sent_at)
-        add("admit_to_wait", m["m.wait"][end], admit)
+        add("admit_to_wait", wait, admit)
         arrival = m.get("m.arrival", {}).get(end)
         add("admit_to_arrival", arrival, admit)
         sends_at = [at for name in s if (at := m.get(f"m.send:{name}", {}).get(end)) is not None]
@@ -122,7 +125,7 @@ def breakdown(
         released = m.get("m.released", {}).get(end)
         fsynced = m.get("m.fsynced", {}).get(end)
         add("confirmed_to_released", released, confirmed)
-        add("wait_to_fsynced", fsynced, m["m.wait"][end])
+        add("wait_to_fsynced", fsynced, wait)
         add("released_to_client", answered_at, released if released is not None else fsynced)
     return {f"{name}_p50_us": statistics.median(values) for name, values in samples.items()}
 
