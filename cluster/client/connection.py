@@ -62,6 +62,10 @@ def _loop_clock_and_checkpoint() -> tuple[Callable[[], float], Callable[[], Awai
     return anyio.current_time, anyio.lowlevel.checkpoint
 
 
+async def _no_wait(sock: Any) -> None:
+    raise AssertionError("only a connection with a direct socket waits on it")
+
+
 _TIMED_OUT = object()
 """A slot's answer when its deadline passed first (see :meth:`Connection._expire_loop`)."""
 
@@ -138,7 +142,13 @@ class Connection:
         self._gathering = False
         """The sending task is parked for one pass of the loop: nothing is being written."""
         self._socket = direct_socket(self._stream)
-        """Written to without an await when no ``send`` is under way (see :func:`direct_socket`)."""
+        """Written to without an await when no ``send`` is under way, and read by the
+        reader task itself (see :func:`direct_socket`)."""
+        self._wait_readable: Callable[[Any], Awaitable[None]] = _no_wait
+        if self._socket is not None:  # under trio
+            import trio
+
+            self._wait_readable = trio.lowlevel.wait_readable
         self.writes = 0
         """Writes to the stream so far (diagnostics: frames per write)."""
         self._answered_any = False
@@ -186,12 +196,30 @@ class Connection:
             "like this"
         )
 
-    async def _read_loop(self) -> None:
+    async def _receive(self) -> bytes:
+        """The next bytes from the node (empty: it closed the connection)."""
+        try:
+            return await self._stream.receive(RECEIVE_CHUNK)
+        except anyio.EndOfStream:
+            return b""
+
+    async def _receive_direct(self) -> bytes:
+        """:meth:`_receive` from the socket itself under trio (see :func:`direct_socket`):
+        wait until it is readable, then read, instead of the stream's read that fails
+        first, then waits, then reads again (a syscall less per answer, on its path)."""
+        sock = self._socket
+        assert sock is not None
         while True:
+            await self._wait_readable(sock)
             try:
-                data = await self._stream.receive(RECEIVE_CHUNK)
-            except anyio.EndOfStream:
-                data = b""
+                return sock.recv(RECEIVE_CHUNK)
+            except BlockingIOError:  # woken without data after all: wait again
+                continue
+
+    async def _read_loop(self) -> None:
+        receive = self._receive if self._socket is None else self._receive_direct
+        while True:
+            data = await receive()
             if not data:
                 self._fail(f"node {self.address} closed the connection{self._not_a_node_hint()}")
                 return
