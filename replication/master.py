@@ -333,8 +333,6 @@ class HAConnection:
         """Set by :meth:`arrived` to wake the parked sender (a new one per park)."""
         self._sock: trio.socket.SocketType | None = None
         """The slave's socket once the stream runs (for :meth:`arrived`'s direct send)."""
-        self._pin = _SegmentPin()
-        """The segment the stream sends from (the sender's; :meth:`arrived` reads it too)."""
         self._sent_confirm = -1
         """The confirm offset the slave was last sent."""
         self._last_sent = -math.inf
@@ -538,40 +536,36 @@ class HAConnection:
 
     def _send_now(self) -> bool:
         """Write the bytes past :attr:`send_offset` (and a moved confirm offset ahead of
-        them) to the slave in one non-blocking ``write``; False when they are not one
-        small range of the pinned segment or the socket takes nothing (the sender
-        does it then). Only while the sender is parked: it is the one other writer, and
-        a frame the socket took in part is finished by it (:attr:`_tail`) before
-        anything else."""
-        sock, pin = self._sock, self._pin
+        them) to the slave in one non-blocking ``writev`` straight from the active
+        segment's map; False when they are not one small range of it or the socket
+        takes nothing (the sender does it then). Only while the sender is parked: it is
+        the one other writer, and a frame the socket took in part is finished by it
+        (:attr:`_tail`) before anything else. The active segment is never deleted nor
+        unmapped under a live log, and nothing awaits while its view is held."""
+        sock = self._sock
         offset = self.send_offset
-        count = self.store.commit_log.max_offset - offset
+        commit_log = self.store.commit_log
+        count = commit_log.max_offset - offset
         if sock is None or isinstance(sock, TlsSocket) or not 0 < count <= self._push_limit:
             return False
-        if not (pin.covers(offset) and offset + count <= pin.end):
+        segment = commit_log.files.last
+        if segment is None or offset < segment.base:  # begins in an earlier segment
             return False
         confirm = self.confirm_source()
-        view = memoryview(self._buffer)
-        head = 0
+        head = ChunkHeader(offset=offset, length=count).pack()
         if confirm != self._sent_confirm:
-            view[:HEADER_SIZE] = _confirm_frame(confirm)
-            head = HEADER_SIZE
-        view[head : head + HEADER_SIZE] = ChunkHeader(offset=offset, length=count).pack()
-        head += HEADER_SIZE
-        try:
-            got = os.preadv(pin.fd, [view[head : head + count]], offset - pin.base)
-            if got != count:
-                return False
+            head = _confirm_frame(confirm) + head
+        pos = offset - segment.base
+        with segment.view[pos : pos + count] as data:
             if hop_trace.enabled:
                 hop_trace.record(f"m.send:{self.name}", offset + count)
-            written = os.write(sock.fileno(), view[: head + count])
-        except OSError:  # EAGAIN, or a broken socket the sender's next send reports
-            return False
-        finally:
-            view.release()
-        if written < head + count:
-            self._tail = bytes(self._buffer[written : head + count])
-            self._woken.set()
+            try:
+                written = os.writev(sock.fileno(), [head, data])
+            except OSError:  # EAGAIN, or a broken socket the sender's next send reports
+                return False
+            if written < len(head) + count:
+                self._tail = (head + bytes(data))[written:]
+                self._woken.set()
         self.send_offset = offset + count
         if confirm != self._sent_confirm:
             self._sent_confirm, self._confirm_due = confirm, math.inf
@@ -608,7 +602,7 @@ class HAConnection:
         self._sent_confirm = -1
         self._sock = sock
         unyielded = False  # a chunk went out with no checkpoint after it (see transfer)
-        with self._pin as pin:
+        with _SegmentPin() as pin:
             while True:
                 if self._tail:  # the rest of a frame arrived() sent in part
                     tail, self._tail = self._tail, b""

@@ -194,18 +194,19 @@ async def test_a_direct_write_the_socket_takes_in_part_is_finished_first(
     the log byte for byte, and the stream goes on."""
     async with _slave_acked_all(tmp_path, 47, confirm_delay_ms=60_000) as (master, sock, end):
         await trio.testing.wait_all_tasks_blocked()
-        real_write = os.write
+        real_writev = os.writev
         halved: list[int] = []
 
-        def half_write(fd: int, data: bytes | memoryview) -> int:
+        def half_writev(fd: int, buffers: list[bytes | memoryview]) -> int:
+            data = b"".join(buffers)
             if not halved and len(data) > 100:
                 halved.append(len(data))
-                return real_write(fd, memoryview(data)[: len(data) // 2])
-            return real_write(fd, data)
+                return os.write(fd, data[: len(data) // 2])
+            return real_writev(fd, buffers)
 
-        monkeypatch.setattr(os, "write", half_write)
+        monkeypatch.setattr(os, "writev", half_writev)
         first = await master.put(messages(1, seed=48)[0])
-        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.setattr(os, "writev", real_writev)
         assert halved  # the append wrote, in part
         second = await master.put(messages(1, seed=49)[0])
         buffer = memoryview(bytearray(1 << 20))
