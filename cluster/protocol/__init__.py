@@ -15,6 +15,7 @@ Where each part lives (this module only re-exports them):
 - ``schema``: the validation engine and the per-op schema table;
 - ``messages``: the ``TypedDict`` of every op's validated request;
 - ``codec``: hardened CBOR decoding, framing, :func:`encode_frame`;
+- ``compact``: the fixed binary layout of the common send and its answer;
 - ``cbor_items``: counting a frame's CBOR items before decoding (the decode-work bound);
 - ``errors``: :class:`ProtocolError`;
 - ``requests`` and ``responses``: building envelopes;
@@ -63,7 +64,7 @@ from cluster.protocol.records import (
     decode_records,
     record_message,
 )
-from cluster.protocol.requests import encode_request, make_request, queue_for_key
+from cluster.protocol.requests import encode_request, make_request, queue_for_key, request_frame
 from cluster.protocol.responses import (
     batch_results,
     error_response,
@@ -130,6 +131,7 @@ __all__ = [
     "queue_for_key",
     "read_response",
     "record_message",
+    "request_frame",
     "send_batch_response",
     "send_response",
     "send_result",

@@ -12,6 +12,13 @@ from typing import Any, Final, Generic, TypeVar
 import cbor2
 
 from cluster.protocol.cbor_items import count_items
+from cluster.protocol.compact import (
+    ANSWER_MARKER,
+    SEND_MARKER,
+    compact_send_id,
+    decode_send,
+    decode_send_answer,
+)
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -163,7 +170,14 @@ class _FrameReader(Generic[_T], abc.ABC):
     its own ``BytesIO``, which bounds a malformed item to its frame (a shared
     buffer let a bogus length claim read every frame behind it, per frame) and
     lets ``tell()`` prove that the body held exactly one CBOR item.
+
+    A body whose first byte is the subclass's ``_compact_marker`` is read by its
+    ``_compact`` instead (see :mod:`cluster.protocol.compact`); ``compact`` tells
+    whether the frame returned last was one.
     """
+
+    _compact_marker = -1
+    """First body byte of this side's compact frames (-1: none)."""
 
     def __init__(
         self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, max_items: int | None = None
@@ -181,6 +195,7 @@ class _FrameReader(Generic[_T], abc.ABC):
         self._pos = 0
         self._cbor = _new_cbor_decoder()
         self._fatal: ProtocolError | None = None
+        self.compact = False
 
     @property
     def max_frame_size(self) -> int:
@@ -242,6 +257,8 @@ class _FrameReader(Generic[_T], abc.ABC):
                 Status.MALFORMED_FRAME,
                 "frame body is empty; a frame must hold one CBOR map after its length prefix",
             )
+        if buf[start] == self._compact_marker:
+            return self._compact(buf, start, size)
         max_items = self._max_items
         # A body of n bytes holds at most n items: only larger bodies need counting.
         if max_items is not None and size > max_items:
@@ -264,7 +281,12 @@ class _FrameReader(Generic[_T], abc.ABC):
                 f"frame body has {plural(size - used, 'byte')} after its CBOR map; "
                 "the length prefix must cover exactly one CBOR map",
             )
+        self.compact = False
         return self._interpret(obj)
+
+    def _compact(self, buf: bytearray, start: int, size: int) -> _T | ProtocolError:
+        """Read the compact frame in ``buf[start:start+size]`` (see ``_compact_marker``)."""
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[_T | ProtocolError]:
         """Yield every complete frame buffered so far; fatal errors propagate."""
@@ -348,6 +370,23 @@ class FrameDecoder(_FrameReader[Request]):
     ) -> None:
         super().__init__(max_frame_size, max_items=max_items)
         self._known_topics = KnownTopics()
+
+    _compact_marker = SEND_MARKER
+
+    def _compact(self, buf: bytearray, start: int, size: int) -> Request | ProtocolError:
+        """A compact send, checked as the CBOR map it stands for."""
+        raw = decode_send(buf, start, size)
+        if type(raw) is str:
+            self.compact = False
+            return self._error(
+                Status.MALFORMED_FRAME,
+                f"frame body is not a valid compact send: {raw}; see docs/protocol.md for "
+                "the layout, or send the request as a CBOR map",
+                req_id=compact_send_id(buf, start, size),
+            )
+        request = self._interpret(raw)
+        self.compact = not isinstance(request, ProtocolError)
+        return request
 
     def _interpret(self, obj: Any) -> Request | ProtocolError:
         req_id = obj.get("id") if type(obj) is dict else None
@@ -435,6 +474,18 @@ class ResponseDecoder(_FrameReader[dict[str, Any]]):
     non-fatal ``ProtocolError`` carrying its id, so the caller fails that request.
     Responses come from the server the client chose, so their item count is not bounded.
     """
+
+    _compact_marker = ANSWER_MARKER
+
+    def _compact(self, buf: bytearray, start: int, size: int) -> dict[str, Any] | ProtocolError:
+        answer = decode_send_answer(buf, start, size)
+        if type(answer) is str:
+            self.compact = False
+            return self._error(
+                Status.MALFORMED_FRAME, f"frame body is not a valid compact send answer: {answer}"
+            )
+        self.compact = True
+        return answer  # type: ignore[return-value]
 
     def _interpret(self, obj: Any) -> dict[str, Any] | ProtocolError:
         req_id = obj.get("id") if type(obj) is dict else None

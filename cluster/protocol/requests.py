@@ -7,15 +7,22 @@ from typing import Any, Final, cast
 from crc32c import crc32c
 
 from cluster.protocol.codec import encode_frame
+from cluster.protocol.compact import encode_send
 from cluster.protocol.errors import ProtocolError
-from cluster.protocol.limits import MAX_QUEUES, MAX_REQUEST_ID, PROTOCOL_VERSION
+from cluster.protocol.limits import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
+    MAX_QUEUES,
+    MAX_REQUEST_ID,
+    PROTOCOL_VERSION,
+)
 from cluster.protocol.plain_send import plain_send
 from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, KnownTopics, validate
 from cluster.protocol.statuses import Status
 from cluster.protocol.wording import clip, describe
 from storage.names import is_valid_topic_name
 
-__all__ = ["encode_request", "make_request", "queue_for_key"]
+__all__ = ["encode_request", "make_request", "queue_for_key", "request_frame"]
 
 
 def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
@@ -76,6 +83,23 @@ def _is_plain_send(fields: dict[str, Any]) -> bool:
 def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
     """``encode_frame(make_request(...))``."""
     return encode_frame(make_request(op, req_id, **fields))
+
+
+def request_frame(
+    op: str, req_id: int, fields: dict[str, Any], *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """The frame of a request, checked as :func:`make_request` checks it: a send in the
+    common shape (see :mod:`cluster.protocol.plain_send`) as a compact send (see
+    :mod:`cluster.protocol.compact`), anything else as a CBOR map. Raises what
+    :func:`make_request` and :func:`encode_frame` raise."""
+    if op == "send" and type(req_id) is int and _is_plain_send(fields):
+        shape = plain_send(fields)
+        assert shape is not None  # _is_plain_send checked it
+        body, queue, key, acks, timeout_ms = shape
+        frame = encode_send(req_id, fields["topic"], body, queue, key, acks, timeout_ms)
+        if frame is not None and len(frame) - HEADER.size <= max_frame_size:
+            return frame
+    return encode_frame(make_request(op, req_id, **fields), max_frame_size=max_frame_size)
 
 
 def queue_for_key(key: bytes | str, queues: int) -> int:

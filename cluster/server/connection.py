@@ -27,6 +27,7 @@ from cluster.protocol import (
     encode_frame,
     error_response,
 )
+from cluster.protocol.compact import encode_send_answer
 from cluster.protocol.spliced import Buffer, SplicedBytes, encode_spliced_frame
 from cluster.server.errors import response_for_error
 from cluster.server.polls import Wakeups
@@ -136,7 +137,7 @@ class Connection:
         self._fatal = False
         self._aborted = False
         self._nursery: trio.Nursery | None = None
-        self._ack_queue: deque[tuple[int, str, PendingAck]] = deque()
+        self._ack_queue: deque[tuple[int, str, PendingAck, bool]] = deque()
         """Ack waits awaited in order by :meth:`_await_acks`; the head is being awaited."""
 
     @property
@@ -309,6 +310,7 @@ class Connection:
         if isinstance(item, ProtocolError):
             self._reply(item.response())
             return
+        compact = self._decoder.compact  # answered compactly (when OK), as it was sent
         req_id, op = item["id"], item["op"]
         if self._server.draining:
             self._reply(
@@ -326,20 +328,20 @@ class Connection:
             self._reply(response_for_error(req_id, exc, op))
             return
         if isinstance(outcome, dict):
-            self._reply(outcome)
+            self._reply(outcome, compact)
             return
         assert self._nursery is not None
         if isinstance(outcome, PendingAck) and outcome.acks in QUEUED_ACKS:
             queue = self._ack_queue
             if not queue:
-                queue.append((req_id, op, outcome))
+                queue.append((req_id, op, outcome, compact))
                 self._nursery.start_soon(self._await_acks)
                 return
             tail = queue[-1][2]
             if tail.acks is outcome.acks and tail.deadline_s <= outcome.deadline_s:
-                queue.append((req_id, op, outcome))
+                queue.append((req_id, op, outcome, compact))
                 return
-        self._nursery.start_soon(self._finish, req_id, op, outcome)
+        self._nursery.start_soon(self._finish, req_id, op, outcome, compact)
 
     async def _await_acks(self) -> None:
         """Answer the queued ack waits in order; ends when the queue is empty (the next
@@ -348,8 +350,8 @@ class Connection:
         self._holding = True  # waits released together are answered with one write
         try:
             while queue:
-                req_id, op, pending = queue[0]
-                await self._held(self._finish(req_id, op, pending))
+                req_id, op, pending, compact = queue[0]
+                await self._held(self._finish(req_id, op, pending, compact))
                 queue.popleft()
         finally:
             self._holding = False
@@ -372,23 +374,27 @@ class Connection:
         finally:
             self._holding = True
 
-    async def _finish(self, req_id: int, op: str, deferred: Deferred) -> None:
+    async def _finish(self, req_id: int, op: str, deferred: Deferred, compact: bool) -> None:
         try:
             response = await deferred()
         except Exception as exc:
             response = response_for_error(req_id, exc, op)
-        self._reply(response)
+        self._reply(response, compact)
 
     # ---- writing -------------------------------------------------------------------------
 
-    def _reply(self, response: Reply) -> None:
-        if type(response.get("records")) is SplicedBytes:
-            self._reply_spliced(response)
-            return
-        try:
-            frame = encode_frame(response, max_frame_size=MAX_FRAME_SIZE_LIMIT)
-        except Exception as exc:
-            frame = encode_frame(response_for_error(response.get("id", 0), exc, "encode"))
+    def _reply(self, response: Reply, compact: bool = False) -> None:
+        """Queue ``response``; ``compact``: it answers a compact send, so an ``OK`` one
+        is sent in the compact layout too (see :mod:`cluster.protocol.compact`)."""
+        frame = encode_send_answer(response) if compact else None
+        if frame is None:
+            if type(response.get("records")) is SplicedBytes:
+                self._reply_spliced(response)
+                return
+            try:
+                frame = encode_frame(response, max_frame_size=MAX_FRAME_SIZE_LIMIT)
+            except Exception as exc:
+                frame = encode_frame(response_for_error(response.get("id", 0), exc, "encode"))
         self._out += frame
         self._out_count += 1
         self._unsent += len(frame)
