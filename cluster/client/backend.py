@@ -11,16 +11,23 @@ asyncio ones under asyncio. Both behave alike for what the client uses (``set``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from socket import socket
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import sniffio
 
-__all__ = ["Event", "direct_socket", "event_class", "shield_scope_class"]
+__all__ = [
+    "Event",
+    "direct_socket",
+    "event_class",
+    "loop_clock_and_checkpoint",
+    "shield_scope_class",
+]
 
 
 class Event(Protocol):
@@ -71,3 +78,14 @@ def direct_socket(stream: object) -> socket | None:
         return None
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     return raw if isinstance(raw, socket) and not raw.getblocking() else None
+
+
+def loop_clock_and_checkpoint() -> tuple[Callable[[], float], Callable[[], Awaitable[None]]]:
+    """The running loop's own clock and checkpoint, looked up once per connection or client
+    (anyio's ask which loop runs at every call, on every request's path): trio's own under trio,
+    anyio's otherwise (and when no loop runs yet)."""
+    if _running_trio():
+        import trio
+
+        return trio.current_time, trio.lowlevel.checkpoint
+    return anyio.current_time, anyio.lowlevel.checkpoint

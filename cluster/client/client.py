@@ -15,6 +15,7 @@ import anyio.abc
 import attrs
 
 from cluster.client.admin import Admin
+from cluster.client.backend import loop_clock_and_checkpoint
 from cluster.client.connection import Connection
 from cluster.client.consumer import Consumer
 from cluster.client.errors import (
@@ -118,6 +119,7 @@ class Client:
         self.last_answered = 0
         """How many nodes answered the last rediscovery."""
         self._rediscovering = anyio.Lock()
+        self._now, _ = loop_clock_and_checkpoint()
         self.admin = Admin(self)
 
     @property
@@ -272,7 +274,7 @@ class Client:
         only what was certainly not applied, at most ``resends`` times and for at most
         ``failover_timeout``. Raises ``ProtocolError`` for a request this client refuses
         before sending."""
-        deadline = anyio.current_time() + self.config.failover_timeout
+        deadline = self._now() + self.config.failover_timeout
         backoff: Backoff | None = None  # made at the first resend: most requests need none
         done = 0
         followed = False

@@ -13,9 +13,14 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
-import sniffio
 
-from cluster.client.backend import Event, direct_socket, event_class, shield_scope_class
+from cluster.client.backend import (
+    Event,
+    direct_socket,
+    event_class,
+    loop_clock_and_checkpoint,
+    shield_scope_class,
+)
 from cluster.client.errors import (
     ConnectionLostError,
     NotSentError,
@@ -46,21 +51,6 @@ class _Slot:
 
     answered: Event
     answer: object = None
-
-
-def _loop_clock_and_checkpoint() -> tuple[Callable[[], float], Callable[[], Awaitable[None]]]:
-    """The running loop's own clock and checkpoint, looked up once per connection (anyio's
-    ask which loop runs at every call, on every request's path): trio's own under trio,
-    anyio's otherwise (and when no loop runs yet)."""
-    try:
-        running = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        running = None
-    if running == "trio":
-        import trio
-
-        return trio.current_time, trio.lowlevel.checkpoint
-    return anyio.current_time, anyio.lowlevel.checkpoint
 
 
 async def _no_wait(sock: Any) -> None:
@@ -136,7 +126,7 @@ class Connection:
         self._waiting: dict[int, _Slot] = {}
         self._new_event = event_class()
         self._new_scope = shield_scope_class()
-        self._now, self._checkpoint = _loop_clock_and_checkpoint()
+        self._now, self._checkpoint = loop_clock_and_checkpoint()
         self._outbox = bytearray()
         self._outbox_frames = 0
         self._sending = False

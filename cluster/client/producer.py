@@ -218,9 +218,10 @@ class Producer:
             message["tags"] = tags
         if props:
             message["props"] = dict(props)
-        batch_key = (topic, Acks(acks) if acks else self.acks)
+        level = Acks(acks) if acks else self.acks
         if self.batch_size == 1:  # every send is its own request: no accumulator to join
-            return (await self._deliver(topic, batch_key[1], [message]))[0]
+            return (await self._deliver(topic, level, [message]))[0]
+        batch_key = (topic, level)
         pending = _Pending(message, self._new_event())
         full = self._join(batch_key, pending)
         if full is not None:  # this send filled the batch: deliver it from this task
@@ -411,9 +412,11 @@ class Producer:
             if self.producer_epoch:
                 fields["epoch"] = self.producer_epoch
         if len(messages) == 1:
-            op, fields = "send", {**fields, **messages[0]}
+            op = "send"
+            fields.update(messages[0])
         else:
-            op, fields = "send_batch", {**fields, "messages": messages}
+            op = "send_batch"
+            fields["messages"] = messages
         try:
             delivery = await self.client.request_master(
                 op,
@@ -432,10 +435,7 @@ class Producer:
         assert response is not None
         status = response["status"]
         error = response.get("error")
-        if "offsets" in response:
-            entries = batch_results(response)
-        elif len(messages) == 1:
-            entries = [response]
-        else:
-            entries = [{}] * len(messages)
+        if len(messages) == 1 and "offsets" not in response:
+            return [_result(topic, status, response, error)]
+        entries = batch_results(response) if "offsets" in response else [{}] * len(messages)
         return [_result(topic, status, entry, error) for entry in entries]
