@@ -388,7 +388,11 @@ class Connection:
                 self._write_now()
                 if self._outbox:
                     await self._send_outbox(gather=False)
-        elif self._gathering and self._outbox_frames >= WRITE_EARLY_FRAMES:
+        elif (
+            self._gathering
+            and self._outbox_frames >= WRITE_EARLY_FRAMES
+            and self._socket is not None
+        ):
             # The sender is parked, gathering: write what it gathered so far, so the
             # node starts on these while the other tasks still queue theirs.
             self._write_now()
