@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from cluster.protocol import (
     HEADER,
+    MAX_QUEUES,
     Acks,
     FrameDecoder,
     ProtocolError,
@@ -48,11 +49,21 @@ def sends(draw: st.DrawFn) -> dict[str, Any]:
         "topic": draw(TOPICS),
         "body": draw(st.binary(max_size=64)),
         "acks": draw(st.sampled_from(list(Acks))),
-        "timeout_ms": draw(st.integers(min_value=0, max_value=2**32 - 1)),
+        "timeout_ms": draw(
+            st.one_of(
+                st.sampled_from([0, 1, 600_000, 600_001]),
+                st.integers(min_value=0, max_value=2**32 - 1),
+            )
+        ),
     }
     where = draw(st.sampled_from(["none", "queue", "key"]))
     if where == "queue":
-        fields["queue"] = draw(st.integers(min_value=0, max_value=2**16 - 1))
+        fields["queue"] = draw(
+            st.one_of(
+                st.sampled_from([0, MAX_QUEUES - 1, MAX_QUEUES]),
+                st.integers(min_value=0, max_value=2**16 - 1),
+            )
+        )
     elif where == "key":
         fields["key"] = draw(st.one_of(st.binary(max_size=12), st.text(max_size=12)))
     return fields
@@ -92,6 +103,29 @@ def test_a_compact_send_is_judged_as_its_cbor_map(fields: dict[str, Any], req_id
         assert judged(on_compact, compact) == expected
         assert on_compact.compact == (not isinstance(expected, tuple))
         assert not on_cbor.compact
+
+
+@settings(max_examples=100)
+@given(st.lists(sends(), min_size=1, max_size=12), st.data())
+def test_a_connection_of_compact_sends_is_judged_as_its_cbor_maps(
+    sent: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    """Many sends on one decoder, topics from a few: a topic once accepted takes the
+    compact fast path, with every other field still judged as its map is."""
+    on_compact, on_cbor = FrameDecoder(), FrameDecoder()
+    for req_id, fields in enumerate(sent):
+        fields["topic"] = data.draw(st.sampled_from(["orders", "t", "x" * 127, "bad name"]))
+        compact = encode_send(
+            req_id,
+            fields["topic"],
+            fields["body"],
+            fields.get("queue"),
+            fields.get("key"),
+            fields["acks"],
+            fields["timeout_ms"],
+        )
+        assert compact is not None
+        assert judged(on_compact, compact) == judged(on_cbor, cbor_send(req_id, fields))
 
 
 @settings(max_examples=100)
