@@ -16,7 +16,7 @@ from cluster.protocol.limits import (
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
 )
-from cluster.protocol.plain_send import plain_send
+from cluster.protocol.plain_send import PlainSend, plain_send
 from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, KnownTopics, validate
 from cluster.protocol.statuses import Status
 from cluster.protocol.wording import clip, describe
@@ -70,14 +70,21 @@ _GOOD_TOPICS: Final = KnownTopics()
 def _is_plain_send(fields: dict[str, Any]) -> bool:
     """``fields`` make a valid send in the common shape (see :mod:`cluster.protocol.plain_send`):
     no unknown field, a topic the name rule accepts. False: the full check decides."""
+    return _plain_send_shape(fields) is not None
+
+
+def _plain_send_shape(fields: dict[str, Any]) -> PlainSend | None:
+    """The shape of ``fields`` when :func:`_is_plain_send` holds, else None."""
     topic = fields.get("topic")
     if type(topic) is not str:
-        return False
+        return None
     if topic not in _GOOD_TOPICS:
         if not is_valid_topic_name(topic):
-            return False
+            return None
         _GOOD_TOPICS.add(topic)
-    return _SEND_FIELDS.issuperset(fields) and plain_send(fields) is not None
+    if not _SEND_FIELDS.issuperset(fields):
+        return None
+    return plain_send(fields)
 
 
 def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
@@ -92,9 +99,7 @@ def request_frame(
     common shape (see :mod:`cluster.protocol.plain_send`) as a compact send (see
     :mod:`cluster.protocol.compact`), anything else as a CBOR map. Raises what
     :func:`make_request` and :func:`encode_frame` raise."""
-    if op == "send" and type(req_id) is int and _is_plain_send(fields):
-        shape = plain_send(fields)
-        assert shape is not None  # _is_plain_send checked it
+    if op == "send" and type(req_id) is int and (shape := _plain_send_shape(fields)) is not None:
         body, queue, key, acks, timeout_ms = shape
         frame = encode_send(req_id, fields["topic"], body, queue, key, acks, timeout_ms)
         if frame is not None and len(frame) - HEADER.size <= max_frame_size:
