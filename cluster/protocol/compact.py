@@ -55,6 +55,9 @@ _U16: Final = 0xFFFF
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _TOPIC_MAX: Final = 0xFF
+_OK: Final = Status.OK
+"""(A module global: an enum member read through its class costs a descriptor call on
+Python 3.11.)"""
 
 _pack_send: Final = SEND_HEAD.pack
 _unpack_send: Final = SEND_HEAD.unpack_from
@@ -164,7 +167,7 @@ def encode_send_answer(response: dict[str, Any]) -> bytes | None:
     """The compact frame of a send's answer built by
     :func:`~cluster.protocol.responses.send_response`, when it is ``OK`` and fits;
     None otherwise (send the CBOR map)."""
-    if response["status"] is not Status.OK or len(response) != 8:
+    if response["status"] is not _OK or len(response) != 8:
         return None
     topic_raw = response["topic"].encode()
     queue_offset, offset, store_us = (
@@ -198,7 +201,7 @@ def decode_send_answer(buf: bytes | bytearray, start: int, size: int) -> dict[st
     return {
         "v": PROTOCOL_VERSION,
         "id": req_id,
-        "status": Status.OK,
+        "status": _OK,
         "topic": topic,
         "queue": queue,
         "queue_offset": queue_offset,
