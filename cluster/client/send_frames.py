@@ -16,6 +16,7 @@ raises for what is invalid as it always did.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final
 
 import cbor2
@@ -36,17 +37,25 @@ _BODY_KEY: Final = cbor2.dumps("body")
 _pack_header: Final = HEADER.pack
 
 
+_SMALL_HEADS: Final = [bytes((byte,)) for byte in range(256)]
+"""Heads whose argument fits in the initial byte, by that byte."""
+_HEAD_8: Final = struct.Struct(">BB").pack
+_HEAD_16: Final = struct.Struct(">BH").pack
+_HEAD_32: Final = struct.Struct(">BI").pack
+_HEAD_64: Final = struct.Struct(">BQ").pack
+
+
 def _head(major: int, value: int) -> bytes:
     """A CBOR item's head: major type and argument (an unsigned integer below 2**64)."""
     if value < 24:
-        return bytes((major | value,))
+        return _SMALL_HEADS[major | value]
     if value < 0x100:
-        return bytes((major | 24, value))
+        return _HEAD_8(major | 24, value)
     if value < 0x10000:
-        return bytes((major | 25,)) + value.to_bytes(2, "big")
+        return _HEAD_16(major | 25, value)
     if value < 0x100000000:
-        return bytes((major | 26,)) + value.to_bytes(4, "big")
-    return bytes((major | 27,)) + value.to_bytes(8, "big")
+        return _HEAD_32(major | 26, value)
+    return _HEAD_64(major | 27, value)
 
 
 class SendFrames:
