@@ -329,6 +329,8 @@ class HAConnection:
         it has heard the current one; at first: at once)."""
         self._parked: trio.CancelScope | None = None
         """The scope the caught-up sender is parked in, while it is."""
+        self._parked_until = math.inf
+        """Its deadline without a pending confirm: the heartbeat's or the poll's."""
         self._woken = trio.Event()
         """Set by :meth:`arrived` to wake the parked sender (a new one per park)."""
         self._sock: trio.socket.SocketType | None = None
@@ -569,6 +571,9 @@ class HAConnection:
         self.send_offset = offset + count
         if confirm != self._sent_confirm:
             self._sent_confirm, self._confirm_due = confirm, math.inf
+            parked = self._parked
+            if parked is not None:  # no wake-up at the due time for a confirm sent now
+                parked.deadline = self._parked_until
         self._last_sent = trio.current_time()
         return True
 
@@ -577,8 +582,8 @@ class HAConnection:
         append itself, no relay in between), ``until``, a pending confirm's due time or
         the poll interval (a net: the service's hook on the dispatcher is what wakes)."""
         poll_s = self.settings.poll_interval_ms / 1000
-        deadline = min(until, self._confirm_due, trio.current_time() + poll_s)
-        with trio.move_on_at(deadline) as parked:
+        self._parked_until = min(until, trio.current_time() + poll_s)
+        with trio.move_on_at(min(self._parked_until, self._confirm_due)) as parked:
             self._woken = trio.Event()
             self._parked = parked
             try:

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from replication import transfer
+from replication.master import HAService
 from replication.settings import ReplicationSettings
 from replication.slave import HAClient
 from replication.transfer import SMALL_RANGE_BYTES, ChunkHeader, send_file_range
@@ -22,8 +23,8 @@ from replication.wire import CHUNK_CONFIRM, AckDecoder, pack_ack, slave_handshak
 from storage import MessageStore
 from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
 
-QUIET = {"heartbeat_ms": 30_000, "peer_timeout_ms": 60_000}
-"""No heartbeat frame gets between the frames these tests read."""
+QUIET = {"heartbeat_ms": 30_000, "peer_timeout_ms": 60_000, "poll_interval_ms": 60_000}
+"""No heartbeat frame gets between the frames these tests read (nor a poll's wake-up)."""
 
 
 async def _read_up_to(sock: trio.socket.SocketType, end: int) -> None:
@@ -46,9 +47,9 @@ def _nothing_to_read(sock: trio.socket.SocketType) -> bool:
 @asynccontextmanager
 async def _slave_acked_all(
     root: Path, seed: int, confirm_delay_ms: int
-) -> AsyncIterator[tuple[MessageStore, trio.socket.SocketType, int]]:
+) -> AsyncIterator[tuple[MessageStore, trio.socket.SocketType, int, HAService]]:
     """A master with 20 records and a bare slave socket that read them all and acked its
-    end, the ack having moved the confirm offset: (master, socket, that end)."""
+    end, the ack having moved the confirm offset: (master, socket, that end, service)."""
     async with MessageStore.open(config_at(root / "master")) as master:
         await fill(master, messages(20, seed=seed))
         end = master.commit_log.max_offset
@@ -64,14 +65,14 @@ async def _slave_acked_all(
                 await _read_up_to(sock, end)
                 await sock.send(pack_ack(end))
                 assert await replicated(service, end)
-                yield master, sock, end
+                yield master, sock, end, service
 
 
 async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> None:
     """Once the slave's ack moved the confirm offset, nothing is sent on an idle stream
     (within the delay); the next append's chunk comes with the confirm frame ahead of
     it. Fails on the old code, which sent the confirm frame at once on its own."""
-    async with _slave_acked_all(tmp_path, 31, confirm_delay_ms=60_000) as (master, sock, end):
+    async with _slave_acked_all(tmp_path, 31, confirm_delay_ms=60_000) as (master, sock, end, _):
         await trio.testing.wait_all_tasks_blocked()
         assert _nothing_to_read(sock)  # no frame of its own for the confirm
 
@@ -86,7 +87,7 @@ async def test_a_moved_confirm_rides_ahead_of_the_next_chunk(tmp_path: Path) -> 
 async def test_an_idle_stream_sends_the_moved_confirm_on_its_own(tmp_path: Path) -> None:
     """With no chunk to ride on, the confirm frame goes alone once the delay passed, so
     a slave's read limit never waits for the next write."""
-    async with _slave_acked_all(tmp_path, 33, confirm_delay_ms=1) as (_master, sock, end):
+    async with _slave_acked_all(tmp_path, 33, confirm_delay_ms=1) as (_master, sock, end, _):
         with trio.fail_after(10):
             header = await transfer.receive_chunk_into(sock, memoryview(bytearray(64)))
         assert header == ChunkHeader(offset=end, length=0, flags=CHUNK_CONFIRM)
@@ -151,7 +152,7 @@ async def test_a_lone_write_reaches_an_idle_slave_from_the_append_itself(
     appending task itself: they are on its socket when the put returns, before any other
     task ran (the confirm frame the ack moved rides ahead). Fails on the old code, which
     woke the stream task and sent one scheduling pass later."""
-    async with _slave_acked_all(tmp_path, 41, confirm_delay_ms=60_000) as (master, sock, end):
+    async with _slave_acked_all(tmp_path, 41, confirm_delay_ms=60_000) as (master, sock, end, _):
         await trio.testing.wait_all_tasks_blocked()
         result = await master.put(messages(1, seed=42)[0])
         assert not _nothing_to_read(sock)  # no checkpoint since the put: written by it
@@ -168,7 +169,7 @@ async def test_writes_while_bytes_are_in_flight_go_out_together_from_the_sender(
 ) -> None:
     """Once a chunk awaits the slave's ack, later appends are not written one by one
     from their tasks: the stream task sends all of them in one chunk at its turn."""
-    async with _slave_acked_all(tmp_path, 43, confirm_delay_ms=60_000) as (master, sock, end):
+    async with _slave_acked_all(tmp_path, 43, confirm_delay_ms=60_000) as (master, sock, end, _):
         await trio.testing.wait_all_tasks_blocked()
         first = await master.put(messages(1, seed=44)[0])  # written at once, not acked
         await _read_up_to_from(sock, end, first.end_offset)
@@ -192,7 +193,7 @@ async def test_a_direct_write_the_socket_takes_in_part_is_finished_first(
     """The socket takes only half of the frame the append writes: the stream task sends
     the rest before anything else, so the slave reads whole, valid chunks that continue
     the log byte for byte, and the stream goes on."""
-    async with _slave_acked_all(tmp_path, 47, confirm_delay_ms=60_000) as (master, sock, end):
+    async with _slave_acked_all(tmp_path, 47, confirm_delay_ms=60_000) as (master, sock, end, _):
         await trio.testing.wait_all_tasks_blocked()
         real_writev = os.writev
         halved: list[int] = []
@@ -273,3 +274,26 @@ async def test_chunks_that_arrived_together_get_one_ack_a_lone_chunk_its_own(
                 assert [ack.offset for ack in acks] == [ends[2]]
                 nursery.cancel_scope.cancel()
         assert slave.commit_log.max_offset == ends[2]
+
+
+async def test_a_confirm_sent_with_a_direct_write_does_not_wake_the_parked_sender(
+    tmp_path: Path,
+) -> None:
+    """The ack moved the confirm offset, due on its own after ``confirm_delay_ms``; the
+    next append's direct write carries it, so the parked sender's wake-up for it is
+    called off (it woke at the old due time for nothing, twice a confirm delay per
+    slave under a steady trickle of writes). Fails on the old code."""
+    async with _slave_acked_all(tmp_path, 53, confirm_delay_ms=5_000) as (
+        master,
+        sock,
+        end,
+        service,
+    ):
+        await trio.testing.wait_all_tasks_blocked()
+        connection = service.connections["s1"]
+        parked = connection._parked
+        assert parked is not None and parked.deadline <= trio.current_time() + 5
+        await master.put(messages(1, seed=54)[0])  # written at once, confirm ahead
+        assert connection._parked is parked
+        assert parked.deadline > trio.current_time() + 20  # the heartbeat's (30 s), not 5 s
+        await _read_up_to_from(sock, end, master.commit_log.max_offset)
