@@ -27,8 +27,7 @@ from cluster.client.errors import (
     RequestTimeoutError,
     TidelogError,
 )
-from cluster.client.send_frames import SendFrames
-from cluster.protocol import ProtocolError, ResponseDecoder, Status, encode_frame, make_request
+from cluster.protocol import ProtocolError, ResponseDecoder, Status, request_frame
 
 if TYPE_CHECKING:
     import trio  # a caller's own nursery may hold the tasks
@@ -121,7 +120,6 @@ class Connection:
         self._stream = stream if isinstance(stream, anyio.abc.ByteStream) else _TrioStream(stream)
         self._decoder = ResponseDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
-        self._send_frames = SendFrames(max_frame_size)
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Slot] = {}
         self._new_event = event_class()
@@ -370,11 +368,8 @@ class Connection:
         if self._closed is not None:
             raise NotSentError(self._closed)
         req_id = next(self._ids)
-        frame = self._send_frames.frame(req_id, fields) if op == "send" else None
-        if frame is None:
-            frame = encode_frame(
-                make_request(op, req_id, **fields), max_frame_size=self._max_frame_size
-            )
+        # A one-message send in the common shape goes as a compact send (fixed layout).
+        frame = request_frame(op, req_id, fields, max_frame_size=self._max_frame_size)
         slot = _Slot(self._new_event())
         waiting = self._waiting
         waiting[req_id] = slot

@@ -25,15 +25,21 @@ from cluster.client.connection import WRITE_EARLY_FRAMES
 from cluster.client.errors import RequestTimeoutError
 from cluster.protocol import encode_frame
 from cluster.protocol.codec import FrameDecoder
+from cluster.protocol.compact import SEND_MARKER
 from tests.cluster.client_harness import BACKENDS, run
 
 
 @asynccontextmanager
 async def peer(
-    *, answer: bool, received: list[dict[str, Any]] | None = None, hold_until: int = 0
+    *,
+    answer: bool,
+    received: list[dict[str, Any]] | None = None,
+    hold_until: int = 0,
+    raw: bytearray | None = None,
 ) -> AsyncIterator[Connection]:
     """A client connection to a loopback peer in the running loop (trio or asyncio) that
-    answers every request ``OK`` (or none), and adds each request to ``received``.
+    answers every request ``OK`` (or none), and adds each request to ``received`` (and
+    the bytes it read to ``raw``).
     ``hold_until``: answers wait until that many requests arrived, then go in one write."""
 
     async def serve(stream: anyio.abc.SocketStream) -> None:
@@ -43,6 +49,8 @@ async def peer(
         async with stream:
             try:
                 while data := await stream.receive(65536):
+                    if raw is not None:
+                        raw.extend(data)
                     decoder.feed(data)
                     for request in decoder:
                         assert isinstance(request, dict)
@@ -204,3 +212,29 @@ def test_many_requests_queued_while_a_sender_gathers_are_all_answered(backend: s
             assert answers == ["OK"] * count
 
     run(backend, body)
+
+
+@BACKENDS
+def test_a_plain_send_goes_compact_and_any_other_as_a_cbor_map(backend: str) -> None:
+    """A one-message send in the common shape is written in the compact layout (cheaper
+    to build here and to read on the node); a send with tags, and other ops, as maps."""
+    raw = bytearray()
+    received: list[dict[str, Any]] = []
+
+    async def body() -> None:
+        async with peer(answer=True, received=received, raw=raw) as connection:
+            plain = {"topic": "t", "body": b"x", "queue": 1, "acks": "leader", "timeout_ms": 5}
+            await connection.request("send", 30.0, **plain)
+            await connection.request("send", 30.0, topic="t", body=b"y", tags="a")
+            await connection.request("status", 30.0)
+
+    run(backend, body)
+    first_bytes = []
+    at = 0
+    while at < len(raw):
+        size = int.from_bytes(raw[at : at + 4], "big")
+        first_bytes.append(raw[at + 4])
+        at += 4 + size
+    assert first_bytes[0] == SEND_MARKER
+    assert all(0xA0 <= byte <= 0xBF for byte in first_bytes[1:]) and len(first_bytes) == 3
+    assert (received[0]["body"], received[0]["queue"], received[1]["tags"]) == (b"x", 1, "a")
