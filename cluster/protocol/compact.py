@@ -50,7 +50,6 @@ KEY_IS_TEXT: Final = 0x04
 _FLAGS: Final = QUEUE_SET | KEY_SET | KEY_IS_TEXT
 ACKS_CODES: Final[tuple[Acks, ...]] = (Acks.LEADER, Acks.DURABLE, Acks.IN_SYNC, Acks.REPLICATED)
 """An ``acks`` level's code is its index here (fixed: part of the wire format)."""
-_ACKS_CODE: Final = {acks: code for code, acks in enumerate(ACKS_CODES)}
 _U16: Final = 0xFFFF
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -59,7 +58,8 @@ _OK: Final = Status.OK
 """(A module global: an enum member read through its class costs a descriptor call on
 Python 3.11.)"""
 
-_pack_send: Final = SEND_HEAD.pack
+_pack_framed_send: Final = struct.Struct(">I" + SEND_HEAD.format[1:]).pack
+"""The length prefix and the head of a compact send, in one pack."""
 _unpack_send: Final = SEND_HEAD.unpack_from
 _pack_answer: Final = ANSWER_HEAD.pack
 _unpack_answer: Final = ANSWER_HEAD.unpack_from
@@ -80,39 +80,40 @@ def encode_send(
     checked (a valid send in the common shape); None when one does not fit the layout
     (a topic over 255 bytes, a key over 65,535: send the CBOR map)."""
     topic_raw = topic.encode()
-    flags = 0
-    if queue is not None:
-        flags = QUEUE_SET
-    else:
-        queue = 0
     if key is None:
         key_raw = b""
+        flags = 0
     elif type(key) is str:
         key_raw = key.encode()
-        flags |= KEY_SET | KEY_IS_TEXT
+        flags = KEY_SET | KEY_IS_TEXT
     else:
         key_raw = key  # type: ignore[assignment]
-        flags |= KEY_SET
+        flags = KEY_SET
+    if queue is None:
+        queue = 0
+    else:
+        flags |= QUEUE_SET
+    topic_size, key_size = len(topic_raw), len(key_raw)
     if (
-        len(topic_raw) > _TOPIC_MAX
-        or len(key_raw) > _U16
+        topic_size > _TOPIC_MAX
+        or key_size > _U16
         or not 0 <= queue <= _U16
         or not 0 <= timeout_ms <= _U32
         or not 0 <= req_id <= MAX_REQUEST_ID
     ):
         return None
-    head = _pack_send(
+    head = _pack_framed_send(
+        SEND_HEAD.size + topic_size + key_size + len(body),
         SEND_MARKER,
         flags,
-        _ACKS_CODE[acks],
-        len(topic_raw),
+        ACKS_CODES.index(acks),  # by identity first: cheaper than hashing an enum member
+        topic_size,
         req_id,
         timeout_ms,
         queue,
-        len(key_raw),
+        key_size,
     )
-    size = SEND_HEAD.size + len(topic_raw) + len(key_raw) + len(body)
-    return b"".join((_pack_length(size), head, topic_raw, key_raw, body))
+    return head + topic_raw + key_raw + body if key_size else head + topic_raw + body
 
 
 def decode_send(buf: bytes | bytearray, start: int, size: int) -> dict[str, Any] | str:
