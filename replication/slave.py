@@ -142,9 +142,6 @@ class HAClient:
         self._heard_at = math.inf
         """When the apply loop began waiting for the chunk it waits for now (inf: it is
         not waiting for one)."""
-        self._ack_due = False
-        """The apply loop moved :attr:`acked_offset` and has not sent it yet: it goes out
-        when the next read would wait, so chunks that arrived together get one ack."""
         self._tls_context: ssl.SSLContext | None = None
         """Built from ``settings.tls`` on the first connection (None: plain TCP)."""
 
@@ -313,20 +310,11 @@ class HAClient:
         return plan.start, pending
 
     async def _apply(self, sock: trio.socket.SocketType, pending: list[EpochEntry]) -> None:
-        """Apply chunks and ack each advance until the master closes the stream. The ack
-        goes out once no further chunk is waiting to be read (at once for a lone chunk;
-        under load one ack covers every chunk that arrived meanwhile)."""
+        """Apply chunks and ack each advance until the master closes the stream."""
         view = memoryview(self._buffer)
-        self._ack_due = False
-
-        async def send_due_ack() -> None:
-            if self._ack_due:
-                self._ack_due = False
-                await self._send_ack(sock, self.acked_offset)
-
         while True:
             self._heard_at = trio.current_time()  # the silence counts from here
-            header = await receive_chunk_into(sock, view, send_due_ack)
+            header = await receive_chunk_into(sock, view)
             self._heard_at = math.inf  # applying is not the master's silence
             if header is None:
                 log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
@@ -364,7 +352,7 @@ class HAClient:
                     await self.store.commit_log.flush()
                 self.acked_offset = end
                 self._note_caught_up()
-                self._ack_due = True
+                await self._send_ack(sock, end)
 
     def _note_caught_up(self) -> None:
         """Latch :attr:`caught_up_epoch` once the ack reaches the handshake's log end."""

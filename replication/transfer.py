@@ -76,7 +76,6 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -418,23 +417,15 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
 # ---- receiving -------------------------------------------------------------------------------
 
 
-async def recv_exactly_into(
-    sock: trio.socket.SocketType,
-    view: memoryview,
-    before_waiting: Callable[[], Awaitable[None]] | None = None,
-) -> int:
+async def recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> int:
     """Fill ``view`` from ``sock``; return the bytes read, fewer only if the stream ended.
 
     Reads go straight into ``view`` (``readv`` on the socket's fd is ``recv_into``
     without the scheduler round trip trio's wrapper adds to every call; the loop
     yields on ``EAGAIN`` and every :data:`YIELD_BYTES` instead). Over TLS the bytes
-    come through the TLS stream. ``before_waiting`` is awaited whenever the read is
-    about to wait for the peer (over TLS: before every read), so a reply held back
-    while bytes were waiting goes out before this end goes idle.
+    come through the TLS stream.
     """
     if isinstance(sock, TlsSocket):
-        if before_waiting is not None:
-            await before_waiting()
         return await _recv_exactly_into_tls(sock, view)
     sock_fd = sock.fileno()
     total = len(view)
@@ -445,8 +436,6 @@ async def recv_exactly_into(
         try:
             n = os.readv(sock_fd, [view[got:]])
         except BlockingIOError:
-            if before_waiting is not None:
-                await before_waiting()
             await trio.lowlevel.wait_readable(sock)
             since_yield = 0
             continue
@@ -470,13 +459,8 @@ async def _recv_exactly_into_tls(sock: TlsSocket, view: memoryview) -> int:
     return got
 
 
-async def receive_chunk_into(
-    sock: trio.socket.SocketType,
-    view: memoryview,
-    before_waiting: Callable[[], Awaitable[None]] | None = None,
-) -> ChunkHeader | None:
-    """Read one chunk: its header, then its data straight into ``view[:header.length]``;
-    ``before_waiting`` as for :func:`recv_exactly_into`.
+async def receive_chunk_into(sock: trio.socket.SocketType, view: memoryview) -> ChunkHeader | None:
+    """Read one chunk: its header, then its data straight into ``view[:header.length]``.
 
     Returns the header (the data is ``view[:header.length]``), or ``None`` if the
     stream ended cleanly between chunks. Raises :class:`TruncatedChunkError` if it
@@ -486,7 +470,7 @@ async def receive_chunk_into(
     the connection must be closed.
     """
     raw = bytearray(HEADER_SIZE)
-    got = await recv_exactly_into(sock, memoryview(raw), before_waiting)
+    got = await recv_exactly_into(sock, memoryview(raw))
     if got == 0:
         return None
     if got < HEADER_SIZE:
@@ -497,7 +481,7 @@ async def receive_chunk_into(
             f"chunk at offset {header.offset} has {header.length} bytes, "
             f"the receive buffer only {len(view)}"
         )
-    got = await recv_exactly_into(sock, view[: header.length], before_waiting)
+    got = await recv_exactly_into(sock, view[: header.length])
     if got < header.length:
         raise TruncatedChunkError(
             f"stream ended after {got} of {header.length} bytes of the chunk at {header.offset}"

@@ -16,10 +16,8 @@ import trio.testing
 
 from replication import transfer
 from replication.master import HAService
-from replication.settings import ReplicationSettings
-from replication.slave import HAClient
 from replication.transfer import SMALL_RANGE_BYTES, ChunkHeader, send_file_range
-from replication.wire import CHUNK_CONFIRM, AckDecoder, pack_ack, slave_handshake
+from replication.wire import CHUNK_CONFIRM, pack_ack, slave_handshake
 from storage import MessageStore
 from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
 
@@ -236,44 +234,6 @@ async def _read_up_to_from(sock: trio.socket.SocketType, start: int, end: int) -
         if not header.flags & CHUNK_CONFIRM:
             assert header.offset == received
             received += header.length
-
-
-async def test_chunks_that_arrived_together_get_one_ack_a_lone_chunk_its_own(
-    tmp_path: Path,
-) -> None:
-    """The slave acks once no further chunk waits to be read: two chunks already on its
-    socket are applied and answered with one ack of their end; a chunk alone is acked
-    at once. Fails on the old code, which sent an ack per chunk."""
-    async with (
-        MessageStore.open(config_at(tmp_path / "master")) as master,
-        MessageStore.open(config_at(tmp_path / "slave")) as slave,
-    ):
-        ends = [(await master.put(message)).end_offset for message in messages(3, seed=51)]
-        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-
-        def chunk(start: int, end: int) -> bytes:
-            return ChunkHeader(offset=start, length=end - start).pack() + _log_bytes(
-                master, start, end
-            )
-
-        client = HAClient(slave, "s1", ReplicationSettings(**QUIET))  # type: ignore[arg-type]
-        client.acked_offset = 0
-        master_end, slave_end = trio.socket.socketpair()
-        with master_end, slave_end:
-            await master_end.send(chunk(*bounds[0]) + chunk(*bounds[1]))
-            decoder = AckDecoder()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._apply, slave_end, [])
-                acks = decoder.feed(await master_end.recv(4096))
-                await trio.testing.wait_all_tasks_blocked()
-                assert _nothing_to_read(master_end)
-                assert [ack.offset for ack in acks] == [ends[1]]
-
-                await master_end.send(chunk(*bounds[2]))
-                acks = decoder.feed(await master_end.recv(4096))
-                assert [ack.offset for ack in acks] == [ends[2]]
-                nursery.cancel_scope.cancel()
-        assert slave.commit_log.max_offset == ends[2]
 
 
 async def test_a_confirm_sent_with_a_direct_write_does_not_wake_the_parked_sender(
