@@ -274,6 +274,21 @@ class Client:
         only what was certainly not applied, at most ``resends`` times and for at most
         ``failover_timeout``. Raises ``ProtocolError`` for a request this client refuses
         before sending."""
+        return await self.deliver(
+            op, timeout, fields, resends=resends, backoff_initial_s=backoff_initial_s
+        )
+
+    async def deliver(
+        self,
+        op: str,
+        timeout: float,
+        fields: dict[str, Any],
+        *,
+        resends: int,
+        backoff_initial_s: float = 0.05,
+    ) -> Delivery:
+        """:meth:`request_master` with the fields in a dict (read, not changed): the producer's
+        path, which builds them itself."""
         deadline = self._now() + self.config.failover_timeout
         backoff: Backoff | None = None  # made at the first resend: most requests need none
         done = 0
@@ -289,7 +304,7 @@ class Client:
                 attempt, error = Attempt(sent=False, status=None, address=target), exc
             else:
                 try:
-                    response = await connection.request(op, timeout, **fields)
+                    response = await connection.request_fields(op, timeout, fields)
                 except NotSentError as exc:
                     attempt, error = Attempt(sent=False, status=None, address=target), exc
                 except (ConnectionLostError, RequestTimeoutError) as exc:

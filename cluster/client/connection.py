@@ -358,7 +358,14 @@ class Connection:
         self._cancel.cancel()
 
     async def request(self, op: str, timeout_s: float, /, **fields: Any) -> dict[str, Any]:
-        """Send one request and return its response (any status).
+        """Send one request and return its response (any status): :meth:`request_fields`."""
+        return await self.request_fields(op, timeout_s, fields)
+
+    async def request_fields(
+        self, op: str, timeout_s: float, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Send one request with ``fields`` (read, not changed) and return its response (any
+        status); the one-message send's path, which builds ``fields`` itself.
 
         Raises :class:`ConnectionLostError` or :class:`RequestTimeoutError` when no
         answer comes (outcome unknown), :class:`NotSentError` when the connection was

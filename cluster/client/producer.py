@@ -418,12 +418,8 @@ class Producer:
             op = "send_batch"
             fields["messages"] = messages
         try:
-            delivery = await self.client.request_master(
-                op,
-                timeout,
-                resends=self.retries,
-                backoff_initial_s=self.retry_backoff,
-                **fields,
+            delivery = await self.client.deliver(
+                op, timeout, fields, resends=self.retries, backoff_initial_s=self.retry_backoff
             )
         except ProtocolError as exc:  # rejected by this client before sending
             return [SendResult("failed", exc.status, topic, error=str(exc))] * len(messages)

@@ -229,13 +229,13 @@ async def silent_peer(*, hang_up: bool) -> AsyncIterator[str]:
 def requests(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[tuple[str, str]]:
     """(address, op) -> how many requests the client sent, over real connections."""
     sent: collections.Counter[tuple[str, str]] = collections.Counter()
-    real_request = Connection.request
+    real_request = Connection.request_fields  # every request's path, ``request``'s too
 
-    async def counted(self: Connection, op: str, timeout_s: float, /, **fields: Any) -> Any:
+    async def counted(self: Connection, op: str, timeout_s: float, fields: dict[str, Any]) -> Any:
         sent[(self.address, op)] += 1
-        return await real_request(self, op, timeout_s, **fields)
+        return await real_request(self, op, timeout_s, fields)
 
-    monkeypatch.setattr(Connection, "request", counted)
+    monkeypatch.setattr(Connection, "request_fields", counted)
     return sent
 
 
