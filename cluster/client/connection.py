@@ -332,9 +332,9 @@ class Connection:
             self._lost_while_sending(exc)
             return
         self.writes += 1
+        self._outbox_frames = 0  # a socket that took only part is not tried again at once
         if sent == len(outbox):
             self._outbox = bytearray()
-            self._outbox_frames = 0
         else:
             del outbox[:sent]
 
