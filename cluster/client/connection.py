@@ -28,6 +28,7 @@ from cluster.client.errors import (
     TidelogError,
 )
 from cluster.protocol import ProtocolError, ResponseDecoder, Status, request_frame
+from cluster.protocol.limits import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     import trio  # a caller's own nursery may hold the tasks
@@ -120,6 +121,11 @@ class Connection:
         self._stream = stream if isinstance(stream, anyio.abc.ByteStream) else _TrioStream(stream)
         self._decoder = ResponseDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
+        self._compact_sends = False
+        """An answer on this connection came in protocol version 2: plain sends go compact."""
+        self._version = PROTOCOL_VERSION
+        """The ``v`` of the CBOR maps sent; 1 once the node refused version 2 (a node from
+        before compact sends), and then for the connection's life."""
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Slot] = {}
         self._new_event = event_class()
@@ -232,6 +238,8 @@ class Connection:
                 if isinstance(frame, ProtocolError):
                     self._answer(frame.req_id, frame)
                 else:
+                    if not self._compact_sends:
+                        self._compact_sends = self._version == frame["v"] == PROTOCOL_VERSION
                     self._answer(frame["id"], frame)
             if answered:
                 self._answered_any = True
@@ -375,8 +383,20 @@ class Connection:
         if self._closed is not None:
             raise NotSentError(self._closed)
         req_id = next(self._ids)
-        # A one-message send in the common shape goes as a compact send (fixed layout).
-        frame = request_frame(op, req_id, fields, max_frame_size=self._max_frame_size)
+        if self._compact_sends:
+            # A one-message send in the common shape goes as a compact send (fixed layout).
+            frame = request_frame(op, req_id, fields, max_frame_size=self._max_frame_size)
+            version = PROTOCOL_VERSION
+        else:  # until an answer shows the node speaks version 2: CBOR maps only
+            version = self._version
+            frame = request_frame(
+                op,
+                req_id,
+                fields,
+                max_frame_size=self._max_frame_size,
+                version=version,
+                compact=False,
+            )
         slot = _Slot(self._new_event())
         waiting = self._waiting
         waiting[req_id] = slot
@@ -415,4 +435,24 @@ class Connection:
         if isinstance(answer, ProtocolError):
             raise TidelogError(answer.status, str(answer))
         assert isinstance(answer, dict)
+        if (
+            not self._compact_sends
+            and answer["status"] is Status.UNSUPPORTED_VERSION
+            and self._speak_older(version, answer)
+        ):  # refused, so not executed: resend it in the version the node speaks
+            return await self.request_fields(op, timeout_s, fields)
         return answer
+
+    def _speak_older(self, sent_version: int, refusal: dict[str, Any]) -> bool:
+        """Whether the node that refused a request of ``sent_version`` speaks version 1
+        but not 2 (a node from before compact sends): if so, this connection speaks
+        version 1 from now on."""
+        supported = refusal.get("supported")
+        if sent_version != PROTOCOL_VERSION or not isinstance(supported, list):
+            return False
+        if PROTOCOL_VERSION in supported or 1 not in supported:
+            return False
+        if self._version != 1:
+            log.info("protocol_fallback address=%s version=1", self.address)
+        self._version = 1
+        return True

@@ -26,6 +26,7 @@ from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
+    LOWEST_VERSION,
     MAX_DEPTH,
     MAX_FRAME_ITEMS,
     MAX_FRAME_SIZE_LIMIT,
@@ -56,7 +57,11 @@ from cluster.protocol.wording import clip, describe, plural
 
 log = logging.getLogger("cluster.protocol")
 
-__all__ = ["FrameDecoder", "ResponseDecoder", "encode_frame"]
+__all__ = ["COMPACT_ANSWER", "FrameDecoder", "ResponseDecoder", "encode_frame"]
+
+COMPACT_ANSWER: Final = 0
+"""``answer_version`` of a compact send: answered compactly when ``OK``, else as a map of
+version 2 (compact sends are version 2)."""
 
 _COMPACT_MIN: Final = 64 * 1024
 """Consumed bytes a decoder keeps before it considers moving the live tail to the front."""
@@ -207,6 +212,12 @@ class _FrameReader(Generic[_T], abc.ABC):
         self._cbor = _new_cbor_decoder()
         self._fatal: ProtocolError | None = None
         self.compact = False
+        self.answer_version = LOWEST_VERSION
+        """How to answer the frame returned last: :data:`COMPACT_ANSWER` for a compact send
+        (compactly when ``OK``, else as a map of this version), else the ``v`` of the
+        answer's map: the request's own, or the lowest version when the request's could
+        not be read or is not spoken (a server never answers in a version the client did
+        not send). Meaningful on the request decoder only."""
 
     @property
     def max_frame_size(self) -> int:
@@ -264,12 +275,14 @@ class _FrameReader(Generic[_T], abc.ABC):
         start = pos + 4
         self._pos = start + size
         if size == 0:
+            self.answer_version = LOWEST_VERSION
             return self._error(
                 Status.MALFORMED_FRAME,
                 "frame body is empty; a frame must hold one CBOR map after its length prefix",
             )
         if buf[start] == self._compact_marker:
             return self._compact(buf, start, size)
+        self.answer_version = LOWEST_VERSION  # until _interpret reads a spoken ``v``
         max_items = self._max_items
         # A body of n bytes holds at most n items: only larger bodies need counting.
         if max_items is not None and size > max_items:
@@ -377,9 +390,24 @@ class FrameDecoder(_FrameReader[Request]):
     """
 
     def __init__(
-        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, max_items: int = MAX_FRAME_ITEMS
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        *,
+        max_items: int = MAX_FRAME_ITEMS,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
     ) -> None:
         super().__init__(max_frame_size, max_items=max_items)
+        if not versions or not set(versions) <= set(SUPPORTED_VERSIONS):
+            raise ValueError(
+                f"versions must be some of {list(SUPPORTED_VERSIONS)}, got {list(versions)}"
+            )
+        self._versions = frozenset(versions)
+        """The protocol versions this decoder accepts (a server answers the rest
+        ``UNSUPPORTED_VERSION``); without version 2 a compact send is malformed, as it
+        is to a node of version 1."""
+        self._supported = sorted(versions)
+        if PROTOCOL_VERSION not in self._versions:
+            self._compact_marker = -1
         self._known_topics = KnownTopics()
         self._compact_topics: dict[bytes, str] = {}
         """The UTF-8 of names in :attr:`_known_topics` that came in compact sends."""
@@ -408,6 +436,7 @@ class FrameDecoder(_FrameReader[Request]):
                 and body_at <= start + size
             ):
                 self.compact = True
+                self.answer_version = COMPACT_ANSWER
                 return {
                     "op": "send",
                     "id": req_id,
@@ -427,6 +456,7 @@ class FrameDecoder(_FrameReader[Request]):
         raw = decode_send(buf, start, size)
         if isinstance(raw, str):
             self.compact = False
+            self.answer_version = PROTOCOL_VERSION
             return self._error(
                 Status.MALFORMED_FRAME,
                 f"frame body is not a valid compact send: {raw}; see docs/protocol.md for "
@@ -436,8 +466,10 @@ class FrameDecoder(_FrameReader[Request]):
         request = self._interpret(raw)
         if isinstance(request, ProtocolError):
             self.compact = False
+            self.answer_version = PROTOCOL_VERSION
             return request
         self.compact = True
+        self.answer_version = COMPACT_ANSWER
         topic = raw["topic"]
         if topic in self._known_topics:
             self._compact_topics[topic.encode()] = topic  # bounded as the known names are
@@ -448,8 +480,9 @@ class FrameDecoder(_FrameReader[Request]):
         if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
             return self._bad_envelope(obj, "request")
         version = obj.get("v")
-        if type(version) is not int or version != PROTOCOL_VERSION:
+        if type(version) is not int or version not in self._versions:
             return self._bad_version(version, req_id)
+        self.answer_version = version
         op = obj.get("op")
         if type(op) is not str:
             return self._error(
@@ -463,7 +496,7 @@ class FrameDecoder(_FrameReader[Request]):
         if entry is None:
             return self._error(
                 Status.UNKNOWN_OP,
-                f"unknown op {clip(op)}; protocol v{PROTOCOL_VERSION} defines "
+                f"unknown op {clip(op)}; protocol v{version} defines "
                 f"{','.join(SCHEMAS)}: upgrade the server or stop sending this op",
                 req_id=req_id,
                 field="op",
@@ -507,17 +540,17 @@ class FrameDecoder(_FrameReader[Request]):
             )
             return self._error(
                 Status.MALFORMED_FRAME,
-                f"envelope field 'v' (protocol version) {problem}; send v={PROTOCOL_VERSION}",
+                f"envelope field 'v' (protocol version) {problem}; send v={self._supported[-1]}",
                 req_id=req_id,
                 field="v",
             )
         return self._error(
             Status.UNSUPPORTED_VERSION,
             f"protocol version {describe(version)} is not supported; this server speaks "
-            f"{list(SUPPORTED_VERSIONS)}: resend with one of them or upgrade the server",
+            f"{self._supported}: resend with one of them or upgrade the server",
             req_id=req_id,
             field="v",
-            details={"supported": list(SUPPORTED_VERSIONS)},
+            details={"supported": list(self._supported)},
         )
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_MS",
     "DEFAULT_WAIT_MS",
     "HEADER",
+    "LOWEST_VERSION",
     "MAX_BATCH_MESSAGES",
     "MAX_DEPTH",
     "MAX_FRAME_ITEMS",
@@ -35,10 +36,14 @@ __all__ = [
     "SUPPORTED_VERSIONS",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""The version this module speaks; every frame carries it as ``v``."""
-SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION,)
-"""Versions a server accepts; an ``UNSUPPORTED_VERSION`` answer lists them."""
+PROTOCOL_VERSION: Final = 2
+"""The version this module speaks; every CBOR frame carries it as ``v``. Version 2 is
+version 1 plus compact sends (docs/protocol.md section 1): every CBOR field means the same."""
+SUPPORTED_VERSIONS: Final = (1, PROTOCOL_VERSION)
+"""Versions a server accepts, and answers in; an ``UNSUPPORTED_VERSION`` answer lists them."""
+LOWEST_VERSION: Final = SUPPORTED_VERSIONS[0]
+"""The version of answers to frames whose own version could not be read or is not spoken:
+every client reads it."""
 
 HEADER: Final = struct.Struct(">I")
 """The length prefix: body size in bytes, big-endian, not counting the prefix itself."""

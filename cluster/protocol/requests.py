@@ -15,6 +15,7 @@ from cluster.protocol.limits import (
     MAX_QUEUES,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
 )
 from cluster.protocol.plain_send import PlainSend, plain_send
 from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, KnownTopics, validate
@@ -32,10 +33,15 @@ def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
     ``INVALID_TOPIC``) so client bugs surface before a round trip. Fields left
     as None are not sent; the server fills in defaults.
     """
+    return _make_request(op, req_id, fields, PROTOCOL_VERSION)
+
+
+def _make_request(op: str, req_id: int, fields: dict[str, Any], version: int) -> dict[str, Any]:
+    """:func:`make_request` in protocol ``version`` (every field means the same in each)."""
     if type(req_id) is not int or not 0 <= req_id <= MAX_REQUEST_ID:
         raise ValueError(f"request id must be an integer in 0..2**64-1, got {describe(req_id)}")
     if op == "send" and _is_plain_send(fields):  # one message per request: the hot path
-        plain: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id}
+        plain: dict[str, Any] = {"v": version, "op": op, "id": req_id}
         for name, value in fields.items():
             if value is not None:
                 plain[name] = value
@@ -55,7 +61,7 @@ def make_request(op: str, req_id: int, /, **fields: Any) -> dict[str, Any]:
         validate(entry, fields, {})
     except Invalid as exc:
         raise ProtocolError(exc.status, exc.sentence(op), req_id=req_id, field=exc.path) from None
-    request: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": req_id}
+    request: dict[str, Any] = {"v": version, "op": op, "id": req_id}
     for name, value in fields.items():
         if value is not None:
             request[name] = value
@@ -93,18 +99,34 @@ def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
 
 
 def request_frame(
-    op: str, req_id: int, fields: dict[str, Any], *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    op: str,
+    req_id: int,
+    fields: dict[str, Any],
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    version: int = PROTOCOL_VERSION,
+    compact: bool = True,
 ) -> bytes:
-    """The frame of a request, checked as :func:`make_request` checks it: a send in the
-    common shape (see :mod:`cluster.protocol.plain_send`) as a compact send (see
-    :mod:`cluster.protocol.compact`), anything else as a CBOR map. Raises what
-    :func:`make_request` and :func:`encode_frame` raise."""
-    if op == "send" and type(req_id) is int and (shape := _plain_send_shape(fields)) is not None:
+    """The frame of a request, checked as :func:`make_request` checks it: with ``compact``
+    (a server known to speak version 2) and ``version`` 2, a send in the common shape (see
+    :mod:`cluster.protocol.plain_send`) as a compact send (see
+    :mod:`cluster.protocol.compact`); anything else as a CBOR map of protocol
+    ``version``. Raises what :func:`make_request` and :func:`encode_frame` raise."""
+    if (
+        compact
+        and version == PROTOCOL_VERSION
+        and op == "send"
+        and type(req_id) is int
+        and (shape := _plain_send_shape(fields)) is not None
+    ):
         body, queue, key, acks, timeout_ms = shape
         frame = encode_send(req_id, fields["topic"], body, queue, key, acks, timeout_ms)
         if frame is not None and len(frame) - HEADER.size <= max_frame_size:
             return frame
-    return encode_frame(make_request(op, req_id, **fields), max_frame_size=max_frame_size)
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"version must be one of {list(SUPPORTED_VERSIONS)}, got {version!r}")
+    request = _make_request(op, req_id, fields, version)
+    return encode_frame(request, max_frame_size=max_frame_size)
 
 
 def queue_for_key(key: bytes | str, queues: int) -> int:

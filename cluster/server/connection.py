@@ -27,7 +27,9 @@ from cluster.protocol import (
     encode_frame,
     error_response,
 )
+from cluster.protocol.codec import COMPACT_ANSWER
 from cluster.protocol.compact import encode_send_answer
+from cluster.protocol.limits import LOWEST_VERSION, PROTOCOL_VERSION
 from cluster.protocol.spliced import Buffer, SplicedBytes, encode_spliced_frame
 from cluster.server.errors import response_for_error
 from cluster.server.polls import Wakeups
@@ -137,7 +139,7 @@ class Connection:
         self._fatal = False
         self._aborted = False
         self._nursery: trio.Nursery | None = None
-        self._ack_queue: deque[tuple[int, str, PendingAck, bool]] = deque()
+        self._ack_queue: deque[tuple[int, str, PendingAck, int]] = deque()
         """Ack waits awaited in order by :meth:`_await_acks`; the head is being awaited."""
 
     @property
@@ -307,10 +309,10 @@ class Connection:
         self._holding = holding
 
     async def _dispatch(self, item: Request | ProtocolError) -> None:
+        answer_version = self._decoder.answer_version  # the request's own (or compact)
         if isinstance(item, ProtocolError):
-            self._reply(item.response())
+            self._reply(item.response(), answer_version)
             return
-        compact = self._decoder.compact  # answered compactly (when OK), as it was sent
         req_id, op = item["id"], item["op"]
         if self._server.draining:
             self._reply(
@@ -319,29 +321,30 @@ class Connection:
                     Status.SHUTTING_DOWN,
                     "the node is shutting down and did not start this request: reconnect "
                     "(possibly to another node) and resend",
-                )
+                ),
+                answer_version,
             )
             return
         try:
             outcome = await self._held(self._handler.handle(item, self.polls))
         except Exception as exc:
-            self._reply(response_for_error(req_id, exc, op))
+            self._reply(response_for_error(req_id, exc, op), answer_version)
             return
         if isinstance(outcome, dict):
-            self._reply(outcome, compact)
+            self._reply(outcome, answer_version)
             return
         assert self._nursery is not None
         if isinstance(outcome, PendingAck) and outcome.acks in QUEUED_ACKS:
             queue = self._ack_queue
             if not queue:
-                queue.append((req_id, op, outcome, compact))
+                queue.append((req_id, op, outcome, answer_version))
                 self._nursery.start_soon(self._await_acks)
                 return
             tail = queue[-1][2]
             if tail.acks is outcome.acks and tail.deadline_s <= outcome.deadline_s:
-                queue.append((req_id, op, outcome, compact))
+                queue.append((req_id, op, outcome, answer_version))
                 return
-        self._nursery.start_soon(self._finish, req_id, op, outcome, compact)
+        self._nursery.start_soon(self._finish, req_id, op, outcome, answer_version)
 
     async def _await_acks(self) -> None:
         """Answer the queued ack waits in order; ends when the queue is empty (the next
@@ -350,8 +353,8 @@ class Connection:
         self._holding = True  # waits released together are answered with one write
         try:
             while queue:
-                req_id, op, pending, compact = queue[0]
-                await self._held(self._finish(req_id, op, pending, compact))
+                req_id, op, pending, answer_version = queue[0]
+                await self._held(self._finish(req_id, op, pending, answer_version))
                 queue.popleft()
         finally:
             self._holding = False
@@ -374,19 +377,25 @@ class Connection:
         finally:
             self._holding = True
 
-    async def _finish(self, req_id: int, op: str, deferred: Deferred, compact: bool) -> None:
+    async def _finish(self, req_id: int, op: str, deferred: Deferred, answer_version: int) -> None:
         try:
             response = await deferred()
         except Exception as exc:
             response = response_for_error(req_id, exc, op)
-        self._reply(response, compact)
+        self._reply(response, answer_version)
 
     # ---- writing -------------------------------------------------------------------------
 
-    def _reply(self, response: Reply, compact: bool = False) -> None:
-        """Queue ``response``; ``compact``: it answers a compact send, so an ``OK`` one
-        is sent in the compact layout too (see :mod:`cluster.protocol.compact`)."""
-        frame = encode_send_answer(response) if compact else None
+    def _reply(self, response: Reply, answer_version: int = LOWEST_VERSION) -> None:
+        """Queue ``response`` in the request's version (the decoder's ``answer_version``):
+        :data:`COMPACT_ANSWER` for a compact send, so an ``OK`` one is sent in the compact
+        layout too (see :mod:`cluster.protocol.compact`); else the ``v`` of the map."""
+        if answer_version == COMPACT_ANSWER:
+            frame = encode_send_answer(response)  # None unless OK
+        else:
+            frame = None
+            if answer_version != PROTOCOL_VERSION:  # answers are built in the newest version
+                response = {**response, "v": answer_version}
         if frame is None:
             if type(response.get("records")) is SplicedBytes:
                 self._reply_spliced(response)
@@ -394,7 +403,9 @@ class Connection:
             try:
                 frame = encode_frame(response, max_frame_size=MAX_FRAME_SIZE_LIMIT)
             except Exception as exc:
-                frame = encode_frame(response_for_error(response.get("id", 0), exc, "encode"))
+                failed = response_for_error(response.get("id", 0), exc, "encode")
+                failed["v"] = response.get("v", LOWEST_VERSION)
+                frame = encode_frame(failed)
         self._out += frame
         self._out_count += 1
         self._unsent += len(frame)
@@ -409,7 +420,8 @@ class Connection:
             frame = encode_spliced_frame(response, "records", max_frame_size=MAX_FRAME_SIZE_LIMIT)
         except Exception as exc:
             records.finish()
-            self._reply(response_for_error(response.get("id", 0), exc, "encode"))
+            version = response.get("v", LOWEST_VERSION)
+            self._reply(response_for_error(response.get("id", 0), exc, "encode"), version)
             return
         self._out += frame.head
         self._spliced += (self._out, records)

@@ -20,6 +20,7 @@ from cluster.protocol import (
     ProtocolError,
     make_request,
 )
+from cluster.protocol.limits import PROTOCOL_VERSION
 from cluster.protocol.plain_send import plain_send
 from cluster.protocol.schema import PLANS, Invalid, validate
 
@@ -170,6 +171,6 @@ def test_make_request_builds_a_send_as_the_plan_would(fields: dict[str, Any]) ->
     elif isinstance(planned, Invalid):
         assert isinstance(made, tuple) and made[1] == planned.sentence("send")
     else:
-        expected = {"v": 1, "op": "send", "id": 5, "topic": "orders"}
+        expected = {"v": PROTOCOL_VERSION, "op": "send", "id": 5, "topic": "orders"}
         expected.update((k, v) for k, v in fields.items() if v is not None)
         assert made == expected

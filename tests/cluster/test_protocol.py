@@ -201,7 +201,7 @@ def test_request_roundtrip(op: str, fields: dict[str, Any], expected: dict[str, 
 
 def test_make_request_omits_none_and_keeps_the_envelope() -> None:
     assert make_request("get_offsets", 3, topic="t", queue=None) == {
-        "v": 1,
+        "v": 2,
         "op": "get_offsets",
         "id": 3,
         "topic": "t",
@@ -251,7 +251,7 @@ def test_every_error_response_names_the_problem() -> None:
     error = rejected(envelope("pull", topic="t", queue=1))
     response = error.response()
     assert response == {
-        "v": 1,
+        "v": 2,
         "id": 7,
         "status": Status.BAD_REQUEST,
         "error": error.message,
@@ -508,11 +508,11 @@ def test_missing_or_mistyped_version(version: Any, words: str) -> None:
 
 
 def test_unsupported_version_lists_the_supported_ones() -> None:
-    error = rejected({**envelope("status", req_id=12), "v": 2})
+    error = rejected({**envelope("status", req_id=12), "v": 3})
     assert error.status is Status.UNSUPPORTED_VERSION
     assert error.req_id == 12
-    assert "2" in error.message
-    assert error.response()["supported"] == [1]
+    assert "3" in error.message
+    assert error.response()["supported"] == [1, 2]
 
 
 @pytest.mark.parametrize("op", [None, 5, b"status"])
@@ -663,12 +663,12 @@ def test_documented_example_bytes() -> None:
     """docs/protocol.md shows these exact bytes; regenerate the docs if this changes."""
     frame = encode_request("pull", 1, topic="orders", queue=0, offset=42)
     assert frame.hex(" ") == (
-        "00 00 00 2d a6 61 76 01 62 6f 70 64 70 75 6c 6c 62 69 64 01 65 74 6f 70 69 63 "
+        "00 00 00 2d a6 61 76 02 62 6f 70 64 70 75 6c 6c 62 69 64 01 65 74 6f 70 69 63 "
         "66 6f 72 64 65 72 73 65 71 75 65 75 65 00 66 6f 66 66 73 65 74 18 2a"
     )
     response = p.send_response(1, "orders", 0, 42, 8192, 1_700_000_000_000_000)
     assert encode_frame(response).hex(" ") == (
-        "00 00 00 51 a8 61 76 01 62 69 64 01 66 73 74 61 74 75 73 62 4f 4b 65 74 6f 70 69 63 "
+        "00 00 00 51 a8 61 76 02 62 69 64 01 66 73 74 61 74 75 73 62 4f 4b 65 74 6f 70 69 63 "
         "66 6f 72 64 65 72 73 65 71 75 65 75 65 00 6c 71 75 65 75 65 5f 6f 66 66 73 65 74 18 "
         "2a 66 6f 66 66 73 65 74 19 20 00 68 73 74 6f 72 65 5f 75 73 1b 00 06 0a 24 18 1e 40 00"
     )
