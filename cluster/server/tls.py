@@ -18,6 +18,8 @@ from typing import Final
 import trio
 
 from cluster.protocol import FrameDecoder, ProtocolError, Status, encode_frame, error_response
+from cluster.protocol.codec import COMPACT_ANSWER
+from cluster.protocol.limits import PROTOCOL_VERSION
 from cluster.server.streams import GONE, linger, peer_name
 from replication.tls import HANDSHAKE_ERRORS, handshake_failure
 
@@ -84,6 +86,8 @@ async def _answer_plain_client(stream: trio.SocketStream) -> None:
     except GONE:
         return
     response = error_response(req_id, Status.BAD_REQUEST, PLAIN_CLIENT_ERROR, tls=True)
+    if decoder.answer_version not in (COMPACT_ANSWER, PROTOCOL_VERSION):
+        response["v"] = decoder.answer_version  # in the version the client spoke
     try:
         await stream.send_all(encode_frame(response))
         await linger(stream)

@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import cbor2
 import pytest
+import trio
 
 from cluster.client import Connection
 from cluster.protocol import (
@@ -24,6 +25,7 @@ from cluster.protocol import (
     Acks,
     FrameDecoder,
     ProtocolError,
+    ResponseDecoder,
     Status,
     encode_frame,
     make_response,
@@ -31,6 +33,7 @@ from cluster.protocol import (
 )
 from cluster.protocol.compact import SEND_MARKER, encode_send
 from cluster.protocol.limits import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from cluster.server.tls import _answer_plain_client
 from tests.cluster.client_harness import BACKENDS, NodesInTrioThread, nodes, run
 from tests.cluster.test_server import client, node_config, running
 
@@ -243,3 +246,26 @@ def test_a_version_1_decoder_refuses_version_2_and_compact_sends_as_an_old_node_
     with pytest.raises(ValueError, match="versions"):
         FrameDecoder(versions=(3,))
     assert SUPPORTED_VERSIONS == (1, 2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_plain_client_on_a_tls_port_is_answered_in_the_version_it_spoke(
+    version: int,
+) -> None:
+    """The TLS port's answer to a plain-TCP client (it speaks TLS only) is in the version
+    of the client's request, like every other answer. (It said version 2 to everyone.)"""
+    client_socket, node_socket = trio.socket.socketpair()
+    client_stream, node_stream = trio.SocketStream(client_socket), trio.SocketStream(node_socket)
+    async with client_stream, trio.open_nursery() as nursery:
+        nursery.start_soon(_answer_plain_client, node_stream)
+        await client_stream.send_all(encode_frame({"v": version, "id": 7, "op": "status"}))
+        decoder = ResponseDecoder()
+        answer = None
+        with trio.fail_after(10):
+            while answer is None:
+                decoder.feed(await client_stream.receive_some())
+                answer = decoder.next_frame()
+            await client_stream.send_eof()
+    assert isinstance(answer, dict), answer
+    assert answer["id"] == 7 and answer["status"] is Status.BAD_REQUEST and answer["tls"]
+    assert answer["v"] == version
