@@ -432,7 +432,7 @@ class FrameDecoder(_FrameReader[Request]):
                 and acks_code < len(ACKS_CODES)
                 and not key_size
                 and _TIMEOUT_LOW <= timeout_ms <= _TIMEOUT_HIGH
-                and (not flags or _QUEUE_LOW <= queue <= _QUEUE_HIGH)
+                and (_QUEUE_LOW <= queue <= _QUEUE_HIGH if flags else not queue)
                 and body_at <= start + size
             ):
                 self.compact = True

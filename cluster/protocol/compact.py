@@ -124,6 +124,10 @@ def decode_send(buf: bytes | bytearray, start: int, size: int) -> dict[str, Any]
     _, flags, acks_code, topic_size, req_id, timeout_ms, queue, key_size = _unpack_send(buf, start)
     if flags & ~_FLAGS or (flags & KEY_IS_TEXT and not flags & KEY_SET):
         return f"a compact send's flags byte 0x{flags:02x} sets undefined bits"
+    if key_size and not flags & KEY_SET:
+        return f"a compact send's key length is {key_size} but its flags set no key: send 0"
+    if queue and not flags & QUEUE_SET:
+        return f"a compact send's queue is {queue} but its flags set no queue: send 0"
     if acks_code >= len(ACKS_CODES):
         return f"a compact send's acks code {acks_code} is undefined (0-{len(ACKS_CODES) - 1})"
     pos = start + SEND_HEAD.size

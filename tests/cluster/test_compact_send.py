@@ -192,6 +192,8 @@ def _head(**overrides: int) -> bytes:
         (_head(acks=4) + b"t", "acks code 4", 77),
         (_head(topic=9) + b"t", "run past the end", 77),
         (_head(flags=0x06, key=2) + b"t\xff\xfe", "not valid UTF-8", 77),
+        (_head(key=3) + b"tabcBODY", "key length is 3 but its flags set no key", 77),
+        (_head(queue=5) + b"tBODY", "queue is 5 but its flags set no queue", 77),
     ],
 )
 def test_an_unreadable_compact_send_is_malformed_and_the_next_frame_is_read(
@@ -206,6 +208,24 @@ def test_an_unreadable_compact_send_is_malformed_and_the_next_frame_is_read(
     assert not decoder.compact
     following = decoder.next_frame()
     assert isinstance(following, dict) and following["id"] == 9
+
+
+@pytest.mark.parametrize("fields", [{"key": 3}, {"queue": 5}])
+def test_a_length_or_queue_its_flags_do_not_set_is_malformed_for_a_known_topic_too(
+    fields: dict[str, int],
+) -> None:
+    """A key length or queue the flags byte does not set is refused on the known-topic
+    fast path as well. (The body lost as many bytes as the key length said, and the
+    queue was ignored: the message stored was not the one sent.)"""
+    decoder = FrameDecoder()
+    good = _head() + b"tBODY"
+    bad = _head(**fields) + b"tabcBODY"
+    decoder.feed(b"".join(HEADER.pack(len(body)) + body for body in (good, good, bad)))
+    first, known = decoder.next_frame(), decoder.next_frame()
+    assert isinstance(first, dict) and isinstance(known, dict) and known["body"] == b"BODY"
+    error = decoder.next_frame()
+    assert isinstance(error, ProtocolError), error
+    assert error.status is Status.MALFORMED_FRAME and error.req_id == 77
 
 
 def test_an_unreadable_compact_answer_is_malformed() -> None:
