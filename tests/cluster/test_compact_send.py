@@ -222,7 +222,8 @@ def test_a_length_or_queue_its_flags_do_not_set_is_malformed_for_a_known_topic_t
     bad = _head(**fields) + b"tabcBODY"
     decoder.feed(b"".join(HEADER.pack(len(body)) + body for body in (good, good, bad)))
     first, known = decoder.next_frame(), decoder.next_frame()
-    assert isinstance(first, dict) and isinstance(known, dict) and known["body"] == b"BODY"
+    assert isinstance(first, dict) and isinstance(known, dict)
+    assert known["op"] == "send" and known["body"] == b"BODY"
     error = decoder.next_frame()
     assert isinstance(error, ProtocolError), error
     assert error.status is Status.MALFORMED_FRAME and error.req_id == 77
