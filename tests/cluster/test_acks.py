@@ -37,6 +37,18 @@ def test_replicated_is_refused_before_anything_is_appended() -> None:
     assert policy.read_limit() is None
 
 
+@pytest.mark.parametrize("acks", list(Acks))
+def test_a_master_alone_refuses_exactly_the_levels_that_need_slaves(acks: Acks) -> None:
+    policy = StandaloneAcks(SlowDisk())  # type: ignore[arg-type]
+    if acks.needs_slaves:
+        with pytest.raises(RequestError) as refused:
+            policy.admit(acks)
+        assert refused.value.status is Status.SLAVE_NOT_AVAILABLE
+        assert f"acks={acks.value}" in refused.value.message
+    else:
+        policy.admit(acks)
+
+
 async def test_the_timeout_is_in_milliseconds_end_to_end() -> None:
     disk = SlowDisk()
     policy: AckPolicy = StandaloneAcks(disk)  # type: ignore[arg-type]
