@@ -825,6 +825,13 @@ class HAService:
             return in_sync
         return {name: offset for name, offset in in_sync.items() if allowed(name)}
 
+    def in_sync_count(self) -> int:
+        """``len(in_sync_slaves())``, judged now, without building the dict (the
+        ``acks=in_sync``/``replicated`` admit asks it on every write)."""
+        return self.insync.count_in_sync(
+            self.store.commit_log.max_offset, trio.current_time(), self.peer_allowed
+        )
+
     async def wait_membership_change(self) -> frozenset[str]:
         """Park until a slave joins or leaves the in-sync set; return the new set's
         names. Lets a caller (a test, a monitor) react to a change without polling."""

@@ -141,3 +141,31 @@ def test_rejects_negative_bounds() -> None:
         InSyncSet(-1, 10)
     with pytest.raises(ValueError):
         InSyncSet(10, -1)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 3_000)), max_size=12),
+    st.lists(st.tuples(st.integers(0, 3_000), st.integers(0, 2_000)), max_size=12),
+    st.frozensets(st.sampled_from("abcd")),
+)
+def test_count_in_sync_is_the_size_of_the_in_sync_set(
+    slaves: list[tuple[str, int]], history: list[tuple[int, int]], members: frozenset[str]
+) -> None:
+    """The admit's count agrees with :meth:`InSyncSet.in_sync` over any history, with and
+    without a membership filter, at the edge of ``max_lag_ms`` too."""
+    insync = InSyncSet(MAX_BYTES, MAX_MS)
+    end, now = 0, 0.0
+    for name, ack in slaves:
+        insync.add(name, min(ack, end), end, now)
+    for grow, wait_ms in history:
+        end += grow
+        now += wait_ms / 1000
+        for name in sorted(insync.slaves)[: grow % 3]:
+            insync.ack(name, end - grow // 2, end, now)
+    for later_ms in (0, MAX_MS, MAX_MS + 1):
+        at = now + later_ms / 1000
+        in_sync = insync.in_sync(end, at)
+        assert insync.count_in_sync(end, at) == len(in_sync)
+        assert insync.count_in_sync(end, at, members.__contains__) == len(
+            [name for name in in_sync if name in members]
+        )
