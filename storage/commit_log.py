@@ -266,7 +266,8 @@ class CommitLog:
         if self.failure is not None or self.disk_full is not None:
             raise self._refusal()
         topic, size = self._measure(message)
-        last = self.files.last
+        segments = self.files.segments  # not the ``last`` property: one append per send
+        last = segments[-1] if segments else None
         if last is None or last.wrote + size + BLANK_MIN > last.size:
             await self._make_room((size,))
             if self._needs_roll(size):

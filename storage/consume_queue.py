@@ -97,8 +97,11 @@ class ConsumeQueue:
     # ---- writing -------------------------------------------------------------------------
 
     def needs_file(self, queue_offset: int) -> bool:
-        last = self.files.last
-        return last is None or queue_offset * ENTRY_SIZE >= last.end
+        segments = self.files.segments  # called per dispatched record: no property chain
+        if not segments:
+            return True
+        last = segments[-1]
+        return queue_offset * ENTRY_SIZE >= last.base + last.size  # last.end
 
     async def add_file(self, queue_offset: int) -> None:
         """Create the file that will hold ``queue_offset`` (in a worker thread)."""
@@ -133,8 +136,9 @@ class ConsumeQueue:
                     f"log offset {log_offset}, but the queue holds [{self.min_offset}, "
                     f"{self.max_offset})"
                 )
-        segment = self.files.last
-        assert segment is not None
+        segments = self.files.segments
+        assert segments, "needs_file/add_file run before put"
+        segment = segments[-1]
         pos = queue_offset * ENTRY_SIZE - segment.base
         assert 0 <= pos <= segment.size - ENTRY_SIZE, (queue_offset, segment.base)
         _pack_entry(segment.view, pos, log_offset, size, tags_hash)

@@ -117,6 +117,7 @@ class Dispatcher:
         """Write the entries of ``records`` (every record in [:attr:`offset`, ``end``), in
         log order), then move :attr:`offset` to ``end``; return how many were indexed."""
         queues, parked = self.queues, self._parked
+        lots = parked.lots  # tested per entry: a dict's truth, not KeyedWakeups.__len__
         table = queues.queues
         count = 0
         for offset, size, topic, queue_id, queue_offset, tags, flags in records:
@@ -135,7 +136,7 @@ class Dispatcher:
                 self._yielded = True
                 await queue.add_file(queue_offset)
             queue.put(queue_offset, offset, size, tags)
-            if parked:  # the woken run after this task yields: the entries are in by then
+            if lots:  # the woken run after this task yields: the entries are in by then
                 parked.wake((topic, queue_id))
             self.offset = offset + size
             count += 1
