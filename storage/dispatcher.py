@@ -70,19 +70,21 @@ class Dispatcher:
         self._busy = True
         count = 0
         start = self.offset
-        commit_log = self.commit_log
+        files = self.commit_log.files  # its max_offset is the log's, one property less
         try:
-            end = commit_log.max_offset
+            end = files.max_offset
             while self.offset < end:
                 self._yielded = False
                 count += await self._index(self._records(end), end)
                 if not self._yielded:
                     break  # nobody ran meanwhile: the log still ends at ``end``
-                end = commit_log.max_offset
+                end = files.max_offset
         finally:
             self._busy = False
             self.records_dispatched += count
-            self.bytes_dispatched += max(0, self.offset - start)
+            moved = self.offset - start
+            if moved > 0:
+                self.bytes_dispatched += moved
             if count and self._arrival_waiters:
                 self._arrival.set()
                 self._arrival = trio.Event()
