@@ -73,7 +73,9 @@ DELETE_DURABLE_TIMEOUT_MS: Final = 30_000
 """How long a topic deletion waits for its marker to be fsynced before it is refused."""
 
 _LEADER: Final = Acks.LEADER
-"""(A module global: an enum member read through its class costs a descriptor call on
+_DURABLE: Final = Acks.DURABLE
+_REPLICATED: Final = Acks.REPLICATED
+"""(Module globals: an enum member read through its class costs a descriptor call on
 Python 3.11, on every send.)"""
 
 OpHandler = Callable[[Any, Wakeups], Awaitable[Reply | Deferred]]
@@ -287,9 +289,9 @@ class RequestHandler:
         self, req: SendRequest | SendBatchRequest, end_offset: int, answer: Callable[..., Reply]
     ) -> Reply | Deferred:
         acks: Acks = req["acks"]
-        if acks is Acks.LEADER:
+        if acks is _LEADER:
             return answer()
-        if acks is Acks.DURABLE or acks is Acks.REPLICATED:
+        if acks is _DURABLE or acks is _REPLICATED:
             self._store.group_commit.flush_now()  # the fsync runs while the wait is queued
         deadline = trio.current_time() + req["timeout_ms"] / 1000
         # The policy in force at the append: a wait queued behind another runs later, and
