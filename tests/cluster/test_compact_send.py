@@ -76,6 +76,21 @@ def cbor_send(req_id: int, fields: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def compact_send(req_id: int, fields: dict[str, Any]) -> bytes:
+    """The compact frame of ``fields`` (a send the layout can carry)."""
+    compact = encode_send(
+        req_id,
+        fields["topic"],
+        fields["body"],
+        fields.get("queue"),
+        fields.get("key"),
+        fields["acks"],
+        fields["timeout_ms"],
+    )
+    assert compact is not None
+    return compact
+
+
 def judged(decoder: FrameDecoder, frame: bytes) -> Any:
     decoder.feed(frame)
     item = decoder.next_frame()
@@ -87,16 +102,7 @@ def judged(decoder: FrameDecoder, frame: bytes) -> Any:
 @settings(max_examples=200)
 @given(sends(), st.integers(min_value=0, max_value=2**64 - 1))
 def test_a_compact_send_is_judged_as_its_cbor_map(fields: dict[str, Any], req_id: int) -> None:
-    compact = encode_send(
-        req_id,
-        fields["topic"],
-        fields["body"],
-        fields.get("queue"),
-        fields.get("key"),
-        fields["acks"],
-        fields["timeout_ms"],
-    )
-    assert compact is not None
+    compact = compact_send(req_id, fields)
     on_compact, on_cbor = FrameDecoder(), FrameDecoder()
     for _ in range(2):  # the second time the topic may be a known one (another path)
         expected = judged(on_cbor, cbor_send(req_id, fields))
@@ -115,16 +121,7 @@ def test_a_connection_of_compact_sends_is_judged_as_its_cbor_maps(
     on_compact, on_cbor = FrameDecoder(), FrameDecoder()
     for req_id, fields in enumerate(sent):
         fields["topic"] = data.draw(st.sampled_from(["orders", "t", "x" * 127, "bad name"]))
-        compact = encode_send(
-            req_id,
-            fields["topic"],
-            fields["body"],
-            fields.get("queue"),
-            fields.get("key"),
-            fields["acks"],
-            fields["timeout_ms"],
-        )
-        assert compact is not None
+        compact = compact_send(req_id, fields)
         assert judged(on_compact, compact) == judged(on_cbor, cbor_send(req_id, fields))
 
 

@@ -27,8 +27,13 @@ QUIET = {"heartbeat_ms": 30_000, "peer_timeout_ms": 60_000, "poll_interval_ms": 
 
 async def _read_up_to(sock: trio.socket.SocketType, end: int) -> None:
     """Read the stream's chunks (and confirm frames) until the log bytes reach ``end``."""
+    await _read_up_to_from(sock, 0, end)
+
+
+async def _read_up_to_from(sock: trio.socket.SocketType, start: int, end: int) -> None:
+    """Read chunks (and confirm frames) from ``start`` until the log bytes reach ``end``."""
     buffer = memoryview(bytearray(1 << 20))
-    received = 0
+    received = start
     while received < end:
         header = await transfer.receive_chunk_into(sock, buffer)
         assert header is not None
@@ -222,18 +227,6 @@ async def test_a_direct_write_the_socket_takes_in_part_is_finished_first(
             received += header.length
             await sock.send(pack_ack(received))
         assert received == second.end_offset > first.end_offset
-
-
-async def _read_up_to_from(sock: trio.socket.SocketType, start: int, end: int) -> None:
-    """Read chunks (and confirm frames) from ``start`` until the log bytes reach ``end``."""
-    buffer = memoryview(bytearray(1 << 20))
-    received = start
-    while received < end:
-        header = await transfer.receive_chunk_into(sock, buffer)
-        assert header is not None
-        if not header.flags & CHUNK_CONFIRM:
-            assert header.offset == received
-            received += header.length
 
 
 async def test_a_confirm_sent_with_a_direct_write_does_not_wake_the_parked_sender(
