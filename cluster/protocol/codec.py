@@ -308,9 +308,9 @@ class _FrameReader(Generic[_T], abc.ABC):
         self.compact = False
         return self._interpret(obj)
 
+    @abc.abstractmethod
     def _compact(self, buf: bytearray, start: int, size: int) -> _T | ProtocolError:
         """Read the compact frame in ``buf[start:start+size]`` (see ``_compact_marker``)."""
-        raise NotImplementedError
 
     def __iter__(self) -> Iterator[_T | ProtocolError]:
         """Yield every complete frame buffered so far; fatal errors propagate."""

@@ -15,7 +15,7 @@ from tools.docker.engine import Engine, EngineSettings, EngineUsers, stops_with_
 
 
 def _sleeper() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
 
 
 def test_a_user_counts_while_its_process_runs_and_its_file_goes_after(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from storage.commit_log import CommitLog, IndexFields
 from storage.consume_queue import ConsumeQueueStore
 from storage.dispatcher import Dispatcher
 from storage.record import FLAG_PRODUCER_BATCH, FLAG_TOPIC_DELETED, encode_properties
-from tests.conftest import SMALL_SEGMENT
+from tests.storage.test_raw_append import config_at as raw_append_config
 
 TOPICS = ("a", "b", "orders.eu")
 QUEUES = (0, 1, 2)
@@ -50,17 +50,9 @@ def reparsing(log: CommitLog, path: Path) -> tuple[ReparsingDispatcher, ConsumeQ
 
 
 def config_at(path: Path) -> StoreConfig:
-    """Small log segments (fillers every few dozen records) and queue files (a new one
-    every 16 entries: the dispatch awaits there), no background flush."""
-    return StoreConfig(
-        data_dir=path,
-        segment_size=SMALL_SEGMENT,
-        max_message_size=16 * 1024,
-        consume_queue_entries=16,
-        flush_interval_ms=10**7,
-        flush_thorough_interval_ms=10**7,
-        retention_check_interval_ms=10**7,
-    )
+    """Small log segments and queue files (a new one every 16 entries: the dispatch
+    awaits there), no background flush."""
+    return raw_append_config(path, consume_queue_entries=16)
 
 
 def queue_state(queues: ConsumeQueueStore) -> dict[tuple[str, int], Any]:

@@ -32,13 +32,13 @@ Key = tuple[str, int]
 QueueEntries = dict[Key, list[tuple[int, int, int, int]]]
 
 
-def config_at(path: Path) -> StoreConfig:
+def config_at(path: Path, *, consume_queue_entries: int = 64) -> StoreConfig:
     """Small segments (fillers every few dozen records), no background flush."""
     return StoreConfig(
         data_dir=path,
         segment_size=SMALL_SEGMENT,
         max_message_size=16 * 1024,
-        consume_queue_entries=64,
+        consume_queue_entries=consume_queue_entries,
         flush_interval_ms=10**7,
         flush_thorough_interval_ms=10**7,
         retention_check_interval_ms=10**7,

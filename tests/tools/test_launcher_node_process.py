@@ -45,7 +45,7 @@ def test_a_killed_node_is_seen_exited_while_another_thread_polls_it(tmp_path: Pa
     meets the other thread's poll answers "running", and a restart after a kill refused
     ("n1 is still running": seed 242 kept its master down 35 s). ``exited`` waits."""
     node = NodeProcess(tmp_path / "data")
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], text=True)
+    child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"], text=True)
     node.process = child
     try:
         child.kill()
