@@ -71,11 +71,16 @@ class Group:
         stack.callback(cluster.stop, kill=True)
         return cls(cluster)
 
-    def start(self, name: str, *, etcd: str | None = None) -> NodeProcess:
-        """Start ``name`` (again, after a kill or stop); ``etcd``: its own endpoint."""
+    async def start(self, name: str, *, etcd: str | None = None) -> NodeProcess:
+        """Start ``name`` (again, after a kill or stop); ``etcd``: its own endpoint.
+
+        The start waits for the node to listen (seconds on a loaded machine) in a worker
+        thread: the test's own tasks go on meanwhile, the fault proxy that carries a
+        node's etcd traffic too (a blocked proxy starves that node's keepalives, and it
+        loses its lease while the test waits)."""
         if etcd is not None:
             self.cluster.node_settings[name] = NodeSettings(etcd_endpoints=(etcd,))
-        return self.cluster.start_node(name)
+        return await trio.to_thread.run_sync(self.cluster.start_node, name)
 
     def alive(self) -> list[NodeProcess]:
         return [node for node in self.cluster.nodes.values() if node.is_running()]
@@ -117,7 +122,7 @@ def group(tmp_path: Path, etcd: EtcdCluster) -> Iterator[Group]:
 
 async def start_three(group: Group) -> NodeProcess:
     for name in ("n1", "n2", "n3"):
-        group.start(name)
+        await group.start(name)
     master = await group.master()
     await group.in_sync(master, 3)
     created = await call(master.address, "create_topic", topic=TOPIC, queues=1)
@@ -242,7 +247,7 @@ async def sigkill_the_master_under_load(
 async def test_sigkill_of_the_master_under_replicated_load_loses_no_ack(group: Group) -> None:
     first, second, acked = await sigkill_the_master_under_load(group, "replicated")
     # the old master comes back as a slave: its tail that no slave held is cut
-    old = group.start(first.name)
+    old = await group.start(first.name)
 
     async def following() -> bool:
         status = await status_of(old)
@@ -296,10 +301,10 @@ async def test_a_master_cut_from_etcd_steps_down_and_no_ack_is_lost(
     proxy = FaultProxy(host, int(port))
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
-        group.start("n1", etcd=f"http://127.0.0.1:{proxy.port}")
+        await group.start("n1", etcd=f"http://127.0.0.1:{proxy.port}")
         first = await group.master()
-        group.start("n2")
-        group.start("n3")
+        await group.start("n2")
+        await group.start("n3")
         await group.in_sync(first, 3)
         created = await call(first.address, "create_topic", topic=TOPIC, queues=1)
         assert created["status"] == "OK"
@@ -389,7 +394,7 @@ async def test_a_gracefully_stopped_master_hands_over_without_waiting_for_its_le
     second = await group.master(other_than=first.name)
     await assert_all_readable(Acked({b"kept": ok["offset"]}), [second])
     # restarted, it follows the new master (a clean start, so it may campaign later)
-    restarted = group.start(first.name)
+    restarted = await group.start(first.name)
 
     async def following() -> bool:
         status = await status_of(restarted)
@@ -408,7 +413,7 @@ async def test_a_new_master_serves_what_the_old_term_confirmed_before_any_slave_
     with ExitStack() as stack:
         group = Group.on(stack, tmp_path, etcd)
         for name in ("n1", "n2"):
-            group.start(name)
+            await group.start(name)
         first = await group.master()
         await group.in_sync(first, 2)
         created = await call(first.address, "create_topic", topic=TOPIC, queues=1)
