@@ -64,8 +64,15 @@ async def test_retention_cannot_pull_a_segment_from_under_the_sender(tmp_path: P
                 sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
                 await sock.connect(("127.0.0.1", port))
                 assert (await slave_handshake(sock, "s", 0))[0].stream_from == 0
-                await trio.testing.wait_all_tasks_blocked(0.05)  # the sender is stuck
                 connection = service.connections["s"]
+                # The sender opens its own descriptor of the segment in a worker thread
+                # before its first chunk, and a task waiting on a thread counts as
+                # blocked: wait until that chunk went out (the segment is pinned), then
+                # until the sender is stuck on the full socket.
+                with trio.fail_after(20):
+                    while connection.send_offset <= 0:
+                        await trio.testing.wait_all_tasks_blocked(0.05)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
                 assert connection.send_offset < first.wrote  # mid-segment
                 assert await master.commit_log.delete_oldest(1) == 1
                 decoy = tmp_path / "decoy"
