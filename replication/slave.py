@@ -30,7 +30,7 @@ from replication.errors import leaves
 from replication.settings import ReplicationSettings
 from replication.state import FollowPlan, follow_plan
 from replication.tls import HANDSHAKE_ERRORS, TlsSocket, client_context, handshake_failure
-from replication.transfer import HEADER_SIZE, TransferError, receive_chunk_into
+from replication.transfer import ChunkReader, TransferError
 from replication.wire import (
     CHUNK_CONFIRM,
     HAAuthError,
@@ -136,7 +136,6 @@ class HAClient:
         the master's log end as of the handshake (None: none since this process
         started). It outlives the connection: a master that dies right after recording
         this slave in sync must not take the proof with it (the HA election asks)."""
-        self._buffer = bytearray(self.settings.max_chunk + HEADER_SIZE)
         self._ack_lock = trio.Lock()
         """Acks come from the apply loop and the heartbeat task: one frame at a time."""
         self._heard_at = math.inf
@@ -310,11 +309,25 @@ class HAClient:
         return plan.start, pending
 
     async def _apply(self, sock: trio.socket.SocketType, pending: list[EpochEntry]) -> None:
-        """Apply chunks and ack each advance until the master closes the stream."""
-        view = memoryview(self._buffer)
+        """Apply chunks and ack each advance until the master closes the stream.
+
+        The chunks that came in one read (:class:`~replication.transfer.ChunkReader`)
+        get one ack, sent once no whole frame is left in the buffer: always before the
+        next read, so an ack never waits for bytes still to arrive, and a lone chunk is
+        acked at once. With ``slave_ack = "durable"`` one flush before the ack covers
+        them all; :attr:`acked_offset` (which the heartbeat repeats) moves only then."""
+        reader = ChunkReader(sock, self.settings.max_chunk)
+        applied = self.acked_offset
         while True:
+            if applied > self.acked_offset and not reader.buffered():
+                if self.settings.slave_ack == "durable":
+                    # flush() covers everything written so far, so applied is on disk after.
+                    await self.store.commit_log.flush()
+                self.acked_offset = applied
+                self._note_caught_up()
+                await self._send_ack(sock, applied)
             self._heard_at = trio.current_time()  # the silence counts from here
-            header = await receive_chunk_into(sock, view)
+            header = await reader.next_chunk()
             self._heard_at = math.inf  # applying is not the master's silence
             if header is None:
                 log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
@@ -329,7 +342,7 @@ class HAClient:
             if hop_trace.enabled:
                 hop_trace.record("s.received", header.offset + header.length)
             try:
-                end = await self.store.append_replicated(header.offset, view[: header.length])
+                end = await self.store.append_replicated(header.offset, reader.data)
             except CorruptSegmentError as exc:
                 await self._refuse(sock, header.offset)
                 raise BadStreamError(
@@ -345,14 +358,7 @@ class HAClient:
                 hop_trace.record("s.applied", end)
             if pending:
                 await self._adopt_epochs(pending, end)
-            if end > self.acked_offset:
-                if self.settings.slave_ack == "durable":
-                    # Before acked_offset moves: the heartbeat task re-sends it too.
-                    # flush() covers everything written so far, so end is on disk after.
-                    await self.store.commit_log.flush()
-                self.acked_offset = end
-                self._note_caught_up()
-                await self._send_ack(sock, end)
+            applied = max(applied, end)
 
     def _note_caught_up(self) -> None:
         """Latch :attr:`caught_up_epoch` once the ack reaches the handshake's log end."""

@@ -93,6 +93,7 @@ __all__ = [
     "YIELD_BYTES",
     "ChunkHeader",
     "ChunkHeaderError",
+    "ChunkReader",
     "ChunkTooLargeError",
     "ShortFileError",
     "TransferError",
@@ -487,3 +488,109 @@ async def receive_chunk_into(sock: trio.socket.SocketType, view: memoryview) -> 
             f"stream ended after {got} of {header.length} bytes of the chunk at {header.offset}"
         )
     return header
+
+
+class ChunkReader:
+    """Reads chunks from one socket through a buffer, so every chunk that arrived
+    together is had from one ``readv``.
+
+    The master writes a confirm frame, a chunk header and the chunk's data in one
+    write; reading each of them exactly (:func:`receive_chunk_into`) cost the slave
+    three ``readv`` calls per chunk, plus the one that finds nothing more. Here one
+    ``readv`` takes all that is waiting (up to the buffer's free room) and the frames
+    are cut out of it. A chunk's data stays where it was read (no copy) unless its
+    frame does not fit after the bytes before it: then the unread part moves to the
+    buffer's start first (at most one frame's worth).
+
+    :meth:`buffered` says whether a whole frame is waiting already: the slave acks
+    once none is, so the chunks of one read get one ack, and no ack waits for a read
+    (it always goes out before the next one). One task owns a reader; :attr:`data`
+    is valid until its next :meth:`next_chunk`.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, max_length: int) -> None:
+        self._sock = sock
+        self._buffer = bytearray(2 * HEADER_SIZE + max_length)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        """Where the first unread byte is."""
+        self._end = 0
+        """Where the bytes read so far end."""
+        self._unyielded = 0
+        """Bytes read since this reader last let other tasks run."""
+        self.max_length = max_length
+        self.data = self._view[:0]
+        """The data of the chunk :meth:`next_chunk` returned last."""
+
+    def buffered(self) -> bool:
+        """Whether a whole frame (header and data) waits in the buffer."""
+        return _whole_frame(self._buffer, self._start, self._end) is not None
+
+    async def next_chunk(self) -> ChunkHeader | None:
+        """The next chunk's header (its data in :attr:`data`), or ``None`` if the
+        stream ended cleanly between chunks; the errors of :func:`receive_chunk_into`."""
+        while True:
+            got = self._end - self._start
+            if got >= HEADER_SIZE:
+                header = ChunkHeader.unpack(self._view[self._start : self._start + HEADER_SIZE])
+                if header.length > self.max_length:
+                    raise ChunkTooLargeError(
+                        f"chunk at offset {header.offset} has {header.length} bytes, "
+                        f"the receive buffer only {self.max_length}"
+                    )
+                frame = HEADER_SIZE + header.length
+                if got >= frame:
+                    first = self._start + HEADER_SIZE
+                    self.data = self._view[first : first + header.length]
+                    self._start += frame
+                    return header
+                if self._start + frame > len(self._buffer):
+                    self._compact()
+            elif self._start + HEADER_SIZE > len(self._buffer):
+                self._compact()
+            if not await self._fill():
+                if got == 0:
+                    return None
+                raise TruncatedChunkError(
+                    f"stream ended {got} bytes into a chunk (header and data)"
+                )
+
+    def _compact(self) -> None:
+        got = self._end - self._start
+        self._view[:got] = self._view[self._start : self._end]
+        self._start, self._end = 0, got
+
+    async def _fill(self) -> bool:
+        """Read what is waiting into the free room (wait for something if nothing is);
+        False once the stream ended."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        room = self._view[self._end :]
+        sock = self._sock
+        if isinstance(sock, TlsSocket):
+            count = await sock.recv_into(room)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                try:
+                    count = os.readv(sock.fileno(), [room])
+                    break
+                except BlockingIOError:
+                    self._unyielded = 0
+                    await trio.lowlevel.wait_readable(sock)
+            self._unyielded += count
+            if self._unyielded >= YIELD_BYTES:  # a sender that never pauses: others run too
+                self._unyielded = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        self._end += count
+        return count > 0
+
+
+def _whole_frame(buffer: bytearray, start: int, end: int) -> int | None:
+    """The size of the whole frame at ``buffer[start:end]``, or None if it is not all
+    there (the header is checked when it is read, not here)."""
+    if end - start < HEADER_SIZE:
+        return None
+    length = int.from_bytes(buffer[start + 16 : start + 20], "big")
+    frame = HEADER_SIZE + length
+    return frame if end - start >= frame else None

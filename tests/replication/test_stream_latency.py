@@ -16,9 +16,11 @@ import trio.testing
 
 from replication import transfer
 from replication.master import HAService
+from replication.settings import ReplicationSettings
+from replication.slave import HAClient
 from replication.transfer import SMALL_RANGE_BYTES, ChunkHeader, send_file_range
-from replication.wire import CHUNK_CONFIRM, pack_ack, slave_handshake
-from storage import MessageStore
+from replication.wire import CHUNK_CONFIRM, AckDecoder, pack_ack, slave_handshake
+from storage import Message, MessageStore
 from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
 
 QUIET = {"heartbeat_ms": 30_000, "peer_timeout_ms": 60_000, "poll_interval_ms": 60_000}
@@ -250,3 +252,75 @@ async def test_a_confirm_sent_with_a_direct_write_does_not_wake_the_parked_sende
         assert connection._parked is parked
         assert parked.deadline > trio.current_time() + 20  # the heartbeat's (30 s), not 5 s
         await _read_up_to_from(sock, end, master.commit_log.max_offset)
+
+
+def _chunk(store: MessageStore, start: int, end: int) -> bytes:
+    return ChunkHeader(offset=start, length=end - start).pack() + _log_bytes(store, start, end)
+
+
+async def test_chunks_that_arrived_together_get_one_ack_a_lone_chunk_its_own(
+    tmp_path: Path,
+) -> None:
+    """The slave acks once no whole frame is left in what it read: two chunks (and a
+    confirm frame) that arrived together are applied and answered with one ack of
+    their end; a chunk alone is acked at once. Fails on the old code (an ack per chunk)."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+    ):
+        ends = [(await master.put(message)).end_offset for message in messages(3, seed=51)]
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        client = HAClient(slave, "s1", ReplicationSettings(**QUIET))  # type: ignore[arg-type]
+        client.acked_offset = 0
+        master_end, slave_end = trio.socket.socketpair()
+        with master_end, slave_end:
+            confirm = ChunkHeader(offset=0, length=0, flags=CHUNK_CONFIRM).pack()
+            await master_end.send(_chunk(master, *bounds[0]) + confirm + _chunk(master, *bounds[1]))
+            decoder = AckDecoder()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._apply, slave_end, [])
+                acks = decoder.feed(await master_end.recv(4096))
+                await trio.testing.wait_all_tasks_blocked()
+                assert _nothing_to_read(master_end)
+                assert [ack.offset for ack in acks] == [ends[1]]
+                assert client.acked_offset == ends[1]
+
+                await master_end.send(_chunk(master, *bounds[2]))
+                acks = decoder.feed(await master_end.recv(4096))
+                assert [ack.offset for ack in acks] == [ends[2]]
+                nursery.cancel_scope.cancel()
+        assert slave.commit_log.max_offset == ends[2]
+
+
+async def test_with_bytes_always_waiting_every_read_is_acked_before_the_next(
+    tmp_path: Path,
+) -> None:
+    """The one-ack-per-read rule cannot starve: with more chunks always waiting on the
+    socket (the read buffer holds one frame and the start of the next), each read's
+    chunk is acked before the next read, not once the socket runs dry (the rule of
+    d8cfc14, which under steady load held acks until the heartbeat: it acked once, at the
+    end). Four records of one size, so no read holds two whole chunks."""
+    async with (
+        MessageStore.open(config_at(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+    ):
+        ends = [
+            (await master.put(Message.create("t", bytes(1000), 0))).end_offset for _ in range(4)
+        ]
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        longest = max(end - start for start, end in bounds)
+        settings = ReplicationSettings(max_chunk=longest, **QUIET)  # type: ignore[arg-type]
+        client = HAClient(slave, "s1", settings)
+        client.acked_offset = 0
+        master_end, slave_end = trio.socket.socketpair()
+        with master_end, slave_end:
+            await master_end.send(b"".join(_chunk(master, *bound) for bound in bounds))
+            decoder = AckDecoder()
+            acked: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._apply, slave_end, [])
+                while not acked or acked[-1] < ends[-1]:
+                    acked += [ack.offset for ack in decoder.feed(await master_end.recv(4096))]
+                nursery.cancel_scope.cancel()
+        assert acked == ends
+        assert slave.commit_log.max_offset == ends[-1]

@@ -21,8 +21,10 @@ from replication.transfer import (
     HEADER_SIZE,
     ChunkHeader,
     ChunkHeaderError,
+    ChunkReader,
     ChunkTooLargeError,
     ShortFileError,
+    TransferError,
     TruncatedChunkError,
     receive_chunk_into,
     recv_exactly_into,
@@ -445,3 +447,83 @@ async def test_every_send_is_a_checkpoint_and_long_sends_keep_yielding(
         assert await receive_chunk_into(receiver, memoryview(area)) == ChunkHeader(0, 5000)
         assert area == content[:5000]
         assert len(yields) >= 4
+
+
+def _read_through_chunk_reader(
+    stream: bytes, pieces: list[int], max_length: int
+) -> tuple[list[tuple[ChunkHeader, bytes]], list[bool], BaseException | None]:
+    """Write ``stream`` in pieces of the given sizes (the rest at once), a scheduling
+    point between them, and read it with a :class:`ChunkReader`: the frames, whether a
+    whole frame was buffered after each, and the error that ended the stream (if any)."""
+
+    async def main() -> tuple[list[tuple[ChunkHeader, bytes]], list[bool], BaseException | None]:
+        frames: list[tuple[ChunkHeader, bytes]] = []
+        buffered: list[bool] = []
+        left, right = trio.socket.socketpair()
+        with left, right:
+
+            async def write() -> None:
+                at = 0
+                for size in [*pieces, len(stream)]:
+                    await left.send(stream[at : at + size])
+                    at += size
+                    if at >= len(stream):
+                        break
+                    await trio.sleep(0)
+                left.shutdown(socket.SHUT_WR)
+
+            reader = ChunkReader(right, max_length)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                try:
+                    while (header := await reader.next_chunk()) is not None:
+                        frames.append((header, bytes(reader.data)))
+                        buffered.append(reader.buffered())
+                except TransferError as exc:
+                    return frames, buffered, exc
+        return frames, buffered, None
+
+    return trio.run(main)
+
+
+@given(
+    chunks=st.lists(st.tuples(st.integers(0, 2), st.binary(max_size=300)), min_size=0, max_size=6),
+    pieces=st.lists(st.integers(1, 400), max_size=8),
+    room=st.integers(0, 200),
+    cut=st.one_of(st.none(), st.integers(1, 10_000)),
+)
+def test_a_chunk_reader_returns_the_frames_sent_however_they_arrive(
+    chunks: list[tuple[int, bytes]], pieces: list[int], room: int, cut: int | None
+) -> None:
+    """Frames written in any pieces come out of :class:`ChunkReader` whole and in order,
+    and :meth:`ChunkReader.buffered` false after the last whole one (the slave acks
+    then, before it reads again); a stream cut inside a frame raises
+    :class:`TruncatedChunkError` after the whole frames before the cut."""
+    max_length = max((len(data) for _, data in chunks), default=0) + room
+    sent: list[tuple[ChunkHeader, bytes]] = []
+    offset = 0
+    for flags, data in chunks:
+        sent.append((ChunkHeader(offset=offset, length=len(data), flags=flags), data))
+        offset += len(data)
+    stream = b"".join(header.pack() + data for header, data in sent)
+    if cut is not None and cut < len(stream):
+        stream = stream[:cut]
+    frames, buffered, error = _read_through_chunk_reader(stream, pieces, max_length)
+    whole, at = 0, 0
+    for _, data in sent:
+        if at + HEADER_SIZE + len(data) > len(stream):
+            break
+        at += HEADER_SIZE + len(data)
+        whole += 1
+    assert frames == sent[:whole]
+    if whole < len(sent):
+        assert isinstance(error, TruncatedChunkError)
+    else:
+        assert error is None
+    assert not buffered or not buffered[-1]
+
+
+def test_a_chunk_reader_refuses_a_chunk_longer_than_its_buffer() -> None:
+    stream = ChunkHeader(offset=0, length=11).pack() + bytes(11)
+    frames, _, error = _read_through_chunk_reader(stream, [], 10)
+    assert frames == [] and isinstance(error, ChunkTooLargeError)
