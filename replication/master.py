@@ -565,6 +565,8 @@ class HAConnection:
                 written = os.writev(sock.fileno(), [head, data])
             except OSError:  # EAGAIN, or a broken socket the sender's next send reports
                 return False
+            if hop_trace.enabled:
+                hop_trace.record(f"m.sent:{self.name}", offset + count)
             if written < len(head) + count:
                 self._tail = (head + bytes(data))[written:]
                 self._woken.set()
@@ -684,6 +686,8 @@ class HAConnection:
             buffer=self._buffer,
             checkpoint=False,  # the stream parks or checkpoints before its next send
         )
+        if hop_trace.enabled:
+            hop_trace.record(f"m.sent:{self.name}", offset + count)
 
     async def _read_acks(self, sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
         """Record acks until the slave closes its side (then end the whole connection) or

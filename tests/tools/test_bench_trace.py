@@ -57,6 +57,25 @@ def test_breakdown_joins_client_master_and_slaves_by_offset() -> None:
         assert hops[f"{name}_p50_us"] == pytest.approx(value, abs=0.01), name
 
 
+def test_the_send_calls_to_the_first_and_the_last_slave_are_timed() -> None:
+    """Each send's call-to-return time, named by the order the sends began: the first
+    call (here 100 us, as if the woken slave ran before it returned) and the last."""
+    sends = [(0, 1.0, 1.001)]
+    master = [
+        ("m.admit", 0, 1.0001),
+        ("m.wait", 100, 1.0002),
+        ("m.arrival", 100, 1.0002),
+        ("m.send:s2", 100, 1.0003),
+        ("m.sent:s2", 100, 1.0004),
+        ("m.send:s1", 100, 1.0004),
+        ("m.sent:s1", 100, 1.00041),
+    ]
+    hops = breakdown(sends, master, {"s1": [], "s2": []})
+    assert hops["first_send_call_p50_us"] == pytest.approx(100, abs=0.01)
+    assert hops["last_send_call_p50_us"] == pytest.approx(10, abs=0.01)
+    assert hops["arrival_to_last_send_p50_us"] == pytest.approx(200, abs=0.01)
+
+
 def test_a_leader_write_is_joined_to_its_own_end_not_to_a_later_wait() -> None:
     """An ``acks=leader`` write records no wait: its end is where the next write starts
     (the join once took the next *wait*, a second later, and printed 1 s hops)."""

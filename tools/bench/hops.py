@@ -15,6 +15,11 @@ and gives the median of every hop, in microseconds:
     up to the master's replication side hearing of the append.
 ``arrival_to_first_send`` / ``arrival_to_last_send``
     until the chunk's send to the first / the last slave began.
+``first_send_call`` / ``last_send_call``
+    how long the send to the first / the last slave took, call to return. On a machine
+    with fewer cores than processes the first one can last as long as that slave's
+    whole turn: the kernel may run the woken slave on the master's core before the
+    call returns (a loopback wake-up is a "sync" one), and the next slave's bytes wait.
 ``send_to_slave_received``, ``slave_received_to_applied``, ``slave_applied_to_ack_sent``
     each slave (pooled): the send, loopback and wake-up; the append and dispatch; up to
     the ack's send.
@@ -108,6 +113,17 @@ def breakdown(
         if sends_at and len(sends_at) == len(s):
             add("arrival_to_first_send", min(sends_at), arrival)
             add("arrival_to_last_send", max(sends_at), arrival)
+        calls = sorted(
+            (
+                (started, m.get(f"m.sent:{name}", {}).get(end))
+                for name in s
+                if (started := m.get(f"m.send:{name}", {}).get(end)) is not None
+            ),
+            key=lambda call: call[0],
+        )
+        if calls and len(calls) == len(s):
+            add("first_send_call", calls[0][1], calls[0][0])
+            add("last_send_call", calls[-1][1], calls[-1][0])
         heard = []
         for name, hops in s.items():
             received = hops.get("s.received", {}).get(end)
