@@ -510,13 +510,16 @@ class HAConnection:
             )
         return start
 
-    def confirm_moved(self) -> None:
-        """The confirm offset moved (any task of the loop): the slave hears it with the
-        next chunk, or in a confirm frame of its own once ``confirm_delay_ms`` passed
-        without one. The sender is not woken for it: the write that moved it gets its
-        answer first, and a stream busy with chunks carries every confirm for free."""
+    def confirm_moved(self, now: float | None = None) -> None:
+        """The confirm offset moved (any task of the loop; ``now``: the time, if the
+        caller read it already): the slave hears it with the next chunk, or in a confirm
+        frame of its own once ``confirm_delay_ms`` passed without one. The sender is not
+        woken for it: the write that moved it gets its answer first, and a stream busy
+        with chunks carries every confirm for free."""
         if self._confirm_due == math.inf:
-            self._confirm_due = due = trio.current_time() + self._confirm_delay_s
+            if now is None:
+                now = trio.current_time()
+            self._confirm_due = due = now + self._confirm_delay_s
             parked = self._parked
             if parked is not None and due < parked.deadline:
                 parked.deadline = due
@@ -823,7 +826,11 @@ class HAService:
 
     def in_sync_slaves(self) -> dict[str, int]:
         """The in-sync slaves' ack offsets, by name, judged now; only members count."""
-        in_sync = self.insync.in_sync(self.store.commit_log.max_offset, trio.current_time())
+        return self._in_sync_at(self.store.commit_log.max_offset, trio.current_time())
+
+    def _in_sync_at(self, end: int, now: float) -> dict[str, int]:
+        """:meth:`in_sync_slaves` judged at the log end ``end`` and the time ``now``."""
+        in_sync = self.insync.in_sync(end, now)
         allowed = self.peer_allowed
         if allowed is None:
             return in_sync
@@ -1100,16 +1107,23 @@ class HAService:
         self._confirmed.fail(_StaleMaster(reason))
 
     def _on_ack(self, name: str, offset: int) -> None:
+        end, now = self.store.commit_log.max_offset, trio.current_time()
         self.ack_offsets[name] = offset
-        self.insync.ack(name, offset, self.store.commit_log.max_offset, trio.current_time())
-        self._update_confirm()
+        self.insync.ack(name, offset, end, now)
+        self._update_confirm(end, now)
 
-    def _update_confirm(self) -> None:
+    def _update_confirm(self, end: int | None = None, now: float | None = None) -> None:
         """Advance the confirm offset (:func:`~replication.state.next_confirm_offset`) and
-        log membership changes."""
-        in_sync = self.in_sync_slaves()
-        names = frozenset(in_sync)
-        if names != self._in_sync_names:
+        log membership changes; ``end`` and ``now`` (the log end and the time, read
+        here when not given) are what the in-sync set is judged at. An ack's update
+        reads each once for the whole of it."""
+        if end is None:
+            end = self.store.commit_log.max_offset
+        if now is None:
+            now = trio.current_time()
+        in_sync = self._in_sync_at(end, now)
+        if in_sync.keys() != self._in_sync_names:  # a set built only when it changed
+            names = frozenset(in_sync)
             self._log_membership(names, in_sync)
             self._in_sync_names = names
             self._membership_changed.set()
@@ -1117,15 +1131,13 @@ class HAService:
         before = self._confirmed.position
         after = next_confirm_offset(before, in_sync)
         assert after >= before, f"confirm offset moved back from {before} to {after}"
-        assert after <= self.store.commit_log.max_offset or after == before, (
-            f"confirm offset {after} past the log end {self.store.commit_log.max_offset}"
-        )
+        assert after <= end or after == before, f"confirm offset {after} past the log end {end}"
         if after > before:
             if hop_trace.enabled:
                 hop_trace.record("m.confirmed", after)
             self._confirmed.advance(after)
             for connection in self.connections.values():
-                connection.confirm_moved()  # the slaves' read limit follows it
+                connection.confirm_moved(now)  # the slaves' read limit follows it
             if self.on_confirm_moved is not None:
                 self.on_confirm_moved()
 
