@@ -83,7 +83,11 @@ class ConsumeQueue:
             end_index -= 1
             hi = _end_entry(segments[end_index])
         if lo is None or hi is None:
-            self.min_offset = self.max_offset = last.base // ENTRY_SIZE
+            # No entry survives: every one was past the checkpoint (lost in a crash, never
+            # durable) and recovery re-dispatches what the log kept. The queue starts
+            # again where its files start, in one file (appends go to the last file).
+            self.files.truncate(first.base)
+            self.min_offset = self.max_offset = first.base // ENTRY_SIZE
             return
         if end_index < len(segments) - 1:  # appends go to the last file: drop the empty ones
             self.files.truncate(segments[end_index].base + hi)
@@ -185,11 +189,12 @@ class ConsumeQueue:
             self.max_offset = keep  # first: readers stop before the entries are zeroed
             self.files.truncate(keep * ENTRY_SIZE)
             if keep == self.min_offset:
-                last = self.files.last
-                if last is not None and all(_first_entry(s) is None for s in self.files.segments):
+                first = self.files.first
+                if first is not None and all(_first_entry(s) is None for s in self.files.segments):
                     # No entry at all is left: start where load() starts an empty queue,
                     # not past a lost first entry that load() skipped.
-                    keep = last.base // ENTRY_SIZE
+                    self.files.truncate(first.base)
+                    keep = first.base // ENTRY_SIZE
                 self.min_offset = self.max_offset = keep
         return dropped
 

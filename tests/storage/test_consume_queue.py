@@ -331,3 +331,28 @@ async def test_a_rebuild_keeps_the_offsets_of_a_queue_retention_emptied(
     async with MessageStore.open(config) as store:  # and it stays so on the next start
         assert store.queue_offsets(*gone) == (12, 13)
         assert store.get_messages(*gone, 0).records[0][0] == 12
+
+
+async def test_load_with_every_entry_lost_starts_again_at_the_first_file(tmp_path: Path) -> None:
+    """A crash lost every entry of a queue spread over three files (none was past the
+    checkpoint, so none was durable, and recovery cut their records from the log too).
+    Before: the queue reopened empty at its last file's start, so its next record, the
+    queue's first in the log, got queue offset 8; the store's state machine found it."""
+    queue = ConsumeQueue(tmp_path, "t", 0, entries_per_file=4)
+    queue.load()
+    for n in range(10):
+        if queue.needs_file(n):
+            await queue.add_file(n)
+        queue.put(n, 1000 * n, 100 + n, n)
+    for segment in queue.files.segments:
+        segment.view[:] = bytes(segment.size)
+    queue.files.close()
+    again = ConsumeQueue(tmp_path, "t", 0, entries_per_file=4)
+    again.load()
+    assert (again.min_offset, again.max_offset) == (0, 0)
+    assert [s.base for s in again.files.segments] == [0]  # appends go to the last file
+    if again.needs_file(0):
+        await again.add_file(0)
+    assert again.put(0, 500, 100, 7)
+    assert list(again.entries(0, 100)) == [(0, 500, 100, 7)]
+    again.files.close()
