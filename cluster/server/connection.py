@@ -141,6 +141,10 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._ack_queue: deque[tuple[int, str, PendingAck, int]] = deque()
         """Ack waits awaited in order by :meth:`_await_acks`; the head is being awaited."""
+        self._ack_task_started = False
+        self._ack_task_idle: trio.lowlevel.Task | None = None
+        """The ack queue's task, parked until a wait joins the empty queue (or the reader
+        ends); None while it runs or awaits a wait."""
 
     @property
     def inflight(self) -> int:
@@ -158,6 +162,7 @@ class Connection:
                 self._reading = False
                 self.polls.wake_all()
                 self._wake.set()
+                self._wake_ack_task()  # an idle one ends now
             if self._fatal:
                 await self._linger()
         finally:
@@ -338,7 +343,11 @@ class Connection:
             queue = self._ack_queue
             if not queue:
                 queue.append((req_id, op, outcome, answer_version))
-                self._nursery.start_soon(self._await_acks)
+                if not self._ack_task_started:
+                    self._ack_task_started = True
+                    self._nursery.start_soon(self._await_acks)
+                else:
+                    self._wake_ack_task()
                 return
             tail = queue[-1][2]
             if tail.acks is outcome.acks and tail.deadline_s <= outcome.deadline_s:
@@ -347,18 +356,44 @@ class Connection:
         self._nursery.start_soon(self._finish, req_id, op, outcome, answer_version)
 
     async def _await_acks(self) -> None:
-        """Answer the queued ack waits in order; ends when the queue is empty (the next
-        wait starts a new task)."""
+        """Answer the queued ack waits in order, for as long as the connection reads:
+        one task for the connection's life, parked while the queue is empty (a task
+        started per write that found the queue empty cost a task's start and end on
+        every sequential write). Ends once the reader has ended and the queue is empty."""
         queue = self._ack_queue
-        self._holding = True  # waits released together are answered with one write
-        try:
-            while queue:
-                req_id, op, pending, answer_version = queue[0]
-                await self._held(self._finish(req_id, op, pending, answer_version))
-                queue.popleft()
-        finally:
-            self._holding = False
-            self._write_now()
+        while True:
+            if not queue:
+                if not self._reading:
+                    return
+                await self._park_ack_task()
+                continue
+            self._holding = True  # waits released together are answered with one write
+            try:
+                while queue:
+                    req_id, op, pending, answer_version = queue[0]
+                    await self._held(self._finish(req_id, op, pending, answer_version))
+                    queue.popleft()
+            finally:
+                self._holding = False
+                self._write_now()
+
+    async def _park_ack_task(self) -> None:
+        """Park the ack queue's task until :meth:`_wake_ack_task`."""
+        self._ack_task_idle = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._ack_task_idle = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake_ack_task(self) -> None:
+        """Wake the ack queue's task if it is parked (a wait joined the empty queue, or
+        the reader ended)."""
+        task = self._ack_task_idle
+        if task is not None:
+            self._ack_task_idle = None
+            trio.lowlevel.reschedule(task)
 
     async def _held(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Await ``coroutine`` for a task holding its answers (:attr:`_holding`): run
@@ -373,9 +408,36 @@ class Connection:
         self._holding = False
         self._write_now()
         try:
-            return await _resume(coroutine, trap)
+            return await self._resume_held(coroutine, trap)
         finally:
             self._holding = True
+
+    @types.coroutine
+    def _resume_held(
+        self, coroutine: Coroutine[Any, Any, _T], trap: Any
+    ) -> Generator[Any, Any, _T]:
+        """:func:`_resume` for a holding task: each step of ``coroutine`` runs holding
+        (an answer it queues, such as the one its wake-up makes, wakes no writer), and
+        what it queued is written before it waits again. Without this, a released ack
+        wait woke the writer task for an answer the ack queue's task wrote itself right
+        after: a wasted task step per sequential write."""
+        while True:
+            try:
+                value = yield trap
+            except BaseException as exc:  # a cancellation, delivered where it waits
+                self._holding = True
+                try:
+                    trap = coroutine.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                self._holding = True
+                try:
+                    trap = coroutine.send(value)
+                except StopIteration as done:
+                    return done.value
+            self._holding = False  # it waits again: what it queued goes out first
+            self._write_now()
 
     async def _finish(self, req_id: int, op: str, deferred: Deferred, answer_version: int) -> None:
         try:

@@ -75,6 +75,47 @@ async def test_a_durable_wait_still_answers_through_the_writer(tmp_path: Path) -
         assert answers[first]["offset"] < answers[second]["offset"]
 
 
+class TasksSpawned(trio.abc.Instrument):
+    """Counts the tasks started whose name ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.count += 1
+
+
+async def test_sequential_ack_waits_share_one_task_and_never_wake_the_writer(
+    tmp_path: Path,
+) -> None:
+    """Fails on the old code twice over: each write that found the ack queue empty
+    started a task of its own, and the released wait's answer woke the writer task,
+    which found it written already by the ack task."""
+    steps = TaskSteps("Connection._write_loop")
+    spawned = TasksSpawned("Connection._await_acks")
+    async with running(node_config(tmp_path / "node")) as node, client(node) as raw:
+        await raw.ok("create_topic", topic="t", queues=1)
+        await raw.ok("send", topic="t", body=b"x", acks="leader")  # the queue's file
+        trio.lowlevel.add_instrument(steps)
+        trio.lowlevel.add_instrument(spawned)
+        try:
+            offsets = []
+            for _ in range(5):
+                answer = await raw.ok("send", topic="t", body=b"y", acks="durable")
+                offsets.append(answer["offset"])
+                await trio.testing.wait_all_tasks_blocked()
+            assert offsets == sorted(offsets)
+            assert node.store is not None
+            assert node.store.commit_log.flushed_offset > offsets[-1]
+            assert spawned.count <= 1  # one for the connection's life
+            assert steps.steps == {"Connection._write_loop": 0}
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+            trio.lowlevel.remove_instrument(spawned)
+
+
 async def test_a_receive_yields_at_least_once_in_two_calls() -> None:
     """A client keeping the socket full cannot starve the other tasks: a read that did
     not wait makes the next receive yield first; a read after a wait does not yield again."""
