@@ -213,6 +213,10 @@ class HAClient:
         with raw:
             await raw.connect((host, port))
             set_no_delay(raw)
+            if self.settings.slave_ack == "durable":
+                # The master counts the hello's offset as this slave's ack: on disk first
+                # (a connection that ended between an apply and its flush left some unflushed).
+                await self.store.commit_log.flush()
             end = self.store.commit_log.max_offset
             timeout_ms = self.settings.peer_timeout_ms
             master: MasterHello | None = None
@@ -315,19 +319,20 @@ class HAClient:
         get one ack, sent once no whole frame is left in the buffer: always before the
         next read, so an ack never waits for bytes still to arrive, and a lone chunk is
         acked at once. With ``slave_ack = "durable"`` one flush before the ack covers
-        them all; :attr:`acked_offset` (which the heartbeat repeats) moves only then."""
+        them all; :attr:`acked_offset` (which the heartbeat repeats) moves only then. A
+        frame that ends the stream (a bad header, a refused chunk) has the chunks applied
+        before it acked first, as if it had not arrived with them."""
         reader = ChunkReader(sock, self.settings.max_chunk)
         applied = self.acked_offset
         while True:
             if applied > self.acked_offset and not reader.buffered():
-                if self.settings.slave_ack == "durable":
-                    # flush() covers everything written so far, so applied is on disk after.
-                    await self.store.commit_log.flush()
-                self.acked_offset = applied
-                self._note_caught_up()
-                await self._send_ack(sock, applied)
+                await self._ack_applied(sock, applied)
             self._heard_at = trio.current_time()  # the silence counts from here
-            header = await reader.next_chunk()
+            try:
+                header = await reader.next_chunk()
+            except TransferError:  # a bad frame behind chunks of the same read: ack those
+                await self._ack_before_closing(sock, applied)
+                raise
             self._heard_at = math.inf  # applying is not the master's silence
             if header is None:
                 log.info("ha_master_closed slave=%s offset=%d", self.name, self.acked_offset)
@@ -344,6 +349,7 @@ class HAClient:
             try:
                 end = await self.store.append_replicated(header.offset, reader.data)
             except CorruptSegmentError as exc:
+                await self._ack_before_closing(sock, applied)
                 await self._refuse(sock, header.offset)
                 raise BadStreamError(
                     f"slave {self.name} refused the master's {header.length} B at "
@@ -359,6 +365,25 @@ class HAClient:
             if pending:
                 await self._adopt_epochs(pending, end)
             applied = max(applied, end)
+
+    async def _ack_applied(self, sock: trio.socket.SocketType, applied: int) -> None:
+        """Ack ``applied``, the end of the chunks applied since the last ack. With
+        ``slave_ack = "durable"`` they are flushed first (``flush()`` covers everything
+        written so far), and :attr:`acked_offset`, which the heartbeat repeats, moves
+        only after that."""
+        if self.settings.slave_ack == "durable":
+            await self.store.commit_log.flush()
+        self.acked_offset = applied
+        self._note_caught_up()
+        await self._send_ack(sock, applied)
+
+    async def _ack_before_closing(self, sock: trio.socket.SocketType, applied: int) -> None:
+        """The stream is about to close on a frame this slave cannot take: the chunks of
+        the same read before it were applied, so ack them first (best effort on the
+        socket; a failed flush still raises, it halts following)."""
+        if applied > self.acked_offset:
+            with contextlib.suppress(OSError):
+                await self._ack_applied(sock, applied)
 
     def _note_caught_up(self) -> None:
         """Latch :attr:`caught_up_epoch` once the ack reaches the handshake's log end."""
