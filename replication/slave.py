@@ -80,9 +80,10 @@ STREAM_ERRORS = (OSError, HAProtocolError, TransferError, StorageError)
 
 class HAClient:
     """The slave's end of one connection: reports its log end, carries out the master's
-    plan, then applies chunks in order and acknowledges its visible end after each.
-    With ``slave_ack="durable"`` the ack follows this slave's fsync of the chunk, so the
-    master's confirm offset never runs past bytes a slave power loss could take back.
+    plan, then applies chunks in order and acknowledges its visible end once per read
+    (after the chunks that arrived together). With ``slave_ack="durable"`` every ack,
+    the hello's log end included, follows this slave's fsync of the bytes it covers, so
+    the master's confirm offset never runs past bytes a slave power loss could take back.
 
     With a ``history`` (the node's epoch history, loaded from ``epoch_file``) the slave
     takes part in the epoch protocol and saves the history after every change (without
