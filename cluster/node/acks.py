@@ -54,6 +54,14 @@ class AckPolicy(Protocol):
         ``(OK, None)``, or a timeout status with its error sentence."""
         ...
 
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        """Whether the bytes below ``end_offset`` meet ``acks`` now, so that :meth:`wait`
+        would answer ``(OK, None)`` at once. False is no verdict (the caller waits):
+        it is also the answer while hop tracing is on, so that every write's hops are
+        recorded by :meth:`wait`. Never raises, never yields. Lets a connection answer
+        the writes a wake-up released with no coroutine each."""
+        ...
+
     def read_limit(self) -> int | None:
         """Consumers see records ending at or below this offset (None: all of them)."""
         ...
@@ -64,6 +72,10 @@ class DurableAcks(Protocol):
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         """``(OK, None)`` once the bytes below ``end_offset`` are fsynced, else a timeout."""
+        ...
+
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        """As :meth:`AckPolicy.holds`."""
         ...
 
 
@@ -101,6 +113,15 @@ class StandaloneAcks:
             "write is probably stored; resend only if duplicates are acceptable",
         )
 
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        """``durable`` (also ``replicated``'s first step): fsynced below ``end_offset``
+        and no fsync failed (what ``wait_durable`` answers at once). The levels that
+        need slaves are never admitted here."""
+        if acks is _IN_SYNC or hop_trace.enabled:
+            return False
+        commit_log = self._store.commit_log
+        return commit_log.failure is None and end_offset <= commit_log.flushed_offset
+
     def read_limit(self) -> int | None:
         return None
 
@@ -129,6 +150,9 @@ class SlaveAcks:
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         return await self._standalone.wait(acks, end_offset, timeout_ms)
+
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        return self._standalone.holds(acks, end_offset)
 
     def read_limit(self) -> int | None:
         return self._follower.read_limit()
@@ -223,6 +247,21 @@ class ReplicatedAcks:
             f"{self._ha.confirm_offset}, lagging slaves {lagging or 'none connected'}): the "
             "write is probably stored; resend only if duplicates are acceptable",
         )
+
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        """``in_sync``: the confirm offset reached ``end_offset``; ``replicated``: that and
+        the durable part; ``durable``: the durable part. And no fsync failed, as in
+        :meth:`wait` (which raises that failure instead of answering)."""
+        if acks is not _IN_SYNC and not self._durable.holds(acks, end_offset):
+            return False
+        if acks is _IN_SYNC or acks is _REPLICATED:
+            ha = self._ha
+            return (
+                ha.replicated_now(end_offset)
+                and ha.store.commit_log.failure is None
+                and not hop_trace.enabled
+            )
+        return True
 
     def read_limit(self) -> int | None:
         return self._ha.confirm_offset

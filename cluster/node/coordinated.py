@@ -186,6 +186,11 @@ class CoordinatedAcks:
             "duplicates are acceptable",
         )
 
+    def holds(self, acks: Acks, end_offset: int) -> bool:
+        """Never a verdict here: every write goes through :meth:`wait`, which checks the
+        lease and the counted members as well as the replicated policy."""
+        return False
+
     def read_limit(self) -> int | None:
         if self._frozen_limit is not None:
             return self._frozen_limit

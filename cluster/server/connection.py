@@ -79,6 +79,10 @@ class Connection:
     idempotent batch answered with its earlier offsets may wait for the head, still no
     longer than its own deadline). A wait that breaks the rule (another level, an
     earlier deadline), and every other deferred request (long polls), gets a task.
+    The queue's task lives as long as the connection reads, parked while the queue is
+    empty; a wait whose level holds when its turn comes (``PendingAck.answer_now``, the
+    ack policy's ``holds``) is answered there with no coroutine, so the writes one
+    fsync or one slave ack released cost an answer each and nothing more.
 
     Answers are written by the task that made them when it can: the reader queues the
     answers of one receive's frames and writes them with one ``write`` on the socket
@@ -371,7 +375,14 @@ class Connection:
             try:
                 while queue:
                     req_id, op, pending, answer_version = queue[0]
-                    await self._held(self._finish(req_id, op, pending, answer_version))
+                    try:
+                        response = pending.answer_now()  # its level holds already?
+                    except Exception as exc:
+                        response = response_for_error(req_id, exc, op)
+                    if response is None:
+                        await self._held(self._finish(req_id, op, pending, answer_version))
+                    else:
+                        self._reply(response, answer_version)
                     queue.popleft()
             finally:
                 self._holding = False

@@ -306,7 +306,10 @@ class RequestHandler:
             status, error = await policy.wait(acks, end_offset, left_ms)
             return answer(status, error)
 
-        return PendingAck(acks, deadline, acknowledged)
+        def answer_now() -> Reply | None:
+            return answer() if policy.holds(acks, end_offset) else None
+
+        return PendingAck(acks, deadline, acknowledged, answer_now)
 
     async def _create_topic(self, req: CreateTopicRequest, _polls: Wakeups) -> Reply:
         topic = await self._topics.create(req["topic"], req["queues"])

@@ -23,15 +23,25 @@ class PendingAck:
     ``acks`` level with non-decreasing deadlines are released in append order anyway,
     so one task awaits them in turn (see :class:`~cluster.server.connection.Connection`).
     ``deadline_s`` is absolute (``trio.current_time()`` clock), fixed when the write was
-    appended: waiting behind another write never extends it. Immutable once built.
+    appended: waiting behind another write never extends it. ``answer_now`` gives the
+    ``OK`` answer when the level holds already (the ack policy's ``holds``), else None:
+    the queue's task answers such a write without a coroutine, and awaits the others.
+    Immutable once built.
     """
 
-    __slots__ = ("_wait", "acks", "deadline_s")
+    __slots__ = ("_wait", "acks", "answer_now", "deadline_s")
 
-    def __init__(self, acks: Acks, deadline_s: float, wait: Deferred) -> None:
+    def __init__(
+        self,
+        acks: Acks,
+        deadline_s: float,
+        wait: Deferred,
+        answer_now: Callable[[], Reply | None],
+    ) -> None:
         self.acks = acks
         self.deadline_s = deadline_s
         self._wait = wait
+        self.answer_now = answer_now
 
     def __call__(self) -> Awaitable[Reply]:
         return self._wait()

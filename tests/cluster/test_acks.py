@@ -9,8 +9,9 @@ import pytest
 from cluster.node.acks import AckPolicy, StandaloneAcks
 from cluster.protocol import Acks, Status
 from cluster.server import RequestError
+from replication import hop_trace
 from replication.insync import InSyncSet
-from storage import Message, MessageStore
+from storage import Message, MessageStore, StorageFailedError
 from tests.replication.test_ha_stream import config_at
 
 
@@ -64,6 +65,32 @@ async def test_durable_is_answered_once_fsynced(tmp_path: Path) -> None:
         policy = StandaloneAcks(store)
         assert await policy.wait(Acks.DURABLE, result.end_offset, 10_000) == (Status.OK, None)
         assert store.commit_log.flushed_offset >= result.end_offset
+
+
+async def test_holds_is_true_exactly_when_durable_is_answered_at_once(tmp_path: Path) -> None:
+    """``holds`` lets a connection answer a released write with no wait: true only once
+    the fsync covers the write, never after a failed fsync (whose wait raises), never
+    for a level that needs slaves, and never while hop tracing is on."""
+    async with MessageStore.open(config_at(tmp_path)) as store:
+        policy = StandaloneAcks(store)
+        first = await store.put(Message.create("t", b"first", 0))
+        assert await policy.wait(Acks.DURABLE, first.end_offset, 10_000) == (Status.OK, None)
+        assert policy.holds(Acks.DURABLE, first.end_offset)
+        assert not policy.holds(Acks.IN_SYNC, first.end_offset)
+        second = await store.put(Message.create("t", b"second", 0))
+        if store.commit_log.flushed_offset < second.end_offset:
+            assert not policy.holds(Acks.DURABLE, second.end_offset)
+        assert not policy.holds(Acks.DURABLE, store.commit_log.max_offset + 1)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hop_trace, "enabled", True)
+            assert not policy.holds(Acks.DURABLE, first.end_offset)
+        store.commit_log.failure = StorageFailedError("fsync failed (test)")
+        try:
+            assert not policy.holds(Acks.DURABLE, first.end_offset)
+            with pytest.raises(StorageFailedError):
+                await policy.wait(Acks.DURABLE, first.end_offset, 10_000)
+        finally:
+            store.commit_log.failure = None
 
 
 def test_the_in_sync_set_tells_its_observers_of_every_slave_change() -> None:

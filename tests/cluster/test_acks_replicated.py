@@ -10,9 +10,10 @@ import trio.testing
 
 from cluster.node.acks import ReplicatedAcks, StandaloneAcks
 from cluster.protocol import Acks, Status
+from replication import hop_trace
 from replication.slave import HAClient
 from replication.wire import HAProtocolError
-from storage import Message, MessageStore
+from storage import Message, MessageStore, StorageFailedError
 from tests.replication.test_ha_epochs import history
 from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
 from tests.storage.test_flush_soon import quiet_config
@@ -39,6 +40,44 @@ async def test_a_covered_write_is_answered_without_a_scheduling_point(tmp_path: 
                 assert returned.value.value == (Status.OK, None)
 
 
+async def test_holds_is_true_exactly_when_a_wait_would_answer_ok_at_once(tmp_path: Path) -> None:
+    """A connection answers a released write without its wait when ``holds`` says so:
+    in_sync once the confirm offset covers it, replicated once the fsync does too,
+    never past the confirm offset, never after a failed fsync, never while tracing."""
+    async with (
+        MessageStore.open(quiet_config(tmp_path / "master")) as master,
+        MessageStore.open(config_at(tmp_path / "slave")) as slave,
+        serving(master) as (service, port, nursery),
+    ):
+        nursery.start_soon(HAClient(slave, "s1").run, "127.0.0.1", port)
+        policy = ReplicatedAcks(StandaloneAcks(master), service, 1)
+        first = await master.put(Message.create("t", b"first", 0))
+        assert await replicated(service, first.end_offset)
+        # the quiet store fsyncs only when asked: replicated waits for the fsync too
+        if master.commit_log.flushed_offset < first.end_offset:
+            assert policy.holds(Acks.IN_SYNC, first.end_offset)
+            assert not policy.holds(Acks.REPLICATED, first.end_offset)
+            assert not policy.holds(Acks.DURABLE, first.end_offset)
+        assert await policy.wait(Acks.REPLICATED, first.end_offset, 10_000) == (Status.OK, None)
+        for acks in (Acks.DURABLE, Acks.IN_SYNC, Acks.REPLICATED):
+            assert policy.holds(acks, first.end_offset), acks
+        beyond = service.confirm_offset + 1
+        assert not policy.holds(Acks.IN_SYNC, beyond)
+        assert not policy.holds(Acks.REPLICATED, beyond)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hop_trace, "enabled", True)
+            assert not policy.holds(Acks.IN_SYNC, first.end_offset)
+            assert not policy.holds(Acks.REPLICATED, first.end_offset)
+        master.commit_log.failure = StorageFailedError("fsync failed (test)")
+        try:
+            for acks in (Acks.DURABLE, Acks.IN_SYNC, Acks.REPLICATED):
+                assert not policy.holds(acks, first.end_offset), acks
+            with pytest.raises(StorageFailedError):
+                await policy.wait(Acks.IN_SYNC, first.end_offset, 10_000)
+        finally:
+            master.commit_log.failure = None
+
+
 async def test_a_stale_master_answers_no_write_even_one_its_confirm_offset_covers(
     tmp_path: Path,
 ) -> None:
@@ -62,6 +101,7 @@ async def test_a_stale_master_answers_no_write_even_one_its_confirm_offset_cover
             assert service.confirm_offset >= end
             assert not service.replicated_now(end)
             for acks in (Acks.IN_SYNC, Acks.REPLICATED):
+                assert not policy.holds(acks, end)
                 status, error = await policy.wait(acks, end, 50)
                 assert status is Status.FLUSH_SLAVE_TIMEOUT, acks
                 assert error is not None

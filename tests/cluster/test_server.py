@@ -308,6 +308,13 @@ async def test_durable_ack_returns_offsets_and_the_data_is_flushed(node: Node) -
         assert read["record"]["body"] == b"kept"
 
 
+def answer_through_waits(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write's ack goes through ``store.wait_durable``, which the test replaced:
+    the policy's no-wait check (``holds``) reads the real flushed offset, which the
+    real flusher may move meanwhile."""
+    monkeypatch.setattr(node.acks, "holds", lambda _acks, _end_offset: False)
+
+
 async def test_durable_timeout_still_reports_where_the_message_went(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,6 +322,7 @@ async def test_durable_timeout_still_reports_where_the_message_went(
         return False
 
     monkeypatch.setattr(node.store, "wait_durable", never)
+    answer_through_waits(node, monkeypatch)
     async with client(node) as c:
         await c.ok("create_topic", topic="slow", queues=1)
         answer = await c.call("send", topic="slow", body=b"x", timeout_ms=1)
@@ -338,6 +346,7 @@ async def test_queued_ack_waits_keep_their_own_deadlines_and_answer_in_any_order
         return fsynced.is_set()
 
     monkeypatch.setattr(node.store, "wait_durable", fsync_when_released)
+    answer_through_waits(node, monkeypatch)
     async with client(node) as c:
         await c.ok("create_topic", topic="q", queues=1)
         stuck = await c.send("send", topic="q", body=b"a", acks="durable", timeout_ms=60_000)
@@ -502,6 +511,7 @@ async def test_internal_errors_answer_one_request_and_the_node_keeps_serving(
         await c.ok("create_topic", topic="t", queues=1)
         monkeypatch.setattr(node.store, "get_record_runs", broken)
         monkeypatch.setattr(node.store, "wait_durable", broken_wait)
+        answer_through_waits(node, monkeypatch)
         inline = await c.call("pull", topic="t", queue=0, offset=0)
         deferred = await c.call("send", topic="t", body=b"x", acks="durable")
         for answer in (inline, deferred):
@@ -628,6 +638,7 @@ async def test_a_client_that_vanishes_mid_request_is_cleaned_up(
         return await real_wait(offset, timeout)
 
     monkeypatch.setattr(node.store, "wait_durable", gated)
+    answer_through_waits(node, monkeypatch)
     async with client(node) as bystander:
         await bystander.ok("create_topic", topic="v", queues=1)
         leaving = await Raw.connect(node)

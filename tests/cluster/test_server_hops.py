@@ -12,7 +12,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from cluster.protocol import Status, encode_request
+from cluster.node.acks import AckPolicy
+from cluster.protocol import Acks, Status, encode_request
 from cluster.server.connection import Connection
 from tests.cluster.test_server import client, node_config, running
 
@@ -114,6 +115,52 @@ async def test_sequential_ack_waits_share_one_task_and_never_wake_the_writer(
         finally:
             trio.lowlevel.remove_instrument(steps)
             trio.lowlevel.remove_instrument(spawned)
+
+
+class CountedWaits:
+    """An ack policy that counts the waits its inner policy is asked for."""
+
+    def __init__(self, inner: AckPolicy) -> None:
+        self.inner = inner
+        self.waits = 0
+        self.admit = inner.admit
+        self.holds = inner.holds
+        self.read_limit = inner.read_limit
+
+    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
+        self.waits += 1
+        return await self.inner.wait(acks, end_offset, timeout_ms)
+
+
+async def test_writes_one_fsync_released_are_answered_without_a_wait_each(
+    tmp_path: Path,
+) -> None:
+    """Fails on the old code (a wait per write): a write whose level holds when its turn
+    comes is answered in the ack task's pass with no wait, so every wait parks and is
+    released by an fsync of its own. The answers keep their order and their offsets."""
+    async with running(node_config(tmp_path / "node")) as node, client(node) as raw:
+        assert node.handler is not None and node.acks is not None and node.store is not None
+        await raw.ok("create_topic", topic="t", queues=1)
+        await raw.ok("send", topic="t", body=b"x", acks="durable")  # the queue's file
+        counted = CountedWaits(node.acks)
+        node.handler.set_acks(counted)
+        fsyncs = node.store.group_commit.fsyncs
+        ids = [raw._last_id + n for n in range(1, 33)]
+        raw._last_id += len(ids)
+        await raw.send_raw(
+            b"".join(encode_request("send", i, topic="t", body=b"y", acks="durable") for i in ids)
+        )
+        answers = []
+        for _ in ids:
+            answer = await raw.recv()
+            assert answer is not None
+            answers.append(answer)
+        assert [a["id"] for a in answers] == ids  # in the order sent
+        assert all(a["status"] is Status.OK for a in answers)
+        offsets = [a["offset"] for a in answers]
+        assert offsets == sorted(offsets)
+        assert node.store.commit_log.flushed_offset > offsets[-1]
+        assert 1 <= counted.waits <= node.store.group_commit.fsyncs - fsyncs
 
 
 async def test_a_receive_yields_at_least_once_in_two_calls() -> None:
