@@ -6,6 +6,11 @@ at byte ``n * 20`` of the queue's address space, split into files of
 ``entries_per_file`` entries named like segments. An all-zero entry is empty.
 Queues are rebuilt from the commit log whenever they are missing or behind, so
 they are flushed lazily and never need their own recovery format.
+
+What the log cannot tell is where a queue starts once retention took its first
+records: entries below a queue's start that point below the log's start say it
+(a retired queue's kept last entry, or the start marker written just before a
+queue that starts partway into its file), see docs/format.md.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -29,6 +34,16 @@ ENTRY_SIZE = ENTRY.size
 _pack_entry = ENTRY.pack_into
 _unpack_entry = ENTRY.unpack_from
 
+START_MARKER = (0, 1, 0)
+"""(log offset, size, tags hash) of a start marker: the entry just before a queue that
+starts partway into its file (its earlier records went with retention). It points below
+any log that can hold such a queue (one that starts past 0), so :meth:`ConsumeQueue.advance_min`
+skips it and truncation keeps it, and it is no record's entry (records are 68 bytes or more)."""
+
+
+def _no_log_start() -> int:
+    return 0
+
 
 class QueueConflictError(CorruptSegmentError):
     """An entry disagrees with the commit log (a gap or a different record): rebuild."""
@@ -42,17 +57,28 @@ class ConsumeQueue:
     the record with that queue offset); their log offsets increase with the queue
     offset; entry ``n`` is at byte ``n * ENTRY_SIZE`` of the queue's files; appends go to
     the last file only. Entries past the commit log's end never stay (truncation and
-    recovery cut them); entries below its start are skipped by :meth:`advance_min`.
+    recovery cut them); entries below its start are skipped by :meth:`advance_min`. A
+    queue that starts partway into its first file has an entry just before its start,
+    pointing below the log's start (:data:`START_MARKER`, or a retired queue's kept entry).
 
     Written only by the store's dispatcher (one task, in log order) and, blocking, by
     recovery and the store's cuts while the dispatcher is idle; read (:meth:`get`,
     :meth:`entries`) by any task at any time on the loop.
     """
 
-    def __init__(self, root: Path, topic: str, queue_id: int, entries_per_file: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        topic: str,
+        queue_id: int,
+        entries_per_file: int,
+        log_start: Callable[[], int] = _no_log_start,
+    ) -> None:
         self.topic = topic
         self.queue_id = queue_id
         self.files = MappedFileQueue(root / topic / str(queue_id), entries_per_file * ENTRY_SIZE)
+        self.log_start = log_start
+        """The commit log's start (its first segment's base); 0 without a log."""
         self.min_offset = 0
         self.max_offset = 0
         """Queue offset the next entry gets (one past the last)."""
@@ -126,7 +152,7 @@ class ConsumeQueue:
         """
         if queue_offset != self.max_offset:
             if self.empty and not self.files.segments[:-1]:
-                self.min_offset = self.max_offset = queue_offset
+                self._start_at(queue_offset, log_offset + size)
             elif queue_offset < self.max_offset and queue_offset >= self.min_offset:
                 if self.get(queue_offset)[0] != log_offset:
                     raise QueueConflictError(
@@ -149,6 +175,24 @@ class ConsumeQueue:
         segment.wrote = pos + ENTRY_SIZE
         self.max_offset = queue_offset + 1
         return True
+
+    def _start_at(self, queue_offset: int, entry_end: int) -> None:
+        """The queue starts at ``queue_offset``, whose record ends at log offset ``entry_end``.
+
+        Partway into its file, the entry before it gets :data:`START_MARKER`, written before
+        the first entry, in the same file: from the files alone a queue that starts there
+        looks like one whose first entries a crash lost, which :meth:`load` and
+        :meth:`truncate_from_log_offset` restart at the file's start, reusing queue offsets
+        consumers have read. Not needed when the entry itself points below the log (a
+        retired queue's kept entry, put back by recovery: it is that queue's marker).
+        """
+        self.min_offset = self.max_offset = queue_offset
+        segment = self.files.segments[-1]
+        pos = queue_offset * ENTRY_SIZE - segment.base
+        log_start = self.log_start()
+        marker_end = START_MARKER[0] + START_MARKER[1]
+        if pos > 0 and entry_end > log_start >= marker_end:
+            _pack_entry(segment.view, pos - ENTRY_SIZE, *START_MARKER)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -235,9 +279,14 @@ def _end_entry(segment: MappedFile) -> int | None:
 class ConsumeQueueStore:
     """All consume queues of a node, under ``root/<topic>/<queue id>/``."""
 
-    def __init__(self, root: Path, entries_per_file: int) -> None:
+    def __init__(
+        self, root: Path, entries_per_file: int, log_start: Callable[[], int] = _no_log_start
+    ) -> None:
         self.root = root
         self.entries_per_file = entries_per_file
+        self.log_start = log_start
+        """The commit log's start, for :data:`START_MARKER` (the default, 0: the queues of
+        no log, as in tests of the queues alone, get no markers)."""
         self.queues: dict[tuple[str, int], ConsumeQueue] = {}
 
     def load(self) -> None:
@@ -255,7 +304,7 @@ class ConsumeQueueStore:
                 queue.load()
 
     def _new(self, topic: str, queue_id: int) -> ConsumeQueue:
-        queue = ConsumeQueue(self.root, topic, queue_id, self.entries_per_file)
+        queue = ConsumeQueue(self.root, topic, queue_id, self.entries_per_file, self.log_start)
         self.queues[(topic, queue_id)] = queue
         return queue
 

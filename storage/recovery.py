@@ -13,6 +13,9 @@ The rules (what recovery keeps) are:
 4. Consume-queue entries for records at or past the checkpoint's queue-flushed
    offset are dropped and dispatched again; any disagreement (gap, other
    record, a queue that vanished) rebuilds every queue from the log.
+5. A queue starts at its first entry that points into the log. Entries below the
+   log's start (a retired queue's kept last entry, a queue's start marker) say where
+   a queue stands when the log no longer can, and a rebuild keeps them.
 """
 
 from __future__ import annotations
@@ -144,9 +147,11 @@ async def recover_queues(
 def _retired_queues(
     queues: ConsumeQueueStore, log_min_offset: int
 ) -> dict[tuple[str, int], tuple[int, tuple[int, int, int]]]:
-    """Queues whose every record retention deleted: (topic, queue id) -> (queue offset of
-    the last entry, the entry). The log holds nothing of them, so a rebuild from the log
-    alone would restart them at 0 and move consumers' offsets backwards."""
+    """Queues whose last entry points below the log's start: (topic, queue id) -> (queue
+    offset of that entry, the entry). Retention deleted every record of them, or a cut
+    removed every record after a start marker (docs/format.md). The log holds nothing of
+    them, so a rebuild from the log alone would restart them at 0 and move consumers'
+    offsets backwards."""
     retired = {}
     for key, queue in queues.queues.items():
         if queue.max_offset > queue.min_offset:

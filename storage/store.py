@@ -98,7 +98,12 @@ class MessageStore:
             ahead=config.preallocate,
         )
         self.commit_log = CommitLog(config, self.allocator)
-        self.queues = ConsumeQueueStore(config.consume_queue_dir, config.consume_queue_entries)
+        files = self.commit_log.files
+        self.queues = ConsumeQueueStore(
+            config.consume_queue_dir,
+            config.consume_queue_entries,
+            log_start=lambda: files.min_offset,
+        )
         self.group_commit = GroupCommitFlusher(self.commit_log)
         self.retention = RetentionService(self)
         self.lent = LentViews()
@@ -304,6 +309,10 @@ class MessageStore:
         await self.dispatcher.catch_up()
         async with self._flush_all_lock, self._cut():
             self.lent.copy_from(offset)  # no read lends more while _cutting is set
+            # A queue's start marker (docs/format.md) must be on disk before its records
+            # can be cut: after the cut it is the only record of where that queue starts,
+            # and a start that finishes the cut can no longer re-dispatch it from the log.
+            await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
             intent = CutIntent(CutKind.TRUNCATE, offset)
             await trio.to_thread.run_sync(save_cut_intent, self.config.cut_intent_path, intent)
             self._cut_step("intent_saved")
