@@ -89,7 +89,7 @@ from storage.backoff import Backoff
 from storage.concurrency import lone_error_unwrapped
 from storage.errors import OffsetOutOfRangeError
 from storage.store import MessageStore
-from storage.waiters import OffsetWaiters
+from storage.waiters import OffsetWaiters, WakeHandle
 
 __all__ = ["HAConnection", "HAService", "LagReport", "MasterStatus", "lag_status", "warm_pages"]
 
@@ -858,6 +858,19 @@ class HAService:
         reached ``offset`` and this master is not stale (no scheduling point: the caller
         answers a satisfied write in the same pass)."""
         return self.stale is None and offset <= self._confirmed.position
+
+    def wake_when_replicated(
+        self, task: trio.lowlevel.Task, offset: int, deadline: float
+    ) -> WakeHandle | None:
+        """Have ``task`` (parked by its own means) woken once the confirm offset reaches
+        ``offset``, at ``deadline``, or when this master turns stale, as
+        :meth:`wait_replicated` would wake it (see :meth:`OffsetWaiters.wake_task`);
+        None when nothing was registered (stale, or reached already). Lets a connection's
+        idle ack task be woken by the ack that releases its write, with no step of its
+        own before (it would only park on :meth:`wait_replicated`)."""
+        if self.stale is not None:
+            return None
+        return self._confirmed.wake_task(task, offset, deadline)
 
     async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
         """True once the confirm offset reaches ``offset``; False at ``deadline`` (which

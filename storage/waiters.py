@@ -84,6 +84,29 @@ class OffsetWaiters:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def wake_task(
+        self, task: trio.lowlevel.Task, offset: int, deadline: float = math.inf
+    ) -> WakeHandle | None:
+        """Have ``task``, which parks itself elsewhere (``wait_task_rescheduled``), woken as
+        :meth:`wait` would wake a waiter for ``offset``: ``Value(True)`` once the position
+        reaches it, ``Value(False)`` at ``deadline`` or past a cut, the failure as an
+        error. None (nothing registered) when that would be at once: the caller wakes it
+        itself. Whoever else may wake the task first must :meth:`WakeHandle.cancel`
+        first, and wake it only if that returns True (a task is woken once)."""
+        if self._failure is not None or offset <= self._position:
+            return None
+        seq = next(self._seq)
+        entry = [offset, seq, task, deadline]
+        heapq.heappush(self._heap, entry)
+        if deadline != math.inf:
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][2][_TASK] is None:  # prune finished waiters
+                heapq.heappop(deadlines)
+            heapq.heappush(deadlines, (deadline, seq, entry))
+            if deadline < self._timer_target:
+                self._timer_wake.set()
+        return WakeHandle(entry)
+
     def rewind(self, position: int) -> int:
         """The log was cut at ``position``: move the position back, and wake every waiter
         for an offset past the cut with False. Those bytes are gone; if they waited on,
@@ -153,6 +176,25 @@ class OffsetWaiters:
             if task is not None:
                 entry[_TASK] = None
                 trio.lowlevel.reschedule(task, outcome.Error(error))
+
+
+class WakeHandle:
+    """A wake-up :meth:`OffsetWaiters.wake_task` registered, until it fires or is
+    cancelled. Used from the event loop only."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self, entry: list) -> None:
+        self._entry = entry
+
+    def cancel(self) -> bool:
+        """Drop the wake-up; True if it had not fired (the caller may wake the task),
+        False if it fired already (the task is rescheduled: leave it alone)."""
+        entry = self._entry
+        if entry[_TASK] is None:
+            return False
+        entry[_TASK] = None  # lazily dropped from the heaps
+        return True
 
 
 class KeyedWakeups(Generic[_Key]):

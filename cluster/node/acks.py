@@ -26,6 +26,7 @@ from replication import hop_trace
 from replication.insync import SlaveLag
 from replication.master import HAService
 from storage import MessageStore
+from storage.waiters import WakeHandle
 
 __all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "SlaveAcks", "StandaloneAcks"]
 
@@ -60,6 +61,17 @@ class AckPolicy(Protocol):
         it is also the answer while hop tracing is on, so that every write's hops are
         recorded by :meth:`wait`. Never raises, never yields. Lets a connection answer
         the writes a wake-up released with no coroutine each."""
+        ...
+
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        """Have ``task``, parked by its own means, woken when ``acks`` may hold for the
+        bytes below ``end_offset`` (it checks :meth:`holds`, and waits if not), or at
+        ``deadline_s``, or on a failure; None when this policy registers nothing (the
+        caller wakes the task itself). Lets the ack that releases a write wake the
+        connection's idle ack task, instead of a step of that task to park on
+        :meth:`wait` first."""
         ...
 
     def read_limit(self) -> int | None:
@@ -122,6 +134,11 @@ class StandaloneAcks:
         commit_log = self._store.commit_log
         return commit_log.failure is None and end_offset <= commit_log.flushed_offset
 
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        return None
+
     def read_limit(self) -> int | None:
         return None
 
@@ -153,6 +170,11 @@ class SlaveAcks:
 
     def holds(self, acks: Acks, end_offset: int) -> bool:
         return self._standalone.holds(acks, end_offset)
+
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        return None
 
     def read_limit(self) -> int | None:
         return self._follower.read_limit()
@@ -262,6 +284,16 @@ class ReplicatedAcks:
                 and not hop_trace.enabled
             )
         return True
+
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        """``in_sync`` and ``replicated``: woken when the confirm offset reaches
+        ``end_offset`` (a ``replicated`` write whose fsync is still running then waits
+        for it), at the deadline, or when this master turns stale."""
+        if acks is _IN_SYNC or acks is _REPLICATED:
+            return self._ha.wake_when_replicated(task, end_offset, deadline_s)
+        return None
 
     def read_limit(self) -> int | None:
         return self._ha.confirm_offset

@@ -58,6 +58,7 @@ from storage.backoff import Backoff, retry_log_level
 
 if TYPE_CHECKING:
     from cluster.node.lifecycle import Node
+    from storage.waiters import WakeHandle
 
 __all__ = ["CoordinatedAcks", "Coordinator"]
 
@@ -190,6 +191,11 @@ class CoordinatedAcks:
         """Never a verdict here: every write goes through :meth:`wait`, which checks the
         lease and the counted members as well as the replicated policy."""
         return False
+
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        return None
 
     def read_limit(self) -> int | None:
         if self._frozen_limit is not None:

@@ -33,9 +33,12 @@ from cluster.protocol import Acks, Status
 from cluster.server.errors import status_of
 
 if TYPE_CHECKING:
+    import trio
+
     from cluster.node.acks import AckPolicy
     from cluster.node.lifecycle import Node
     from storage import MessageStore
+    from storage.waiters import WakeHandle
 
 __all__ = ["LATENCY_BUCKETS_S", "ROLES", "NodeCollector", "NodeMetrics", "TimedAcks"]
 
@@ -154,6 +157,12 @@ class TimedAcks:
             self._metrics.ack_waited(acks, Status.OK, 0.0)
             return True
         return False
+
+    def wake_when_holds(
+        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
+    ) -> WakeHandle | None:
+        """None: a write that has to wait goes through :meth:`wait`, which times it."""
+        return None
 
 
 class NodeCollector(Collector):

@@ -36,6 +36,7 @@ from cluster.server.polls import Wakeups
 from cluster.server.replies import Deferred, PendingAck, Reply
 from cluster.server.request_log import logged
 from cluster.server.streams import GONE, RECEIVE_SIZE, linger, peer_name
+from storage.waiters import WakeHandle
 
 if TYPE_CHECKING:
     from cluster.server.listener import ClientServer
@@ -149,6 +150,9 @@ class Connection:
         self._ack_task_idle: trio.lowlevel.Task | None = None
         """The ack queue's task, parked until a wait joins the empty queue (or the reader
         ends); None while it runs or awaits a wait."""
+        self._ack_task_wake: WakeHandle | None = None
+        """The policy's wake-up of the idle ack task for the queue's head, if registered
+        (see :meth:`_wake_ack_task_for`): whoever else wakes the task cancels it first."""
 
     @property
     def inflight(self) -> int:
@@ -351,7 +355,7 @@ class Connection:
                     self._ack_task_started = True
                     self._nursery.start_soon(self._await_acks)
                 else:
-                    self._wake_ack_task()
+                    self._wake_ack_task_for(outcome)
                 return
             tail = queue[-1][2]
             if tail.acks is outcome.acks and tail.deadline_s <= outcome.deadline_s:
@@ -389,22 +393,48 @@ class Connection:
                 self._write_now()
 
     async def _park_ack_task(self) -> None:
-        """Park the ack queue's task until :meth:`_wake_ack_task`."""
+        """Park the ack queue's task until :meth:`_wake_ack_task`, or the policy's wake-up
+        for the queue's head (:meth:`_wake_ack_task_for`)."""
         self._ack_task_idle = trio.lowlevel.current_task()
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             self._ack_task_idle = None
+            wake, self._ack_task_wake = self._ack_task_wake, None
+            if wake is not None:
+                wake.cancel()
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except Exception:  # the policy's failure (a stale master): the head's wait answers it
+            log.debug("ack_task_woken_by_failure peer=%s", self.peer, exc_info=True)
+        self._ack_task_idle = None
+        self._ack_task_wake = None
+
+    def _wake_ack_task_for(self, pending: PendingAck) -> None:
+        """A wait joined the empty queue: have the policy wake the idle ack task when the
+        wait's level may hold (the ack that releases it wakes the task, which then
+        answers: no step of its own to park on the wait first), else wake it now."""
+        task = self._ack_task_idle
+        if task is None:
+            return
+        wake = pending.wake_on(task)
+        if wake is None:
+            self._wake_ack_task()
+        else:
+            self._ack_task_wake = wake
 
     def _wake_ack_task(self) -> None:
         """Wake the ack queue's task if it is parked (a wait joined the empty queue, or
-        the reader ended)."""
+        the reader ended), unless the policy's wake-up for it fired already."""
         task = self._ack_task_idle
-        if task is not None:
-            self._ack_task_idle = None
-            trio.lowlevel.reschedule(task)
+        if task is None:
+            return
+        wake, self._ack_task_wake = self._ack_task_wake, None
+        if wake is not None and not wake.cancel():
+            return  # rescheduled by the policy already: it runs soon
+        self._ack_task_idle = None
+        trio.lowlevel.reschedule(task)
 
     async def _held(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Await ``coroutine`` for a task holding its answers (:attr:`_holding`): run

@@ -63,6 +63,7 @@ from storage import (
 )
 from storage.record import StoredRecord, decode_record
 from storage.record_runs import RecordRuns
+from storage.waiters import WakeHandle
 
 if TYPE_CHECKING:
     from cluster.node.acks import AckPolicy
@@ -309,7 +310,10 @@ class RequestHandler:
         def answer_now() -> Reply | None:
             return answer() if policy.holds(acks, end_offset) else None
 
-        return PendingAck(acks, deadline, acknowledged, answer_now)
+        def wake_on(task: trio.lowlevel.Task) -> WakeHandle | None:
+            return policy.wake_when_holds(acks, end_offset, deadline, task)
+
+        return PendingAck(acks, deadline, acknowledged, answer_now, wake_on)
 
     async def _create_topic(self, req: CreateTopicRequest, _polls: Wakeups) -> Reply:
         topic = await self._topics.create(req["topic"], req["queues"])

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
+import trio
+
 from cluster.protocol import Acks
+from storage.waiters import WakeHandle
 
 __all__ = ["Deferred", "PendingAck", "Reply"]
 
@@ -26,10 +29,12 @@ class PendingAck:
     appended: waiting behind another write never extends it. ``answer_now`` gives the
     ``OK`` answer when the level holds already (the ack policy's ``holds``), else None:
     the queue's task answers such a write without a coroutine, and awaits the others.
-    Immutable once built.
+    ``wake_on(task)`` has the policy wake the queue's idle task when the level may
+    hold (``AckPolicy.wake_when_holds``; None: it registered nothing). Immutable once
+    built.
     """
 
-    __slots__ = ("_wait", "acks", "answer_now", "deadline_s")
+    __slots__ = ("_wait", "acks", "answer_now", "deadline_s", "wake_on")
 
     def __init__(
         self,
@@ -37,11 +42,13 @@ class PendingAck:
         deadline_s: float,
         wait: Deferred,
         answer_now: Callable[[], Reply | None],
+        wake_on: Callable[[trio.lowlevel.Task], WakeHandle | None],
     ) -> None:
         self.acks = acks
         self.deadline_s = deadline_s
         self._wait = wait
         self.answer_now = answer_now
+        self.wake_on = wake_on
 
     def __call__(self) -> Awaitable[Reply]:
         return self._wait()

@@ -125,6 +125,7 @@ class CountedWaits:
         self.waits = 0
         self.admit = inner.admit
         self.holds = inner.holds
+        self.wake_when_holds = inner.wake_when_holds
         self.read_limit = inner.read_limit
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
@@ -161,6 +162,47 @@ async def test_writes_one_fsync_released_are_answered_without_a_wait_each(
         assert offsets == sorted(offsets)
         assert node.store.commit_log.flushed_offset > offsets[-1]
         assert 1 <= counted.waits <= node.store.group_commit.fsyncs - fsyncs
+
+
+async def test_the_slaves_ack_wakes_the_idle_ack_task_which_answers_in_that_step(
+    tmp_path: Path,
+) -> None:
+    """Fails on the old code (two steps per write): the reader woke the idle ack task,
+    whose step only parked it on the confirm offset, and the ack woke it again. Now the
+    reader registers the idle task with the policy, and the ack that moves the confirm
+    offset past the write wakes it once, to answer."""
+    steps = TaskSteps("Connection._await_acks")
+    master_config = node_config(tmp_path / "master", replication={"ha_port": 0})
+    async with running(master_config) as master:
+        assert master.ha_address is not None and master.address is not None
+        assert master.ha is not None
+        slave_config = node_config(
+            tmp_path / "slave",
+            replication={
+                "role": "slave",
+                "master_ha": "{}:{}".format(*master.ha_address),
+                "master_client": "{}:{}".format(*master.address),
+            },
+        )
+        async with running(slave_config), client(master) as raw:
+            await raw.ok("create_topic", topic="t", queues=1)
+            while master.ha.in_sync_count() < 1:
+                await master.ha.wait_membership_change()
+            await raw.ok("send", topic="t", body=b"x", acks="in_sync")  # starts the ack task
+            trio.lowlevel.add_instrument(steps)
+            try:
+                offsets = []
+                for _ in range(5):
+                    await trio.testing.wait_all_tasks_blocked()
+                    steps.reset()
+                    answer = await raw.ok("send", topic="t", body=b"y", acks="in_sync")
+                    offsets.append(answer["offset"])
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert steps.steps == {"Connection._await_acks": 1}
+                assert offsets == sorted(offsets)
+                assert master.ha.confirm_offset > offsets[-1]
+            finally:
+                trio.lowlevel.remove_instrument(steps)
 
 
 async def test_a_receive_yields_at_least_once_in_two_calls() -> None:
