@@ -3,6 +3,7 @@ already covers is answered in the same pass, and never by a stale master."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,13 @@ async def test_holds_is_true_exactly_when_a_wait_would_answer_ok_at_once(tmp_pat
         beyond = service.confirm_offset + 1
         assert not policy.holds(Acks.IN_SYNC, beyond)
         assert not policy.holds(Acks.REPLICATED, beyond)
+        task = trio.lowlevel.current_task()
+        assert policy.wake_when_holds(Acks.DURABLE, beyond, math.inf, task) is None
+        assert policy.wake_when_holds(Acks.IN_SYNC, first.end_offset, math.inf, task) is None
+        for acks in (Acks.IN_SYNC, Acks.REPLICATED):
+            wake = policy.wake_when_holds(acks, beyond, math.inf, task)
+            assert wake is not None, acks
+            assert wake.cancel()  # (this task is not parked: never let it fire)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(hop_trace, "enabled", True)
             assert not policy.holds(Acks.IN_SYNC, first.end_offset)
@@ -100,8 +108,11 @@ async def test_a_stale_master_answers_no_write_even_one_its_confirm_offset_cover
             assert service.stale is not None
             assert service.confirm_offset >= end
             assert not service.replicated_now(end)
+            task = trio.lowlevel.current_task()
             for acks in (Acks.IN_SYNC, Acks.REPLICATED):
                 assert not policy.holds(acks, end)
+                # nothing registered: the caller wakes its task, and the wait answers
+                assert policy.wake_when_holds(acks, end + 1, math.inf, task) is None
                 status, error = await policy.wait(acks, end, 50)
                 assert status is Status.FLUSH_SLAVE_TIMEOUT, acks
                 assert error is not None
