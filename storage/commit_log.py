@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +69,16 @@ _unpack_blank = BLANK.unpack_from
 _unpack_dispatch = struct.Struct("<II4xII4xQ24xQ2xB").unpack_from
 """size, magic, flags, queue_id, queue_offset, tags_hash, topic_size: the header fields
 that indexing needs (offsets 0, 4, 12, 16, 24, 56, 66 of docs/format.md)."""
+_unpack_received = struct.Struct("<IIIIIIQQ16xQHB").unpack_from
+"""size, magic, crc, flags, queue_id, body_size, queue_offset, physical offset, tags_hash,
+props_size, topic_size: what checking a replicated record and indexing it need (all of
+the header but the timestamps), in one unpack."""
+
+_pwrite = os.pwrite
+_PWRITE_MIN = 4096
+"""Replicated chunks this long or longer are written with ``pwrite``, not through the map
+(see :func:`_copy_in`): CPU per KiB written to a warm segment, map / ``pwrite``, 0.89 / 1.21
+us at 1.1 KiB, 0.85 / 0.80 at 2.2 KiB, 0.84 / 0.58 at 4.4 KiB, 0.73 / 0.30 at 70 KiB."""
 
 IndexFields = tuple[int, int, str, int, int, int, int]
 """(offset, size, topic, queue_id, queue_offset, tags_hash, flags) of one record: what
@@ -213,10 +224,11 @@ class CommitLog:
         """Bytes received by :meth:`append_raw` past :attr:`max_offset`: the start of a
         record whose rest is in the next chunk. Kept in the map, never exposed."""
         self._appended: list[IndexFields] = []
-        """The index fields of own appends the dispatcher has not taken yet, in log order
-        (see :meth:`take_appended`). Whenever it is not empty it holds every record from its
-        first to :attr:`max_offset` (only segment fillers lie between them): anything else
-        that moves the end (replicated bytes, a cut) empties it first."""
+        """The index fields of appends the dispatcher has not taken yet, in log order (see
+        :meth:`take_appended`): own appends', or the records the last replicated chunk
+        exposed. Whenever it is not empty it holds every record from its first to
+        :attr:`max_offset` (only segment fillers lie between them): a replicated chunk
+        empties it before noting its own records, a cut empties it."""
 
     # ---- positions ---------------------------------------------------------------------
 
@@ -337,11 +349,12 @@ class CommitLog:
     def take_appended(self, end: int) -> list[IndexFields] | None:
         """Hand over the index fields of the own appends since the last call, and forget them.
 
-        The dispatcher indexes a master's appends from these instead of reading each header
-        back from the map. When they are given, they are every record from the first of them
-        to ``end`` (the log's end: checked), in log order; records before the first are not
-        among them (replicated, recovered, or dropped past :data:`APPENDED_LIMIT`) and must
-        be read from the log. None when there are none, or when they do not end at ``end``.
+        The dispatcher indexes a master's appends, and the records of a slave's last
+        replicated chunk, from these instead of reading each header back from the map. When
+        they are given, they are every record from the first of them to ``end`` (the log's
+        end: checked), in log order; records before the first are not among them (earlier
+        chunks', recovered, or dropped past :data:`APPENDED_LIMIT`) and must be read from
+        the log. None when there are none, or when they do not end at ``end``.
         """
         appended = self._appended
         if not appended:
@@ -420,7 +433,8 @@ class CommitLog:
 
         The visible end advances only over whole records that pass :func:`check_record`,
         and over a filler once the segment's last byte has arrived, so readers, the
-        dispatcher and flushes never see a partial or corrupt record. A trailing partial
+        dispatcher and flushes never see a partial or corrupt record. The exposed records'
+        index fields are handed to the dispatcher (:meth:`take_appended`). A trailing partial
         record stays in the map past the visible end (:attr:`raw_pending`) until the next
         chunk completes it; after a crash, recovery cuts it like any torn record.
 
@@ -436,19 +450,25 @@ class CommitLog:
         """
         if self.failure is not None:
             raise self.failure
-        self._check_raw_chunk(offset, len(data))
+        segments = self.files.segments  # once per chunk, not through the max_offset chain
+        last = segments[-1] if segments else None
+        log_end = last.base + last.wrote if last is not None else 0  # max_offset
+        self._check_raw_chunk(offset, len(data), log_end)
         if not data:
-            return self.max_offset
-        self.forget_appended()  # only own appends may follow them: these are read back
-        if offset == self.max_offset and self.raw_pending:
+            return log_end
+        self.forget_appended()  # the fields of what follows are noted below
+        if offset == log_end and self.raw_pending:
             self.discard_raw_pending()
-        last = self.files.last
-        if last is None or offset == last.end:
+        if last is None or offset == last.base + last.size:
             last = await self._raw_roll(offset)
-        pos = offset - last.base
+        base = last.base
+        pos = offset - base
         end = pos + len(data)
-        last.view[pos:end] = data
-        visible, stop = _expose_received(last, last.wrote, end, self.next_queue_offsets)
+        _copy_in(last, pos, data)
+        # The dispatcher indexes the exposed records from the fields noted here, not by
+        # reading their headers again. The list holds one chunk's (emptied just above).
+        noted = self._appended
+        visible, stop = _expose_received(last, last.wrote, end, self.next_queue_offsets, noted)
         last.wrote = visible
         self.raw_pending = end - visible
         if stop is not None:
@@ -457,7 +477,7 @@ class CommitLog:
                 f"replicated bytes are not a valid record: {stop}; the log ends at "
                 f"{self.max_offset}, resend from there"
             )
-        return self.max_offset
+        return base + visible
 
     def discard_raw_pending(self) -> None:
         """Drop and zero the partial record held past the visible end.
@@ -471,11 +491,14 @@ class CommitLog:
             last.view[last.wrote : last.wrote + self.raw_pending] = bytes(self.raw_pending)
         self.raw_pending = 0
 
-    def _check_raw_chunk(self, offset: int, length: int) -> None:
-        if offset not in (self.received_offset, self.max_offset):
+    def _check_raw_chunk(self, offset: int, length: int, log_end: int) -> None:
+        """Refuse a chunk that does not start at ``log_end`` (:attr:`max_offset`) or
+        :attr:`received_offset`, or that crosses a segment end."""
+        received = log_end + self.raw_pending
+        if offset != received and offset != log_end:
             raise OffsetOutOfRangeError(
                 f"replicated chunk at offset {offset} does not continue the log, which ends at "
-                f"{self.max_offset} (received up to {self.received_offset}): the master must "
+                f"{log_end} (received up to {received}): the master must "
                 "send from there, or the slave truncate first"
             )
         segment_size = self.files.segment_size
@@ -768,6 +791,26 @@ def _sync_all(segments: list[MappedFile]) -> None:
             raise SegmentMissingError(problem)
 
 
+def _copy_in(segment: MappedFile, pos: int, data: bytes | memoryview) -> None:
+    """Write ``data`` at ``pos`` of ``segment``: a chunk of a page or more with one
+    ``pwrite`` (a write through the map takes a page fault for each page it dirties, which
+    costs more than the call from about half a page on), a smaller one through the map.
+
+    Both land in the same page cache, so the map reads what was written either way. What
+    a ``pwrite`` did not write goes through the map, as every chunk did before."""
+    length = len(data)
+    if length >= _PWRITE_MIN:
+        try:
+            written = _pwrite(segment.fd, data, pos)
+        except OSError:
+            written = 0
+        if written == length:
+            return
+        data = memoryview(data)[written:]
+        pos += written
+    segment.view[pos : pos + len(data)] = data
+
+
 def _awaits_more(view: memoryview, pos: int, end: int, segment_size: int) -> bool:
     """Whether the bytes at ``pos`` may be a record or filler cut short by ``end``."""
     if end - pos < BLANK_MIN:
@@ -778,16 +821,25 @@ def _awaits_more(view: memoryview, pos: int, end: int, segment_size: int) -> boo
     return magic == RECORD_MAGIC and size >= HEADER_SIZE and end < pos + size <= segment_size
 
 
-def _note_queue_offset(view: memoryview, pos: int, table: dict[tuple[str, int], int]) -> None:
+def _note_queue_offset(
+    view: memoryview,
+    pos: int,
+    base: int,
+    table: dict[tuple[str, int], int],
+    noted: list[IndexFields],
+) -> None:
     """Advance (topic, queue)'s next queue offset past the valid record at ``pos``, so a
-    slave promoted to master numbers its first records where the old master stopped."""
+    slave promoted to master numbers its first records where the old master stopped, and
+    hand its index fields to the dispatcher (``noted``)."""
     fields = _unpack_header(view, pos)
     topic_start = pos + HEADER_SIZE
     topic = str(view[topic_start : topic_start + fields[12]], "ascii")
-    if fields[3] & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
+    flags = fields[3]
+    if flags & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
         forget_topic(table, topic)
     else:
         table[(topic, fields[4])] = fields[6] + 1
+    noted.append((base + pos, fields[0], topic, fields[4], fields[6], fields[10], flags))
 
 
 def forget_topic(table: dict[tuple[str, int], int], topic: str) -> None:
@@ -797,14 +849,71 @@ def forget_topic(table: dict[tuple[str, int], int], topic: str) -> None:
 
 
 def _expose_received(
-    segment: MappedFile, pos: int, end: int, table: dict[tuple[str, int], int]
+    segment: MappedFile,
+    pos: int,
+    end: int,
+    table: dict[tuple[str, int], int],
+    noted: list[IndexFields],
 ) -> tuple[int, ScanStop | None]:
-    """Walk the whole valid records of ``segment`` in ``[pos, end)``.
+    """Walk the whole valid records of ``segment`` in ``[pos, end)``, noting each one's
+    queue offset in ``table`` and its index fields in ``noted``.
 
     Returns the position after the last of them (or the segment's end after its filler)
     and, when the bytes there can never become a valid record, why. Bytes cut short by
     ``end`` are no error while more can come; once the segment's last byte is in, they are.
+
+    The first loop takes the common case, a whole record, with one unpack of its header:
+    it accepts exactly what :func:`check_record` accepts (magic, a size within the
+    received bytes, the claimed offset, the parts adding up, the CRC) and hands anything
+    else (a filler, a cut or corrupt record) to :func:`_expose_checked`, which says which.
     """
+    view, base = segment.view, segment.base
+    unpack = _unpack_received
+    last_header = end - HEADER_SIZE
+    while pos <= last_header:
+        (
+            size,
+            magic,
+            crc,
+            flags,
+            queue_id,
+            body_size,
+            queue_offset,
+            physical,
+            tags,
+            props_size,
+            topic_size,
+        ) = unpack(view, pos)
+        record_end = pos + size
+        if (
+            magic != RECORD_MAGIC
+            or size < HEADER_SIZE
+            or record_end > end
+            or physical != base + pos
+            or HEADER_SIZE + topic_size + props_size + body_size != size
+            or crc32c(view[pos + CRC_START : record_end]) != crc
+        ):
+            break
+        topic_at = pos + HEADER_SIZE
+        topic = str(view[topic_at : topic_at + topic_size], "ascii")
+        if flags & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
+            forget_topic(table, topic)
+        else:
+            table[(topic, queue_id)] = queue_offset + 1
+        noted.append((physical, size, topic, queue_id, queue_offset, tags, flags))
+        pos = record_end
+    return _expose_checked(segment, pos, end, table, noted)
+
+
+def _expose_checked(
+    segment: MappedFile,
+    pos: int,
+    end: int,
+    table: dict[tuple[str, int], int],
+    noted: list[IndexFields],
+) -> tuple[int, ScanStop | None]:
+    """:func:`_expose_received` one :func:`check_record` at a time: the walk that tells a
+    filler, a record still arriving and bytes that can never be a record apart."""
     view, base, size_limit = segment.view, segment.base, segment.size
     while pos < end:
         if _awaits_more(view, pos, end, size_limit):
@@ -817,6 +926,6 @@ def _expose_received(
             return pos, stop
         if size < 0:
             return size_limit, None
-        _note_queue_offset(view, pos, table)
+        _note_queue_offset(view, pos, base, table, noted)
         pos += size
     return pos, None

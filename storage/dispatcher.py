@@ -5,9 +5,11 @@ appends of replicated bytes) and recovery (re-dispatching the tail the queues
 may have lost), so the three can never disagree on what an entry is. Only where the
 fields come from differs: the master's own appends hand them over as they write
 (:meth:`CommitLog.take_appended`: the topic, queue, offsets, size and tags hash are
-known there), everything else (replicated bytes, recovery, appends dropped past the
-hand-over's limit) is read back from the record headers in the log. Reading them back
-made indexing about half of a 1 KiB put's CPU; from the hand-over it is about a third.
+known there), and so does a slave's raw append for the records of the chunk it checked
+(it unpacked their headers to check them); everything else (recovery, earlier chunks not
+dispatched yet, appends dropped past the hand-over's limit) is read back from the record
+headers in the log. Reading them back made indexing about half of a 1 KiB put's CPU;
+from the hand-over it is about a third.
 
 Long polls park on their own queue (:meth:`Dispatcher.wait_for_queue`): a dispatch wakes
 only the polls of the queues it added entries to, and a topic deletion those of the

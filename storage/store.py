@@ -281,8 +281,9 @@ class MessageStore:
         """Append bytes replicated from the master at ``offset`` and index the whole records
         among them; return the log's new visible end (see :meth:`CommitLog.append_raw`).
 
-        The dispatcher reads the same bytes the master's did, so the consume queues match
-        the master's. On corrupt data the valid records before it are indexed too.
+        The dispatcher indexes the fields of the same bytes the master's did (handed over
+        by the raw append), so the consume queues match the master's. On corrupt data the
+        valid records before it are indexed too.
         """
         assert not self._cutting, "no write may start while the log is being cut"
         try:

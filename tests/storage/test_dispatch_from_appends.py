@@ -4,7 +4,8 @@ next queue offsets, the dispatched offset, the counters and the long-poll wakeup
 exactly what reading the headers back gives, for any mix of sends, batches, tags, topic
 deletions, producer-batch marks, appends nobody dispatched yet, concurrent sends and
 hand-overs dropped past their limit; and records the appends did not hand over
-(replicated bytes, a cut) are read back."""
+(earlier replicated chunks, a cut) are read back. A slave's raw append hands over the
+fields of the chunk it exposed (tests/storage/test_raw_append_checks.py)."""
 
 from __future__ import annotations
 
@@ -203,8 +204,8 @@ async def test_a_promoted_slave_reads_the_replicated_records_back_then_takes_its
     tmp_path: Path,
 ) -> None:
     """Replicated bytes not dispatched yet, then own appends (a slave promoted to master):
-    one dispatch reads the replicated ones from the log and takes the own ones, and the
-    queues equal a rebuild from the log."""
+    one dispatch reads the earlier chunks' records from the log and takes the handed-over
+    fields of the last chunk's and the own ones, and the queues equal a rebuild from the log."""
     async with MessageStore.open(config_at(tmp_path / "master")) as master:
         for n in range(40):
             await master.put(Message.create(TOPICS[n % 3], b"m" * 900, n % 2, tags=f"t{n}"))
@@ -213,12 +214,14 @@ async def test_a_promoted_slave_reads_the_replicated_records_back_then_takes_its
         ]
     async with MessageStore.open(config_at(tmp_path / "slave")) as slave:
         for base, data in sent:  # raw, not dispatched: the dispatch after the appends finds them
-            await slave.commit_log.append_raw(base, data)
+            for pos in range(0, len(data), 1000):  # chunks that cut records
+                await slave.commit_log.append_raw(base + pos, data[pos : pos + 1000])
         replicated_end = slave.commit_log.max_offset
         for n in range(10):
             await slave.commit_log.append(Message.create("a", b"own" * n, n % 3))
         appended = slave.commit_log._appended
-        assert appended and appended[0][0] == replicated_end, "own appends start a hand-over"
+        assert 0 < appended[0][0] < replicated_end, "the last chunk's records start it"
+        assert appended[-10][0] == replicated_end, "the own ones follow"
         await slave.dispatcher.catch_up()
         reference, reference_queues = reparsing(slave.commit_log, tmp_path / "reference")
         await reference.catch_up()
@@ -261,7 +264,8 @@ async def test_a_cut_forgets_the_appends_it_removed(tmp_path: Path) -> None:
 async def test_replicated_bytes_between_own_appends_are_read_back(tmp_path: Path) -> None:
     """Own appends nobody dispatched, replicated bytes after them, own appends again (a
     node demoted and promoted with no dispatch in between): the replicated record is
-    indexed from its header (the hand-over restarts after it)."""
+    indexed from the fields its raw append handed over (the hand-over restarts with it),
+    the own appends before it are read back from the log."""
     records = [Message.create("a", b"first", 0), Message.create("a", b"own, undispatched", 1)]
     replicated = Message.create("b", b"from the master", 0)
     async with MessageStore.open(config_at(tmp_path / "elsewhere")) as other:
@@ -277,7 +281,9 @@ async def test_replicated_bytes_between_own_appends_are_read_back(tmp_path: Path
         assert await log.append_raw(placed.offset, raw[placed.offset - base :]) == (
             placed.end_offset
         )
-        assert log._appended == [], "replicated bytes end the hand-over"
+        assert [fields[:5] for fields in log._appended] == [
+            (placed.offset, placed.size, "b", 0, 0)
+        ], "replicated bytes restart the hand-over"
         own = await log.append(Message.create("a", b"own again", 1))
         assert await store.dispatcher.catch_up() == 3
         assert entries(store, "b", 0) == [(0, placed.offset, placed.size)]
