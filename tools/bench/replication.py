@@ -3,10 +3,11 @@
 What is measured, and against what
     A log of ``size_bytes`` (fixed-size segment files of random bytes, written to
     the real disk) is streamed chunk by chunk to a receiver in a **separate
-    process** (``python -m tools.bench.replication receive``), which reads each chunk
-    with :func:`replication.transfer.receive_chunk_into` into one reused,
-    pre-touched buffer and reports when the last byte has landed. Each mode runs
-    ``repeats`` times; every figure is the median over the repeats:
+    process** (``python -m tools.bench.replication receive``), which reads the
+    stream the way a slave does, through a :class:`replication.transfer.ChunkReader`
+    (one ``readv`` takes whatever arrived; the chunks are cut out of its buffer), and
+    reports when the last byte has landed. Each mode runs ``repeats`` times; every
+    figure is the median over the repeats:
 
     - ``catchup_sendfile_*``: :func:`send_file_range` with ``os.sendfile`` on trio;
     - ``catchup_copy_*``: the same with ``preadv`` + ``write``;
@@ -67,7 +68,7 @@ from replication.transfer import (
     HEADER_SIZE,
     MSG_MORE,
     ChunkHeader,
-    receive_chunk_into,
+    ChunkReader,
     recv_exactly_into,
     send_file_range,
 )
@@ -508,44 +509,39 @@ async def lag_slave(port: int, directory: Path) -> None:
 
 
 async def receive(port: int, buffer_size: int, rcvbuf: int | None, verify: bool) -> None:
-    """Child side: take chunks into one reused buffer until the master ends the stream.
+    """Child side: read chunks as a slave does (a :class:`ChunkReader` taking chunks of
+    up to ``buffer_size`` bytes) until the master ends the stream.
 
     Checks that chunks arrive in offset order with no gap, then writes a JSON report
     (bytes, seconds, its CPU seconds, CRC32C when ``verify``) back on the socket.
     """
-    area = mmap.mmap(-1, max(buffer_size, mmap.PAGESIZE))
-    area.write(bytes(len(area)))  # touch every page before the clock starts
-    view = memoryview(area)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        with sock:
-            if rcvbuf:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            await sock.connect(("127.0.0.1", port))
-            expected, crc = 0, 0
-            cpu0 = time.process_time()
-            start = math.nan
-            while (header := await receive_chunk_into(sock, view)) is not None:
-                if math.isnan(start):
-                    start = time.perf_counter()
-                if header.offset != expected:
-                    raise RuntimeError(f"chunk at {header.offset}, expected {expected}")
-                if verify:
-                    crc = crc32c(view[: header.length], crc)
-                expected += header.length
-            report = {
-                "bytes": expected,
-                "seconds": time.perf_counter() - start if expected else 0.0,
-                "cpu_s": time.process_time() - cpu0,
-                "crc": crc,
-            }
-            out = memoryview(json.dumps(report).encode())
-            while out:
-                out = out[await sock.send(out) :]
-            await recv_exactly_into(sock, memoryview(bytearray(1)))  # master closes: done
-    finally:
-        view.release()
-        area.close()
+    with sock:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        reader = ChunkReader(sock, buffer_size)
+        expected, crc = 0, 0
+        cpu0 = time.process_time()
+        start = math.nan
+        while (header := await reader.next_chunk()) is not None:
+            if math.isnan(start):
+                start = time.perf_counter()
+            if header.offset != expected:
+                raise RuntimeError(f"chunk at {header.offset}, expected {expected}")
+            if verify:
+                crc = crc32c(reader.data, crc)
+            expected += header.length
+        report = {
+            "bytes": expected,
+            "seconds": time.perf_counter() - start if expected else 0.0,
+            "cpu_s": time.process_time() - cpu0,
+            "crc": crc,
+        }
+        out = memoryview(json.dumps(report).encode())
+        while out:
+            out = out[await sock.send(out) :]
+        await recv_exactly_into(sock, memoryview(bytearray(1)))  # master closes: done
 
 
 # ---- command line ----------------------------------------------------------------------------
