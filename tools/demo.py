@@ -33,6 +33,9 @@ TOPIC = "demo"
 QUEUES = 4
 SEGMENT = 1 << 20
 PRODUCERS = 16
+LEADER_ONLY = 12
+LEADER_ONLY_BYTES = 64 * 1024
+"""12 x 64 KiB at acks=leader while the slaves are stopped: more than their sockets take in."""
 
 
 def body_for(seq: int) -> bytes:
@@ -299,7 +302,8 @@ async def automatic_failover(root: Path, acks_wanted: int) -> int:
                         cluster.resume(name)
                 print(
                     f"  {len(acked)} acks at acks=replicated; the slaves paused while the master "
-                    f"took {tail} bytes at acks=leader (on it alone); master {first} SIGKILLed"
+                    f"took {tail} bytes at acks=leader (more than a stopped slave's socket "
+                    f"holds: part is on the master alone); master {first} SIGKILLed"
                 )
                 second = await cluster.wait_for_master(other_than=first)
                 timings.append(("kill -> new master elected", time.perf_counter() - killed_at[0]))
@@ -350,9 +354,14 @@ async def automatic_failover(root: Path, acks_wanted: int) -> int:
 
 
 async def _divergent_tail(cluster: LocalCluster, master: str) -> int:
-    """SIGSTOP every slave, then send a few messages at acks=leader (appended on the
-    master alone, a level that promises nothing across its loss): the tail the old master
-    will have to cut when it comes back. Returns how many bytes the master appended."""
+    """SIGSTOP every slave, then send messages at acks=leader (appended on the master
+    alone, a level that promises nothing across its loss): the tail the old master will
+    have to cut when it comes back. Returns how many bytes the master appended.
+
+    A stopped slave's kernel still takes what the master sends into its socket, and the
+    slave applies it once resumed; so the tail is larger than its receive window (which
+    stays at its initial size while nothing reads it), and part of it surely stays on
+    the old master alone."""
     for name in cluster.names:
         if name != master:
             cluster.pause(name)
@@ -360,8 +369,9 @@ async def _divergent_tail(cluster: LocalCluster, master: str) -> int:
     before = (await cluster.view(master)).log_end or 0
     async with open_client(address, failover_timeout=0.0) as client:
         producer = client.producer(acks="leader", retries=0)
-        for seq in range(8):
-            await producer.send(TOPIC, b"leader-only %d" % seq, queue=seq % QUEUES)
+        for seq in range(LEADER_ONLY):
+            body = (b"leader-only %d " % seq).ljust(LEADER_ONLY_BYTES, b"x")
+            await producer.send(TOPIC, body, queue=seq % QUEUES)
     return ((await cluster.view(master)).log_end or 0) - before
 
 
