@@ -235,6 +235,11 @@ class _StaleMaster(Exception):
     """Fails the confirm-offset waiters once the master is stale (turned into False)."""
 
 
+class _HAStopped(_StaleMaster):
+    """Fails the confirm-offset waiters once :meth:`HAService.serve` has ended (a
+    coordinated master that stepped down closed its HA port): turned into False."""
+
+
 @attrs.frozen
 class LagReport:
     """The connected slaves split by the in-sync decision, each with its lag."""
@@ -876,7 +881,9 @@ class HAService:
         """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
         needs :meth:`serve` running: it runs the deadline timer), and False at once
         when this master is :attr:`stale` (waits parked before that wake with False):
-        a newer master exists, so what we replicate may be cut on every slave."""
+        a newer master exists, so what we replicate may be cut on every slave. Once
+        :meth:`serve` has ended (no slave acks, no deadline timer) it answers False at
+        once too, and so do the waits parked then."""
         if self.stale is not None:
             await trio.lowlevel.checkpoint()
             return False
@@ -950,6 +957,9 @@ class HAService:
             finally:
                 if dispatcher.on_dispatched == self._appended:
                     dispatcher.on_dispatched = None
+                # No slave acknowledges from now on, and the deadline timer stopped with
+                # this nursery: a replicated wait parked now (or later) would never end.
+                self._confirmed.fail(_HAStopped("this master's HA service stopped"))
 
     def fsync_before_next_send(self) -> None:
         """Have the next append's group commit start before its bytes go to the slaves
