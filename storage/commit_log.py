@@ -802,7 +802,13 @@ def _copy_in(segment: MappedFile, pos: int, data: bytes | memoryview) -> None:
     if length >= _PWRITE_MIN:
         try:
             written = _pwrite(segment.fd, data, pos)
-        except OSError:
+        except OSError as exc:  # the map may still take it; the next fsync reports a bad disk
+            log.warning(
+                "raw_append_pwrite_failed path=%s pos=%d error=%s fallback=map",
+                segment.path,
+                pos,
+                exc.strerror,
+            )
             written = 0
         if written == length:
             return

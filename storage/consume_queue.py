@@ -5,7 +5,7 @@ Entry ``n`` of a queue describes the record with queue offset ``n``, in 20 bytes
 at byte ``n * 20`` of the queue's address space, split into files of
 ``entries_per_file`` entries named like segments. An all-zero entry is empty.
 Queues are rebuilt from the commit log whenever they are missing or behind, so
-they are flushed lazily and never need their own recovery format.
+they are flushed lazily; the one thing they keep that the log may not is below.
 
 What the log cannot tell is where a queue starts once retention took its first
 records: entries below a queue's start that point below the log's start say it
