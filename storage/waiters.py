@@ -67,16 +67,7 @@ class OffsetWaiters:
         if offset <= self._position:
             await trio.lowlevel.checkpoint()
             return True
-        seq = next(self._seq)
-        entry = [offset, seq, trio.lowlevel.current_task(), deadline]
-        heapq.heappush(self._heap, entry)
-        if deadline != math.inf:
-            deadlines = self._deadlines
-            while deadlines and deadlines[0][2][_TASK] is None:  # prune finished waiters
-                heapq.heappop(deadlines)
-            heapq.heappush(deadlines, (deadline, seq, entry))
-            if deadline < self._timer_target:
-                self._timer_wake.set()
+        entry = self._register(trio.lowlevel.current_task(), offset, deadline)
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             entry[_TASK] = None  # lazily dropped from the heaps
@@ -95,6 +86,11 @@ class OffsetWaiters:
         first, and wake it only if that returns True (a task is woken once)."""
         if self._failure is not None or offset <= self._position:
             return None
+        return WakeHandle(self._register(task, offset, deadline))
+
+    def _register(self, task: trio.lowlevel.Task, offset: int, deadline: float) -> list:
+        """Enter ``task`` as a waiter for ``offset`` (and its deadline, if any); the
+        entry is what the wakers clear to drop it lazily."""
         seq = next(self._seq)
         entry = [offset, seq, task, deadline]
         heapq.heappush(self._heap, entry)
@@ -105,7 +101,7 @@ class OffsetWaiters:
             heapq.heappush(deadlines, (deadline, seq, entry))
             if deadline < self._timer_target:
                 self._timer_wake.set()
-        return WakeHandle(entry)
+        return entry
 
     def rewind(self, position: int) -> int:
         """The log was cut at ``position``: move the position back, and wake every waiter
