@@ -469,7 +469,7 @@ def _read_through_chunk_reader(
                     at += size
                     if at >= len(stream):
                         break
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 left.shutdown(socket.SHUT_WR)
 
             reader = ChunkReader(right, max_length)

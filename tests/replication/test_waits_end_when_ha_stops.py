@@ -1,4 +1,5 @@
-"""Review findings of 2026-12-01 (second round) in the master's confirm-offset waits."""
+"""A write waiting for slave acks is answered when the HA service stops (a coordinated
+master stepping down closes its HA port, and with it the task that expires deadlines)."""
 
 from __future__ import annotations
 
