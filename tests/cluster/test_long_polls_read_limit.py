@@ -18,7 +18,7 @@ import trio.testing
 
 from cluster.node import Node
 from cluster.protocol import Status
-from tests.cluster.test_server import client, node_config, running, until
+from tests.cluster.test_server import client, master_and_slave, node_config, running, until
 
 POLL_WAIT_MS = 60_000
 ANSWER_BOUND_S = 20
@@ -27,23 +27,13 @@ ANSWER_BOUND_S = 20
 @contextlib.asynccontextmanager
 async def master_with_slave(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     """A master and a slave ``s1`` following it, in sync, with topic ``t`` on both."""
-    async with running(node_config(tmp_path / "m", replication={"ha_port": 0})) as master:
-        assert master.ha_address is not None and master.address is not None
-        slave_config = node_config(
-            tmp_path / "s",
-            replication={
-                "role": "slave",
-                "master_ha": "{}:{}".format(*master.ha_address),
-                "master_client": "{}:{}".format(*master.address),
-            },
-        )
-        async with running(slave_config) as slave, client(master) as admin:
-            ha = master.ha
-            assert ha is not None
-            await until(lambda: len(ha.in_sync_slaves()) == 1)
-            await admin.ok("create_topic", topic="t", queues=2)
-            await slave.sync_topics_now()
-            yield master, slave
+    async with master_and_slave(tmp_path) as (master, slave), client(master) as admin:
+        ha = master.ha
+        assert ha is not None
+        await until(lambda: len(ha.in_sync_slaves()) == 1)
+        await admin.ok("create_topic", topic="t", queues=2)
+        await slave.sync_topics_now()
+        yield master, slave
 
 
 async def _one_send_answers_the_poll(master: Node, polled: Node) -> None:

@@ -92,6 +92,23 @@ async def running(config: NodeConfig) -> AsyncIterator[Node]:
             node.request_shutdown()
 
 
+@asynccontextmanager
+async def master_and_slave(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """A master with an HA port and a slave that follows it and reads its topic list."""
+    async with running(node_config(tmp_path / "master", replication={"ha_port": 0})) as master:
+        assert master.ha_address is not None and master.address is not None
+        slave_config = node_config(
+            tmp_path / "slave",
+            replication={
+                "role": "slave",
+                "master_ha": "{}:{}".format(*master.ha_address),
+                "master_client": "{}:{}".format(*master.address),
+            },
+        )
+        async with running(slave_config) as slave:
+            yield master, slave
+
+
 class Raw:
     """A bare protocol client: frames out, decoded responses in, nothing else."""
 

@@ -15,7 +15,7 @@ import trio.testing
 from cluster.node.acks import AckPolicy
 from cluster.protocol import Acks, Status, encode_request
 from cluster.server.connection import Connection
-from tests.cluster.test_server import client, node_config, running
+from tests.cluster.test_server import client, master_and_slave, node_config, running
 
 
 class TaskSteps(trio.abc.Instrument):
@@ -172,19 +172,9 @@ async def test_the_slaves_ack_wakes_the_idle_ack_task_which_answers_in_that_step
     reader registers the idle task with the policy, and the ack that moves the confirm
     offset past the write wakes it once, to answer."""
     steps = TaskSteps("Connection._await_acks")
-    master_config = node_config(tmp_path / "master", replication={"ha_port": 0})
-    async with running(master_config) as master:
-        assert master.ha_address is not None and master.address is not None
+    async with master_and_slave(tmp_path) as (master, _slave):
         assert master.ha is not None
-        slave_config = node_config(
-            tmp_path / "slave",
-            replication={
-                "role": "slave",
-                "master_ha": "{}:{}".format(*master.ha_address),
-                "master_client": "{}:{}".format(*master.address),
-            },
-        )
-        async with running(slave_config), client(master) as raw:
+        async with client(master) as raw:
             await raw.ok("create_topic", topic="t", queues=1)
             while master.ha.in_sync_count() < 1:
                 await master.ha.wait_membership_change()

@@ -3,17 +3,14 @@ queue count (``alter_topic``), over the wire of an in-process node."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from cluster.node import Node
 from cluster.node.acks import SlaveAcks, StandaloneAcks
 from cluster.protocol import Status, queue_for_key
-from tests.cluster.test_server import client, node_config, running
+from tests.cluster.test_server import client, master_and_slave, node_config, running
 
 
 @attrs.frozen
@@ -24,24 +21,6 @@ class ConfirmedUpTo:
 
     def read_limit(self) -> int:
         return self.offset
-
-
-@contextlib.asynccontextmanager
-async def _master_and_slave(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
-    """A master with an HA port and a slave that follows it and reads its topic list."""
-    master_config = node_config(tmp_path / "master", replication={"ha_port": 0})
-    async with running(master_config) as master:
-        assert master.ha_address is not None and master.address is not None
-        slave_config = node_config(
-            tmp_path / "slave",
-            replication={
-                "role": "slave",
-                "master_ha": "{}:{}".format(*master.ha_address),
-                "master_client": "{}:{}".format(*master.address),
-            },
-        )
-        async with running(slave_config) as slave:
-            yield master, slave
 
 
 async def test_offsets_for_time_finds_the_first_message_stored_at_or_after_it(
@@ -121,7 +100,7 @@ async def test_alter_topic_grows_the_queue_count_and_refuses_to_shrink(tmp_path:
 
 async def test_a_slave_follows_a_grown_queue_count(tmp_path: Path) -> None:
     async with (
-        _master_and_slave(tmp_path) as (master, slave),
+        master_and_slave(tmp_path) as (master, slave),
         client(master) as c,
         client(slave) as s,
     ):
@@ -195,7 +174,7 @@ async def test_writes_racing_a_deletion_are_answered_and_nothing_crashes(tmp_pat
 
 async def test_a_slave_forgets_a_deleted_topic_and_its_queues(tmp_path: Path) -> None:
     async with (
-        _master_and_slave(tmp_path) as (master, slave),
+        master_and_slave(tmp_path) as (master, slave),
         client(master) as c,
         client(slave) as s,
     ):
