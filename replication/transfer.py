@@ -110,6 +110,9 @@ _HEADER = struct.Struct("!IHHQII")
 header CRC32C u32 (over the 20 bytes before it). 24 bytes, so the u64 stays 8-aligned."""
 HEADER_SIZE = _HEADER.size
 _CRC_SPAN = HEADER_SIZE - 4
+_LENGTH = struct.Struct("!I")
+_LENGTH_AT = struct.calcsize("!IHHQ")
+"""Where the length field sits in :data:`_HEADER` (:meth:`ChunkReader.buffered` reads it)."""
 MAX_LENGTH = 0xFFFFFFFF
 
 HAVE_SENDFILE = hasattr(os, "sendfile")
@@ -523,8 +526,15 @@ class ChunkReader:
         """The data of the chunk :meth:`next_chunk` returned last."""
 
     def buffered(self) -> bool:
-        """Whether a whole frame (header and data) waits in the buffer."""
-        return _whole_frame(self._buffer, self._start, self._end) is not None
+        """Whether a whole frame (header and data) waits in the buffer. It trusts the
+        length field unchecked: the header itself is checked when :meth:`next_chunk`
+        reads it (a bad one counts as buffered, and the caller acks what it applied
+        before it on the error)."""
+        got = self._end - self._start
+        if got < HEADER_SIZE:
+            return False
+        (length,) = _LENGTH.unpack_from(self._buffer, self._start + _LENGTH_AT)
+        return got >= HEADER_SIZE + length
 
     async def next_chunk(self) -> ChunkHeader | None:
         """The next chunk's header (its data in :attr:`data`), or ``None`` if the
@@ -584,13 +594,3 @@ class ChunkReader:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self._end += count
         return count > 0
-
-
-def _whole_frame(buffer: bytearray, start: int, end: int) -> int | None:
-    """The size of the whole frame at ``buffer[start:end]``, or None if it is not all
-    there (the header is checked when it is read, not here)."""
-    if end - start < HEADER_SIZE:
-        return None
-    length = int.from_bytes(buffer[start + 16 : start + 20], "big")
-    frame = HEADER_SIZE + length
-    return frame if end - start >= frame else None
