@@ -840,12 +840,18 @@ def _note_queue_offset(
     fields = _unpack_header(view, pos)
     topic_start = pos + HEADER_SIZE
     topic = str(view[topic_start : topic_start + fields[12]], "ascii")
-    flags = fields[3]
-    if flags & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
+    _note(table, noted, (base + pos, fields[0], topic, fields[4], fields[6], fields[10], fields[3]))
+
+
+def _note(table: dict[tuple[str, int], int], noted: list[IndexFields], fields: IndexFields) -> None:
+    """Advance the record's (topic, queue) next queue offset in ``table`` (a topic
+    deletion marker starts its topic again at 0) and note its index fields."""
+    _, _, topic, queue_id, queue_offset, _, flags = fields
+    if flags & FLAG_TOPIC_DELETED:
         forget_topic(table, topic)
     else:
-        table[(topic, fields[4])] = fields[6] + 1
-    noted.append((base + pos, fields[0], topic, fields[4], fields[6], fields[10], flags))
+        table[(topic, queue_id)] = queue_offset + 1
+    noted.append(fields)
 
 
 def forget_topic(table: dict[tuple[str, int], int], topic: str) -> None:
@@ -902,11 +908,7 @@ def _expose_received(
             break
         topic_at = pos + HEADER_SIZE
         topic = str(view[topic_at : topic_at + topic_size], "ascii")
-        if flags & FLAG_TOPIC_DELETED:  # the topic starts again at queue offset 0
-            forget_topic(table, topic)
-        else:
-            table[(topic, queue_id)] = queue_offset + 1
-        noted.append((physical, size, topic, queue_id, queue_offset, tags, flags))
+        _note(table, noted, (physical, size, topic, queue_id, queue_offset, tags, flags))
         pos = record_end
     return _expose_checked(segment, pos, end, table, noted)
 
