@@ -383,20 +383,17 @@ class Connection:
         if self._closed is not None:
             raise NotSentError(self._closed)
         req_id = next(self._ids)
-        if self._compact_sends:
-            # A one-message send in the common shape goes as a compact send (fixed layout).
-            frame = request_frame(op, req_id, fields, max_frame_size=self._max_frame_size)
-            version = PROTOCOL_VERSION
-        else:  # until an answer shows the node speaks version 2: CBOR maps only
-            version = self._version
-            frame = request_frame(
-                op,
-                req_id,
-                fields,
-                max_frame_size=self._max_frame_size,
-                version=version,
-                compact=False,
-            )
+        # Once an answer showed the node speaks version 2 (_compact_sends), a one-message
+        # send in the common shape goes as a compact send (fixed layout); CBOR maps before.
+        version = self._version
+        frame = request_frame(
+            op,
+            req_id,
+            fields,
+            max_frame_size=self._max_frame_size,
+            version=version,
+            compact=self._compact_sends,
+        )
         slot = _Slot(self._new_event())
         waiting = self._waiting
         waiting[req_id] = slot

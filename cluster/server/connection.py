@@ -449,36 +449,9 @@ class Connection:
         self._holding = False
         self._write_now()
         try:
-            return await self._resume_held(coroutine, trap)
+            return await _resume(coroutine, trap, holder=self)
         finally:
             self._holding = True
-
-    @types.coroutine
-    def _resume_held(
-        self, coroutine: Coroutine[Any, Any, _T], trap: Any
-    ) -> Generator[Any, Any, _T]:
-        """:func:`_resume` for a holding task: each step of ``coroutine`` runs holding
-        (an answer it queues, such as the one its wake-up makes, wakes no writer), and
-        what it queued is written before it waits again. Without this, a released ack
-        wait woke the writer task for an answer the ack queue's task wrote itself right
-        after: a wasted task step per sequential write."""
-        while True:
-            try:
-                value = yield trap
-            except BaseException as exc:  # a cancellation, delivered where it waits
-                self._holding = True
-                try:
-                    trap = coroutine.throw(exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                self._holding = True
-                try:
-                    trap = coroutine.send(value)
-                except StopIteration as done:
-                    return done.value
-            self._holding = False  # it waits again: what it queued goes out first
-            self._write_now()
 
     async def _finish(self, req_id: int, op: str, deferred: Deferred, answer_version: int) -> None:
         try:
@@ -660,22 +633,37 @@ class Connection:
 
 
 @types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, _T], trap: Any) -> Generator[Any, Any, _T]:
+def _resume(
+    coroutine: Coroutine[Any, Any, _T], trap: Any, holder: Connection | None = None
+) -> Generator[Any, Any, _T]:
     """Go on awaiting ``coroutine``, which has run up to the yield of ``trap`` (a
-    ``yield from`` whose first step was taken by hand: see :meth:`Connection._held`)."""
+    ``yield from`` whose first step was taken by hand: see :meth:`Connection._held`).
+
+    With a ``holder`` (the connection whose task holds its answers) each step of
+    ``coroutine`` runs holding, so an answer it queues (such as the one its wake-up
+    makes) wakes no writer, and what it queued is written before it waits again.
+    Without this, a released ack wait woke the writer task for an answer the ack
+    queue's task wrote itself right after: a wasted task step per sequential write."""
     while True:
         try:
             value = yield trap
         except BaseException as exc:  # a cancellation, delivered where it waits
+            if holder is not None:
+                holder._holding = True
             try:
                 trap = coroutine.throw(exc)
             except StopIteration as done:
                 return done.value
         else:
+            if holder is not None:
+                holder._holding = True
             try:
                 trap = coroutine.send(value)
             except StopIteration as done:
                 return done.value
+        if holder is not None:  # it waits again: what it queued goes out first
+            holder._holding = False
+            holder._write_now()
 
 
 def _buffers(

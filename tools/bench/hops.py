@@ -109,11 +109,7 @@ def breakdown(
         add("admit_to_wait", wait, admit)
         arrival = m.get("m.arrival", {}).get(end)
         add("admit_to_arrival", arrival, admit)
-        sends_at = [at for name in s if (at := m.get(f"m.send:{name}", {}).get(end)) is not None]
-        if sends_at and len(sends_at) == len(s):
-            add("arrival_to_first_send", min(sends_at), arrival)
-            add("arrival_to_last_send", max(sends_at), arrival)
-        calls = sorted(
+        calls = sorted(  # (send started, send call returned) per slave, first send first
             (
                 (started, m.get(f"m.sent:{name}", {}).get(end))
                 for name in s
@@ -122,6 +118,8 @@ def breakdown(
             key=lambda call: call[0],
         )
         if calls and len(calls) == len(s):
+            add("arrival_to_first_send", calls[0][0], arrival)
+            add("arrival_to_last_send", calls[-1][0], arrival)
             add("first_send_call", calls[0][1], calls[0][0])
             add("last_send_call", calls[-1][1], calls[-1][0])
         heard = []
