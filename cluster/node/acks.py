@@ -236,22 +236,19 @@ class ReplicatedAcks:
         queue of waits (see ``cluster.server.connection``) releases every satisfied
         one in the same pass and their answers leave in one send."""
         ha = self._ha
+        deadline: float | None = None
         if acks is not _IN_SYNC:
             deadline = trio.current_time() + timeout_ms / 1000  # one budget for both steps
             status, error = await self._durable.wait(acks, end_offset, timeout_ms)
             if acks is not _REPLICATED or status is not Status.OK:
                 return status, error
-            replicated = ha.replicated_now(end_offset) or await ha.wait_replicated(
-                end_offset, deadline
-            )
-        else:
-            if hop_trace.enabled:
-                hop_trace.record("m.wait", end_offset)
-            # The clock is read only by a write that has to wait: most of a released
-            # batch are covered already (nothing awaited before this, so same deadline).
-            replicated = ha.replicated_now(end_offset) or await ha.wait_replicated(
-                end_offset, trio.current_time() + timeout_ms / 1000
-            )
+        elif hop_trace.enabled:
+            hop_trace.record("m.wait", end_offset)
+        # in_sync reads the clock only when it has to wait: most of a released batch are
+        # covered already (nothing awaited before this, so the deadline is the same).
+        replicated = ha.replicated_now(end_offset) or await ha.wait_replicated(
+            end_offset, trio.current_time() + timeout_ms / 1000 if deadline is None else deadline
+        )
         if replicated:
             failure = self._ha.store.commit_log.failure
             if failure is not None:  # the master's page cache is suspect after a failed fsync
