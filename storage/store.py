@@ -664,15 +664,19 @@ class MessageStore:
     async def delete_oldest_segments(self, count: int) -> int:
         """Retention: delete the ``count`` oldest segments (never the active one) and move
         the consume queues' starts along. The checkpoint names the new first segment
-        before anything is deleted, so a kill in between is finished at the next start."""
+        before anything is deleted, so a kill in between is finished at the next start.
+        It also says the queues are on disk up to the dispatched records (recovery
+        trusts their entries there), so the queue files are fsynced first."""
         async with self._flush_all_lock:
             segments = self.commit_log.files.segments
             count = min(count, len(segments) - 1)
             if count <= 0:
                 return 0
+            dispatched = self.dispatcher.offset  # every entry below it is in the maps
+            await trio.to_thread.run_sync(sync_segments, self.queues.dirty_segments())
             await self._save_checkpoint(
                 clean=False,
-                queues_flushed=min(self.dispatcher.offset, self.commit_log.flushed_offset),
+                queues_flushed=min(dispatched, self.commit_log.flushed_offset),
                 first_segment=segments[count].base,
             )
             deleted = await self.commit_log.delete_oldest(count)

@@ -4,6 +4,8 @@ service on a real store (a full disk refuses writes unless configured to delete)
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -11,8 +13,11 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from storage import DiskFullError, Message, MessageStore, StoreConfig
+from storage import DiskFullError, Message, MessageStore, StoreConfig, sync_log
+from storage.checkpoint import load_checkpoint
 from storage.retention import segments_to_delete
+from storage.sync_log import SyncLog
+from tools.faults.disk import apply_power_loss, read_sync_log
 
 SEGMENT = 1 << 20
 RETENTION = 3600.0
@@ -206,3 +211,56 @@ async def test_forced_deletion_under_pressure_only_when_configured_and_logged(
         assert len(warnings) == 1
         assert all(str(path) in warnings[0] for path in segments[:-1])
         assert store.min_offset == store.commit_log.files.segments[0].base
+
+
+# ---- retention's checkpoint and a power loss --------------------------------------------------
+
+
+async def test_a_power_loss_after_retention_keeps_every_queue_entry_its_checkpoint_trusts(
+    store_config: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention writes a checkpoint (naming the new first segment) that also says the
+    consume queues are on disk up to the dispatched records: recovery then trusts every
+    entry below that and re-dispatches nothing there. Fails on the old code: the queue
+    files were never fsynced before that checkpoint, so a power loss right after it
+    dropped entries recovery trusted (a queue with no later record came back short,
+    its next message reusing queue offsets already handed out)."""
+    recorded = SyncLog(tmp_path / "sync.jsonl")
+    monkeypatch.setattr(sync_log, "ACTIVE", recorded)
+    config = attrs.evolve(
+        store_config, flush_interval_ms=10**7, flush_thorough_interval_ms=10**7, preallocate=False
+    )
+    async with MessageStore.open(config) as store:
+        for _ in range(40):  # a queue that takes no more records after these
+            await store.put(Message.create("early", b"e" * 3000, 0))
+        for _ in range(60):
+            await store.put(Message.create("late", b"l" * 3000, 0))
+        await store.commit_log.flush()  # the log is durable: only the queues are not
+        assert await store.delete_oldest_segments(1) == 1
+        survived = consume_entries(store)
+        store.abandon()
+    recorded.close()
+    monkeypatch.setattr(sync_log, "ACTIVE", None)
+    checkpoint = load_checkpoint(config.checkpoint_path)
+    assert checkpoint is not None and not checkpoint.clean
+    assert checkpoint.consume_queue_flushed == checkpoint.commit_log_flushed  # all trusted
+
+    syncs = read_sync_log(recorded.path, config.data_dir)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(config.data_dir, pristine)
+    for seed in range(6):  # each a power loss that keeps some unsynced pages, drops others
+        shutil.rmtree(config.data_dir)
+        shutil.copytree(pristine, config.data_dir)
+        apply_power_loss(config.data_dir, syncs, seed=seed, drop_unrecorded=True)
+        async with MessageStore.open(config) as store:
+            assert not store.recovery.durable_lost
+            assert consume_entries(store) == survived, f"seed {seed}"
+            store.abandon()
+
+
+def consume_entries(store: MessageStore) -> dict[tuple[str, int], tuple[int, int, list[Any]]]:
+    """Every queue: (min, max, entries)."""
+    return {
+        key: (queue.min_offset, queue.max_offset, list(queue.entries(0, 1 << 30)))
+        for key, queue in store.queues.queues.items()
+    }
