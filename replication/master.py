@@ -1,10 +1,14 @@
 """The master's side of replication: one :class:`HAConnection` per slave stream and the
 :class:`HAService` that accepts slaves and keeps the confirm offset.
 
-What the master acknowledges to producers is the *confirm offset*: the smallest ack
-among the *in-sync* slaves (:mod:`replication.insync`), never moving back
-(:func:`replication.state.next_confirm_offset`). Liveness: the master sends an empty
-chunk when idle for ``heartbeat_ms`` and drops a slave silent for ``peer_timeout_ms``.
+What consumers read up to is the *confirm offset*: the smallest ack among the
+*in-sync* slaves (:mod:`replication.insync`), never moving back
+(:func:`replication.state.next_confirm_offset`). What the master acknowledges to
+producers is the *replicated offset*: the same rule, counted only while at least the
+ack policy's ``min_insync_replicas`` slaves are in sync
+(:meth:`HAService.require_in_sync`), so a slave dropping out after a write was admitted
+never lets fewer acknowledge it. Liveness: the master sends an empty chunk when idle
+for ``heartbeat_ms`` and drops a slave silent for ``peer_timeout_ms``.
 The frames are :mod:`replication.wire`'s, the decisions :mod:`replication.state`'s.
 
 Epochs are active when the service is given a non-empty history: a slave whose current
@@ -765,7 +769,10 @@ class HAService:
     """The master's replication endpoint: accepts slaves, one :class:`HAConnection` each,
     and keeps the confirm offset for producers waiting on replication.
 
-    Invariants: :attr:`confirm_offset` never moves back (asserted at each update); once
+    Invariants: :attr:`confirm_offset` and :attr:`replicated_offset` never move back
+    (asserted at each update), and the replicated offset never passes the confirm
+    offset; every advance of the replicated offset was acknowledged by at least
+    :attr:`min_insync_replicas` in-sync slaves; once
     :attr:`stale` is set it stays and no wait answers True again. A slave name is its
     identity: a slave that reconnects under the same name replaces its old connection.
 
@@ -816,8 +823,14 @@ class HAService:
         self.connections: dict[str, HAConnection] = {}
         self._tls_context: ssl.SSLContext | None = None
         """Built from ``settings.tls`` when :meth:`serve` starts (None: plain TCP)."""
-        self._confirmed = OffsetWaiters()
-        self._confirmed.advance(0)  # an empty prefix is always replicated
+        self._confirm = 0
+        """The confirm offset (consumers' read limit)."""
+        self.min_insync_replicas = 1
+        """In-sync slaves an advance of the replicated offset needs (see
+        :meth:`require_in_sync`)."""
+        self._replicated = OffsetWaiters()
+        """The replicated offset, with the writes waiting for it."""
+        self._replicated.advance(0)  # an empty prefix is always replicated
         self._fsync_first = False
         """An ``acks=replicated`` write was admitted: fsync before sending its append."""
         self.on_confirm_moved: Callable[[], None] | None = None
@@ -827,7 +840,21 @@ class HAService:
     @property
     def confirm_offset(self) -> int:
         """Every byte below it was acknowledged by every slave in sync when it was."""
-        return self._confirmed.position
+        return self._confirm
+
+    @property
+    def replicated_offset(self) -> int:
+        """Every byte below it was acknowledged by every slave in sync when it was, and
+        those were at least :attr:`min_insync_replicas`: what releases acks."""
+        return self._replicated.position
+
+    def require_in_sync(self, min_insync_replicas: int) -> None:
+        """Have the replicated offset (and so every ack that waits for it) advance only
+        while at least ``min_insync_replicas`` slaves are in sync. The ack policy sets
+        it (its ``min_insync_replicas``, which with etcd is the group's recorded one)."""
+        if min_insync_replicas < 1:
+            raise ValueError(f"min_insync_replicas must be at least 1, got {min_insync_replicas}")
+        self.min_insync_replicas = min_insync_replicas
 
     def in_sync_slaves(self) -> dict[str, int]:
         """The in-sync slaves' ack offsets, by name, judged now; only members count."""
@@ -859,26 +886,26 @@ class HAService:
         return self.insync.lags(self.store.commit_log.max_offset, trio.current_time())
 
     def replicated_now(self, offset: int) -> bool:
-        """Whether :meth:`wait_replicated` would answer True at once: the confirm offset
-        reached ``offset`` and this master is not stale (no scheduling point: the caller
-        answers a satisfied write in the same pass)."""
-        return self.stale is None and offset <= self._confirmed.position
+        """Whether :meth:`wait_replicated` would answer True at once: the replicated
+        offset reached ``offset`` and this master is not stale (no scheduling point: the
+        caller answers a satisfied write in the same pass)."""
+        return self.stale is None and offset <= self._replicated.position
 
     def wake_when_replicated(
         self, task: trio.lowlevel.Task, offset: int, deadline: float
     ) -> WakeHandle | None:
-        """Have ``task`` (parked by its own means) woken once the confirm offset reaches
-        ``offset``, at ``deadline``, or when this master turns stale, as
+        """Have ``task`` (parked by its own means) woken once the replicated offset
+        reaches ``offset``, at ``deadline``, or when this master turns stale, as
         :meth:`wait_replicated` would wake it (see :meth:`OffsetWaiters.wake_task`);
         None when nothing was registered (stale, or reached already). Lets a connection's
         idle ack task be woken by the ack that releases its write, with no step of its
         own before (it would only park on :meth:`wait_replicated`)."""
         if self.stale is not None:
             return None
-        return self._confirmed.wake_task(task, offset, deadline)
+        return self._replicated.wake_task(task, offset, deadline)
 
     async def wait_replicated(self, offset: int, deadline: float = math.inf) -> bool:
-        """True once the confirm offset reaches ``offset``; False at ``deadline`` (which
+        """True once the replicated offset reaches ``offset``; False at ``deadline`` (which
         needs :meth:`serve` running: it runs the deadline timer), and False at once
         when this master is :attr:`stale` (waits parked before that wake with False):
         a newer master exists, so what we replicate may be cut on every slave. Once
@@ -888,7 +915,7 @@ class HAService:
             await trio.lowlevel.checkpoint()
             return False
         try:
-            return await self._confirmed.wait(offset, deadline)
+            return await self._replicated.wait(offset, deadline)
         except _StaleMaster:
             return False
 
@@ -950,7 +977,7 @@ class HAService:
             dispatcher.on_dispatched = self._appended
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._confirmed.expire_deadlines)
+                    nursery.start_soon(self._replicated.expire_deadlines)
                     nursery.start_soon(self._watch_in_sync)
                     task_status.started(bound)
                     await self._accept_loop(listener, nursery)
@@ -959,7 +986,7 @@ class HAService:
                     dispatcher.on_dispatched = None
                 # No slave acknowledges from now on, and the deadline timer stopped with
                 # this nursery: a replicated wait parked now (or later) would never end.
-                self._confirmed.fail(_HAStopped("this master's HA service stopped"))
+                self._replicated.fail(_HAStopped("this master's HA service stopped"))
 
     def fsync_before_next_send(self) -> None:
         """Have the next append's group commit start before its bytes go to the slaves
@@ -1127,7 +1154,7 @@ class HAService:
             return
         self.stale = reason
         log.error("ha_master_stale %s acks=stopped", reason)
-        self._confirmed.fail(_StaleMaster(reason))
+        self._replicated.fail(_StaleMaster(reason))
 
     def _on_ack(self, name: str, offset: int) -> None:
         end, now = self.store.commit_log.max_offset, trio.current_time()
@@ -1136,10 +1163,11 @@ class HAService:
         self._update_confirm(end, now)
 
     def _update_confirm(self, end: int | None = None, now: float | None = None) -> None:
-        """Advance the confirm offset (:func:`~replication.state.next_confirm_offset`) and
-        log membership changes; ``end`` and ``now`` (the log end and the time, read
-        here when not given) are what the in-sync set is judged at. An ack's update
-        reads each once for the whole of it."""
+        """Advance the confirm and replicated offsets
+        (:func:`~replication.state.next_confirm_offset`) and log membership changes;
+        ``end`` and ``now`` (the log end and the time, read here when not given) are
+        what the in-sync set is judged at. An ack's update reads each once for the
+        whole of it."""
         if end is None:
             end = self.store.commit_log.max_offset
         if now is None:
@@ -1151,14 +1179,19 @@ class HAService:
             self._in_sync_names = names
             self._membership_changed.set()
             self._membership_changed = trio.Event()
-        before = self._confirmed.position
+        released = self._replicated.position
+        replicated = next_confirm_offset(released, in_sync, self.min_insync_replicas)
+        before = self._confirm
         after = next_confirm_offset(before, in_sync)
         assert after >= before, f"confirm offset moved back from {before} to {after}"
         assert after <= end or after == before, f"confirm offset {after} past the log end {end}"
-        if after > before:
+        assert replicated <= after, f"replicated offset {replicated} past the confirm {after}"
+        if replicated > released:
             if hop_trace.enabled:
-                hop_trace.record("m.confirmed", after)
-            self._confirmed.advance(after)
+                hop_trace.record("m.confirmed", replicated)
+            self._replicated.advance(replicated)
+        if after > before:
+            self._confirm = after
             for connection in self.connections.values():
                 connection.confirm_moved(now)  # the slaves' read limit follows it
             if self.on_confirm_moved is not None:

@@ -26,15 +26,24 @@ __all__ = [
 ]
 
 
-def next_confirm_offset(current: int, in_sync_acks: Mapping[str, int]) -> int:
+def next_confirm_offset(
+    current: int, in_sync_acks: Mapping[str, int], min_insync_replicas: int = 1
+) -> int:
     """The confirm offset after the in-sync slaves acknowledged ``in_sync_acks``.
 
     It is the slowest in-sync slave's ack, but never lower than ``current``: a lagging
     slave that joins the set later does not un-confirm bytes every slave in sync at the
-    time had already acknowledged. With no slave in sync it stays where it is (nothing
-    new is replicated).
+    time had already acknowledged. With fewer than ``min_insync_replicas`` slaves in
+    sync it stays where it is, so every advance is held by at least that many slaves
+    (with the default of 1: nothing new is replicated while no slave is in sync).
+
+    The master keeps two offsets by this rule: the confirm offset consumers read up
+    to (``min_insync_replicas`` 1, Kafka's high watermark) and the *replicated offset*
+    that releases ``in_sync``/``replicated`` acks (the ack policy's
+    ``min_insync_replicas``): a write admitted while enough slaves were in sync is not
+    acknowledged after the set shrank below that, whoever acknowledged it since.
     """
-    if not in_sync_acks:
+    if len(in_sync_acks) < min_insync_replicas or not in_sync_acks:
         return current
     return max(current, min(in_sync_acks.values()))
 

@@ -191,8 +191,12 @@ class ReplicatedAcks:
     in ``FLUSH_SLAVE_TIMEOUT`` after it was stored -- the one answer a client cannot
     safely retry.
 
-    ``wait(replicated)`` is group commit, then the HA confirm offset reaching the write's
-    end: every slave in sync at the time has it. One deadline covers both steps, so
+    ``wait(replicated)`` is group commit, then the HA *replicated* offset reaching the
+    write's end: every slave in sync at the time has it, and those are at least
+    ``min_insync_replicas`` (:meth:`HAService.require_in_sync`). A slave that drops out
+    after the write was admitted does not let fewer acknowledge it: with fewer in sync
+    the write waits for one to (re)join and catch up, else it ends in
+    ``FLUSH_SLAVE_TIMEOUT`` saying so. One deadline covers both steps, so
     the request's ``timeout_ms`` is the whole budget. The two run side by side: the
     master's senders wake on the append, and ``admit(replicated)`` has the group commit
     start at the flusher's next turn, before the write's wait registers.
@@ -211,6 +215,7 @@ class ReplicatedAcks:
         self._durable = durable
         self._ha = ha
         self.min_insync_replicas = min_insync_replicas
+        ha.require_in_sync(min_insync_replicas)  # acks wait for the replicated offset
 
     def admit(self, acks: Acks) -> None:
         if hop_trace.enabled:
@@ -256,15 +261,29 @@ class ReplicatedAcks:
             if hop_trace.enabled:
                 hop_trace.record("m.released", end_offset)
             return Status.OK, None
-        lagging = {
-            name: offset for name, offset in self._ha.ack_offsets.items() if offset < end_offset
-        }
+        return Status.FLUSH_SLAVE_TIMEOUT, self._slave_timeout(acks, end_offset, timeout_ms)
+
+    def _slave_timeout(self, acks: Acks, end_offset: int, timeout_ms: int) -> str:
+        """The error of a write the slaves did not release in time: which lagged, or
+        that too few stayed in sync after it was admitted."""
+        ha = self._ha
+        held = sorted(name for name, offset in ha.ack_offsets.items() if offset >= end_offset)
+        in_sync = ha.in_sync_count()
+        if in_sync < self.min_insync_replicas:
+            return (
+                f"{_ON_MASTER[acks]}, but only {in_sync} slave(s) stayed in sync after it "
+                f"was admitted, fewer than min_insync_replicas={self.min_insync_replicas}, "
+                f"and none rejoined within {timeout_ms:.0f} ms (slaves holding it: "
+                f"{held or 'none'}): it is not acknowledged at this level; resend only if "
+                "duplicates are acceptable, once enough slaves are back in sync (status "
+                "shows them), or read it back"
+            )
+        lagging = {name: offset for name, offset in ha.ack_offsets.items() if offset < end_offset}
         return (
-            Status.FLUSH_SLAVE_TIMEOUT,
             f"{_ON_MASTER[acks]}, but not acknowledged by the slaves within "
-            f"{timeout_ms:.0f} ms (write ends at {end_offset}, confirm offset "
-            f"{self._ha.confirm_offset}, lagging slaves {lagging or 'none connected'}): the "
-            "write is probably stored; resend only if duplicates are acceptable",
+            f"{timeout_ms:.0f} ms (write ends at {end_offset}, replicated offset "
+            f"{ha.replicated_offset}, lagging slaves {lagging or 'none connected'}): the "
+            "write is probably stored; resend only if duplicates are acceptable"
         )
 
     def holds(self, acks: Acks, end_offset: int) -> bool:

@@ -50,6 +50,37 @@ def test_confirm_offset_over_any_sequence_of_memberships_is_monotonic(
         confirm = after
 
 
+@given(offsets, ack_maps, st.integers(1, 6))
+def test_an_advance_is_held_by_at_least_min_insync_replicas_slaves(
+    current: int, acks: dict[str, int], min_insync_replicas: int
+) -> None:
+    """The replicated offset (what releases acks) never counts fewer slaves than
+    ``min_insync_replicas``: with fewer in sync it stays, whoever acknowledged."""
+    after = next_confirm_offset(current, acks, min_insync_replicas)
+    assert after >= current
+    if len(acks) < min_insync_replicas:
+        assert after == current
+    if after > current:
+        assert sum(1 for ack in acks.values() if ack >= after) >= min_insync_replicas
+        assert after == min(acks.values())
+
+
+@given(st.lists(ack_maps, max_size=20), st.integers(1, 6))
+def test_the_replicated_offset_never_passes_the_confirm_offset(
+    rounds: list[dict[str, int]], min_insync_replicas: int
+) -> None:
+    """Both offsets follow the same in-sync acks, the replicated one only with enough
+    slaves: a released write is always readable, and with a requirement of 1 the two
+    are the same offset."""
+    confirm = replicated = 0
+    for acks in rounds:
+        confirm = next_confirm_offset(confirm, acks)
+        replicated = next_confirm_offset(replicated, acks, min_insync_replicas)
+        assert replicated <= confirm
+        if min_insync_replicas == 1:
+            assert replicated == confirm
+
+
 # ---- where a stream starts, and what the slave does -----------------------------------------
 
 
