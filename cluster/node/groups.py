@@ -29,11 +29,12 @@ from cluster.node.group_offsets import (
 from cluster.node.topics import TopicRegistry
 from cluster.protocol import Acks, Status, make_response
 from cluster.server import Deferred, Reply, RequestError, Wakeups
-from cluster.server.errors import unknown_topic
+from cluster.server.errors import status_of, unknown_topic
 from storage import Message, MessageStore
 
 if TYPE_CHECKING:
     from cluster.node.acks import AckPolicy
+    from cluster.server.handler import AckTimer
 
 __all__ = ["GroupService"]
 
@@ -59,12 +60,16 @@ class GroupService:
         acks: Callable[[], AckPolicy],
         read_limit: Callable[[], int | None],
         clock: Callable[[], float] = trio.current_time,
+        *,
+        ack_timer: AckTimer | None = None,
     ) -> None:
         self._store = store
         self._topics = topics
         self._acks = acks
         self._read_limit = read_limit
         self._clock = clock
+        self._ack_timer = ack_timer
+        """Told each commit's ack wait (level, status, seconds since its append): metrics."""
         self.membership = GroupMembership()
         self.offsets = OffsetsMap()
         self._next = 0
@@ -243,14 +248,23 @@ class GroupService:
             for p in positions
         ]
         result = await self._store.put_batch(messages)
+        appended_s = trio.current_time()
         await self.catch_up()
         committed = len(positions)
         if req["acks"] is Acks.LEADER:
             return make_response(req["id"], group=group, committed=committed)
         timeout_ms = req["timeout_ms"]
+        timer = self._ack_timer
 
         async def acknowledged() -> Reply:
-            status, error = await acks.wait(req["acks"], result.end_offset, timeout_ms)
+            try:
+                status, error = await acks.wait(req["acks"], result.end_offset, timeout_ms)
+            except Exception as exc:
+                if timer is not None:
+                    timer(req["acks"], status_of(exc), trio.current_time() - appended_s)
+                raise
+            if timer is not None:
+                timer(req["acks"], status, trio.current_time() - appended_s)
             if status is not Status.OK:
                 return make_response(req["id"], status, error=error, group=group)
             return make_response(req["id"], group=group, committed=committed)

@@ -43,8 +43,8 @@ class NodeRequestHandler(RequestHandler):
     def __init__(self, *args: Any, node: Node, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._node = node
-        if node.metrics is not None:
-            self._acks = node.metrics.timed(self._acks)
+        if node.metrics is not None:  # each write's ack wait, timed where it is answered
+            self.on_ack_answered = node.metrics.ack_waited
         self._ops["promote"] = self._promote
         self._ops["repoint"] = self._repoint
         self._ops["metadata"] = self._metadata
@@ -55,7 +55,11 @@ class NodeRequestHandler(RequestHandler):
         self._ops["alter_topic"] = self._alter_topic_anywhere
         self._ops["delete_topic"] = self._delete_topic_anywhere
         self.groups = GroupService(
-            self._store, self._topics, lambda: self._acks, self._group_read_limit
+            self._store,
+            self._topics,
+            lambda: self._acks,
+            self._group_read_limit,
+            ack_timer=self.on_ack_answered,
         )
         """Consumer groups: membership (on the master) and committed offsets."""
         self._ops.update(self.groups.ops())
@@ -63,7 +67,7 @@ class NodeRequestHandler(RequestHandler):
     def set_acks(self, acks: AckPolicy) -> None:
         """Switch the ack policy (on promotion); requests already waiting keep theirs.
         The role changed, so the log may have too: idempotent sends re-read it first."""
-        self._acks = acks if self._node.metrics is None else self._node.metrics.timed(acks)
+        self._acks = acks
         self.idempotence.forget()
         self.groups.forget()
         self._store.read_limit_reset()  # polls waiting for the old limit re-check

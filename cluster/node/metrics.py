@@ -5,9 +5,12 @@ already keeps its role, epoch, offsets, connections, slaves' lag and counters fo
 ``status``, so serving them costs the write path nothing. Only latencies need a hook,
 each one cheap call on an already slow path:
 
-* the ack wait of ``durable`` and ``replicated`` writes (:class:`TimedAcks` wraps the
-  handler's ack policy; ``admit`` and ``read_limit`` are the inner policy's own bound
-  methods, so reads and admission pay nothing);
+* the ack wait of ``durable``, ``in_sync`` and ``replicated`` writes, from the append to
+  the answer, taken where the connection's ack queue answers the write (the request
+  handler's ``on_ack_answered`` is :meth:`NodeMetrics.ack_waited`; group offset
+  commits likewise): the ack policy itself is not wrapped, so a write released by a
+  slave's ack or an fsync takes the same wake-up path with metrics on as off, and a
+  write answered through ``holds`` records the time it waited, not 0;
 * the commit log's flushes and fdatasyncs (:attr:`storage.commit_log.CommitLog.on_flush`);
 * errors answered, by status (the request handler's error path, and ack waits that end
   in a timeout status).
@@ -19,7 +22,6 @@ so the figures of one scrape are consistent with each other.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,14 +35,10 @@ from cluster.protocol import Acks, Status
 from cluster.server.errors import status_of
 
 if TYPE_CHECKING:
-    import trio
-
-    from cluster.node.acks import AckPolicy
     from cluster.node.lifecycle import Node
     from storage import MessageStore
-    from storage.waiters import WakeHandle
 
-__all__ = ["LATENCY_BUCKETS_S", "ROLES", "NodeCollector", "NodeMetrics", "TimedAcks"]
+__all__ = ["LATENCY_BUCKETS_S", "ROLES", "NodeCollector", "NodeMetrics"]
 
 LATENCY_BUCKETS_S: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -57,8 +55,9 @@ class NodeMetrics:
     """One node's metrics registry, its hooks, and the text a scrape gets.
 
     Built by the node when a metrics port is configured; the hooks are installed by
-    :meth:`watch_store` (once the store is open) and :meth:`timed` (the request
-    handler's ack policy). Called only from the node's event loop.
+    :meth:`watch_store` (once the store is open) and by the request handler (which
+    calls :meth:`ack_waited` for each write it answers). Called only from the node's
+    event loop.
     """
 
     def __init__(self, node: Node) -> None:
@@ -107,11 +106,8 @@ class NodeMetrics:
         self.flush.observe(flush_s)
         self.fsync.observe(fsync_s)
 
-    def timed(self, acks: AckPolicy) -> AckPolicy:
-        """``acks`` with its waits timed (the request handler holds this one)."""
-        return TimedAcks(acks, self)
-
     def ack_waited(self, acks: Acks, status: Status, waited_s: float) -> None:
+        """A write at ``acks`` was answered ``status`` ``waited_s`` after its append."""
         histogram = self._ack_wait_by_level.get(acks)
         if histogram is not None:
             histogram.observe(waited_s)
@@ -125,44 +121,6 @@ class NodeMetrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric now."""
         return generate_latest(self.registry)
-
-
-class TimedAcks:
-    """An ack policy that times its inner policy's waits (see the module docstring).
-
-    ``admit`` and ``read_limit`` are the inner policy's bound methods, stored on the
-    instance: the read path and admission run exactly as without metrics.
-    """
-
-    def __init__(self, inner: AckPolicy, metrics: NodeMetrics) -> None:
-        self.inner = inner
-        self._metrics = metrics
-        self.admit = inner.admit
-        self.read_limit = inner.read_limit
-
-    async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
-        started = time.perf_counter()
-        try:
-            status, error = await self.inner.wait(acks, end_offset, timeout_ms)
-        except Exception as exc:
-            self._metrics.ack_waited(acks, status_of(exc), time.perf_counter() - started)
-            raise
-        self._metrics.ack_waited(acks, status, time.perf_counter() - started)
-        return status, error
-
-    def holds(self, acks: Acks, end_offset: int) -> bool:
-        """The inner policy's answer; a write it releases is counted as a wait of no
-        time (it is answered without one)."""
-        if self.inner.holds(acks, end_offset):
-            self._metrics.ack_waited(acks, Status.OK, 0.0)
-            return True
-        return False
-
-    def wake_when_holds(
-        self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
-    ) -> WakeHandle | None:
-        """None: a write that has to wait goes through :meth:`wait`, which times it."""
-        return None
 
 
 class NodeCollector(Collector):

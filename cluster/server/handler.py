@@ -50,7 +50,7 @@ from cluster.protocol import (
     send_response,
 )
 from cluster.protocol.spliced import SplicedBytes
-from cluster.server.errors import RequestError, unknown_topic
+from cluster.server.errors import RequestError, status_of, unknown_topic
 from cluster.server.polls import Wakeups
 from cluster.server.replies import Deferred, PendingAck, Reply
 from cluster.server.routing import QueueChooser, build_message, check_queue, message_map
@@ -68,7 +68,7 @@ from storage.waiters import WakeHandle
 if TYPE_CHECKING:
     from cluster.node.acks import AckPolicy
 
-__all__ = ["OpHandler", "RequestHandler"]
+__all__ = ["AckTimer", "OpHandler", "RequestHandler"]
 
 DELETE_DURABLE_TIMEOUT_MS: Final = 30_000
 """How long a topic deletion waits for its marker to be fsynced before it is refused."""
@@ -83,6 +83,10 @@ OpHandler = Callable[[Any, Wakeups], Awaitable[Reply | Deferred]]
 """One op's handler; it takes that op's request TypedDict (``Any`` here only because the
 table maps every op name to its own request type)."""
 _Result = TypeVar("_Result")
+
+
+AckTimer = Callable[[Acks, Status, float], None]
+"""Told an answered write's ``acks``, status and seconds since its append."""
 
 
 class RequestHandler:
@@ -102,6 +106,10 @@ class RequestHandler:
         self._store = store
         self._topics = topics
         self._acks = acks
+        self.on_ack_answered: AckTimer | None = None
+        """Told each write's ack level, status and seconds from its append to its answer,
+        where the connection's ack queue answers it (by ``holds`` or after its wait):
+        the node's metrics. None: nothing is timed."""
         self._settings = settings
         self._max_pull_bytes = max_pull_bytes
         self._status = status
@@ -294,21 +302,35 @@ class RequestHandler:
             return answer()
         if acks is _DURABLE or acks is _REPLICATED:
             self._store.group_commit.flush_now()  # the fsync runs while the wait is queued
-        deadline = trio.current_time() + req["timeout_ms"] / 1000
+        appended_s = trio.current_time()
+        deadline = appended_s + req["timeout_ms"] / 1000
         # The policy in force at the append: a wait queued behind another runs later, and
         # a master that became a slave meanwhile would answer a replicated write with a
         # slave's (standalone) wait, OK once fsynced, for a write nobody replicated.
         policy = self._acks
+        timer = self.on_ack_answered
 
         async def acknowledged() -> Reply:
             # Time left of the request's own budget: it may have waited behind an
             # earlier write of its connection (see PendingAck).
             left_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
-            status, error = await policy.wait(acks, end_offset, left_ms)
+            if timer is None:
+                status, error = await policy.wait(acks, end_offset, left_ms)
+                return answer(status, error)
+            try:
+                status, error = await policy.wait(acks, end_offset, left_ms)
+            except Exception as exc:
+                timer(acks, status_of(exc), trio.current_time() - appended_s)
+                raise
+            timer(acks, status, trio.current_time() - appended_s)
             return answer(status, error)
 
         def answer_now() -> Reply | None:
-            return answer() if policy.holds(acks, end_offset) else None
+            if not policy.holds(acks, end_offset):
+                return None
+            if timer is not None:
+                timer(acks, Status.OK, trio.current_time() - appended_s)
+            return answer()
 
         def wake_on(task: trio.lowlevel.Task) -> WakeHandle | None:
             return policy.wake_when_holds(acks, end_offset, deadline, task)
