@@ -281,15 +281,17 @@ class ReplicatedAcks:
         lagging = {name: offset for name, offset in ha.ack_offsets.items() if offset < end_offset}
         return (
             f"{_ON_MASTER[acks]}, but not acknowledged by the slaves within "
-            f"{timeout_ms:.0f} ms (write ends at {end_offset}, replicated offset "
-            f"{ha.replicated_offset}, lagging slaves {lagging or 'none connected'}): the "
+            f"{timeout_ms:.0f} ms (write ends at {end_offset}, acknowledged by the in-sync "
+            f"slaves up to {ha.replicated_offset}, lagging slaves "
+            f"{lagging or 'none connected'}): the "
             "write is probably stored; resend only if duplicates are acceptable"
         )
 
     def holds(self, acks: Acks, end_offset: int) -> bool:
-        """``in_sync``: the confirm offset reached ``end_offset``; ``replicated``: that and
-        the durable part; ``durable``: the durable part. And no fsync failed, as in
-        :meth:`wait` (which raises that failure instead of answering)."""
+        """``in_sync``: the replicated offset (see :meth:`HAService.require_in_sync`)
+        reached ``end_offset``; ``replicated``: that and the durable part; ``durable``:
+        the durable part. And no fsync failed, as in :meth:`wait` (which raises that
+        failure instead of answering)."""
         if acks is not _IN_SYNC and not self._durable.holds(acks, end_offset):
             return False
         if acks is _IN_SYNC or acks is _REPLICATED:
