@@ -477,6 +477,7 @@ async def _watch(client: Client, args: argparse.Namespace) -> int:
             "log_end": log_end,
             "write_bytes_per_s": round(rate),
             "confirm_offset": replication.get("confirm_offset"),
+            "replicated_offset": replication.get("replicated_offset"),
             "in_sync": len(replication.get("in_sync") or []),
             "connections": status.get("connections"),
         }

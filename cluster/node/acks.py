@@ -326,6 +326,7 @@ class ReplicatedAcks:
             out_of_sync=tuple(_lag(lag) for lag in lags if not lag.in_sync),
             min_insync_replicas=self.min_insync_replicas,
             confirm_offset=self._ha.confirm_offset,
+            replicated_offset=self._ha.replicated_offset,
             slaves=tuple(
                 ConnectedSlave(name, offset)
                 for name, offset in sorted(self._ha.ack_offsets.items())

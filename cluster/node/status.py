@@ -55,6 +55,9 @@ class AckStatus:
     out_of_sync: tuple[SlaveLagStatus, ...]
     min_insync_replicas: int
     confirm_offset: int
+    replicated_offset: int
+    """What releases ``in_sync``/``replicated`` acks: the confirm offset while at least
+    ``min_insync_replicas`` slaves are in sync, held back (below it) while fewer are."""
     slaves: tuple[ConnectedSlave, ...]
 
 
@@ -72,6 +75,8 @@ class MasterReplicationStatus:
     out_of_sync: tuple[SlaveLagStatus, ...]
     min_insync_replicas: int
     confirm_offset: int
+    replicated_offset: int
+    """As :attr:`AckStatus.replicated_offset`."""
     slaves: tuple[ConnectedSlave, ...]
 
     @classmethod
@@ -95,6 +100,7 @@ class MasterReplicationStatus:
             acks.out_of_sync,
             acks.min_insync_replicas,
             acks.confirm_offset,
+            acks.replicated_offset,
             acks.slaves,
         )
 

@@ -69,6 +69,7 @@ def test_status_watch_prints_lines_until_ctrl_c(node: NodeProcess) -> None:
         watcher.wait()
     assert watcher.returncode == 130 and err == ""
     assert all(line["role"] == "master" and "write_bytes_per_s" in line for line in seen)
+    assert all("confirm_offset" in line and "replicated_offset" in line for line in seen)
 
 
 def test_status_watch_refuses_a_silly_interval() -> None:
