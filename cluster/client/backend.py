@@ -23,9 +23,11 @@ import sniffio
 
 __all__ = [
     "Event",
+    "Slot",
     "direct_socket",
     "event_class",
     "loop_clock_and_checkpoint",
+    "parking",
     "shield_scope_class",
 ]
 
@@ -89,3 +91,64 @@ def loop_clock_and_checkpoint() -> tuple[Callable[[], float], Callable[[], Await
 
         return trio.current_time, trio.lowlevel.checkpoint
     return anyio.current_time, anyio.lowlevel.checkpoint
+
+
+NO_ANSWER: Any = object()
+"""A :class:`Slot`'s answer until one is given."""
+
+
+class Slot:
+    """Where the answer to one request in flight goes, and who waits for it.
+
+    ``waker`` is the parked requester (a trio task, or an asyncio future) while it
+    waits, None before it parks and once its wait was cancelled. Whoever answers sets
+    ``answer`` first, then wakes ``waker`` if set (see :func:`parking`); exactly one
+    party answers a slot (the one that took it out of the connection's table).
+    """
+
+    __slots__ = ("answer", "waker")
+
+    def __init__(self) -> None:
+        self.answer: object = NO_ANSWER
+        self.waker: object = None
+
+
+def parking() -> tuple[Callable[[Slot], Awaitable[None]], Callable[[Any], None]]:
+    """``(park, wake)`` of the running event loop: ``await park(slot)`` returns once
+    ``wake(slot.waker)`` ran for it (a cancelled park leaves ``slot.waker`` None).
+
+    Under trio the requester parks itself and is rescheduled directly: a ``trio.Event``
+    per request costs an object, a set of waiters and a closure on top (measured: 3.0 ->
+    2.3 us per wait and wake-up, 64 tasks). Under asyncio, a future."""
+    if _running_trio():
+        import trio
+
+        current_task = trio.lowlevel.current_task
+        wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+        succeeded = trio.lowlevel.Abort.SUCCEEDED
+
+        async def park_trio(slot: Slot) -> None:
+            def abort(_: object) -> trio.lowlevel.Abort:
+                slot.waker = None  # an answer that comes later wakes nobody
+                return succeeded
+
+            slot.waker = current_task()
+            await wait_task_rescheduled(abort)
+
+        return park_trio, trio.lowlevel.reschedule
+
+    import asyncio
+
+    async def park_asyncio(slot: Slot) -> None:
+        future = asyncio.get_running_loop().create_future()
+        slot.waker = future
+        try:
+            await future
+        finally:
+            slot.waker = None
+
+    def wake_asyncio(future: Any) -> None:
+        if not future.done():
+            future.set_result(None)
+
+    return park_asyncio, wake_asyncio

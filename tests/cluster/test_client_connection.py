@@ -145,6 +145,30 @@ def test_answered_requests_do_not_pile_up_in_the_timer(backend: str) -> None:
     run(backend, body)
 
 
+@BACKENDS
+def test_the_answer_to_a_request_cancelled_while_it_waited_is_dropped_quietly(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requester parked for its answer and cancelled: the answer that comes later
+    wakes nobody (and is not reported as unmatched), and the connection serves the next
+    request, answered in the same read."""
+
+    async def body() -> None:
+        async with peer(answer=True, hold_until=2) as connection:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(connection.request, "status", 30.0)
+                    await anyio.wait_all_tasks_blocked()  # parked for its answer
+                    scope.cancel()
+            answer = await connection.request("status", 30.0)
+            assert answer["status"].value == "OK" and answer["id"] == 2
+            assert not connection.closed and not connection._waiting
+
+    with caplog.at_level("WARNING", logger="cluster.client.connection"):
+        run(backend, body)
+    assert "unmatched_response" not in caplog.text
+
+
 async def test_frames_queued_in_one_pass_go_out_in_several_writes() -> None:
     """Requests queued in the same pass of the loop while the sender gathers are written
     every ``WRITE_EARLY_FRAMES`` frames by the task that queued the last of them, not in
