@@ -1,12 +1,13 @@
-"""The running event loop's own events and shielding scopes, looked up once.
+"""The running event loop's own events, shielding scopes and parking, looked up once.
 
 ``anyio.Event()`` and ``anyio.CancelScope()`` ask which event loop runs at every call,
 and under trio wrap trio's own objects (each call and each ``wait`` pays a layer: more
-than the rest of a small request's bookkeeping). The client's hot paths (an event per
-request in flight and per message waiting in a batch, a shielded send per request) take
-their classes here once per connection or producer: trio's own under trio, anyio's
-asyncio ones under asyncio. Both behave alike for what the client uses (``set``,
-``is_set``, ``wait``; a shielding ``with`` block).
+than the rest of a small request's bookkeeping). The client's hot paths (a parked
+requester per request in flight, an event per message waiting in a batch, a shielded
+send per request) take their classes and functions here once per connection or
+producer: trio's own under trio, anyio's asyncio ones under asyncio. Both behave alike
+for what the client uses (``set``, ``is_set``, ``wait``; a shielding ``with`` block;
+:func:`parking`).
 """
 
 from __future__ import annotations
