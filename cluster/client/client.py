@@ -50,6 +50,10 @@ _WRITES = frozenset({"send", "send_batch", "create_topic"})
 _HOPELESS = ("connection refused", "cannot resolve", "TLS handshake")
 """Failures that waiting will not cure, so a client's first connect reports them at once."""
 
+_OK: Final = Status.OK
+"""(A module global: an enum member read through its class costs a descriptor call on
+Python 3.11.)"""
+
 RETRY_BACKOFF_MAX_S: Final = 0.25
 """The longest pause between two resends: a new master is found within about this much
 of its election (a pause is a refused connect or one small request: cheap)."""
@@ -310,7 +314,8 @@ class Client:
                 except (ConnectionLostError, RequestTimeoutError) as exc:
                     return Delivery(None, exc)  # maybe applied: never resent
                 else:
-                    if not response["status"].retryable:  # final: what next_step says too
+                    status = response["status"]
+                    if status is _OK or not status.retryable:  # final: what next_step says too
                         return Delivery(response)
                     attempt = self._attempt(connection.address, response)
             step = next_step(

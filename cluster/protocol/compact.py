@@ -29,6 +29,7 @@ __all__ = [
     "compact_send_id",
     "decode_send",
     "decode_send_answer",
+    "encode_checked_send",
     "encode_send",
     "encode_send_answer",
 ]
@@ -114,6 +115,30 @@ def encode_send(
         key_size,
     )
     return head + topic_raw + key_raw + body if key_size else head + topic_raw + body
+
+
+def encode_checked_send(
+    req_id: int, topic_raw: bytes, acks_code: int, timeout_ms: int, queue: int | None, body: bytes
+) -> bytes:
+    """:func:`encode_send` of a keyless send whose topic (UTF-8, ``topic_raw``), acks level
+    (``acks_code``, its index in :data:`ACKS_CODES`) and ``timeout_ms`` the caller took
+    from an earlier frame :func:`encode_send` built, and whose ``req_id`` and ``queue``
+    it checked: the same bytes, without checking and encoding those again."""
+    return (
+        _pack_framed_send(
+            SEND_HEAD.size + len(topic_raw) + len(body),
+            SEND_MARKER,
+            0 if queue is None else QUEUE_SET,
+            acks_code,
+            len(topic_raw),
+            req_id,
+            timeout_ms,
+            0 if queue is None else queue,
+            0,
+        )
+        + topic_raw
+        + body
+    )
 
 
 def decode_send(buf: bytes | bytearray, start: int, size: int) -> dict[str, Any] | str:

@@ -7,7 +7,7 @@ from typing import Any, Final, cast
 from crc32c import crc32c
 
 from cluster.protocol.codec import encode_frame
-from cluster.protocol.compact import encode_send
+from cluster.protocol.compact import ACKS_CODES, encode_checked_send, encode_send
 from cluster.protocol.errors import ProtocolError
 from cluster.protocol.limits import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -19,7 +19,7 @@ from cluster.protocol.limits import (
 )
 from cluster.protocol.plain_send import PlainSend, plain_send
 from cluster.protocol.schema import PLANS, SCHEMAS, Invalid, KnownTopics, validate
-from cluster.protocol.statuses import Status
+from cluster.protocol.statuses import Acks, Status
 from cluster.protocol.wording import clip, describe
 from storage.names import is_valid_topic_name
 
@@ -93,6 +93,52 @@ def _plain_send_shape(fields: dict[str, Any]) -> PlainSend | None:
     return plain_send(fields)
 
 
+_CHECKED_SENDS: Final[dict[tuple[str, str, int], tuple[bytes, int]]] = {}
+"""``(topic, acks, timeout_ms)`` of compact sends this process built -> the topic's UTF-8
+and the acks code: a producer sends with the same three over and over, and checking
+them is most of the cost of a one-message request's frame (2.2 -> 0.7 us a frame)."""
+_CHECKED_SENDS_MAX: Final = 1024
+_REPEATED_SEND_FIELDS: Final = frozenset({"topic", "body", "queue", "acks", "timeout_ms"})
+_QUEUE_HIGH: Final = MAX_QUEUES - 1
+assert SCHEMAS["send"].fields["queue"].high == _QUEUE_HIGH
+
+
+def _remember_send(fields: dict[str, Any], acks: Acks) -> None:
+    """Note the topic, acks and timeout of a send :func:`encode_send` framed, when all
+    three were given (with exactly these types: ``True == 1`` hashes alike)."""
+    topic, acks_value, timeout_ms = fields["topic"], fields.get("acks"), fields.get("timeout_ms")
+    if (
+        type(acks_value) is str
+        and type(timeout_ms) is int
+        and len(_CHECKED_SENDS) < _CHECKED_SENDS_MAX
+    ):
+        _CHECKED_SENDS[(topic, acks_value, timeout_ms)] = (topic.encode(), ACKS_CODES.index(acks))
+
+
+def _repeated_send_frame(req_id: int, fields: dict[str, Any]) -> bytes | None:
+    """The compact frame of a keyless send with a bytes body, a valid queue or none, and a
+    topic, acks and timeout_ms an earlier send framed (see :data:`_CHECKED_SENDS`); None
+    otherwise (the full check decides: it frames the same send to the same bytes)."""
+    if not _REPEATED_SEND_FIELDS.issuperset(fields):
+        return None
+    topic, acks_value, timeout_ms = (
+        fields.get("topic"),
+        fields.get("acks"),
+        fields.get("timeout_ms"),
+    )
+    if type(topic) is not str or type(acks_value) is not str or type(timeout_ms) is not int:
+        return None
+    checked = _CHECKED_SENDS.get((topic, acks_value, timeout_ms))
+    body = fields.get("body")
+    if checked is None or type(body) is not bytes or not 0 <= req_id <= MAX_REQUEST_ID:
+        return None
+    queue = fields.get("queue")
+    if queue is not None and (type(queue) is not int or not 0 <= queue <= _QUEUE_HIGH):
+        return None
+    topic_raw, acks_code = checked
+    return encode_checked_send(req_id, topic_raw, acks_code, timeout_ms, queue, body)
+
+
 def encode_request(op: str, req_id: int, /, **fields: Any) -> bytes:
     """``encode_frame(make_request(...))``."""
     return encode_frame(make_request(op, req_id, **fields))
@@ -111,18 +157,21 @@ def request_frame(
     (a server known to speak version 2) and ``version`` 2, a send in the common shape (see
     :mod:`cluster.protocol.plain_send`) as a compact send (see
     :mod:`cluster.protocol.compact`); anything else as a CBOR map of protocol
-    ``version``. Raises what :func:`make_request` and :func:`encode_frame` raise."""
-    if (
-        compact
-        and version == PROTOCOL_VERSION
-        and op == "send"
-        and type(req_id) is int
-        and (shape := _plain_send_shape(fields)) is not None
-    ):
-        body, queue, key, acks, timeout_ms = shape
-        frame = encode_send(req_id, fields["topic"], body, queue, key, acks, timeout_ms)
+    ``version``. Raises what :func:`make_request` and :func:`encode_frame` raise.
+    A send repeating the topic, acks and timeout of one framed before skips their checks
+    (:func:`_repeated_send_frame`): the same bytes."""
+    if compact and version == PROTOCOL_VERSION and op == "send" and type(req_id) is int:
+        frame = _repeated_send_frame(req_id, fields)
         if frame is not None and len(frame) - HEADER.size <= max_frame_size:
             return frame
+        shape = _plain_send_shape(fields)
+        if shape is not None:
+            body, queue, key, acks, timeout_ms = shape
+            frame = encode_send(req_id, fields["topic"], body, queue, key, acks, timeout_ms)
+            if frame is not None:
+                _remember_send(fields, acks)
+                if len(frame) - HEADER.size <= max_frame_size:
+                    return frame
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"version must be one of {list(SUPPORTED_VERSIONS)}, got {version!r}")
     request = _make_request(op, req_id, fields, version)

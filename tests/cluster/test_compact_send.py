@@ -25,6 +25,7 @@ from cluster.protocol import (
     encode_frame,
     encode_request,
     request_frame,
+    requests,
     send_response,
 )
 from cluster.protocol.compact import (
@@ -164,6 +165,53 @@ def test_request_frame_is_compact_only_for_a_plain_send() -> None:
     with pytest.raises(ProtocolError) as too_large:
         request_frame("send", 6, {"topic": "t", "body": bytes(70_000)}, max_frame_size=65_536)
     assert too_large.value.status is Status.FRAME_TOO_LARGE
+
+
+def frame_or_error(req_id: int, fields: dict[str, Any]) -> bytes | tuple[Any, ...]:
+    try:
+        return request_frame("send", req_id, fields)
+    except ProtocolError as exc:
+        return ("error", exc.status, str(exc), exc.field)
+
+
+@settings(max_examples=200)
+@given(sends(), st.integers(min_value=0, max_value=2**64 - 1), st.data())
+def test_a_send_repeating_a_framed_topic_acks_and_timeout_frames_to_the_same_bytes(
+    fields: dict[str, Any], req_id: int, data: st.DataObject
+) -> None:
+    """request_frame remembers the topic, acks and timeout of a send it framed, and frames
+    later sends with the same three without checking those again: the bytes (or the
+    error) are the ones a process that framed nothing before makes."""
+    first = fields | {"acks": fields["acks"].value}
+    frame_or_error(1, first)
+    again = first | {"body": data.draw(st.binary(max_size=64))}
+    if "key" not in again:
+        again["queue"] = data.draw(
+            st.one_of(st.none(), st.integers(min_value=-1, max_value=2**16 - 1), st.just(True))
+        )
+    remembered = dict(requests._CHECKED_SENDS)
+    warm = frame_or_error(req_id, again)
+    requests._CHECKED_SENDS.clear()
+    try:
+        assert frame_or_error(req_id, again) == warm
+    finally:
+        requests._CHECKED_SENDS.update(remembered)
+
+
+def test_a_remembered_send_frames_other_bodies_and_queues_as_encode_send_does() -> None:
+    requests._CHECKED_SENDS.clear()
+    request_frame("send", 1, {"topic": "orders", "body": b"a", "acks": "in_sync", "timeout_ms": 9})
+    assert requests._CHECKED_SENDS == {("orders", "in_sync", 9): (b"orders", 2)}
+    for queue in (None, 0, 7, MAX_QUEUES - 1):
+        again = {
+            "topic": "orders",
+            "body": b"bc",
+            "queue": queue,
+            "acks": "in_sync",
+            "timeout_ms": 9,
+        }
+        framed = request_frame("send", 2**40, again)
+        assert framed == encode_send(2**40, "orders", b"bc", queue, None, Acks.IN_SYNC, 9)
 
 
 def _head(**overrides: int) -> bytes:
