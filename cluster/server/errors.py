@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cluster.node.topics import InvalidTopicNameError, QueueCountError, TopicExistsError
 from cluster.protocol import Status, error_response
-from cluster.server.replies import Reply
 from storage import (
     DiskFullError,
     InvalidMessageError,
@@ -16,6 +15,9 @@ from storage import (
     OffsetOutOfRangeError,
     StorageFailedError,
 )
+
+if TYPE_CHECKING:  # replies builds answers with status_of: no import back at run time
+    from cluster.server.replies import Reply
 
 __all__ = ["RequestError", "response_for_error", "status_of", "unknown_topic"]
 

@@ -13,7 +13,6 @@ write's ack wait is a :class:`~cluster.server.replies.PendingAck`, queued per co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -50,9 +49,9 @@ from cluster.protocol import (
     send_response,
 )
 from cluster.protocol.spliced import SplicedBytes
-from cluster.server.errors import RequestError, status_of, unknown_topic
+from cluster.server.errors import RequestError, unknown_topic
 from cluster.server.polls import Wakeups
-from cluster.server.replies import Deferred, PendingAck, Reply
+from cluster.server.replies import AckTimer, Deferred, PendingAck, Reply
 from cluster.server.routing import QueueChooser, build_message, check_queue, message_map
 from storage import (
     CorruptSegmentError,
@@ -63,7 +62,6 @@ from storage import (
 )
 from storage.record import StoredRecord, decode_record
 from storage.record_runs import RecordRuns
-from storage.waiters import WakeHandle
 
 if TYPE_CHECKING:
     from cluster.node.acks import AckPolicy
@@ -83,10 +81,6 @@ OpHandler = Callable[[Any, Wakeups], Awaitable[Reply | Deferred]]
 """One op's handler; it takes that op's request TypedDict (``Any`` here only because the
 table maps every op name to its own request type)."""
 _Result = TypeVar("_Result")
-
-
-AckTimer = Callable[[Acks, Status, float], None]
-"""Told an answered write's ``acks``, status and seconds since its append."""
 
 
 class RequestHandler:
@@ -170,29 +164,17 @@ class RequestHandler:
             return await self._send_idempotent(req, topic, [req])
         queue = self._chooser.choose(topic, req["queue"], req["key"])
         result = await self._append(self._store.put, build_message(topic.name, req, queue))
+        fields = (
+            req["id"],
+            topic.name,
+            result.queue_id,
+            result.queue_offset,
+            result.offset,
+            result.store_us,
+        )
         if acks is _LEADER:
-            return send_response(
-                req["id"],
-                topic.name,
-                result.queue_id,
-                result.queue_offset,
-                result.offset,
-                result.store_us,
-            )
-
-        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
-            return send_response(
-                req["id"],
-                topic.name,
-                result.queue_id,
-                result.queue_offset,
-                result.offset,
-                result.store_us,
-                status=status,
-                error=error,
-            )
-
-        return self._after_append(req, result.end_offset, answer)
+            return send_response(*fields)
+        return self._after_append(req, result.end_offset, send_response, fields)
 
     async def _send_batch(self, req: SendBatchRequest, _polls: Wakeups) -> Reply | Deferred:
         topic = await self._topic_for_write(req["topic"])
@@ -206,20 +188,15 @@ class RequestHandler:
             for index, (message, queue) in enumerate(zip(messages, queues, strict=True))
         ]
         result = await self._append(self._store.put_batch, built)
-
-        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
-            return send_batch_response(
-                req["id"],
-                topic.name,
-                queues,
-                result.queue_offsets,
-                result.offsets,
-                result.store_us,
-                status=status,
-                error=error,
-            )
-
-        return self._after_append(req, result.end_offset, answer)
+        fields = (
+            req["id"],
+            topic.name,
+            queues,
+            result.queue_offsets,
+            result.offsets,
+            result.store_us,
+        )
+        return self._after_append(req, result.end_offset, send_batch_response, fields)
 
     async def _send_idempotent(
         self,
@@ -250,32 +227,27 @@ class RequestHandler:
             )
         except SendRefused as refused:
             raise RequestError(refused.status, str(refused)) from None
-        single = req["op"] == "send"
-
-        def answer(status: Status = Status.OK, error: str | None = None) -> Reply:
-            if single:
-                return send_response(
-                    req["id"],
-                    topic.name,
-                    stored.queues[0],
-                    stored.queue_offsets[0],
-                    stored.offsets[0],
-                    stored.store_us,
-                    status=status,
-                    error=error,
-                )
-            return send_batch_response(
+        if req["op"] == "send":
+            respond: Callable[..., Reply] = send_response
+            fields: tuple[Any, ...] = (
+                req["id"],
+                topic.name,
+                stored.queues[0],
+                stored.queue_offsets[0],
+                stored.offsets[0],
+                stored.store_us,
+            )
+        else:
+            respond = send_batch_response
+            fields = (
                 req["id"],
                 topic.name,
                 stored.queues,
                 stored.queue_offsets,
                 stored.offsets,
                 stored.store_us,
-                status=status,
-                error=error,
             )
-
-        return self._after_append(req, stored.end_offset, answer)
+        return self._after_append(req, stored.end_offset, respond, fields)
 
     async def _init_producer(self, req: InitProducerRequest, _polls: Wakeups) -> Reply:
         producer = req["producer"]
@@ -295,47 +267,30 @@ class RequestHandler:
         return result
 
     def _after_append(
-        self, req: SendRequest | SendBatchRequest, end_offset: int, answer: Callable[..., Reply]
+        self,
+        req: SendRequest | SendBatchRequest,
+        end_offset: int,
+        respond: Callable[..., Reply],
+        fields: tuple[Any, ...],
     ) -> Reply | Deferred:
+        """The answer of an appended write, ``respond(*fields)``: at once at
+        ``acks=leader``, else a :class:`PendingAck` for the policy in force now."""
         acks: Acks = req["acks"]
         if acks is _LEADER:
-            return answer()
+            return respond(*fields)
         if acks is _DURABLE or acks is _REPLICATED:
             self._store.group_commit.flush_now()  # the fsync runs while the wait is queued
         appended_s = trio.current_time()
-        deadline = appended_s + req["timeout_ms"] / 1000
-        # The policy in force at the append: a wait queued behind another runs later, and
-        # a master that became a slave meanwhile would answer a replicated write with a
-        # slave's (standalone) wait, OK once fsynced, for a write nobody replicated.
-        policy = self._acks
-        timer = self.on_ack_answered
-
-        async def acknowledged() -> Reply:
-            # Time left of the request's own budget: it may have waited behind an
-            # earlier write of its connection (see PendingAck).
-            left_ms = max(0, math.ceil((deadline - trio.current_time()) * 1000))
-            if timer is None:
-                status, error = await policy.wait(acks, end_offset, left_ms)
-                return answer(status, error)
-            try:
-                status, error = await policy.wait(acks, end_offset, left_ms)
-            except Exception as exc:
-                timer(acks, status_of(exc), trio.current_time() - appended_s)
-                raise
-            timer(acks, status, trio.current_time() - appended_s)
-            return answer(status, error)
-
-        def answer_now() -> Reply | None:
-            if not policy.holds(acks, end_offset):
-                return None
-            if timer is not None:
-                timer(acks, Status.OK, trio.current_time() - appended_s)
-            return answer()
-
-        def wake_on(task: trio.lowlevel.Task) -> WakeHandle | None:
-            return policy.wake_when_holds(acks, end_offset, deadline, task)
-
-        return PendingAck(acks, deadline, acknowledged, answer_now, wake_on)
+        return PendingAck(
+            self._acks,
+            acks,
+            end_offset,
+            appended_s,
+            appended_s + req["timeout_ms"] / 1000,
+            respond,
+            fields,
+            self.on_ack_answered,
+        )
 
     async def _create_topic(self, req: CreateTopicRequest, _polls: Wakeups) -> Reply:
         topic = await self._topics.create(req["topic"], req["queues"])
