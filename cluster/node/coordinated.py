@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -64,6 +64,10 @@ __all__ = ["CoordinatedAcks", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
+_IN_SYNC: Final = Acks.IN_SYNC
+_REPLICATED: Final = Acks.REPLICATED
+"""Identity tests on the per-write path (as in :mod:`cluster.node.acks`)."""
+
 ETCD_FIRST_READ_MAX_PAUSE_S = 5.0
 """Longest pause between tries of a node's first etcd read (etcd down at start)."""
 
@@ -97,6 +101,11 @@ class CoordinatedAcks:
       counts only once committed).
     * Once fenced, :meth:`read_limit` stays where it was: consumers see nothing a new
       master might not hold.
+    * :meth:`holds` answers a write whose level, counted members and lease all hold
+      with no task step (the connection answers it in the same pass), and
+      :meth:`wake_when_holds` has the ack that moves the replicated offset wake the
+      connection's idle ack task; a write still held back by a counted member or the
+      lease goes on to :meth:`wait`.
     * :meth:`read_limit` starts at ``read_floor``, not at 0: what the previous term had
       confirmed and this node holds (it served reads up to there as a slave), so a
       new master does not hide those records until its own slaves acknowledge again.
@@ -166,36 +175,55 @@ class CoordinatedAcks:
     async def _wait_counted(
         self, acks: Acks, end_offset: int, deadline: float, timeout_ms: int
     ) -> tuple[Status, str | None]:
-        record = self._loop.in_sync
-        master = record.master if record is not None else None
-
-        def missing() -> list[str]:
-            return sorted(
-                name
-                for name in self._loop.counted_in_sync()
-                if name != master and self._ha.ack_offsets.get(name, -1) < end_offset
-            )
-
-        if await wait_until(self._progress, lambda: not missing(), deadline):
+        if await wait_until(self._progress, lambda: self._counted_hold(end_offset), deadline):
             return Status.OK, None
         return (
             Status.FLUSH_SLAVE_TIMEOUT,
             f"appended{' and fsynced' if acks is Acks.REPLICATED else ''} on the master, "
             f"but the counted in-sync members "
-            f"{missing()} did not acknowledge within {timeout_ms:.0f} ms (their removal "
-            "is not recorded yet): the write is probably stored; resend only if "
-            "duplicates are acceptable",
+            f"{sorted(self._missing(end_offset))} did not acknowledge within "
+            f"{timeout_ms:.0f} ms (their removal is not recorded yet): the write is "
+            "probably stored; resend only if duplicates are acceptable",
         )
 
+    def _missing(self, end_offset: int) -> Iterator[str]:
+        """The counted in-sync members (the master aside) whose ack is below
+        ``end_offset``, lazily: the one definition :meth:`holds` (which stops at the
+        first) and :meth:`wait` share. Nothing while this node keeps no record (not
+        master): :meth:`wait` then answers by the lease check alone."""
+        record = self._loop.in_sync
+        if record is None:
+            return
+        master = record.master
+        acked = self._ha.ack_offsets
+        for name in record.counted:
+            if name != master and acked.get(name, -1) < end_offset:
+                yield name
+
+    def _counted_hold(self, end_offset: int) -> bool:
+        """No counted member lacks the bytes below ``end_offset`` (stops at the first)."""
+        return next(self._missing(end_offset), None) is None
+
     def holds(self, acks: Acks, end_offset: int) -> bool:
-        """Never a verdict here: every write goes through :meth:`wait`, which checks the
-        lease and the counted members as well as the replicated policy."""
-        return False
+        """Whether :meth:`wait` would answer ``(OK, None)`` at once: the replicated
+        policy holds (level, fsync failure, hop tracing as there), no counted member
+        lacks the write (levels that need slaves), and this node may still acknowledge
+        (checked last, as :meth:`wait` does after its steps). Never raises or yields;
+        per write, so no list is built and the member check stops at the first gap."""
+        if not self._replicated.holds(acks, end_offset):
+            return False
+        if (acks is _IN_SYNC or acks is _REPLICATED) and not self._counted_hold(end_offset):
+            return False
+        return self._loop.may_acknowledge()
 
     def wake_when_holds(
         self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
     ) -> WakeHandle | None:
-        return None
+        """The replicated policy's wake-up (the ack that moves the replicated offset to
+        ``end_offset``, the deadline, or a stale master): the woken task then asks
+        :meth:`holds`, and a write a counted member or the lease still holds back goes
+        on to :meth:`wait`, which waits for them."""
+        return self._replicated.wake_when_holds(acks, end_offset, deadline_s, task)
 
     def read_limit(self) -> int | None:
         if self._frozen_limit is not None:
