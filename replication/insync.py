@@ -30,11 +30,19 @@ Times are seconds on any monotonic clock (the HA service passes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import attrs
 
-__all__ = ["DEFAULT_MAX_LAG_BYTES", "DEFAULT_MAX_LAG_MS", "InSyncSet", "SlaveLag", "SlaveState"]
+__all__ = [
+    "DEFAULT_MAX_LAG_BYTES",
+    "DEFAULT_MAX_LAG_MS",
+    "InSyncSet",
+    "InSyncWindow",
+    "SlaveLag",
+    "SlaveState",
+]
 
 DEFAULT_MAX_LAG_BYTES = 256 << 20
 """RocketMQ's ``haMaxGapNotInSync`` default."""
@@ -66,6 +74,36 @@ class SlaveLag:
     lag_ms: float
     """Milliseconds since the slave was last caught up (0 while it is)."""
     in_sync: bool
+
+
+@attrs.frozen
+class InSyncWindow:
+    """How many slaves are in sync, and for how long that count stands with no state
+    change: for every master end in ``[end_low, end_high]`` and every time ``now`` no
+    earlier than the one judged at with ``(now - caught_up_time) * 1000 <= max_lag_ms``,
+    :meth:`InSyncSet.count_in_sync` answers ``count`` (until an add, ack or remove).
+
+    Why it exists: a slave in sync drops out only as the master's end grows past its
+    byte bound or as time passes its time bound, and one out of sync comes back only
+    with an ack (or a cut that lowers the end), so the ``acks=in_sync``/``replicated``
+    admit can answer from the window with two comparisons instead of judging every
+    slave for every write."""
+
+    count: int
+    end_low: int
+    end_high: float
+    """``inf``: no slave's byte bound binds."""
+    caught_up_time: float
+    """The earliest caught-up time whose time bound binds (``inf``: none binds)."""
+    max_lag_ms: float
+
+    def holds(self, master_end: int, now: float) -> bool:
+        """Whether ``count`` is still the answer at ``master_end`` and ``now`` (the same
+        arithmetic as :meth:`InSyncSet.is_in_sync`, so it agrees at the boundary)."""
+        return (
+            self.end_low <= master_end <= self.end_high
+            and (now - self.caught_up_time) * 1000 <= self.max_lag_ms
+        )
 
 
 class InSyncSet:
@@ -153,6 +191,30 @@ class InSyncSet:
             ) and (member is None or member(name)):
                 count += 1
         return count
+
+    def count_window(self, master_end: int, now: float) -> InSyncWindow:
+        """:meth:`count_in_sync` (every slave counted) at ``master_end`` and ``now``, with
+        the ends and times it stands for (see :class:`InSyncWindow`)."""
+        max_lag_bytes, max_lag_ms = self.max_lag_bytes, self.max_lag_ms
+        count, end_high, caught_up = 0, math.inf, math.inf
+        for state in self.slaves.values():
+            lag = master_end - state.ack_offset
+            timely = (now - state.caught_up_time) * 1000 <= max_lag_ms
+            if lag > 0 and not (lag <= max_lag_bytes and timely):
+                continue  # out: stays out as the end grows and time passes
+            count += 1
+            if timely:  # in up to the byte bound, while the time bound holds
+                end_high = min(end_high, state.ack_offset + max_lag_bytes)
+                caught_up = min(caught_up, state.caught_up_time)
+            else:  # caught up but silent past the time bound: in while nothing is new
+                end_high = min(end_high, state.ack_offset)
+        return InSyncWindow(
+            count=count,
+            end_low=master_end,
+            end_high=end_high,
+            caught_up_time=caught_up,
+            max_lag_ms=max_lag_ms,
+        )
 
     def lags(self, master_end: int, now: float) -> list[SlaveLag]:
         """Every known slave's lag, sorted by name."""

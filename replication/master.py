@@ -50,7 +50,7 @@ from replication import hop_trace
 from replication.auth import NO_PROOF, new_nonce, proof, proof_matches, transcript
 from replication.epochs import EpochHistory, leader_is_stale
 from replication.errors import leaves
-from replication.insync import InSyncSet, SlaveLag
+from replication.insync import InSyncSet, InSyncWindow, SlaveLag
 from replication.settings import ReplicationSettings
 from replication.state import StreamRefused, StreamStart, next_confirm_offset, stream_start
 from replication.tls import (
@@ -809,6 +809,10 @@ class HAService:
         """The peer cap in force (the setting, lowered to the open-file limit at start)."""
         self._peers = 0
         self.insync = InSyncSet(settings.max_lag_bytes, settings.max_lag_ms)
+        self._in_sync_window: InSyncWindow | None = None
+        """The last :meth:`in_sync_count` and the ends and times it stands for, until
+        the set changes (see :meth:`in_sync_count`)."""
+        self.insync.observers.append(self._forget_in_sync_window)
         self._in_sync_names: frozenset[str] = frozenset()
         self._membership_changed = trio.Event()
         self.history = history
@@ -870,10 +874,23 @@ class HAService:
 
     def in_sync_count(self) -> int:
         """``len(in_sync_slaves())``, judged now, without building the dict (the
-        ``acks=in_sync``/``replicated`` admit asks it on every write)."""
-        return self.insync.count_in_sync(
-            self.store.commit_log.max_offset, trio.current_time(), self.peer_allowed
-        )
+        ``acks=in_sync``/``replicated`` admit asks it on every write).
+
+        Answered from the last judgement while its :class:`InSyncWindow` covers the log
+        end and the time (no slave added, acked or removed since: those forget it), so
+        a write costs two comparisons, not a pass over the slaves. Not with a
+        membership (``peer_allowed``): that may change with no event here."""
+        end, now = self.store.commit_log.max_offset, trio.current_time()
+        allowed = self.peer_allowed
+        if allowed is not None:
+            return self.insync.count_in_sync(end, now, allowed)
+        window = self._in_sync_window
+        if window is None or not window.holds(end, now):
+            window = self._in_sync_window = self.insync.count_window(end, now)
+        return window.count
+
+    def _forget_in_sync_window(self) -> None:
+        self._in_sync_window = None
 
     async def wait_membership_change(self) -> frozenset[str]:
         """Park until a slave joins or leaves the in-sync set; return the new set's
