@@ -199,7 +199,8 @@ class ReplicatedAcks:
     ``FLUSH_SLAVE_TIMEOUT`` saying so. One deadline covers both steps, so
     the request's ``timeout_ms`` is the whole budget. The two run side by side: the
     master's senders wake on the append, and ``admit(replicated)`` has the group commit
-    start at the flusher's next turn, before the write's wait registers.
+    start right after the append, before its bytes go to the slaves (no task of the
+    flusher's is woken for it: that was a wake-up per pipelined round for nothing).
     ``wait(in_sync)`` is the confirm offset alone (admitted like ``replicated``).
 
     :meth:`read_limit` is the confirm offset: consumers never read past what the
@@ -232,8 +233,7 @@ class ReplicatedAcks:
                 "resend later or with acks=durable",
             )
         if acks is _REPLICATED:  # the fsync runs beside the slaves' round trip
-            self._ha.store.group_commit.flush_soon()  # from the flusher's next turn
-            self._ha.fsync_before_next_send()  # or, sooner, before the append's send
+            self._ha.fsync_before_next_send()  # it starts before the append's send
 
     async def wait(self, acks: Acks, end_offset: int, timeout_ms: int) -> tuple[Status, str | None]:
         """As :meth:`AckPolicy.wait`; a write whose level already holds is answered
