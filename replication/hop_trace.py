@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-__all__ = ["ENV", "MAX_RECORDS", "enabled", "load", "record"]
+__all__ = ["ENV", "MAX_RECORDS", "enabled", "load", "record", "record_at"]
 
 ENV: Final = "TIDELOG_TRACE_HOPS"
 """Environment variable naming the file the hops go to at exit (unset: tracing off)."""
@@ -46,6 +46,13 @@ def record(hop: str, offset: int) -> None:
     :data:`enabled`, behind the check, so the off path costs nothing more)."""
     if len(_records) < MAX_RECORDS:
         _records.append((hop, offset, time.perf_counter()))
+
+
+def record_at(hop: str, offset: int, at: float) -> None:
+    """:func:`record` with the time taken elsewhere (``perf_counter`` seconds): a hop
+    that happened where nothing may record it, such as the storage's sync thread."""
+    if len(_records) < MAX_RECORDS:
+        _records.append((hop, offset, at))
 
 
 def _dump() -> None:

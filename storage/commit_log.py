@@ -165,6 +165,16 @@ def _pack_record(
     return tags
 
 
+@attrs.frozen
+class LastSync:
+    """One fdatasync of the log: the offset it made durable, and when it began and ended
+    on the sync thread (``perf_counter`` seconds, one clock for every process)."""
+
+    flushed_offset: int
+    began: float
+    ended: float
+
+
 class CommitLog:
     """The log of one node: every record of every topic, in one offset space, in the
     segments of :attr:`files`; :class:`storage.store.MessageStore` recovers and owns it.
@@ -219,7 +229,11 @@ class CommitLog:
         self.flush_count = 0
         self.on_flush: Callable[[float, float], None] = _ignore_flush
         """Called after each flush that fsynced, with its seconds from the call (lock wait
-        included) and of the fdatasync alone: the node's metrics time flushes through it."""
+        and the sync thread's hand-offs included) and of the fdatasync alone, as the sync
+        thread timed it: the node's metrics time flushes through it."""
+        self.last_sync: LastSync | None = None
+        """The last fdatasync that succeeded (``bench produce --trace`` places it among a
+        write's hops)."""
         self.raw_pending = 0
         """Bytes received by :meth:`append_raw` past :attr:`max_offset`: the start of a
         record whose rest is in the next chunk. Kept in the map, never exposed."""
@@ -600,9 +614,8 @@ class CommitLog:
             if target <= self.flushed_offset:
                 return self.flushed_offset
             segments = list(self.files.between(self.flushed_offset, target))
-            syncing = time.perf_counter()
             synced = await self._sync_thread.run(lambda: outcome.capture(_sync_all, segments))
-            return self._synced(synced, segments, target, called, syncing)
+            return self._synced(synced, segments, target, called)
 
     def begin_flush(self, on_done: Callable[[int | StorageFailedError], None]) -> bool:
         """Start an fdatasync of everything written so far and return at once; when it
@@ -625,15 +638,15 @@ class CommitLog:
         if target <= self.flushed_offset:
             return False
         segments = list(self.files.between(self.flushed_offset, target))
-        started = time.perf_counter()
+        called = time.perf_counter()
         syncing = self._syncing = trio.Event()
 
-        def done(synced: outcome.Outcome[outcome.Outcome[None]]) -> None:
+        def done(synced: outcome.Outcome[outcome.Outcome[tuple[float, float]]]) -> None:
             self._syncing = None
             syncing.set()
             try:
                 flushed: int | StorageFailedError = self._synced(
-                    synced.unwrap(), segments, target, started, started
+                    synced.unwrap(), segments, target, called
                 )
             except StorageFailedError as failure:
                 flushed = failure
@@ -650,16 +663,16 @@ class CommitLog:
 
     def _synced(
         self,
-        synced: outcome.Outcome[None],
+        synced: outcome.Outcome[tuple[float, float]],
         segments: list[MappedFile],
         target: int,
         called: float,
-        syncing: float,
     ) -> int:
-        """Account for one fdatasync of ``segments`` up to ``target``: the new flushed
-        offset, or :class:`StorageFailedError` (the log fails for good)."""
+        """Account for one fdatasync of ``segments`` up to ``target`` asked for at
+        ``called``: the new flushed offset, or :class:`StorageFailedError` (the log
+        fails for good)."""
         try:
-            synced.unwrap()
+            sync_began, sync_ended = synced.unwrap()
         except SegmentMissingError as exc:
             raise self.fail_missing(str(exc)) from exc
         except OSError as exc:
@@ -676,8 +689,8 @@ class CommitLog:
             segment.flushed = min(segment.size, target - segment.base)
         self.flushed_offset = target
         self.flush_count += 1
-        done = time.perf_counter()
-        self.on_flush(done - called, done - syncing)
+        self.last_sync = LastSync(target, sync_began, sync_ended)
+        self.on_flush(time.perf_counter() - called, sync_ended - sync_began)
         return target
 
     def fail_missing(self, problem: str) -> StorageFailedError:
@@ -781,14 +794,18 @@ def _ignore_flush(_flush_s: float, _fsync_s: float) -> None:
     """The default :attr:`CommitLog.on_flush`: nobody times flushes."""
 
 
-def _sync_all(segments: list[MappedFile]) -> None:
+def _sync_all(segments: list[MappedFile]) -> tuple[float, float]:
     """fdatasync each segment, then check its file is still linked and whole: an fsync
-    of a deleted file succeeds, and acknowledging it would be a lie."""
+    of a deleted file succeeds, and acknowledging it would be a lie. Returns when the
+    first fdatasync began and the last check ended (``perf_counter``, read on the
+    sync thread: the loop's hand-offs before and after are not in it)."""
+    began = time.perf_counter()
     for segment in segments:
         segment.sync()
         problem = segment.gone()
         if problem is not None:
             raise SegmentMissingError(problem)
+    return began, time.perf_counter()
 
 
 def _copy_in(segment: MappedFile, pos: int, data: bytes | memoryview) -> None:

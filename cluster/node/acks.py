@@ -118,6 +118,7 @@ class StandaloneAcks:
         if await self._store.wait_durable(end_offset, timeout_ms / 1000):
             if hop_trace.enabled:
                 hop_trace.record("m.fsynced", end_offset)
+                _trace_sync(self._store, end_offset)
             return Status.OK, None
         return (
             Status.FLUSH_DISK_TIMEOUT,
@@ -141,6 +142,16 @@ class StandaloneAcks:
 
     def read_limit(self) -> int | None:
         return None
+
+
+def _trace_sync(store: MessageStore, end_offset: int) -> None:
+    """Record when the fdatasync that made the bytes below ``end_offset`` durable began and
+    ended on the sync thread (the last one, if it covered them: one write at a time, as
+    ``bench produce --trace`` sends)."""
+    last = store.commit_log.last_sync
+    if last is not None and last.flushed_offset >= end_offset:
+        hop_trace.record_at("m.sync_began", end_offset, last.began)
+        hop_trace.record_at("m.sync_ended", end_offset, last.ended)
 
 
 class ReadLimited(Protocol):

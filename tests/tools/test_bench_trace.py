@@ -96,6 +96,24 @@ def test_a_leader_write_is_joined_to_its_own_end_not_to_a_later_wait() -> None:
     assert "released_to_client_p50_us" not in hops
 
 
+def test_the_sync_threads_fdatasync_is_placed_among_a_durable_writes_hops() -> None:
+    """The fdatasync as the sync thread timed it (recorded by the write's wait, keyed by
+    its end): when it began after the admit, its call, and its end to the wait resuming."""
+    sends = [(0, 1.0, 1.001)]
+    master = [
+        ("m.admit", 0, 1.0001),
+        ("m.wait", 100, 1.0002),
+        ("m.sync_began", 100, 1.00018),
+        ("m.sync_ended", 100, 1.00038),
+        ("m.fsynced", 100, 1.00045),
+    ]
+    hops = breakdown(sends, master, {})
+    assert hops["admit_to_sync_began_p50_us"] == pytest.approx(80, abs=0.01)
+    assert hops["sync_call_p50_us"] == pytest.approx(200, abs=0.01)
+    assert hops["sync_ended_to_fsynced_p50_us"] == pytest.approx(70, abs=0.01)
+    assert hops["wait_to_fsynced_p50_us"] == pytest.approx(250, abs=0.01)
+
+
 def test_a_write_the_master_never_saw_counts_only_in_the_total() -> None:
     hops = breakdown([(0, 1.0, 1.0005)], [("m.admit", 50, 1.0001)], {})
     assert hops == {"total_p50_us": pytest.approx(500)}
@@ -127,6 +145,7 @@ def test_bench_produce_trace_reports_every_hop_of_a_replicated_ack() -> None:
         ):
             assert figures[f"trace_1024B_{acks}_{hop}_p50_us"] > 0, (acks, hop)
     assert figures["trace_1024B_replicated_wait_to_fsynced_p50_us"] > 0
+    assert figures["trace_1024B_replicated_sync_call_p50_us"] > 0
 
 
 def test_trace_refuses_a_node_it_did_not_start() -> None:

@@ -31,6 +31,13 @@ and gives the median of every hop, in microseconds:
     the waiting write's task resuming.
 ``wait_to_fsynced``
     (``durable``, ``replicated``) the group commit's fsync as the write's wait saw it.
+``admit_to_sync_began``, ``sync_call``, ``sync_ended_to_fsynced``
+    (``durable``, ``replicated``) the same fsync from the commit log's sync thread: when
+    its fdatasync began (after the append, the handler starting it, and the thread
+    waking and taking the GIL, which the loop holds until it parks), how long the
+    fdatasync and the file check took there, and from their end until the write's wait
+    resumed (the thread retaking the GIL, waking the loop, the loop's callback and the
+    waiting task's turn).
 ``released_to_client``
     the answer: encode, the connection's writer, loopback, the client's read and decode.
 ``total``
@@ -140,6 +147,11 @@ def breakdown(
         fsynced = m.get("m.fsynced", {}).get(end)
         add("confirmed_to_released", released, confirmed)
         add("wait_to_fsynced", fsynced, wait)
+        sync_began = m.get("m.sync_began", {}).get(end)
+        sync_ended = m.get("m.sync_ended", {}).get(end)
+        add("admit_to_sync_began", sync_began, admit)
+        add("sync_call", sync_ended, sync_began)
+        add("sync_ended_to_fsynced", fsynced, sync_ended)
         add("released_to_client", answered_at, released if released is not None else fsynced)
     return {f"{name}_p50_us": statistics.median(values) for name, values in samples.items()}
 
