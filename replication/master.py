@@ -337,11 +337,12 @@ class HAConnection:
         """When the confirm offset the slave has not heard yet goes out on its own (inf:
         it has heard the current one; at first: at once)."""
         self._parked: trio.CancelScope | None = None
-        """The scope the caught-up sender is parked in, while it is."""
+        """The scope the caught-up sender is parked in, while it is and nobody woke it
+        (cleared by the wake-up: the appends after it in the same pass return at once)."""
         self._parked_until = math.inf
         """Its deadline without a pending confirm: the heartbeat's or the poll's."""
-        self._woken = trio.Event()
-        """Set by :meth:`arrived` to wake the parked sender (a new one per park)."""
+        self._parked_task: trio.lowlevel.Task | None = None
+        """The parked sender's task, for :meth:`_wake_sender` (no Event per park)."""
         self._sock: trio.socket.SocketType | None = None
         """The slave's socket once the stream runs (for :meth:`arrived`'s direct send)."""
         self._sent_confirm = -1
@@ -546,7 +547,14 @@ class HAConnection:
             hop_trace.record("m.arrival", self.store.commit_log.max_offset)
         if self.send_offset == self.ack_offset and not self._tail and self._send_now():
             return
-        self._woken.set()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """Reschedule the parked sender (once: later arrivals see it unparked)."""
+        self._parked = None
+        task, self._parked_task = self._parked_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def _send_now(self) -> bool:
         """Write the bytes past :attr:`send_offset` (and a moved confirm offset ahead of
@@ -581,7 +589,7 @@ class HAConnection:
                 hop_trace.record(f"m.sent:{self.name}", offset + count)
             if written < len(head) + count:
                 self._tail = (head + bytes(data))[written:]
-                self._woken.set()
+                self._wake_sender()
         self.send_offset = offset + count
         if confirm != self._sent_confirm:
             self._sent_confirm, self._confirm_due = confirm, math.inf
@@ -598,12 +606,17 @@ class HAConnection:
         poll_s = self.settings.poll_interval_ms / 1000
         self._parked_until = min(until, trio.current_time() + poll_s)
         with trio.move_on_at(min(self._parked_until, self._confirm_due)) as parked:
-            self._woken = trio.Event()
             self._parked = parked
+            self._parked_task = trio.lowlevel.current_task()
             try:
-                await self._woken.wait()
+                await trio.lowlevel.wait_task_rescheduled(self._unpark)
             finally:
-                self._parked = None
+                self._parked = self._parked_task = None
+
+    def _unpark(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        """The park's deadline passed (or the stream is cancelled): no wake-up is due."""
+        self._parked_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _stream(self, sock: trio.socket.SocketType) -> None:
         """Send committed bytes forever: one chunk per turn, within one segment and below
