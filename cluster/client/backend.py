@@ -80,7 +80,9 @@ def direct_socket(stream: object) -> socket | None:
     if not _running_trio() or not isinstance(stream, anyio.abc.SocketStream):
         return None
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    return raw if isinstance(raw, socket) and not raw.getblocking() else None
+    if not isinstance(raw, socket) or raw.getblocking() or not hasattr(raw, "sendmsg"):
+        return None  # (no ``sendmsg`` on Windows: writes go by ``send``)
+    return raw
 
 
 def loop_clock_and_checkpoint() -> tuple[Callable[[], float], Callable[[], Awaitable[None]]]:

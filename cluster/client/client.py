@@ -303,7 +303,9 @@ class Client:
             error: ConnectionLostError | None = None
             target = self.master
             try:
-                connection = await self.connection(target, patient=target is None)
+                connection = self._connections.get(target)  # open: no coroutine to await
+                if connection is None or connection.closed:
+                    connection = await self.connection(target, patient=target is None)
             except ConnectFailedError as exc:
                 attempt, error = Attempt(sent=False, status=None, address=target), exc
             else:

@@ -10,6 +10,7 @@ deadlines of a fraction of a second.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +24,7 @@ import trio.testing
 from cluster.client import Connection
 from cluster.client.connection import WRITE_EARLY_FRAMES
 from cluster.client.errors import RequestTimeoutError
-from cluster.protocol import encode_frame
+from cluster.protocol import encode_frame, request_frame
 from cluster.protocol.codec import FrameDecoder
 from cluster.protocol.compact import SEND_MARKER
 from tests.cluster.client_harness import BACKENDS, run
@@ -189,6 +190,30 @@ async def test_frames_queued_in_one_pass_go_out_in_several_writes() -> None:
             await trio.testing.wait_all_tasks_blocked()
         assert sorted(request["id"] for request in received) == list(range(1, count + 1))
         nursery.cancel_scope.cancel()
+
+
+async def test_more_frames_queued_than_one_write_takes_arrive_whole_and_in_order() -> None:
+    """The socket is written with one ``sendmsg`` of the queued frames, at most
+    ``IOV_MAX`` (1024) of them at a time, a partly written frame resumed where the write
+    left it: 3000 queued frames of odd sizes reach the peer byte for byte, in order
+    (through a small send buffer, so that big frames go in parts)."""
+    raw = bytearray()
+    sizes = [400 * 1024 if index % 500 == 0 else index % 13 for index in range(3000)]
+    frames = [
+        request_frame("send", index + 1, {"topic": "t", "body": bytes([index % 251]) * size})
+        for index, size in enumerate(sizes)
+    ]
+    async with peer(answer=False, raw=raw) as connection:
+        assert connection._socket is not None
+        connection._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        connection._outbox = list(frames)
+        while connection._outbox and not connection.closed:
+            connection._write_now()  # a big frame: the socket takes part of it
+            await trio.testing.wait_all_tasks_blocked()  # the peer reads what it was sent
+        while len(raw) < sum(map(len, frames)) and not connection.closed:
+            await trio.testing.wait_all_tasks_blocked()
+        assert connection.writes >= 3 and not connection.closed
+    assert raw == b"".join(frames)
 
 
 @BACKENDS
