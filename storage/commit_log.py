@@ -1,7 +1,8 @@
 """The CommitLog: every topic's records, appended to one sequence of segments.
 
 One writer (the trio task that calls :meth:`append` or :meth:`append_batch`)
-packs records straight into the active segment's map. The write part of an
+packs records into the active segment: less than a page straight into its map, more
+into a buffer written with one ``pwrite`` (no page fault per page). The write part of an
 append is synchronous (no checkpoint inside), so a cancelled append either wrote
 whole records or nothing; the only await is taking the next segment, which
 happens *before* any byte of the batch is written. Durability is separate:
@@ -12,6 +13,7 @@ happens *before* any byte of the batch is written. Durability is separate:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import struct
@@ -79,6 +81,11 @@ _PWRITE_MIN = 4096
 """Replicated chunks this long or longer are written with ``pwrite``, not through the map
 (see :func:`_copy_in`): CPU per KiB written to a warm segment, map / ``pwrite``, 0.89 / 1.21
 us at 1.1 KiB, 0.85 / 0.80 at 2.2 KiB, 0.84 / 0.58 at 4.4 KiB, 0.73 / 0.30 at 70 KiB."""
+
+_PACK_KEEP = 1 << 20
+"""Own appends of a page or more are packed into a buffer and written with one ``pwrite``
+(:meth:`CommitLog._pack_space`); the log keeps a buffer up to this size for the next one,
+a larger batch packs into its own."""
 
 IndexFields = tuple[int, int, str, int, int, int, int]
 """(offset, size, topic, queue_id, queue_offset, tags_hash, flags) of one record: what
@@ -237,6 +244,8 @@ class CommitLog:
         self.raw_pending = 0
         """Bytes received by :meth:`append_raw` past :attr:`max_offset`: the start of a
         record whose rest is in the next chunk. Kept in the map, never exposed."""
+        self._packing = memoryview(bytearray())
+        """Where own appends of a page or more are packed before their ``pwrite``."""
         self._appended: list[IndexFields] = []
         """The index fields of appends the dispatcher has not taken yet, in log order (see
         :meth:`take_appended`): own appends', or the records the last replicated chunk
@@ -307,9 +316,10 @@ class CommitLog:
         queue_offset = table.get(key, 0)
         now_us = time.time_ns() // 1000
         assert pos + size + BLANK_MIN <= last.size, (pos, size, last.size)
-        tags = _pack_record(last.view, pos, size, offset, message, topic, queue_offset, now_us)
+        view, shift = self._pack_space(last, pos, size)
+        tags = _pack_record(view, pos - shift, size, offset, message, topic, queue_offset, now_us)
+        self._write_packed(last, pos, pos + size, view)
         table[key] = queue_offset + 1
-        last.wrote = pos + size
         appended = self._appended
         if len(appended) >= APPENDED_LIMIT:
             appended.clear()  # the dispatcher reads these back from the log
@@ -332,7 +342,10 @@ class CommitLog:
         segment = self.files.last
         if segment is None:
             segment = self._roll()
-        view, base, pos, limit = segment.view, segment.base, segment.wrote, segment.size - BLANK_MIN
+        base, pos, limit = segment.base, segment.wrote, segment.size - BLANK_MIN
+        unpacked = sum([size for _topic, size in measured])
+        view, shift = self._pack_space(segment, pos, unpacked)
+        start = pos
         table = self.next_queue_offsets
         now_us = time.time_ns() // 1000
         offsets: list[int] = []
@@ -344,21 +357,86 @@ class CommitLog:
                 appended = []  # and this batch's too: filled, never kept
         for message, (topic, size) in zip(messages, measured, strict=True):
             if pos + size > limit:
-                segment.wrote = pos
+                self._write_packed(segment, start, pos, view)
+                unpacked -= pos - start
                 segment = self._roll()
-                view, base, pos = segment.view, segment.base, 0
+                base, pos, start = segment.base, 0, 0
+                view, shift = self._pack_space(segment, 0, unpacked)
             key = (message.topic, message.queue_id)
             queue_offset = table.get(key, 0)
             offset = base + pos
-            tags = _pack_record(view, pos, size, offset, message, topic, queue_offset, now_us)
+            tags = _pack_record(
+                view, pos - shift, size, offset, message, topic, queue_offset, now_us
+            )
             table[key] = queue_offset + 1
             offsets.append(offset)
             queue_offsets.append(queue_offset)
             appended.append((offset, size, key[0], key[1], queue_offset, tags, message.flags))
             pos += size
         assert pos <= limit, (pos, limit)
-        segment.wrote = pos
+        self._write_packed(segment, start, pos, view)
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
+
+    def _pack_space(self, segment: MappedFile, start: int, length: int) -> tuple[memoryview, int]:
+        """Where to pack the ``length`` bytes of records bound for ``segment`` from ``start``:
+        ``(view, shift)``, the record at segment position ``p`` packed at ``p - shift`` of
+        ``view``, then handed to :meth:`_write_packed`.
+
+        Less than a page goes straight into the map; a page or more into the log's packing
+        buffer, written with one ``pwrite``: a write through the map takes a page fault for
+        each page it dirties, again after every fdatasync (which write-protects them), and
+        costs more than the call from about a page on. Measured (CPU): 70 KiB with an
+        fdatasync between rounds, 55 us through the map, 28 us packed and written; a batch
+        of 64 records of 1 KiB, 2.5-2.8 us a record through the map, 2.0-2.2 packed (a
+        buffer made per call: 2.1-2.3). Through the map one record is cheaper, 1.7 against
+        2.4 us at 1.1 KiB and 0.9 against 1.9 at 128 B, with 16 and 64 writes between fsyncs.
+        """
+        if length < _PWRITE_MIN:
+            return segment.view, 0
+        packing = self._packing
+        if len(packing) < length:
+            packing = memoryview(bytearray(max(length, _PWRITE_MIN)))
+            if length <= _PACK_KEEP:
+                self._packing = packing
+        return packing, start
+
+    def _write_packed(self, segment: MappedFile, start: int, end: int, view: memoryview) -> None:
+        """Make ``[start, end)`` of ``segment`` hold the records packed in ``view`` (see
+        :meth:`_pack_space`), then advance ``segment.wrote`` over them: never before, so
+        readers, flushes and replication see whole records only.
+
+        A short ``pwrite`` goes on with the rest. One that fails fails the log for good, as
+        a failed fdatasync does (:attr:`failure`): the bytes may be anywhere between
+        ``start`` and ``end``, none of them is visible, and after a restart recovery keeps
+        the whole records among them and cuts the rest, as after a crash mid-write.
+        """
+        if view is not segment.view:
+            fd = segment.fd
+            done, length = 0, end - start
+            try:
+                while done < length:
+                    written = _pwrite(fd, view[done:length], start + done)
+                    if written <= 0:
+                        raise OSError(errno.EIO, "pwrite wrote nothing")
+                    done += written
+            except OSError as exc:
+                failure = self._fail(
+                    StorageFailedError(
+                        f"writing {length} bytes of records at offset {segment.base + start} "
+                        f"of the commit log failed after {done} ({exc.strerror}); nothing past "
+                        f"offset {self.flushed_offset} is acknowledged and this node takes no "
+                        "writes until it is restarted: check the disk (dmesg) before restarting"
+                    )
+                )
+                log.critical(
+                    "commit_log_write_failed error=%s offset=%d length=%d written=%d",
+                    exc,
+                    segment.base + start,
+                    length,
+                    done,
+                )
+                raise failure from exc
+        segment.wrote = end
 
     def take_appended(self, end: int) -> list[IndexFields] | None:
         """Hand over the index fields of the own appends since the last call, and forget them.

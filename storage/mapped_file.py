@@ -2,8 +2,9 @@
 
 Everything here that touches the disk is *blocking* and is meant to be called
 through ``trio.to_thread.run_sync`` by the owner (the event loop must never wait
-for the disk). The hot path (writing into :attr:`view`) never calls into this
-module at all: the CommitLog packs straight into the map.
+for the disk). The hot path never calls into this module at all: the CommitLog packs
+small appends straight into :attr:`view` and writes bigger ones with ``pwrite`` on
+:attr:`fd`; both land in the same page cache, which the map reads.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class MappedFile:
     """A segment: ``size`` bytes of file, mapped shared, starting at log offset ``base``.
 
     Positions are relative to the segment. ``wrote`` is how far bytes have been
-    written into the map (and so are visible in the file: there is no separate
-    write buffer); ``flushed`` is how far they are known to be on disk.
+    written, through the map or with ``pwrite`` on :attr:`fd` (either way into the page
+    cache, so visible in the map and the file alike); ``flushed`` is how far they are
+    known to be on disk.
 
     Invariants: the file is exactly ``size`` bytes, fully allocated, named by ``base``
     (:func:`segment_name`); ``0 <= flushed <= wrote <= size`` except while recovery
