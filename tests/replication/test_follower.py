@@ -141,10 +141,10 @@ async def test_a_failed_fsync_halts_the_slave_which_stays_up(
 
     real_sync_all = storage.commit_log._sync_all
 
-    def failing_sync_all(segments: list[MappedFile]) -> None:
+    def failing_sync_all(segments: list[MappedFile]) -> tuple[float, float]:
         if any("slave" in str(segment.path) for segment in segments):
             raise OSError(errno.EIO, "Input/output error")
-        real_sync_all(segments)
+        return real_sync_all(segments)
 
     monkeypatch.setattr(storage.commit_log, "_sync_all", failing_sync_all)
     durable = ReplicationSettings(heartbeat_ms=100, peer_timeout_ms=1_000, slave_ack="durable")
