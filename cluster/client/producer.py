@@ -411,22 +411,26 @@ class Producer:
         if self.idempotent and sequence is None:
             return await self._deliver_idempotent(topic, acks, messages)
         timeout = self.timeout_ms / 1000 + self.client.config.request_timeout
-        fields: dict[str, Any] = {
-            "topic": topic,
-            "acks": _ACKS_VALUES[acks],
-            "timeout_ms": self.timeout_ms,
-        }
-        if sequence is not None:
-            fields["producer"] = self.producer_id
-            fields["sequence"] = sequence
-            if self.producer_epoch:
-                fields["epoch"] = self.producer_epoch
-        if len(messages) == 1:
-            op = "send"
-            fields.update(messages[0])
+        # One dict display (half the cost of a dict updated with the message afterwards).
+        op = "send" if len(messages) == 1 else "send_batch"
+        if sequence is None and op == "send":
+            fields: dict[str, Any] = {
+                "topic": topic,
+                "acks": _ACKS_VALUES[acks],
+                "timeout_ms": self.timeout_ms,
+                **messages[0],
+            }
         else:
-            op = "send_batch"
-            fields["messages"] = messages
+            fields = {"topic": topic, "acks": _ACKS_VALUES[acks], "timeout_ms": self.timeout_ms}
+            if sequence is not None:
+                fields["producer"] = self.producer_id
+                fields["sequence"] = sequence
+                if self.producer_epoch:
+                    fields["epoch"] = self.producer_epoch
+            if op == "send":
+                fields.update(messages[0])
+            else:
+                fields["messages"] = messages
         try:
             delivery = await self.client.deliver(
                 op, timeout, fields, resends=self.retries, backoff_initial_s=self.retry_backoff
