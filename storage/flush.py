@@ -17,7 +17,7 @@ from storage.commit_log import CommitLog
 from storage.config import StoreConfig
 from storage.errors import StorageFailedError
 from storage.mapped_file import PAGE_SIZE
-from storage.waiters import OffsetWaiters
+from storage.waiters import OffsetWaiters, WakeHandle
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ class GroupCommitFlusher:
         lowest = self._waiters.pending_min
         if lowest is not None and lowest <= self.commit_log.max_offset:
             self._start()
+
+    def wake_when_durable(
+        self, task: trio.lowlevel.Task, offset: int, deadline: float
+    ) -> WakeHandle | None:
+        """Have ``task``, parked by its own means, woken as :meth:`wait_durable` would
+        answer for ``offset`` (True once fsynced, False at ``deadline`` or past a cut, the
+        failure as an error; see :meth:`OffsetWaiters.wake_task`), and start the fsync
+        if none runs. None when that would be at once (durable already, or the log
+        failed): the caller wakes the task itself. Lets the end of the fsync wake a
+        connection's idle ack task, with no step of its own to park on
+        :meth:`wait_durable` first."""
+        if self.commit_log.failure is not None or offset <= self.commit_log.flushed_offset:
+            return None
+        self._start()  # its end comes as a loop callback: after the caller parks the task
+        return self._waiters.wake_task(task, offset, deadline)
 
     async def wait_durable(self, offset: int, deadline: float) -> bool:
         if self.commit_log.failure is not None:

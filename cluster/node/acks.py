@@ -33,6 +33,7 @@ __all__ = ["AckPolicy", "DurableAcks", "ReplicatedAcks", "SlaveAcks", "Standalon
 # Read on every write's admit: an enum member read through its class is a descriptor
 # call on Python 3.11, and ``Acks.needs_slaves`` a property on top; identity tests
 # against module globals cost neither (same answer as ``acks.needs_slaves``).
+_DURABLE: Final = Acks.DURABLE
 _IN_SYNC: Final = Acks.IN_SYNC
 _REPLICATED: Final = Acks.REPLICATED
 
@@ -138,6 +139,11 @@ class StandaloneAcks:
     def wake_when_holds(
         self, acks: Acks, end_offset: int, deadline_s: float, task: trio.lowlevel.Task
     ) -> WakeHandle | None:
+        """``durable``: woken by the end of the fsync that covers ``end_offset`` (group
+        commit's waiters), at the deadline, or on a failure. Not while hop tracing is
+        on, where every write's hops are recorded by :meth:`wait`."""
+        if acks is _DURABLE and not hop_trace.enabled:
+            return self._store.group_commit.wake_when_durable(task, end_offset, deadline_s)
         return None
 
     def read_limit(self) -> int | None:
