@@ -52,7 +52,6 @@ class GroupCommitFlusher:
         self.commit_log = commit_log
         self._waiters = OffsetWaiters()
         self._wake = trio.Event()
-        self._soon = False
         self._syncing = False
         """An fdatasync started by :meth:`_start` runs; its end (:meth:`_synced`) starts
         the next one if anyone still waits."""
@@ -62,16 +61,6 @@ class GroupCommitFlusher:
         """The log was truncated: offsets past ``flushed_offset`` are not durable any more,
         even if bytes were once flushed there."""
         self._waiters.rewind(flushed_offset)
-
-    def flush_soon(self) -> None:
-        """Start a group commit at the flusher's next turn, with no waiter yet: a caller
-        about to append a write whose ack needs this fsync *and* something slower
-        (``acks=replicated``: the slaves' round trip) gets the fsync going a scheduler
-        pass or two before its wait registers, so the two run side by side. The fsync
-        covers whatever is written when the flusher runs (nothing: none). Cheap to
-        repeat: a flag and an event, however many callers before the flusher's turn."""
-        self._soon = True
-        self._wake.set()
 
     def flush_now(self) -> None:
         """Start a group commit of everything written so far, now, unless one runs (its
@@ -135,9 +124,6 @@ class GroupCommitFlusher:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if self._soon:
-                self._soon = False
-                self.flush_now()
             while not self._syncing and (lowest := self._waiters.pending_min) is not None:
                 flushed = await self._flush()
                 if flushed is None:

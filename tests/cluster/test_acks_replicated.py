@@ -16,8 +16,14 @@ from replication.slave import HAClient
 from replication.wire import HAProtocolError
 from storage import Message, MessageStore, StorageFailedError
 from tests.replication.test_ha_epochs import history
-from tests.replication.test_ha_stream import config_at, fill, messages, replicated, serving
-from tests.storage.test_flush_soon import quiet_config
+from tests.replication.test_ha_stream import (
+    config_at,
+    fill,
+    messages,
+    quiet_config,
+    replicated,
+    serving,
+)
 
 
 async def test_a_covered_write_is_answered_without_a_scheduling_point(tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ from cluster.node.acks import ReplicatedAcks, StandaloneAcks
 from cluster.protocol import Acks
 from replication.slave import HAClient
 from storage import Message, MessageStore
-from tests.replication.test_ha_stream import config_at, replicated, serving
-from tests.storage.test_flush_soon import quiet_config
+from tests.replication.test_ha_stream import config_at, quiet_config, replicated, serving
 
 
 class FlusherSteps(trio.abc.Instrument):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -43,6 +44,13 @@ def config_at(path: Path) -> StoreConfig:
         flush_interval_ms=50,
         flush_thorough_interval_ms=200,
         retention_check_interval_ms=3_600_000,
+    )
+
+
+def quiet_config(path: Path) -> StoreConfig:
+    """No periodic flush within a test: every fsync counted there is group commit's."""
+    return attrs.evolve(
+        config_at(path), flush_interval_ms=3_600_000, flush_thorough_interval_ms=3_600_000
     )
 
 
