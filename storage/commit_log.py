@@ -355,27 +355,46 @@ class CommitLog:
             appended.clear()  # the dispatcher reads these back from the log
             if len(messages) > APPENDED_LIMIT:
                 appended = []  # and this batch's too: filled, never kept
-        for message, (topic, size) in zip(messages, measured, strict=True):
-            if pos + size > limit:
-                self._write_packed(segment, start, pos, view)
-                unpacked -= pos - start
-                segment = self._roll()
-                base, pos, start = segment.base, 0, 0
-                view, shift = self._pack_space(segment, 0, unpacked)
-            key = (message.topic, message.queue_id)
-            queue_offset = table.get(key, 0)
-            offset = base + pos
-            tags = _pack_record(
-                view, pos - shift, size, offset, message, topic, queue_offset, now_us
-            )
-            table[key] = queue_offset + 1
-            offsets.append(offset)
-            queue_offsets.append(queue_offset)
-            appended.append((offset, size, key[0], key[1], queue_offset, tags, message.flags))
-            pos += size
-        assert pos <= limit, (pos, limit)
-        self._write_packed(segment, start, pos, view)
+        first, first_wrote, rolled = segment, segment.wrote, 0
+        try:
+            for message, (topic, size) in zip(messages, measured, strict=True):
+                if pos + size > limit:
+                    self._write_packed(segment, start, pos, view)
+                    unpacked -= pos - start
+                    segment = self._roll()
+                    rolled += 1
+                    base, pos, start = segment.base, 0, 0
+                    view, shift = self._pack_space(segment, 0, unpacked)
+                key = (message.topic, message.queue_id)
+                queue_offset = table.get(key, 0)
+                offset = base + pos
+                tags = _pack_record(
+                    view, pos - shift, size, offset, message, topic, queue_offset, now_us
+                )
+                table[key] = queue_offset + 1
+                offsets.append(offset)
+                queue_offsets.append(queue_offset)
+                appended.append((offset, size, key[0], key[1], queue_offset, tags, message.flags))
+                pos += size
+            assert pos <= limit, (pos, limit)
+            self._write_packed(segment, start, pos, view)
+        except StorageFailedError:
+            self._unroll(first, first_wrote, rolled)
+            raise
         return BatchAppendResult(offsets, queue_offsets, base + pos, now_us)
+
+    def _unroll(self, first: MappedFile, first_wrote: int, rolled: int) -> None:
+        """A write of a batch failed after ``rolled`` roll-overs: hide the parts written
+        before it again (all or nothing), so no reader, flush or slave ever sees part of
+        the batch. Nothing yielded since those parts became visible, so nobody saw them;
+        the log has failed for good, so no append follows. The rolled-in segments go back
+        to the spares; their bytes and the filler stay past the visible end, like a torn
+        write's (recovery keeps whole records there, as after a crash mid-write)."""
+        segments = self.files.segments
+        for _ in range(rolled):
+            self._spares.appendleft(segments.pop())
+        first.wrote = first_wrote
+        assert self.files.last is first, "a batch rolls from the log's last segment"
 
     def _pack_space(self, segment: MappedFile, start: int, length: int) -> tuple[memoryview, int]:
         """Where to pack the ``length`` bytes of records bound for ``segment`` from ``start``:

@@ -5,12 +5,14 @@ leave no record visible and fail the log."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 
 import attrs
 import pytest
 
+import storage.commit_log as commit_log_module
 from storage import Message, MessageStore, StorageFailedError, StoreConfig
 from storage.commit_log import _PWRITE_MIN
 from storage.record import BLANK_MIN, HEADER_SIZE, ScanStop, check_record, decode_properties
@@ -168,3 +170,42 @@ async def test_a_short_write_then_a_failure_shows_no_record_and_recovery_cuts_th
         offsets = [*kept.offsets, start, start + record]
         assert walk(store) == offsets
         assert_holds(store, offsets, [*batch(0, 3000), *sent[:2]])
+
+
+async def test_a_batch_whose_write_after_a_roll_over_fails_shows_none_of_its_records(
+    store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All or nothing across a roll-over: the part before the segment's end is written,
+    the part after it fails (EIO from the disk, injected at the ``pwrite``). The first
+    part was briefly visible when the roll activated the next segment; it must be hidden
+    again, so no consumer, flush or slave ever reads part of a failed batch."""
+    size = store_config.segment_size
+    async with MessageStore.open(store_config) as store:
+        record = HEADER_SIZE + len("t") + len(batch(0, 1)[0].properties) + 1024
+        fill_to = size - BLANK_MIN - 5 * record - 500  # five records of the batch fit
+        filled = []
+        while (left := fill_to - store.commit_log.max_offset) > 16_000:
+            filled.append((await store.put(Message.create("t", body(-1, 15_000), 0))).offset)
+        filled.append(
+            (await store.put(Message.create("t", body(-2, left - HEADER_SIZE - 1), 0))).offset
+        )
+        before = store.commit_log.max_offset
+        segments = len(store.commit_log.files.segments)
+        real_pwrite = commit_log_module._pwrite
+        calls: list[int] = []
+
+        def pwrite_failing_after_the_roll(fd: int, data: memoryview, pos: int) -> int:
+            calls.append(pos)
+            if len(calls) == 2:  # the part in the next segment
+                raise OSError(errno.EIO, "Input/output error")
+            return real_pwrite(fd, data, pos)
+
+        monkeypatch.setattr(commit_log_module, "_pwrite", pwrite_failing_after_the_roll)
+        with pytest.raises(StorageFailedError, match="failed after 0"):
+            await store.put_batch(batch(0, 20))
+        assert calls[1] == 0, "the second write is the next segment's first part"
+        assert store.commit_log.max_offset == before
+        assert len(store.commit_log.files.segments) == segments
+        assert walk(store) == filled
+        with pytest.raises(StorageFailedError):
+            await store.put(Message.create("t", b"after the failure", 0))
