@@ -265,6 +265,17 @@ class IdempotentSends:
                     f"remembered at offset {batch.offset} but the log holds {mark} there; "
                     "resend to the master",
                 )
+            stored_at = records[0].store_us  # one append stamps every record of a batch
+            whole = sum(1 for record in records if record.store_us == stored_at)
+            if whole != batch.count:
+                raise SendRefused(
+                    Status.INTERNAL_ERROR,
+                    f"the batch of producer {producer} at sequence {batch.sequence} was only "
+                    f"partly stored at offset {batch.offset} ({whole} of {batch.count} "
+                    "records: its write failed or the node crashed during it) and was never "
+                    "acknowledged: its other records are not in the log; read it back and "
+                    "send what is missing as a new batch",
+                )
             return Stored(
                 [r.queue_id for r in records],
                 [r.queue_offset for r in records],

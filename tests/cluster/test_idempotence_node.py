@@ -6,9 +6,11 @@ the log)."""
 from __future__ import annotations
 
 import logging
+import resource
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -18,7 +20,7 @@ from cluster.node.idempotence import PRODUCER_SPAN, WINDOW_BATCHES
 from cluster.node.idempotent_sends import IdempotentSends, SendRefused
 from cluster.protocol import Status
 from cluster.protocol.address import parse_address
-from storage import BatchAppendResult, Message, MessageStore, StoreConfig
+from storage import BatchAppendResult, Message, MessageStore, StorageFailedError, StoreConfig
 from tests.cluster.test_client_producer import serving
 from tools.faults.proxy import Direction, FaultProxy
 
@@ -376,3 +378,36 @@ async def test_an_append_failing_after_writing_is_still_recognised(tmp_path: Pat
         again = await sends.append(7, 0, request, build, store.put_batch)
         assert again.duplicate and again.offsets == [0]
         assert store.commit_log.max_offset == again.end_offset, "stored once"
+
+
+async def test_a_partly_stored_batch_is_never_answered_as_a_duplicate(tmp_path: Path) -> None:
+    """The disk refuses a batch's write after two of its eight records (the process's
+    file size limit: a real short write, then EFBIG); recovery keeps those two whole
+    records, another producer appends after them, and the first producer resends. The
+    resend must not be answered as a stored duplicate: the offsets after the two would
+    be the other producer's records, and six of the batch's records were never stored."""
+    config = attrs.evolve(_store_config(tmp_path), segment_size=4 << 20, preallocate=False)
+    body = b"b" * 1024
+    request = [{"body": body, "props": None}] * 8
+
+    def build() -> list[Message]:
+        return [Message("t", body, 0) for _ in range(8)]
+
+    async with MessageStore.open(config) as store:
+        filled = await store.put_batch([Message("t", b"f" * 1024, 0) for _ in range(3000)])
+        record = filled.offsets[1] - filled.offsets[0]
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (filled.end_offset + 2 * record + 300, hard))
+        try:
+            with pytest.raises(StorageFailedError):
+                await IdempotentSends(store).append(7, 0, request, build, store.put_batch)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    async with MessageStore.open(config) as store:
+        assert store.commit_log.max_offset > filled.end_offset + record, "two records kept"
+        sends = IdempotentSends(store)
+        other = [{"body": b"o" * 1024, "props": None}] * 8
+        await sends.append(9, 0, other, lambda: [Message("t", b"o" * 1024, 0)] * 8, store.put_batch)
+        with pytest.raises(SendRefused, match="only partly stored") as refused:
+            await sends.append(7, 0, request, build, store.put_batch)
+        assert refused.value.status is Status.INTERNAL_ERROR
