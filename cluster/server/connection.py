@@ -57,6 +57,15 @@ wait yielded on its own and the answers went out one at a time): about a fifth l
 master CPU per pipelined message than with a task each."""
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 """Buffers one ``writev`` takes at most."""
+UNKNOWN_OUTCOME: Final = frozenset({Status.FLUSH_DISK_TIMEOUT, Status.FLUSH_SLAVE_TIMEOUT})
+"""The statuses of a write appended whose acknowledgement did not come: outcome unknown."""
+CUT_ERROR: Final = (
+    "appended, but before {what} confirmed it this node's log was cut below the write's "
+    "end or its role changed (a demoted master drops the tail the new master lacks), so "
+    "the record may be gone and other bytes may take its offset: the outcome is unknown; "
+    "read it back from the current master before resending"
+)
+"""The error of a write whose ack wait a cut (or a role change) ended before its deadline."""
 _T = TypeVar("_T")
 
 
@@ -83,7 +92,12 @@ class Connection:
     The queue's task lives as long as the connection reads, parked while the queue is
     empty; a wait whose level holds when its turn comes (``PendingAck.answer_now``, the
     ack policy's ``holds``) is answered there with no coroutine, so the writes one
-    fsync or one slave ack released cost an answer each and nothing more.
+    fsync or one slave ack released cost an answer each and nothing more. A queued wait
+    that ends in an outcome-unknown status before its deadline (a deadline ends one at
+    or after it) was ended by a cut of the log or a role change: it and every wait
+    queued behind it are answered at once with that status and :data:`CUT_ERROR`, and
+    none waits again (:meth:`_answer_cut_waits`), since other bytes may fill the same
+    offsets.
 
     Answers are written by the task that made them when it can: the reader queues the
     answers of one receive's frames and writes them with one ``write`` on the socket
@@ -373,7 +387,11 @@ class Connection:
             if not queue:
                 if not self._reading:
                     return
-                await self._park_ack_task()
+                woken = await self._park_ack_task()
+                # False before the head's deadline: a cut of the log past the flushed
+                # offset woke it (see OffsetWaiters.rewind), not the deadline
+                if woken is False and queue and _ended_early(queue[0][2]):
+                    self._answer_cut_waits()
                 continue
             self._holding = True  # waits released together are answered with one write
             try:
@@ -384,17 +402,39 @@ class Connection:
                     except Exception as exc:
                         response = response_for_error(req_id, exc, op)
                     if response is None:
-                        await self._held(self._finish(req_id, op, pending, answer_version))
-                    else:
-                        self._reply(response, answer_version)
+                        response = await self._held(self._answer_of(req_id, op, pending))
+                        if response is None:  # cut: the head is answered with the rest
+                            self._answer_cut_waits()
+                            continue
+                    self._reply(response, answer_version)
                     queue.popleft()
             finally:
                 self._holding = False
                 self._write_now()
 
-    async def _park_ack_task(self) -> None:
+    def _answer_cut_waits(self) -> None:
+        """The log was cut (or the role changed) under the queued waits: answer every one
+        with an outcome-unknown status now. Waiting again would register for the same
+        end offsets, which other bytes may reach (this node's appends once it is master
+        again, a new master's records once it follows one): an ``OK`` for a record that
+        may be gone. Every queued write was appended before the cut (the queue is in
+        append order and the head's end is past the cut), and "unknown" is true of
+        each, whether its own bytes survived or not."""
+        queue = self._ack_queue
+        log.warning(
+            "ack_waits_cut peer=%s writes=%d first_end_offset=%d",
+            self.peer,
+            len(queue),
+            queue[0][2].end_offset,
+        )
+        while queue:
+            _req_id, _op, pending, answer_version = queue.popleft()
+            self._reply(_cut_answer(pending), answer_version)
+
+    async def _park_ack_task(self) -> object:
         """Park the ack queue's task until :meth:`_wake_ack_task`, or the policy's wake-up
-        for the queue's head (:meth:`_wake_ack_task_for`)."""
+        for the queue's head (:meth:`_wake_ack_task_for`); return what woke it (the
+        policy's True or False, else None)."""
         self._ack_task_idle = trio.lowlevel.current_task()
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
@@ -404,12 +444,14 @@ class Connection:
                 wake.cancel()
             return trio.lowlevel.Abort.SUCCEEDED
 
+        woken: object = None
         try:
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            woken = await trio.lowlevel.wait_task_rescheduled(abort)
         except Exception:  # the policy's failure (a stale master): the head's wait answers it
             log.debug("ack_task_woken_by_failure peer=%s", self.peer, exc_info=True)
         self._ack_task_idle = None
         self._ack_task_wake = None
+        return woken
 
     def _wake_ack_task_for(self, pending: PendingAck) -> None:
         """A wait joined the empty queue: have the policy wake the idle ack task when the
@@ -454,11 +496,34 @@ class Connection:
             self._holding = True
 
     async def _finish(self, req_id: int, op: str, deferred: Deferred, answer_version: int) -> None:
+        if isinstance(deferred, PendingAck):
+            response = await self._answer_of(req_id, op, deferred)
+            if response is None:
+                log.warning("ack_wait_cut peer=%s end_offset=%d", self.peer, deferred.end_offset)
+                response = _cut_answer(deferred)
+            self._reply(response, answer_version)
+            return
         try:
             response = await deferred()
         except Exception as exc:
             response = response_for_error(req_id, exc, op)
         self._reply(response, answer_version)
+
+    async def _answer_of(self, req_id: int, op: str, pending: PendingAck) -> Reply | None:
+        """Await ``pending``'s wait: its answer, or None when it ended in an
+        outcome-unknown status before its deadline (the caller answers it, and those
+        queued behind it, with :func:`_cut_answer`). Only a cut of
+        the log (group commit's waiters past it are woken with False) or a role change
+        (a stale or stepped-down master's waits) ends a wait so early; its own status
+        would say the fsync or the slaves were too slow, and the writes queued behind
+        it would wait afresh for offsets other bytes may fill."""
+        try:
+            response = await pending()
+        except Exception as exc:
+            return response_for_error(req_id, exc, op)
+        if response.get("status") in UNKNOWN_OUTCOME and _ended_early(pending):
+            return None
+        return response
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -630,6 +695,29 @@ class Connection:
 
     async def _linger(self) -> None:
         await linger(self._stream)
+
+
+_EARLY_MARGIN_S: Final = 1e-6
+"""Slack on the deadline test: a policy's own deadline is the write's, recomputed from
+whole milliseconds left (never earlier, but for float rounding)."""
+
+
+def _ended_early(pending: PendingAck) -> bool:
+    """Whether ``pending``'s wait ended before its deadline (a deadline wakes it at or
+    after it)."""
+    return trio.current_time() < pending.deadline_s - _EARLY_MARGIN_S
+
+
+def _cut_answer(pending: PendingAck) -> Reply:
+    """The outcome-unknown answer of a write whose wait a cut or role change ended:
+    the level's timeout status, with :data:`CUT_ERROR`."""
+    if pending.acks is Acks.DURABLE:
+        return pending.answer(Status.FLUSH_DISK_TIMEOUT, _DURABLE_CUT_ERROR)
+    return pending.answer(Status.FLUSH_SLAVE_TIMEOUT, _REPLICATED_CUT_ERROR)
+
+
+_DURABLE_CUT_ERROR: Final = CUT_ERROR.format(what="its fsync")
+_REPLICATED_CUT_ERROR: Final = CUT_ERROR.format(what="the in-sync slaves")
 
 
 @types.coroutine
