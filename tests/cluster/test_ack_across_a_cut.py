@@ -205,3 +205,33 @@ async def test_the_idle_ack_task_woken_by_a_cut_answers_its_write_at_once(
             assert answer["offset"] in {f["offset"] for f in fillers}
             # and the connection goes on: a new write is acknowledged as usual
             await raw.ok("send", topic="t", body=BODY, acks="durable")
+
+
+async def test_a_write_waiting_in_a_task_of_its_own_is_told_the_log_was_cut(
+    tmp_path: Path, gate: Gate
+) -> None:
+    """A write with an earlier deadline than the queue's tail waits in a task of its
+    own; the cut ends its wait before its deadline. Fails on the old code: it was
+    answered that the fsync did not complete within its timeout ("probably stored")."""
+    async with trio.open_nursery() as nursery, quiet_node(tmp_path) as node:
+        store = node.store
+        assert store is not None
+        async with client(node) as other, client(node) as raw:
+            await other.ok("create_topic", topic="t", queues=1)
+            held_id, cut_at = await stall_an_fsync(store, gate, other)
+            queued = await raw.send(
+                "send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS
+            )
+            own = await raw.send(
+                "send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS // 2
+            )
+            await until(lambda: store.queue_offsets("t", 0)[1] == 3)
+            await cut_while_the_fsync_is_held(store, gate, cut_at, nursery)
+            held = await other.recv()
+            assert held is not None and held["id"] == held_id and held["status"] is Status.OK
+            answers = await raw.recv_n(2)
+            assert sorted(answers) == [queued, own]
+            for answer in answers.values():
+                assert_cut_answer(answer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting_for_durable(store) == 0
