@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import errno
 import math
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -17,53 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from storage import Message, MessageStore, StorageFailedError, StoreConfig
-from storage.mapped_file import MappedFile
-
-
-def quiet_config(path: Path) -> StoreConfig:
-    """No periodic flush within a test: every fdatasync here is group commit's."""
-    return StoreConfig(
-        data_dir=path,
-        segment_size=1024 * 1024,
-        max_message_size=16 * 1024,
-        consume_queue_entries=64,
-        flush_interval_ms=3_600_000,
-        flush_thorough_interval_ms=3_600_000,
-        retention_check_interval_ms=3_600_000,
-    )
-
-
-@attrs.define
-class Gate:
-    """Holds every segment fdatasync until :meth:`open`; ``error`` fails the held ones."""
-
-    entered: threading.Event = attrs.field(factory=threading.Event)
-    released: threading.Event = attrs.field(factory=threading.Event)
-    error: int | None = None
-
-    def open(self) -> None:
-        self.released.set()
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    gate = Gate()
-    real_sync = MappedFile.sync
-
-    def held_sync(segment: MappedFile) -> None:
-        gate.entered.set()
-        if not gate.released.wait(timeout=30):
-            raise AssertionError("the test never released the held fdatasync")
-        if gate.error is not None:
-            raise OSError(gate.error, "injected by the test")
-        real_sync(segment)
-
-    monkeypatch.setattr(MappedFile, "sync", held_sync)
-    try:
-        yield gate
-    finally:
-        gate.open()  # never leave the store's sync thread waiting
+from storage import Message, MessageStore, StorageFailedError
+from tests.storage.test_group_commit import SyncGate, quiet_config
+from tests.storage.test_group_commit import gate as gate  # the fixture: held fdatasyncs
 
 
 @attrs.define
@@ -87,7 +41,7 @@ async def park_for(store: MessageStore, offset: int, deadline: float, parked: Pa
 
 
 async def test_the_task_is_woken_by_the_end_of_the_fdatasync_that_covers_it(
-    tmp_path: Path, gate: Gate
+    tmp_path: Path, gate: SyncGate
 ) -> None:
     async with MessageStore.open(quiet_config(tmp_path)) as store:
         result = await store.put(Message.create("t", b"wake me", 0))
@@ -121,7 +75,7 @@ async def test_nothing_is_registered_when_the_answer_is_known_at_once(tmp_path: 
 
 
 async def test_a_failed_fdatasync_wakes_the_task_with_the_failure(
-    tmp_path: Path, gate: Gate
+    tmp_path: Path, gate: SyncGate
 ) -> None:
     async with MessageStore.open(quiet_config(tmp_path)) as store:
         result = await store.put(Message.create("t", b"lost", 0))
@@ -136,7 +90,7 @@ async def test_a_failed_fdatasync_wakes_the_task_with_the_failure(
             parked.woken.unwrap()
 
 
-async def test_the_deadline_wakes_the_task_with_false(tmp_path: Path, gate: Gate) -> None:
+async def test_the_deadline_wakes_the_task_with_false(tmp_path: Path, gate: SyncGate) -> None:
     async with MessageStore.open(quiet_config(tmp_path)) as store:
         result = await store.put(Message.create("t", b"slow disk", 0))
         parked = Parked()

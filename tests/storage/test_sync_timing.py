@@ -12,22 +12,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from storage import Message, MessageStore, StorageFailedError, StoreConfig
+from storage import Message, MessageStore, StorageFailedError
 from storage.commit_log import LastSync
 from storage.mapped_file import MappedFile
-
-
-def quiet_config(path: Path) -> StoreConfig:
-    """No periodic flush within a test: every fdatasync here is the test's."""
-    return StoreConfig(
-        data_dir=path,
-        segment_size=1024 * 1024,
-        max_message_size=16 * 1024,
-        consume_queue_entries=64,
-        flush_interval_ms=3_600_000,
-        flush_thorough_interval_ms=3_600_000,
-        retention_check_interval_ms=3_600_000,
-    )
+from tests.storage.test_group_commit import quiet_config
 
 
 @attrs.define
