@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import trio
-import trio.testing
-
 from tests.cluster.test_server import client, node_config, running
-from tests.cluster.test_server_hops import TaskSteps
+from tests.cluster.test_server_hops import TaskSteps, ack_task_steps_per_write
 
 
 async def test_the_fsync_wakes_the_idle_ack_task_which_answers_in_that_step(
@@ -24,17 +21,6 @@ async def test_the_fsync_wakes_the_idle_ack_task_which_answers_in_that_step(
         assert node.store is not None
         await raw.ok("create_topic", topic="t", queues=1)
         await raw.ok("send", topic="t", body=b"x", acks="durable")  # starts the ack task
-        trio.lowlevel.add_instrument(steps)
-        try:
-            offsets = []
-            for _ in range(5):
-                await trio.testing.wait_all_tasks_blocked()
-                steps.reset()
-                answer = await raw.ok("send", topic="t", body=b"y", acks="durable")
-                offsets.append(answer["offset"])
-                await trio.testing.wait_all_tasks_blocked()
-                assert steps.steps == {"Connection._await_acks": 1}
-            assert offsets == sorted(offsets)
-            assert node.store.commit_log.flushed_offset > offsets[-1]
-        finally:
-            trio.lowlevel.remove_instrument(steps)
+        offsets = await ack_task_steps_per_write(raw, "durable", steps)
+        assert offsets == sorted(offsets)
+        assert node.store.commit_log.flushed_offset > offsets[-1]

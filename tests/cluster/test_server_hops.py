@@ -33,6 +33,24 @@ class TaskSteps(trio.abc.Instrument):
         self.steps = dict.fromkeys(self.steps, 0)
 
 
+async def ack_task_steps_per_write(raw: Any, acks: str, steps: TaskSteps) -> list[int]:
+    """Send five writes at ``acks`` one at a time and assert each cost the connection's
+    ack task exactly one step (``steps`` counts it); return their offsets."""
+    trio.lowlevel.add_instrument(steps)
+    try:
+        offsets = []
+        for _ in range(5):
+            await trio.testing.wait_all_tasks_blocked()
+            steps.reset()
+            answer = await raw.ok("send", topic="t", body=b"y", acks=acks)
+            offsets.append(answer["offset"])
+            await trio.testing.wait_all_tasks_blocked()
+            assert steps.steps == {"Connection._await_acks": 1}
+        return offsets
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+
+
 async def test_answers_given_at_once_are_written_by_the_reader_in_its_one_step(
     tmp_path: Path,
 ) -> None:
@@ -179,20 +197,9 @@ async def test_the_slaves_ack_wakes_the_idle_ack_task_which_answers_in_that_step
             while master.ha.in_sync_count() < 1:
                 await master.ha.wait_membership_change()
             await raw.ok("send", topic="t", body=b"x", acks="in_sync")  # starts the ack task
-            trio.lowlevel.add_instrument(steps)
-            try:
-                offsets = []
-                for _ in range(5):
-                    await trio.testing.wait_all_tasks_blocked()
-                    steps.reset()
-                    answer = await raw.ok("send", topic="t", body=b"y", acks="in_sync")
-                    offsets.append(answer["offset"])
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert steps.steps == {"Connection._await_acks": 1}
-                assert offsets == sorted(offsets)
-                assert master.ha.confirm_offset > offsets[-1]
-            finally:
-                trio.lowlevel.remove_instrument(steps)
+            offsets = await ack_task_steps_per_write(raw, "in_sync", steps)
+            assert offsets == sorted(offsets)
+            assert master.ha.confirm_offset > offsets[-1]
 
 
 async def test_a_receive_yields_at_least_once_in_two_calls() -> None:
