@@ -15,13 +15,8 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from cluster.node.acks import ReplicatedAcks, StandaloneAcks
 from cluster.protocol import Status
-from replication.slave import HAClient
-from storage import MessageStore
-from tests.cluster.test_server import Raw, node_config, running
-from tests.replication.test_ha_stream import config_at, replicated, serving
-from tools.faults.proxy import Direction, FaultProxy
+from tests.cluster.test_queued_ack_policy import master_with_a_held_slave
 
 IN_FLIGHT = 64
 TRACKED_PER_WAITING_WRITE = 8
@@ -35,39 +30,23 @@ def tracked_objects() -> int:
 
 
 async def test_a_waiting_write_keeps_few_objects_alive(tmp_path: Path) -> None:
-    async with (
-        running(node_config(tmp_path / "node")) as node,
-        MessageStore.open(config_at(tmp_path / "slave")) as slave_store,
-    ):
-        store, handler = node.store, node.handler
-        assert store is not None and handler is not None
-        async with serving(store) as (service, ha_port, nursery):
-            proxy = FaultProxy("127.0.0.1", ha_port)
-            proxy_port = await nursery.start(proxy.serve)
-            nursery.start_soon(HAClient(slave_store, "s1").run, "127.0.0.1", proxy_port)
-            raw = await Raw.connect(node)
-            await raw.send("create_topic", topic="t", queues=1)
-            await raw.send("send", topic="t", body=b"first", acks="leader")
-            assert {a["status"] for a in (await raw.recv_n(2)).values()} == {Status.OK}
-            assert await replicated(service, store.commit_log.max_offset)
-            handler.set_acks(ReplicatedAcks(StandaloneAcks(store), service, 1))
-            # One write waits first, so the queue's task and its wake-up exist already.
-            proxy.hold(Direction.parse("from_target"))  # the slave's acks stop here
-            await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
-            await trio.testing.wait_all_tasks_blocked()
-            gc.disable()
-            try:
-                before = tracked_objects()
-                for _ in range(IN_FLIGHT):
-                    await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
-                await trio.testing.wait_all_tasks_blocked()  # all appended and queued
-                held = tracked_objects() - before
-            finally:
-                gc.enable()
-            assert held <= IN_FLIGHT * TRACKED_PER_WAITING_WRITE, (
-                f"{held} objects kept alive by {IN_FLIGHT} waiting writes"
-            )
-            proxy.hold(frozenset())  # released: every write is answered OK
-            answers = await raw.recv_n(IN_FLIGHT + 1)
-            assert {a["status"] for a in answers.values()} == {Status.OK}
-            nursery.cancel_scope.cancel()
+    async with master_with_a_held_slave(tmp_path) as (_store, _handler, proxy, raw, nursery):
+        # One write waits first, so the queue's task and its wake-up exist already.
+        await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.disable()
+        try:
+            before = tracked_objects()
+            for _ in range(IN_FLIGHT):
+                await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
+            await trio.testing.wait_all_tasks_blocked()  # all appended and queued
+            held = tracked_objects() - before
+        finally:
+            gc.enable()
+        assert held <= IN_FLIGHT * TRACKED_PER_WAITING_WRITE, (
+            f"{held} objects kept alive by {IN_FLIGHT} waiting writes"
+        )
+        proxy.hold(frozenset())  # released: every write is answered OK
+        answers = await raw.recv_n(IN_FLIGHT + 1)
+        assert {a["status"] for a in answers.values()} == {Status.OK}
+        nursery.cancel_scope.cancel()

@@ -10,12 +10,15 @@ new master then cuts (promises 1 and 5)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
 import trio.testing
 
 from cluster.node.acks import ReplicatedAcks, SlaveAcks, StandaloneAcks
+from cluster.node.handler import NodeRequestHandler
 from cluster.protocol import Status
 from replication.epochs import EpochFile, EpochHistory
 from replication.settings import ReplicationSettings
@@ -26,9 +29,15 @@ from tests.replication.test_ha_stream import config_at, replicated, serving
 from tools.faults.proxy import Direction, FaultProxy
 
 
-async def test_a_queued_replicated_wait_keeps_the_policy_its_write_was_appended_under(
+@contextlib.asynccontextmanager
+async def master_with_a_held_slave(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[MessageStore, NodeRequestHandler, FaultProxy, Raw, trio.Nursery]]:
+    """A node serving one slave through a fault proxy, its first write replicated, under
+    a replicated ack policy, with the slave's side of the stream held from then on: the
+    node's writes wait for acks that do not come until the test lets them through
+    (``proxy.hold(frozenset())``). Yields the node's store and handler, the proxy, a raw
+    client connection with topic ``t`` made, and the nursery the slave runs in."""
     async with (
         running(node_config(tmp_path / "node")) as node,
         MessageStore.open(config_at(tmp_path / "slave")) as slave_store,
@@ -47,27 +56,30 @@ async def test_a_queued_replicated_wait_keeps_the_policy_its_write_was_appended_
             # An elected master's policy (CoordinatedAcks wraps this one).
             handler.set_acks(ReplicatedAcks(StandaloneAcks(store), service, 1))
             proxy.hold(Direction.parse("from_target"))  # the slave hears nothing more
-            first = await raw.send(
-                "send", topic="t", body=b"w1", acks="replicated", timeout_ms=1000
-            )
-            second = await raw.send(
-                "send", topic="t", body=b"w2", acks="replicated", timeout_ms=1000
-            )
-            await trio.testing.wait_all_tasks_blocked()  # both appended, the second queued
-            # The term ends: the HA loop has the node follow the new master (coordinated.py).
-            follower = SlaveReplication(
-                store,
-                "m",
-                "127.0.0.1:1",
-                ReplicationSettings(),
-                history=EpochHistory(),
-                epoch_file=EpochFile.in_dir(tmp_path),
-            )
-            handler.set_acks(SlaveAcks(StandaloneAcks(store), follower))
-            answers = await raw.recv_n(2)
-            assert answers[first]["status"] is Status.FLUSH_SLAVE_TIMEOUT
-            assert answers[second]["status"] is Status.FLUSH_SLAVE_TIMEOUT, (
-                "a replicated write no slave acknowledged must not be answered OK"
-            )
-            proxy.hold(frozenset())
-            nursery.cancel_scope.cancel()
+            yield store, handler, proxy, raw, nursery
+
+
+async def test_a_queued_replicated_wait_keeps_the_policy_its_write_was_appended_under(
+    tmp_path: Path,
+) -> None:
+    async with master_with_a_held_slave(tmp_path) as (store, handler, proxy, raw, nursery):
+        first = await raw.send("send", topic="t", body=b"w1", acks="replicated", timeout_ms=1000)
+        second = await raw.send("send", topic="t", body=b"w2", acks="replicated", timeout_ms=1000)
+        await trio.testing.wait_all_tasks_blocked()  # both appended, the second queued
+        # The term ends: the HA loop has the node follow the new master (coordinated.py).
+        follower = SlaveReplication(
+            store,
+            "m",
+            "127.0.0.1:1",
+            ReplicationSettings(),
+            history=EpochHistory(),
+            epoch_file=EpochFile.in_dir(tmp_path),
+        )
+        handler.set_acks(SlaveAcks(StandaloneAcks(store), follower))
+        answers = await raw.recv_n(2)
+        assert answers[first]["status"] is Status.FLUSH_SLAVE_TIMEOUT
+        assert answers[second]["status"] is Status.FLUSH_SLAVE_TIMEOUT, (
+            "a replicated write no slave acknowledged must not be answered OK"
+        )
+        proxy.hold(frozenset())
+        nursery.cancel_scope.cancel()
