@@ -266,6 +266,12 @@ def _master_replication_metrics(status: MasterReplicationStatus) -> Iterator[Met
         status.confirm_offset,
     )
     yield _gauge(
+        "tidelog_replication_replicated_offset_bytes",
+        "Offset min_insync_replicas in-sync slaves held: in_sync/replicated acks are "
+        "released up to here (it stops while fewer are in sync).",
+        status.replicated_offset,
+    )
+    yield _gauge(
         "tidelog_replication_stale",
         "1 once a slave proved a newer master exists (writes refused).",
         status.stale is not None,

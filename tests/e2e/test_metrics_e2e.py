@@ -165,6 +165,8 @@ async def test_scraping_a_master_and_its_slave_during_a_produce_load(
     assert ("tidelog_replication_slave_lag_bytes", (("slave", "s"),)) in second
     assert ("tidelog_replication_slave_lag_seconds", (("slave", "s"),)) in second
     assert second[("tidelog_replication_in_sync_slaves", ())] == 1
+    replicated_at = second[("tidelog_replication_replicated_offset_bytes", ())]
+    assert 0 < replicated_at <= second[("tidelog_replication_confirm_offset_bytes", ())]
     assert second[("tidelog_client_connections", ())] >= 1
 
     on_slave = await slave.scrape()
