@@ -844,8 +844,8 @@ async def test_shutdown_answers_durable_waits_in_flight_and_refuses_new_requests
             await c.send("send", topic="s", body=b"%d" % i, acks="durable") for i in range(count)
         ]
         await waiting.wait()  # one connection's waits queue behind the first
-        await trio.testing.wait_all_tasks_blocked()  # every send read and appended
-        assert node.server is not None and node.server._inflight == count
+        assert node.server is not None
+        await until(lambda: node.server._inflight == count)  # every send read and appended
         node.request_shutdown()
         assert node.server is not None
         await until(lambda: node.server.draining)
