@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench.clients import bench_clients_on, parse_clients, ratios_to_trio
+from tools.bench.clients import bench_clients_on, client_ratios, parse_clients, ratios_to_trio
 from tools.cli import main
 from tools.process import NodeProcess
 
@@ -87,3 +87,16 @@ async def test_each_client_runs_every_workload_against_the_same_node(node: NodeP
     assert len(rates) == 3 * len([k for k in by_client["trio"] if k.endswith("_msgs_per_s")])
     assert all(rate > 0 for rate in rates)
     assert all(figures[key] > 0 for key in summary)
+
+
+def test_summary_ratios_cover_every_ack_level_of_a_run() -> None:
+    figures = {
+        "a_128B_leader_msgs_per_s": 100.0,
+        "a_128B_leader_asyncio_msgs_per_s": 50.0,  # x0.5
+        "a_128B_durable_msgs_per_s": 10.0,
+        "a_128B_durable_asyncio_msgs_per_s": 20.0,  # x2
+        "client_asyncio_vs_trio_rate_ratio": 0.5,  # one level's summary: replaced
+    }
+    ratios = client_ratios(figures, ("trio", "asyncio"))
+    assert ratios["client_asyncio_vs_trio_rate_ratio"] == pytest.approx(1.0)  # sqrt(0.5 * 2)
+    assert client_ratios(figures, ("asyncio",)) == {}  # nothing to compare with

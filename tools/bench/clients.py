@@ -34,7 +34,7 @@ from cluster.client.sync import SyncClient, connect
 from tools.bench.produce import BATCH, IN_FLIGHT, SIZES, ProgressFn, bench_produce_on
 from tools.bench.stats import CpuMeter, percentile
 
-__all__ = ["CLIENTS", "bench_clients_on", "parse_clients"]
+__all__ = ["CLIENTS", "bench_clients_on", "client_ratios", "parse_clients"]
 
 CLIENTS: Final = ("trio", "asyncio", "blocking")
 """The kinds of client ``--client`` takes; trio's figures keep their unsuffixed names."""
@@ -85,11 +85,25 @@ async def bench_clients_on(
             )
         by_client[client] = run
         figures.update(run)
-    if "trio" in by_client:
-        for client, run in by_client.items():
-            if client != "trio":
-                figures.update(ratios_to_trio(client, run, by_client["trio"]))
-    return figures
+    return figures | client_ratios(figures, clients)
+
+
+def client_ratios(figures: dict[str, float], clients: Sequence[str]) -> dict[str, float]:
+    """Each non-trio client's summary ratios to trio over every workload in ``figures``
+    (which may hold several ack levels' runs); none without trio's figures."""
+    if "trio" not in clients:
+        return {}
+    others = [client for client in clients if client != "trio"]
+    trio_run = {
+        key: value
+        for key, value in figures.items()
+        if not key.startswith("client_") and not any(f"_{other}" in key for other in others)
+    }
+    ratios: dict[str, float] = {}
+    for client in others:
+        run = {key: value for key, value in figures.items() if f"_{client}" in key}
+        ratios.update(ratios_to_trio(client, run, trio_run))
+    return ratios
 
 
 def ratios_to_trio(
