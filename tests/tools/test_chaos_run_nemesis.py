@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from tools.chaos.checker import check
-from tools.chaos.history import HistoryWriter, read_history
+from tools.chaos.history import Event, HistoryWriter, read_history
 from tools.chaos.nemesis import Nemesis, ScheduledFault, observe_master
 from tools.chaos.workload import Recorder
 from tools.faults import Fault, FaultProxy, ProxyPartition
@@ -62,6 +62,32 @@ class ProxiedNodes:
         return None
 
 
+class WatchedRecorder(Recorder):
+    """The run's recorder, which also wakes a test waiting for the next event recorded."""
+
+    def __init__(self, writer: HistoryWriter) -> None:
+        super().__init__(writer)
+        self._recorded = trio.Event()
+
+    def record(
+        self,
+        type: str,
+        process: str,
+        f: str,
+        value: dict[str, Any],
+        *,
+        node: str | None = None,
+        error: str | None = None,
+    ) -> Event:
+        event = super().record(type, process, f, value, node=node, error=error)
+        self._recorded.set()
+        self._recorded = trio.Event()
+        return event
+
+    async def next_event(self) -> None:
+        await self._recorded.wait()
+
+
 def _nemesis_events(path: Path) -> list[tuple[str, str, str]]:
     return [
         (e.type, e.value["fault_id"], e.value["action"])
@@ -78,7 +104,7 @@ async def test_overlapping_faults_take_turns_and_all_heal(tmp_path: Path) -> Non
         cluster = ProxiedNodes(proxies)
         history = tmp_path / "history.jsonl"
         with HistoryWriter(history) as writer:
-            recorder = Recorder(writer)
+            recorder = WatchedRecorder(writer)
             schedule = [
                 ScheduledFault("f1", 0.0, "partition", "master", 0.3, 1),
                 ScheduledFault("f2", 0.1, "partition", "slave", 0.1, 2),
@@ -88,8 +114,18 @@ async def test_overlapping_faults_take_turns_and_all_heal(tmp_path: Path) -> Non
             nemesis = Nemesis(recorder, cluster, schedule)
             master: list[str | None] = [None]
             nursery.start_soon(observe_master, recorder, cluster, master)
-            with trio.move_on_after(1.5):  # f4 holds 60 s: the run ends while it is active
-                await nemesis.run()
+            # f4 holds 60 s: the run ends while it is active, once f1 and f2 healed and f3
+            # failed (on those events: a fixed time is one a loaded machine can overrun).
+            async with trio.open_nursery() as run:
+                run.start_soon(nemesis.run)
+                with trio.fail_after(30):
+                    while not (
+                        set(nemesis.active) == {"f4"}
+                        and {"f1", "f2"} <= set(nemesis.done)
+                        and nemesis.errors
+                    ):
+                        await recorder.next_event()
+                run.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     events = _nemesis_events(history)
     # Every invoke is followed by its own completion: one nemesis operation open at a time.
