@@ -24,7 +24,7 @@ from replication.epochs import EpochFile, EpochHistory
 from replication.settings import ReplicationSettings
 from replication.slave import HAClient, SlaveReplication
 from storage import MessageStore
-from tests.cluster.test_server import Raw, node_config, running
+from tests.cluster.test_server import Raw, node_config, running, until
 from tests.replication.test_ha_stream import config_at, replicated, serving
 from tools.faults.proxy import Direction, FaultProxy
 
@@ -65,7 +65,10 @@ async def test_a_queued_replicated_wait_keeps_the_policy_its_write_was_appended_
     async with master_with_a_held_slave(tmp_path) as (store, handler, proxy, raw, nursery):
         first = await raw.send("send", topic="t", body=b"w1", acks="replicated", timeout_ms=1000)
         second = await raw.send("send", topic="t", body=b"w2", acks="replicated", timeout_ms=1000)
-        await trio.testing.wait_all_tasks_blocked()  # both appended, the second queued
+        # Both appended (a put can wait on a thread, which one idle point does not cover),
+        # then the second queued behind the first.
+        await until(lambda: store.queue_offsets("t", 0)[1] == 3)
+        await trio.testing.wait_all_tasks_blocked()
         # The term ends: the HA loop has the node follow the new master (coordinated.py).
         follower = SlaveReplication(
             store,
