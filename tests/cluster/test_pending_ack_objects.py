@@ -17,6 +17,7 @@ import trio.testing
 
 from cluster.protocol import Status
 from tests.cluster.test_queued_ack_policy import master_with_a_held_slave
+from tests.cluster.test_server import until
 
 IN_FLIGHT = 64
 TRACKED_PER_WAITING_WRITE = 8
@@ -30,7 +31,7 @@ def tracked_objects() -> int:
 
 
 async def test_a_waiting_write_keeps_few_objects_alive(tmp_path: Path) -> None:
-    async with master_with_a_held_slave(tmp_path) as (_store, _handler, proxy, raw, nursery):
+    async with master_with_a_held_slave(tmp_path) as (store, _handler, proxy, raw, nursery):
         # One write waits first, so the queue's task and its wake-up exist already.
         await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
         await trio.testing.wait_all_tasks_blocked()
@@ -39,7 +40,9 @@ async def test_a_waiting_write_keeps_few_objects_alive(tmp_path: Path) -> None:
             before = tracked_objects()
             for _ in range(IN_FLIGHT):
                 await raw.send("send", topic="t", body=b"w", acks="in_sync", timeout_ms=60_000)
-            await trio.testing.wait_all_tasks_blocked()  # all appended and queued
+            # All appended (one idle point does not wait for a put on a thread), and queued.
+            await until(lambda: store.queue_offsets("t", 0)[1] == 2 + IN_FLIGHT)
+            await trio.testing.wait_all_tasks_blocked()
             held = tracked_objects() - before
         finally:
             gc.enable()
