@@ -43,6 +43,24 @@ log = logging.getLogger(__name__)
 SCAN_PAGE: Final = 1024
 """Offsets records read per page while the map catches up with the log."""
 
+_UNKNOWN_OUTCOME: Final = frozenset({Status.FLUSH_DISK_TIMEOUT, Status.FLUSH_SLAVE_TIMEOUT})
+"""The statuses of a commit appended whose acknowledgement did not come."""
+
+
+def _cut_error(acks: Acks) -> str:
+    """The error of a commit whose ack wait ended before its deadline: only a cut of the
+    log below its end (group commit's waiters past it are woken with False) or a role
+    change (a stale or stepped-down master's waits) ends one so early, and the level's
+    own sentence would say the fsync or the slaves were too slow and it is probably
+    stored."""
+    what = "its fsync" if acks is Acks.DURABLE else "the in-sync slaves"
+    return (
+        f"the offset commit was appended, but before {what} confirmed it this node's log "
+        "was cut below it or its role changed (a demoted master drops the tail the new "
+        "master lacks), so the committed offsets may be gone: fetch the group's offsets "
+        "from the current master and commit again if they are not there"
+    )
+
 
 class GroupService:
     """Serves ``join_group``, ``heartbeat``, ``leave_group``, ``commit_offsets``,
@@ -257,6 +275,7 @@ class GroupService:
         timer = self._ack_timer
 
         async def acknowledged() -> Reply:
+            deadline_s = trio.current_time() + timeout_ms / 1000  # the policy's own
             try:
                 status, error = await acks.wait(req["acks"], result.end_offset, timeout_ms)
             except Exception as exc:
@@ -266,6 +285,8 @@ class GroupService:
             if timer is not None:
                 timer(req["acks"], status, trio.current_time() - appended_s)
             if status is not Status.OK:
+                if status in _UNKNOWN_OUTCOME and trio.current_time() < deadline_s - 1e-6:
+                    error = _cut_error(req["acks"])  # only a cut or role change ends it early
                 return make_response(req["id"], status, error=error, group=group)
             return make_response(req["id"], group=group, committed=committed)
 
