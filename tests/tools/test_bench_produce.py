@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench.produce import _nodes_for, run_bench
+from tools.bench.produce import IN_FLIGHT, _nodes_for, _senders, run_bench
 
 
 async def test_each_ack_level_runs_on_fresh_nodes() -> None:
@@ -42,3 +42,14 @@ async def test_a_given_node_is_measured_as_it_is(tmp_path: Path) -> None:
     async with _nodes_for("127.0.0.1:1", tmp_path / "unused", 0, lambda _: None) as found:
         assert found == ("127.0.0.1:1", [])  # no PIDs: its CPU is not ours to count
     assert not (tmp_path / "unused").exists()
+
+
+async def test_a_window_over_before_the_senders_ran_still_measures_each_once() -> None:
+    steps: list[int] = []
+
+    async def step(index: int) -> int:
+        steps.append(index)
+        return 1
+
+    rate = await _senders(0.0, step)  # a loaded machine: the window passed before any ran
+    assert sorted(steps) == list(range(IN_FLIGHT)) and rate > 0
