@@ -137,6 +137,22 @@ def waiting_for_durable(store: MessageStore) -> int:
     return len(store.group_commit._waiters)
 
 
+@asynccontextmanager
+async def an_fsync_held_for_a_cut(
+    tmp_path: Path, gate: Gate
+) -> AsyncIterator[tuple[Node, trio.Nursery, MessageStore, Raw, Raw, int, int]]:
+    """A quiet node with topic ``t``, two clients and a durable write of the first whose
+    fdatasync hangs in ``gate`` (:func:`stall_an_fsync`): the node, a nursery, the store,
+    the two clients, that write's request id and the log end it covers (the cut point)."""
+    async with trio.open_nursery() as nursery, quiet_node(tmp_path) as node:
+        store = node.store
+        assert store is not None
+        async with client(node) as other, client(node) as raw:
+            await other.ok("create_topic", topic="t", queues=1)
+            held_id, cut_at = await stall_an_fsync(store, gate, other)
+            yield node, nursery, store, other, raw, held_id, cut_at
+
+
 def assert_cut_answer(answer: dict[str, Any]) -> None:
     assert answer["status"] is Status.FLUSH_DISK_TIMEOUT, answer
     assert "cut" in answer["error"] and "read it back" in answer["error"], answer
@@ -148,30 +164,26 @@ async def test_a_write_queued_behind_a_cut_write_is_not_acknowledged_by_later_by
     """Fails on the old code: the second write, queued behind the first, waited afresh
     after the cut (its turn came once the first was answered) and was answered OK
     once other records filled and fsynced its offsets."""
-    async with trio.open_nursery() as nursery, quiet_node(tmp_path) as node:
-        store = node.store
-        assert store is not None
-        async with client(node) as other, client(node) as raw:
-            await other.ok("create_topic", topic="t", queues=1)
-            held_id, cut_at = await stall_an_fsync(store, gate, other)
-            ids = [
-                await raw.send("send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS)
-                for _ in range(2)
-            ]
-            await until(lambda: store.queue_offsets("t", 0)[1] == 3)
-            await cut_while_the_fsync_is_held(store, gate, cut_at, nursery)
-            assert store.commit_log.max_offset == cut_at
-            held = await other.recv()  # its fdatasync ended before the cut: kept, OK
-            assert held is not None and held["id"] == held_id and held["status"] is Status.OK
-            await trio.testing.wait_all_tasks_blocked()
-            assert waiting_for_durable(store) == 0, "a cut write waits again"
-            fillers = await fill_past(node, other, cut_at + 4 * len(BODY))
-            answers = await raw.recv_n(2)
-            assert sorted(answers) == ids
-            for answer in answers.values():
-                assert_cut_answer(answer)
-            # other records, acknowledged, now sit where the cut writes were
-            assert {a["offset"] for a in answers.values()} <= {f["offset"] for f in fillers}
+    async with an_fsync_held_for_a_cut(tmp_path, gate) as setup:
+        node, nursery, store, other, raw, held_id, cut_at = setup
+        ids = [
+            await raw.send("send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS)
+            for _ in range(2)
+        ]
+        await until(lambda: store.queue_offsets("t", 0)[1] == 3)
+        await cut_while_the_fsync_is_held(store, gate, cut_at, nursery)
+        assert store.commit_log.max_offset == cut_at
+        held = await other.recv()  # its fdatasync ended before the cut: kept, OK
+        assert held is not None and held["id"] == held_id and held["status"] is Status.OK
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiting_for_durable(store) == 0, "a cut write waits again"
+        fillers = await fill_past(node, other, cut_at + 4 * len(BODY))
+        answers = await raw.recv_n(2)
+        assert sorted(answers) == ids
+        for answer in answers.values():
+            assert_cut_answer(answer)
+        # other records, acknowledged, now sit where the cut writes were
+        assert {a["offset"] for a in answers.values()} <= {f["offset"] for f in fillers}
 
 
 async def test_the_idle_ack_task_woken_by_a_cut_answers_its_write_at_once(
@@ -213,25 +225,17 @@ async def test_a_write_waiting_in_a_task_of_its_own_is_told_the_log_was_cut(
     """A write with an earlier deadline than the queue's tail waits in a task of its
     own; the cut ends its wait before its deadline. Fails on the old code: it was
     answered that the fsync did not complete within its timeout ("probably stored")."""
-    async with trio.open_nursery() as nursery, quiet_node(tmp_path) as node:
-        store = node.store
-        assert store is not None
-        async with client(node) as other, client(node) as raw:
-            await other.ok("create_topic", topic="t", queues=1)
-            held_id, cut_at = await stall_an_fsync(store, gate, other)
-            queued = await raw.send(
-                "send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS
-            )
-            own = await raw.send(
-                "send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS // 2
-            )
-            await until(lambda: store.queue_offsets("t", 0)[1] == 3)
-            await cut_while_the_fsync_is_held(store, gate, cut_at, nursery)
-            held = await other.recv()
-            assert held is not None and held["id"] == held_id and held["status"] is Status.OK
-            answers = await raw.recv_n(2)
-            assert sorted(answers) == [queued, own]
-            for answer in answers.values():
-                assert_cut_answer(answer)
-            await trio.testing.wait_all_tasks_blocked()
-            assert waiting_for_durable(store) == 0
+    async with an_fsync_held_for_a_cut(tmp_path, gate) as setup:
+        _node, nursery, store, other, raw, held_id, cut_at = setup
+        queued = await raw.send("send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS)
+        own = await raw.send("send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS // 2)
+        await until(lambda: store.queue_offsets("t", 0)[1] == 3)
+        await cut_while_the_fsync_is_held(store, gate, cut_at, nursery)
+        held = await other.recv()
+        assert held is not None and held["id"] == held_id and held["status"] is Status.OK
+        answers = await raw.recv_n(2)
+        assert sorted(answers) == [queued, own]
+        for answer in answers.values():
+            assert_cut_answer(answer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiting_for_durable(store) == 0

@@ -69,17 +69,8 @@ class WatchedRecorder(Recorder):
         super().__init__(writer)
         self._recorded = trio.Event()
 
-    def record(
-        self,
-        type: str,
-        process: str,
-        f: str,
-        value: dict[str, Any],
-        *,
-        node: str | None = None,
-        error: str | None = None,
-    ) -> Event:
-        event = super().record(type, process, f, value, node=node, error=error)
+    def record(self, *args: Any, **kwargs: Any) -> Event:
+        event = super().record(*args, **kwargs)
         self._recorded.set()
         self._recorded = trio.Event()
         return event
