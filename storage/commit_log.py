@@ -442,9 +442,11 @@ class CommitLog:
                 failure = self._fail(
                     StorageFailedError(
                         f"writing {length} bytes of records at offset {segment.base + start} "
-                        f"of the commit log failed after {done} ({exc.strerror}); nothing past "
-                        f"offset {self.flushed_offset} is acknowledged and this node takes no "
-                        "writes until it is restarted: check the disk (dmesg) before restarting"
+                        f"of the commit log failed after {done} ({exc.strerror}): these records "
+                        "are not stored and this node takes no writes until it is restarted "
+                        f"(what is fsynced stays: up to offset {self.flushed_offset}, or as far "
+                        "as an fsync already running reaches); check the disk (dmesg) before "
+                        "restarting"
                     )
                 )
                 log.critical(

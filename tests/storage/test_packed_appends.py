@@ -130,8 +130,9 @@ async def test_a_failed_write_shows_no_record_and_fails_the_log(
         read_only = os.open(segment.path, os.O_RDONLY)
         os.dup2(read_only, segment.fd)
         os.close(read_only)
-        with pytest.raises(StorageFailedError, match="failed after 0"):
+        with pytest.raises(StorageFailedError, match="failed after 0") as failed:
             await store.put_batch(batch(8, 8))
+        assert "these records are not stored" in str(failed.value)
         assert store.commit_log.max_offset == kept.end_offset
         assert store.commit_log.failure is not None
         with pytest.raises(StorageFailedError):
