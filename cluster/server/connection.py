@@ -391,7 +391,7 @@ class Connection:
                 # False before the head's deadline: a cut of the log past the flushed
                 # offset woke it (see OffsetWaiters.rewind), not the deadline
                 if woken is False and queue and _ended_early(queue[0][2]):
-                    self._answer_cut_waits()
+                    self._answer_cut_waits(head_timed=False)
                 continue
             self._holding = True  # waits released together are answered with one write
             try:
@@ -404,7 +404,7 @@ class Connection:
                     if response is None:
                         response = await self._held(self._answer_of(req_id, op, pending))
                         if response is None:  # cut: the head is answered with the rest
-                            self._answer_cut_waits()
+                            self._answer_cut_waits(head_timed=True)
                             continue
                     self._reply(response, answer_version)
                     queue.popleft()
@@ -412,14 +412,15 @@ class Connection:
                 self._holding = False
                 self._write_now()
 
-    def _answer_cut_waits(self) -> None:
+    def _answer_cut_waits(self, *, head_timed: bool) -> None:
         """The log was cut (or the role changed) under the queued waits: answer every one
         with an outcome-unknown status now. Waiting again would register for the same
         end offsets, which other bytes may reach (this node's appends once it is master
         again, a new master's records once it follows one): an ``OK`` for a record that
         may be gone. Every queued write was appended before the cut (the queue is in
         append order and the head's end is past the cut), and "unknown" is true of
-        each, whether its own bytes survived or not."""
+        each, whether its own bytes survived or not. Each answer is timed for the
+        metrics once: the head's already was when ``head_timed`` (its wait returned)."""
         queue = self._ack_queue
         log.warning(
             "ack_waits_cut peer=%s writes=%d first_end_offset=%d",
@@ -427,9 +428,14 @@ class Connection:
             len(queue),
             queue[0][2].end_offset,
         )
+        timed = head_timed
         while queue:
             _req_id, _op, pending, answer_version = queue.popleft()
-            self._reply(_cut_answer(pending), answer_version)
+            answer = _cut_answer(pending)
+            if not timed:
+                pending.record_wait(answer["status"])
+            timed = False
+            self._reply(answer, answer_version)
 
     async def _park_ack_task(self) -> object:
         """Park the ack queue's task until :meth:`_wake_ack_task`, or the policy's wake-up

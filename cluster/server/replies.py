@@ -90,6 +90,12 @@ class PendingAck:
             return self._respond(*self._fields)
         return self._respond(*self._fields, status=status, error=error)
 
+    def record_wait(self, status: Status) -> None:
+        """Tell the ack timer (metrics) this write was answered ``status`` now, for an
+        answer given without awaiting the wait (a cut ended it)."""
+        if self._timer is not None:
+            self._timer(self.acks, status, trio.current_time() - self._appended_s)
+
     def answer_now(self) -> Reply | None:
         """The ``OK`` answer if the write's level holds now, else None (never yields)."""
         if not self._policy.holds(self.acks, self.end_offset):

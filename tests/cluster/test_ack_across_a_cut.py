@@ -153,6 +153,14 @@ async def an_fsync_held_for_a_cut(
             yield node, nursery, store, other, raw, held_id, cut_at
 
 
+def timed_answers(node: Node) -> list[Status]:
+    """The statuses the node's ack timer (its metrics' hook) is told, in order, from now."""
+    statuses: list[Status] = []
+    assert node.server is not None
+    node.server.handler.on_ack_answered = lambda _acks, status, _waited_s: statuses.append(status)
+    return statuses
+
+
 def assert_cut_answer(answer: dict[str, Any]) -> None:
     assert answer["status"] is Status.FLUSH_DISK_TIMEOUT, answer
     assert "cut" in answer["error"] and "read it back" in answer["error"], answer
@@ -166,6 +174,7 @@ async def test_a_write_queued_behind_a_cut_write_is_not_acknowledged_by_later_by
     once other records filled and fsynced its offsets."""
     async with an_fsync_held_for_a_cut(tmp_path, gate) as setup:
         node, nursery, store, other, raw, held_id, cut_at = setup
+        timed = timed_answers(node)
         ids = [
             await raw.send("send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS)
             for _ in range(2)
@@ -182,6 +191,8 @@ async def test_a_write_queued_behind_a_cut_write_is_not_acknowledged_by_later_by
         assert sorted(answers) == ids
         for answer in answers.values():
             assert_cut_answer(answer)
+        # each cut write timed once for the metrics (the head as its wait returned)
+        assert timed.count(Status.FLUSH_DISK_TIMEOUT) == 2, timed
         # other records, acknowledged, now sit where the cut writes were
         assert {a["offset"] for a in answers.values()} <= {f["offset"] for f in fillers}
 
@@ -201,6 +212,7 @@ async def test_the_idle_ack_task_woken_by_a_cut_answers_its_write_at_once(
             await raw.ok("send", topic="t", body=BODY, acks="durable")  # its ack task idles
             await trio.testing.wait_all_tasks_blocked()
             held_id, cut_at = await stall_an_fsync(store, gate, other)
+            timed = timed_answers(node)
             cut_id = await raw.send(
                 "send", topic="t", body=BODY, acks="durable", timeout_ms=WAIT_MS
             )
@@ -215,6 +227,7 @@ async def test_the_idle_ack_task_woken_by_a_cut_answers_its_write_at_once(
             assert answer is not None and answer["id"] == cut_id
             assert_cut_answer(answer)
             assert answer["offset"] in {f["offset"] for f in fillers}
+            assert timed.count(Status.FLUSH_DISK_TIMEOUT) == 1, timed  # in the metrics too
             # and the connection goes on: a new write is acknowledged as usual
             await raw.ok("send", topic="t", body=BODY, acks="durable")
 
